@@ -1,0 +1,2 @@
+"""Built-in methods, one module each, installed as `peftbench.methods` and registered through
+the `peftbench.methods` entry-point group like any plugin (see pyproject.toml)."""

@@ -1,0 +1,16 @@
+"""FullTuning: every pre-trained entry trains (Fu et al.'s empty `user_mode`)."""
+from __future__ import annotations
+
+import torch
+
+from peftbench.models import pretrained_parameters
+from peftbench.selector import Selection, Selector
+
+
+class FullTuning(Selector):
+    """Train every entry of the encoder; the budget is ignored (natural count = N)."""
+
+    description = "all pre-trained entries train (the upper-bound baseline); budget ignored"
+
+    def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
+        return Selection(full=set(pretrained_parameters(model)))

@@ -1,0 +1,129 @@
+"""`peftbench` command line: run, tasks, methods."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from peftbench.errors import UsageError
+
+
+def _parse_params(items: list[str]) -> dict:
+    """--param key=value (value parsed as JSON when it can be: numbers, true/false, lists)."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {item!r} is not key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftbench", description=__doc__.split("\n")[0]
+                                     .strip("`"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="fine-tune one method on one task over seeds")
+    run.add_argument("--method", required=True, help="a name from `peftbench methods`")
+    run.add_argument("--task", required=True, help="a name from `peftbench tasks` or a YAML path")
+    run.add_argument("--budget", default="0.005",
+                     help="fraction p in (0, 1] of pre-trained entries, or an integer count")
+    run.add_argument("--seeds", type=_positive_int, default=1, help="run seeds 0 .. N-1")
+    run.add_argument("--model", default="default",
+                     help="hub id or local path; 'default' = the packaged all-MiniLM-L6-v2")
+    run.add_argument("--epochs", type=_positive_int, default=3)
+    run.add_argument("--batch-size", type=_positive_int, default=16)
+    run.add_argument("--lr", type=float, default=1e-4)
+    run.add_argument("--max-length", type=_positive_int, default=128)
+    run.add_argument("--max-steps", type=_positive_int, default=None)
+    run.add_argument("--limit", type=_positive_int, default=None,
+                     help="use at most N examples per split (quick checks)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="a method hyper-parameter, e.g. --param scope=global (repeatable)")
+    run.add_argument("--output-dir", default="runs")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("tasks", help="list the tasks")
+    sub.add_parser("methods", help="list the methods and their packages")
+    return parser
+
+
+def cmd_run(args) -> None:
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.trainer import TrainConfig
+
+    config = RunConfig(
+        method=args.method, task=args.task, budget=args.budget, seeds=list(range(args.seeds)),
+        model=args.model, device=args.device, method_params=_parse_params(args.param),
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          max_length=args.max_length, max_steps=args.max_steps),
+        limit=args.limit, output_dir=args.output_dir)
+    summary, run_dir = run_experiment(config, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"run directory: {run_dir}")
+
+
+def format_summary(s: dict) -> str:
+    """One table: test metrics as mean ± std over seeds, trainable counts, times."""
+    names = [k[len("test_"):-len("_mean")] for k in s if k.startswith("test_") and k.endswith("_mean")]
+    header = ["method", "task", "budget", "seeds", *[f"test {n}" for n in names],
+              "trainable", "% of encoder", "head", "score s", "train s"]
+    row = [s["method"], s["task"], str(s["budget"]), str(len(s["seeds"])),
+           *[f"{s[f'test_{n}_mean']:.4f} ± {s[f'test_{n}_std']:.4f}" for n in names],
+           f"{s['trainable']:,}", f"{100 * s['trainable'] / s['pretrained_entries']:.3f}",
+           f"{s['head']:,}", f"{s['scoring_time_s']:.1f}", f"{s['train_time_s']:.1f}"]
+    widths = [max(len(h), len(r)) for h, r in zip(header, row)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(row)])
+
+
+def cmd_tasks(args) -> None:
+    from peftbench.data import available_tasks, parse_task
+
+    for name, path in available_tasks().items():
+        try:
+            spec = parse_task(path)
+            print(f"{name:8s} {spec.kind:16s} {spec.description}")
+        except UsageError as err:
+            print(f"{name:8s} [broken] {err}")
+
+
+def cmd_methods(args) -> None:
+    from peftbench.registry import methods
+
+    for name, info in methods().items():
+        print(f"{name:14s} {info.package:18s} {info.description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        {"run": cmd_run, "tasks": cmd_tasks, "methods": cmd_methods}[args.command](args)
+    except UsageError as err:
+        print(f"peftbench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftbench: interrupted; finished seeds are in the run directory", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

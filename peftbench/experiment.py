@@ -1,0 +1,136 @@
+"""One experiment: a method on a task at a budget, over seeds, written to a run directory.
+
+Run directory layout (all JSON, written as soon as each piece exists):
+
+    <runs>/<method>-<task>-b<budget>-<time>/
+        config.json            everything needed to reproduce the run
+        seed-<s>/selection.json  selection summary: counts per tensor and in total, scoring time
+        seed-<s>/metrics.jsonl   one line per epoch (train loss, validation metrics)
+        seed-<s>/result.json     final validation/test metrics, trainable counts, times
+        summary.json           mean and std over seeds
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftbench import registry
+from peftbench.data import TaskSpec, load_task, tokenize
+from peftbench.models import head_parameters, load_model, pretrained_parameters
+from peftbench.selector import Budget
+from peftbench.sparse import count_trainable
+from peftbench.trainer import (ScoringData, TrainConfig, make_loader, pick_device, set_seed,
+                               train)
+
+
+@dataclass
+class RunConfig:
+    method: str
+    task: str
+    budget: str = "0.005"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    model: str = "default"
+    device: str = "auto"
+    method_params: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    limit: int | None = None  # at most this many rows per split (quick runs, tests)
+    output_dir: str = "runs"
+
+
+def _write(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def run_experiment(config: RunConfig, progress: bool = True) -> tuple[dict, Path]:
+    """Run every seed; returns (summary, run directory). Inputs are checked before any work."""
+    selector_cls = registry.get(config.method)
+    registry.create(config.method, **config.method_params)  # fail fast on bad parameters
+    budget = Budget.parse(config.budget)
+    task = load_task(config.task)
+    device = pick_device(config.device)
+    if not progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+    splits = task.load_splits(limit=config.limit)
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    run_dir = Path(config.output_dir) / f"{config.method}-{task.name}-b{budget}-{stamp}"
+    run_dir.mkdir(parents=True)
+    _write(run_dir / "config.json", {**asdict(config), "task_spec": str(task.path),
+                                     "selector": selector_cls.__module__ + "." + selector_cls.__name__,
+                                     "torch": torch.__version__, "python": platform.python_version(),
+                                     "device_resolved": str(device)})
+    results = []
+    for seed in config.seeds:
+        results.append(_run_seed(config, task, splits, budget, seed, device,
+                                 run_dir / f"seed-{seed}", progress))
+    summary = summarize(config, task, results)
+    _write(run_dir / "summary.json", summary)
+    return summary, run_dir
+
+
+def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: int,
+              device: torch.device, seed_dir: Path, progress: bool) -> dict:
+    seed_dir.mkdir()
+    set_seed(seed)
+    model, tokenizer = load_model(config.model, task.num_labels)
+    tokenized = tokenize(task, tokenizer, splits, config.train.max_length)
+    pretrained = pretrained_parameters(model)
+    numels = {n: p.numel() for n, p in pretrained.items()}
+    head_names = set(head_parameters(model))
+    n_pretrained = sum(numels.values())
+    k = budget.entries(n_pretrained)
+
+    selector = registry.create(config.method, **config.method_params)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    data = None
+    if selector.needs_data:
+        model.to(device)
+        data = ScoringData(make_loader(tokenized["train"], tokenizer, task,
+                                       config.train.batch_size, True, seed), task, device)
+    scores = selector.score(model, data)
+    selection = selector.select(model, scores, k, generator)
+    score_time = time.perf_counter() - start
+    model = selector.apply(model, selection)
+    counts = count_trainable(model, set(pretrained), head_names)
+    per_tensor = selection.per_tensor(numels)
+    _write(seed_dir / "selection.json", {
+        "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
+        selection.count(numels), "counts": counts, "scoring_time_s": score_time,
+        "per_tensor": {n: [c, numels[n]] for n, c in per_tensor.items()},
+        "params": selector.get_params()})
+
+    out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
+                seed_dir, progress)
+    result = {"seed": seed, "validation": out["validation"], "test": out["test"],
+              "best_epoch": out["best_epoch"], "steps": out["steps"], "trainable": counts,
+              "budget_entries": k, "pretrained_entries": n_pretrained,
+              "scoring_time_s": score_time, "train_time_s": out["train_time_s"]}
+    _write(seed_dir / "result.json", result)
+    return result
+
+
+def summarize(config: RunConfig, task: TaskSpec, results: list[dict]) -> dict:
+    """Mean and std (population std, ddof=0, over seeds) of every test and validation metric."""
+    summary = {"method": config.method, "task": task.name, "budget": config.budget,
+               "model": config.model, "seeds": [r["seed"] for r in results],
+               "trainable": results[0]["trainable"]["trainable"],
+               "head": results[0]["trainable"]["head"],
+               "pretrained_entries": results[0]["pretrained_entries"],
+               "scoring_time_s": float(np.mean([r["scoring_time_s"] for r in results])),
+               "train_time_s": float(np.mean([r["train_time_s"] for r in results]))}
+    for split in ("validation", "test"):
+        for name in results[0][split]:
+            values = np.array([r[split][name] for r in results])
+            summary[f"{split}_{name}_mean"] = float(values.mean())
+            summary[f"{split}_{name}_std"] = float(values.std())
+    return summary

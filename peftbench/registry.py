@@ -1,0 +1,80 @@
+"""The method registry: every method, built-in or third-party, is an entry point.
+
+Built-in methods are declared in peftbench's own `pyproject.toml` under the entry-point group
+`peftbench.methods`, exactly as a plugin package declares its own, so both take one path:
+
+    [project.entry-points."peftbench.methods"]
+    my-method = "my_package.my_module:MySelector"
+
+A plugin that fails to import is reported by name with its error; the others still work.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+
+from peftbench.errors import UsageError
+from peftbench.selector import Selector
+
+GROUP = "peftbench.methods"
+
+
+@dataclass
+class MethodInfo:
+    name: str
+    package: str
+    target: str  # "module:Class"
+    selector_class: type[Selector] | None
+    error: str | None
+
+    @property
+    def description(self) -> str:
+        if self.selector_class is None:
+            return f"[failed to load: {self.error}]"
+        return self.selector_class.description or (self.selector_class.__doc__ or "").strip().split("\n")[0]
+
+
+def _load(ep: EntryPoint) -> MethodInfo:
+    package = ep.dist.name if ep.dist is not None else "?"
+    try:
+        cls = ep.load()
+    except Exception as err:  # a broken plugin must not break the others
+        return MethodInfo(ep.name, package, ep.value, None, f"{type(err).__name__}: {err}")
+    if not (isinstance(cls, type) and issubclass(cls, Selector)):
+        return MethodInfo(ep.name, package, ep.value, None, f"{ep.value} is not a Selector subclass")
+    return MethodInfo(ep.name, package, ep.value, cls, None)
+
+
+def methods() -> dict[str, MethodInfo]:
+    """Every registered method by name, loaded (or with its load error), sorted by name."""
+    found = {}
+    for ep in entry_points(group=GROUP):
+        if ep.name in found:  # first registration wins; say so instead of hiding it
+            found[ep.name].error = (found[ep.name].error or "") + \
+                f" (name also claimed by {ep.value} in {ep.dist.name if ep.dist else '?'})"
+            continue
+        found[ep.name] = _load(ep)
+    return dict(sorted(found.items()))
+
+
+def get(name: str) -> type[Selector]:
+    """The Selector class registered as `name`; a UsageError naming the allowed names if none."""
+    available = methods()
+    info = available.get(name.lower())
+    if info is None:
+        hint = difflib.get_close_matches(name.lower(), available, n=1)
+        raise UsageError(f"unknown method {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f": allowed {', '.join(available)}")
+    if info.selector_class is None:
+        raise UsageError(f"method {name!r} from package {info.package} failed to load: {info.error}")
+    return info.selector_class
+
+
+def create(name: str, **params) -> Selector:
+    """An instance of method `name` with hyper-parameters `params` (checked against __init__)."""
+    cls = get(name)
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise UsageError(f"bad parameters for method {name!r}: {err}") from None

@@ -1,0 +1,211 @@
+"""The `Selector` contract: every method in peftbench is one subclass of `Selector`.
+
+A method answers one question: *which entries of the pre-trained model train?* It does so in
+up to four phases, each optional except `select`:
+
+1. `score(model, data)`   -> importance per entry (dict name -> tensor shaped like the parameter),
+                              or None for methods that need no scores (BitFit, FullTuning).
+                              Scoring is separated from thresholding so that a sweep over budgets
+                              scores once and thresholds many times.
+2. `select(model, scores, budget)` -> a `Selection` of pre-trained entries, at `budget` entries.
+3. `apply(model, selection)` -> the model to train. The default freezes every pre-trained entry
+                              outside the selection *by construction* (see `peftbench.sparse`),
+                              so frozen entries stay bit-identical and hold no optimizer state.
+                              Re-parametrisations (LoRA, adapters, principal components) override
+                              it and add new parameters.
+4. Training-time hooks `loss_term`, `after_backward`, `after_step`, for methods whose behaviour
+   changes during training (DiffPruning's L0 term, ChildTuning-F's per-step gradient mask,
+   MixOut's mixing, spectral gradient filtering). They are no-ops by default.
+
+Hyper-parameters are keyword arguments of `__init__`, stored under the same names, as in
+scikit-learn: `get_params()` reads them back, so a run's config records them all.
+
+Budget: the number of *pre-trained* entries (the encoder, i.e. `model.base_model`) that may
+differ from their pre-trained values. The task head is new, trained by every method, and is
+counted separately (see `peftbench.sparse.count_trainable`); it is not part of the budget.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from peftbench.errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from peftbench.trainer import ScoringData
+
+Scope = Literal["tensor", "global"]
+SCOPES = ("tensor", "global")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget given as a fraction p in (0, 1] of the N pre-trained entries, or as a count."""
+
+    fraction: float | None = None
+    count: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | float | int) -> "Budget":
+        """'0.005' -> fraction 0.005; '120000' (an integer above 1) -> that many entries."""
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise UsageError(f"budget {text!r} is not a number: give a fraction in (0, 1] "
+                             "or an integer count of entries") from None
+        if 0 < value <= 1:
+            return cls(fraction=value)
+        if value > 1 and value == int(value):
+            return cls(count=int(value))
+        raise UsageError(f"budget {text!r} is out of range: give a fraction in (0, 1] "
+                         "or an integer count of entries above 1")
+
+    def entries(self, total: int) -> int:
+        """Entries allowed out of `total`: floor(p * N) for a fraction, the count otherwise."""
+        if self.count is not None:
+            if self.count > total:
+                raise UsageError(f"budget of {self.count} entries is above the model size: "
+                                 f"the pre-trained model has {total} entries")
+            return self.count
+        return math.floor(self.fraction * total)
+
+    def __str__(self) -> str:
+        return f"{self.fraction:g}" if self.fraction is not None else str(self.count)
+
+
+@dataclass
+class Selection:
+    """Which pre-trained entries train.
+
+    `full`: names of parameters trained whole; `partial`: name -> sorted flat indices of the
+    entries trained in that parameter. Names are those of `model.named_parameters()` before
+    `apply`.
+    """
+
+    full: set[str] = field(default_factory=set)
+    partial: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def count(self, numels: dict[str, int]) -> int:
+        return sum(numels[n] for n in self.full) + sum(len(i) for i in self.partial.values())
+
+    def per_tensor(self, numels: dict[str, int]) -> dict[str, int]:
+        counts = {n: numels[n] for n in self.full}
+        counts.update({n: len(i) for n, i in self.partial.items()})
+        return {n: counts.get(n, 0) for n in numels}
+
+    def mask(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """Boolean mask of `name`'s trainable entries (for analysis and tests)."""
+        mask = torch.zeros(shape, dtype=torch.bool)
+        if name in self.full:
+            mask[...] = True
+        elif name in self.partial:
+            mask.view(-1)[self.partial[name]] = True
+        return mask
+
+
+def apportion(k: int, numels: dict[str, int]) -> dict[str, int]:
+    """Split k entries over tensors in proportion to their sizes, summing to exactly k.
+
+    Each tensor gets floor(k * n_t / N); the few entries left go to the tensors with the largest
+    fractional remainders (ties by name). Fu et al. use int(p * n_t) per tensor, which spends a
+    little less than floor(p * N) in total; this keeps their per-tensor proportion and makes the
+    count exact.
+    """
+    total = sum(numels.values())
+    quotas = {n: k * m / total for n, m in numels.items()}
+    alloc = {n: math.floor(q) for n, q in quotas.items()}
+    left = k - sum(alloc.values())
+    for name in sorted(quotas, key=lambda n: (alloc[n] - quotas[n], n))[:left]:
+        alloc[name] += 1
+    return alloc
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise UsageError(f"scope {scope!r} is unknown: allowed {', '.join(SCOPES)}")
+    return scope
+
+
+def top_k(scores: dict[str, torch.Tensor], k: int, scope: Scope,
+          generator: torch.Generator) -> Selection:
+    """The k highest-scoring entries, per tensor (`apportion`) or over all tensors at once.
+
+    Ties are broken by a seeded random permutation, so equal scores (BitFit-like constant
+    scores, zero gradients) give a deterministic but unbiased choice.
+    """
+    check_scope(scope)
+    numels = {n: s.numel() for n, s in scores.items()}
+    if scope == "tensor":
+        quotas = apportion(k, numels)
+        chosen = {n: _top_indices(s.reshape(-1), quotas[n], generator) for n, s in scores.items()}
+    else:
+        flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+        best = _top_indices(flat, k, generator)
+        chosen, start = {}, 0
+        for name, n in numels.items():
+            inside = best[(best >= start) & (best < start + n)] - start
+            chosen[name] = inside
+            start += n
+    selection = Selection()
+    for name, idx in chosen.items():
+        if len(idx) == numels[name]:
+            selection.full.add(name)
+        elif len(idx):
+            selection.partial[name] = idx
+    return selection
+
+
+def _top_indices(values: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long)
+    perm = torch.randperm(len(values), generator=generator)
+    order = torch.topk(values.float()[perm], k, sorted=False).indices
+    return torch.sort(perm[order]).values
+
+
+class Selector:
+    """Base class of every method; see the module docstring for the contract.
+
+    Subclasses set `description` (one line, shown by `peftbench methods`), take their
+    hyper-parameters as keyword arguments of `__init__`, and override `select` (and the other
+    phases they need). `needs_data` tells the runner that `score` reads training batches.
+    """
+
+    description: str = ""
+    needs_data: bool = False
+
+    def get_params(self) -> dict:
+        """Hyper-parameters, read back from the attributes named like `__init__`'s arguments."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names if hasattr(self, name)}
+
+    def score(self, model: "nn.Module", data: "ScoringData | None") -> dict[str, torch.Tensor] | None:
+        """Importance of every pre-trained entry, higher = more worth training; None if unused."""
+        return None
+
+    def select(self, model: "nn.Module", scores: dict[str, torch.Tensor] | None, budget: int,
+               generator: torch.Generator) -> Selection:
+        """The entries to train, at most `budget` of them unless the method has a natural count."""
+        raise NotImplementedError
+
+    def apply(self, model: "nn.Module", selection: Selection) -> "nn.Module":
+        """Make exactly the selection (plus the task head) trainable; frozen = bit-identical."""
+        from peftbench.sparse import apply_selection
+
+        return apply_selection(model, selection)
+
+    # Training-time hooks: called by the trainer every step; no-ops unless overridden.
+    def loss_term(self, model: "nn.Module", step: int) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: "nn.Module", step: int) -> None:
+        return None
+
+    def after_step(self, model: "nn.Module", step: int) -> None:
+        return None

@@ -1,0 +1,201 @@
+"""Fine-tuning under a selection: AdamW, linear warm-up/decay, gradient clipping, seeded.
+
+Only parameters with `requires_grad` reach the optimizer, so frozen entries hold no optimizer
+state and memory grows with the trainable count (see `peftbench.sparse`). The step does the
+minimum: forward, loss, backward, clip, step, and the selector's hooks only if it has any.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from peftbench import metrics
+from peftbench.data import Collator, TaskSpec
+from peftbench.errors import UsageError
+from peftbench.selector import Selector
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 1e-4  # Fu et al.'s learning rate, for every method
+    weight_decay: float = 0.01  # not on biases and LayerNorm, as Fu et al.
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    max_steps: int | None = None  # stop early (quick runs, tests)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} is not available here: allowed auto, cpu"
+                         + (", cuda" if torch.cuda.is_available() else ""))
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"device {device!r} is unknown: allowed auto, cpu, cuda, cuda:N") from None
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def forward(model, batch: dict, task: TaskSpec) -> torch.Tensor:
+    """Logits: [B, classes], [B] for regression, [B, choices] for multiple choice."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if task.kind == "multiple_choice":
+        shape = inputs["input_ids"].shape[:2]
+        inputs = {k: v.flatten(0, 1) for k, v in inputs.items()}
+        return model(**inputs).logits.view(shape)
+    logits = model(**inputs).logits
+    return logits.squeeze(-1) if task.kind == "regression" else logits
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    if task.kind == "regression":
+        return F.mse_loss(logits.float(), labels)
+    return F.cross_entropy(logits.float(), labels)
+
+
+@dataclass
+class ScoringData:
+    """What a selector's `score` may read: seeded, shuffled training batches on the device."""
+
+    loader: DataLoader
+    task: TaskSpec
+    device: torch.device
+
+    def batches(self):
+        for batch in self.loader:
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        with _autocast(self.device):
+            return loss_fn(forward(model, batch, self.task), batch["labels"], self.task)
+
+
+def make_loader(dataset, tokenizer, task, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=Collator(tokenizer, task))
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device) -> dict:
+    model.eval()
+    preds, labels = [], []
+    with torch.nn.utils.parametrize.cached(), _autocast(device):
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = forward(model, batch, task).float()
+            preds.append(logits if task.kind == "regression" else logits.argmax(-1))
+            labels.append(batch["labels"])
+    p, y = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+    return metrics.compute(task.metrics, task.main_metric, p, y)
+
+
+def _overrides(selector: Selector, hook: str) -> bool:
+    return getattr(type(selector), hook) is not getattr(Selector, hook)
+
+
+def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: TrainConfig,
+          seed: int, device: torch.device, run_dir: Path, progress: bool = True) -> dict:
+    """Train the trainable parameters of `model`; evaluate on validation after each epoch, keep
+    the best-validation trainable state, and report its validation and test metrics.
+
+    Per-epoch metrics are appended to `run_dir/metrics.jsonl` as they come, so a crash loses
+    nothing already measured.
+    """
+    model.to(device)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in trainable if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n]
+    decay = [p for n, p in trainable if not any(p is q for q in no_decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    train_loader = make_loader(splits["train"], tokenizer, task, config.batch_size, True, seed)
+    val_loader = make_loader(splits["validation"], tokenizer, task, config.eval_batch_size, False, seed)
+    test_loader = make_loader(splits["test"], tokenizer, task, config.eval_batch_size, False, seed)
+    steps = config.epochs * len(train_loader)
+    if config.max_steps:
+        steps = min(steps, config.max_steps)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
+    params = [p for _, p in trainable]
+    extra_loss = _overrides(selector, "loss_term")
+    after_backward = _overrides(selector, "after_backward")
+    after_step = _overrides(selector, "after_step")
+
+    best, best_state, history, step = -math.inf, None, [], 0
+    bar = tqdm(total=steps, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        losses = []
+        for batch in train_loader:
+            if step >= steps:
+                break
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with _autocast(device):
+                loss = loss_fn(forward(model, batch, task), batch["labels"], task)
+                if extra_loss:
+                    term = selector.loss_term(model, step)
+                    loss = loss if term is None else loss + term
+            loss.backward()
+            if after_backward:
+                selector.after_backward(model, step)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step:
+                selector.after_step(model, step)
+            step += 1
+            losses.append(loss.detach())
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1].item():.4f}")
+            bar.update(1)
+        val = evaluate(model, val_loader, task, device)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": float(torch.stack(losses).mean())
+                  if losses else float("nan"), "validation": val,
+                  "elapsed_s": time.perf_counter() - start}
+        history.append(record)
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if val["main"] > best:
+            best = val["main"]
+            best_state = [p.detach().clone() for p in params]
+        if step >= steps:
+            break
+    bar.close()
+    train_time = time.perf_counter() - start
+    if best_state is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
+    best_epoch = max(history, key=lambda r: r["validation"]["main"])["epoch"] if history else None
+    return {"validation": evaluate(model, val_loader, task, device),
+            "test": evaluate(model, test_loader, task, device),
+            "best_epoch": best_epoch, "steps": step, "train_time_s": train_time,
+            "config": asdict(config)}
+
+
+def set_seed(seed: int) -> None:
+    from transformers import set_seed as hf_set_seed
+
+    hf_set_seed(seed)
+    np.random.seed(seed)

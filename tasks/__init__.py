@@ -1,0 +1,1 @@
+"""Built-in task specs (one YAML file per task) and their data, installed as `peftbench.tasks`."""
