@@ -23,7 +23,7 @@ import torch
 
 from peftbench import registry
 from peftbench.data import TaskSpec, load_task, tokenize
-from peftbench.models import head_parameters, load_model, pretrained_parameters
+from peftbench.models import head_parameters, load_model, pretrained_parameters, pretrained_size
 from peftbench.selector import Budget
 from peftbench.sparse import count_trainable
 from peftbench.trainer import (ScoringData, TrainConfig, make_loader, pick_device, set_seed,
@@ -57,8 +57,11 @@ def run_experiment(config: RunConfig, progress: bool = True) -> tuple[dict, Path
     device = pick_device(config.device)
     if not progress:
         import datasets
+        from transformers.utils import logging
 
         datasets.disable_progress_bars()
+        logging.disable_progress_bar()
+    budget.entries(pretrained_size(config.model, task.num_labels))  # fail fast, before any I/O
     splits = task.load_splits(limit=config.limit)
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")

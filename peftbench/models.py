@@ -55,6 +55,23 @@ def load_model(model: str, num_labels: int):
     return net, tokenizer
 
 
+def pretrained_size(model: str, num_labels: int) -> int:
+    """Entries of the pre-trained encoder, from the config alone (no weights are loaded), so a
+    budget can be checked before any work starts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model {model!r}: {first}") from None
+    with torch.device("meta"):
+        net = AutoModelForSequenceClassification.from_config(config)
+    return sum(p.numel() for p in pretrained_parameters(net).values())
+
+
 def pretrained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters of the pre-trained encoder (`model.base_model`), by their full names."""
     prefix = model.base_model_prefix

@@ -1,0 +1,138 @@
+"""The command line: listings, an end-to-end run, and every bad-input case (exit 2, one line)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import copy_task
+from peftbench.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_methods_lists_builtins_with_package(capsys):
+    code, out, _ = run_cli(capsys, "methods")
+    assert code == 0
+    for name in ("fulltuning", "random", "bitfit", "magpruning"):
+        line = next(l for l in out.splitlines() if l.startswith(name + " "))
+        assert "peftbench" in line and len(line.split()) > 3
+
+
+def test_tasks_lists_the_seven(capsys):
+    code, out, _ = run_cli(capsys, "tasks")
+    assert code == 0
+    assert {l.split()[0] for l in out.splitlines()} >= {"cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"}
+
+
+def test_run_end_to_end_on_real_rte(capsys, tiny_model_dir, tmp_path):
+    code, out, err = run_cli(capsys, "run", "--method", "random", "--task", "rte", "--budget",
+                             "0.01", "--seeds", "2", "--model", tiny_model_dir, "--epochs", "1",
+                             "--limit", "40", "--output-dir", str(tmp_path), "--quiet")
+    assert code == 0, err
+    run_dir = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["trainable"] == int(0.01 * summary["pretrained_entries"])
+    assert f"{summary['trainable']:,}" in out and "test accuracy" in out
+    for seed in (0, 1):
+        for name in ("selection.json", "metrics.jsonl", "result.json"):
+            assert (run_dir / f"seed-{seed}" / name).is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == "random" and config["seeds"] == [0, 1]
+
+
+def _one_line_error(capsys, *argv):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peftbench: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _run_args(model, *extra):
+    return ["run", "--method", "random", "--task", "rte", "--model", model, "--limit", "8",
+            "--epochs", "1", "--quiet", *extra]
+
+
+def test_unknown_method(capsys):
+    msg = _one_line_error(capsys, "run", "--method", "randon", "--task", "rte")
+    assert "unknown method 'randon'" in msg and "did you mean 'random'" in msg and "bitfit" in msg
+
+
+def test_unknown_task(capsys):
+    msg = _one_line_error(capsys, "run", "--method", "random", "--task", "rtee")
+    assert "unknown task 'rtee'" in msg and "cola" in msg
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.2", "lots"])
+def test_budget_out_of_range(capsys, tiny_model_dir, budget):
+    msg = _one_line_error(capsys, *_run_args(tiny_model_dir, "--budget", budget))
+    assert "(0, 1]" in msg
+
+
+def test_budget_above_model_size(capsys, tiny_model_dir, tmp_path):
+    msg = _one_line_error(capsys, *_run_args(tiny_model_dir, "--budget", "999999999",
+                                             "--output-dir", str(tmp_path)))
+    assert "above the model size" in msg and "pre-trained model has" in msg
+
+
+def test_missing_data_file(capsys, tmp_path):
+    path = Path(copy_task(tmp_path, "rte"))
+    path.write_text(path.read_text().replace("val.jsonl", "nothere.jsonl"))
+    msg = _one_line_error(capsys, "run", "--method", "random", "--task", str(path))
+    assert "validation data file" in msg and "nothere.jsonl" in msg and "missing" in msg
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model", "./not/a/model/dir"])
+def test_unreadable_model_path(capsys, model):
+    msg = _one_line_error(capsys, *_run_args(model))
+    assert "does not exist" in msg
+
+
+def test_model_folder_without_config(capsys, tmp_path):
+    msg = _one_line_error(capsys, *_run_args(str(tmp_path)))
+    assert "no config.json" in msg
+
+
+def test_malformed_yaml_syntax_names_file_and_line(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nkind: classification\ntext: [premise, hypothesis\nlabels: [a]\n")
+    msg = _one_line_error(capsys, "run", "--method", "random", "--task", str(path))
+    assert f"{path}:" in msg and "malformed task YAML" in msg
+
+
+def test_malformed_yaml_schema_names_file_and_line(capsys, tmp_path):
+    path = Path(copy_task(tmp_path, "rte"))
+    path.write_text(path.read_text().replace("kind: classification", "kind: ranking"))
+    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if l.startswith("kind"))
+    msg = _one_line_error(capsys, "run", "--method", "random", "--task", str(path))
+    assert f"{path}:{line}:" in msg and "allowed classification, regression, multiple_choice" in msg
+
+
+def test_unknown_key_and_metric(capsys, tmp_path):
+    path = Path(copy_task(tmp_path, "rte"))
+    path.write_text(path.read_text().replace("metrics: [accuracy]", "metrics: [bleu]"))
+    assert "metric 'bleu' is unknown" in _one_line_error(capsys, "run", "--method", "random",
+                                                         "--task", str(path))
+    path.write_text(path.read_text() + "colour: blue\n")
+    assert "unknown key 'colour'" in _one_line_error(capsys, "run", "--method", "random",
+                                                     "--task", str(path))
+
+
+def test_bad_method_parameter(capsys):
+    msg = _one_line_error(capsys, "run", "--method", "magpruning", "--task", "rte",
+                          "--param", "scope=rows")
+    assert "scope 'rows' is unknown: allowed tensor, global" in msg
+
+
+def test_process_exit_code_is_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "peftbench", "run", "--method", "nope",
+                           "--task", "rte"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("peftbench: error: unknown method") and "Traceback" not in proc.stderr

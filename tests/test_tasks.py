@@ -1,0 +1,76 @@
+"""Every task spec loads its real data with the right splits, labels and inputs."""
+import pytest
+
+from peftbench.data import available_tasks, load_task, mark_wsc_spans, tokenize
+
+# Record counts of Fu et al.'s splits (tasks/data/PROVENANCE.md): train, val, test.
+SIZES = {"cb": (225, 25, 56), "cola": (7695, 856, 1043), "copa": (360, 40, 100),
+         "mrpc": (3294, 374, 408), "rte": (2241, 249, 277), "stsb": (5166, 583, 1500),
+         "wsc": (495, 59, 104)}
+
+
+def test_the_seven_tasks_of_fu_table1_exist():
+    assert set(SIZES) <= set(available_tasks())
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_splits_and_labels(name):
+    task = load_task(name)
+    splits = task.load_splits()
+    assert tuple(len(splits[s]) for s in ("train", "validation", "test")) == SIZES[name]
+    for split in splits.values():
+        ids = [task.label_id(v) for v in split["label"]]
+        if task.kind == "regression":
+            assert min(ids) >= 0 and max(ids) <= 5
+        else:
+            assert set(ids) <= set(range(max(task.num_labels, len(task.choices))))
+
+
+@pytest.mark.parametrize("name, shape", [("rte", 2), ("copa", 3), ("stsb", 2), ("wsc", 2)])
+def test_tokenized_batches(name, shape, tiny_model):
+    from peftbench.trainer import make_loader
+
+    _, tokenizer = tiny_model
+    task = load_task(name)
+    data = tokenize(task, tokenizer, task.load_splits(limit=8), 64)
+    batch = next(iter(make_loader(data["train"], tokenizer, task, 4, False, 0)))
+    assert batch["input_ids"].dim() == shape
+    assert batch["labels"].shape == (4,)
+    if name == "copa":
+        assert batch["input_ids"].shape[1] == 2  # two choices
+
+
+def test_main_metrics_follow_jiant():
+    assert load_task("mrpc").main_metric == ["accuracy", "f1"]
+    assert load_task("stsb").main_metric == ["pearson", "spearman"]
+    assert load_task("cb").main_metric == ["accuracy", "macro_f1"]
+    assert load_task("cola").main_metric == ["mcc"]
+
+
+def test_wsc_marks_both_spans():
+    row = {"text": "The sculpture rolled off the shelf because it wasn't anchored.",
+           "target": {"span1_index": 0, "span1_text": "The sculpture", "span2_index": 7,
+                      "span2_text": "it"}}
+    assert mark_wsc_spans(row)["text"] == \
+        "* The sculpture * rolled off the shelf because # it # wasn't anchored."
+
+
+def test_wsc_spans_point_at_their_words():
+    task = load_task("wsc")
+    for row in task.load_splits()["train"].select(range(100)):
+        assert "* " in row["text"] and "# " in row["text"]
+
+
+def test_copa_context_names_the_question():
+    task = load_task("copa")
+    row = task.load_splits(limit=1)["train"][0]
+    (context, choice1), (_, choice2) = task.choice_inputs(row)
+    assert row["question"] in context and choice1 == row["choice1"] and choice2 == row["choice2"]
+
+
+def test_extra_task_folder_from_environment(tmp_path, monkeypatch):
+    spec = load_task("rte").path.read_text().replace("name: rte", "name: myrte")
+    spec = spec.replace("data/", str(load_task("rte").path.parent / "data") + "/")
+    (tmp_path / "myrte.yaml").write_text(spec)
+    monkeypatch.setenv("PEFTBENCH_TASKS_PATH", str(tmp_path))
+    assert load_task("myrte").name == "myrte"

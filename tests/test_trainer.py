@@ -1,0 +1,74 @@
+"""Training touches nothing outside the selection; counts are uniform; state is ∝ trainable."""
+import math
+
+import pytest
+import torch
+
+from peftbench import registry
+from peftbench.data import load_task, tokenize
+from peftbench.models import head_parameters, pretrained_parameters
+from peftbench.sparse import count_trainable, effective_weight
+from peftbench.trainer import TrainConfig, pick_device, train
+
+
+@pytest.fixture(scope="module")
+def rte_small():
+    return load_task("rte"), load_task("rte").load_splits(limit=48)
+
+
+@pytest.mark.parametrize("method", ["random", "magpruning", "bitfit"])
+def test_frozen_entries_are_bit_identical_after_training(tiny_model, rte_small, tmp_path, method):
+    model, tokenizer = tiny_model
+    task, splits = rte_small
+    params = pretrained_parameters(model)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    numels = {n: p.numel() for n, p in params.items()}
+    head_names = set(head_parameters(model))
+    selector = registry.create(method)
+    k = math.floor(0.02 * sum(numels.values()))
+    selection = selector.select(model, selector.score(model, None), k, torch.Generator().manual_seed(0))
+    model = selector.apply(model, selection)
+    counts = count_trainable(model, set(params), head_names)
+    assert counts["encoder"] == selection.count(numels) and counts["new"] == 0
+    assert counts["head"] == sum(p.numel() for p in head_parameters(model).values())
+
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_ratio=0.0, max_steps=4)
+    train(model, selector, task, tokenize(task, tokenizer, splits, 64), tokenizer, config,
+          seed=0, device=pick_device("cpu"), run_dir=tmp_path, progress=False)
+
+    changed = 0
+    for name in params:
+        after = effective_weight(model, name).detach()
+        mask = selection.mask(name, after.shape)
+        assert torch.equal(after[~mask], before[name][~mask]), f"{name} moved outside the mask"
+        changed += int((after != before[name]).sum())
+    assert 0 < changed <= selection.count(numels)
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_optimizer_state_grows_with_trainable_count(tiny_model, rte_small, tmp_path):
+    """Only the sparse values (k entries) and the head are optimizer parameters."""
+    model, tokenizer = tiny_model
+    selector = registry.create("random")
+    model = selector.apply(model, selector.select(model, None, 100, torch.Generator()))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 100 + sum(p.numel() for p in head_parameters(model).values())
+
+
+def test_training_is_reproducible_from_the_seed(tiny_model_dir, rte_small, tmp_path):
+    from peftbench.models import load_model
+    from peftbench.trainer import set_seed
+
+    task, splits = rte_small
+    outs = []
+    for run in range(2):
+        set_seed(3)
+        model, tokenizer = load_model(tiny_model_dir, 2)
+        selector = registry.create("random")
+        model = selector.apply(model, selector.select(model, None, 500, torch.Generator().manual_seed(3)))
+        (tmp_path / str(run)).mkdir()
+        out = train(model, selector, task, tokenize(task, tokenizer, splits, 64), tokenizer,
+                    TrainConfig(epochs=1, batch_size=8, max_steps=3), seed=3,
+                    device=pick_device("cpu"), run_dir=tmp_path / str(run), progress=False)
+        outs.append(out["test"])
+    assert outs[0] == outs[1]
