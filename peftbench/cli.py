@@ -82,6 +82,8 @@ def cmd_run(args) -> None:
 def format_summary(s: dict) -> str:
     """One table: test metrics as mean ± std over seeds, trainable counts, times."""
     names = [k[len("test_"):-len("_mean")] for k in s if k.startswith("test_") and k.endswith("_mean")]
+    if len(s["main_metric"]) == 1:  # "main" would repeat that metric's column
+        names.remove("main")
     header = ["method", "task", "budget", "seeds", *[f"test {n}" for n in names],
               "trainable", "% of encoder", "head", "score s", "train s"]
     row = [s["method"], s["task"], str(s["budget"]), str(len(s["seeds"])),

@@ -110,7 +110,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
         selection.count(numels), "counts": counts, "scoring_time_s": score_time,
         "per_tensor": {n: [c, numels[n]] for n, c in per_tensor.items()},
-        "params": selector.get_params()})
+        "params": selector.get_params(), "notes": selection.notes})
 
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
                 seed_dir, progress)
@@ -125,7 +125,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
 def summarize(config: RunConfig, task: TaskSpec, results: list[dict]) -> dict:
     """Mean and std (population std, ddof=0, over seeds) of every test and validation metric."""
     summary = {"method": config.method, "task": task.name, "budget": config.budget,
-               "model": config.model, "seeds": [r["seed"] for r in results],
+               "model": config.model, "main_metric": task.main_metric, "seeds": [r["seed"] for r in results],
                "trainable": results[0]["trainable"]["trainable"],
                "head": results[0]["trainable"]["head"],
                "pretrained_entries": results[0]["pretrained_entries"],

@@ -85,11 +85,12 @@ class Selection:
 
     `full`: names of parameters trained whole; `partial`: name -> sorted flat indices of the
     entries trained in that parameter. Names are those of `model.named_parameters()` before
-    `apply`.
+    `apply`. `notes`: figures a method reports with its selection (written to selection.json).
     """
 
     full: set[str] = field(default_factory=set)
     partial: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
 
     def count(self, numels: dict[str, int]) -> int:
         return sum(numels[n] for n in self.full) + sum(len(i) for i in self.partial.values())

@@ -28,6 +28,10 @@ class SparseDelta(nn.Module):
         self.register_buffer("indices", indices.to(torch.long))
         self.values = nn.Parameter(torch.zeros(len(indices)))
 
+    def entries_changed(self) -> int:
+        """Entries of W0 this parametrisation can change (see `count_trainable`)."""
+        return len(self.indices)
+
     def forward(self, base: torch.Tensor) -> torch.Tensor:
         return base.reshape(-1).index_add(0, self.indices, self.values.to(base.dtype)).view_as(base)
 
@@ -61,11 +65,19 @@ def effective_weight(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, attr)
 
 
+def canonical_name(name: str) -> str:
+    """A parameter's pre-trained name, through parametrisations and peft's `base_layer`."""
+    return (name.replace(".parametrizations.", ".").replace(".original", "")
+            .replace(".base_layer.", "."))
+
+
 def count_trainable(model: nn.Module, pretrained_names: set[str], head_names: set[str]) -> dict:
     """Count trainable parameters the same way for every method.
 
-    - `encoder`: pre-trained entries that may differ from their pre-trained values (whole
-      tensors trained, plus the `values` of sparse deltas);
+    - `encoder`: pre-trained entries that may differ from their pre-trained values: whole
+      tensors trained, plus what each parametrisation module declares with `entries_changed()`
+      (a sparse delta's k entries, DiffPruning's projected mask); such a module's own
+      parameters are not counted again;
     - `new`: parameters that did not exist in the pre-trained model and are not the task head
       (LoRA matrices, adapters, ...);
     - `head`: the task head, trained by every method, reported on its own;
@@ -74,13 +86,18 @@ def count_trainable(model: nn.Module, pretrained_names: set[str], head_names: se
     `pretrained_names` / `head_names` are the parameter names before the method changed the model.
     """
     encoder = new = head = 0
+    counted = set()
+    for module in model.modules():
+        if hasattr(module, "entries_changed"):
+            encoder += module.entries_changed()
+            counted |= {id(p) for p in module.parameters()}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in counted:
             continue
         n = param.numel()
         if name in head_names:
             head += n
-        elif name in pretrained_names or (name.endswith(".values") and ".parametrizations." in name):
+        elif canonical_name(name) in pretrained_names:
             encoder += n
         else:
             new += n

@@ -170,9 +170,11 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}")
             bar.update(1)
         val = evaluate(model, val_loader, task, device)
-        record = {"epoch": epoch + 1, "step": step, "train_loss": float(torch.stack(losses).mean())
-                  if losses else float("nan"), "validation": val,
-                  "elapsed_s": time.perf_counter() - start}
+        step_losses = torch.stack(losses).float().cpu().tolist() if losses else []
+        record = {"epoch": epoch + 1, "step": step,
+                  "train_loss": float(np.mean(step_losses)) if losses else float("nan"),
+                  "validation": val, "elapsed_s": time.perf_counter() - start,
+                  "step_losses": step_losses}
         history.append(record)
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
