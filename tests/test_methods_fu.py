@@ -213,3 +213,26 @@ def test_frozen_entries_bit_identical_and_count_matches_mask(tiny_model_dir, rte
         after = effective_weight(model, n)
         mask = selection.mask(n, after.shape)
         assert torch.equal(after[~mask], before[n][~mask]), f"{method}: {n} moved outside the mask"
+
+
+def test_adapter_starts_at_the_pretrained_function_and_keeps_base_identical(tiny_model_dir, rte, tmp_path):
+    task, splits = rte
+    model, tokenizer = load_model(tiny_model_dir, 2)
+    model.eval()
+    tokenized = tokenize(task, tokenizer, splits, 64)
+    batch = next(iter(make_loader(tokenized["test"], tokenizer, task, 4, False, 0)))
+    reference = forward(model, batch, task).detach()
+    params = pretrained_parameters(model)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    adapter = registry.create("adapter", reduction_factor=8)
+    model = adapter.apply(model, adapter.select(model, None, 0, torch.Generator()))
+    model.eval()
+    torch.testing.assert_close(forward(model, batch, task), reference)
+    counts = count_trainable(model, set(params), set(head_parameters(model)))
+    # 2 layers x 2 adapters, hidden 32 -> bottleneck 4: down 32*4+4, up 4*32+32
+    assert counts["new"] == 2 * 2 * (32 * 4 + 4 + 4 * 32 + 32) and counts["encoder"] == 0
+    train(model, adapter, task, tokenized, tokenizer,
+          TrainConfig(epochs=1, batch_size=4, lr=1e-2, max_steps=3), seed=0, device=CPU,
+          run_dir=tmp_path, progress=False)
+    for n in params:
+        assert torch.equal(effective_weight(model, n), before[n])
