@@ -71,11 +71,12 @@ def run_experiment(config: RunConfig, progress: bool = True) -> tuple[dict, Path
                                      "selector": selector_cls.__module__ + "." + selector_cls.__name__,
                                      "torch": torch.__version__, "python": platform.python_version(),
                                      "device_resolved": str(device)})
-    results = []
+    results, start = [], time.perf_counter()
     for seed in config.seeds:
         results.append(_run_seed(config, task, splits, budget, seed, device,
                                  run_dir / f"seed-{seed}", progress))
     summary = summarize(config, task, results)
+    summary["wall_time_s"] = time.perf_counter() - start
     _write(run_dir / "summary.json", summary)
     return summary, run_dir
 
