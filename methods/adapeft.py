@@ -1,0 +1,199 @@
+"""AdaPEFT (Xu & Bu, arXiv 2505.12579): Hessian-informed subset selection as a 0-1 knapsack.
+
+peftbench interpretation: the paper's text beyond the abstract was not available; the
+formulas below follow the abstract and the reviewers' summary (methods-research.md 1.13).
+
+Groups. Parameters are partitioned into groups G_1..G_K: `groups="tensor"` (every encoder
+tensor), `"module"` (one group per module kind across layers, e.g. all `attention.self.query.weight`
+tensors), or `"layer_module"` (per layer and module: tensors with the same name up to the
+parameter suffix).
+
+Value. With g the mean training gradient at theta0 and h an estimate of the Hessian diagonal,
+a step of size eta along -g_k on group k alone changes the loss by
+    dL_k(eta) ~= -eta b_k + eta^2 a_k / 2,  b_k = g_k . g_k,  a_k = g_k . diag(h) g_k,
+so the best step decreases the loss by v_k = b_k^2 / (2 a_k) (the authors' "G^T g squared over
+2 g^T H g"). Groups with a_k <= 0 (no positive curvature along the step) get v_k = 0, as the
+authors discard fits with g^T H g <= 0. h is Hutchinson's estimator E_z[z * (H z)] with Rademacher
+z (one z per scoring batch, by double back-propagation; exact for a diagonal H), or
+`hessian="fisher"`: the mean squared batch gradient.
+
+Knapsack. Maximise sum v_k x_k subject to sum |G_k| x_k <= budget. `pareto_front` computes the
+exact front of (trainable parameters, predicted loss decrease) over all subsets by
+Nemhauser-Ullmann dynamic programming (merge and prune dominated points group by group); any
+budget's exact knapsack optimum is read off it. If the front grows past `max_front` points, it
+switches to the greedy front (groups in order of decreasing value per parameter, taking
+prefixes), the documented approximation, which the paper's "incremental Pareto front" also uses.
+
+Scores. `score` returns each entry's per-parameter influence v_k / |G_k| (so a group's
+entries sum to v_k); `select` rebuilds the groups from them, so a budget sweep reuses one
+scoring pass.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from peftbench.models import pretrained_parameters
+from peftbench.scoring import count_batches
+from peftbench.selector import Selection, Selector
+
+GROUPINGS = ("tensor", "module", "layer_module")
+HESSIANS = ("hutchinson", "fisher")
+
+
+@dataclass
+class FrontPoint:
+    weight: int
+    value: float
+    items: tuple[int, ...]
+
+
+def pareto_front(values: list[float], weights: list[int], max_front: int = 200_000) -> tuple[list[FrontPoint], bool]:
+    """Non-dominated (weight, value) subsets, sorted by weight, and whether it is exact.
+
+    A point is kept iff no other subset has weight <= and value >= with one strict; the front
+    is therefore monotone: weights and values both strictly increase along it.
+    """
+    front = [FrontPoint(0, 0.0, ())]
+    for i, (v, w) in enumerate(zip(values, weights)):
+        if v <= 0:
+            continue  # never worth its weight
+        merged = sorted(front + [FrontPoint(p.weight + w, p.value + v, p.items + (i,)) for p in front],
+                        key=lambda p: (p.weight, -p.value))
+        front, best = [], -1.0
+        for p in merged:
+            if p.value > best:
+                front.append(p)
+                best = p.value
+        if len(front) > max_front:
+            return greedy_front(values, weights), False
+    return front, True
+
+
+def greedy_front(values: list[float], weights: list[int]) -> list[FrontPoint]:
+    """Prefixes of the groups sorted by value per parameter (the approximation for large K)."""
+    order = sorted((i for i, v in enumerate(values) if v > 0), key=lambda i: -values[i] / weights[i])
+    front, weight, value = [FrontPoint(0, 0.0, ())], 0, 0.0
+    for n, i in enumerate(order):
+        weight, value = weight + weights[i], value + values[i]
+        front.append(FrontPoint(weight, value, tuple(order[:n + 1])))
+    return front
+
+
+def best_under(front: list[FrontPoint], capacity: int) -> FrontPoint:
+    """The knapsack optimum at `capacity`: the highest-value front point that fits."""
+    return max((p for p in front if p.weight <= capacity), key=lambda p: p.value)
+
+
+def brute_force_knapsack(values, weights, capacity) -> float:
+    """Exhaustive optimum, for tests on small instances."""
+    best = 0.0
+    for mask in itertools.product((0, 1), repeat=len(values)):
+        if sum(w for w, x in zip(weights, mask) if x) <= capacity:
+            best = max(best, sum(v for v, x in zip(values, mask) if x))
+    return best
+
+
+def hutchinson_diagonal(loss: torch.Tensor, params: list[torch.Tensor], samples: int,
+                        generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(gradient, Hessian-diagonal estimate) of `loss`: E_z[z * (H z)] over `samples` Rademacher
+    draws of z, by double back-propagation. Exact for a diagonal Hessian (z * z = 1)."""
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    diag = [torch.zeros_like(p) for p in params]
+    for i in range(samples):
+        zs = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p) for p in params]
+        hz = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=i < samples - 1)
+        for d, z, h in zip(diag, zs, hz):
+            d += z * h / samples
+    return [g.detach() for g in grads], diag
+
+
+def group_key(name: str, grouping: str) -> str:
+    if grouping == "tensor":
+        return name
+    if grouping == "module":
+        return re.sub(r"\.layer\.\d+\.", ".layer.*.", name)
+    return name.rsplit(".", 1)[0]  # layer_module: a module's weight and bias together
+
+
+class AdaPEFT(Selector):
+    """Hessian-informed knapsack over parameter groups (see the module docstring)."""
+
+    description = "groups chosen by a knapsack on 2nd-order predicted loss decrease (AdaPEFT, our reading)"
+    needs_data = True
+
+    def __init__(self, groups: str = "module", hessian: str = "hutchinson", batches: int | str = 20,
+                 max_front: int = 200_000):
+        from peftbench.errors import UsageError
+
+        if groups not in GROUPINGS:
+            raise UsageError(f"groups {groups!r} is unknown: allowed {', '.join(GROUPINGS)}")
+        if hessian not in HESSIANS:
+            raise UsageError(f"hessian {hessian!r} is unknown: allowed {', '.join(HESSIANS)}")
+        self.groups = groups
+        self.hessian = hessian
+        self.batches = batches
+        self.max_front = max_front
+
+    def score(self, model, data) -> dict[str, torch.Tensor]:
+        params = pretrained_parameters(model)
+        names, tensors = list(params), list(params.values())
+        for p in tensors:
+            p.requires_grad_(True)
+        n = count_batches(data, self.batches)
+        g = [torch.zeros_like(p) for p in tensors]
+        h = [torch.zeros_like(p) for p in tensors]
+        generator = torch.Generator().manual_seed(0)
+        was_training = model.training
+        model.eval()  # a deterministic loss: the same function for gradient and curvature
+        for batch in itertools.islice(itertools.cycle(data.batches()), n):
+            if self.hessian == "hutchinson":  # one z per batch; averaging over batches
+                # the fused attention kernels have no double backward: use the math kernel
+                with sdpa_kernel([SDPBackend.MATH]):
+                    loss = data.loss(model, batch)
+                    grads, diag = hutchinson_diagonal(loss, tensors, 1, generator)
+            else:
+                grads = torch.autograd.grad(data.loss(model, batch), tensors)
+                diag = [x.square() for x in grads]
+            for acc, x in zip(h, diag):
+                acc += x / n
+            for acc, x in zip(g, grads):
+                acc += x / n
+        model.train(was_training)
+        keys = {name: group_key(name, self.groups) for name in names}
+        b, a, size = {}, {}, {}
+        for name, gi, hi in zip(names, g, h):
+            k = keys[name]
+            b[k] = b.get(k, 0.0) + float(gi.square().sum())
+            a[k] = a.get(k, 0.0) + float((hi * gi.square()).sum())
+            size[k] = size.get(k, 0) + gi.numel()
+        value = {k: b[k] ** 2 / (2 * a[k]) if a[k] > 0 else 0.0 for k in b}
+        return {name: torch.full(p.shape, value[keys[name]] / size[keys[name]])
+                for name, p in params.items()}
+
+    def front(self, scores: dict[str, torch.Tensor]) -> tuple[list[str], list[FrontPoint], bool]:
+        """(group keys, Pareto front over the groups, exact?) from the per-entry scores."""
+        keys: dict[str, list[str]] = {}
+        for name in scores:
+            keys.setdefault(group_key(name, self.groups), []).append(name)
+        groups = list(keys)
+        values = [sum(float(scores[n].sum()) for n in keys[k]) for k in groups]
+        weights = [sum(scores[n].numel() for n in keys[k]) for k in groups]
+        front, exact = pareto_front(values, weights, self.max_front)
+        return groups, front, exact
+
+    def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
+        groups, front, exact = self.front(scores)
+        point = best_under(front, budget)
+        members = {}
+        for name in scores:
+            members.setdefault(group_key(name, self.groups), []).append(name)
+        chosen = {n for i in point.items for n in members[groups[i]]}
+        return Selection(full=chosen, notes={
+            "front_exact": exact, "front_points": len(front),
+            "predicted_loss_decrease": point.value, "groups_chosen": [groups[i] for i in point.items],
+            "front": [[p.weight, p.value] for p in front][:1000]})
