@@ -1,0 +1,169 @@
+"""Spectral-graph parameter coordination (Zhang et al., arXiv 2504.19583), peftbench interpretation.
+
+Only the abstract is public (methods-research.md 1.14): parameters are graph nodes, a weighted
+graph's Laplacian gives a frequency basis, the loss adds a spectral regulariser and the gradients
+are low-pass filtered in that basis. Everything below that is ours, stated in formulas:
+
+Nodes. One node per pre-trained encoder tensor (i = 1..K).
+
+Graph. During scoring, `batches` training batches give per-batch gradients g_i^(b). A node's
+signature is its vector of per-batch RMS gradients r_i = (rms(g_i^(1)), ..., rms(g_i^(B))),
+centred and L2-normalised. Edge weights W_ij = max(0, <r_i, r_j>) (cosine similarity of how the
+groups' gradients co-vary over batches), kept for each node's `neighbours` largest and
+symmetrised (W = max(W, W^T)); no self loops.
+
+Laplacian. L = I - D^-1/2 W D^-1/2 (normalised; PSD, eigenvalues in [0, 2], null space spanned
+by D^1/2 1 on each connected component; an isolated node gets L_ii = 0). L = U diag(lambda) U^T
+by `scipy.linalg.eigh` (K is ~10^2 tensors, so dense is right; `scipy.sparse.linalg.eigsh`
+would serve a per-row node graph).
+
+Filter. h(lambda) = 1 / (1 + gamma lambda) ("tikhonov", low-pass), 1 if lambda <= cutoff else 0
+("ideal"), or 1 ("allpass"). F = U diag(h(lambda)) U^T.
+
+Selection at a budget (how the method meets subset selection). Entry importance |G_e| with G
+the summed gradient over the scoring batches (as SAM); node signal x_i = mean_e in i |G_e|; the
+low-pass smoothed x^ = F x; entry score |G_e| x^_i / x_i, so a group's entries are boosted when
+its graph neighbours matter; global top-`budget`.
+
+Training. (1) Gradient filter, after every backward: each node's trainable gradient is rescaled
+by m^_i / m_i, where m_i is the RMS of that node's gradient and m^ = F m (nodes with no trainable
+entries carry m_i = 0). With "allpass" this is the identity. (2) Spectral regulariser added to
+the loss: mu * s^T L s with s_i = the mean squared update of node i's trainable entries
+(theta - theta0), which penalises connected groups that move by different amounts.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from peftbench.models import pretrained_parameters
+from peftbench.scoring import count_batches
+from peftbench.selector import Selection, Selector, top_k
+
+FILTERS = ("tikhonov", "ideal", "allpass")
+
+
+def similarity_graph(signatures: np.ndarray, neighbours: int) -> np.ndarray:
+    """W from node signatures (rows): clipped cosine similarity, k nearest, symmetric."""
+    x = signatures - signatures.mean(axis=1, keepdims=True)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    w = np.clip(x @ x.T, 0.0, None)
+    np.fill_diagonal(w, 0.0)
+    if neighbours < len(w) - 1:
+        keep = np.zeros_like(w, dtype=bool)
+        idx = np.argsort(-w, axis=1)[:, :neighbours]
+        np.put_along_axis(keep, idx, True, axis=1)
+        w = np.where(keep, w, 0.0)
+    return np.maximum(w, w.T)
+
+
+def normalized_laplacian(w: np.ndarray) -> np.ndarray:
+    """L = I - D^-1/2 W D^-1/2; rows of isolated nodes are zero."""
+    d = w.sum(axis=1)
+    inv = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 0.0)
+    lap = -inv[:, None] * w * inv[None, :]
+    lap[np.diag_indices_from(lap)] += (d > 0).astype(float)
+    return lap
+
+
+def filter_matrix(laplacian: np.ndarray, kind: str, gamma: float = 1.0, cutoff: float = 0.5) -> np.ndarray:
+    """F = U h(Lambda) U^T for the named filter."""
+    lam, u = scipy.linalg.eigh(laplacian)
+    if kind == "tikhonov":
+        h = 1.0 / (1.0 + gamma * lam)
+    elif kind == "ideal":
+        h = (lam <= cutoff).astype(float)
+    elif kind == "allpass":
+        h = np.ones_like(lam)
+    else:
+        from peftbench.errors import UsageError
+
+        raise UsageError(f"filter {kind!r} is unknown: allowed {', '.join(FILTERS)}")
+    return (u * h) @ u.T
+
+
+class SpectralGraph(Selector):
+    """Graph over tensors, low-pass filtered selection and gradients, Laplacian regulariser
+    (see the module docstring)."""
+
+    description = "graph-Laplacian low-pass filtering of importance and gradients (our reading of 2504.19583)"
+    needs_data = True
+
+    def __init__(self, batches: int | str = 20, neighbours: int = 10, filter: str = "tikhonov",
+                 gamma: float = 1.0, cutoff: float = 0.5, mu: float = 1.0):
+        from peftbench.errors import UsageError
+
+        if filter not in FILTERS:
+            raise UsageError(f"filter {filter!r} is unknown: allowed {', '.join(FILTERS)}")
+        self.batches = batches
+        self.neighbours = neighbours
+        self.filter = filter
+        self.gamma = gamma
+        self.cutoff = cutoff
+        self.mu = mu
+
+    def score(self, model, data) -> dict[str, torch.Tensor]:
+        params = pretrained_parameters(model)
+        names, tensors = list(params), list(params.values())
+        for p in tensors:
+            p.requires_grad_(True)
+        n = count_batches(data, self.batches)
+        summed = [torch.zeros_like(p) for p in tensors]
+        rms = np.zeros((len(tensors), n))
+        for b, batch in enumerate(itertools.islice(itertools.cycle(data.batches()), n)):
+            grads = torch.autograd.grad(data.loss(model, batch), tensors, allow_unused=True)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    summed[i] += g
+                    rms[i, b] = float(g.square().mean().sqrt())
+        self.laplacian_ = normalized_laplacian(similarity_graph(rms, self.neighbours))
+        self.filter_ = filter_matrix(self.laplacian_, self.filter, self.gamma, self.cutoff)
+        self.nodes_ = names
+        x = np.array([float(s.abs().mean()) for s in summed])
+        boost = np.where(x > 0, (self.filter_ @ x) / np.where(x > 0, x, 1.0), 0.0)
+        return {name: (s.abs() * float(f)).cpu() for name, s, f in zip(names, summed, boost)}
+
+    def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
+        if not hasattr(self, "filter_"):
+            from peftbench.errors import UsageError
+
+            raise UsageError("spectral needs its scoring pass (score) before select")
+        return top_k(scores, budget, "global", generator)
+
+    def apply(self, model, selection: Selection):
+        params = pretrained_parameters(model)
+        theta0 = {n: params[n].detach().clone() for n in selection.full}
+        model = super().apply(model, selection)
+        self._trainable = []  # per node: (trainable tensor, its theta0 or None for a delta)
+        for name in self.nodes_:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if name in selection.partial:
+                self._trainable.append((module.parametrizations[attr][0].values, None))
+            elif name in selection.full:
+                self._trainable.append((getattr(module, attr), theta0[name].to(params[name].device)))
+            else:
+                self._trainable.append((None, None))
+        device = next(model.parameters()).device
+        self._filter = torch.tensor(self.filter_, dtype=torch.float32, device=device)
+        self._laplacian = torch.tensor(self.laplacian_, dtype=torch.float32, device=device)
+        return model
+
+    def loss_term(self, model, step: int):
+        if self.mu == 0:
+            return None
+        zero = self._laplacian.new_zeros(())
+        s = torch.stack([zero if t is None else ((t - t0) if t0 is not None else t).square().mean()
+                         for t, t0 in self._trainable])
+        return self.mu * s @ self._laplacian @ s
+
+    def after_backward(self, model, step: int) -> None:
+        m = torch.stack([t.grad.square().mean().sqrt() if t is not None and t.grad is not None
+                         else self._filter.new_zeros(()) for t, _ in self._trainable])
+        scale = torch.where(m > 0, (self._filter @ m) / m.clamp_min(1e-30), torch.zeros_like(m))
+        for (t, _), c in zip(self._trainable, scale):
+            if t is not None and t.grad is not None:
+                t.grad.mul_(c)
