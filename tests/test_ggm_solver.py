@@ -67,3 +67,57 @@ def test_l21_matches_a_proximal_gradient_solution():
     assert history[-1] == pytest.approx(objective(omega2, delta2, s, important, lam, tau, g), abs=1e-6)
     np.testing.assert_allclose(omega, omega2, atol=1e-3)
     np.testing.assert_allclose(delta, delta2, atol=1e-3)
+
+
+def _ggm_setup(tiny_model_dir, **params):
+    import torch
+
+    from peftbench import registry
+    from peftbench.data import load_task, tokenize
+    from peftbench.models import load_model
+    from peftbench.trainer import ScoringData, make_loader, pick_device
+
+    task = load_task("rte")
+    model, tokenizer = load_model(tiny_model_dir, 2)
+    data = tokenize(task, tokenizer, task.load_splits(limit=24), 64)
+    scoring = ScoringData(make_loader(data["train"], tokenizer, task, 4, True, 0), task, pick_device("cpu"))
+    method = registry.create("ggm", rank=4, batches=6, important=5, **params)
+    return method, model, scoring, data, tokenizer, task
+
+
+def test_ggm_reparametrised_model_equals_the_original_at_init(tiny_model_dir):
+    import torch
+
+    from peftbench.models import head_parameters, pretrained_parameters
+    from peftbench.sparse import count_trainable
+    from peftbench.trainer import forward, make_loader
+
+    method, model, scoring, data, tokenizer, task = _ggm_setup(tiny_model_dir)
+    model.eval()
+    batch = next(iter(make_loader(data["test"], tokenizer, task, 4, False, 0)))
+    reference = forward(model, batch, task).detach()
+    pre, head = set(pretrained_parameters(model)), set(head_parameters(model))
+    scores = method.score(model, scoring)
+    objective = scores["objective"].numpy()
+    assert (np.diff(objective) <= 1e-9).all()
+    selection = method.select(model, scores, 2000, torch.Generator())
+    model = method.apply(model, selection)
+    model.eval()
+    assert torch.equal(forward(model, batch, task), reference)
+    counts = count_trainable(model, pre, head)
+    pcs = sum(len(c) for c in method._components.values())
+    assert pcs > 0 and counts["new"] == pcs * (32 + 32)  # hidden 32: u_i and s_i v_i
+    assert counts["trainable"] <= 2000
+    assert selection.notes["nodes_chosen"] >= 5  # the important nodes at least
+
+
+def test_ggm_budget_fill_respects_costs(tiny_model_dir):
+    import torch
+
+    method, model, scoring, *_ = _ggm_setup(tiny_model_dir, surrogate="l1")
+    scores = method.score(model, scoring)
+    for budget in (100, 640, 5000):
+        sel = method.select(model, scores, budget, torch.Generator())
+        pcs = sum(len(c) for c in method._components.values())
+        spent = pcs * 64 + sum(32 if "intermediate" not in n else 64 for n in sel.full)
+        assert spent <= budget
