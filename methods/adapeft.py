@@ -139,6 +139,12 @@ class AdaPEFT(Selector):
         self.batches = batches
         self.max_front = max_front
 
+    @classmethod
+    def search_space(cls) -> dict:
+        from optuna.distributions import CategoricalDistribution
+
+        return {"groups": CategoricalDistribution(GROUPINGS), "hessian": CategoricalDistribution(HESSIANS)}
+
     def score(self, model, data) -> dict[str, torch.Tensor]:
         params = pretrained_parameters(model)
         names, tensors = list(params), list(params.values())

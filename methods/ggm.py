@@ -199,6 +199,13 @@ class GGM(Selector):
         self.beta2 = beta2
         self.max_iter = max_iter
 
+    @classmethod
+    def search_space(cls) -> dict:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        return {"lam": FloatDistribution(1.0, 1e4, log=True), "tau": FloatDistribution(0.1, 100.0, log=True),
+                "important": IntDistribution(5, 60), "surrogate": CategoricalDistribution(SURROGATES)}
+
     def node_samples(self, model, data) -> np.ndarray:
         """[batches x nodes] smoothed sensitivities, one row per scoring batch at theta0."""
         params = pretrained_parameters(model)

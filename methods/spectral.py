@@ -105,6 +105,13 @@ class SpectralGraph(Selector):
         self.cutoff = cutoff
         self.mu = mu
 
+    @classmethod
+    def search_space(cls) -> dict:
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        return {"gamma": FloatDistribution(0.1, 10.0, log=True), "mu": FloatDistribution(1e-3, 10.0, log=True),
+                "neighbours": IntDistribution(3, 20)}
+
     def score(self, model, data) -> dict[str, torch.Tensor]:
         params = pretrained_parameters(model)
         names, tensors = list(params), list(params.values())

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="runs")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    bench = sub.add_parser("bench", help="measure selection and step cost; prints JSON")
+    bench.add_argument("what", choices=["selection", "step"])
+    bench.add_argument("--model", default="default", help="for `step`: the model to time")
+    bench.add_argument("--steps", type=_positive_int, default=4)
+
     sub.add_parser("tasks", help="list the tasks")
     sub.add_parser("methods", help="list the methods and their packages")
     return parser
@@ -95,6 +100,14 @@ def format_summary(s: dict) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(row)])
 
 
+def cmd_bench(args) -> None:
+    from peftbench import bench
+
+    out = bench.selection_cost() if args.what == "selection" else \
+        bench.step_cost(args.model, steps=args.steps)
+    print(json.dumps(out, indent=2))
+
+
 def cmd_tasks(args) -> None:
     from peftbench.data import available_tasks, parse_task
 
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        {"run": cmd_run, "tasks": cmd_tasks, "methods": cmd_methods}[args.command](args)
+        {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods}[args.command](args)
     except UsageError as err:
         print(f"peftbench: error: {err}", file=sys.stderr)
         return 2

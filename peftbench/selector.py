@@ -201,6 +201,12 @@ class Selector:
 
         return apply_selection(model, selection)
 
+    @classmethod
+    def search_space(cls) -> dict:
+        """Hyper-parameters a sweep may tune: {name: optuna.distributions.BaseDistribution}.
+        Empty by default; a sweep samples these and passes them to `__init__`."""
+        return {}
+
     # Training-time hooks: called by the trainer every step; no-ops unless overridden.
     def loss_term(self, model: "nn.Module", step: int) -> torch.Tensor | None:
         return None

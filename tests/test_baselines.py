@@ -78,3 +78,14 @@ def test_bad_method_parameter_is_a_usage_error():
         registry.create("random", scope="row")
     with pytest.raises(UsageError, match="bad parameters for method 'bitfit'"):
         registry.create("bitfit", nonsense=1)
+
+
+@pytest.mark.parametrize("method", ["ggm", "adapeft", "spectral"])
+def test_search_space_builds_valid_selectors(method):
+    import optuna
+
+    space = registry.get(method).search_space()
+    assert space
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask(space)
+    selector = registry.create(method, **trial.params)
+    assert {k: selector.get_params()[k] for k in space} == trial.params

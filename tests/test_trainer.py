@@ -72,3 +72,16 @@ def test_training_is_reproducible_from_the_seed(tiny_model_dir, rte_small, tmp_p
                     device=pick_device("cpu"), run_dir=tmp_path / str(run), progress=False)
         outs.append(out["test"])
     assert outs[0] == outs[1]
+
+
+def test_bench_step_reports_ratios_and_state_grows_with_trainable_count(tiny_model_dir):
+    from peftbench.bench import step_cost
+
+    out = step_cost(tiny_model_dir, methods=("fulltuning", "random", "bitfit"), steps=2,
+                    batch_size=2, length=16)["methods"]
+    assert out["fulltuning"]["optimizer_state_ratio_vs_full"] == 1.0
+    # AdamW keeps 2 moments (+ a step counter) per trainable entry: sparse state is ~p of full
+    for method in ("random", "bitfit"):
+        ratio = out[method]["optimizer_state_ratio_vs_full"]
+        expected = out[method]["trainable_tensors_numel"] / out["fulltuning"]["trainable_tensors_numel"]
+        assert ratio == pytest.approx(expected, rel=0.01) and ratio < 0.05
