@@ -84,4 +84,4 @@ def test_bench_step_reports_ratios_and_state_grows_with_trainable_count(tiny_mod
     for method in ("random", "bitfit"):
         ratio = out[method]["optimizer_state_ratio_vs_full"]
         expected = out[method]["trainable_tensors_numel"] / out["fulltuning"]["trainable_tensors_numel"]
-        assert ratio == pytest.approx(expected, rel=0.01) and ratio < 0.05
+        assert ratio == pytest.approx(expected, rel=0.05) and ratio < 0.05
