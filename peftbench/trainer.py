@@ -122,8 +122,9 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     """
     model.to(device)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in trainable if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n]
-    decay = [p for n, p in trainable if not any(p is q for q in no_decay)]
+    exempt = lambda n: n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n
+    decay = [p for n, p in trainable if not exempt(n)]
+    no_decay = [p for n, p in trainable if exempt(n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     train_loader = make_loader(splits["train"], tokenizer, task, config.batch_size, True, seed)
