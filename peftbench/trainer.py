@@ -141,7 +141,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     after_backward = _overrides(selector, "after_backward")
     after_step = _overrides(selector, "after_step")
 
-    best, best_state, history, step = -math.inf, None, [], 0
+    best, best_val, best_state, history, step = -math.inf, None, None, [], 0
     bar = tqdm(total=steps, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     for epoch in range(config.epochs):
@@ -180,7 +180,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if val["main"] > best:
-            best = val["main"]
+            best, best_val = val["main"], val
             best_state = [p.detach().clone() for p in params]
         if step >= steps:
             break
@@ -191,7 +191,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             for p, saved in zip(params, best_state):
                 p.copy_(saved)
     best_epoch = max(history, key=lambda r: r["validation"]["main"])["epoch"] if history else None
-    return {"validation": evaluate(model, val_loader, task, device),
+    return {"validation": best_val if history else evaluate(model, val_loader, task, device),
             "test": evaluate(model, test_loader, task, device),
             "best_epoch": best_epoch, "steps": step, "train_time_s": train_time,
             "config": asdict(config)}
