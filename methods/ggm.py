@@ -36,9 +36,17 @@ fits the budget (a greedy cost-aware fill: the paper budgets in nodes, peftbench
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from peftbench.models import pretrained_parameters
+from peftbench.scoring import count_batches
+from peftbench.selector import Selection, Selector
 
 SURROGATES = ("l1", "log", "etp", "lp")
 
@@ -125,16 +133,6 @@ def solve_ggm(s: np.ndarray, important: list[int], lam: float = 1.0, tau: float 
 
 
 # -- the method ------------------------------------------------------------------------------
-import itertools  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.utils import parametrize  # noqa: E402
-
-from peftbench.models import pretrained_parameters  # noqa: E402
-from peftbench.scoring import count_batches  # noqa: E402
-from peftbench.selector import Selection, Selector  # noqa: E402
-
 PC_TARGETS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
 BIAS_TARGETS = ("attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias",
                 "attention.output.dense.bias", "intermediate.dense.bias", "output.dense.bias")
