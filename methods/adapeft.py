@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from peftbench.models import pretrained_parameters
-from peftbench.scoring import count_batches
+from peftbench.errors import check_choice
+from peftbench.scoring import count_batches, differentiable_parameters
 from peftbench.selector import Selection, Selector
 
 GROUPINGS = ("tensor", "module", "layer_module")
@@ -128,14 +128,8 @@ class AdaPEFT(Selector):
 
     def __init__(self, groups: str = "module", hessian: str = "hutchinson", batches: int | str = 20,
                  max_front: int = 200_000):
-        from peftbench.errors import UsageError
-
-        if groups not in GROUPINGS:
-            raise UsageError(f"groups {groups!r} is unknown: allowed {', '.join(GROUPINGS)}")
-        if hessian not in HESSIANS:
-            raise UsageError(f"hessian {hessian!r} is unknown: allowed {', '.join(HESSIANS)}")
-        self.groups = groups
-        self.hessian = hessian
+        self.groups = check_choice("groups", groups, GROUPINGS)
+        self.hessian = check_choice("hessian", hessian, HESSIANS)
         self.batches = batches
         self.max_front = max_front
 
@@ -146,10 +140,7 @@ class AdaPEFT(Selector):
         return {"groups": CategoricalDistribution(GROUPINGS), "hessian": CategoricalDistribution(HESSIANS)}
 
     def score(self, model, data) -> dict[str, torch.Tensor]:
-        params = pretrained_parameters(model)
-        names, tensors = list(params), list(params.values())
-        for p in tensors:
-            p.requires_grad_(True)
+        names, tensors = differentiable_parameters(model)
         n = count_batches(data, self.batches)
         g = [torch.zeros_like(p) for p in tensors]
         h = [torch.zeros_like(p) for p in tensors]
@@ -179,7 +170,7 @@ class AdaPEFT(Selector):
             size[k] = size.get(k, 0) + gi.numel()
         value = {k: b[k] ** 2 / (2 * a[k]) if a[k] > 0 else 0.0 for k in b}
         return {name: torch.full(p.shape, value[keys[name]] / size[keys[name]])
-                for name, p in params.items()}
+                for name, p in zip(names, tensors)}
 
     def front(self, scores: dict[str, torch.Tensor]) -> tuple[list[str], list[FrontPoint], bool]:
         """(group keys, Pareto front over the groups, exact?) from the per-entry scores."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftbench.errors import check_choice
 from peftbench.models import head_parameters, pretrained_parameters
 from peftbench.selector import Selection, Selector
 
@@ -57,15 +58,9 @@ class Adapter(Selector):
 
     def __init__(self, reduction_factor: int = 16, activation: str = "swish",
                  placement: str = "houlsby", train_layernorm: bool = False):
-        from peftbench.errors import UsageError
-
-        if activation not in ACTIVATIONS:
-            raise UsageError(f"activation {activation!r} is unknown: allowed {', '.join(ACTIVATIONS)}")
-        if placement not in ("houlsby", "pfeiffer"):
-            raise UsageError(f"placement {placement!r} is unknown: allowed houlsby, pfeiffer")
         self.reduction_factor = reduction_factor
-        self.activation = activation
-        self.placement = placement
+        self.activation = check_choice("activation", activation, list(ACTIVATIONS))
+        self.placement = check_choice("placement", placement, ("houlsby", "pfeiffer"))
         self.train_layernorm = train_layernorm
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from peftbench.errors import check_choice
 from peftbench.models import pretrained_parameters
 from peftbench.scoring import count_batches
 from peftbench.selector import Selection, Selector
@@ -61,9 +62,7 @@ def surrogate(kind: str, eps: float = 0.1, gamma: float = 5.0, p: float = 0.9):
         return lambda t: (1 - np.exp(-gamma * t)) / (1 - math.exp(-gamma))
     if kind == "lp":
         return lambda t: np.power(t, p)
-    from peftbench.errors import UsageError
-
-    raise UsageError(f"surrogate {kind!r} is unknown: allowed {', '.join(SURROGATES)}")
+    check_choice("surrogate", kind, SURROGATES)
 
 
 def group_prox(nu: np.ndarray, lam: float, tau: float, g, kind: str) -> np.ndarray:
@@ -183,14 +182,10 @@ class GGM(Selector):
     def __init__(self, rank: int = 10, batches: int | str = 50, important: int = 30,
                  surrogate: str = "lp", lam: float = 1000.0, tau: float = 20.0,
                  beta1: float = 0.85, beta2: float = 0.85, max_iter: int = 100):
-        from peftbench.errors import UsageError
-
-        if surrogate not in SURROGATES:
-            raise UsageError(f"surrogate {surrogate!r} is unknown: allowed {', '.join(SURROGATES)}")
         self.rank = rank
         self.batches = batches
         self.important = important
-        self.surrogate = surrogate
+        self.surrogate = check_choice("surrogate", surrogate, SURROGATES)
         self.lam = lam
         self.tau = tau
         self.beta1 = beta1

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from peftbench.errors import check_choice
 from peftbench.models import pretrained_parameters
 from peftbench.selector import Selection, Selector
 
@@ -53,12 +54,10 @@ class MixOut(Selector):
     def __init__(self, p: float = 0.7, mode: str = "train"):
         from peftbench.errors import UsageError
 
-        if mode not in MODES:
-            raise UsageError(f"MixOut mode {mode!r} is unknown: allowed {', '.join(MODES)}")
         if not 0 <= p < 1:
             raise UsageError(f"MixOut p={p} is outside [0, 1)")
         self.p = p
-        self.mode = mode
+        self.mode = check_choice("MixOut mode", mode, MODES)
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
         self._generator = generator

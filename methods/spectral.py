@@ -39,8 +39,9 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from peftbench.errors import check_choice
 from peftbench.models import pretrained_parameters
-from peftbench.scoring import count_batches
+from peftbench.scoring import count_batches, differentiable_parameters
 from peftbench.selector import Selection, Selector, top_k
 
 FILTERS = ("tikhonov", "ideal", "allpass")
@@ -79,9 +80,7 @@ def filter_matrix(laplacian: np.ndarray, kind: str, gamma: float = 1.0, cutoff: 
     elif kind == "allpass":
         h = np.ones_like(lam)
     else:
-        from peftbench.errors import UsageError
-
-        raise UsageError(f"filter {kind!r} is unknown: allowed {', '.join(FILTERS)}")
+        check_choice("filter", kind, FILTERS)
     return (u * h) @ u.T
 
 
@@ -94,13 +93,9 @@ class SpectralGraph(Selector):
 
     def __init__(self, batches: int | str = 20, neighbours: int = 10, filter: str = "tikhonov",
                  gamma: float = 1.0, cutoff: float = 0.5, mu: float = 1.0):
-        from peftbench.errors import UsageError
-
-        if filter not in FILTERS:
-            raise UsageError(f"filter {filter!r} is unknown: allowed {', '.join(FILTERS)}")
         self.batches = batches
         self.neighbours = neighbours
-        self.filter = filter
+        self.filter = check_choice("filter", filter, FILTERS)
         self.gamma = gamma
         self.cutoff = cutoff
         self.mu = mu
@@ -113,10 +108,7 @@ class SpectralGraph(Selector):
                 "neighbours": IntDistribution(3, 20)}
 
     def score(self, model, data) -> dict[str, torch.Tensor]:
-        params = pretrained_parameters(model)
-        names, tensors = list(params), list(params.values())
-        for p in tensors:
-            p.requires_grad_(True)
+        names, tensors = differentiable_parameters(model)
         n = count_batches(data, self.batches)
         summed = [torch.zeros_like(p) for p in tensors]
         rms = np.zeros((len(tensors), n))

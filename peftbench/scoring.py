@@ -26,6 +26,15 @@ def count_batches(data: ScoringData, batches: int | str) -> int:
     raise UsageError(f"batches={batches!r}: give a positive integer or 'epoch'")
 
 
+def differentiable_parameters(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of the pre-trained parameters, all set to require grad, for scoring
+    passes that call `torch.autograd.grad` on them (`apply` later sets what trains)."""
+    params = pretrained_parameters(model)
+    for p in params.values():
+        p.requires_grad_(True)
+    return list(params), list(params.values())
+
+
 def accumulate_gradients(model: nn.Module, data: ScoringData, batches: int,
                          transform: Callable[[torch.Tensor], torch.Tensor],
                          clip: float | None = None, clip_per_tensor: bool = False,

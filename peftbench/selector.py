@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from peftbench.errors import UsageError
+from peftbench.errors import UsageError, check_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -128,9 +128,7 @@ def apportion(k: int, numels: dict[str, int]) -> dict[str, int]:
 
 
 def check_scope(scope: str) -> str:
-    if scope not in SCOPES:
-        raise UsageError(f"scope {scope!r} is unknown: allowed {', '.join(SCOPES)}")
-    return scope
+    return check_choice("scope", scope, SCOPES)
 
 
 def top_k(scores: dict[str, torch.Tensor], k: int, scope: Scope,

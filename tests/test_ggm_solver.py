@@ -70,8 +70,6 @@ def test_l21_matches_a_proximal_gradient_solution():
 
 
 def _ggm_setup(tiny_model_dir, **params):
-    import torch
-
     from peftbench import registry
     from peftbench.data import load_task, tokenize
     from peftbench.models import load_model

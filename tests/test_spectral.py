@@ -1,6 +1,5 @@
 """Spectral-graph method: Laplacian, filters, and the training-time gradient filter."""
 import numpy as np
-import pytest
 import torch
 
 from peftbench import registry
@@ -81,7 +80,6 @@ def test_allpass_gradient_filter_is_the_identity(tiny_model_dir):
 
 
 def test_selection_is_exact_and_regulariser_matches_formula(tiny_model_dir):
-    from peftbench.models import pretrained_parameters
 
     method, model, selection, scores = _prepared(tiny_model_dir, mu=2.0)
     assert selection.count({n: s.numel() for n, s in scores.items()}) == 3000
