@@ -55,6 +55,7 @@ class Adapter(Selector):
     """
 
     description = "Houlsby bottleneck adapters after attention and feed-forward (reduction 16)"
+    uses_budget = False
 
     def __init__(self, reduction_factor: int = 16, activation: str = "swish",
                  placement: str = "houlsby", train_layernorm: bool = False):

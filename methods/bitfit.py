@@ -13,6 +13,7 @@ class BitFit(Selector):
     run reports BitFit's natural count (about 0.1% of a BERT encoder)."""
 
     description = "bias terms only (natural count, budget ignored)"
+    uses_budget = False
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
         return Selection(full={n for n in pretrained_parameters(model) if n.endswith(".bias")})

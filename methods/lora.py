@@ -25,6 +25,7 @@ class LoRA(Selector):
     """
 
     description = "low-rank updates B A on attention and FFN layers, via peft (r=16, Fu et al.)"
+    uses_budget = False
 
     def __init__(self, r: int = 16, lora_alpha: float | None = None, lora_dropout: float = 0.0,
                  targets: list[str] | tuple[str, ...] = FU_TARGETS):

@@ -50,6 +50,7 @@ class MixOut(Selector):
     """
 
     description = "full fine-tuning with dropout towards the pre-trained weights (Lee et al. 2020)"
+    uses_budget = False
 
     def __init__(self, p: float = 0.7, mode: str = "train"):
         from peftbench.errors import UsageError

@@ -45,6 +45,7 @@ from peftbench.scoring import count_batches, differentiable_parameters
 from peftbench.selector import Selection, Selector, top_k
 
 FILTERS = ("tikhonov", "ideal", "allpass")
+GRAPH_KEYS = ("graph.laplacian", "graph.filter")  # non-entry items of the scores dict
 
 
 def similarity_graph(signatures: np.ndarray, neighbours: int) -> np.ndarray:
@@ -118,19 +119,25 @@ class SpectralGraph(Selector):
                 if g is not None:
                     summed[i] += g
                     rms[i, b] = float(g.square().mean().sqrt())
-        self.laplacian_ = normalized_laplacian(similarity_graph(rms, self.neighbours))
-        self.filter_ = filter_matrix(self.laplacian_, self.filter, self.gamma, self.cutoff)
-        self.nodes_ = names
+        laplacian = normalized_laplacian(similarity_graph(rms, self.neighbours))
+        filt = filter_matrix(laplacian, self.filter, self.gamma, self.cutoff)
         x = np.array([float(s.abs().mean()) for s in summed])
-        boost = np.where(x > 0, (self.filter_ @ x) / np.where(x > 0, x, 1.0), 0.0)
-        return {name: (s.abs() * float(f)).cpu() for name, s, f in zip(names, summed, boost)}
+        boost = np.where(x > 0, (filt @ x) / np.where(x > 0, x, 1.0), 0.0)
+        scores = {name: (s.abs() * float(f)).cpu() for name, s, f in zip(names, summed, boost)}
+        # the graph travels with the scores, so a cached scoring pass restores it (see Selector)
+        scores[GRAPH_KEYS[0]] = torch.from_numpy(laplacian)
+        scores[GRAPH_KEYS[1]] = torch.from_numpy(filt)
+        return scores
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        if not hasattr(self, "filter_"):
+        if scores is None or GRAPH_KEYS[0] not in scores:
             from peftbench.errors import UsageError
 
             raise UsageError("spectral needs its scoring pass (score) before select")
-        return top_k(scores, budget, "global", generator)
+        self.nodes_, _ = differentiable_parameters(model)
+        self.laplacian_, self.filter_ = (scores[k].numpy() for k in GRAPH_KEYS)
+        entries = {k: v for k, v in scores.items() if k not in GRAPH_KEYS}
+        return top_k(entries, budget, "global", generator)
 
     def apply(self, model, selection: Selection):
         params = pretrained_parameters(model)

@@ -64,9 +64,58 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="default", help="for `step`: the model to time")
     bench.add_argument("--steps", type=_positive_int, default=4)
 
+    sweep = sub.add_parser("sweep", help="run a study spec (YAML) as an Optuna study; resumable, "
+                           "run it in N processes / machines to share the work")
+    sweep.add_argument("spec", help="study spec YAML (see README 'Sweeps')")
+    _study_options(sweep)
+    sweep.add_argument("--search", action="store_true",
+                       help="run the spec's hyper-parameter search instead of the grid")
+    sweep.add_argument("--enqueue-only", action="store_true",
+                       help="queue the cells and exit (start this once before many machines join)")
+
+    status = sub.add_parser("status", help="live progress of a sweep: done / running / failed, ETA")
+    status.add_argument("spec")
+    _study_options(status)
+    status.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS until the study is finished")
+
     sub.add_parser("tasks", help="list the tasks")
     sub.add_parser("methods", help="list the methods and their packages")
     return parser
+
+
+def _study_options(parser) -> None:
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL (default sqlite:///<output-dir>/study.db); e.g. "
+                        "postgresql://user:pw@host/db or journal:/path/study.log")
+    parser.add_argument("--output-dir", default=None, help="default sweeps/<name>")
+
+
+def _load_spec(args):
+    from peftbench.sweep import load_spec
+
+    return load_spec(args.spec, storage=args.storage, output_dir=args.output_dir)
+
+
+def cmd_sweep(args) -> None:
+    from peftbench import sweep
+
+    spec = _load_spec(args)
+    if args.search:
+        sweep.run_search(spec)
+    elif args.enqueue_only:
+        added = sweep.enqueue_missing(sweep.open_study(spec), spec)
+        print(f"{added} cells queued in {spec.storage_url}")
+    else:
+        sweep.run_grid(spec)
+        print(f"results: peftbench report {args.spec}" + (f" --storage {args.storage}" if args.storage else ""))
+
+
+def cmd_status(args) -> None:
+    from peftbench import sweep
+
+    spec = _load_spec(args)
+    sweep.watch(spec, every=args.watch or 10.0, once=args.watch is None)
 
 
 def cmd_run(args) -> None:
@@ -130,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods}[args.command](args)
+        {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods,
+         "sweep": cmd_sweep, "status": cmd_status}[args.command](args)
     except UsageError as err:
         print(f"peftbench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("peftbench: interrupted; finished seeds are in the run directory", file=sys.stderr)
+        print("peftbench: interrupted; finished work is kept (run directories, the study): "
+              "the same command resumes", file=sys.stderr)
         return 130
     return 0
 

@@ -73,6 +73,10 @@ class TaskSpec:
         """Outputs of the head: classes, 1 for regression, 1 score per choice."""
         return len(self.labels) if self.kind == "classification" else 1
 
+    def data_files(self) -> list[str]:
+        """The files whose content defines this task (its spec, and its data files if local)."""
+        return [str(self.path)] + [str(self.path.parent / f) for _, f in sorted(self.files.items())]
+
     def load_splits(self, limit: int | None = None):
         """A `datasets.DatasetDict` with train / validation / test, rows as in the files."""
         from datasets import DatasetDict, load_dataset

@@ -5,6 +5,7 @@ Run directory layout (all JSON, written as soon as each piece exists):
     <runs>/<method>-<task>-b<budget>-<time>/
         config.json            everything needed to reproduce the run
         seed-<s>/selection.json  selection summary: counts per tensor and in total, scoring time
+        seed-<s>/mask.pt       the selection itself (full tensor names, partial flat indices)
         seed-<s>/metrics.jsonl   one line per epoch (train loss, validation metrics)
         seed-<s>/result.json     final validation/test metrics, trainable counts, times
         summary.json           mean and std over seeds
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 
 from peftbench import registry
+from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.models import head_parameters, load_model, pretrained_parameters, pretrained_size
 from peftbench.selector import Budget
-from peftbench.sparse import count_trainable
+from peftbench.sparse import canonical_name, count_trainable
 from peftbench.trainer import (ScoringData, TrainConfig, make_loader, pick_device, set_seed,
                                train)
 
@@ -48,8 +50,12 @@ def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
 
 
-def run_experiment(config: RunConfig, progress: bool = True) -> tuple[dict, Path]:
-    """Run every seed; returns (summary, run directory). Inputs are checked before any work."""
+def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreCache | None = None,
+                   on_epoch=None) -> tuple[dict, Path]:
+    """Run every seed; returns (summary, run directory). Inputs are checked before any work.
+
+    With a `score_cache`, scores are read from / written to it (see `peftbench.cache`);
+    `on_epoch` is passed to the trainer (a sweep's pruner)."""
     selector_cls = registry.get(config.method)
     registry.create(config.method, **config.method_params)  # fail fast on bad parameters
     budget = Budget.parse(config.budget)
@@ -74,7 +80,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> tuple[dict, Path
     results, start = [], time.perf_counter()
     for seed in config.seeds:
         results.append(_run_seed(config, task, splits, budget, seed, device,
-                                 run_dir / f"seed-{seed}", progress))
+                                 run_dir / f"seed-{seed}", progress, score_cache, on_epoch))
     summary = summarize(config, task, results)
     summary["wall_time_s"] = time.perf_counter() - start
     _write(run_dir / "summary.json", summary)
@@ -82,7 +88,8 @@ def run_experiment(config: RunConfig, progress: bool = True) -> tuple[dict, Path
 
 
 def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: int,
-              device: torch.device, seed_dir: Path, progress: bool) -> dict:
+              device: torch.device, seed_dir: Path, progress: bool,
+              score_cache: ScoreCache | None = None, on_epoch=None) -> dict:
     seed_dir.mkdir()
     set_seed(seed)
     model, tokenizer = load_model(config.model, task.num_labels)
@@ -101,26 +108,56 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         model.to(device)
         data = ScoringData(make_loader(tokenized["train"], tokenizer, task,
                                        config.train.batch_size, True, seed), task, device)
-    scores = selector.score(model, data)
+    cache_key, cached = None, False  # a cached entry reports the time its scoring took
+    if score_cache is None:
+        scores = selector.score(model, data)
+        score_time = time.perf_counter() - start
+    else:
+        cache_key = score_key(config.method, selector.get_params(), config.model,
+                              task.data_files(), seed, {"batch_size": config.train.batch_size,
+                                                        "max_length": config.train.max_length,
+                                                        "limit": config.limit})
+        scores, score_time, cached = score_cache.get_or_compute(cache_key,
+                                                                lambda: selector.score(model, data))
+    start = time.perf_counter()
     selection = selector.select(model, scores, k, generator)
-    score_time = time.perf_counter() - start
+    select_time = time.perf_counter() - start
     model = selector.apply(model, selection)
     counts = count_trainable(model, set(pretrained), head_names)
     per_tensor = selection.per_tensor(numels)
+    torch.save({"full": sorted(selection.full),
+                "partial": {n: idx.to(torch.int32) for n, idx in selection.partial.items()}},
+               seed_dir / "mask.pt")
     _write(seed_dir / "selection.json", {
         "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
         selection.count(numels), "counts": counts, "scoring_time_s": score_time,
+        "selection_time_s": select_time, "score_cache_key": cache_key, "scores_from_cache": cached,
         "per_tensor": {n: [c, numels[n]] for n, c in per_tensor.items()},
         "params": selector.get_params(), "notes": selection.notes})
 
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
-                seed_dir, progress)
+                seed_dir, progress, on_epoch)
     result = {"seed": seed, "validation": out["validation"], "test": out["test"],
               "best_epoch": out["best_epoch"], "steps": out["steps"], "trainable": counts,
               "budget_entries": k, "pretrained_entries": n_pretrained,
-              "scoring_time_s": score_time, "train_time_s": out["train_time_s"]}
+              "scoring_time_s": score_time, "scores_from_cache": cached,
+              "train_time_s": out["train_time_s"],
+              "trainable_by_tensor": trainable_by_tensor(model, per_tensor, set(pretrained), head_names)}
     _write(seed_dir / "result.json", result)
     return result
+
+
+def trainable_by_tensor(model, per_tensor: dict[str, int], pretrained_names: set[str],
+                        head_names: set[str]) -> dict[str, int]:
+    """Where the budget went: selected entries per pre-trained tensor, plus every new trainable
+    parameter (LoRA, adapters, principal components) under its own name; the head is left out."""
+    out = {n: c for n, c in per_tensor.items() if c}
+    counted = {id(p) for m in model.modules() if hasattr(m, "entries_changed") for p in m.parameters()}
+    for name, param in model.named_parameters():
+        if (param.requires_grad and id(param) not in counted and name not in head_names
+                and canonical_name(name) not in pretrained_names):
+            out[name] = param.numel()
+    return out
 
 
 def summarize(config: RunConfig, task: TaskSpec, results: list[dict]) -> dict:

@@ -17,6 +17,10 @@ up to four phases, each optional except `select`:
    changes during training (DiffPruning's L0 term, ChildTuning-F's per-step gradient mask,
    MixOut's mixing, spectral gradient filtering). They are no-ops by default.
 
+Caching: `score`'s return value is cached on disk by a sweep and handed to `select` in later
+runs without `score` being called again, so everything `select`, `apply` and the hooks need
+from the scoring pass must be *in the returned scores*, not left on `self`.
+
 Hyper-parameters are keyword arguments of `__init__`, stored under the same names, as in
 scikit-learn: `get_params()` reads them back, so a run's config records them all.
 
@@ -173,11 +177,13 @@ class Selector:
 
     Subclasses set `description` (one line, shown by `peftbench methods`), take their
     hyper-parameters as keyword arguments of `__init__`, and override `select` (and the other
-    phases they need). `needs_data` tells the runner that `score` reads training batches.
+    phases they need). `needs_data` tells the runner that `score` reads training batches;
+    `uses_budget = False` marks methods whose count does not depend on the budget.
     """
 
     description: str = ""
     needs_data: bool = False
+    uses_budget: bool = True  # False: a natural count (BitFit, LoRA, ...); a sweep runs it once
 
     def get_params(self) -> dict:
         """Hyper-parameters, read back from the attributes named like `__init__`'s arguments."""

@@ -113,9 +113,13 @@ def _overrides(selector: Selector, hook: str) -> bool:
 
 
 def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: TrainConfig,
-          seed: int, device: torch.device, run_dir: Path, progress: bool = True) -> dict:
+          seed: int, device: torch.device, run_dir: Path, progress: bool = True,
+          on_epoch=None) -> dict:
     """Train the trainable parameters of `model`; evaluate on validation after each epoch, keep
     the best-validation trainable state, and report its validation and test metrics.
+
+    `on_epoch(epoch, validation_main)` is called after each epoch's evaluation (a sweep's pruner
+    reports there and may raise `optuna.TrialPruned`).
 
     Per-epoch metrics are appended to `run_dir/metrics.jsonl` as they come, so a crash loses
     nothing already measured.
@@ -182,6 +186,8 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
         if val["main"] > best:
             best, best_val = val["main"], val
             best_state = [p.detach().clone() for p in params]
+        if on_epoch is not None:
+            on_epoch(epoch + 1, val["main"])
         if step >= steps:
             break
     bar.close()
