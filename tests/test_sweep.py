@@ -1,0 +1,146 @@
+"""Sweeps on a tiny model and real RTE rows: resume after kill -9, two workers, score once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from peftbench import sweep
+from peftbench.errors import UsageError
+
+
+def write_spec(tmp_path: Path, model: str, **extra) -> Path:
+    spec = {"name": "t", "model": model, "tasks": ["rte"], "methods": {"random": {}, "magpruning": {}},
+            "budgets": [0.01, 0.05], "seeds": 2, "limit": 16, "train": {"epochs": 1},
+            "heartbeat_interval": 1, "grace_period": 3, "output_dir": str(tmp_path / "out"), **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def study_trials(spec_path: Path):
+    spec = sweep.load_spec(spec_path)
+    return spec, sweep.open_study(spec).get_trials(deepcopy=False)
+
+
+def finished_runs(out: Path) -> Counter:
+    """Run directories that finished training, per cell (method, budget, seed)."""
+    found = Counter()
+    for result in (out / "runs").glob("*/seed-*/result.json"):
+        config = json.loads((result.parent.parent / "config.json").read_text())
+        found[(config["method"], config["budget"], config["seeds"][0])] += 1
+    return found
+
+
+def launch(spec_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "peftbench", "sweep", str(spec_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_midway_then_same_command_finishes_without_rerunning(tmp_path, tiny_model_dir):
+    spec_path = write_spec(tmp_path, tiny_model_dir)
+    worker = launch(spec_path)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill -9 while a cell trains, once two are complete
+        time.sleep(0.5)
+        if (tmp_path / "out" / "study.db").exists():
+            _, trials = study_trials(spec_path)
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and \
+                    any(t.state == TrialState.RUNNING for t in trials):
+                break
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    spec, before = study_trials(spec_path)
+    done_before = {t.number: t.user_attrs["run_dir"] for t in before if t.state == TrialState.COMPLETE}
+    assert 2 <= len(done_before) < len(sweep.cells(spec))
+    assert any(t.state == TrialState.RUNNING for t in before)  # the trial killed mid-run
+
+    again = launch(spec_path)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    _, after = study_trials(spec_path)
+    complete = [t for t in after if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["cell"] for t in complete) == sorted(c.key for c in sweep.cells(spec))
+    for number, run_dir in done_before.items():  # completed trials kept as they were
+        assert after[number].state == TrialState.COMPLETE and after[number].user_attrs["run_dir"] == run_dir
+    assert all(n == 1 for n in finished_runs(tmp_path / "out").values())  # nothing trained twice
+    killed = [t for t in after if t.state == TrialState.FAIL]
+    assert len(killed) == 1 and killed[0].system_attrs.get("failed_trial") is None
+    assert any(t.system_attrs.get("failed_trial") == killed[0].number for t in complete)  # retried
+
+
+def test_two_workers_share_one_sqlite_study_each_cell_once(tmp_path, tiny_model_dir):
+    spec_path = write_spec(tmp_path, tiny_model_dir)
+    spec = sweep.load_spec(spec_path)
+    sweep.enqueue_missing(sweep.open_study(spec), spec)  # one coordinator queues, then both work
+    workers = [launch(spec_path), launch(spec_path)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    _, trials = study_trials(spec_path)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert Counter(t.user_attrs["cell"] for t in complete) == Counter(c.key for c in sweep.cells(spec))
+    assert len({t.user_attrs["worker"] for t in complete}) == 2  # both did work
+    assert all(n == 1 for n in finished_runs(tmp_path / "out").values())
+
+
+def test_sweeping_four_budgets_scores_once(tmp_path, tiny_model_dir, monkeypatch):
+    from peftbench.methods.magpruning import MagPruning
+
+    calls = []
+    original = MagPruning.score
+    monkeypatch.setattr(MagPruning, "score", lambda self, model, data: calls.append(1) or original(self, model, data))
+    spec_path = write_spec(tmp_path, tiny_model_dir, methods=["magpruning"], seeds=[0],
+                           budgets=[0.001, 0.01, 0.05, 0.1])
+    study = sweep.run_grid(sweep.load_spec(spec_path), log=lambda *a: None)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 4 and len(calls) == 1
+    assert sorted(t.user_attrs["scores_from_cache"] for t in trials) == [False, True, True, True]
+    assert len({round(t.user_attrs["scoring_time_s"], 9) for t in trials}) == 1  # scored once, reported 4x
+    assert sorted(t.values[1] for t in trials) == sorted(
+        int(b * trials[0].user_attrs["pretrained_entries"]) for b in (0.001, 0.01, 0.05, 0.1))
+
+
+def test_natural_count_methods_run_once_per_seed(tmp_path, tiny_model_dir):
+    spec = sweep.load_spec(write_spec(tmp_path, tiny_model_dir, methods=["bitfit", "random"]))
+    keys = [c.key for c in sweep.cells(spec)]
+    assert keys.count("rte/bitfit/bnatural/s0") == 1 and len(keys) == 2 + 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["nope"]}, "nope"),
+    ({"tasks": ["nope"]}, "nope"),
+    ({"budgets": [2.5]}, "budget"),
+    ({"colour": 1}, "unknown keys"),
+    ({"train": {"learning_rate": 1}}, "unknown train settings"),
+    ({"methods": {"random": {"bogus": 1}}}, "bogus"),
+    ({"search": {"params": {"dropout": {"low": 0, "high": 1}}}}, "not a train setting"),
+])
+def test_bad_specs_are_refused_with_what_is_allowed(tmp_path, tiny_model_dir, change, message):
+    with pytest.raises(UsageError, match=message):
+        sweep.load_spec(write_spec(tmp_path, tiny_model_dir, **change))
+
+
+def test_search_samples_learning_rates_and_records_the_best(tmp_path, tiny_model_dir):
+    spec_path = write_spec(tmp_path, tiny_model_dir, methods=["random"], budgets=[0.01],
+                           train={"epochs": 2},
+                           search={"trials": 3, "params": {"lr": {"low": 1e-5, "high": 1e-2, "log": True}}})
+    spec = sweep.load_spec(spec_path)
+    best = sweep.run_search(spec, log=lambda *a: None)
+    assert 1e-5 <= best["rte/random"]["train"]["lr"] <= 1e-2
+    study = optuna.load_study(study_name="t/search/rte/random", storage=spec.storage_url)
+    assert len(study.trials) == 3 and len({t.params["lr"] for t in study.trials}) == 3
+    assert all(len(t.intermediate_values) >= 1 for t in study.trials)  # pruner sees each epoch
+    # the grid then trains with the searched learning rate
+    objective = sweep.GridObjective(spec, cache=None)
+    assert objective.best["rte/random"]["train"]["lr"] == best["rte/random"]["train"]["lr"]
