@@ -1,0 +1,334 @@
+"""Reports: Fu et al.'s Table 1 form, stability and rank correlations, significance, overlap.
+
+Input is one DataFrame with a row per finished run (task, method, budget, seed, metric,
+trainable, run_dir, ...), read from a sweep's study (`sweep.trials_frame`) or from run
+directories (`load_runs`). Conventions, as Fu et al. (see ../shared/design, methods-research 2.1):
+- metric = the task's main metric on test at the best-validation checkpoint, shown x100;
+- std = population std over seeds (ddof=0);
+- performance rank = rank of the mean, descending; stability rank = rank of the std,
+  ascending (stabler = better); `ties="average"` by default, `"min"` reproduces Fu's brackets;
+- AVG column = mean of the task means, +- the mean of the task stds.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+import torch
+
+from peftbench.errors import UsageError, check_choice
+
+TIES = ("average", "min", "max", "dense", "ordinal")
+
+
+def load_runs(folders: list[str | Path]) -> pd.DataFrame:
+    """One row per finished seed in the given run directories (or folders of them)."""
+    from peftbench import registry
+
+    rows = []
+    for folder in folders:
+        for result_file in sorted(Path(folder).glob("**/seed-*/result.json")):
+            run_dir = result_file.parent.parent
+            config = json.loads((run_dir / "config.json").read_text())
+            result = json.loads(result_file.read_text())
+            try:
+                natural = not registry.get(config["method"]).uses_budget
+            except UsageError:
+                natural = False
+            rows.append({"task": Path(config["task"]).stem, "method": config["method"],
+                         "budget": "natural" if natural else str(config["budget"]),
+                         "seed": result["seed"], "metric": result["test"]["main"],
+                         "validation": result["validation"]["main"],
+                         "trainable": result["trainable"]["trainable"],
+                         "pretrained_entries": result["pretrained_entries"],
+                         "scoring_time_s": result["scoring_time_s"],
+                         "train_time_s": result["train_time_s"], "run_dir": str(run_dir),
+                         "spend": result.get("trainable_by_tensor", {})})
+    if not rows:
+        raise UsageError(f"no finished runs (seed-*/result.json) under {[str(f) for f in folders]}")
+    return pd.DataFrame(rows)
+
+
+def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean, population std and count over seeds per (task, method, budget)."""
+    g = frame.groupby(["task", "method", "budget"], sort=False)
+    return pd.DataFrame({"mean": g["metric"].mean(), "std": g["metric"].std(ddof=0),
+                         "seeds": g["metric"].size(), "trainable": g["trainable"].mean()}).reset_index()
+
+
+@dataclass
+class Table1:
+    """Methods x columns (tasks + AVG): means, stds and their ranks per column."""
+
+    mean: pd.DataFrame
+    std: pd.DataFrame
+    mean_rank: pd.DataFrame
+    std_rank: pd.DataFrame
+    worse: pd.DataFrame | None = None  # True where a paired test says: worse than the column's best
+
+    def render(self, scale: float = 100.0, top: int | None = None) -> pd.DataFrame:
+        """Cells 'mean[r]±std[r]' as Fu et al. print them; `top=3` shows only ranks 1-3."""
+        def tag(rank):
+            return "" if pd.isna(rank) or (top and rank > top) else f"[{rank:g}]"
+
+        out = pd.DataFrame(index=self.mean.index, columns=self.mean.columns, dtype=object)
+        for method in self.mean.index:
+            for col in self.mean.columns:
+                m, s = self.mean.loc[method, col], self.std.loc[method, col]
+                if pd.isna(m):
+                    out.loc[method, col] = "-"
+                    continue
+                mark = "†" if self.worse is not None and col in self.worse and \
+                    bool(self.worse.loc[method, col]) else ""
+                out.loc[method, col] = (f"{m * scale:.2f}{tag(self.mean_rank.loc[method, col])}"
+                                        f"±{s * scale:.2f}{tag(self.std_rank.loc[method, col])}{mark}")
+        return out
+
+
+def table1(stats: pd.DataFrame, ties: str = "average", methods: list[str] | None = None,
+           tasks: list[str] | None = None) -> Table1:
+    """Fu et al.'s Table 1 from `cell_stats` rows of one budget (or mean/std given directly)."""
+    check_choice("ties", ties, TIES)
+    mean = stats.pivot_table(index="method", columns="task", values="mean", sort=False)
+    std = stats.pivot_table(index="method", columns="task", values="std", sort=False)
+    if methods:
+        mean, std = mean.reindex(methods), std.reindex(methods)
+    if tasks:
+        mean, std = mean[tasks], std[tasks]
+    complete = mean.notna().all(axis=1)
+    mean["AVG"] = mean.mean(axis=1).where(complete)
+    std["AVG"] = std.mean(axis=1).where(complete)
+    return Table1(mean, std, mean.rank(ascending=False, method=ties), std.rank(ascending=True, method=ties))
+
+
+def stability_correlation(table: Table1, with_avg: bool = False) -> dict:
+    """Spearman (and Kendall) between stability ranks and performance ranks over every
+    (method, column) cell, as Fu et al.'s Figure 2; also returns n, the number of cells."""
+    cols = list(table.mean.columns) if with_avg else [c for c in table.mean.columns if c != "AVG"]
+    s = table.std_rank[cols].to_numpy().ravel()
+    p = table.mean_rank[cols].to_numpy().ravel()
+    keep = ~(np.isnan(s) | np.isnan(p))
+    rho, p_value = scipy.stats.spearmanr(s[keep], p[keep])
+    tau, tau_p = scipy.stats.kendalltau(s[keep], p[keep])
+    return {"spearman": float(rho), "spearman_p": float(p_value), "kendall": float(tau),
+            "kendall_p": float(tau_p), "n": int(keep.sum()), "columns": cols}
+
+
+def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Per task: each method against the task's best (highest mean), paired by seed: a paired
+    t-test and, with 6+ common seeds, Wilcoxon's signed-rank test (scipy). `worse` = t-test p <
+    alpha with a lower mean. Rows: task, method, best, seeds, t_p, wilcoxon_p, worse."""
+    rows = []
+    for task, stats in budget_rows.groupby("task"):
+        best = stats.loc[stats["mean"].idxmax()]
+        ref = frame[(frame.task == task) & (frame.method == best.method) & (frame.budget == best.budget)]
+        for _, cell in stats.iterrows():
+            other = frame[(frame.task == task) & (frame.method == cell.method) & (frame.budget == cell.budget)]
+            paired = ref.merge(other, on="seed", suffixes=("_best", ""))
+            a, b = paired["metric_best"].to_numpy(), paired["metric"].to_numpy()
+            t_p = w_p = np.nan
+            if cell.method != best.method and len(a) >= 2 and np.any(a != b):
+                t_p = float(scipy.stats.ttest_rel(a, b).pvalue)
+                if len(a) >= 6:
+                    w_p = float(scipy.stats.wilcoxon(a, b).pvalue)
+            rows.append({"task": task, "method": cell.method, "best": best.method, "seeds": len(a),
+                         "t_p": t_p, "wilcoxon_p": w_p,
+                         "worse": bool(t_p < alpha and b.mean() < a.mean()) if not np.isnan(t_p) else False})
+    return pd.DataFrame(rows)
+
+
+def _mask(run_dir: str, seed: int):
+    path = Path(run_dir) / f"seed-{seed}" / "mask.pt"
+    return torch.load(path) if path.exists() else None
+
+
+def _numels(run_dir: str, seed: int) -> dict[str, int]:
+    sel = json.loads((Path(run_dir) / f"seed-{seed}" / "selection.json").read_text())
+    return {n: v[1] for n, v in sel["per_tensor"].items()}
+
+
+def jaccard(a: dict, b: dict, numels: dict[str, int]) -> float:
+    """|A & B| / |A | B| over entries; masks as saved in mask.pt (full names, partial indices)."""
+    def size(m, n):
+        return numels[n] if n in m["full"] else len(m["partial"].get(n, ()))
+
+    inter = union = 0
+    for name in numels:
+        sa, sb = size(a, name), size(b, name)
+        if name in a["full"] or name in b["full"]:  # a full tensor contains the other's entries
+            both = min(sa, sb)
+        else:
+            both = len(np.intersect1d(a["partial"].get(name, torch.empty(0)).numpy(),
+                                      b["partial"].get(name, torch.empty(0)).numpy()))
+        inter += both
+        union += sa + sb - both
+    return inter / union if union else float("nan")
+
+
+def mask_overlap(frame: pd.DataFrame) -> pd.DataFrame:
+    """Jaccard overlap of the selected entries between every pair of methods, per task and
+    budget, averaged over the seeds both ran (methods that add parameters select none)."""
+    rows = []
+    budgeted = frame[frame.budget != "natural"]
+    for (task, budget), group in budgeted.groupby(["task", "budget"]):
+        for m1, m2 in itertools.combinations(sorted(group.method.unique()), 2):
+            values = []
+            for seed in sorted(set(group[group.method == m1].seed) & set(group[group.method == m2].seed)):
+                r1 = group[(group.method == m1) & (group.seed == seed)].iloc[0]
+                r2 = group[(group.method == m2) & (group.seed == seed)].iloc[0]
+                a, b = _mask(r1.run_dir, seed), _mask(r2.run_dir, seed)
+                if a is not None and b is not None:
+                    values.append(jaccard(a, b, _numels(r1.run_dir, seed)))
+            if values:
+                rows.append({"task": task, "budget": budget, "method_a": m1, "method_b": m2,
+                             "jaccard": float(np.mean(values)), "seeds": len(values)})
+    return pd.DataFrame(rows)
+
+
+def score_correlation(frame: pd.DataFrame, cache_dir: str | Path, sample: int = 200_000,
+                      seed: int = 0) -> pd.DataFrame:
+    """Spearman and Kendall between two methods' importance scores over the same entries (per
+    task and seed; methods whose scores are entry-shaped and cached). Kendall on 10^7+ entries
+    is slow, so both are computed on the same `sample` entries drawn with `seed`."""
+    vectors: dict[tuple, dict] = {}
+    for _, row in frame.drop_duplicates(["task", "method", "seed"]).iterrows():
+        sel = Path(row.run_dir) / f"seed-{row.seed}" / "selection.json"
+        key = json.loads(sel.read_text()).get("score_cache_key") if sel.exists() else None
+        path = Path(cache_dir) / f"{key}.pt"
+        if key is None or not path.exists():
+            continue
+        scores = torch.load(path, weights_only=False)["scores"]
+        numels = _numels(row.run_dir, row.seed)
+        if isinstance(scores, dict) and all(n in scores and scores[n].numel() == numels[n] for n in numels):
+            vectors[(row.task, row.seed, row.method)] = {n: scores[n] for n in numels}
+    rows = []
+    for (task, s), keys in itertools.groupby(sorted(vectors), key=lambda k: k[:2]):
+        keys = list(keys)
+        for k1, k2 in itertools.combinations(keys, 2):
+            x = torch.cat([vectors[k1][n].flatten().float() for n in sorted(vectors[k1])])
+            y = torch.cat([vectors[k2][n].flatten().float() for n in sorted(vectors[k1])])
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:sample]
+            xs, ys = x[idx].numpy(), y[idx].numpy()
+            rows.append({"task": task, "seed": s, "method_a": k1[2], "method_b": k2[2],
+                         "spearman": float(scipy.stats.spearmanr(xs, ys)[0]),
+                         "kendall": float(scipy.stats.kendalltau(xs, ys)[0]), "entries": len(xs)})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    return out.groupby(["task", "method_a", "method_b"], as_index=False).agg(
+        spearman=("spearman", "mean"), kendall=("kendall", "mean"), seeds=("seed", "size"),
+        entries=("entries", "first"))
+
+
+PUBLISHED_CELL = re.compile(r"^\s*([\d.]+)\s*(?:\[(\d+)\])?\s*±\s*([\d.]+)\s*(?:\[(\d+)\])?\s*$")
+
+
+def parse_published(published: dict) -> pd.DataFrame:
+    """{task: {method: '89.55[1]±0.81'}} (as printed, brackets = published ranks) -> rows
+    task, method, mean, std (both /100), mean_rank, std_rank (NaN where none was printed)."""
+    rows = []
+    for task, cells in published.items():
+        for method, text in cells.items():
+            match = PUBLISHED_CELL.match(str(text))
+            if not match:
+                raise UsageError(f"published cell {task}/{method} = {text!r} is not 'mean[r]±std[r]'")
+            m, mr, s, sr = match.groups()
+            rows.append({"task": task, "method": method, "mean": float(m) / 100, "std": float(s) / 100,
+                         "mean_rank": float(mr) if mr else np.nan, "std_rank": float(sr) if sr else np.nan})
+    return pd.DataFrame(rows)
+
+
+def compare_published(stats: pd.DataFrame, published: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Our mean beside theirs with the difference, and per task Kendall's tau between our
+    method ranking and theirs (methods both have)."""
+    both = stats.merge(published[["task", "method", "mean"]], on=["task", "method"], suffixes=("", "_published"))
+    both["difference"] = both["mean"] - both["mean_published"]
+    taus = []
+    for task, g in both.groupby("task"):
+        if len(g) >= 2:
+            tau, p = scipy.stats.kendalltau(g["mean"], g["mean_published"])
+            taus.append({"task": task, "methods": len(g), "kendall_tau": float(tau), "p": float(p)})
+    return both, pd.DataFrame(taus)
+
+
+def to_markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    return frame.to_markdown(floatfmt=floatfmt) if not frame.empty else "(none)"
+
+
+def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
+    """Cells of one budget plus the natural-count methods, as Fu et al. mix them in Table 1."""
+    return stats[(stats.budget == budget) | (stats.budget == "natural")]
+
+
+def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftbench report",
+                 header: str = "", published: dict | None = None, cache_dir: str | Path | None = None,
+                 ties: str = "average") -> str:
+    """Write results.csv (one row per run), cells.csv, table1-b<budget>.csv, tests.csv,
+    overlap.csv, score-correlation.csv, published.csv and report.md into `out_dir`; return the
+    Markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = frame.sort_values(["task", "method", "budget", "seed"])
+    frame.drop(columns=["spend"], errors="ignore").to_csv(out / "results.csv", index=False)
+    stats = cell_stats(frame)
+    stats.to_csv(out / "cells.csv", index=False)
+    budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
+    lines = [f"# {title}", "", header, ""] if header else [f"# {title}", ""]
+    lines += ["Cells: test main metric x100 at the best-validation checkpoint, mean ± population "
+              "std over seeds; [r] = rank in the column (mean: higher is better; std: lower is "
+              f"better; ties: {ties}); AVG = mean of task means ± mean of task stds; † = worse "
+              "than the column's best by a paired t-test over seeds (p < 0.05).", ""]
+    tests_all = []
+    for budget in budgets:
+        rows = budget_rows(stats, budget)
+        tests = paired_tests(frame, rows)
+        tests_all.append(tests.assign(budget=budget))
+        table = table1(rows, ties=ties)
+        if not tests.empty:
+            table.worse = tests.pivot_table(index="method", columns="task", values="worse",
+                                            aggfunc="any").reindex(table.mean.index).fillna(False)
+        rendered = table.render()
+        counts = rows.groupby("method")["trainable"].mean().reindex(rendered.index)
+        share = 100 * counts / frame.pretrained_entries.iloc[0]
+        rendered["trainable"] = [f"{int(c):,} ({s:.3f}%)" for c, s in zip(counts, share)]
+        rendered.to_csv(out / f"table1-b{budget}.csv")
+        corr = stability_correlation(table)
+        seeds = sorted(frame.seed.unique())
+        lines += [f"## Budget {budget} (natural-count methods included), {len(seeds)} seeds", "",
+                  rendered.to_markdown(), "",
+                  f"Stability vs performance (Fu et al. Fig. 2): Spearman rho = {corr['spearman']:.4f} "
+                  f"(p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
+                  f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells.", ""]
+    pd.concat(tests_all).to_csv(out / "tests.csv", index=False)
+    cost = frame.groupby("method")[["scoring_time_s", "train_time_s"]].mean()
+    lines += ["## Cost per run (mean seconds)", "", cost.to_markdown(floatfmt=".1f"), ""]
+    if published:
+        theirs = parse_published(published)
+        both, taus = compare_published(stats, theirs)
+        both.to_csv(out / "published.csv", index=False)
+        lines += ["## Against the published numbers", "",
+                  to_markdown(both[["task", "method", "budget", "mean", "mean_published", "difference"]]
+                              .set_index(["task", "method"])), "",
+                  "Kendall's tau between our ranking and theirs, per task:", "", to_markdown(taus.set_index("task")), ""]
+    overlap = mask_overlap(frame)
+    overlap.to_csv(out / "overlap.csv", index=False)
+    if not overlap.empty:
+        lines += ["## Do methods pick the same entries? (Jaccard of the masks, mean over seeds)", ""]
+        for (task, budget), g in overlap.groupby(["task", "budget"]):
+            matrix = g.pivot(index="method_a", columns="method_b", values="jaccard")
+            lines += [f"{task}, budget {budget}:", "", matrix.to_markdown(floatfmt=".3f"), ""]
+    if cache_dir is not None:
+        corr_scores = score_correlation(frame, cache_dir)
+        corr_scores.to_csv(out / "score-correlation.csv", index=False)
+        if not corr_scores.empty:
+            lines += ["## Rank correlation of importance scores (same sampled entries)", "",
+                      to_markdown(corr_scores.set_index(["task", "method_a", "method_b"])), ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
