@@ -79,6 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, default=None, metavar="SECONDS",
                         help="refresh every SECONDS until the study is finished")
 
+    rep = sub.add_parser("report", help="tables and statistics from a sweep or run directories")
+    rep.add_argument("spec", nargs="?", help="study spec YAML (reads its study)")
+    _study_options(rep)
+    rep.add_argument("--runs", nargs="+", default=None, metavar="DIR",
+                     help="read run directories (or folders of them) instead of a study")
+    rep.add_argument("--out", default=None, help="where to write report.md and the CSVs "
+                     "(default <output-dir>/report, or ./report with --runs)")
+    rep.add_argument("--ties", default="average", help="rank ties: average (default) or min (Fu et al.)")
+
+    plot = sub.add_parser("plot", help="plots from a sweep: pareto (PNG + HTML) and budget spend")
+    plot.add_argument("what", choices=["pareto", "spend"])
+    plot.add_argument("spec", help="study spec YAML")
+    _study_options(plot)
+    plot.add_argument("--out", default=None, help="folder for the files (default <output-dir>)")
+    plot.add_argument("--budget", default=None, help="for `spend`: the budget to show")
+
+    board = sub.add_parser("leaderboard", help="run or show a leaderboard from leaderboards/")
+    board.add_argument("action", choices=["run", "show", "list"])
+    board.add_argument("name", nargs="?", help="a folder name in leaderboards/ (or a path)")
+    _study_options(board)
+
     sub.add_parser("tasks", help="list the tasks")
     sub.add_parser("methods", help="list the methods and their packages")
     return parser
@@ -116,6 +137,61 @@ def cmd_status(args) -> None:
 
     spec = _load_spec(args)
     sweep.watch(spec, every=args.watch or 10.0, once=args.watch is None)
+
+
+def cmd_report(args) -> None:
+    from pathlib import Path
+
+    from peftbench import report, sweep
+
+    if args.runs:
+        frame, spec = report.load_runs(args.runs), None
+    elif args.spec:
+        spec = _load_spec(args)
+        frame = sweep.trials_frame(sweep.open_study(spec))
+        if frame.empty:
+            raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial yet")
+    else:
+        raise UsageError("give a study spec or --runs DIR ...")
+    out = Path(args.out or (spec.out / "report" if spec else "report"))
+    print(report.build_report(frame, out, title=f"Report: {spec.name}" if spec else "Report",
+                              published=spec.published if spec else None,
+                              cache_dir=spec.out / "scores" if spec else None, ties=args.ties))
+    print(f"\nwritten to {out}/ (report.md and CSVs)")
+
+
+def cmd_plot(args) -> None:
+    from pathlib import Path
+
+    from peftbench import plots, sweep
+
+    spec = _load_spec(args)
+    frame = sweep.trials_frame(sweep.open_study(spec))
+    if frame.empty:
+        raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial yet")
+    out = Path(args.out or spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.what == "pareto":
+        paths = [plots.pareto_png(frame, out / "pareto.png"), plots.pareto_html(frame, out / "pareto.html")]
+    else:
+        paths = [plots.spend_png(frame, out / "spend.png", budget=args.budget)]
+    print("\n".join(str(p) for p in paths))
+
+
+def cmd_leaderboard(args) -> None:
+    from peftbench import leaderboard
+
+    if args.action == "list":
+        root = leaderboard.leaderboards_root()
+        for folder in sorted(p for p in root.iterdir() if (p / "spec.yaml").is_file()):
+            print(f"{folder.name:24s} {'results' if (folder / 'README.md').exists() else 'no results yet'}")
+        return
+    if not args.name:
+        raise UsageError(f"peftbench leaderboard {args.action} needs a NAME (see `peftbench leaderboard list`)")
+    if args.action == "show":
+        print(leaderboard.show(args.name))
+    else:
+        print(leaderboard.run(args.name, storage=args.storage, output_dir=args.output_dir))
 
 
 def cmd_run(args) -> None:
@@ -180,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods,
-         "sweep": cmd_sweep, "status": cmd_status}[args.command](args)
+         "sweep": cmd_sweep, "status": cmd_status, "report": cmd_report, "plot": cmd_plot,
+         "leaderboard": cmd_leaderboard}[args.command](args)
     except UsageError as err:
         print(f"peftbench: error: {err}", file=sys.stderr)
         return 2

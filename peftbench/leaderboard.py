@@ -1,0 +1,93 @@
+"""Leaderboards: a folder in `leaderboards/` holding a study spec (+ published numbers) and the
+results generated from it, committed beside it.
+
+    leaderboards/<name>/spec.yaml       the study spec (`peftbench.sweep`), `published:` optional
+    leaderboards/<name>/README.md       generated: command, machine, tables (report.md content)
+    leaderboards/<name>/*.csv           generated: results, cells, table1-b*, tests, overlap, ...
+    leaderboards/<name>/pareto.png/html generated: accuracy vs trainable parameters
+    leaderboards/<name>/spend.png       generated: where each method spends its budget
+
+`peftbench leaderboard run NAME` runs (or resumes) the sweep, then writes the report and plots;
+`peftbench leaderboard show NAME` prints the committed README.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from peftbench import plots, report, sweep
+from peftbench.errors import UsageError
+
+
+def leaderboards_root() -> Path:
+    """$PEFTBENCH_LEADERBOARDS, else ./leaderboards, else the repository's leaderboards/."""
+    if os.environ.get("PEFTBENCH_LEADERBOARDS"):
+        return Path(os.environ["PEFTBENCH_LEADERBOARDS"])
+    here = Path("leaderboards")
+    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "leaderboards"
+
+
+def find(name: str) -> Path:
+    folder = Path(name) if Path(name).is_dir() else leaderboards_root() / name
+    if not (folder / "spec.yaml").is_file():
+        root = leaderboards_root()
+        known = sorted(p.name for p in root.iterdir() if (p / "spec.yaml").is_file()) if root.is_dir() else []
+        raise UsageError(f"leaderboard {name!r} not found (no {folder / 'spec.yaml'}); known: {known}")
+    return folder
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return (f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{device}; Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
+    """Report + plots for the study's finished trials into `folder`; returns the Markdown."""
+    frame = sweep.trials_frame(sweep.open_study(spec))
+    if frame.empty:
+        raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial yet")
+    expected = len(sweep.cells(spec))
+    done = len(frame)
+    train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())
+    header = "\n".join([
+        spec.description, "",
+        f"- command: `{command}`",
+        f"- machine: {machine()}" + (f" (spec says: {spec.machine})" if spec.machine else ""),
+        f"- model: `{spec.model}`; tasks: {', '.join(spec.tasks)}; seeds: {spec.seeds}; "
+        f"budgets: {', '.join(spec.budgets)}",
+        f"- training: {train}",
+        "- method settings: " + "; ".join(f"{m} {p}" if p else m for m, p in spec.methods.items()),
+        f"- cells finished: {done} of {expected}"
+        + ("" if done == expected else " (partial: run the command again to finish)"),
+        f"- wall time of the trials: {frame.duration_s.sum() / 3600:.2f} h "
+        f"(scoring cached across budgets)",
+        "", "Plots: [pareto.png](pareto.png) ([interactive](pareto.html)), [spend.png](spend.png).",
+    ])
+    text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
+                               published=spec.published, cache_dir=spec.out / "scores")
+    plots.pareto_png(frame, folder / "pareto.png")
+    plots.pareto_html(frame, folder / "pareto.html")
+    middle = spec.budgets[len(spec.budgets) // 2]
+    plots.spend_png(frame, folder / "spend.png", budget=middle)
+    (folder / "report.md").rename(folder / "README.md")
+    return text
+
+
+def run(name: str, storage: str | None = None, output_dir: str | None = None) -> str:
+    folder = find(name)
+    spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    sweep.run_grid(spec)
+    command = f"peftbench leaderboard run {folder.name}"
+    return write_results(spec, folder, command)
+
+
+def show(name: str) -> str:
+    folder = find(name)
+    readme = folder / "README.md"
+    if not readme.is_file():
+        raise UsageError(f"leaderboard {name!r} has no results yet: run `peftbench leaderboard run {name}`")
+    return readme.read_text()
