@@ -144,3 +144,21 @@ def test_search_samples_learning_rates_and_records_the_best(tmp_path, tiny_model
     # the grid then trains with the searched learning rate
     objective = sweep.GridObjective(spec, cache=None)
     assert objective.best["rte/random"]["train"]["lr"] == best["rte/random"]["train"]["lr"]
+
+
+POSTGRES = os.environ.get("PEFTBENCH_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="set PEFTBENCH_TEST_POSTGRES=postgresql://... (.ci/run starts a server)")
+def test_two_workers_share_one_postgresql_study_each_cell_once(tmp_path, tiny_model_dir):
+    name = f"pg-{os.getpid()}-{int(time.time())}"
+    spec_path = write_spec(tmp_path, tiny_model_dir, name=name, storage=POSTGRES, seeds=[0])
+    spec = sweep.load_spec(spec_path)
+    assert sweep.is_heartbeat_enabled(sweep.open_storage(spec))
+    workers = [launch(spec_path), launch(spec_path)]  # both enqueue: the duplicate guard holds
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    trials = sweep.open_study(spec).get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert Counter(t.user_attrs["cell"] for t in complete) == Counter(c.key for c in sweep.cells(spec))
+    assert all(n == 1 for n in finished_runs(tmp_path / "out").values())

@@ -1,0 +1,37 @@
+"""Leaderboards end to end on a tiny model and real CB rows: run, files, show; plots' maths."""
+from __future__ import annotations
+
+import pandas as pd
+import yaml
+
+from peftbench import plots
+from peftbench.cli import main
+
+
+def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path, tiny_model_dir,
+                                                                        monkeypatch, capsys):
+    board = tmp_path / "boards" / "tiny"
+    board.mkdir(parents=True)
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "tiny", "description": "test board", "model": tiny_model_dir, "tasks": ["cb"],
+        "methods": {"magpruning": {}, "bitfit": {}}, "budgets": [0.01, 0.05], "seeds": 2,
+        "limit": 16, "train": {"epochs": 1}, "output_dir": str(tmp_path / "sweep"),
+        "published": {"cb": {"bitfit": "86.96±3.20", "magpruning": "81.25±3.50"}}}))
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    assert main(["leaderboard", "run", "tiny"]) == 0
+    for name in ("README.md", "results.csv", "cells.csv", "table1-b0.01.csv", "tests.csv",
+                 "published.csv", "overlap.csv", "pareto.png", "pareto.html", "spend.png"):
+        assert (board / name).is_file() and (board / name).stat().st_size > 0, name
+    results = pd.read_csv(board / "results.csv")
+    assert len(results) == 2 * 2 + 2  # magpruning x 2 budgets x 2 seeds + bitfit x 2 seeds
+    capsys.readouterr()
+    assert main(["leaderboard", "show", "tiny"]) == 0
+    shown = capsys.readouterr().out
+    assert "Leaderboard tiny" in shown and "bitfit" in shown and "Against the published" in shown
+    assert main(["leaderboard", "show", "nope"]) == 2
+
+
+def test_pareto_points_are_the_non_dominated_ones():
+    points = pd.DataFrame({"trainable": [10, 100, 1000, 100, 50], "mean": [0.5, 0.7, 0.6, 0.4, 0.7]})
+    front = plots.pareto_points(points)
+    assert front.index.tolist() == [0, 4]  # 1 (same mean, more params) and 2, 3 are dominated
