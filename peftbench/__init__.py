@@ -2,7 +2,8 @@
 
 Architecture: `selector` (the method contract) -> `registry` (entry points) -> `data` (task
 specs) + `models` (encoders) -> `sparse` (frozen-by-construction training) -> `trainer` ->
-`experiment` (seeds, run directories) -> `cli`.
+`experiment` (seeds, run directories) -> `sweep` (Optuna studies, score cache) -> `report` /
+`plots` -> `leaderboard` -> `cli`.
 """
 from peftbench.selector import Budget, Selection, Selector, top_k
 
