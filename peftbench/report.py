@@ -114,6 +114,9 @@ def stability_correlation(table: Table1, with_avg: bool = False) -> dict:
     s = table.std_rank[cols].to_numpy().ravel()
     p = table.mean_rank[cols].to_numpy().ravel()
     keep = ~(np.isnan(s) | np.isnan(p))
+    if len(np.unique(s[keep])) < 2 or len(np.unique(p[keep])) < 2:  # undefined: a constant rank
+        return {"spearman": np.nan, "spearman_p": np.nan, "kendall": np.nan, "kendall_p": np.nan,
+                "n": int(keep.sum()), "columns": cols}
     rho, p_value = scipy.stats.spearmanr(s[keep], p[keep])
     tau, tau_p = scipy.stats.kendalltau(s[keep], p[keep])
     return {"spearman": float(rho), "spearman_p": float(p_value), "kendall": float(tau),

@@ -35,3 +35,26 @@ def test_pareto_points_are_the_non_dominated_ones():
     points = pd.DataFrame({"trainable": [10, 100, 1000, 100, 50], "mean": [0.5, 0.7, 0.6, 0.4, 0.7]})
     front = plots.pareto_points(points)
     assert front.index.tolist() == [0, 4]  # 1 (same mean, more params) and 2, 3 are dominated
+
+
+def test_report_from_run_directories_and_status_and_bad_inputs(tmp_path, tiny_model_dir, capsys):
+    for method in ("random", "magpruning"):
+        assert main(["run", "--method", method, "--task", "cb", "--budget", "0.01", "--seeds", "2",
+                     "--model", tiny_model_dir, "--epochs", "1", "--limit", "16",
+                     "--output-dir", str(tmp_path / "runs"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "| magpruning |" in out and "Spearman" in out and "Jaccard" in out
+    cells = pd.read_csv(tmp_path / "rep" / "cells.csv")
+    assert sorted(cells.method) == ["magpruning", "random"] and set(cells.seeds) == {2}
+    assert main(["report", "--runs", str(tmp_path / "empty")]) == 2
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["report"]) == 2
+    assert "needs a NAME" in (main(["leaderboard", "run"]) == 2 and capsys.readouterr().err)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "model": tiny_model_dir, "tasks": ["cb"],
+                                    "methods": ["bitfit"], "seeds": 1, "limit": 8,
+                                    "output_dir": str(tmp_path / "s")}))
+    assert main(["status", str(spec)]) == 0
+    assert "0/1 cells done" in capsys.readouterr().out
