@@ -445,8 +445,9 @@ def run_search(spec: StudySpec, log=print) -> dict:
     return best
 
 
-def watch(spec: StudySpec, every: float = 10.0, once: bool = False, stream=sys.stdout) -> None:
+def watch(spec: StudySpec, every: float = 10.0, once: bool = False, stream=None) -> None:
     """The live view: one refreshed line per `every` seconds until nothing is waiting or running."""
+    stream = stream or sys.stdout
     study = open_study(spec)
     total = len(cells(spec))
     while True:
