@@ -86,8 +86,29 @@ def run(name: str, storage: str | None = None, output_dir: str | None = None) ->
 
 
 def show(name: str) -> str:
+    """The committed results; without any, the published numbers rendered by our report code."""
     folder = find(name)
     readme = folder / "README.md"
-    if not readme.is_file():
+    if readme.is_file():
+        return readme.read_text()
+    spec = sweep.load_spec(folder / "spec.yaml")
+    if not spec.published:
         raise UsageError(f"leaderboard {name!r} has no results yet: run `peftbench leaderboard run {name}`")
-    return readme.read_text()
+    return published_only(spec)
+
+
+def published_only(spec: sweep.StudySpec) -> str:
+    """Their table re-ranked by `report.table1` (ties=min, as they print), their stability
+    correlation recomputed from it, and a pointer to the command that produces ours."""
+    cells = report.parse_published(spec.published)
+    cells = cells[cells.task != "AVG"].assign(budget="published")
+    table = report.table1(cells, ties="min", tasks=[t for t in spec.tasks if t in set(cells.task)])
+    corr = report.stability_correlation(table)
+    return "\n".join([
+        f"# Leaderboard {spec.name}: published numbers only", "", spec.description, "",
+        f"No results of ours yet: `peftbench leaderboard run {spec.name}` (machine: {spec.machine}).", "",
+        "Their numbers, ranked by peftbench's report code (ties = min, ranks 1-3 shown, as printed):", "",
+        table.render(top=3).to_markdown(), "",
+        f"Stability vs performance from this table: Spearman rho = {corr['spearman']:.4f} "
+        f"(p = {corr['spearman_p']:.2g}, n = {corr['n']}); they report rho = 0.4356 (p = 0.000014), "
+        "computed on data not published (see methods-research.md 2.1.4)."])

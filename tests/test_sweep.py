@@ -49,7 +49,8 @@ def launch(spec_path: Path) -> subprocess.Popen:
 
 
 def test_kill_9_midway_then_same_command_finishes_without_rerunning(tmp_path, tiny_model_dir):
-    spec_path = write_spec(tmp_path, tiny_model_dir)
+    """2 methods x 3 budgets x 2 seeds, as the issue asks, on a tiny model and real RTE rows."""
+    spec_path = write_spec(tmp_path, tiny_model_dir, budgets=[0.01, 0.05, 0.1])
     worker = launch(spec_path)
     deadline = time.time() + 240
     while time.time() < deadline:  # kill -9 while a cell trains, once two are complete
