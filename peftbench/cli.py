@@ -148,9 +148,7 @@ def cmd_report(args) -> None:
         frame, spec = report.load_runs(args.runs), None
     elif args.spec:
         spec = _load_spec(args)
-        frame = sweep.trials_frame(sweep.open_study(spec))
-        if frame.empty:
-            raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial yet")
+        frame = sweep.finished_frame(spec)
     else:
         raise UsageError("give a study spec or --runs DIR ...")
     out = Path(args.out or (spec.out / "report" if spec else "report"))
@@ -166,9 +164,7 @@ def cmd_plot(args) -> None:
     from peftbench import plots, sweep
 
     spec = _load_spec(args)
-    frame = sweep.trials_frame(sweep.open_study(spec))
-    if frame.empty:
-        raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial yet")
+    frame = sweep.finished_frame(spec)
     out = Path(args.out or spec.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "pareto":

@@ -47,9 +47,7 @@ def machine() -> str:
 
 def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     """Report + plots for the study's finished trials into `folder`; returns the Markdown."""
-    frame = sweep.trials_frame(sweep.open_study(spec))
-    if frame.empty:
-        raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial yet")
+    frame = sweep.finished_frame(spec)
     expected = len(sweep.cells(spec))
     done = len(frame)
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())

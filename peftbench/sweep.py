@@ -481,3 +481,11 @@ def trials_frame(study: optuna.Study):
         frame = frame.drop_duplicates(["task", "method", "budget", "seed"], keep="first")
     return frame
 
+
+
+def finished_frame(spec: StudySpec):
+    """`trials_frame` of the spec's study; a clear error when nothing has finished yet."""
+    frame = trials_frame(open_study(spec))
+    if frame.empty:
+        raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial yet")
+    return frame
