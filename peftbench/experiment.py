@@ -27,7 +27,7 @@ from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.models import head_parameters, load_model, pretrained_parameters, pretrained_size
 from peftbench.selector import Budget
-from peftbench.sparse import canonical_name, count_trainable
+from peftbench.sparse import count_trainable, trainable_entries
 from peftbench.trainer import (ScoringData, TrainConfig, make_loader, pick_device, set_seed,
                                train)
 
@@ -142,21 +142,18 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               "budget_entries": k, "pretrained_entries": n_pretrained,
               "scoring_time_s": score_time, "scores_from_cache": cached,
               "train_time_s": out["train_time_s"],
-              "trainable_by_tensor": trainable_by_tensor(model, per_tensor, set(pretrained), head_names)}
+              "trainable_by_tensor": trainable_by_tensor(model, set(pretrained), head_names)}
     _write(seed_dir / "result.json", result)
     return result
 
 
-def trainable_by_tensor(model, per_tensor: dict[str, int], pretrained_names: set[str],
-                        head_names: set[str]) -> dict[str, int]:
-    """Where the budget went: selected entries per pre-trained tensor, plus every new trainable
-    parameter (LoRA, adapters, principal components) under its own name; the head is left out."""
-    out = {n: c for n, c in per_tensor.items() if c}
-    counted = {id(p) for m in model.modules() if hasattr(m, "entries_changed") for p in m.parameters()}
-    for name, param in model.named_parameters():
-        if (param.requires_grad and id(param) not in counted and name not in head_names
-                and canonical_name(name) not in pretrained_names):
-            out[name] = param.numel()
+def trainable_by_tensor(model, pretrained_names: set[str], head_names: set[str]) -> dict[str, int]:
+    """Where the budget went (measured after training, so DiffPruning's projected mask counts):
+    trainable entries per pre-trained tensor and per new parameter; the head is left out."""
+    out: dict[str, int] = {}
+    for name, kind, count in trainable_entries(model, pretrained_names, head_names):
+        if kind != "head" and count:
+            out[name] = out.get(name, 0) + count
     return out
 
 

@@ -71,6 +71,26 @@ def canonical_name(name: str) -> str:
             .replace(".base_layer.", "."))
 
 
+def trainable_entries(model: nn.Module, pretrained_names: set[str], head_names: set[str]):
+    """Yield (name, kind, count) for everything that trains: kind is `encoder` (pre-trained
+    entries that may differ: whole tensors, or what a parametrisation module declares with
+    `entries_changed()`, under its tensor's pre-trained name), `new` or `head`."""
+    counted = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "entries_changed"):  # e.g. '<m>.parametrizations.weight.0'
+            yield canonical_name(name.rsplit(".", 1)[0]), "encoder", module.entries_changed()
+            counted |= {id(p) for p in module.parameters()}
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in counted:
+            continue
+        if name in head_names:
+            yield name, "head", param.numel()
+        elif canonical_name(name) in pretrained_names:
+            yield canonical_name(name), "encoder", param.numel()
+        else:
+            yield name, "new", param.numel()
+
+
 def count_trainable(model: nn.Module, pretrained_names: set[str], head_names: set[str]) -> dict:
     """Count trainable parameters the same way for every method.
 
@@ -85,21 +105,8 @@ def count_trainable(model: nn.Module, pretrained_names: set[str], head_names: se
 
     `pretrained_names` / `head_names` are the parameter names before the method changed the model.
     """
-    encoder = new = head = 0
-    counted = set()
-    for module in model.modules():
-        if hasattr(module, "entries_changed"):
-            encoder += module.entries_changed()
-            counted |= {id(p) for p in module.parameters()}
-    for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in counted:
-            continue
-        n = param.numel()
-        if name in head_names:
-            head += n
-        elif canonical_name(name) in pretrained_names:
-            encoder += n
-        else:
-            new += n
-    return {"encoder": encoder, "new": new, "head": head,
-            "trainable": encoder + new, "total": encoder + new + head}
+    totals = {"encoder": 0, "new": 0, "head": 0}
+    for _, kind, count in trainable_entries(model, pretrained_names, head_names):
+        totals[kind] += count
+    return {**totals, "trainable": totals["encoder"] + totals["new"],
+            "total": totals["encoder"] + totals["new"] + totals["head"]}

@@ -232,17 +232,6 @@ def best_search_params(spec: StudySpec) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _group(name: str) -> str:
-    """'layer 3 / attention.self.query' style label of a parameter, for the budget-spend plot."""
-    parts = name.split(".")
-    if "layer" in parts:
-        i = parts.index("layer")
-        kind = ".".join(p for p in parts[i + 2:] if p not in ("weight", "bias", "parametrizations",
-                                                              "original", "base_layer"))
-        return f"layer {parts[i + 1]}|{kind.split('.lora')[0].split('.0')[0] or 'other'}"
-    return "embeddings|embeddings" if "embeddings" in parts else "other|other"
-
-
 class GridObjective:
     """Runs one queued cell; returns (test main metric, trainable count)."""
 
@@ -269,15 +258,12 @@ class GridObjective:
                            output_dir=str(self.spec.out / "runs"))
         summary, run_dir = run_experiment(config, progress=self.progress, score_cache=self.cache)
         result = json.loads((run_dir / f"seed-{attrs['seed']}" / "result.json").read_text())
-        spend: dict[str, int] = {}
-        for name, count in result["trainable_by_tensor"].items():
-            spend[_group(name)] = spend.get(_group(name), 0) + count
         for key, value in {
             "run_dir": str(run_dir.resolve()), "test": result["test"], "validation": result["validation"],
             "trainable": result["trainable"]["trainable"], "head": result["trainable"]["head"],
             "pretrained_entries": result["pretrained_entries"], "main_metric": summary["main_metric"],
             "scoring_time_s": result["scoring_time_s"], "scores_from_cache": result["scores_from_cache"],
-            "train_time_s": result["train_time_s"], "spend": spend, "train_config": asdict(train),
+            "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"], "train_config": asdict(train),
             "method_params": params,
         }.items():
             trial.set_user_attr(key, value)
@@ -460,6 +446,14 @@ def watch(spec: StudySpec, every: float = 10.0, once: bool = False, stream=None)
         time.sleep(every)
 
 
+def _spend(attrs: dict) -> dict[str, int]:
+    """Trainable entries per tensor: from the run directory when it is on this machine."""
+    result = Path(attrs["run_dir"]) / f"seed-{attrs['seed']}" / "result.json"
+    if result.is_file():
+        return json.loads(result.read_text()).get("trainable_by_tensor", {})
+    return attrs.get("spend", {})
+
+
 def trials_frame(study: optuna.Study):
     """Completed grid trials as a DataFrame: one row per (task, method, budget, seed)."""
     import pandas as pd
@@ -474,7 +468,7 @@ def trials_frame(study: optuna.Study):
                      "validation": a["validation"]["main"], "trainable": a["trainable"],
                      "pretrained_entries": a["pretrained_entries"], "scoring_time_s": a["scoring_time_s"],
                      "train_time_s": a["train_time_s"], "run_dir": a["run_dir"],
-                     "spend": a.get("spend", {}), "trial": t.number,
+                     "spend": _spend(a), "trial": t.number,
                      "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})
     frame = pd.DataFrame(rows)
     if not frame.empty:

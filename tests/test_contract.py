@@ -9,6 +9,7 @@ import torch
 
 from peftbench import registry
 from peftbench.data import load_task, tokenize
+from peftbench.experiment import trainable_by_tensor
 from peftbench.models import head_parameters, load_model, pretrained_parameters
 from peftbench.sparse import count_trainable, effective_weight
 from peftbench.trainer import ScoringData, TrainConfig, make_loader, pick_device, train
@@ -56,6 +57,11 @@ def test_method_contract(method, arch, tiny_model_dir, tiny_roberta_dir, tmp_pat
                 device=pick_device("cpu"), run_dir=tmp_path, progress=False)
     assert 0 <= out["test"]["accuracy"] <= 1
     moved = sum(int((effective_weight(model, n) != before[n]).sum()) for n in pre)
+    spend = trainable_by_tensor(model, set(pre), set(head_parameters(model)))
+    assert sum(spend.values()) == count_trainable(model, set(pre), set(head_parameters(model)))["trainable"]
+    per_tensor = {n: int((effective_weight(model, n) != before[n]).sum()) for n in pre}
+    if counts["new"] == 0:  # subset methods: what moved in each tensor is within its count
+        assert all(per_tensor[n] <= spend.get(n, 0) for n in pre)
     if method in DENSE:
         assert counts["encoder"] == sum(p.numel() for p in pre.values())
         return
