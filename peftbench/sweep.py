@@ -192,8 +192,10 @@ def open_storage(spec: StudySpec):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # two processes creating a fresh SQLite schema at once collide (alembic_version): serialise
+    lock = FileLock(url[len("sqlite:///"):] + ".lock") if url.startswith("sqlite:///") else nullcontext()
     try:
-        with warnings.catch_warnings():  # heartbeat and its retry callback are "experimental"
+        with lock, warnings.catch_warnings():  # heartbeat and its retry callback are "experimental"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=spec.heartbeat_interval,
                               grace_period=spec.grace_period,
