@@ -2,7 +2,7 @@
 results generated from it, committed beside it.
 
     leaderboards/<name>/spec.yaml       the study spec (`peftbench.sweep`), `published:` optional
-    leaderboards/<name>/README.md       generated: command, machine, tables (report.md content)
+    leaderboards/<name>/README.md       generated: command, machine, tables (the report)
     leaderboards/<name>/*.csv           generated: results, cells, table1-b*, tests, overlap, ...
     leaderboards/<name>/pareto.png/html generated: accuracy vs trainable parameters
     leaderboards/<name>/spend.png       generated: where each method spends its budget
@@ -66,12 +66,12 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         "", "Plots: [pareto.png](pareto.png) ([interactive](pareto.html)), [spend.png](spend.png).",
     ])
     text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
-                               published=spec.published, cache_dir=spec.out / "scores")
+                               published=spec.published, cache_dir=spec.out / "scores",
+                               markdown="README.md")
     plots.pareto_png(frame, folder / "pareto.png")
     plots.pareto_html(frame, folder / "pareto.html")
     middle = spec.budgets[len(spec.budgets) // 2]
     plots.spend_png(frame, folder / "spend.png", budget=middle)
-    (folder / "report.md").rename(folder / "README.md")
     return text
 
 

@@ -5,6 +5,7 @@ PNGs come from matplotlib (no browser needed); the interactive version is plotly
 """
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path, metric_name: str = "test m
     tasks = sorted(frame.task.unique())
     methods = sorted(frame.method.unique())
     colours = dict(zip(methods, plt.cm.tab20(np.linspace(0, 1, max(len(methods), 2)))))
-    markers = dict(zip(methods, itertools_cycle("o s ^ D v P X * < > h p d 8 H".split(), len(methods))))
+    markers = dict(zip(methods, itertools.cycle("o s ^ D v P X * < > h p d 8 H".split())))
     fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         cells = _cells(frame, task)
@@ -67,10 +68,6 @@ def pareto_png(frame: pd.DataFrame, path: str | Path, metric_name: str = "test m
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def itertools_cycle(items: list, n: int) -> list:
-    return [items[i % len(items)] for i in range(n)]
 
 
 def pareto_html(frame: pd.DataFrame, path: str | Path) -> Path:

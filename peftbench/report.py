@@ -271,9 +271,9 @@ def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
 
 def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftbench report",
                  header: str = "", published: dict | None = None, cache_dir: str | Path | None = None,
-                 ties: str = "average") -> str:
+                 ties: str = "average", markdown: str = "report.md") -> str:
     """Write results.csv (one row per run), cells.csv, table1-b<budget>.csv, tests.csv,
-    overlap.csv, score-correlation.csv, published.csv and report.md into `out_dir`; return the
+    overlap.csv, score-correlation.csv, published.csv and `markdown` into `out_dir`; return the
     Markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,5 +333,5 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
             lines += ["## Rank correlation of importance scores (same sampled entries)", "",
                       to_markdown(corr_scores.set_index(["task", "method_a", "method_b"])), ""]
     text = "\n".join(lines)
-    (out / "report.md").write_text(text)
+    (out / markdown).write_text(text)
     return text

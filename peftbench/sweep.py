@@ -325,8 +325,7 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print) -> optuna.Study:
         if state["waiting"]:
             told_waiting = False
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-            last = study.get_trials(deepcopy=False)[-1] if progress else None
-            if last is not None:
+            if progress:
                 log(_trial_line(study, total))
         elif state["running"]:
             if not told_waiting:
