@@ -12,9 +12,13 @@ class ChildTuningF(Selector):
     1/p (g <- g * Bernoulli(p) / p), as in `ChildTuningAdamW.step`; the others get no gradient
     this step. The masks come from the seeded generator passed to `select`.
 
-    Counting: every encoder entry can move over training, so the uniform trainable count is
-    N (the whole encoder); the expected count per step, p N, is recorded as
-    `expected_step_entries` in the selection notes. `p` defaults to the run's budget fraction when left None.
+    Order: the mask is applied after global gradient clipping, just before the optimizer step,
+    as the reference does inside `ChildTuningAdamW.step` (the HF trainer clips before the step).
+
+    Counting and the saved mask: every encoder entry can move over training, so the uniform
+    trainable count is N (the whole encoder) and the saved mask is the whole encoder; the
+    expected count per step, p N, is recorded as `expected_step_entries` in the selection notes.
+    `p` defaults to the run's budget fraction when left None.
     Choices: the reference masks the head's gradients too; here the head trains fully, as for
     every method. The reference's weight decay is applied to all entries; ours too, since all
     entries train.
@@ -37,7 +41,7 @@ class ChildTuningF(Selector):
         self._params = list(params.values())  # apply() keeps these objects trainable
         return Selection(full=set(params), notes={"expected_step_entries": self.keep * total})
 
-    def after_backward(self, model, step: int) -> None:
+    def before_step(self, model, step: int) -> None:
         for param in self._params:
             grad = param.grad
             if grad is None:

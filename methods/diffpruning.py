@@ -28,7 +28,13 @@ class HardConcreteDelta(nn.Module):
         self.generator, self.projected, self.k = generator, False, k
 
     def entries_changed(self) -> int:
-        return self.k  # after projection; the budget share of this tensor
+        """Before projection every entry can differ (the model is dense); after it, the mask's."""
+        return self.k if self.projected else self.mask.numel()
+
+    def changed_indices(self) -> torch.Tensor:
+        if not self.projected:
+            return torch.arange(self.mask.numel(), device=self.mask.device)
+        return self.mask.reshape(-1).nonzero().squeeze(1)
 
     def gate(self) -> torch.Tensor:
         if self.projected:
@@ -58,6 +64,11 @@ class DiffPruning(Selector):
     at projection return to theta0 (the "projection discontinuity" of Fu et al. Fig. 1; the
     per-step training losses are in the run's metrics.jsonl and the projection step in
     selection.json).
+
+    Schedule: the projection must happen before the last step (`burnin` < total steps), else the
+    model would train densely and be tested dense while the budget is reported: such a run is
+    refused at the start. Only epochs that end after the projection can be the tested checkpoint
+    (`checkpoint_ready`), so the model tested is always the projected one that was validated.
 
     Choices: the head trains densely outside the diff (the reference masks it too); frozen
     entries are exactly theta0 after projection; the optimizer holds w and alpha for every entry
@@ -95,6 +106,17 @@ class DiffPruning(Selector):
             self._gates[name] = gate
         self._entries = sum(p.numel() for p in params.values())
         return model
+
+    def begin_training(self, model, total_steps: int) -> None:
+        if self.burnin >= total_steps:
+            from peftbench.errors import UsageError
+
+            raise UsageError(f"diffpruning burnin={self.burnin} is not below the run's {total_steps} "
+                             "training steps: the mask would never be projected; give burnin < "
+                             f"{total_steps} (e.g. --param burnin={max(1, total_steps // 2)}) or train longer")
+
+    def checkpoint_ready(self, step: int) -> bool:
+        return step >= self.burnin
 
     def loss_term(self, model, step: int):
         if step >= self.burnin:

@@ -7,5 +7,5 @@ specs) + `models` (encoders) -> `sparse` (frozen-by-construction training) -> `t
 """
 from peftbench.selector import Budget, Selection, Selector, top_k
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Budget", "Selection", "Selector", "top_k"]

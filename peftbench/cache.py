@@ -1,18 +1,20 @@
 """Score once, threshold many: importance scores cached on disk by content.
 
-A method's scores depend on the method and its hyper-parameters, the model, the task's data,
-the seed and the scoring-relevant training settings, never on the budget (the budget enters in
-`select`). So a sweep over budgets scores once per (method, params, model, task, seed) and every
-other budget reads the file. The key is a SHA-256 of exactly those inputs (`score_key`).
+A method's scores depend on the method's code and hyper-parameters, the model's weights, the
+task's data, the seed, the scoring-relevant training settings, the device type and dtype and
+the library versions; never on the budget (the budget enters in `select`). So a sweep over
+budgets scores once per such input and every other budget reads the file. The key is a SHA-256
+of all of them (`score_key`, with identities from `peftbench.fingerprint`): a checkpoint saved
+again at the same path, an edited method or another torch is a miss, never a silent reuse.
 
 Concurrent workers are safe: the first to take the key's file lock computes and writes the file
-atomically (temporary file + `os.replace`); the others wait on the lock and then read it.
+atomically (temporary file + `os.replace`); the others wait on the lock and then read it. A file
+that cannot be read back (truncated by a full disk, say) is recomputed, with a warning.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,25 +23,17 @@ from typing import Callable
 import torch
 from filelock import FileLock
 
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from peftbench.fingerprint import code_identity, digest, environment, file_digest, model_fingerprint
 
 
 def score_key(method: str, params: dict, model: str, task_files: list[str], seed: int,
-              settings: dict) -> str:
-    """Content address of one scoring pass; `settings` = the training settings scoring reads
-    (batch size, max length, row limit)."""
-    from peftbench import __version__
-
-    payload = {"method": method, "params": params, "model": model, "seed": seed,
-               "data": [file_digest(f) for f in task_files], "settings": settings,
-               "peftbench": __version__}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+              settings: dict) -> tuple[str, dict]:
+    """(content address, what it is made of) of one scoring pass; `settings` = the training
+    settings scoring reads (batch size, max length, row limit, device type, dtype)."""
+    payload = {"code": code_identity(method), "params": params, "model": model_fingerprint(model),
+               "seed": seed, "data": [file_digest(f) for f in task_files], "settings": settings,
+               "environment": environment()}
+    return digest(payload), {**payload, "method": method, "model_name": model}
 
 
 class ScoreCache:
@@ -53,14 +47,24 @@ class ScoreCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.pt"
 
-    def get_or_compute(self, key: str, compute: Callable[[], object]) -> tuple[object, float, bool]:
+    def _read(self, path: Path):
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception as err:  # truncated or foreign file: recompute rather than fail forever
+            print(f"peftbench: score cache file {path} is unreadable ({type(err).__name__}); "
+                  "recomputing it", file=sys.stderr)
+            return None
+
+    def get_or_compute(self, key: str, compute: Callable[[], object],
+                       about: dict | None = None) -> tuple[object, float, bool]:
         """(scores, seconds the scoring took when it ran, whether it came from the cache).
-        A cached entry reports the scoring time measured when it was computed."""
+        A cached entry reports the scoring time measured when it was computed; `about` (what
+        the key is made of) is stored beside the scores for `peftbench cache list`."""
         path = self.path(key)
         with FileLock(str(path) + ".lock"):
-            if path.exists():
+            entry = self._read(path) if path.exists() else None
+            if entry is not None:
                 self.hits += 1
-                entry = torch.load(path, weights_only=False)
                 return entry["scores"], entry["seconds"], True
             self.misses += 1
             start = time.perf_counter()
@@ -68,6 +72,32 @@ class ScoreCache:
             seconds = time.perf_counter() - start
             fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
             os.close(fd)
-            torch.save({"scores": scores, "seconds": seconds}, tmp)
-            os.replace(tmp, path)
+            try:
+                torch.save({"scores": scores, "seconds": seconds, "about": about or {},
+                            "created": time.time()}, tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
             return scores, seconds, False
+
+    def entries(self) -> list[dict]:
+        """One row per cached file: key, size, what it scores, when it was made."""
+        rows = []
+        for path in sorted(self.root.glob("*.pt")):
+            entry = self._read(path) or {}
+            about = entry.get("about", {})
+            rows.append({"key": path.stem, "bytes": path.stat().st_size,
+                         "method": about.get("method", "?"), "model": about.get("model_name", "?"),
+                         "seed": about.get("seed", "?"), "params": about.get("params", {}),
+                         "seconds": entry.get("seconds"), "readable": bool(entry)})
+        return rows
+
+    def clear(self) -> int:
+        """Delete every cached file (and its lock); returns how many score files went."""
+        removed = 0
+        for path in list(self.root.glob("*.pt")) + list(self.root.glob("*.lock")) + \
+                list(self.root.glob("*.tmp")):
+            removed += path.suffix == ".pt"
+            path.unlink(missing_ok=True)
+        return removed

@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the spec's hyper-parameter search instead of the grid")
     sweep.add_argument("--enqueue-only", action="store_true",
                        help="queue the cells and exit (start this once before many machines join)")
+    sweep.add_argument("--no-cache", action="store_true",
+                       help="score every cell afresh (do not read or write the score cache)")
+
+    cache = sub.add_parser("cache", help="list or clear a score cache (a sweep's scores/ folder)")
+    cache.add_argument("action", choices=["list", "clear"])
+    cache.add_argument("where", help="a study spec YAML (its <output-dir>/scores) or a scores folder")
+    _study_options(cache)
 
     status = sub.add_parser("status", help="live progress of a sweep: done / running / failed, ETA")
     status.add_argument("spec")
@@ -130,6 +137,30 @@ def cmd_sweep(args) -> None:
     else:
         sweep.run_grid(spec)
         print(f"results: peftbench report {args.spec}" + (f" --storage {args.storage}" if args.storage else ""))
+
+
+def cmd_cache(args) -> None:
+    from pathlib import Path
+
+    from peftbench.cache import ScoreCache
+
+    where = Path(args.where)
+    if where.suffix in (".yaml", ".yml"):
+        args.spec = args.where
+        where = _load_spec(args).out / "scores"
+    if not where.is_dir():
+        raise UsageError(f"score cache folder {where} does not exist: give a study spec or a "
+                         "scores folder")
+    cache = ScoreCache(where)
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached score files from {where}")
+        return
+    rows = cache.entries()
+    for row in rows:
+        params = ",".join(f"{k}={v}" for k, v in sorted(row["params"].items()))
+        print(f"{row['key'][:12]}  {row['method']:14s} seed {row['seed']!s:3s} {row['bytes'] / 1e6:8.1f} MB"
+              f"  {'' if row['readable'] else '[unreadable] '}{params}")
+    print(f"{len(rows)} cached score files in {where}")
 
 
 def cmd_status(args) -> None:
@@ -218,7 +249,18 @@ def format_summary(s: dict) -> str:
            f"{s['head']:,}", f"{s['scoring_time_s']:.1f}", f"{s['train_time_s']:.1f}"]
     widths = [max(len(h), len(r)) for h, r in zip(header, row)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(row)])
+    lines = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(row)]
+    main = "+".join(s["main_metric"])
+    lines.append(f"constant predictor (train majority / mean) on test: {main} = "
+                 f"{s['constant_test_main']:.4f} ({s['test_rows']} test rows)")
+    if s.get("near_constant"):
+        lines.append("WARNING: the test score is within noise of the constant predictor "
+                     "(less than max(2 std, 1/sqrt(test rows)) above it): this run did not "
+                     "measurably learn")
+    for seed, info in s.get("diverged_seeds", {}).items():
+        lines.append(f"DIVERGED: seed {seed} at step {info['step']} (loss {info['loss']}); "
+                     "left out of the mean")
+    return "\n".join(lines)
 
 
 def cmd_bench(args) -> None:
@@ -252,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods,
-         "sweep": cmd_sweep, "status": cmd_status, "report": cmd_report, "plot": cmd_plot,
+         "sweep": cmd_sweep, "cache": cmd_cache, "status": cmd_status, "report": cmd_report, "plot": cmd_plot,
          "leaderboard": cmd_leaderboard}[args.command](args)
     except UsageError as err:
         print(f"peftbench: error: {err}", file=sys.stderr)

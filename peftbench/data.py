@@ -73,6 +73,13 @@ class TaskSpec:
         """Outputs of the head: classes, 1 for regression, 1 score per choice."""
         return len(self.labels) if self.kind == "classification" else 1
 
+    @property
+    def num_classes(self) -> int | None:
+        """Classes a prediction can take (metrics such as macro-F1 average over all of them)."""
+        if self.kind == "classification":
+            return len(self.labels)
+        return len(self.choices) if self.kind == "multiple_choice" else None
+
     def data_files(self) -> list[str]:
         """The files whose content defines this task (its spec, and its data files if local)."""
         return [str(self.path)] + [str(self.path.parent / f) for _, f in sorted(self.files.items())]

@@ -27,7 +27,8 @@ from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.models import head_parameters, load_model, pretrained_parameters, pretrained_size
 from peftbench.selector import Budget
-from peftbench.sparse import count_trainable, trainable_entries
+from peftbench.metrics import constant_predictor, near_constant
+from peftbench.sparse import count_trainable, effective_selection, trainable_entries
 from peftbench.trainer import (ScoringData, TrainConfig, make_loader, pick_device, set_seed,
                                train)
 
@@ -113,38 +114,56 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         scores = selector.score(model, data)
         score_time = time.perf_counter() - start
     else:
-        cache_key = score_key(config.method, selector.get_params(), config.model,
-                              task.data_files(), seed, {"batch_size": config.train.batch_size,
-                                                        "max_length": config.train.max_length,
-                                                        "limit": config.limit})
-        scores, score_time, cached = score_cache.get_or_compute(cache_key,
-                                                                lambda: selector.score(model, data))
+        cache_key, about = score_key(
+            config.method, selector.get_params(), config.model, task.data_files(), seed,
+            {"batch_size": config.train.batch_size, "max_length": config.train.max_length,
+             "limit": config.limit, "device": device.type, "dtype": compute_dtype(device)})
+        scores, score_time, cached = score_cache.get_or_compute(
+            cache_key, lambda: selector.score(model, data), about)
     start = time.perf_counter()
     selection = selector.select(model, scores, k, generator)
     select_time = time.perf_counter() - start
     model = selector.apply(model, selection)
-    counts = count_trainable(model, set(pretrained), head_names)
-    per_tensor = selection.per_tensor(numels)
-    torch.save({"full": sorted(selection.full),
-                "partial": {n: idx.to(torch.int32) for n, idx in selection.partial.items()}},
-               seed_dir / "mask.pt")
     _write(seed_dir / "selection.json", {
         "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
-        selection.count(numels), "counts": counts, "scoring_time_s": score_time,
-        "selection_time_s": select_time, "score_cache_key": cache_key, "scores_from_cache": cached,
-        "per_tensor": {n: [c, numels[n]] for n, c in per_tensor.items()},
+        selection.count(numels), "counts_before_training": count_trainable(model, set(pretrained), head_names),
+        "scoring_time_s": score_time, "selection_time_s": select_time, "score_cache_key": cache_key,
+        "scores_from_cache": cached,
+        "per_tensor": {n: [c, numels[n]] for n, c in selection.per_tensor(numels).items()},
         "params": selector.get_params(), "notes": selection.notes})
 
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
                 seed_dir, progress, on_epoch)
+    # measured after training: what can differ now (DiffPruning's projected mask, not its plan)
+    counts = count_trainable(model, set(pretrained), head_names)
+    trained = effective_selection(model, set(pretrained), head_names)
+    _save_atomic({"full": sorted(trained.full),
+                  "partial": {n: idx.to(torch.int32) for n, idx in trained.partial.items()}},
+                 seed_dir / "mask.pt")
     result = {"seed": seed, "validation": out["validation"], "test": out["test"],
               "best_epoch": out["best_epoch"], "steps": out["steps"], "trainable": counts,
-              "budget_entries": k, "pretrained_entries": n_pretrained,
+              "diverged": out.get("diverged"), "budget_entries": k, "pretrained_entries": n_pretrained,
+              "constant_predictor": constant_predictor(task, splits),
               "scoring_time_s": score_time, "scores_from_cache": cached,
               "train_time_s": out["train_time_s"],
               "trainable_by_tensor": trainable_by_tensor(model, set(pretrained), head_names)}
     _write(seed_dir / "result.json", result)
     return result
+
+
+def compute_dtype(device: torch.device) -> str:
+    """Master weights are float32 everywhere; CUDA computes under bfloat16 autocast."""
+    return "bfloat16-autocast" if device.type == "cuda" else "float32"
+
+
+def _save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file, so a full disk never leaves a truncated file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def trainable_by_tensor(model, pretrained_names: set[str], head_names: set[str]) -> dict[str, int]:
@@ -158,17 +177,25 @@ def trainable_by_tensor(model, pretrained_names: set[str], head_names: set[str])
 
 
 def summarize(config: RunConfig, task: TaskSpec, results: list[dict]) -> dict:
-    """Mean and std (population std, ddof=0, over seeds) of every test and validation metric."""
+    """Mean and std (population std, ddof=0, over seeds) of every test and validation metric,
+    over the seeds that did not diverge (those are listed in `diverged_seeds`, never averaged
+    in); the constant predictor's test score beside them."""
+    ok = [r for r in results if not r.get("diverged")]
+    baseline = results[0]["constant_predictor"]
     summary = {"method": config.method, "task": task.name, "budget": config.budget,
                "model": config.model, "main_metric": task.main_metric, "seeds": [r["seed"] for r in results],
+               "diverged_seeds": {r["seed"]: r["diverged"] for r in results if r.get("diverged")},
                "trainable": results[0]["trainable"]["trainable"],
                "head": results[0]["trainable"]["head"],
                "pretrained_entries": results[0]["pretrained_entries"],
+               "constant_test_main": baseline["test"]["main"], "test_rows": baseline["test_rows"],
                "scoring_time_s": float(np.mean([r["scoring_time_s"] for r in results])),
                "train_time_s": float(np.mean([r["train_time_s"] for r in results]))}
     for split in ("validation", "test"):
         for name in results[0][split]:
-            values = np.array([r[split][name] for r in results])
-            summary[f"{split}_{name}_mean"] = float(values.mean())
-            summary[f"{split}_{name}_std"] = float(values.std())
+            values = np.array([r[split][name] for r in ok], dtype=float)
+            summary[f"{split}_{name}_mean"] = float(values.mean()) if len(values) else float("nan")
+            summary[f"{split}_{name}_std"] = float(values.std()) if len(values) else float("nan")
+    summary["near_constant"] = near_constant(summary["test_main_mean"], summary["test_main_std"],
+                                             summary["constant_test_main"], summary["test_rows"])
     return summary

@@ -1,5 +1,13 @@
 """Task metrics, computed with scikit-learn and scipy (works offline; `evaluate`'s GLUE metric
-is the same sklearn/scipy calls but its wheel ships no metric code)."""
+is the same sklearn/scipy calls but its wheel ships no metric code).
+
+Definitions follow jiant (Fu et al.'s harness): accuracy; binary F1 of class 1 (MRPC); MCC
+(CoLA); Pearson and Spearman (STS-B); macro-F1 (CB) is the mean of the per-class F1 over *all*
+the task's classes, a class absent from both labels and predictions counting 0, as
+`f1_score(..., labels=range(num_classes), average="macro")`. scikit-learn's default
+`average="macro"` averages only the classes present, which on Fu et al.'s CB validation file
+(no 'contradiction' row) inflates the score and changes which checkpoint wins.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -18,16 +26,56 @@ def _spearman(p, y):
 METRICS = {
     "accuracy": lambda p, y: float(skm.accuracy_score(y, p)),
     "f1": lambda p, y: float(skm.f1_score(y, p, pos_label=1, zero_division=0)),
-    "macro_f1": lambda p, y: float(skm.f1_score(y, p, average="macro", zero_division=0)),
+    "macro_f1": lambda p, y, classes: float(skm.f1_score(y, p, labels=list(range(classes)),
+                                                          average="macro", zero_division=0)),
     "mcc": lambda p, y: float(skm.matthews_corrcoef(y, p)),
     "pearson": _pearson,
     "spearman": _spearman,
 }
 
 
-def compute(names: list[str], main: list[str], predictions: np.ndarray, labels: np.ndarray) -> dict:
+NEEDS_CLASSES = {"macro_f1"}  # metrics that must know every class, present or not
+
+
+def compute(names: list[str], main: list[str], predictions: np.ndarray, labels: np.ndarray,
+            num_classes: int | None = None) -> dict:
     """Every metric in `names`, plus `main`: the mean of the `main` metrics (jiant's major
     metric: MRPC (acc+F1)/2, STS-B (Pearson+Spearman)/2, CB (acc+macro-F1)/2)."""
-    out = {name: METRICS[name](predictions, labels) for name in names}
+    out = {}
+    for name in names:
+        if name in NEEDS_CLASSES:
+            if num_classes is None:
+                raise ValueError(f"metric {name} needs the number of classes")
+            out[name] = METRICS[name](predictions, labels, num_classes)
+        else:
+            out[name] = METRICS[name](predictions, labels)
     out["main"] = float(np.mean([out[m] for m in main]))
     return out
+
+
+def constant_predictor(task, splits) -> dict:
+    """The score of the constant predictor the training set suggests, per evaluation split:
+    the majority class of `train` (the lowest class id on ties; for multiple choice the most
+    frequent correct choice) or, for regression, the mean train label. A trained model must
+    beat this to have learned anything; rows: {"prediction", "validation", "test", "test_rows"}."""
+    train = np.array([task.label_id(v) for v in splits["train"]["label"]])
+    if task.kind == "regression":
+        constant = float(train.mean())
+    else:
+        values, counts = np.unique(train, return_counts=True)
+        constant = int(values[np.argmax(counts)])
+    out = {"prediction": constant, "test_rows": len(splits["test"])}
+    for split in ("validation", "test"):
+        labels = np.array([task.label_id(v) for v in splits[split]["label"]])
+        predictions = np.full(len(labels), constant, dtype=float if task.kind == "regression" else int)
+        out[split] = compute(task.metrics, task.main_metric, predictions, labels, task.num_classes)
+    return out
+
+
+def near_constant(mean: float, std: float, baseline: float, test_rows: int) -> bool:
+    """True when a cell's mean is within noise of the constant predictor's score: less than
+    max(2 std over seeds, 1/sqrt(test rows)) above it. 1/sqrt(n) is the 95% half-width of an
+    accuracy near 0.5 on n rows (2 sqrt(0.25/n)), the smallest gap the test set can resolve."""
+    if not np.isfinite(mean):
+        return False
+    return bool(mean - baseline < max(2 * (std if np.isfinite(std) else 0.0), 1 / np.sqrt(max(test_rows, 1))))

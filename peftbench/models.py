@@ -39,7 +39,12 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(model: str, num_labels: int):
-    """(model, tokenizer) for sequence classification with `num_labels` outputs."""
+    """(model, tokenizer) for sequence classification with `num_labels` outputs.
+
+    Weights load as float32 whatever dtype the checkpoint was saved in: they are the optimizer's
+    master weights, and a bf16 master copy rounds most small AdamW updates away. On CUDA the
+    trainer computes under bf16 autocast."""
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -47,7 +52,8 @@ def load_model(model: str, num_labels: int):
     path = resolve_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                 dtype=torch.float32)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model!r}: {first} (offline, only local paths and "

@@ -13,9 +13,14 @@ up to four phases, each optional except `select`:
                               so frozen entries stay bit-identical and hold no optimizer state.
                               Re-parametrisations (LoRA, adapters, principal components) override
                               it and add new parameters.
-4. Training-time hooks `loss_term`, `after_backward`, `after_step`, for methods whose behaviour
-   changes during training (DiffPruning's L0 term, ChildTuning-F's per-step gradient mask,
-   MixOut's mixing, spectral gradient filtering). They are no-ops by default.
+4. Training-time hooks, for methods whose behaviour changes during training (DiffPruning's L0
+   term and projection, ChildTuning-F's per-step gradient mask, spectral gradient filtering).
+   No-ops by default. Per step the trainer runs: forward, loss (+ `loss_term`), backward,
+   `after_backward`, global gradient clipping, `before_step`, optimizer step, `after_step`.
+   `begin_training(model, total_steps)` runs once before the first step (refuse a schedule the
+   method cannot honour there); `checkpoint_ready(step)` says whether the model after `step`
+   steps is the method's final form (False: that epoch's validation cannot pick the checkpoint
+   that is tested, e.g. DiffPruning before its projection).
 
 Caching: `score`'s return value is cached on disk by a sweep and handed to `select` in later
 runs without `score` being called again, so everything `select`, `apply` and the hooks need
@@ -211,7 +216,16 @@ class Selector:
         Empty by default; a sweep samples these and passes them to `__init__`."""
         return {}
 
-    # Training-time hooks: called by the trainer every step; no-ops unless overridden.
+    # Training-time hooks (see the module docstring for their order); no-ops unless overridden.
+    def begin_training(self, model: "nn.Module", total_steps: int) -> None:
+        return None
+
+    def checkpoint_ready(self, step: int) -> bool:
+        return True
+
+    def before_step(self, model: "nn.Module", step: int) -> None:
+        return None
+
     def loss_term(self, model: "nn.Module", step: int) -> torch.Tensor | None:
         return None
 

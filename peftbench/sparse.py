@@ -9,6 +9,14 @@ k-vector `values` is an optimizer parameter. So
 - optimizer state grows with the trainable count, not with the model size.
 
 A parameter trained whole just keeps `requires_grad=True`.
+
+Weight decay, one rule for every method (`decay_plan`): AdamW's decoupled decay pulls every
+trained *pre-trained entry's value* towards 0, whether its tensor trains whole or in part, and
+new parameters (LoRA, adapters, DiffPruning's w) towards 0; biases and normalisation weights are
+exempt, judged by the pre-trained tensor's name (so a partially trained bias, whose optimizer
+parameter is called `...bias.0.values`, is exempt like a whole one). For a sparse delta the
+entry's value is W0[i] + v, so the trainer applies v <- v - lr wd (W0[i] + v) itself
+(`SparseDelta.decay_`) instead of AdamW's v <- v - lr wd v, which would pull towards W0.
 """
 from __future__ import annotations
 
@@ -23,10 +31,23 @@ from peftbench.selector import Selection
 class SparseDelta(nn.Module):
     """W = W0 + delta, where delta is zero outside `indices` and `values` on them."""
 
-    def __init__(self, indices: torch.Tensor):
+    def __init__(self, indices: torch.Tensor, base: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("indices", indices.to(torch.long))
         self.values = nn.Parameter(torch.zeros(len(indices)))
+        # W0 at the trained entries (k floats): decay pulls W0[i] + v towards 0, see `decay_`
+        base_values = base.detach().reshape(-1)[self.indices].float() if base is not None else \
+            torch.zeros(len(indices))
+        self.register_buffer("base_values", base_values)
+
+    @torch.no_grad()
+    def decay_(self, amount: float) -> None:
+        """Decoupled weight decay of the entries' values W0[i] + v towards 0 by `amount` = lr wd."""
+        self.values.sub_(amount * (self.base_values + self.values))
+
+    def changed_indices(self) -> torch.Tensor:
+        """Flat indices of the entries this parametrisation can change (the saved mask)."""
+        return self.indices
 
     def entries_changed(self) -> int:
         """Entries of W0 this parametrisation can change (see `count_trainable`)."""
@@ -53,7 +74,7 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
         param.requires_grad_(True)
     for name, indices in selection.partial.items():
         module, attr = _owner(model, name)
-        delta = SparseDelta(indices).to(params[name].device)
+        delta = SparseDelta(indices, params[name]).to(params[name].device)
         parametrize.register_parametrization(module, attr, delta, unsafe=True)
         module.parametrizations[attr].original.requires_grad_(False)
     return model
@@ -69,6 +90,43 @@ def canonical_name(name: str) -> str:
     """A parameter's pre-trained name, through parametrisations and peft's `base_layer`."""
     return (name.replace(".parametrizations.", ".").replace(".original", "")
             .replace(".base_layer.", "."))
+
+
+def tensor_name(name: str) -> str:
+    """The pre-trained tensor an optimizer parameter belongs to: '<m>.bias' for
+    '<m>.parametrizations.bias.original' and '<m>.parametrizations.bias.0.values'."""
+    module, sep, rest = name.partition(".parametrizations.")
+    if sep:
+        return f"{module}.{rest.split('.')[0]}"
+    return name.replace(".base_layer.", ".")
+
+
+def decay_exempt(name: str) -> bool:
+    """Biases and normalisation weights get no weight decay (Fu et al., BERT), by tensor name."""
+    tensor = tensor_name(name)
+    owner = tensor.rpartition(".")[0].lower()
+    return tensor.endswith("bias") or "layernorm" in owner or "layer_norm" in owner \
+        or owner.endswith("norm")
+
+
+def decay_plan(model: nn.Module) -> tuple[list, list, list[SparseDelta]]:
+    """(AdamW parameters with decay, AdamW parameters without, sparse deltas the trainer decays
+    itself): the one weight-decay rule of the module docstring."""
+    decay, no_decay, deltas = [], [], []
+    delta_values = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseDelta):
+            delta_values[id(module.values)] = module
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in delta_values:
+            no_decay.append(param)  # AdamW must not pull v towards 0: the trainer decays it
+            if not decay_exempt(name):
+                deltas.append(delta_values[id(param)])
+        else:
+            (no_decay if decay_exempt(name) else decay).append(param)
+    return decay, no_decay, deltas
 
 
 def trainable_entries(model: nn.Module, pretrained_names: set[str], head_names: set[str]):
@@ -89,6 +147,24 @@ def trainable_entries(model: nn.Module, pretrained_names: set[str], head_names: 
             yield canonical_name(name), "encoder", param.numel()
         else:
             yield name, "new", param.numel()
+
+
+def effective_selection(model: nn.Module, pretrained_names: set[str],
+                        head_names: set[str]) -> Selection:
+    """What was actually trainable in the pre-trained tensors, read from the model after
+    training (the mask a report compares): tensors that trained whole, and for a
+    parametrisation its `changed_indices()` (a sparse delta's k entries, DiffPruning's projected
+    mask). New parameters (LoRA, adapters) select no pre-trained entries. Measured with the same
+    walk as `count_trainable`, so the mask's size is the encoder count."""
+    selection = Selection()
+    for name, module in model.named_modules():
+        if hasattr(module, "entries_changed"):  # the protocol: entries_changed + changed_indices
+            tensor = canonical_name(name.rsplit(".", 1)[0])
+            selection.partial[tensor] = module.changed_indices().detach().cpu().to(torch.long)
+    for name, kind, count in trainable_entries(model, pretrained_names, head_names):
+        if kind == "encoder" and name not in selection.partial and count:
+            selection.full.add(name)
+    return selection
 
 
 def count_trainable(model: nn.Module, pretrained_names: set[str], head_names: set[str]) -> dict:

@@ -105,7 +105,7 @@ def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device) ->
             preds.append(logits if task.kind == "regression" else logits.argmax(-1))
             labels.append(batch["labels"])
     p, y = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
-    return metrics.compute(task.metrics, task.main_metric, p, y)
+    return metrics.compute(task.metrics, task.main_metric, p, y, task.num_classes)
 
 
 def _overrides(selector: Selector, hook: str) -> bool:
@@ -118,17 +118,29 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     """Train the trainable parameters of `model`; evaluate on validation after each epoch, keep
     the best-validation trainable state, and report its validation and test metrics.
 
+    Randomness: the global generators are re-seeded from `seed` here, so dropout and every
+    other draw during training are the same whether or how scoring ran (a score-cache hit skips
+    scoring, which would otherwise leave the stream elsewhere).
+
+    Only epochs after which `selector.checkpoint_ready(step)` holds may be chosen as the
+    checkpoint (DiffPruning: after its projection), so the model tested is one that was validated.
+
+    A non-finite training loss stops the seed: the result carries `diverged` = {step, loss} and
+    NaN metrics, never the metrics of a broken model. The check reads the loss every 10 steps
+    (where the progress bar reads it anyway) and at the end of each epoch, not every step.
+
     `on_epoch(epoch, validation_main)` is called after each epoch's evaluation (a sweep's pruner
     reports there and may raise `optuna.TrialPruned`).
 
     Per-epoch metrics are appended to `run_dir/metrics.jsonl` as they come, so a crash loses
     nothing already measured.
     """
+    from peftbench.sparse import decay_plan
+
+    set_seed(seed)
     model.to(device)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    exempt = lambda n: n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n
-    decay = [p for n, p in trainable if not exempt(n)]
-    no_decay = [p for n, p in trainable if exempt(n)]
+    decay, no_decay, deltas = decay_plan(model)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     train_loader = make_loader(splits["train"], tokenizer, task, config.batch_size, True, seed)
@@ -141,11 +153,15 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
 
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
     params = [p for _, p in trainable]
+    selector.begin_training(model, steps)
     extra_loss = _overrides(selector, "loss_term")
     after_backward = _overrides(selector, "after_backward")
+    before_step = _overrides(selector, "before_step")
     after_step = _overrides(selector, "after_step")
+    decay_deltas = deltas if config.weight_decay else []
 
-    best, best_val, best_state, history, step = -math.inf, None, None, [], 0
+    best, best_val, best_state, best_epoch, history, step = -math.inf, None, None, None, [], 0
+    diverged = None
     bar = tqdm(total=steps, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     for epoch in range(config.epochs):
@@ -164,6 +180,10 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             if after_backward:
                 selector.after_backward(model, step)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if before_step:
+                selector.before_step(model, step)
+            for delta in decay_deltas:  # the sparse entries' decay towards 0 (see peftbench.sparse)
+                delta.decay_(scheduler.get_last_lr()[0] * config.weight_decay)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -172,19 +192,30 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             step += 1
             losses.append(loss.detach())
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1].item():.4f}")
+                value = losses[-1].item()
+                if not math.isfinite(value):
+                    break
+                bar.set_postfix(loss=f"{value:.4f}")
             bar.update(1)
-        val = evaluate(model, val_loader, task, device)
         step_losses = torch.stack(losses).float().cpu().tolist() if losses else []
+        bad = next((i for i, v in enumerate(step_losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            diverged = {"step": step - len(step_losses) + bad + 1, "loss": step_losses[bad]}
+            with open(run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"epoch": epoch + 1, "step": step, "diverged": diverged,
+                                     "step_losses": step_losses}) + "\n")
+            break
+        val = evaluate(model, val_loader, task, device)
+        ready = selector.checkpoint_ready(step)
         record = {"epoch": epoch + 1, "step": step,
                   "train_loss": float(np.mean(step_losses)) if losses else float("nan"),
-                  "validation": val, "elapsed_s": time.perf_counter() - start,
-                  "step_losses": step_losses}
+                  "validation": val, "checkpoint_ready": ready,
+                  "elapsed_s": time.perf_counter() - start, "step_losses": step_losses}
         history.append(record)
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if val["main"] > best:
-            best, best_val = val["main"], val
+        if ready and val["main"] > best:
+            best, best_val, best_epoch = val["main"], val, epoch + 1
             best_state = [p.detach().clone() for p in params]
         if on_epoch is not None:
             on_epoch(epoch + 1, val["main"])
@@ -192,15 +223,19 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             break
     bar.close()
     train_time = time.perf_counter() - start
-    if best_state is not None:
-        with torch.no_grad():
-            for p, saved in zip(params, best_state):
-                p.copy_(saved)
-    best_epoch = max(history, key=lambda r: r["validation"]["main"])["epoch"] if history else None
-    return {"validation": best_val if history else evaluate(model, val_loader, task, device),
-            "test": evaluate(model, test_loader, task, device),
-            "best_epoch": best_epoch, "steps": step, "train_time_s": train_time,
-            "config": asdict(config)}
+    common = {"steps": step, "train_time_s": train_time, "config": asdict(config)}
+    if diverged is not None:
+        nan = {name: float("nan") for name in [*task.metrics, "main"]}
+        return {"validation": nan, "test": dict(nan), "best_epoch": None, "diverged": diverged,
+                **common}
+    if best_state is None:
+        raise RuntimeError(f"no epoch ended with {type(selector).__name__} in its final form "
+                           "(checkpoint_ready was never true): nothing valid to test")
+    with torch.no_grad():
+        for p, saved in zip(params, best_state):
+            p.copy_(saved)
+    return {"validation": best_val, "test": evaluate(model, test_loader, task, device),
+            "best_epoch": best_epoch, **common}
 
 
 def set_seed(seed: int) -> None:

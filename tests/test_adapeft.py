@@ -77,3 +77,39 @@ def test_adapeft_selects_whole_groups_within_budget(tiny_model_dir):
         assert sel.notes["front_exact"]
         values = [sel.notes["front"][i][1] for i in range(len(sel.notes["front"]))]
         assert values == sorted(values)
+
+
+def test_group_curvature_is_exact_g_h_g_per_group():
+    from peftbench.methods.adapeft import group_curvature
+
+    torch.manual_seed(0)
+    a = torch.randn(7, 7)
+    hessian = a @ a.T - 2 * torch.eye(7)  # indefinite: the exact value may be negative
+    x = torch.randn(7, requires_grad=True)
+    parts = list(torch.split(x, [3, 2, 2]))
+    loss = 0.5 * torch.cat(parts) @ hessian @ torch.cat(parts)
+    direction = [torch.randn(3), torch.randn(2), torch.randn(2)]
+    group_of = [0, 1, 0]  # groups {part 0, part 2} and {part 1}
+    out = group_curvature(loss, parts, direction, group_of, 2)
+    d0 = torch.cat([direction[0], torch.zeros(2), direction[2]])
+    d1 = torch.cat([torch.zeros(3), direction[1], torch.zeros(2)])
+    assert out == pytest.approx([float(d0 @ hessian @ d0), float(d1 @ hessian @ d1)], rel=1e-5)
+
+
+def test_exact_curvature_values_every_module_group_on_a_tiny_model(tiny_model_dir):
+    """The issue's measurement: one-z Hutchinson zeroes groups whose exact g^T H g is positive."""
+    from peftbench.data import load_task, tokenize
+    from peftbench.models import load_model
+    from peftbench.trainer import ScoringData, make_loader, pick_device
+
+    task = load_task("rte")
+    model, tokenizer = load_model(tiny_model_dir, 2)
+    data = tokenize(task, tokenizer, task.load_splits(limit=16), 64)
+    scoring = ScoringData(make_loader(data["train"], tokenizer, task, 4, True, 0), task, pick_device("cpu"))
+    values = {}
+    for hessian in ("exact", "hutchinson"):
+        scores = registry.create("adapeft", groups="module", batches=2, hessian=hessian).score(model, scoring)
+        values[hessian] = {n: float(s.sum()) for n, s in scores.items()}
+    exact_zero = sum(v == 0 for v in values["exact"].values())
+    hutch_zero = sum(v == 0 for v in values["hutchinson"].values())
+    assert exact_zero < hutch_zero

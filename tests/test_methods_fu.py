@@ -109,7 +109,7 @@ def test_childtuning_f_masks_change_every_step_and_scale_by_1_over_p(tiny_model)
     for step in range(2):
         grad = torch.randn_like(param)
         param.grad = grad.clone()
-        method.after_backward(model, step)
+        method.before_step(model, step)
         nonzero = param.grad != 0
         torch.testing.assert_close(param.grad[nonzero], grad[nonzero] / 0.25)
         assert abs(nonzero.float().mean().item() - 0.25) < 0.02

@@ -1,0 +1,95 @@
+"""Identities of what determines a result: the model's weights, a method's code, the software.
+
+A name is not an identity: a checkpoint saved again at the same path, or a method edited in
+place, keeps its name and changes its results. The score cache (`peftbench.cache`) and a
+study's cells (`peftbench.sweep`) key on these fingerprints instead, so a changed input is a
+miss (or a refused spec), never a silent reuse.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+# peftbench modules on the path from (model, data, selection) to a number: a change in one of
+# them can change results, so their source is part of every method's code identity.
+RESULT_PATH = ("data", "experiment", "metrics", "models", "scoring", "selector", "sparse", "trainer")
+
+
+def digest(obj) -> str:
+    """SHA-256 of a JSON-serialisable object (keys sorted)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes; memoised per (path, size, mtime) so a sweep hashes each once."""
+    st = os.stat(path)
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def model_fingerprint(model: str) -> str:
+    """The content of a model: every file of a local folder hashed (weights, config,
+    tokenizer); for a hub id, the id at the commit the local hub cache resolves to."""
+    from peftbench.models import resolve_model_path
+
+    path = Path(resolve_model_path(model))
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return digest({str(p.relative_to(path)): file_digest(p) for p in files})
+    try:
+        from transformers import AutoConfig
+
+        commit = getattr(AutoConfig.from_pretrained(model), "_commit_hash", None)
+    except (OSError, ValueError):
+        commit = None
+    return digest({"hub": model, "commit": commit})
+
+
+def distribution_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def code_identity(method: str) -> dict:
+    """A method's code: its distribution and version, a hash of its module's source, and a
+    hash of peftbench's result-path modules (`RESULT_PATH`)."""
+    from peftbench import registry
+
+    info = registry.methods()[method.lower()]
+    cls = registry.get(method)
+    return {"method": method.lower(), "distribution": info.package,
+            "version": distribution_version(info.package),
+            "source": file_digest(inspect.getfile(cls)),
+            "peftbench": peftbench_identity()}
+
+
+@lru_cache(maxsize=None)
+def peftbench_identity() -> str:
+    import peftbench
+
+    root = Path(peftbench.__file__).parent
+    return digest({"version": peftbench.__version__,
+                   **{m: file_digest(root / f"{m}.py") for m in RESULT_PATH}})
+
+
+def environment() -> dict:
+    """Library versions that change numbers (kernels, tokenisation, initialisation)."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
