@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queue the cells and exit (start this once before many machines join)")
     sweep.add_argument("--no-cache", action="store_true",
                        help="score every cell afresh (do not read or write the score cache)")
+    sweep.add_argument("--restart-changed", action="store_true",
+                       help="cells the study already ran with other settings are run afresh "
+                       "(default: such a spec is refused, naming the differing settings)")
 
     cache = sub.add_parser("cache", help="list or clear a score cache (a sweep's scores/ folder)")
     cache.add_argument("action", choices=["list", "clear"])
@@ -125,18 +128,24 @@ def _load_spec(args):
     return load_spec(args.spec, storage=args.storage, output_dir=args.output_dir)
 
 
-def cmd_sweep(args) -> None:
+def cmd_sweep(args) -> int | None:
     from peftbench import sweep
 
     spec = _load_spec(args)
     if args.search:
         sweep.run_search(spec)
     elif args.enqueue_only:
-        added = sweep.enqueue_missing(sweep.open_study(spec), spec)
+        added = sweep.enqueue_missing(sweep.open_study(spec), spec, restart_changed=args.restart_changed)
         print(f"{added} cells queued in {spec.storage_url}")
     else:
-        sweep.run_grid(spec)
+        study = sweep.run_grid(spec, use_cache=not args.no_cache, restart_changed=args.restart_changed)
         print(f"results: peftbench report {args.spec}" + (f" --storage {args.storage}" if args.storage else ""))
+        failed = sweep.failed_cells(study, spec)
+        if failed:
+            print(f"peftbench: {len(failed)} cell(s) failed:", file=sys.stderr)
+            for cell, reason in sorted(failed.items()):
+                print(f"  {cell}: {reason}", file=sys.stderr)
+            return 1
 
 
 def cmd_cache(args) -> None:
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods,
+        code = {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods,
          "sweep": cmd_sweep, "cache": cmd_cache, "status": cmd_status, "report": cmd_report, "plot": cmd_plot,
          "leaderboard": cmd_leaderboard}[args.command](args)
     except UsageError as err:
@@ -303,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print("peftbench: interrupted; finished work is kept (run directories, the study): "
               "the same command resumes", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -6,10 +6,18 @@ trainable parameters), so `study.best_trials` is the Pareto front. Workers pop W
 sampler is never consulted. Why not `GridSampler`: with several workers it may hand the same
 point out twice (documented by Optuna); a queue of enqueued trials is claimed once each.
 
+One configuration per study: every trial carries `config`, everything that determines its
+result (model weights' fingerprint, task files' digests, training settings after any search,
+method parameters, the method's code identity, row limit, device), and its digest
+`fingerprint`. A spec whose cells contradict trials already in the study is refused with the
+differing keys (`restart_changed=True`, `--restart-changed` on the command line, runs those
+cells afresh); reports, plots, status and leaderboards only read trials of the current spec's
+cells with the current fingerprint.
+
 Exactly once, resumable:
-- a cell is enqueued only if no trial of it is WAITING, RUNNING or COMPLETE, so running the same
-  command again resumes: completed cells are kept, failed or interrupted (Ctrl-C) cells are
-  queued again;
+- a cell is enqueued only if no trial of it (with the current fingerprint) is WAITING, RUNNING
+  or COMPLETE, or failed for good (diverged), so running the same command again resumes:
+  completed cells are kept, crashed or interrupted (Ctrl-C) cells are queued again;
 - RDB storages (SQLite, PostgreSQL, MySQL) get a heartbeat: a trial whose worker was killed
   (kill -9, lost machine) turns stale after `grace_period` seconds, is failed and re-queued by
   `RetryHeartbeatStaleTrialCallback`; a worker that finds only RUNNING trials waits for them;
@@ -47,6 +55,7 @@ from peftbench import registry
 from peftbench.cache import ScoreCache
 from peftbench.errors import UsageError
 from peftbench.experiment import RunConfig, run_experiment
+from peftbench.fingerprint import code_identity, digest, file_digest, model_fingerprint
 from peftbench.selector import Budget
 from peftbench.trainer import TrainConfig
 
@@ -216,16 +225,114 @@ def open_study(spec: StudySpec, storage=None) -> optuna.Study:
     return study
 
 
-def enqueue_missing(study: optuna.Study, spec: StudySpec) -> int:
-    """Queue every cell with no WAITING, RUNNING or COMPLETE trial; returns how many."""
+def cell_run_config(spec: StudySpec, cell: Cell, best: dict) -> RunConfig:
+    """The run a cell stands for: the spec's settings, with the search's best values if any."""
+    tuned = best.get(f"{cell.task}/{cell.method}", {})
+    return RunConfig(method=cell.method, task=cell.task,
+                     budget="1" if cell.budget == NATURAL else cell.budget, seeds=[cell.seed],
+                     model=spec.model, device=spec.device,
+                     method_params={**spec.methods[cell.method], **tuned.get("method", {})},
+                     train=replace(spec.train, **tuned.get("train", {})), limit=spec.limit,
+                     output_dir=str(spec.out / "runs"))
+
+
+def cell_config(config: RunConfig) -> dict:
+    """Everything that determines a cell's result besides its key (task, method, budget, seed)."""
+    from peftbench.data import load_task
+
+    return {"model": model_fingerprint(config.model), "model_name": config.model,
+            "task_files": [file_digest(f) for f in load_task(config.task).data_files()],
+            "train": asdict(config.train), "method_params": config.method_params,
+            "code": code_identity(config.method), "limit": config.limit, "device": config.device}
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_difference(old: dict, new: dict) -> list[str]:
+    """'train.lr: 0.001 -> 0.0001' for every key whose value differs."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+class Fingerprints:
+    """The current spec's `cell_config` and digest per cell (computed once per task/method)."""
+
+    def __init__(self, spec: StudySpec):
+        self.spec, self.best, self._by_pair = spec, best_search_params(spec), {}
+
+    def config(self, cell: Cell) -> dict:
+        pair = (cell.task, cell.method, cell.budget == NATURAL)
+        if pair not in self._by_pair:
+            config = cell_config(cell_run_config(self.spec, cell, self.best))
+            self._by_pair[pair] = (config, digest(config))
+        return self._by_pair[pair][0]
+
+    def of(self, cell: Cell) -> str:
+        self.config(cell)
+        return self._by_pair[(cell.task, cell.method, cell.budget == NATURAL)][1]
+
+    def current(self, trial) -> bool:
+        """Whether a trial belongs to this spec: one of its cells, with its fingerprint."""
+        a = trial.user_attrs
+        if "cell" not in a:
+            return False
+        cell = Cell(a["task"], a["method"], a["budget"], a["seed"])
+        return self.spec_cells().get(cell.key) == cell and a.get("fingerprint") == self.of(cell)
+
+    def spec_cells(self) -> dict[str, Cell]:
+        if not hasattr(self, "_cells"):
+            self._cells = {c.key: c for c in cells(self.spec)}
+        return self._cells
+
+
+def _settled(trial) -> bool:
+    """A trial that holds its cell: queued, running, complete, or failed for good (diverged)."""
+    return trial.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE) or (
+        trial.state == TrialState.FAIL and trial.user_attrs.get("final_failure"))
+
+
+def enqueue_missing(study: optuna.Study, spec: StudySpec, restart_changed: bool = False) -> int:
+    """Queue every cell of the spec with no settled trial of the current fingerprint; refuse
+    (UsageError, the differing keys named) cells whose settled trials were run otherwise,
+    unless `restart_changed`. Returns how many cells were queued."""
     lock = FileLock(str(spec.out / ".enqueue.lock")) if spec.storage_url.startswith(("sqlite", "journal")) else None
     spec.out.mkdir(parents=True, exist_ok=True)
+    prints = Fingerprints(spec)
     with lock or nullcontext():
-        live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
-        present = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=live)}
-        missing = [c for c in cells(spec) if c.key not in present]
+        held: dict[str, list] = {}
+        for t in study.get_trials(deepcopy=False):
+            if _settled(t) and "cell" in t.user_attrs:
+                held.setdefault(t.user_attrs["cell"], []).append(t)
+        missing, changed = [], {}
+        for cell in cells(spec):
+            mine = prints.of(cell)
+            trials = held.get(cell.key, [])
+            if any(t.user_attrs.get("fingerprint") == mine for t in trials):
+                continue
+            if trials and not restart_changed:
+                old = trials[0].user_attrs.get("config", {})
+                diff = config_difference(old, prints.config(cell)) if old else ["fingerprint: (none recorded)"]
+                changed.setdefault("; ".join(diff), []).append(cell.key)
+                continue
+            missing.append(cell)
+        if changed:
+            diff, keys = next(iter(changed.items()))
+            total = sum(len(v) for v in changed.values())
+            raise UsageError(
+                f"study {spec.name!r} in {spec.storage_url} already holds {total} of these cells run "
+                f"with other settings ({diff}; e.g. {keys[0]}): give the study another name, or pass "
+                "--restart-changed to run those cells afresh (the old trials stay, unreported)")
         for cell in missing:
-            study.enqueue_trial({}, user_attrs=cell.attrs())
+            study.enqueue_trial({}, user_attrs={**cell.attrs(), "fingerprint": prints.of(cell),
+                                                "config": prints.config(cell)})
     return len(missing)
 
 
@@ -234,48 +341,60 @@ def best_search_params(spec: StudySpec) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+class CellFailed(Exception):
+    """A cell that failed for a reason the same settings would repeat (it diverged)."""
+
+
 class GridObjective:
     """Runs one queued cell; returns (test main metric, trainable count)."""
 
-    def __init__(self, spec: StudySpec, cache: ScoreCache, progress: bool = False):
+    def __init__(self, spec: StudySpec, cache: ScoreCache | None, progress: bool = False):
         self.spec, self.cache, self.progress = spec, cache, progress
-        self.best = best_search_params(spec)
+        self.prints = Fingerprints(spec)
 
     def __call__(self, trial: optuna.Trial):
         attrs = trial.user_attrs
         if "cell" not in attrs:  # the queue emptied between our check and Optuna's pop
             raise optuna.TrialPruned("no queued cell left")
-        twin = self._twin(trial, attrs["cell"])
+        cell = Cell(attrs["task"], attrs["method"], attrs["budget"], attrs["seed"])
+        if not self.prints.current(trial):  # queued by a spec with other settings
+            trial.set_user_attr("superseded", True)
+            raise optuna.TrialPruned(f"cell {cell.key} was queued with other settings")
+        twin = self._twin(trial, attrs["cell"], attrs["fingerprint"])
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin)
             raise optuna.TrialPruned(f"cell {attrs['cell']} is run by trial {twin}")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        tuned = self.best.get(f"{attrs['task']}/{attrs['method']}", {})
-        train = replace(self.spec.train, **tuned.get("train", {}))
-        params = {**self.spec.methods[attrs["method"]], **tuned.get("method", {})}
-        config = RunConfig(method=attrs["method"], task=attrs["task"],
-                           budget="1" if attrs["budget"] == NATURAL else attrs["budget"],
-                           seeds=[attrs["seed"]], model=self.spec.model, device=self.spec.device,
-                           method_params=params, train=train, limit=self.spec.limit,
-                           output_dir=str(self.spec.out / "runs"))
-        summary, run_dir = run_experiment(config, progress=self.progress, score_cache=self.cache)
+        config = cell_run_config(self.spec, cell, self.prints.best)
+        try:
+            summary, run_dir = run_experiment(config, progress=self.progress, score_cache=self.cache)
+        except Exception as err:
+            trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:500])
+            raise
         result = json.loads((run_dir / f"seed-{attrs['seed']}" / "result.json").read_text())
         for key, value in {
             "run_dir": str(run_dir.resolve()), "test": result["test"], "validation": result["validation"],
             "trainable": result["trainable"]["trainable"], "head": result["trainable"]["head"],
             "pretrained_entries": result["pretrained_entries"], "main_metric": summary["main_metric"],
+            "constant_test_main": summary["constant_test_main"], "test_rows": summary["test_rows"],
             "scoring_time_s": result["scoring_time_s"], "scores_from_cache": result["scores_from_cache"],
-            "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"], "train_config": asdict(train),
-            "method_params": params,
+            "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"],
+            "train_config": asdict(config.train), "method_params": config.method_params,
         }.items():
             trial.set_user_attr(key, value)
+        if result.get("diverged"):
+            d = result["diverged"]
+            trial.set_user_attr("final_failure", True)
+            trial.set_user_attr("failure", f"diverged at step {d['step']} (loss {d['loss']})")
+            raise CellFailed(trial.user_attrs["failure"])
         return result["test"]["main"], result["trainable"]["trainable"]
 
     @staticmethod
-    def _twin(trial: optuna.Trial, cell: str) -> int | None:
-        """A trial of the same cell that completed, or is running with a lower number."""
+    def _twin(trial: optuna.Trial, cell: str, fingerprint: str) -> int | None:
+        """A trial of the same cell and settings that completed, or runs with a lower number."""
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-            if t.user_attrs.get("cell") == cell and t.number != trial.number and (
+            if t.user_attrs.get("cell") == cell and t.number != trial.number and \
+                    t.user_attrs.get("fingerprint") == fingerprint and (
                     t.state == TrialState.COMPLETE or t.number < trial.number):
                 return t.number
         return None
@@ -288,34 +407,57 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def progress_line(study: optuna.Study, total_cells: int) -> str:
+def cell_states(study: optuna.Study, prints: Fingerprints) -> dict[str, dict]:
+    """Per cell of the current spec: 'done', 'running', 'waiting', 'failed' (with the last
+    failure's reason) or 'missing', from its trials with the current fingerprint."""
+    out = {key: {"state": "missing"} for key in prints.spec_cells()}
+    rank = {"done": 4, "running": 3, "waiting": 2, "failed": 1, "missing": 0}
+    for t in study.get_trials(deepcopy=False):
+        if not prints.current(t):
+            continue
+        state = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running",
+                 TrialState.WAITING: "waiting", TrialState.FAIL: "failed"}.get(t.state)
+        if state is None or rank[state] < rank[out[t.user_attrs["cell"]]["state"]]:
+            continue
+        out[t.user_attrs["cell"]] = {"state": state, "reason": t.user_attrs.get("failure", "crashed"),
+                                     "trial": t.number, "final": bool(t.user_attrs.get("final_failure"))}
+    return out
+
+
+def failed_cells(study: optuna.Study, spec: StudySpec) -> dict[str, str]:
+    """Cells of the spec whose last attempt failed and none completed: cell -> reason."""
+    states = cell_states(study, Fingerprints(spec))
+    return {k: v["reason"] for k, v in states.items() if v["state"] == "failed"}
+
+
+def progress_line(study: optuna.Study, prints: Fingerprints) -> str:
     """'12/36 cells done, 1 running, 0 failed, 23 waiting; ETA 25 min' for the live view."""
-    trials = study.get_trials(deepcopy=False)
-    done = {t.user_attrs.get("cell") for t in trials if t.state == TrialState.COMPLETE}
-    running = sum(t.state == TrialState.RUNNING for t in trials)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    failed = sum(t.state == TrialState.FAIL for t in trials)
-    times = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
-             if t.state == TrialState.COMPLETE and "run_dir" in t.user_attrs]
-    left = total_cells - len(done)
+    states = cell_states(study, prints)
+    tally = {s: sum(v["state"] == s for v in states.values()) for s in ("done", "running", "waiting", "failed")}
+    times = [(t.datetime_complete - t.datetime_start).total_seconds()
+             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if "run_dir" in t.user_attrs and prints.current(t)]
+    left = len(states) - tally["done"] - tally["failed"]
     eta = ""
     if times and left:
-        seconds = sum(times) / len(times) * left / max(running, 1)
+        seconds = sum(times) / len(times) * left / max(tally["running"], 1)
         eta = f"; ETA {seconds / 60:.0f} min" if seconds >= 60 else f"; ETA {seconds:.0f} s"
-    return (f"{len(done)}/{total_cells} cells done, {running} running, {failed} failed, "
-            f"{waiting} waiting{eta}")
+    return (f"{tally['done']}/{len(states)} cells done, {tally['running']} running, "
+            f"{tally['failed']} failed, {tally['waiting']} waiting{eta}")
 
 
-def run_grid(spec: StudySpec, progress: bool = True, log=print) -> optuna.Study:
+def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool = True,
+             restart_changed: bool = False) -> optuna.Study:
     """Work on the study until no cell is waiting or running; safe to run in N processes."""
     study = open_study(spec)
-    added = enqueue_missing(study, spec)
-    total = len(cells(spec))
-    log(f"study {spec.name!r} in {spec.storage_url}: {total} cells, {added} queued now")
-    cache = ScoreCache(spec.out / "scores")
+    added = enqueue_missing(study, spec, restart_changed=restart_changed)
+    prints = Fingerprints(spec)
+    log(f"study {spec.name!r} in {spec.storage_url}: {len(prints.spec_cells())} cells, {added} queued now")
+    cache = ScoreCache(spec.out / "scores") if use_cache else None
     objective = GridObjective(spec, cache, progress=False)
     heartbeat = is_heartbeat_enabled(study._storage)
     told_waiting = False
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed cell is reported by our line
     while True:
         if heartbeat:
             with warnings.catch_warnings():
@@ -326,7 +468,7 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print) -> optuna.Study:
             told_waiting = False
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
             if progress:
-                log(_trial_line(study, total))
+                log(_trial_line(study, prints))
         elif state["running"]:
             if not told_waiting:
                 log(f"waiting for {state['running']} running trial(s): other workers, or lost ones "
@@ -335,20 +477,22 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print) -> optuna.Study:
             time.sleep(min(spec.heartbeat_interval, 5))
         else:
             break
-    log(progress_line(study, total))
+    log(progress_line(study, prints))
     return study
 
 
-def _trial_line(study: optuna.Study, total: int) -> str:
+def _trial_line(study: optuna.Study, prints: Fingerprints) -> str:
     mine = [t for t in study.get_trials(deepcopy=False)
             if t.user_attrs.get("worker") == f"{socket.gethostname()}:{os.getpid()}"
             and t.state.is_finished()]
     if not mine:
-        return progress_line(study, total)
+        return progress_line(study, prints)
     t = max(mine, key=lambda t: t.datetime_complete)
-    what = (f"{'+'.join(t.user_attrs['main_metric'])}={t.values[0]:.4f}, trainable {int(t.values[1]):,}"
-            if t.state == TrialState.COMPLETE else t.state.name.lower())
-    return f"[{progress_line(study, total)}] {t.user_attrs['cell']}: {what}"
+    if t.state == TrialState.COMPLETE:
+        what = f"{'+'.join(t.user_attrs['main_metric'])}={t.values[0]:.4f}, trainable {int(t.values[1]):,}"
+    else:
+        what = f"{t.state.name.lower()}: {t.user_attrs.get('failure', '')}"
+    return f"[{progress_line(study, prints)}] {t.user_attrs['cell']}: {what}"
 
 
 # --- search over training hyper-parameters -------------------------------------------------
@@ -436,9 +580,9 @@ def watch(spec: StudySpec, every: float = 10.0, once: bool = False, stream=None)
     """The live view: one refreshed line per `every` seconds until nothing is waiting or running."""
     stream = stream or sys.stdout
     study = open_study(spec)
-    total = len(cells(spec))
+    prints = Fingerprints(spec)
     while True:
-        line = progress_line(study, total)
+        line = progress_line(study, prints)
         state = counts(study)
         if once or not (state["waiting"] or state["running"]):
             print(line, file=stream)
@@ -455,20 +599,23 @@ def _spend(attrs: dict) -> dict[str, int]:
     return attrs.get("spend", {})
 
 
-def trials_frame(study: optuna.Study):
-    """Completed grid trials as a DataFrame: one row per (task, method, budget, seed)."""
+def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
+    """Completed grid trials as a DataFrame: one row per (task, method, budget, seed); with
+    `prints`, only the current spec's cells run with its settings."""
     import pandas as pd
 
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
-        if "run_dir" not in a:
+        if "run_dir" not in a or (prints is not None and not prints.current(t)):
             continue
         rows.append({"task": a["task"], "method": a["method"], "budget": a["budget"],
                      "seed": a["seed"], "metric": a["test"]["main"],
                      "validation": a["validation"]["main"], "trainable": a["trainable"],
                      "pretrained_entries": a["pretrained_entries"], "scoring_time_s": a["scoring_time_s"],
                      "train_time_s": a["train_time_s"], "run_dir": a["run_dir"],
+                     "constant_metric": a.get("constant_test_main", float("nan")),
+                     "test_rows": a.get("test_rows", 0),
                      "spend": _spend(a), "trial": t.number,
                      "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})
     frame = pd.DataFrame(rows)
@@ -477,10 +624,13 @@ def trials_frame(study: optuna.Study):
     return frame
 
 
-
 def finished_frame(spec: StudySpec):
-    """`trials_frame` of the spec's study; a clear error when nothing has finished yet."""
-    frame = trials_frame(open_study(spec))
+    """`trials_frame` of the spec's study (its cells, its settings); a clear error when nothing
+    has finished yet. The cells that failed for good are in `frame.attrs["failed"]`."""
+    study = open_study(spec)
+    frame = trials_frame(study, Fingerprints(spec))
     if frame.empty:
-        raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial yet")
+        raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial of this "
+                         "spec's cells and settings yet")
+    frame.attrs["failed"] = failed_cells(study, spec)
     return frame

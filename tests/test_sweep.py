@@ -144,7 +144,8 @@ def test_search_samples_learning_rates_and_records_the_best(tmp_path, tiny_model
     assert all(len(t.intermediate_values) >= 1 for t in study.trials)  # pruner sees each epoch
     # the grid then trains with the searched learning rate
     objective = sweep.GridObjective(spec, cache=None)
-    assert objective.best["rte/random"]["train"]["lr"] == best["rte/random"]["train"]["lr"]
+    cell = sweep.cells(spec)[0]
+    assert sweep.cell_run_config(spec, cell, objective.prints.best).train.lr == best["rte/random"]["train"]["lr"]
 
 
 POSTGRES = os.environ.get("PEFTBENCH_TEST_POSTGRES")
@@ -163,3 +164,51 @@ def test_two_workers_share_one_postgresql_study_each_cell_once(tmp_path, tiny_mo
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert Counter(t.user_attrs["cell"] for t in complete) == Counter(c.key for c in sweep.cells(spec))
     assert all(n == 1 for n in finished_runs(tmp_path / "out").values())
+
+
+def _one_cell_spec(tmp_path, model, **extra):
+    return write_spec(tmp_path, model, methods=["random"], budgets=[0.01], seeds=[0], **extra)
+
+
+def test_a_spec_that_contradicts_the_study_is_refused_naming_the_keys(tmp_path, tiny_model_dir, capsys):
+    """Changing lr and rerunning used to print '0 queued now' and report the old-lr numbers."""
+    from peftbench.cli import main
+
+    sweep.run_grid(sweep.load_spec(_one_cell_spec(tmp_path, tiny_model_dir)), log=lambda *a: None)
+    changed = _one_cell_spec(tmp_path, tiny_model_dir, train={"epochs": 1, "lr": 0.5})
+    assert main(["sweep", str(changed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lr: 0.0001 -> 0.5" in err[0] and "--restart-changed" in err[0]
+    # with the flag the cell runs afresh; the report reads only the new trial
+    assert main(["sweep", str(changed), "--restart-changed"]) == 0
+    frame = sweep.finished_frame(sweep.load_spec(changed))
+    assert len(frame) == 1
+    trial = sweep.open_study(sweep.load_spec(changed)).trials[frame.trial.iloc[0]]
+    assert trial.user_attrs["train_config"]["lr"] == 0.5
+    # the old spec still reads its own trial, never the new one
+    old = sweep.finished_frame(sweep.load_spec(_one_cell_spec(tmp_path, tiny_model_dir)))
+    assert list(old.trial) == [0]
+
+
+def test_reports_show_only_the_current_specs_cells(tmp_path, tiny_model_dir):
+    """A method removed from the spec (or a same-named spec with other cells) stays out."""
+    both = write_spec(tmp_path, tiny_model_dir, methods=["random", "magpruning"], budgets=[0.01], seeds=[0])
+    sweep.run_grid(sweep.load_spec(both), log=lambda *a: None)
+    spec = sweep.load_spec(_one_cell_spec(tmp_path, tiny_model_dir))
+    study = sweep.run_grid(spec, log=lambda *a: None)
+    frame = sweep.finished_frame(spec)
+    assert list(frame.method) == ["random"]
+    assert sweep.progress_line(study, sweep.Fingerprints(spec)).startswith("1/1 cells done")
+
+
+def test_a_diverged_cell_fails_once_with_its_reason_and_the_sweep_exits_1(tmp_path, tiny_model_dir, capsys):
+    from peftbench.cli import main
+
+    spec_path = write_spec(tmp_path, tiny_model_dir, methods=["random"], budgets=[0.05], seeds=[0],
+                           train={"epochs": 1, "lr": 1e6, "batch_size": 4})
+    assert main(["sweep", str(spec_path)]) == 1
+    err = capsys.readouterr().err
+    assert "1 cell(s) failed" in err and "rte/random/b0.05/s0: diverged at step" in err
+    assert main(["sweep", str(spec_path)]) == 1  # not retried: it would diverge again
+    trials = sweep.open_study(sweep.load_spec(spec_path)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL]
