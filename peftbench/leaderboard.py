@@ -59,6 +59,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         f"budgets: {', '.join(spec.budgets)}",
         f"- training: {train}",
         "- method settings: " + "; ".join(f"{m} {p}" if p else m for m, p in spec.methods.items()),
+        *[f"- not the paper's variant: {m}: {note}" for m, note in spec.method_notes.items()],
         f"- cells finished: {done} of {expected}"
         + ("" if done == expected else " (partial: run the command again to finish)"),
         f"- wall time of the trials: {frame.duration_s.sum() / 3600:.2f} h "
@@ -107,6 +108,8 @@ def published_only(spec: sweep.StudySpec) -> str:
         f"No results of ours yet: `peftbench leaderboard run {spec.name}` (machine: {spec.machine}).", "",
         "Their numbers, ranked by peftbench's report code (ties = min, ranks 1-3 shown, as printed):", "",
         table.render(top=3).to_markdown(), "",
+        *([f"Rows that peftbench does not run as their variant (`{spec.name}` spec):", ""]
+          + [f"- {m}: {note}" for m, note in spec.method_notes.items()] + [""] if spec.method_notes else []),
         f"Stability vs performance from this table: Spearman rho = {corr['spearman']:.4f} "
         f"(p = {corr['spearman_p']:.2g}, n = {corr['n']}); they report rho = 0.4356 (p = 0.000014), "
         "computed on data not published (see methods-research.md 2.1.4)."])

@@ -31,6 +31,14 @@ def _cells(frame: pd.DataFrame, task: str) -> pd.DataFrame:
                          "trainable": g.trainable.mean(), "seeds": g.metric.size()}).reset_index()
 
 
+def _constant(frame: pd.DataFrame, task: str) -> float | None:
+    """The task's constant-predictor test score, if the runs recorded it."""
+    if "constant_metric" not in frame:
+        return None
+    values = frame.loc[frame.task == task, "constant_metric"].dropna()
+    return float(values.iloc[0]) if len(values) else None
+
+
 def pareto_png(frame: pd.DataFrame, path: str | Path, metric_name: str = "test metric") -> Path:
     """One panel per task: x = trainable parameters (log), y = metric mean with std error bars
     over seeds, one line per method across budgets, the Pareto front drawn in black."""
@@ -52,6 +60,9 @@ def pareto_png(frame: pd.DataFrame, path: str | Path, metric_name: str = "test m
                 continue
             ax.errorbar(c.trainable, 100 * c["mean"], yerr=100 * c["std"], label=method,
                         color=colours[method], marker=markers[method], capsize=3, lw=1.2, ms=5)
+        baseline = _constant(frame, task)
+        if baseline is not None:
+            ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
         front = pareto_points(cells)
         ax.step(front.trainable, 100 * front["mean"], where="post", color="black", lw=1, ls="--",
                 zorder=0, label="Pareto front")
@@ -87,6 +98,13 @@ def pareto_html(frame: pd.DataFrame, path: str | Path) -> Path:
                 customdata=np.stack([c.budget, c.seeds], axis=1),
                 hovertemplate=f"{method}<br>budget %{{customdata[0]}}<br>trainable %{{x:,}}"
                               "<br>metric %{y:.2f}<br>seeds %{customdata[1]}<extra></extra>"), row=1, col=col)
+        baseline = _constant(frame, task)
+        if baseline is not None:
+            fig.add_trace(go.Scatter(
+                x=[cells.trainable.min(), cells.trainable.max()], y=[100 * baseline] * 2, mode="lines",
+                line={"dash": "dot", "color": "grey"}, name="constant predictor",
+                legendgroup="constant", showlegend=col == 1,
+                hovertemplate=f"constant predictor {100 * baseline:.2f}<extra></extra>"), row=1, col=col)
         front = pareto_points(cells)
         fig.add_trace(go.Scatter(x=front.trainable, y=100 * front["mean"], mode="lines",
                                  line={"dash": "dash", "color": "black", "shape": "hv"},

@@ -23,15 +23,21 @@ import scipy.stats
 import torch
 
 from peftbench.errors import UsageError, check_choice
+from peftbench.metrics import near_constant
 
 TIES = ("average", "min", "max", "dense", "ordinal")
 
 
 def load_runs(folders: list[str | Path]) -> pd.DataFrame:
-    """One row per finished seed in the given run directories (or folders of them)."""
+    """One row per finished seed in the given run directories (or folders of them).
+
+    A (task, method, budget, seed) found in several run directories (a re-run) counts once:
+    the newest run directory's result is kept, so a re-run never adds seeds. Seeds that
+    diverged are not rows; they are listed in `frame.attrs["failed"]`, and what was left out
+    in `frame.attrs["notes"]`."""
     from peftbench import registry
 
-    rows = []
+    rows, failed, notes = [], {}, []
     for folder in folders:
         for result_file in sorted(Path(folder).glob("**/seed-*/result.json")):
             run_dir = result_file.parent.parent
@@ -41,18 +47,35 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
                 natural = not registry.get(config["method"]).uses_budget
             except UsageError:
                 natural = False
-            rows.append({"task": Path(config["task"]).stem, "method": config["method"],
-                         "budget": "natural" if natural else str(config["budget"]),
+            task, budget = Path(config["task"]).stem, "natural" if natural else str(config["budget"])
+            if result.get("diverged"):
+                d = result["diverged"]
+                failed[f"{task}/{config['method']}/b{budget}/s{result['seed']}"] = \
+                    f"diverged at step {d['step']} (loss {d['loss']})"
+                continue
+            baseline = result.get("constant_predictor", {})
+            rows.append({"task": task, "method": config["method"], "budget": budget,
                          "seed": result["seed"], "metric": result["test"]["main"],
                          "validation": result["validation"]["main"],
                          "trainable": result["trainable"]["trainable"],
                          "pretrained_entries": result["pretrained_entries"],
+                         "constant_metric": baseline.get("test", {}).get("main", np.nan),
+                         "test_rows": baseline.get("test_rows", 0),
                          "scoring_time_s": result["scoring_time_s"],
                          "train_time_s": result["train_time_s"], "run_dir": str(run_dir),
+                         "written": result_file.stat().st_mtime,
                          "spend": result.get("trainable_by_tensor", {})})
     if not rows:
         raise UsageError(f"no finished runs (seed-*/result.json) under {[str(f) for f in folders]}")
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows).sort_values("written")
+    key = ["task", "method", "budget", "seed"]
+    repeated = int(frame.duplicated(key, keep="last").sum())
+    if repeated:
+        notes.append(f"{repeated} re-run seed(s) found twice or more: the newest result of each "
+                     "(task, method, budget, seed) is used, never counted as extra seeds")
+    frame = frame.drop_duplicates(key, keep="last").drop(columns="written").reset_index(drop=True)
+    frame.attrs.update(failed=failed, notes=notes)
+    return frame
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
@@ -123,10 +146,25 @@ def stability_correlation(table: Table1, with_avg: bool = False) -> dict:
             "kendall_p": float(tau_p), "n": int(keep.sum()), "columns": cols}
 
 
+def paired_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(t-test p, Wilcoxon p) of paired samples, NaN where no test applies: fewer than 2 pairs;
+    differences that are all equal (identical samples, or a constant shift: the t statistic is
+    0/0 or x/0, and floating-point noise would make p anything from 1e-29 to 1); Wilcoxon needs
+    6 pairs or more. Differences below 1e-9 are taken as 0 (metric values are means of at most
+    millions of 0/1 terms; anything finer is rounding)."""
+    d = np.round(np.asarray(a, float) - np.asarray(b, float), 9)
+    if len(d) < 2 or np.all(d == d[0]):
+        return np.nan, np.nan
+    t_p = float(scipy.stats.ttest_rel(a, b).pvalue)
+    w_p = float(scipy.stats.wilcoxon(d).pvalue) if len(d) >= 6 and np.any(d != 0) else np.nan
+    return t_p, w_p
+
+
 def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Per task: each method against the task's best (highest mean), paired by seed: a paired
-    t-test and, with 6+ common seeds, Wilcoxon's signed-rank test (scipy). `worse` = t-test p <
-    alpha with a lower mean. Rows: task, method, best, seeds, t_p, wilcoxon_p, worse."""
+    t-test and, with 6+ common seeds, Wilcoxon's signed-rank test (scipy), see `paired_test`.
+    `worse` = t-test p < alpha with a lower mean. Rows: task, method, best, seeds (n, the pairs
+    tested), t_p, wilcoxon_p, worse."""
     rows = []
     for task, stats in budget_rows.groupby("task"):
         best = stats.loc[stats["mean"].idxmax()]
@@ -135,11 +173,7 @@ def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 
             other = frame[(frame.task == task) & (frame.method == cell.method) & (frame.budget == cell.budget)]
             paired = ref.merge(other, on="seed", suffixes=("_best", ""))
             a, b = paired["metric_best"].to_numpy(), paired["metric"].to_numpy()
-            t_p = w_p = np.nan
-            if cell.method != best.method and len(a) >= 2 and np.any(a != b):
-                t_p = float(scipy.stats.ttest_rel(a, b).pvalue)
-                if len(a) >= 6:
-                    w_p = float(scipy.stats.wilcoxon(a, b).pvalue)
+            t_p, w_p = paired_test(a, b) if cell.method != best.method else (np.nan, np.nan)
             rows.append({"task": task, "method": cell.method, "best": best.method, "seeds": len(a),
                          "t_p": t_p, "wilcoxon_p": w_p,
                          "worse": bool(t_p < alpha and b.mean() < a.mean()) if not np.isnan(t_p) else False})
@@ -248,20 +282,36 @@ def parse_published(published: dict) -> pd.DataFrame:
 
 
 def compare_published(stats: pd.DataFrame, published: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Our mean beside theirs with the difference, and per task Kendall's tau between our
-    method ranking and theirs (methods both have)."""
-    both = stats.merge(published[["task", "method", "mean"]], on=["task", "method"], suffixes=("", "_published"))
-    both["difference"] = both["mean"] - both["mean_published"]
-    taus = []
-    for task, g in both.groupby("task"):
-        if len(g) >= 2:
-            tau, p = scipy.stats.kendalltau(g["mean"], g["mean_published"])
-            taus.append({"task": task, "methods": len(g), "kendall_tau": float(tau), "p": float(p)})
-    return both, pd.DataFrame(taus)
+    """Our mean beside theirs with the difference, and Kendall's tau between our method
+    ranking and theirs (methods both have), per task *and budget*: the published column is one
+    budget's table, so each of our budgets (with the natural-count methods) is compared on its
+    own, never pooled."""
+    parts, taus = [], []
+    budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
+    for budget in budgets:
+        rows = budget_rows(stats, budget)
+        both = rows.merge(published[["task", "method", "mean"]], on=["task", "method"],
+                          suffixes=("", "_published")).assign(compared_at=budget)
+        both["difference"] = both["mean"] - both["mean_published"]
+        parts.append(both)
+        for task, g in both.groupby("task"):
+            if len(g) >= 2:
+                tau, p = scipy.stats.kendalltau(g["mean"], g["mean_published"])
+                taus.append({"task": task, "budget": budget, "methods": len(g),
+                             "kendall_tau": float(tau), "p": float(p)})
+    return pd.concat(parts, ignore_index=True), pd.DataFrame(taus)
 
 
 def to_markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
     return frame.to_markdown(floatfmt=floatfmt) if not frame.empty else "(none)"
+
+
+def constant_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per task: the constant predictor's test score and the test rows (from the runs)."""
+    if "constant_metric" not in frame:
+        return pd.DataFrame(columns=["metric", "test_rows"])
+    g = frame.dropna(subset=["constant_metric"]).groupby("task")
+    return pd.DataFrame({"metric": g.constant_metric.first(), "test_rows": g.test_rows.first()})
 
 
 def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
@@ -286,7 +336,18 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     lines += ["Cells: test main metric x100 at the best-validation checkpoint, mean ± population "
               "std over seeds; [r] = rank in the column (mean: higher is better; std: lower is "
               f"better; ties: {ties}); AVG = mean of task means ± mean of task stds; † = worse "
-              "than the column's best by a paired t-test over seeds (p < 0.05).", ""]
+              "than the column's best by a paired t-test over the n seeds both ran (p < 0.05; n "
+              "per test in tests.csv); ≈ = within noise of the constant predictor (less than "
+              "max(2 std, 1/sqrt(test rows)) above it: the cell did not measurably learn). The "
+              "row 'constant predictor' is the train majority class (mean label for regression) "
+              "scored on test.", ""]
+    lines += [f"Note: {note}" for note in frame.attrs.get("notes", [])]
+    failed = frame.attrs.get("failed", {})
+    if failed:
+        lines += ["", f"Failed cells ({len(failed)}), left out of every mean and rank:", ""]
+        lines += [f"- {cell}: {reason}" for cell, reason in sorted(failed.items())]
+    lines += [""]
+    constant = constant_scores(frame)
     tests_all = []
     for budget in budgets:
         rows = budget_rows(stats, budget)
@@ -297,13 +358,23 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
             table.worse = tests.pivot_table(index="method", columns="task", values="worse",
                                             aggfunc="any").reindex(table.mean.index).fillna(False)
         rendered = table.render()
+        for method in table.mean.index:
+            for task in constant.index.intersection(table.mean.columns):
+                if near_constant(table.mean.loc[method, task], table.std.loc[method, task],
+                                 constant.loc[task, "metric"], int(constant.loc[task, "test_rows"])):
+                    rendered.loc[method, task] += " ≈"
         counts = rows.groupby("method")["trainable"].mean().reindex(rendered.index)
         share = 100 * counts / frame.pretrained_entries.iloc[0]
         rendered["trainable"] = [f"{int(c):,} ({s:.3f}%)" for c, s in zip(counts, share)]
+        rendered.loc["constant predictor"] = {
+            **{t: f"{100 * constant.loc[t, 'metric']:.2f}" if t in constant.index else "-"
+               for t in rendered.columns}, "trainable": "0"}
         rendered.to_csv(out / f"table1-b{budget}.csv")
         corr = stability_correlation(table)
-        seeds = sorted(frame.seed.unique())
-        lines += [f"## Budget {budget} (natural-count methods included), {len(seeds)} seeds", "",
+        per_cell = frame[frame.budget.isin([budget, "natural"])].groupby(["task", "method"]).seed.nunique()
+        seeds = (f"{per_cell.min()} seeds" if per_cell.min() == per_cell.max()
+                 else f"{per_cell.min()}-{per_cell.max()} seeds per cell")
+        lines += [f"## Budget {budget} (natural-count methods included), {seeds}", "",
                   rendered.to_markdown(), "",
                   f"Stability vs performance (Fu et al. Fig. 2): Spearman rho = {corr['spearman']:.4f} "
                   f"(p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
@@ -316,9 +387,11 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         both, taus = compare_published(stats, theirs)
         both.to_csv(out / "published.csv", index=False)
         lines += ["## Against the published numbers", "",
-                  to_markdown(both[["task", "method", "budget", "mean", "mean_published", "difference"]]
-                              .set_index(["task", "method"])), "",
-                  "Kendall's tau between our ranking and theirs, per task:", "", to_markdown(taus.set_index("task")), ""]
+                  "Each of our budgets against the published column separately (never pooled):", "",
+                  to_markdown(both[["compared_at", "task", "method", "budget", "mean", "mean_published",
+                                    "difference"]].set_index(["compared_at", "task", "method"])), "",
+                  "Kendall's tau between our ranking and theirs, per task and budget (n = methods):", "",
+                  to_markdown(taus.set_index(["task", "budget"])), ""]
     overlap = mask_overlap(frame)
     overlap.to_csv(out / "overlap.csv", index=False)
     if not overlap.empty:

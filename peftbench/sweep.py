@@ -62,7 +62,7 @@ from peftbench.trainer import TrainConfig
 NATURAL = "natural"  # the budget label of methods with a natural count (`uses_budget = False`)
 SPEC_KEYS = {"name", "description", "model", "tasks", "methods", "budgets", "seeds", "train",
              "limit", "device", "storage", "output_dir", "heartbeat_interval", "grace_period",
-             "search", "published", "machine"}
+             "search", "published", "machine", "method_notes"}
 SEARCH_KEYS = {"trials", "params", "method_params", "pruner", "seed", "budget"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
@@ -85,7 +85,8 @@ class StudySpec:
     heartbeat_interval: int = 30
     grace_period: int = 120
     search: dict | None = None
-    published: dict | None = None  # leaderboards: {task: {method: [mean, std]}}
+    published: dict | None = None  # leaderboards: {task: {method: "mean[r]±std[r]"}}
+    method_notes: dict = field(default_factory=dict)  # method -> how it departs from the paper's variant
     description: str = ""
     machine: str = ""
 
@@ -174,6 +175,7 @@ def parse_spec(raw: dict, where: str = "spec") -> StudySpec:
         heartbeat_interval=int(raw.get("heartbeat_interval", 30)),
         grace_period=int(raw.get("grace_period", 120)), search=search,
         published=raw.get("published"), description=raw.get("description", ""),
+        method_notes=dict(raw.get("method_notes") or {}),
         machine=raw.get("machine", ""))
 
 

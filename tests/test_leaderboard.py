@@ -58,3 +58,14 @@ def test_report_from_run_directories_and_status_and_bad_inputs(tmp_path, tiny_mo
                                     "output_dir": str(tmp_path / "s")}))
     assert main(["status", str(spec)]) == 0
     assert "0/1 cells done" in capsys.readouterr().out
+
+
+def test_fu_table1_runs_fus_variants_or_marks_the_row():
+    from peftbench import leaderboard, sweep
+
+    spec = sweep.load_spec(leaderboard.find("fu2023-table1") / "spec.yaml")
+    assert spec.methods["random"]["scope"] == "tensor" and spec.methods["mixout"]["mode"] == "eval"
+    assert spec.methods["adapter"] == {"placement": "pfeiffer", "activation": "relu"}
+    assert {"mixout", "magpruning", "diffpruning", "lora"} <= set(spec.method_notes)
+    shown = leaderboard.published_only(spec)
+    assert all(f"- {m}: " in shown for m in spec.method_notes)

@@ -125,3 +125,42 @@ def test_bad_published_cell_is_refused():
 
     with pytest.raises(UsageError, match="mean\\[r\\]±std\\[r\\]"):
         report.parse_published({"rte": {"sam": "about 76"}})
+
+
+def test_published_comparison_is_per_budget_never_pooled(fu_published):
+    rows = []
+    for budget, shift in (("0.005", 0.0), ("0.02", 0.3)):
+        for i, method in enumerate(["SAM", "Random", "BitFit"]):
+            rows.append({"task": "CoLA", "method": method, "budget": budget,
+                         "mean": 0.5 + shift - 0.01 * i if budget == "0.005" else 0.5 + 0.01 * i,
+                         "std": 0.01, "seeds": 3, "trainable": 1})
+    theirs = report.parse_published({"CoLA": {"SAM": "60.0±1.0", "Random": "59.0±1.0", "BitFit": "58.0±1.0"}})
+    both, taus = report.compare_published(pd.DataFrame(rows), theirs)
+    assert sorted(both.compared_at.unique()) == ["0.005", "0.02"] and len(both) == 6
+    tau = taus.set_index("budget").kendall_tau
+    assert tau["0.005"] == pytest.approx(1.0) and tau["0.02"] == pytest.approx(-1.0)
+
+
+def test_identical_or_constant_shift_samples_are_not_tested():
+    a = np.array([0.51, 0.62, 0.57, 0.55, 0.60, 0.58])
+    noise = np.array([1e-17, -2e-17, 0, 3e-17, 0, -1e-17])
+    assert all(np.isnan(report.paired_test(a, a + noise)))
+    assert all(np.isnan(report.paired_test(a, a - 0.1)))  # t = x/0: no test
+    t_p, w_p = report.paired_test(a, a - np.array([0.1, 0.12, 0.09, 0.11, 0.1, 0.13]))
+    assert t_p < 1e-4 and w_p == pytest.approx(scipy.stats.wilcoxon(
+        np.round(a - (a - np.array([0.1, 0.12, 0.09, 0.11, 0.1, 0.13])), 9)).pvalue)
+
+
+def test_rerun_seed_counts_once_and_diverged_seeds_are_listed(tmp_path, tiny_model_dir, capsys):
+    from peftbench.cli import main
+
+    base = ["run", "--method", "random", "--task", "rte", "--budget", "0.05", "--model", tiny_model_dir,
+            "--limit", "16", "--epochs", "1", "--batch-size", "4", "--output-dir", str(tmp_path), "--quiet"]
+    for extra in ([], [], ["--lr", "1e6"]):
+        assert main(base + extra) == 0
+    capsys.readouterr()
+    frame = report.load_runs([tmp_path])
+    assert len(frame) == 1 and "re-run" in frame.attrs["notes"][0]
+    assert list(frame.attrs["failed"].values())[0].startswith("diverged at step")
+    text = report.build_report(frame, tmp_path / "report")
+    assert "1 seeds" in text and "Failed cells (1)" in text and "constant predictor" in text

@@ -74,3 +74,25 @@ def test_extra_task_folder_from_environment(tmp_path, monkeypatch):
     (tmp_path / "myrte.yaml").write_text(spec)
     monkeypatch.setenv("PEFTBENCH_TASKS_PATH", str(tmp_path))
     assert load_task("myrte").name == "myrte"
+
+
+def test_every_wsc_span_is_marked_around_its_own_words():
+    """Splitting on spaces and trusting every index misaligned 4 of 1,316 spans."""
+    import json
+
+    from peftbench.data import _norm, load_task, mark_wsc_spans, wsc_span_start
+
+    task = load_task("wsc")
+    checked = 0
+    for path in task.data_files()[1:]:
+        for line in open(path):
+            row = json.loads(line)
+            words, target = row["text"].split(), row["target"]
+            for key in ("span1", "span2"):
+                span = target[f"{key}_text"].split()
+                start = wsc_span_start(words, target[f"{key}_index"], span)
+                assert [_norm(w) for w in words[start:start + len(span)]] == [_norm(w) for w in span]
+                checked += 1
+            marked = mark_wsc_spans(row)["text"].split()
+            assert marked.count("*") == 2 and marked.count("#") == 2
+    assert checked == 1316
