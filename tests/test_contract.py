@@ -56,6 +56,7 @@ def test_method_contract(method, arch, tiny_model_dir, tiny_roberta_dir, tmp_pat
                 TrainConfig(epochs=1, batch_size=4, lr=1e-2, max_steps=3), seed=0,
                 device=pick_device("cpu"), run_dir=tmp_path, progress=False)
     assert 0 <= out["test"]["accuracy"] <= 1
+    counts = count_trainable(model, set(pre), set(head_parameters(model)))  # after: DiffPruning projected
     moved = sum(int((effective_weight(model, n) != before[n]).sum()) for n in pre)
     spend = trainable_by_tensor(model, set(pre), set(head_parameters(model)))
     assert sum(spend.values()) == count_trainable(model, set(pre), set(head_parameters(model)))["trainable"]
