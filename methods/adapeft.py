@@ -48,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from peftbench.errors import check_choice
 from peftbench.scoring import count_batches, differentiable_parameters
-from peftbench.selector import Selection, Selector
+from peftbench.selector import Batches, PositiveInt, Selection, Selector
 
 GROUPINGS = ("tensor", "module", "layer_module")
 HESSIANS = ("exact", "hutchinson", "fisher")
@@ -150,8 +150,8 @@ class AdaPEFT(Selector):
     description = "groups chosen by a knapsack on 2nd-order predicted loss decrease (AdaPEFT, our reading)"
     needs_data = True
 
-    def __init__(self, groups: str = "module", hessian: str = "exact", batches: int | str = 20,
-                 max_front: int = 200_000):
+    def __init__(self, groups: str = "module", hessian: str = "exact", batches: Batches = 20,
+                 max_front: PositiveInt = 200_000):
         self.groups = check_choice("groups", groups, GROUPINGS)
         self.hessian = check_choice("hessian", hessian, HESSIANS)
         self.batches = batches

@@ -11,7 +11,7 @@ from torch import nn
 
 from peftbench.errors import check_choice
 from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.selector import Selection, Selector
+from peftbench.selector import PositiveInt, Selection, Selector
 
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -57,7 +57,7 @@ class Adapter(Selector):
     description = "Houlsby bottleneck adapters after attention and feed-forward (reduction 16)"
     uses_budget = False
 
-    def __init__(self, reduction_factor: int = 16, activation: str = "swish",
+    def __init__(self, reduction_factor: PositiveInt = 16, activation: str = "swish",
                  placement: str = "houlsby", train_layernorm: bool = False):
         self.reduction_factor = reduction_factor
         self.activation = check_choice("activation", activation, list(ACTIVATIONS))

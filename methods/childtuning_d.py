@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from peftbench.scoring import accumulate_gradients, count_batches
-from peftbench.selector import Scope, Selection, Selector, check_scope, top_k
+from peftbench.selector import (Batches, PositiveFloat, Scope, Selection, Selector, check_scope,
+                                top_k)
 
 
 class ChildTuningD(Selector):
@@ -21,7 +22,7 @@ class ChildTuningD(Selector):
     description = "Fisher information over one training pass, global top-k (ChildTuning-D)"
     needs_data = True
 
-    def __init__(self, batches: int | str = "epoch", clip: float | None = 1.0,
+    def __init__(self, batches: Batches = "epoch", clip: PositiveFloat | None = 1.0,
                  scope: Scope = "global"):
         self.batches = batches
         self.clip = clip

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from peftbench.models import pretrained_parameters
-from peftbench.selector import Selection, Selector
+from peftbench.selector import Fraction, Selection, Selector
 
 
 class ChildTuningF(Selector):
@@ -26,7 +26,7 @@ class ChildTuningF(Selector):
 
     description = "fresh Bernoulli(p) gradient mask every step, rescaled by 1/p (ChildTuning-F)"
 
-    def __init__(self, p: float | None = None):
+    def __init__(self, p: Fraction | None = None):
         self.p = p
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:

@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftbench.models import pretrained_parameters
-from peftbench.selector import Scope, Selection, Selector, check_scope, top_k
+from peftbench.selector import (NonNegativeFloat, PositiveFloat, PositiveInt, Scope, Selection,
+                                Selector, check_scope, top_k)
 
 
 class HardConcreteDelta(nn.Module):
@@ -78,7 +79,7 @@ class DiffPruning(Selector):
 
     description = "hard-concrete L0 mask over a delta, projected to top-k |alpha| (Fu et al.'s DiffPruning)"
 
-    def __init__(self, burnin: int = 500, lam: float = 1.0, stretch: float = 3.0,
+    def __init__(self, burnin: PositiveInt = 500, lam: NonNegativeFloat = 1.0, stretch: PositiveFloat = 3.0,
                  scope: Scope = "tensor"):
         self.burnin = burnin
         self.lam = lam

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from peftbench.models import pretrained_parameters
-from peftbench.selector import Scope, Selection, Selector, check_scope, top_k
+from peftbench.selector import PositiveInt, Scope, Selection, Selector, check_scope, top_k
 
 
 class FISH(Selector):
@@ -26,7 +26,7 @@ class FISH(Selector):
     description = "empirical Fisher over per-example gradients, global top-k (Sung et al. 2021)"
     needs_data = True
 
-    def __init__(self, num_samples: int = 1024, scope: Scope = "global"):
+    def __init__(self, num_samples: PositiveInt = 1024, scope: Scope = "global"):
         self.num_samples = num_samples
         self.scope = check_scope(scope)
 

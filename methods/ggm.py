@@ -47,7 +47,8 @@ from torch.nn.utils import parametrize
 from peftbench.errors import check_choice
 from peftbench.models import pretrained_parameters
 from peftbench.scoring import count_batches
-from peftbench.selector import Selection, Selector
+from peftbench.selector import (Batches, Decay, NonNegativeFloat, PositiveFloat, PositiveInt,
+                                Selection, Selector)
 
 SURROGATES = ("l1", "log", "etp", "lp")
 
@@ -179,9 +180,9 @@ class GGM(Selector):
     description = "principal components + biases chosen by an l2,g-regularised GGM (Zheng & Cao 2024)"
     needs_data = True
 
-    def __init__(self, rank: int = 10, batches: int | str = 50, important: int = 30,
-                 surrogate: str = "lp", lam: float = 1000.0, tau: float = 20.0,
-                 beta1: float = 0.85, beta2: float = 0.85, max_iter: int = 100):
+    def __init__(self, rank: PositiveInt = 10, batches: Batches = 50, important: PositiveInt = 30,
+                 surrogate: str = "lp", lam: NonNegativeFloat = 1000.0, tau: PositiveFloat = 20.0,
+                 beta1: Decay = 0.85, beta2: Decay = 0.85, max_iter: PositiveInt = 100):
         self.rank = rank
         self.batches = batches
         self.important = important

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.selector import Selection, Selector
+from peftbench.selector import Decay, PositiveFloat, PositiveInt, Selection, Selector
 
 # Fu et al. (loralib, r = 16): query, key, value, attention output, intermediate and output
 # dense layers of every encoder layer (BERT and RoBERTa names); never the pooler or the head.
@@ -27,8 +27,8 @@ class LoRA(Selector):
     description = "low-rank updates B A on attention and FFN layers, via peft (r=16, Fu et al.)"
     uses_budget = False
 
-    def __init__(self, r: int = 16, lora_alpha: float | None = None, lora_dropout: float = 0.0,
-                 targets: list[str] | tuple[str, ...] = FU_TARGETS):
+    def __init__(self, r: PositiveInt = 16, lora_alpha: PositiveFloat | None = None,
+                 lora_dropout: Decay = 0.0, targets: list[str] | tuple[str, ...] = FU_TARGETS):
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
@@ -45,7 +45,14 @@ class LoRA(Selector):
                             lora_dropout=self.lora_dropout, target_modules=pattern, bias="none")
         for p in pretrained_parameters(model).values():
             p.requires_grad_(False)
-        model = inject_adapter_in_model(config, model)
+        try:
+            model = inject_adapter_in_model(config, model)
+        except ValueError as err:  # peft: no module matched the targets
+            from peftbench.errors import UsageError
+
+            raise UsageError(f"lora targets {self.targets} match no module of the model "
+                             f"({str(err).splitlines()[0][:200]}); name Linear modules inside "
+                             "the layers, e.g. attention.self.query") from None
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
         for p in head_parameters(model).values():

@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from peftbench.errors import check_choice
 from peftbench.models import pretrained_parameters
-from peftbench.selector import Selection, Selector
+from peftbench.selector import Decay, Selection, Selector
 
 MODES = ("train", "eval")
 
@@ -52,7 +52,7 @@ class MixOut(Selector):
     description = "full fine-tuning with dropout towards the pre-trained weights (Lee et al. 2020)"
     uses_budget = False
 
-    def __init__(self, p: float = 0.7, mode: str = "train"):
+    def __init__(self, p: Decay = 0.7, mode: str = "train"):
         from peftbench.errors import UsageError
 
         if not 0 <= p < 1:

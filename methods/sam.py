@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from peftbench.scoring import accumulate_gradients, count_batches
-from peftbench.selector import Scope, Selection, Selector, check_scope, top_k
+from peftbench.selector import (Batches, PositiveFloat, Scope, Selection, Selector, check_scope,
+                                top_k)
 
 
 class SAM(Selector):
@@ -31,7 +32,7 @@ class SAM(Selector):
     description = "largest |accumulated gradient| at theta0 over burn-in batches (Fu et al. 2023)"
     needs_data = True
 
-    def __init__(self, burnin: int | str = 600, clip: float | None = 1.0, scope: Scope = "tensor"):
+    def __init__(self, burnin: Batches = 600, clip: PositiveFloat | None = 1.0, scope: Scope = "tensor"):
         self.burnin = burnin
         self.clip = clip
         self.scope = check_scope(scope)

@@ -42,7 +42,8 @@ import torch
 from peftbench.errors import check_choice
 from peftbench.models import pretrained_parameters
 from peftbench.scoring import count_batches, differentiable_parameters
-from peftbench.selector import Selection, Selector, top_k
+from peftbench.selector import (Batches, Fraction, NonNegativeFloat, PositiveInt, Selection,
+                                Selector, top_k)
 
 FILTERS = ("tikhonov", "ideal", "allpass")
 GRAPH_KEYS = ("graph.laplacian", "graph.filter")  # non-entry items of the scores dict
@@ -92,8 +93,8 @@ class SpectralGraph(Selector):
     description = "graph-Laplacian low-pass filtering of importance and gradients (our reading of 2504.19583)"
     needs_data = True
 
-    def __init__(self, batches: int | str = 20, neighbours: int = 10, filter: str = "tikhonov",
-                 gamma: float = 1.0, cutoff: float = 0.5, mu: float = 1.0):
+    def __init__(self, batches: Batches = 20, neighbours: PositiveInt = 10, filter: str = "tikhonov",
+                 gamma: NonNegativeFloat = 1.0, cutoff: Fraction = 0.5, mu: NonNegativeFloat = 1.0):
         self.batches = batches
         self.neighbours = neighbours
         self.filter = check_choice("filter", filter, FILTERS)

@@ -232,13 +232,13 @@ def cmd_leaderboard(args) -> None:
 
 def cmd_run(args) -> None:
     from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.trainer import train_config
 
     config = RunConfig(
         method=args.method, task=args.task, budget=args.budget, seeds=list(range(args.seeds)),
         model=args.model, device=args.device, method_params=_parse_params(args.param),
-        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          max_length=args.max_length, max_steps=args.max_steps),
+        train=train_config({"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                            "max_length": args.max_length, "max_steps": args.max_steps}, "run options"),
         limit=args.limit, output_dir=args.output_dir)
     summary, run_dir = run_experiment(config, progress=not args.quiet)
     print(format_summary(summary))
@@ -298,6 +298,16 @@ def cmd_methods(args) -> None:
         print(f"{name:14s} {info.package:18s} {info.description}")
 
 
+INTERRUPTED = {  # what an interrupt leaves behind, per command (said exactly, see README)
+    "run": "the run directory is marked INCOMPLETE (reports skip it) and keeps the finished "
+           "seeds' results; the same command starts a new run directory",
+    "sweep": "completed cells are kept in the study; the same command resumes and runs the "
+             "interrupted cell again",
+    "leaderboard": "completed cells are kept in the study; the same command resumes and runs "
+                   "the interrupted cell again",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -309,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peftbench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("peftbench: interrupted; finished work is kept (run directories, the study): "
-              "the same command resumes", file=sys.stderr)
+        print(f"peftbench: interrupted; {INTERRUPTED.get(args.command, 'nothing was lost')}",
+              file=sys.stderr)
         return 130
     return code or 0
 

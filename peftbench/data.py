@@ -5,14 +5,19 @@ model's input text, the label mapping and the metrics. Loading goes through `dat
 """
 from __future__ import annotations
 
+import json
 import os
+import string
 from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic import (BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
 
-from peftbench.errors import UsageError
+from peftbench import yamlio
+from peftbench.errors import UsageError, schema_problem
 from peftbench.metrics import METRICS
 
 KINDS = ("classification", "regression", "multiple_choice")
@@ -113,21 +118,68 @@ class TaskSpec:
         else:
             files = {s: str(self.path.parent / f) for s, f in self.files.items()}
             for split, file in files.items():
-                if not Path(file).is_file():
-                    raise UsageError(f"task {self.name!r}: {split} data file {file} is missing "
-                                     f"(named in {self.path})")
+                self._check_file(split, file)
             raw = load_dataset("json", data_files=files)
+        for split in SPLITS:
+            self._check_rows(split, raw[split])
         if self.preprocess:
             raw = raw.map(PREPROCESSORS[self.preprocess])
         if limit:
             raw = DatasetDict({s: d.select(range(min(limit, len(d)))) for s, d in raw.items()})
         return raw
 
+    def _check_file(self, split: str, file: str) -> None:
+        """Every line of a local JSONL file is a JSON object, and there is at least one: a bad
+        line is named by file and line number (datasets' own error names neither)."""
+        if not Path(file).is_file():
+            raise UsageError(f"task {self.name!r}: {split} data file {file} is missing "
+                             f"(named in {self.path})")
+        rows = 0
+        with open(file, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"task {self.name!r}: {file}:{number}: not valid JSON "
+                                     f"({err.msg}); each line must be one JSON object") from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"task {self.name!r}: {file}:{number}: a line must be a JSON "
+                                     f"object with the fields, not {type(row).__name__}")
+                rows += 1
+        if not rows:
+            raise UsageError(f"task {self.name!r}: {split} data file {file} has no rows")
+
+    def fields(self) -> list[str]:
+        """The row fields the spec reads: the label and every text template's fields."""
+        templates = self.text if self.kind != "multiple_choice" else [self.context, *self.choices]
+        return ["label", *dict.fromkeys(f for t in templates for f in template_fields(t))]
+
+    def _check_rows(self, split: str, rows) -> None:
+        """The fields the spec reads exist, and every label is one the task allows."""
+        if len(rows) == 0:
+            raise UsageError(f"task {self.name!r}: the {split} split has no rows")
+        missing = [f for f in self.fields() if f not in rows.column_names]
+        if missing:
+            raise UsageError(f"task {self.name!r}: the {split} split has no field(s) {missing} "
+                             f"(named in {self.path}); its fields are {rows.column_names}")
+        for number, value in enumerate(rows["label"], 1):
+            try:
+                self.label_id(value)
+            except UsageError as err:
+                raise UsageError(f"{err} ({split} row {number})") from None
+
     def label_id(self, value):
         if self.kind == "regression":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"task {self.name!r}: regression label {value!r} is not a number")
             return float(value)
         if self.kind == "multiple_choice":
-            return int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(self.choices):
+                raise UsageError(f"task {self.name!r}: multiple-choice label {value!r} is not a "
+                                 f"choice index: allowed 0..{len(self.choices) - 1}")
+            return value
         try:
             return self.labels.index(value)
         except ValueError:
@@ -162,58 +214,128 @@ def load_task(name_or_path: str) -> TaskSpec:
     return parse_task(path)
 
 
+class _Files(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    train: str
+    validation: str
+    test: str
+
+
+class _Hub(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: str
+    name: str | None = None
+    splits: dict[str, str] = {}
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    files: _Files | None = None
+    hub: _Hub | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.files is None and self.hub is None:
+            raise ValueError("data needs 'files' (train/validation/test paths) or 'hub' (path, name)")
+        return self
+
+
+class TaskFile(BaseModel):
+    """The schema of a task YAML file: every key typed; a wrong type or an unknown key is refused
+    (strict: a number is not read as a string, nor a string as a list)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    kind: str
+    data: _Data
+    metrics: str | list[str]
+    main_metric: str | list[str] | None = None
+    description: str = ""
+    notes: str = ""
+    text: str | list[str] | None = None
+    context: str | None = None
+    choices: list[str] | None = None
+    labels: list[StrictBool | StrictInt | StrictStr] | None = None
+    preprocess: str | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value):
+        if value not in KINDS:
+            raise ValueError(f"kind {value!r} is unknown: allowed {', '.join(KINDS)}")
+        return value
+
+    @field_validator("metrics", "main_metric")
+    @classmethod
+    def _metrics(cls, value):
+        for m in [value] if isinstance(value, str) else value or []:
+            if m not in METRICS:
+                raise ValueError(f"metric {m!r} is unknown: allowed {', '.join(METRICS)}")
+        return value
+
+    @field_validator("preprocess")
+    @classmethod
+    def _preprocess(cls, value):
+        if value is not None and value not in PREPROCESSORS:
+            raise ValueError(f"preprocessor {value!r} is unknown: allowed {', '.join(PREPROCESSORS)}")
+        return value
+
+    @field_validator("text", "context", "choices")
+    @classmethod
+    def _templates(cls, value):
+        for template in [value] if isinstance(value, str) else value or []:
+            template_fields(template)  # raises ValueError on a broken template
+        return value
+
+
+def template_fields(template: str) -> list[str]:
+    """The row fields a text template reads: '{premise} What was the {question}?' -> premise,
+    question; a bare name ('premise') is that field. ValueError on a broken template."""
+    if "{" not in template and "}" not in template:
+        return [template]
+    try:
+        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:
+        raise ValueError(f"template {template!r} is broken ({err}); write fields as {{name}}") from None
+    if any(not n or not n.isidentifier() for n in names):
+        raise ValueError(f"template {template!r} has an empty or unnamed field; write fields as {{name}}")
+    return names
+
+
 def parse_task(path: Path) -> TaskSpec:
     text = path.read_text()
     try:
         node = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        raw = yamlio.load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UsageError(f"malformed task YAML {where}: {problem}") from None
+        raise UsageError(f"malformed task YAML {yamlio.where(err, path)}") from None
 
     def fail(key: str, message: str):
         raise UsageError(f"malformed task YAML {path}:{_line_of(node, key)}: {message}")
 
     if not isinstance(raw, dict):
         raise UsageError(f"malformed task YAML {path}:1: expected a mapping of keys to values")
-    allowed = set(TaskSpec.__dataclass_fields__) - {"path", "files", "hub"} | {"data"}
-    for key in raw:
-        if key not in allowed:
-            fail(key, f"unknown key {key!r}: allowed {', '.join(sorted(allowed))}")
-    for key in ("name", "kind", "data", "metrics"):
-        if key not in raw:
-            fail(key, f"missing required key {key!r}")
-    if raw["kind"] not in KINDS:
-        fail("kind", f"kind {raw['kind']!r} is unknown: allowed {', '.join(KINDS)}")
-    metrics = raw["metrics"] if isinstance(raw["metrics"], list) else [raw["metrics"]]
-    main = raw.get("main_metric", metrics[0])
-    main = main if isinstance(main, list) else [main]
-    for m in metrics + main:
-        if m not in METRICS:
-            fail("metrics", f"metric {m!r} is unknown: allowed {', '.join(METRICS)}")
-    data = raw["data"]
-    if not isinstance(data, dict) or not ({"files", "hub"} & set(data)):
-        fail("data", "data needs 'files' (train/validation/test paths) or 'hub' (path, name)")
-    files = data.get("files") or {}
-    if files and set(files) != set(SPLITS):
-        fail("data", f"data.files must name exactly the splits {', '.join(SPLITS)}")
-    kind = raw["kind"]
-    if kind == "classification" and not raw.get("labels"):
+    try:
+        spec = TaskFile.model_validate(raw)
+    except ValidationError as err:
+        fail(*schema_problem(err, raw, TaskFile))
+    kind = spec.kind
+    if kind == "classification" and not spec.labels:
         fail("kind", "a classification task needs 'labels' (file values in class-id order)")
-    if kind == "multiple_choice" and not (raw.get("context") and raw.get("choices")):
+    if kind == "multiple_choice" and not (spec.context and spec.choices):
         fail("kind", "a multiple_choice task needs 'context' and 'choices'")
-    if kind != "multiple_choice" and not raw.get("text"):
+    if kind != "multiple_choice" and not spec.text:
         fail("kind", "a classification or regression task needs 'text' (one or two fields)")
-    if raw.get("preprocess") and raw["preprocess"] not in PREPROCESSORS:
-        fail("preprocess", f"preprocessor {raw['preprocess']!r} is unknown: allowed "
-                           f"{', '.join(PREPROCESSORS)}")
-    fields = {k: v for k, v in raw.items() if k not in ("data", "metrics", "main_metric")}
-    if isinstance(fields.get("text"), str):
-        fields["text"] = [fields["text"]]
-    return TaskSpec(path=path, metrics=metrics, main_metric=main, files=files,
-                    hub=data.get("hub"), **fields)
+    metrics = [spec.metrics] if isinstance(spec.metrics, str) else list(spec.metrics)
+    main = spec.main_metric or metrics[0]
+    main = [main] if isinstance(main, str) else list(main)
+    files = spec.data.files.model_dump() if spec.data.files else {}
+    return TaskSpec(path=path, name=spec.name, kind=kind, metrics=metrics, main_metric=main,
+                    description=spec.description, files=files,
+                    hub=spec.data.hub.model_dump() if spec.data.hub else None,
+                    text=[spec.text] if isinstance(spec.text, str) else list(spec.text or []),
+                    context=spec.context, choices=list(spec.choices or []), labels=spec.labels,
+                    preprocess=spec.preprocess, notes=spec.notes)
 
 
 def _line_of(node, key: str) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from peftbench import registry
+from peftbench.errors import UsageError
 from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.models import head_parameters, load_model, pretrained_parameters, pretrained_size
@@ -48,7 +49,16 @@ class RunConfig:
 
 
 def _write(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str))
+    """JSON through a temporary file: a crash or a full disk never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+INCOMPLETE = "INCOMPLETE"  # marker file of a run directory that stopped early (reports skip it)
 
 
 def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreCache | None = None,
@@ -68,24 +78,56 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
 
         datasets.disable_progress_bars()
         logging.disable_progress_bar()
-    budget.entries(pretrained_size(config.model, task.num_labels))  # fail fast, before any I/O
+    size, positions = pretrained_size(config.model, task.num_labels)
+    if selector_cls.uses_budget:
+        budget.entries(size)  # fail fast, before any I/O
+    if config.train.max_length > positions:
+        raise UsageError(f"max length {config.train.max_length} is beyond the model's position "
+                         f"table: {config.model!r} takes at most {positions} tokens")
     splits = task.load_splits(limit=config.limit)
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir = Path(config.output_dir) / f"{config.method}-{task.name}-b{budget}-{stamp}"
-    run_dir.mkdir(parents=True)
-    _write(run_dir / "config.json", {**asdict(config), "task_spec": str(task.path),
-                                     "selector": selector_cls.__module__ + "." + selector_cls.__name__,
-                                     "torch": torch.__version__, "python": platform.python_version(),
-                                     "device_resolved": str(device)})
+    try:
+        run_dir.mkdir(parents=True)
+        (run_dir / INCOMPLETE).write_text("running\n")
+        _write(run_dir / "config.json", {
+            **asdict(config), "task_spec": str(task.path),
+            "selector": selector_cls.__module__ + "." + selector_cls.__name__,
+            "method_distribution": selector_distribution(config.method),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device_resolved": str(device)})
+    except OSError as err:
+        raise UsageError(f"cannot write the run directory {run_dir}: {err.strerror or err} "
+                         f"(--output-dir {config.output_dir!r} must be a writable folder)") from None
     results, start = [], time.perf_counter()
-    for seed in config.seeds:
-        results.append(_run_seed(config, task, splits, budget, seed, device,
-                                 run_dir / f"seed-{seed}", progress, score_cache, on_epoch))
-    summary = summarize(config, task, results)
-    summary["wall_time_s"] = time.perf_counter() - start
-    _write(run_dir / "summary.json", summary)
+    try:
+        for seed in config.seeds:
+            results.append(_run_seed(config, task, splits, budget, seed, device,
+                                     run_dir / f"seed-{seed}", progress, score_cache, on_epoch))
+        summary = summarize(config, task, results)
+        summary["wall_time_s"] = time.perf_counter() - start
+        _write(run_dir / "summary.json", summary)
+    except BaseException as err:  # Ctrl-C, a full disk, a crash: say so in the folder, then go on
+        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+        try:
+            (run_dir / INCOMPLETE).write_text(f"{reason}\nseeds finished: {[r['seed'] for r in results]}\n")
+        except OSError:
+            pass
+        if isinstance(err, OSError):
+            raise UsageError(f"writing under {run_dir} failed: {err.strerror or err}; the run "
+                             "directory is marked INCOMPLETE (reports skip it)") from None
+        raise
+    (run_dir / INCOMPLETE).unlink()
     return summary, run_dir
+
+
+def selector_distribution(method: str) -> dict:
+    """The distribution (package) a method comes from and its version, for config.json."""
+    from peftbench.fingerprint import distribution_version
+
+    package = registry.methods()[method.lower()].package
+    return {"name": package, "version": distribution_version(package)}
 
 
 def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: int,

@@ -61,9 +61,10 @@ def load_model(model: str, num_labels: int):
     return net, tokenizer
 
 
-def pretrained_size(model: str, num_labels: int) -> int:
-    """Entries of the pre-trained encoder, from the config alone (no weights are loaded), so a
-    budget can be checked before any work starts."""
+def pretrained_size(model: str, num_labels: int) -> tuple[int, int]:
+    """(entries of the pre-trained encoder, longest input in tokens), from the config alone (no
+    weights are loaded), so a budget and a max length can be checked before any work starts.
+    RoBERTa-style position tables start after the padding index, so two rows are not usable."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -75,7 +76,10 @@ def pretrained_size(model: str, num_labels: int) -> int:
         raise UsageError(f"cannot load model {model!r}: {first}") from None
     with torch.device("meta"):
         net = AutoModelForSequenceClassification.from_config(config)
-    return sum(p.numel() for p in pretrained_parameters(net).values())
+    positions = getattr(config, "max_position_embeddings", None) or 10**9
+    if "roberta" in config.model_type or config.model_type in ("camembert", "longformer"):
+        positions -= 2
+    return sum(p.numel() for p in pretrained_parameters(net).values()), positions
 
 
 def pretrained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from peftbench.errors import UsageError
-from peftbench.selector import Selector
+from peftbench.selector import Selector, validate_params
 
 GROUP = "peftbench.methods"
 
@@ -72,8 +72,10 @@ def get(name: str) -> type[Selector]:
 
 
 def create(name: str, **params) -> Selector:
-    """An instance of method `name` with hyper-parameters `params` (checked against __init__)."""
+    """An instance of method `name` with hyper-parameters `params`, validated against its
+    `__init__` signature and annotations first (`selector.validate_params`)."""
     cls = get(name)
+    params = validate_params(cls, name, params)
     try:
         return cls(**params)
     except TypeError as err:

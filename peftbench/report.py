@@ -29,7 +29,8 @@ TIES = ("average", "min", "max", "dense", "ordinal")
 
 
 def load_runs(folders: list[str | Path]) -> pd.DataFrame:
-    """One row per finished seed in the given run directories (or folders of them).
+    """One row per finished seed in the given run directories (or folders of them); run
+    directories marked INCOMPLETE (interrupted, crashed) are skipped, with a note.
 
     A (task, method, budget, seed) found in several run directories (a re-run) counts once:
     the newest run directory's result is kept, so a re-run never adds seeds. Seeds that
@@ -37,10 +38,15 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
     in `frame.attrs["notes"]`."""
     from peftbench import registry
 
-    rows, failed, notes = [], {}, []
+    from peftbench.experiment import INCOMPLETE
+
+    rows, failed, notes, incomplete = [], {}, [], set()
     for folder in folders:
         for result_file in sorted(Path(folder).glob("**/seed-*/result.json")):
             run_dir = result_file.parent.parent
+            if (run_dir / INCOMPLETE).exists():
+                incomplete.add(str(run_dir))
+                continue
             config = json.loads((run_dir / "config.json").read_text())
             result = json.loads(result_file.read_text())
             try:
@@ -65,8 +71,12 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
                          "train_time_s": result["train_time_s"], "run_dir": str(run_dir),
                          "written": result_file.stat().st_mtime,
                          "spend": result.get("trainable_by_tensor", {})})
+    if incomplete:
+        notes.append(f"skipped {len(incomplete)} run directories marked {INCOMPLETE} (interrupted "
+                     f"or failed): {', '.join(sorted(incomplete))}")
     if not rows:
-        raise UsageError(f"no finished runs (seed-*/result.json) under {[str(f) for f in folders]}")
+        raise UsageError(f"no finished runs (seed-*/result.json) under {[str(f) for f in folders]}"
+                         + (f"; {notes[0]}" if notes else ""))
     frame = pd.DataFrame(rows).sort_values("written")
     key = ["task", "method", "budget", "seed"]
     repeated = int(frame.duplicated(key, keep="last").sum())

@@ -27,7 +27,11 @@ runs without `score` being called again, so everything `select`, `apply` and the
 from the scoring pass must be *in the returned scores*, not left on `self`.
 
 Hyper-parameters are keyword arguments of `__init__`, stored under the same names, as in
-scikit-learn: `get_params()` reads them back, so a run's config records them all.
+scikit-learn: `get_params()` reads them back, so a run's config records them all. Their
+annotations are the constraints (as scikit-learn's `_parameter_constraints`): the registry
+validates every user-given value against them with pydantic, strictly, before `__init__` runs
+(`validate_params`), so `r=0`, `clip=big` or `burnin=abc` are refused by name. Use the aliases
+below (`PositiveInt`, `Batches`, `Fraction`, ...) or any pydantic-understood annotation.
 
 Budget: the number of *pre-trained* entries (the encoder, i.e. `model.base_model`) that may
 differ from their pre-trained values. The task head is new, trained by every method, and is
@@ -37,10 +41,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import torch
+from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, TypeAdapter,
+                      ValidationError)
 
 from peftbench.errors import UsageError, check_choice
 
@@ -51,6 +58,41 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Scope = Literal["tensor", "global"]
 SCOPES = ("tensor", "global")
+
+# Parameter constraints for method signatures (see the module docstring).
+Batches = Union[PositiveInt, Literal["epoch"]]  # scoring batches: a count, or one pass
+Fraction = Annotated[float, Field(gt=0, le=1)]  # (0, 1]
+Decay = Annotated[float, Field(ge=0, lt=1)]  # [0, 1): dropout-like probabilities, EMA factors
+__all__ = ["Batches", "Fraction", "Decay", "NonNegativeFloat", "PositiveFloat", "PositiveInt"]
+
+
+def validate_params(cls: type, method: str, params: dict) -> dict:
+    """`params` checked against `cls.__init__`'s signature and annotations (strict: no string
+    is read as a number, no bool as an int); a UsageError naming the parameter, what was wrong
+    and the accepted parameters otherwise."""
+    signature = inspect.signature(cls.__init__)
+    accepted = [n for n, p in signature.parameters.items() if n != "self" and p.kind not in
+                (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    listing = ", ".join(f"{n}={signature.parameters[n].default!r}" for n in accepted) or "none"
+    out = {}
+    for name, value in params.items():
+        if name not in accepted:
+            raise UsageError(f"method {method!r} has no parameter {name!r}: accepted {listing}")
+        if name not in hints:
+            out[name] = value
+            continue
+        try:
+            out[name] = TypeAdapter(hints[name], config=ConfigDict(strict=True)).validate_python(value)
+        except ValidationError as err:
+            problem = err.errors()[0]
+            message = problem["msg"]
+            if problem["type"] == "literal_error":
+                allowed = problem["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+                message = f"{name} {value!r} is unknown: allowed {allowed}"
+            raise UsageError(f"method {method!r} parameter {name}={value!r}: {message} "
+                             f"(accepted parameters: {listing})") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -68,6 +110,9 @@ class Budget:
         except (TypeError, ValueError):
             raise UsageError(f"budget {text!r} is not a number: give a fraction in (0, 1] "
                              "or an integer count of entries") from None
+        if not math.isfinite(value):
+            raise UsageError(f"budget {text!r} is not finite: give a fraction in (0, 1] "
+                             "or an integer count of entries")
         if 0 < value <= 1:
             return cls(fraction=value)
         if value > 1 and value == int(value):
@@ -82,7 +127,11 @@ class Budget:
                 raise UsageError(f"budget of {self.count} entries is above the model size: "
                                  f"the pre-trained model has {total} entries")
             return self.count
-        return math.floor(self.fraction * total)
+        k = math.floor(self.fraction * total)
+        if k == 0:
+            raise UsageError(f"budget {self} selects 0 of the {total} pre-trained entries: give at "
+                             f"least {1 / total:.2g} (one entry) or an integer count")
+        return k
 
     def __str__(self) -> str:
         return f"{self.fraction:g}" if self.fraction is not None else str(self.count)

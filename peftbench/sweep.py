@@ -42,28 +42,30 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from typing import Any, Literal
 
 import optuna
 import yaml
 from filelock import FileLock
+from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PydanticField
+from pydantic import (NonNegativeInt, PositiveInt, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, field_validator, model_validator)
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
-from peftbench import registry
+from peftbench import registry, yamlio
 from peftbench.cache import ScoreCache
-from peftbench.errors import UsageError
+from peftbench.errors import UsageError, schema_problem
 from peftbench.experiment import RunConfig, run_experiment
 from peftbench.fingerprint import code_identity, digest, file_digest, model_fingerprint
 from peftbench.selector import Budget
-from peftbench.trainer import TrainConfig
+from peftbench.trainer import TrainConfig, train_config
 
 NATURAL = "natural"  # the budget label of methods with a natural count (`uses_budget = False`)
-SPEC_KEYS = {"name", "description", "model", "tasks", "methods", "budgets", "seeds", "train",
-             "limit", "device", "storage", "output_dir", "heartbeat_interval", "grace_period",
-             "search", "published", "machine", "method_notes"}
-SEARCH_KEYS = {"trials", "params", "method_params", "pruner", "seed", "budget"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
 
@@ -120,63 +122,128 @@ def load_spec(path: str | Path, **overrides) -> StudySpec:
     if not path.is_file():
         raise UsageError(f"study spec {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yamlio.load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"study spec {path} is not valid YAML: {err}") from None
+        raise UsageError(f"study spec {yamlio.where(err, path)}") from None
     if not isinstance(raw, dict):
         raise UsageError(f"study spec {path}: the top level must be a mapping")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return parse_spec(raw, str(path))
 
 
+class _Range(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    low: StrictInt | StrictFloat  # two ints: an integer range (epochs), else a float range
+    high: StrictInt | StrictFloat
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+class _Choices(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    choices: list[StrictBool | StrictInt | StrictFloat | StrictStr] = PydanticField(min_length=1)
+
+
+class _Search(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    trials: PositiveInt = 10
+    params: dict[str, _Range | _Choices] = {}
+    method_params: bool = False
+    pruner: Literal["median", "none"] = "median"
+    seed: StrictInt = 0
+    budget: StrictFloat | StrictInt | StrictStr | None = None
+
+    @field_validator("params")
+    @classmethod
+    def _train_settings(cls, value):
+        allowed = sorted(TRAIN_KEYS)
+        for name in value:
+            if name not in TRAIN_KEYS:
+                raise ValueError(f"search param {name!r} is not a train setting ({allowed})")
+        return value
+
+
+Number = StrictFloat | StrictInt | StrictStr  # a budget: 0.005, 120000 or '0.005'
+
+
+class SpecFile(BaseModel):
+    """The schema of a study spec (README "Sweeps"): every key typed, strictly (`seeds: "3"` is
+    refused, not read as seed 3), unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: StrictStr = PydanticField(min_length=1)
+    tasks: StrictStr | list[StrictStr] = PydanticField(min_length=1)
+    methods: list[StrictStr] | dict[StrictStr, dict[StrictStr, Any] | None] = PydanticField(min_length=1)
+    budgets: Number | list[Number] = ["0.005"]
+    seeds: PositiveInt | list[NonNegativeInt] = 1
+    model: StrictStr = "default"
+    train: dict[StrictStr, Any] = {}
+    limit: PositiveInt | None = None
+    device: StrictStr = "auto"
+    storage: StrictStr | None = None
+    output_dir: StrictStr | None = None
+    heartbeat_interval: PositiveInt = 30
+    grace_period: PositiveInt = 120
+    search: _Search | None = None
+    published: dict[StrictStr, dict[StrictStr, StrictStr]] | None = None
+    method_notes: dict[StrictStr, StrictStr] = {}
+    description: StrictStr = ""
+    machine: StrictStr = ""
+
+    @field_validator("budgets", "seeds")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat(self):
+        # Optuna fails a trial whose heartbeat is older than grace_period: a grace shorter than
+        # two beats fails live trials of busy workers (seen: a cell trained twice)
+        if self.grace_period < 2 * self.heartbeat_interval:
+            raise ValueError(f"grace_period {self.grace_period} must be at least twice "
+                             f"heartbeat_interval {self.heartbeat_interval}")
+        return self
+
+
 def parse_spec(raw: dict, where: str = "spec") -> StudySpec:
-    unknown = set(raw) - SPEC_KEYS
-    if unknown:
-        raise UsageError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
-    for key in ("name", "tasks", "methods"):
-        if not raw.get(key):
-            raise UsageError(f"{where}: '{key}' is required")
-    methods = raw["methods"]
-    if isinstance(methods, list):
-        methods = {m: {} for m in methods}
-    if not isinstance(methods, dict):
-        raise UsageError(f"{where}: 'methods' must be a list of names or a mapping name -> params")
-    methods = {str(m): dict(p or {}) for m, p in methods.items()}
+    try:
+        spec = SpecFile.model_validate(raw)
+    except ValidationError as err:
+        raise UsageError(f"{where}: {schema_problem(err, raw, SpecFile)[1]}") from None
+    methods = {m: {} for m in spec.methods} if isinstance(spec.methods, list) else \
+        {m: dict(p or {}) for m, p in spec.methods.items()}
+    if isinstance(spec.methods, list) and len(set(spec.methods)) < len(spec.methods):
+        raise UsageError(f"{where}: a method is listed twice in 'methods': {spec.methods}")
     for name, params in methods.items():
         registry.create(name, **params)  # unknown method or bad parameter: a clear error now
-    tasks = [raw["tasks"]] if isinstance(raw["tasks"], str) else list(raw["tasks"])
+    tasks = [spec.tasks] if isinstance(spec.tasks, str) else list(spec.tasks)
     from peftbench.data import load_task
 
     for task in tasks:
         load_task(task)
-    budgets = raw.get("budgets", ["0.005"])
-    budgets = [str(b) for b in (budgets if isinstance(budgets, list) else [budgets])]
-    for b in budgets:
-        Budget.parse(b)
-    seeds = raw.get("seeds", 1)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    train = raw.get("train") or {}
-    bad = set(train) - TRAIN_KEYS
-    if bad:
-        raise UsageError(f"{where}: unknown train settings {sorted(bad)}; allowed: {sorted(TRAIN_KEYS)}")
-    search = raw.get("search")
-    if search is not None:
-        bad = set(search) - SEARCH_KEYS
-        if bad:
-            raise UsageError(f"{where}: unknown search keys {sorted(bad)}; allowed: {sorted(SEARCH_KEYS)}")
-        for name in search.get("params", {}):
-            if name not in TRAIN_KEYS:
-                raise UsageError(f"{where}: search param {name!r} is not a train setting "
-                                 f"({sorted(TRAIN_KEYS)})")
+    budgets = [str(Budget.parse(b)) for b in (spec.budgets if isinstance(spec.budgets, list) else [spec.budgets])]
+    if len(set(budgets)) < len(budgets):
+        raise UsageError(f"{where}: budgets {spec.budgets} name the same budget twice "
+                         f"(as numbers: {budgets})")
+    seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else list(spec.seeds)
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"{where}: seeds {seeds} repeat a seed")
     return StudySpec(
-        name=str(raw["name"]), tasks=tasks, methods=methods, budgets=budgets, seeds=seeds,
-        model=raw.get("model", "default"), train=TrainConfig(**train), limit=raw.get("limit"),
-        device=raw.get("device", "auto"), storage=raw.get("storage"), output_dir=raw.get("output_dir"),
-        heartbeat_interval=int(raw.get("heartbeat_interval", 30)),
-        grace_period=int(raw.get("grace_period", 120)), search=search,
-        published=raw.get("published"), description=raw.get("description", ""),
-        method_notes=dict(raw.get("method_notes") or {}),
-        machine=raw.get("machine", ""))
+        name=spec.name, tasks=tasks, methods=methods, budgets=budgets, seeds=seeds,
+        model=spec.model, train=train_config(spec.train, f"{where}: train"), limit=spec.limit,
+        device=spec.device, storage=spec.storage, output_dir=spec.output_dir,
+        heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
+        search=spec.search.model_dump() if spec.search else None, published=spec.published,
+        description=spec.description, machine=spec.machine, method_notes=dict(spec.method_notes))
 
 
 def cells(spec: StudySpec) -> list[Cell]:
@@ -190,19 +257,41 @@ def cells(spec: StudySpec) -> list[Cell]:
     return out
 
 
+STORAGE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "mysql://",
+                   "mysql+pymysql://", "journal:")
+
+
 def open_storage(spec: StudySpec):
-    """An Optuna storage for the spec's URL: RDB (with heartbeat) or `journal:<path>`."""
+    """An Optuna storage for the spec's URL: RDB (with heartbeat) or `journal:<path>`.
+
+    The journal storage has no heartbeat: a killed worker's trial would stay RUNNING forever.
+    Its way out: a worker that finds only RUNNING trials fails those whose worker process is
+    gone (same host, PID no longer alive; `reclaim_dead_local_trials`), so one machine resumes
+    after kill -9. Across machines use an RDB storage."""
     url = spec.storage_url
+    if not url.startswith(STORAGE_SCHEMES):
+        raise UsageError(f"storage {url!r} has an unknown scheme: allowed "
+                         f"{', '.join(s + '...' for s in STORAGE_SCHEMES)}")
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        path = Path(url[len("journal:"):])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as err:
+            raise UsageError(f"storage {url!r}: cannot open the journal file: {err.strerror or err}") from None
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"storage {url!r}: cannot create its folder: {err.strerror or err}") from None
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
 
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else \
+        {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
     # two processes creating a fresh SQLite schema at once collide (alembic_version): serialise
     lock = FileLock(url[len("sqlite:///"):] + ".lock") if url.startswith("sqlite:///") else nullcontext()
     try:
@@ -214,6 +303,34 @@ def open_storage(spec: StudySpec):
     except (ImportError, ModuleNotFoundError) as err:
         raise UsageError(f"storage {url!r} needs a database driver: {err} "
                          "(PostgreSQL: pip install 'peftbench[postgres]')") from None
+    except (SQLAlchemyError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot open storage {url!r}: {first[:300]}") from None
+
+
+def reclaim_dead_local_trials(study: optuna.Study) -> int:
+    """Fail RUNNING trials whose worker ran on this host and whose process is gone (the journal
+    storage's stand-in for a heartbeat); returns how many. Their cells are queued again."""
+    host, failed = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        name, _, pid = worker.rpartition(":")
+        if name != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "failure", f"worker {worker} is gone")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        failed += 1
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_study(spec: StudySpec, storage=None) -> optuna.Study:
@@ -234,7 +351,7 @@ def cell_run_config(spec: StudySpec, cell: Cell, best: dict) -> RunConfig:
                      budget="1" if cell.budget == NATURAL else cell.budget, seeds=[cell.seed],
                      model=spec.model, device=spec.device,
                      method_params={**spec.methods[cell.method], **tuned.get("method", {})},
-                     train=replace(spec.train, **tuned.get("train", {})), limit=spec.limit,
+                     train=train_config(tuned.get("train", {}), "search.json", spec.train), limit=spec.limit,
                      output_dir=str(spec.out / "runs"))
 
 
@@ -471,6 +588,9 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool 
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
             if progress:
                 log(_trial_line(study, prints))
+        elif state["running"] and not heartbeat and reclaim_dead_local_trials(study):
+            added = enqueue_missing(study, spec)
+            log(f"{added} cell(s) of dead local workers queued again")
         elif state["running"]:
             if not told_waiting:
                 log(f"waiting for {state['running']} running trial(s): other workers, or lost ones "
@@ -553,7 +673,7 @@ def run_search(spec: StudySpec, log=print) -> dict:
                 config = RunConfig(method=method, task=task,
                                    budget="1" if not cls.uses_budget else budget,
                                    seeds=[spec.seeds[0]], model=spec.model, device=spec.device,
-                                   method_params=params, train=replace(spec.train, **train),
+                                   method_params=params, train=train_config(train, "search", spec.train),
                                    limit=spec.limit, output_dir=str(spec.out / "search-runs"))
                 summary, run_dir = run_experiment(config, progress=False, score_cache=cache,
                                                   on_epoch=on_epoch)

@@ -10,12 +10,16 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
+                      ValidationError)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -25,17 +29,35 @@ from peftbench.errors import UsageError
 from peftbench.selector import Selector
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(strict=True, allow_inf_nan=False))
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    lr: float = 1e-4  # Fu et al.'s learning rate, for every method
-    weight_decay: float = 0.01  # not on biases and LayerNorm, as Fu et al.
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    max_steps: int | None = None  # stop early (quick runs, tests)
+    """Training settings, validated on construction (strict types, finite positive values):
+    build one from user input with `train_config`, which names the bad key."""
+
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 16
+    eval_batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-4  # Fu et al.'s learning rate, for every method
+    weight_decay: NonNegativeFloat = 0.01  # not on biases and LayerNorm, as Fu et al.
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    max_grad_norm: PositiveFloat = 1.0
+    max_length: PositiveInt = 128
+    max_steps: PositiveInt | None = None  # stop early (quick runs, tests)
+
+
+def train_config(values: dict, where: str = "train", base: TrainConfig | None = None) -> TrainConfig:
+    """A TrainConfig from user values (over `base`'s), or a UsageError naming the key, the
+    value, what was wrong and the allowed settings."""
+    allowed = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise UsageError(f"{where}: unknown train settings {unknown}; allowed: {sorted(allowed)}")
+    try:
+        return TrainConfig(**{**(asdict(base) if base else {}), **values})
+    except ValidationError as err:
+        problem = err.errors()[0]
+        key = ".".join(str(x) for x in problem["loc"])
+        raise UsageError(f"{where}.{key} = {problem.get('input')!r}: {problem['msg']}") from None
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -122,7 +122,7 @@ def test_natural_count_methods_run_once_per_seed(tmp_path, tiny_model_dir):
     ({"methods": ["nope"]}, "nope"),
     ({"tasks": ["nope"]}, "nope"),
     ({"budgets": [2.5]}, "budget"),
-    ({"colour": 1}, "unknown keys"),
+    ({"colour": 1}, "unknown key 'colour'"),
     ({"train": {"learning_rate": 1}}, "unknown train settings"),
     ({"methods": {"random": {"bogus": 1}}}, "bogus"),
     ({"search": {"params": {"dropout": {"low": 0, "high": 1}}}}, "not a train setting"),

@@ -1,0 +1,60 @@
+"""Reading the YAML that users write (task specs, study specs), without PyYAML's two traps:
+
+- a key written twice is an error naming both lines (PyYAML silently keeps the last, so a
+  method listed twice with different parameters would run once, with the second set);
+- `1e-3` is a float, as in YAML 1.2 and JSON (PyYAML follows YAML 1.1, which needs `1.0e-3` and
+  reads `1e-3` as the *string* '1e-3', which a strict schema then refuses).
+"""
+from __future__ import annotations
+
+import re
+
+import yaml
+
+FLOAT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    pass
+
+
+class SpecLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats and duplicate keys refused."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats: the implicit resolver for '1e-3' and friends, ahead of the string fallback.
+SpecLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for first in "-+0123456789.":
+    SpecLoader.yaml_implicit_resolvers.setdefault(first, [])
+    SpecLoader.yaml_implicit_resolvers[first] = [
+        (tag, regexp) for tag, regexp in SpecLoader.yaml_implicit_resolvers[first]
+        if tag != "tag:yaml.org,2002:float"]
+SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT, list("-+0123456789."))
+# integers must still win over floats for '3': re-add the int resolver after the float one
+for first in "-+0123456789":
+    resolvers = SpecLoader.yaml_implicit_resolvers[first]
+    ints = [r for r in resolvers if r[0] == "tag:yaml.org,2002:int"]
+    SpecLoader.yaml_implicit_resolvers[first] = ints + [r for r in resolvers if r[0] != "tag:yaml.org,2002:int"]
+
+
+def load(text: str):
+    """Parse YAML text with `SpecLoader`; raises yaml.YAMLError (with marks) on bad input."""
+    return yaml.load(text, Loader=SpecLoader)
+
+
+def where(err: yaml.YAMLError, path) -> str:
+    """'path:line: problem' for a YAML error."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{path}:{mark.line + 1}: {problem}" if mark else f"{path}: {problem}"
