@@ -65,9 +65,13 @@ def distribution_version(name: str) -> str | None:
         return None
 
 
-def code_identity(method: str) -> dict:
-    """A method's code: its distribution and version, a hash of its module's source, and a
-    hash of peftbench's result-path modules (`RESULT_PATH`)."""
+def code_identity(method: str, strict: bool = True) -> dict:
+    """A method's code: its distribution and version, a hash of its module's source, and
+    peftbench's identity: with `strict`, a hash of its result-path modules (`RESULT_PATH`: the
+    score cache, where a spurious miss only costs a recomputation); without, its version (a
+    study's cells, so that a change that cannot move a number, such as input validation, does
+    not strand a finished study: bump `peftbench.__version__` with any change that can)."""
+    import peftbench
     from peftbench import registry
 
     info = registry.methods()[method.lower()]
@@ -75,7 +79,7 @@ def code_identity(method: str) -> dict:
     return {"method": method.lower(), "distribution": info.package,
             "version": distribution_version(info.package),
             "source": file_digest(inspect.getfile(cls)),
-            "peftbench": peftbench_identity()}
+            "peftbench": peftbench_identity() if strict else peftbench.__version__}
 
 
 @lru_cache(maxsize=None)

@@ -362,7 +362,8 @@ def cell_config(config: RunConfig) -> dict:
     return {"model": model_fingerprint(config.model), "model_name": config.model,
             "task_files": [file_digest(f) for f in load_task(config.task).data_files()],
             "train": asdict(config.train), "method_params": config.method_params,
-            "code": code_identity(config.method), "limit": config.limit, "device": config.device}
+            "code": code_identity(config.method, strict=False), "limit": config.limit,
+            "device": config.device}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -382,34 +383,30 @@ def config_difference(old: dict, new: dict) -> list[str]:
 
 
 class Fingerprints:
-    """The current spec's `cell_config` and digest per cell (computed once per task/method)."""
+    """The current spec's cells, and each cell's `cell_config` and its digest (computed once per
+    task/method: budget and seed are the cell's key, not part of its configuration)."""
 
     def __init__(self, spec: StudySpec):
         self.spec, self.best, self._by_pair = spec, best_search_params(spec), {}
+        self.cells = {c.key: c for c in cells(spec)}
 
-    def config(self, cell: Cell) -> dict:
+    def _entry(self, cell: Cell) -> tuple[dict, str]:
         pair = (cell.task, cell.method, cell.budget == NATURAL)
         if pair not in self._by_pair:
             config = cell_config(cell_run_config(self.spec, cell, self.best))
             self._by_pair[pair] = (config, digest(config))
-        return self._by_pair[pair][0]
+        return self._by_pair[pair]
+
+    def config(self, cell: Cell) -> dict:
+        return self._entry(cell)[0]
 
     def of(self, cell: Cell) -> str:
-        self.config(cell)
-        return self._by_pair[(cell.task, cell.method, cell.budget == NATURAL)][1]
+        return self._entry(cell)[1]
 
     def current(self, trial) -> bool:
         """Whether a trial belongs to this spec: one of its cells, with its fingerprint."""
-        a = trial.user_attrs
-        if "cell" not in a:
-            return False
-        cell = Cell(a["task"], a["method"], a["budget"], a["seed"])
-        return self.spec_cells().get(cell.key) == cell and a.get("fingerprint") == self.of(cell)
-
-    def spec_cells(self) -> dict[str, Cell]:
-        if not hasattr(self, "_cells"):
-            self._cells = {c.key: c for c in cells(self.spec)}
-        return self._cells
+        cell = self.cells.get(trial.user_attrs.get("cell"))
+        return cell is not None and trial.user_attrs.get("fingerprint") == self.of(cell)
 
 
 def _settled(trial) -> bool:
@@ -529,7 +526,7 @@ def counts(study: optuna.Study) -> dict[str, int]:
 def cell_states(study: optuna.Study, prints: Fingerprints) -> dict[str, dict]:
     """Per cell of the current spec: 'done', 'running', 'waiting', 'failed' (with the last
     failure's reason) or 'missing', from its trials with the current fingerprint."""
-    out = {key: {"state": "missing"} for key in prints.spec_cells()}
+    out = {key: {"state": "missing"} for key in prints.cells}
     rank = {"done": 4, "running": 3, "waiting": 2, "failed": 1, "missing": 0}
     for t in study.get_trials(deepcopy=False):
         if not prints.current(t):
@@ -571,7 +568,7 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool 
     study = open_study(spec)
     added = enqueue_missing(study, spec, restart_changed=restart_changed)
     prints = Fingerprints(spec)
-    log(f"study {spec.name!r} in {spec.storage_url}: {len(prints.spec_cells())} cells, {added} queued now")
+    log(f"study {spec.name!r} in {spec.storage_url}: {len(prints.cells)} cells, {added} queued now")
     cache = ScoreCache(spec.out / "scores") if use_cache else None
     objective = GridObjective(spec, cache, progress=False)
     heartbeat = is_heartbeat_enabled(study._storage)
