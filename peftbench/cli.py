@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("name", nargs="?", help="a folder name in leaderboards/ (or a path)")
     _study_options(board)
 
+    check = sub.add_parser("check-method", help="run the Selector conformance checks "
+                           "(peftbench.testing) on an installed method, on a tiny model")
+    check.add_argument("name", help="a name from `peftbench methods`")
+    check.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a method hyper-parameter (default: light settings for built-ins)")
+
     sub.add_parser("tasks", help="list the tasks")
     sub.add_parser("methods", help="list the methods and their packages")
     return parser
@@ -208,7 +214,7 @@ def cmd_plot(args) -> None:
     out = Path(args.out or spec.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "pareto":
-        paths = [plots.pareto_png(frame, out / "pareto.png"), plots.pareto_html(frame, out / "pareto.html")]
+        paths = [*plots.pareto_png(frame, out / "pareto.png"), plots.pareto_html(frame, out / "pareto.html")]
     else:
         paths = [plots.spend_png(frame, out / "spend.png", budget=args.budget)]
     print("\n".join(str(p) for p in paths))
@@ -280,6 +286,23 @@ def cmd_bench(args) -> None:
     print(json.dumps(out, indent=2))
 
 
+def cmd_check_method(args) -> int:
+    from transformers.utils import logging
+
+    from peftbench import registry, testing
+
+    logging.disable_progress_bar()
+    registry.get(args.name)  # an unknown or broken method: one line, exit 2
+    params = _parse_params(args.param) if args.param else None
+    outcomes = testing.check_method(args.name, params)
+    width = max(len(o.check) for o in outcomes)
+    for o in outcomes:
+        print(f"{'PASS' if o.passed else 'FAIL'}  {o.check:{width}s}  {o.detail}")
+    failed = sum(not o.ok for o in outcomes)
+    print(f"{args.name}: {len(outcomes) - failed} of {len(outcomes)} checks passed")
+    return 1 if failed else 0
+
+
 def cmd_tasks(args) -> None:
     from peftbench.data import available_tasks, parse_task
 
@@ -313,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods,
-         "sweep": cmd_sweep, "cache": cmd_cache, "status": cmd_status, "report": cmd_report, "plot": cmd_plot,
+         "sweep": cmd_sweep, "cache": cmd_cache, "check-method": cmd_check_method, "status": cmd_status, "report": cmd_report, "plot": cmd_plot,
          "leaderboard": cmd_leaderboard}[args.command](args)
     except UsageError as err:
         print(f"peftbench: error: {err}", file=sys.stderr)

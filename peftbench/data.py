@@ -115,13 +115,17 @@ class TaskSpec:
         if self.hub:
             raw = load_dataset(self.hub["path"], self.hub.get("name"))
             raw = DatasetDict({s: raw[self.hub.get("splits", {}).get(s, s)] for s in SPLITS})
+            for split in SPLITS:  # (local files are checked line by line, below)
+                self._check_rows(split, raw[split])
         else:
             files = {s: str(self.path.parent / f) for s, f in self.files.items()}
             for split, file in files.items():
                 self._check_file(split, file)
-            raw = load_dataset("json", data_files=files)
-        for split in SPLITS:
-            self._check_rows(split, raw[split])
+            try:
+                raw = load_dataset("json", data_files=files)
+            except Exception as err:  # e.g. a column whose values have different types
+                first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+                raise UsageError(f"task {self.name!r}: cannot read its data files: {first}") from None
         if self.preprocess:
             raw = raw.map(PREPROCESSORS[self.preprocess])
         if limit:
@@ -129,8 +133,9 @@ class TaskSpec:
         return raw
 
     def _check_file(self, split: str, file: str) -> None:
-        """Every line of a local JSONL file is a JSON object, and there is at least one: a bad
-        line is named by file and line number (datasets' own error names neither)."""
+        """Every line of a local JSONL file is a JSON object with the fields the spec reads and
+        an allowed label, and there is at least one: a bad line is named by file and line
+        number (datasets' own errors name neither, or fail on a mixed-type column)."""
         if not Path(file).is_file():
             raise UsageError(f"task {self.name!r}: {split} data file {file} is missing "
                              f"(named in {self.path})")
@@ -147,6 +152,7 @@ class TaskSpec:
                 if not isinstance(row, dict):
                     raise UsageError(f"task {self.name!r}: {file}:{number}: a line must be a JSON "
                                      f"object with the fields, not {type(row).__name__}")
+                self._check_row(row, f"{file}:{number}", list(row))
                 rows += 1
         if not rows:
             raise UsageError(f"task {self.name!r}: {split} data file {file} has no rows")
@@ -156,19 +162,22 @@ class TaskSpec:
         templates = self.text if self.kind != "multiple_choice" else [self.context, *self.choices]
         return ["label", *dict.fromkeys(f for t in templates for f in template_fields(t))]
 
+    def _check_row(self, row: dict, where: str, columns: list[str]) -> None:
+        missing = [f for f in self.fields() if f not in columns]
+        if missing:
+            raise UsageError(f"task {self.name!r}: {where}: no field(s) {missing} (named in "
+                             f"{self.path}); the fields there are {columns}")
+        try:
+            self.label_id(row["label"])
+        except UsageError as err:
+            raise UsageError(f"{err} ({where})") from None
+
     def _check_rows(self, split: str, rows) -> None:
-        """The fields the spec reads exist, and every label is one the task allows."""
+        """The same checks on a loaded split (hub datasets, and after a preprocessor)."""
         if len(rows) == 0:
             raise UsageError(f"task {self.name!r}: the {split} split has no rows")
-        missing = [f for f in self.fields() if f not in rows.column_names]
-        if missing:
-            raise UsageError(f"task {self.name!r}: the {split} split has no field(s) {missing} "
-                             f"(named in {self.path}); its fields are {rows.column_names}")
-        for number, value in enumerate(rows["label"], 1):
-            try:
-                self.label_id(value)
-            except UsageError as err:
-                raise UsageError(f"{err} ({split} row {number})") from None
+        for number, row in enumerate(rows, 1):
+            self._check_row(row, f"{split} row {number}", rows.column_names)
 
     def label_id(self, value):
         if self.kind == "regression":

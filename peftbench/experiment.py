@@ -153,7 +153,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
                                        config.train.batch_size, True, seed), task, device)
     cache_key, cached = None, False  # a cached entry reports the time its scoring took
     if score_cache is None:
-        scores = selector.score(model, data)
+        scores = checked_score(selector, config.method, model, data)
         score_time = time.perf_counter() - start
     else:
         cache_key, about = score_key(
@@ -161,7 +161,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
             {"batch_size": config.train.batch_size, "max_length": config.train.max_length,
              "limit": config.limit, "device": device.type, "dtype": compute_dtype(device)})
         scores, score_time, cached = score_cache.get_or_compute(
-            cache_key, lambda: selector.score(model, data), about)
+            cache_key, lambda: checked_score(selector, config.method, model, data), about)
     start = time.perf_counter()
     selection = selector.select(model, scores, k, generator)
     select_time = time.perf_counter() - start
@@ -191,6 +191,32 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               "trainable_by_tensor": trainable_by_tensor(model, set(pretrained), head_names)}
     _write(seed_dir / "result.json", result)
     return result
+
+
+def state_digests(model) -> dict[str, str]:
+    """SHA-256 of every parameter and buffer's bytes: an exact, copy-free record of the model
+    (about a second per 100M entries on a CPU core)."""
+    import hashlib
+
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        out[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+    return out
+
+
+def checked_score(selector, method: str, model, data):
+    """`selector.score`, then a check that it left every parameter and buffer as it found them:
+    the model scored is the model trained next, so a `score` that moved weights (say, a short
+    fine-tuning it forgot to undo) would be trained from there while its count says otherwise."""
+    before = state_digests(model)
+    scores = selector.score(model, data)
+    moved = [n for n, d in state_digests(model).items() if before.get(n) != d]
+    if moved:
+        raise UsageError(f"method {method!r} changed the model in score() ({len(moved)} tensors, "
+                         f"e.g. {moved[0]}): score must leave every parameter and buffer at its "
+                         "pre-trained value (the Selector contract); restore them before returning")
+    return scores
 
 
 def compute_dtype(device: torch.device) -> str:

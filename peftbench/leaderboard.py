@@ -64,13 +64,18 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         + ("" if done == expected else " (partial: run the command again to finish)"),
         f"- wall time of the trials: {frame.duration_s.sum() / 3600:.2f} h "
         f"(scoring cached across budgets)",
-        "", "Plots: [pareto.png](pareto.png) ([interactive](pareto.html)), [spend.png](spend.png).",
+        "", f"Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
+        f"[interactive](pareto.html)), [cd.png](cd.png) (critical-difference diagram), "
+        f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]}).",
     ])
     text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
                                published=spec.published, cache_dir=spec.out / "scores",
                                markdown="README.md")
     plots.pareto_png(frame, folder / "pareto.png")
     plots.pareto_html(frame, folder / "pareto.html")
+    ranking = report.friedman_ranking(frame)
+    if ranking is not None:
+        plots.cd_png(ranking, folder / "cd.png")
     middle = spec.budgets[len(spec.budgets) // 2]
     plots.spend_png(frame, folder / "spend.png", budget=middle)
     return text

@@ -79,3 +79,14 @@ def near_constant(mean: float, std: float, baseline: float, test_rows: int) -> b
     if not np.isfinite(mean):
         return False
     return bool(mean - baseline < max(2 * (std if np.isfinite(std) else 0.0), 1 / np.sqrt(max(test_rows, 1))))
+
+
+DISPLAY = {"accuracy": "accuracy", "f1": "F1", "macro_f1": "macro-F1", "mcc": "MCC",
+           "pearson": "Pearson r", "spearman": "Spearman rho"}
+
+
+def metric_label(main: list[str] | str) -> str:
+    """How a main metric reads: 'accuracy', '(accuracy + macro-F1)/2' (a mean, never a sum)."""
+    names = main.split("+") if isinstance(main, str) else list(main)
+    shown = [DISPLAY.get(n, n) for n in names]
+    return shown[0] if len(shown) == 1 else f"({' + '.join(shown)})/{len(shown)}"

@@ -39,9 +39,41 @@ def _constant(frame: pd.DataFrame, task: str) -> float | None:
     return float(values.iloc[0]) if len(values) else None
 
 
-def pareto_png(frame: pd.DataFrame, path: str | Path, metric_name: str = "test metric") -> Path:
-    """One panel per task: x = trainable parameters (log), y = metric mean with std error bars
-    over seeds, one line per method across budgets, the Pareto front drawn in black."""
+# Okabe & Ito's colour-blind-safe palette (prints in grey too, with the markers), one marker
+# and colour pair per method so that no two methods look alike.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+MARKERS = "o s ^ D v P X * < > h p d 8 H".split()
+DODGE = 0.03  # log10 units between neighbouring methods at the same x (about 7%)
+
+
+def styles(methods: list[str]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) per method, stable for a sorted list of methods."""
+    return {m: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
+
+
+def _subtitle(frame: pd.DataFrame) -> str:
+    model = ", ".join(sorted({str(m) for m in frame.get("model", pd.Series(dtype=str)) if m})) or "model ?"
+    seeds = frame.groupby(["task", "method", "budget"]).seed.nunique()
+    budgets = sorted({b for b in frame.budget if b != "natural"}, key=float)
+    return (f"{model}; {seeds.min()}{'-' + str(seeds.max()) if seeds.max() != seeds.min() else ''} "
+            f"seeds; budgets {', '.join(budgets) or 'natural only'}")
+
+
+def metric_axis(frame: pd.DataFrame, task: str) -> str:
+    """'CB: (accuracy + macro-F1)/2 x 100 (test, mean ± std over seeds)'."""
+    from peftbench.metrics import metric_label
+
+    names = frame.loc[frame.task == task, "metric_name"].dropna().unique() if "metric_name" in frame else []
+    label = metric_label(names[0]) if len(names) and names[0] else "test metric"
+    return f"{task.upper()}: {label} x 100 (test, mean ± std over seeds)"
+
+
+def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
+    """One panel per task: x = trainable parameters (log), y = the task's metric (named on the
+    axis) with std error bars over seeds, one line per method across budgets, the Pareto
+    front circled and dashed, the constant predictor dotted, each budget level a vertical
+    line (p x encoder entries). Methods with equal counts are dodged sideways by a few percent
+    so none hides another. Written as PNG (200 dpi), PDF and SVG; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,34 +81,62 @@ def pareto_png(frame: pd.DataFrame, path: str | Path, metric_name: str = "test m
 
     tasks = sorted(frame.task.unique())
     methods = sorted(frame.method.unique())
-    colours = dict(zip(methods, plt.cm.tab20(np.linspace(0, 1, max(len(methods), 2)))))
-    markers = dict(zip(methods, itertools.cycle("o s ^ D v P X * < > h p d 8 H".split())))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.5), squeeze=False)
+    style = styles(methods)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(8 * len(tasks), 6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         cells = _cells(frame, task)
-        for method in methods:
+        entries = frame.loc[frame.task == task, "pretrained_entries"].iloc[0]
+        for budget in sorted({b for b in cells.budget if b != "natural"}, key=float):
+            x = float(budget) * entries if float(budget) <= 1 else float(budget)
+            ax.axvline(x, color="0.8", lw=0.8, ls="-", zorder=0)
+            ax.annotate(f"p = {float(budget):g}", (x, 1), xycoords=("data", "axes fraction"),
+                        xytext=(2, -10), textcoords="offset points", fontsize=7, color="0.4")
+        for i, method in enumerate(methods):
             c = cells[cells.method == method].sort_values("trainable")
             if c.empty:
                 continue
-            ax.errorbar(c.trainable, 100 * c["mean"], yerr=100 * c["std"], label=method,
-                        color=colours[method], marker=markers[method], capsize=3, lw=1.2, ms=5)
+            colour, marker = style[method]
+            shift = 10 ** (DODGE * (i - (len(methods) - 1) / 2))
+            ax.errorbar(c.trainable * shift, 100 * c["mean"], yerr=100 * c["std"], label=method,
+                        color=colour, marker=marker, capsize=3, lw=1.2, ms=6, mec="black", mew=0.4)
         baseline = _constant(frame, task)
         if baseline is not None:
             ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
         front = pareto_points(cells)
         ax.step(front.trainable, 100 * front["mean"], where="post", color="black", lw=1, ls="--",
                 zorder=0, label="Pareto front")
-        ax.scatter(front.trainable, 100 * front["mean"], s=140, facecolors="none",
+        ax.scatter(front.trainable, 100 * front["mean"], s=160, facecolors="none",
                    edgecolors="black", zorder=5)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale; head excluded)")
-        ax.set_ylabel(f"{metric_name} x100 (mean ± std over seeds)")
-        ax.set_title(task)
+        ax.set_ylabel(metric_axis(frame, task))
+        ax.set_title(f"{task.upper()}: {_subtitle(frame[frame.task == task])}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    paths = [path, path.with_suffix(".pdf"), path.with_suffix(".svg")]
+    for target in paths:
+        fig.savefig(target, dpi=200, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def cd_png(ranking: dict, path: str | Path) -> Path:
+    """Critical-difference diagram (Demsar 2006) from `report.friedman_ranking`: mean ranks on
+    the axis, methods that Nemenyi's test cannot tell apart (alpha 0.05) joined by a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scikit_posthocs
+
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(ranking["ranks"]) + 1.6))
+    scikit_posthocs.critical_difference_diagram(ranking["ranks"], ranking["nemenyi"], ax=ax)
+    ax.set_title(f"Mean rank over {ranking['n_blocks']} (task, budget) blocks, 1 = best; "
+                 f"Friedman p = {ranking['p']:.2g}; bars: Nemenyi p >= 0.05", fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=160, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -87,13 +147,16 @@ def pareto_html(frame: pd.DataFrame, path: str | Path) -> Path:
     from plotly.subplots import make_subplots
 
     tasks = sorted(frame.task.unique())
-    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks)
+    style = styles(sorted(frame.method.unique()))
+    fig = make_subplots(rows=1, cols=len(tasks),
+                        subplot_titles=[f"{t.upper()}: {_subtitle(frame[frame.task == t])}" for t in tasks])
     for col, task in enumerate(tasks, start=1):
         cells = _cells(frame, task)
         for method in sorted(cells.method.unique()):
             c = cells[cells.method == method].sort_values("trainable")
             fig.add_trace(go.Scatter(
                 x=c.trainable, y=100 * c["mean"], error_y={"type": "data", "array": 100 * c["std"]},
+                marker={"color": style[method][0]}, line={"color": style[method][0]},
                 mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
                 customdata=np.stack([c.budget, c.seeds], axis=1),
                 hovertemplate=f"{method}<br>budget %{{customdata[0]}}<br>trainable %{{x:,}}"
@@ -111,7 +174,7 @@ def pareto_html(frame: pd.DataFrame, path: str | Path) -> Path:
                                  name="Pareto front", legendgroup="front", showlegend=col == 1),
                       row=1, col=col)
         fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=col)
-        fig.update_yaxes(title_text="test metric x100", row=1, col=col)
+        fig.update_yaxes(title_text=metric_axis(frame, task), row=1, col=col)
     path = Path(path)
     fig.write_html(path, include_plotlyjs="cdn")  # 10 kB instead of 4.7 MB; the PNG is offline
     return path
@@ -177,7 +240,8 @@ def spend_png(frame: pd.DataFrame, path: str | Path, budget: str | None = None) 
         image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_xticks(range(len(table.columns)), table.columns, rotation=45, ha="right")
         ax.set_yticks(range(len(table.index)), table.index)
-        ax.set_title(f"Where the budget goes: {title}" + (f" (budget {budget})" if budget else ""))
+        ax.set_title(f"Where the budget goes: {title}" + (f" (budget {budget}; natural-count "
+                                                           "methods at their own count)" if budget else ""))
         for (i, j), v in np.ndenumerate(table.to_numpy()):
             if v >= 0.005:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,

@@ -40,12 +40,12 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
 
     from peftbench.experiment import INCOMPLETE
 
-    rows, failed, notes, incomplete = [], {}, [], set()
+    rows, failed, notes = [], {}, []
+    incomplete = sorted(str(p.parent) for f in folders for p in Path(f).glob(f"**/{INCOMPLETE}"))
     for folder in folders:
         for result_file in sorted(Path(folder).glob("**/seed-*/result.json")):
             run_dir = result_file.parent.parent
-            if (run_dir / INCOMPLETE).exists():
-                incomplete.add(str(run_dir))
+            if str(run_dir) in incomplete:
                 continue
             config = json.loads((run_dir / "config.json").read_text())
             result = json.loads(result_file.read_text())
@@ -60,12 +60,19 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
                     f"diverged at step {d['step']} (loss {d['loss']})"
                 continue
             baseline = result.get("constant_predictor", {})
+            try:
+                from peftbench.data import load_task
+
+                metric_name = "+".join(load_task(config["task"]).main_metric)
+            except UsageError:
+                metric_name = ""
             rows.append({"task": task, "method": config["method"], "budget": budget,
                          "seed": result["seed"], "metric": result["test"]["main"],
                          "validation": result["validation"]["main"],
                          "trainable": result["trainable"]["trainable"],
                          "pretrained_entries": result["pretrained_entries"],
                          "constant_metric": baseline.get("test", {}).get("main", np.nan),
+                         "metric_name": metric_name, "model": config.get("model", ""),
                          "test_rows": baseline.get("test_rows", 0),
                          "scoring_time_s": result["scoring_time_s"],
                          "train_time_s": result["train_time_s"], "run_dir": str(run_dir),
@@ -73,7 +80,7 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
                          "spend": result.get("trainable_by_tensor", {})})
     if incomplete:
         notes.append(f"skipped {len(incomplete)} run directories marked {INCOMPLETE} (interrupted "
-                     f"or failed): {', '.join(sorted(incomplete))}")
+                     f"or failed): {', '.join(incomplete)}")
     if not rows:
         raise UsageError(f"no finished runs (seed-*/result.json) under {[str(f) for f in folders]}"
                          + (f"; {notes[0]}" if notes else ""))
@@ -89,10 +96,48 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, population std and count over seeds per (task, method, budget)."""
+    """Mean, population std and count over seeds per (task, method, budget), and a 95%
+    percentile-bootstrap confidence interval of the mean over seeds (NaN with one seed)."""
     g = frame.groupby(["task", "method", "budget"], sort=False)
-    return pd.DataFrame({"mean": g["metric"].mean(), "std": g["metric"].std(ddof=0),
-                         "seeds": g["metric"].size(), "trainable": g["trainable"].mean()}).reset_index()
+    out = pd.DataFrame({"mean": g["metric"].mean(), "std": g["metric"].std(ddof=0),
+                        "seeds": g["metric"].size(), "trainable": g["trainable"].mean()})
+    ci = g["metric"].apply(bootstrap_ci)
+    out["ci_low"], out["ci_high"] = [c[0] for c in ci], [c[1] for c in ci]
+    return out.reset_index()
+
+
+def bootstrap_ci(values, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of `values` (scipy.stats.bootstrap, seeded)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2 or np.all(values == values[0]):
+        return (float(values[0]),) * 2 if len(values) >= 2 else (np.nan, np.nan)
+    result = scipy.stats.bootstrap((values,), np.mean, confidence_level=confidence,
+                                   method="percentile", n_resamples=2000,
+                                   rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def friedman_ranking(frame: pd.DataFrame) -> dict | None:
+    """Demsar (2006): methods ranked within each block, blocks = the (task, budget) cells
+    (natural-count methods take part in every budget), value = the mean over seeds; Friedman's
+    test that all methods rank alike (scipy), Nemenyi's post-hoc p-values between every pair
+    (scikit-posthocs), and the mean rank per method (1 = best). None with fewer than 2 blocks
+    or 3 methods present in every block. Blocks of one task at several budgets are not
+    independent data sets: read the test as descriptive there."""
+    import scikit_posthocs
+
+    stats = cell_stats(frame)
+    budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
+    blocks = pd.concat([budget_rows(stats, b).assign(block=lambda d, b=b: d.task + " @ " + b)
+                        for b in budgets])
+    matrix = blocks.pivot_table(index="block", columns="method", values="mean").dropna(axis=1)
+    if len(matrix) < 2 or matrix.shape[1] < 3:
+        return None
+    statistic, p_value = scipy.stats.friedmanchisquare(*matrix.T.to_numpy())
+    ranks = matrix.rank(axis=1, ascending=False).mean().sort_values()
+    nemenyi = scikit_posthocs.posthoc_nemenyi_friedman(matrix.reset_index(drop=True))
+    return {"blocks": list(matrix.index), "ranks": ranks, "statistic": float(statistic),
+            "p": float(p_value), "nemenyi": nemenyi, "n_blocks": len(matrix)}
 
 
 @dataclass
@@ -150,10 +195,26 @@ def stability_correlation(table: Table1, with_avg: bool = False) -> dict:
     if len(np.unique(s[keep])) < 2 or len(np.unique(p[keep])) < 2:  # undefined: a constant rank
         return {"spearman": np.nan, "spearman_p": np.nan, "kendall": np.nan, "kendall_p": np.nan,
                 "n": int(keep.sum()), "columns": cols}
-    rho, p_value = scipy.stats.spearmanr(s[keep], p[keep])
-    tau, tau_p = scipy.stats.kendalltau(s[keep], p[keep])
+    rho, p_value = spearman(s[keep], p[keep])
+    tau, tau_p = scipy.stats.kendalltau(s[keep], p[keep])  # exact for small n without ties
     return {"spearman": float(rho), "spearman_p": float(p_value), "kendall": float(tau),
             "kendall_p": float(tau_p), "n": int(keep.sum()), "columns": cols}
+
+
+EXACT_UP_TO = 8  # n! pairings: 40,320 at n = 8
+
+
+def spearman(x, y) -> tuple[float, float]:
+    """Spearman's rho and its two-sided p: exact, by all n! pairings, for n <= 8 (scipy's
+    t-approximation says p = 0 for rho = -1 at n = 4; the exact p is 2/24 = 0.083), scipy's
+    approximation above that."""
+    rho, p_value = scipy.stats.spearmanr(x, y)
+    if len(x) <= EXACT_UP_TO:
+        result = scipy.stats.permutation_test(
+            (np.asarray(x), np.asarray(y)), lambda a, b: scipy.stats.spearmanr(a, b)[0],
+            permutation_type="pairings", n_resamples=np.inf, alternative="two-sided")
+        p_value = result.pvalue
+    return float(rho), float(p_value)
 
 
 def paired_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -219,11 +280,15 @@ def jaccard(a: dict, b: dict, numels: dict[str, int]) -> float:
 
 
 def mask_overlap(frame: pd.DataFrame) -> pd.DataFrame:
-    """Jaccard overlap of the selected entries between every pair of methods, per task and
-    budget, averaged over the seeds both ran (methods that add parameters select none)."""
+    """Jaccard overlap of the trained entries (the effective masks saved after training)
+    between every pair of methods, per task and budget, natural-count methods included in every
+    budget, averaged over the seeds both ran. Methods that only add parameters (LoRA, adapters)
+    train no pre-trained entry: their overlap is 0 (NaN with each other)."""
     rows = []
-    budgeted = frame[frame.budget != "natural"]
-    for (task, budget), group in budgeted.groupby(["task", "budget"]):
+    budgets = [b for b in dict.fromkeys(frame.budget) if b != "natural"] or ["natural"]
+    groups = [((task, budget), frame[(frame.task == task) & frame.budget.isin([budget, "natural"])])
+              for task in frame.task.unique() for budget in budgets]
+    for (task, budget), group in groups:
         for m1, m2 in itertools.combinations(sorted(group.method.unique()), 2):
             values = []
             for seed in sorted(set(group[group.method == m1].seed) & set(group[group.method == m2].seed)):
@@ -270,7 +335,7 @@ def score_correlation(frame: pd.DataFrame, cache_dir: str | Path, sample: int = 
         return out
     return out.groupby(["task", "method_a", "method_b"], as_index=False).agg(
         spearman=("spearman", "mean"), kendall=("kendall", "mean"), seeds=("seed", "size"),
-        entries=("entries", "first"))
+        entries=("entries", "first")).astype({"seeds": int, "entries": int})
 
 
 PUBLISHED_CELL = re.compile(r"^\s*([\d.]+)\s*(?:\[(\d+)\])?\s*±\s*([\d.]+)\s*(?:\[(\d+)\])?\s*$")
@@ -390,6 +455,17 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
                   f"(p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
                   f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells.", ""]
     pd.concat(tests_all).to_csv(out / "tests.csv", index=False)
+    ranking = friedman_ranking(frame)
+    if ranking is not None:
+        ranking["nemenyi"].to_csv(out / "nemenyi.csv")
+        ranking["ranks"].rename("mean_rank").to_csv(out / "ranks.csv")
+        lines += ["## Ranking over all (task, budget) cells (Friedman, Nemenyi; Demsar 2006)", "",
+                  f"Friedman chi2 = {ranking['statistic']:.3f}, p = {ranking['p']:.3g} over "
+                  f"{ranking['n_blocks']} blocks ({', '.join(ranking['blocks'])}) and "
+                  f"{len(ranking['ranks'])} methods. Mean rank (1 = best) below; pairwise Nemenyi "
+                  "p-values in nemenyi.csv, drawn as the critical-difference diagram cd.png "
+                  "(methods joined by a bar are not significantly different at 0.05).", "",
+                  ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
     cost = frame.groupby("method")[["scoring_time_s", "train_time_s"]].mean()
     lines += ["## Cost per run (mean seconds)", "", cost.to_markdown(floatfmt=".1f"), ""]
     if published:
@@ -407,14 +483,17 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     if not overlap.empty:
         lines += ["## Do methods pick the same entries? (Jaccard of the masks, mean over seeds)", ""]
         for (task, budget), g in overlap.groupby(["task", "budget"]):
-            matrix = g.pivot(index="method_a", columns="method_b", values="jaccard")
+            both = pd.concat([g, g.rename(columns={"method_a": "method_b", "method_b": "method_a"})])
+            matrix = both.pivot(index="method_a", columns="method_b", values="jaccard")
+            for m in matrix.index:
+                matrix.loc[m, m] = 1.0
             lines += [f"{task}, budget {budget}:", "", matrix.to_markdown(floatfmt=".3f"), ""]
     if cache_dir is not None:
         corr_scores = score_correlation(frame, cache_dir)
         corr_scores.to_csv(out / "score-correlation.csv", index=False)
         if not corr_scores.empty:
             lines += ["## Rank correlation of importance scores (same sampled entries)", "",
-                      to_markdown(corr_scores.set_index(["task", "method_a", "method_b"])), ""]
+                      corr_scores.to_markdown(index=False, floatfmt=("", "", "", ".4f", ".4f", ".0f", ".0f")), ""]
     text = "\n".join(lines)
     (out / markdown).write_text(text)
     return text

@@ -5,6 +5,10 @@ up to four phases, each optional except `select`:
 
 1. `score(model, data)`   -> importance per entry (dict name -> tensor shaped like the parameter),
                               or None for methods that need no scores (BitFit, FullTuning).
+                              `model` is the very model trained next: `score` must leave every
+                              parameter and buffer exactly as it found them (restore what a
+                              scoring fine-tune moved); the runner checks this and refuses a
+                              method that does not.
                               Scoring is separated from thresholding so that a sweep over budgets
                               scores once and thresholds many times.
 2. `select(model, scores, budget)` -> a `Selection` of pre-trained entries, at `budget` entries.
@@ -238,6 +242,7 @@ class Selector:
     description: str = ""
     needs_data: bool = False
     uses_budget: bool = True  # False: a natural count (BitFit, LoRA, ...); a sweep runs it once
+    budget_exact: bool = False  # True: select() returns exactly the budget (checked by peftbench.testing)
 
     def get_params(self) -> dict:
         """Hyper-parameters, read back from the attributes named like `__init__`'s arguments."""

@@ -36,32 +36,42 @@ needs, so a report reads the study alone (e.g. from PostgreSQL on another machin
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 import os
 import socket
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
 from typing import Any, Literal
 
 import optuna
 import yaml
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict
-from pydantic import Field as PydanticField
-from pydantic import (NonNegativeInt, PositiveInt, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      ValidationError, field_validator, model_validator)
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    NonNegativeInt,
+    PositiveInt,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic import Field as PydanticField
 
 from peftbench import registry, yamlio
 from peftbench.cache import ScoreCache
 from peftbench.errors import UsageError, schema_problem
 from peftbench.experiment import RunConfig, run_experiment
 from peftbench.fingerprint import code_identity, digest, file_digest, model_fingerprint
+from peftbench.metrics import metric_label
 from peftbench.selector import Budget
 from peftbench.trainer import TrainConfig, train_config
 
@@ -608,7 +618,8 @@ def _trial_line(study: optuna.Study, prints: Fingerprints) -> str:
         return progress_line(study, prints)
     t = max(mine, key=lambda t: t.datetime_complete)
     if t.state == TrialState.COMPLETE:
-        what = f"{'+'.join(t.user_attrs['main_metric'])}={t.values[0]:.4f}, trainable {int(t.values[1]):,}"
+        what = (f"{metric_label(t.user_attrs['main_metric'])} = {t.values[0]:.4f}, "
+                f"trainable {int(t.values[1]):,}")
     else:
         what = f"{t.state.name.lower()}: {t.user_attrs.get('failure', '')}"
     return f"[{progress_line(study, prints)}] {t.user_attrs['cell']}: {what}"
@@ -618,7 +629,11 @@ def _trial_line(study: optuna.Study, prints: Fingerprints) -> str:
 
 def _suggest(trial: optuna.Trial, name: str, spec) -> object:
     """A spec entry {low, high, log?} / {choices: [...]} or an Optuna distribution."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
     if isinstance(spec, dict):
         if "choices" in spec:
@@ -734,6 +749,8 @@ def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
                      "pretrained_entries": a["pretrained_entries"], "scoring_time_s": a["scoring_time_s"],
                      "train_time_s": a["train_time_s"], "run_dir": a["run_dir"],
                      "constant_metric": a.get("constant_test_main", float("nan")),
+                     "metric_name": "+".join(a.get("main_metric", [])),
+                     "model": a.get("config", {}).get("model_name", ""),
                      "test_rows": a.get("test_rows", 0),
                      "spend": _spend(a), "trial": t.number,
                      "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})

@@ -63,7 +63,7 @@ TASK_CASES = {
         train.read_text().replace('"entailment"', '"maybe"', 1)), "label 'maybe' is not in the spec's labels"),
     "wrong type in spec": (lambda spec, train: spec.write_text(
         spec.read_text().replace("labels: [entailment, not_entailment]", "labels: entailment")),
-        "labels: Input should be a valid list"),
+        "labels = 'entailment': Input should be a valid list"),
     "duplicated key": (lambda spec, train: spec.write_text(spec.read_text() + "kind: regression\n"),
                        "key 'kind' appears twice"),
 }

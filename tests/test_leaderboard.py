@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import yaml
 
 from peftbench import plots
@@ -20,7 +21,8 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
     monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
     assert main(["leaderboard", "run", "tiny"]) == 0
     for name in ("README.md", "results.csv", "cells.csv", "table1-b0.01.csv", "tests.csv",
-                 "published.csv", "overlap.csv", "pareto.png", "pareto.html", "spend.png"):
+                 "published.csv", "overlap.csv", "pareto.png", "pareto.pdf", "pareto.svg",
+                 "pareto.html", "spend.png"):
         assert (board / name).is_file() and (board / name).stat().st_size > 0, name
     results = pd.read_csv(board / "results.csv")
     assert len(results) == 2 * 2 + 2  # magpruning x 2 budgets x 2 seeds + bitfit x 2 seeds
@@ -69,3 +71,49 @@ def test_fu_table1_runs_fus_variants_or_marks_the_row():
     assert {"mixout", "magpruning", "diffpruning", "lora"} <= set(spec.method_notes)
     shown = leaderboard.published_only(spec)
     assert all(f"- {m}: " in shown for m in spec.method_notes)
+
+
+def _synthetic_frame():
+    rows = []
+    for budget in ("0.001", "0.005"):
+        for i, method in enumerate(["random", "magpruning", "sam", "fish"]):
+            for seed in range(3):
+                rows.append({"task": "cb", "method": method, "budget": budget, "seed": seed,
+                             "metric": 0.5 + 0.05 * i + 0.01 * seed, "trainable": int(float(budget) * 1000),
+                             "pretrained_entries": 1000, "constant_metric": 0.4, "test_rows": 55,
+                             "metric_name": "accuracy+macro_f1", "model": "default", "spend": {}})
+    return pd.DataFrame(rows)
+
+
+def test_pareto_figure_names_its_metric_dodges_equal_counts_and_writes_pdf_svg(tmp_path):
+    import matplotlib
+
+    frame = _synthetic_frame()
+    paths = plots.pareto_png(frame, tmp_path / "pareto.png")
+    assert [p.suffix for p in paths] == [".png", ".pdf", ".svg"] and all(p.stat().st_size for p in paths)
+    svg = (tmp_path / "pareto.svg").read_text()
+    assert "(accuracy + macro-F1)/2 x 100" in svg and "3 seeds" in svg and "p = 0.001" in svg
+    style = plots.styles(sorted(frame.method.unique()))
+    assert len({v for v in style.values()}) == 4
+    assert len({matplotlib.colors.to_rgb(c) for c, _ in style.values()}) == 4
+
+
+def test_friedman_ranking_and_critical_difference_diagram(tmp_path):
+    import scipy.stats
+
+    from peftbench import report
+
+    frame = _synthetic_frame()
+    ranking = report.friedman_ranking(frame)
+    matrix = report.cell_stats(frame).pivot_table(index="budget", columns="method", values="mean")
+    expected = scipy.stats.friedmanchisquare(*matrix.T.to_numpy())
+    assert ranking["p"] == pytest.approx(expected.pvalue) and ranking["n_blocks"] == 2
+    assert list(ranking["ranks"].index) == ["fish", "sam", "magpruning", "random"]
+    assert plots.cd_png(ranking, tmp_path / "cd.png").stat().st_size > 0
+
+
+def test_small_n_spearman_p_is_exact():
+    from peftbench import report
+
+    rho, p = report.spearman([1, 2, 3, 4], [4, 3, 2, 1])
+    assert rho == -1 and p == pytest.approx(2 / 24)

@@ -272,3 +272,20 @@ def test_childtuning_f_masks_after_clipping():
 
     assert ChildTuningF.before_step is not Selector.before_step
     assert ChildTuningF.after_backward is Selector.after_backward
+
+
+def test_a_score_that_moves_the_weights_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    """A scoring pass that fine-tunes and forgets to restore theta0 reported 'trainable 0.1%'
+    while every entry had moved: the runner now refuses it, naming the method."""
+    from peftbench.methods.magpruning import MagPruning
+
+    original = MagPruning.score
+
+    def moving_score(self, model, data):
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        return original(self, model, data)
+
+    monkeypatch.setattr(MagPruning, "score", moving_score)
+    with pytest.raises(UsageError, match="method 'magpruning' changed the model in score"):
+        run_experiment(_config(tiny_model_dir, tmp_path, "magpruning"), progress=False)

@@ -20,6 +20,7 @@ py-modules = ["toy_plugin", "toy_plugin_broken"]
 
 [project.entry-points."peftbench.methods"]
 layernorm = "toy_plugin:LayerNormOnly"
+mover = "toy_plugin:MovesWeights"
 broken = "toy_plugin_broken:Nothing"
 """
 
@@ -35,6 +36,20 @@ class LayerNormOnly(Selector):
     def select(self, model, scores, budget, generator):
         return Selection(full={n for n in pretrained_parameters(model)
                                if "LayerNorm.weight" in n})
+
+
+class MovesWeights(LayerNormOnly):
+    """LT-SFT written wrong: a scoring fine-tune that forgets to restore theta0."""
+
+    description = "moves the weights in score (broken on purpose)"
+
+    def score(self, model, data):
+        import torch
+
+        with torch.no_grad():
+            for p in pretrained_parameters(model).values():
+                p.add_(0.01)
+        return None
 '''
 
 
@@ -79,3 +94,19 @@ def test_broken_plugin_fails_by_name(plugin_site):
     proc = _cli(plugin_site, "run", "--method", "broken", "--task", "rte")
     assert proc.returncode == 2
     assert "method 'broken' from package peftbench-toy-plugin failed to load" in proc.stderr
+
+
+def test_check_method_passes_a_good_plugin_and_fails_one_that_moves_weights(plugin_site):
+    good = _cli(plugin_site, "check-method", "layernorm")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "layernorm: 6 of 6 checks passed" in good.stdout
+    bad = _cli(plugin_site, "check-method", "mover")
+    assert bad.returncode == 1
+    assert "FAIL  score_leaves_model_unchanged" in bad.stdout
+
+
+def test_the_runner_refuses_a_plugin_whose_score_moves_weights(plugin_site, tiny_model_dir, tmp_path):
+    proc = _cli(plugin_site, "run", "--method", "mover", "--task", "rte", "--model", tiny_model_dir,
+                "--limit", "8", "--epochs", "1", "--quiet", "--output-dir", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "method 'mover' changed the model in score()" in proc.stderr

@@ -1,0 +1,251 @@
+"""The conformance suite a method author runs: the `Selector` contract as checks.
+
+As scikit-learn's `parametrize_with_checks` (and Optuna's `optuna.testing` suites), it runs
+from the author's own pytest:
+
+    from peftbench.testing import parametrize_with_checks
+
+    @parametrize_with_checks([("my-method", {"burnin": 2})])
+    def test_my_method(check):
+        check()
+
+or from the command line on any installed method: `peftbench check-method NAME`. Every check
+runs on a tiny randomly initialised BERT (2 layers, hidden 32) with real RTE rows, on the CPU,
+in seconds. A method may declare checks it is known to fail, with the reason, in
+`expected_failures={check name: reason}`; such a check is reported as an expected failure
+(and fails if it passes, so the declaration is kept honest).
+
+The checks:
+- `score_leaves_model_unchanged`: every parameter and buffer is bit-identical after `score`;
+- `scores_have_parameter_shapes`: entry-shaped scores (keys that name parameters) have those
+  parameters' shapes;
+- `select_within_budget`: the selection's count is at most the budget (for `uses_budget`
+  methods), and exactly the budget where the class says `budget_exact = True`;
+- `select_is_deterministic`: two selections under the same seed are equal;
+- `cache_round_trip`: scores saved to disk and loaded back, handed to a fresh instance, give
+  the same selection (a sweep's score cache does exactly this);
+- `training_keeps_frozen_entries`: after `apply` and a few AdamW steps with weight decay, no
+  pre-trained entry outside the counted ones moved, in any tensor, and the count measured after
+  training is what `count_trainable` reports (hooks keep the count honest).
+"""
+from __future__ import annotations
+
+import io
+import math
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BUDGET_FRACTION = 0.02
+# light hyper-parameters for the built-ins, so each check runs in seconds (as scikit-learn's
+# checks shrink max_iter): scoring over a few batches, a projection within 4 steps
+BUILTIN_CHECK_PARAMS = {
+    "sam": {"burnin": 2}, "fish": {"num_samples": 4}, "childtuning-d": {"batches": 2},
+    "diffpruning": {"burnin": 2}, "ggm": {"rank": 2, "batches": 4, "important": 3, "max_iter": 10},
+    "adapeft": {"batches": 2}, "spectral": {"batches": 3, "neighbours": 3}, "lora": {"r": 2},
+}
+
+
+@dataclass
+class Outcome:
+    check: str
+    passed: bool
+    detail: str = ""
+    expected_failure: str | None = None  # the declared reason, if any
+
+    @property
+    def ok(self) -> bool:
+        """Passed, or failed as declared."""
+        return self.passed != bool(self.expected_failure)
+
+
+@lru_cache(maxsize=1)
+def tiny_model_dir() -> str:
+    """A tiny random BERT saved once per process, with the default model's real tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftbench.models import resolve_model_path
+
+    folder = Path(tempfile.mkdtemp(prefix="peftbench-tiny-bert-"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("default"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).bert.save_pretrained(folder)
+    torch.random.set_rng_state(generator_state)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+class _Setup:
+    """A fresh tiny model, its data and the method's scores: what every check starts from."""
+
+    def __init__(self, method: str, params: dict, model_dir: str | None):
+        from peftbench import registry
+        from peftbench.data import load_task, tokenize
+        from peftbench.models import head_parameters, load_model, pretrained_parameters
+        from peftbench.trainer import ScoringData, make_loader, pick_device
+
+        self.method, self.params = method, params
+        self.task = load_task("rte")
+        self.model, self.tokenizer = load_model(model_dir or tiny_model_dir(), 2)
+        self.data = tokenize(self.task, self.tokenizer, self.task.load_splits(limit=16), 48)
+        self.pretrained = pretrained_parameters(self.model)
+        self.head_names = set(head_parameters(self.model))
+        self.numels = {n: p.numel() for n, p in self.pretrained.items()}
+        self.budget = max(1, math.floor(BUDGET_FRACTION * sum(self.numels.values())))
+        self.selector = registry.create(method, **params)
+        self.scoring = ScoringData(make_loader(self.data["train"], self.tokenizer, self.task, 4, True, 0),
+                                   self.task, pick_device("cpu")) if self.selector.needs_data else None
+
+    def fresh(self):
+        from peftbench import registry
+
+        return registry.create(self.method, **self.params)
+
+    def score(self):
+        return self.selector.score(self.model, self.scoring)
+
+    def select(self, selector, scores, seed: int = 0):
+        return selector.select(self.model, scores, self.budget, torch.Generator().manual_seed(seed))
+
+
+def _same_selection(a, b) -> bool:
+    return a.full == b.full and set(a.partial) == set(b.partial) and all(
+        torch.equal(a.partial[n].cpu(), b.partial[n].cpu()) for n in a.partial)
+
+
+def check_score_leaves_model_unchanged(s: _Setup) -> str:
+    from peftbench.experiment import state_digests
+
+    before = state_digests(s.model)
+    s.score()
+    moved = [n for n, d in state_digests(s.model).items() if before[n] != d]
+    assert not moved, f"score() changed {len(moved)} tensors, e.g. {moved[0]}"
+    return "all parameters and buffers bit-identical"
+
+
+def check_scores_have_parameter_shapes(s: _Setup) -> str:
+    scores = s.score()
+    if scores is None:
+        return "no scores (the method needs none)"
+    assert isinstance(scores, dict), f"scores must be a dict or None, got {type(scores).__name__}"
+    shaped = [n for n in scores if n in s.pretrained]
+    for name in shaped:
+        assert tuple(scores[name].shape) == tuple(s.pretrained[name].shape), \
+            f"scores[{name!r}] has shape {tuple(scores[name].shape)}, the parameter {tuple(s.pretrained[name].shape)}"
+    return f"{len(shaped)} entry-shaped score tensors"
+
+
+def check_select_within_budget(s: _Setup) -> str:
+    selection = s.select(s.selector, s.score())
+    count = selection.count(s.numels)
+    if not s.selector.uses_budget:
+        return f"natural count {count} (budget not used)"
+    assert count <= s.budget, f"selected {count} entries, budget {s.budget}"
+    if getattr(s.selector, "budget_exact", False):
+        assert count == s.budget, f"budget_exact: selected {count}, budget {s.budget}"
+    return f"{count} of budget {s.budget}"
+
+
+def check_select_is_deterministic(s: _Setup) -> str:
+    scores = s.score()
+    a, b = s.select(s.fresh(), scores, 3), s.select(s.fresh(), scores, 3)
+    assert _same_selection(a, b), "two selections under seed 3 differ"
+    return "same selection under the same seed"
+
+
+def check_cache_round_trip(s: _Setup) -> str:
+    scores = s.score()
+    buffer = io.BytesIO()
+    torch.save(scores, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert _same_selection(s.select(s.selector, scores), s.select(s.fresh(), loaded)), \
+        "a fresh instance given the saved-and-loaded scores selects differently"
+    return "same selection from the scores saved and loaded by a fresh instance"
+
+
+def check_training_keeps_frozen_entries(s: _Setup) -> str:
+    from peftbench.sparse import count_trainable, effective_weight, trainable_entries
+    from peftbench.trainer import TrainConfig, pick_device, train
+
+    before = {n: p.detach().clone() for n, p in s.pretrained.items()}
+    selection = s.select(s.selector, s.score())
+    model = s.selector.apply(s.model, selection)
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(model, s.selector, s.task, s.data, s.tokenizer,
+              TrainConfig(epochs=1, batch_size=4, lr=1e-2, weight_decay=0.1, warmup_ratio=0.0,
+                          max_steps=4), seed=0, device=pick_device("cpu"), run_dir=Path(run_dir),
+              progress=False)
+    counts = count_trainable(model, set(s.pretrained), s.head_names)
+    spend = {}
+    for name, kind, count in trainable_entries(model, set(s.pretrained), s.head_names):
+        if kind == "encoder":
+            spend[name] = spend.get(name, 0) + count
+    moved = {n: int((effective_weight(model, n) != before[n]).sum()) for n in s.pretrained}
+    over = [n for n in moved if moved[n] > spend.get(n, 0)]
+    assert not over, (f"{over[0]}: {moved[over[0]]} entries moved, {spend.get(over[0], 0)} counted "
+                      "(frozen entries must stay bit-identical)")
+    assert counts["encoder"] == sum(spend.values())
+    return f"{sum(moved.values())} entries moved, {counts['encoder']} counted, {counts['new']} new"
+
+
+CHECKS: dict[str, Callable[[_Setup], str]] = {
+    "score_leaves_model_unchanged": check_score_leaves_model_unchanged,
+    "scores_have_parameter_shapes": check_scores_have_parameter_shapes,
+    "select_within_budget": check_select_within_budget,
+    "select_is_deterministic": check_select_is_deterministic,
+    "cache_round_trip": check_cache_round_trip,
+    "training_keeps_frozen_entries": check_training_keeps_frozen_entries,
+}
+
+
+def run_check(method: str, check: str, params: dict | None = None, model_dir: str | None = None,
+              expected_failures: dict[str, str] | None = None) -> Outcome:
+    """Run one check on a fresh setup (a fresh model, so no check sees another's effects)."""
+    reason = (expected_failures or {}).get(check)
+    try:
+        detail = CHECKS[check](_Setup(method, params or {}, model_dir))
+    except AssertionError as err:
+        return Outcome(check, False, str(err), reason)
+    except Exception as err:  # a crash is a failure too, reported by name
+        return Outcome(check, False, f"{type(err).__name__}: {err}", reason)
+    return Outcome(check, True, detail, reason)
+
+
+def check_method(method: str, params: dict | None = None, model_dir: str | None = None,
+                 expected_failures: dict[str, str] | None = None) -> list[Outcome]:
+    """Every check of `CHECKS` on one installed method (a built-in with its light
+    `BUILTIN_CHECK_PARAMS` unless `params` are given)."""
+    if params is None:
+        params = BUILTIN_CHECK_PARAMS.get(method.lower(), {})
+    return [run_check(method, name, params, model_dir, expected_failures) for name in CHECKS]
+
+
+def parametrize_with_checks(methods: list, expected_failures: dict[str, dict[str, str]] | None = None):
+    """A pytest parametrization over (method, check): the test receives `check`, a callable
+    that runs the check and fails the test if the contract is broken. `methods` holds names or
+    (name, params) pairs; `expected_failures` = {method: {check: reason}}."""
+    import pytest
+
+    cases = []
+    for entry in methods:
+        name, params = (entry, {}) if isinstance(entry, str) else entry
+        for check in CHECKS:
+            reason = (expected_failures or {}).get(name, {}).get(check)
+
+            def run(name=name, params=params, check=check, reason=reason):
+                outcome = run_check(name, check, params, expected_failures={check: reason} if reason else None)
+                if reason and not outcome.passed:
+                    pytest.xfail(reason)
+                assert outcome.ok, f"{name}: {check}: {outcome.detail}" + (
+                    f" (declared an expected failure: {reason}, but it passed)" if reason else "")
+
+            cases.append(pytest.param(run, id=f"{name}-{check}"))
+    return pytest.mark.parametrize("check", cases)
