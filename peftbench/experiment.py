@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 from peftbench import registry
-from peftbench.errors import UsageError
 from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
-from peftbench.models import head_parameters, load_model, pretrained_parameters, pretrained_size
-from peftbench.selector import Budget
+from peftbench.errors import UsageError
 from peftbench.metrics import constant_predictor, near_constant
+from peftbench.models import head_parameters, load_model, pretrained_parameters, pretrained_size
+from peftbench.scoring import ScoringData
+from peftbench.selector import Budget
 from peftbench.sparse import count_trainable, effective_selection, trainable_entries
-from peftbench.trainer import (ScoringData, TrainConfig, make_loader, pick_device, set_seed,
-                               train)
+from peftbench.trainer import TrainConfig, make_loader, pick_device, set_seed, train
 
 
 @dataclass
@@ -150,7 +150,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     if selector.needs_data:
         model.to(device)
         data = ScoringData(make_loader(tokenized["train"], tokenizer, task,
-                                       config.train.batch_size, True, seed), task, device)
+                                       config.train.batch_size, True, seed), task, device, config.train)
     cache_key, cached = None, False  # a cached entry reports the time its scoring took
     if score_cache is None:
         scores = checked_score(selector, config.method, model, data)

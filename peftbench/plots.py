@@ -5,7 +5,6 @@ PNGs come from matplotlib (no browser needed); the interactive version is plotly
 """
 from __future__ import annotations
 
-import itertools
 import re
 from pathlib import Path
 

@@ -1,18 +1,52 @@
-"""Gradient statistics that several methods score with (SAM, ChildTuning-D, FISH).
+"""What a method's `score` reads (`ScoringData`) and the gradient statistics several methods
+score with (SAM, ChildTuning-D, FISH): the helpers a method author uses, in one place.
 
 Scoring never updates the model: gradients are read, accumulated and zeroed; no optimizer or
-scheduler exists here. Accumulators live on the model's device in float32.
+scheduler exists here. Accumulators live on the model's device in float32. A `score` that
+does fine-tune (LT-SFT's short full fine-tuning, say) must restore every parameter and buffer
+before returning: the runner checks (see `peftbench.selector`).
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from peftbench.data import TaskSpec
 from peftbench.models import pretrained_parameters
-from peftbench.trainer import ScoringData
+from peftbench.trainer import TrainConfig, _autocast, forward, loss_fn
+
+
+@dataclass
+class ScoringData:
+    """What a selector's `score` may read.
+
+    - `loader`: the run's training set, shuffled with the run's seed, batch size of the run;
+    - `task`: the task spec (kind, labels, metrics);
+    - `device`: where the model is;
+    - `train`: the run's training settings (lr, batch size, max length, ...), for a scoring
+      phase that fine-tunes (it must restore the model afterwards).
+    """
+
+    loader: DataLoader
+    task: TaskSpec
+    device: torch.device
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def batches(self):
+        """One pass over the training batches, moved to `device`."""
+        for batch in self.loader:
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """The task's training loss on `batch` (cross-entropy, or MSE for regression), computed
+        as the trainer computes it (bf16 autocast on CUDA)."""
+        with _autocast(self.device):
+            return loss_fn(forward(model, batch, self.task), batch["labels"], self.task)
 
 
 def count_batches(data: ScoringData, batches: int | str) -> int:

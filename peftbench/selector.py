@@ -58,7 +58,7 @@ from peftbench.errors import UsageError, check_choice
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from peftbench.trainer import ScoringData
+    from peftbench.scoring import ScoringData
 
 Scope = Literal["tensor", "global"]
 SCOPES = ("tensor", "global")

@@ -89,7 +89,8 @@ class _Setup:
         from peftbench import registry
         from peftbench.data import load_task, tokenize
         from peftbench.models import head_parameters, load_model, pretrained_parameters
-        from peftbench.trainer import ScoringData, make_loader, pick_device
+        from peftbench.scoring import ScoringData
+        from peftbench.trainer import make_loader, pick_device
 
         self.method, self.params = method, params
         self.task = load_task("rte")

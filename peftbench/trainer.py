@@ -10,7 +10,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Annotated
 
@@ -91,23 +91,6 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: TaskSpec) -> torch
     if task.kind == "regression":
         return F.mse_loss(logits.float(), labels)
     return F.cross_entropy(logits.float(), labels)
-
-
-@dataclass
-class ScoringData:
-    """What a selector's `score` may read: seeded, shuffled training batches on the device."""
-
-    loader: DataLoader
-    task: TaskSpec
-    device: torch.device
-
-    def batches(self):
-        for batch in self.loader:
-            yield {k: v.to(self.device) for k, v in batch.items()}
-
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        with _autocast(self.device):
-            return loss_fn(forward(model, batch, self.task), batch["labels"], self.task)
 
 
 def make_loader(dataset, tokenizer, task, batch_size: int, shuffle: bool, seed: int) -> DataLoader:

@@ -62,7 +62,8 @@ def test_hutchinson_matches_exact_diagonal_on_a_quadratic():
 def test_adapeft_selects_whole_groups_within_budget(tiny_model_dir):
     from peftbench.data import load_task, tokenize
     from peftbench.models import load_model, pretrained_parameters
-    from peftbench.trainer import ScoringData, make_loader, pick_device
+    from peftbench.scoring import ScoringData
+    from peftbench.trainer import make_loader, pick_device
 
     task = load_task("rte")
     model, tokenizer = load_model(tiny_model_dir, 2)
@@ -100,7 +101,8 @@ def test_exact_curvature_values_every_module_group_on_a_tiny_model(tiny_model_di
     """The issue's measurement: one-z Hutchinson zeroes groups whose exact g^T H g is positive."""
     from peftbench.data import load_task, tokenize
     from peftbench.models import load_model
-    from peftbench.trainer import ScoringData, make_loader, pick_device
+    from peftbench.scoring import ScoringData
+    from peftbench.trainer import make_loader, pick_device
 
     task = load_task("rte")
     model, tokenizer = load_model(tiny_model_dir, 2)

@@ -73,7 +73,8 @@ def _ggm_setup(tiny_model_dir, **params):
     from peftbench import registry
     from peftbench.data import load_task, tokenize
     from peftbench.models import load_model
-    from peftbench.trainer import ScoringData, make_loader, pick_device
+    from peftbench.scoring import ScoringData
+    from peftbench.trainer import make_loader, pick_device
 
     task = load_task("rte")
     model, tokenizer = load_model(tiny_model_dir, 2)

@@ -8,9 +8,10 @@ from torch import nn
 from peftbench import registry
 from peftbench.data import load_task, tokenize
 from peftbench.models import head_parameters, load_model, pretrained_parameters
+from peftbench.scoring import ScoringData
 from peftbench.selector import top_k
 from peftbench.sparse import count_trainable, effective_weight
-from peftbench.trainer import (ScoringData, TrainConfig, forward, loss_fn, make_loader,
+from peftbench.trainer import (TrainConfig, forward, loss_fn, make_loader,
                                pick_device, train)
 
 CPU = pick_device("cpu")

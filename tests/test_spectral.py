@@ -54,7 +54,8 @@ def test_allpass_is_identity_and_lowpass_removes_high_frequencies():
 def _prepared(tiny_model_dir, **params):
     from peftbench.data import load_task, tokenize
     from peftbench.models import load_model
-    from peftbench.trainer import ScoringData, make_loader, pick_device
+    from peftbench.scoring import ScoringData
+    from peftbench.trainer import make_loader, pick_device
 
     task = load_task("rte")
     model, tokenizer = load_model(tiny_model_dir, 2)
