@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="where to write report.md and the CSVs "
                      "(default <output-dir>/report, or ./report with --runs)")
     rep.add_argument("--ties", default="average", help="rank ties: average (default) or min (Fu et al.)")
+    rep.add_argument("--html", action="store_true",
+                     help="also write index.html (tables, interactive Pareto plot; works offline)")
 
     plot = sub.add_parser("plot", help="plots from a sweep: pareto (PNG + HTML) and budget spend")
     plot.add_argument("what", choices=["pareto", "spend"])
@@ -188,7 +190,7 @@ def cmd_status(args) -> None:
 def cmd_report(args) -> None:
     from pathlib import Path
 
-    from peftbench import report, sweep
+    from peftbench import plots, report, sweep
 
     if args.runs:
         frame, spec = report.load_runs(args.runs), None
@@ -198,10 +200,20 @@ def cmd_report(args) -> None:
     else:
         raise UsageError("give a study spec or --runs DIR ...")
     out = Path(args.out or (spec.out / "report" if spec else "report"))
-    print(report.build_report(frame, out, title=f"Report: {spec.name}" if spec else "Report",
-                              published=spec.published if spec else None,
+    title = f"Report: {spec.name}" if spec else "Report"
+    print(report.build_report(frame, out, title=title, published=spec.published if spec else None,
                               cache_dir=spec.out / "scores" if spec else None, ties=args.ties))
-    print(f"\nwritten to {out}/ (report.md and CSVs)")
+    if args.html:
+        from peftbench import pages
+
+        ranking = report.friedman_ranking(frame)
+        if ranking is not None:
+            plots.cd_png(ranking, out / "cd.png")
+        plots.spend_png(frame, out / "spend.png")
+        pages.write_page(out, title, spec.description if spec else "", frame,
+                         {"runs": ", ".join(args.runs)} if args.runs else {"study": spec.storage_url},
+                         spec_text=Path(args.spec).read_text() if spec else None)
+    print(f"\nwritten to {out}/ (report.md and CSVs{', index.html' if args.html else ''})")
 
 
 def cmd_plot(args) -> None:
@@ -214,6 +226,7 @@ def cmd_plot(args) -> None:
     out = Path(args.out or spec.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "pareto":
+        plots.write_plotly_js(out)
         paths = [*plots.pareto_png(frame, out / "pareto.png"), plots.pareto_html(frame, out / "pareto.html")]
     else:
         paths = [plots.spend_png(frame, out / "spend.png", budget=args.budget)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from peftbench import plots, report, sweep
+from peftbench import pages, plots, report, sweep
 from peftbench.errors import UsageError
 
 
@@ -72,13 +72,28 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
                                published=spec.published, cache_dir=spec.out / "scores",
                                markdown="README.md")
     plots.pareto_png(frame, folder / "pareto.png")
-    plots.pareto_html(frame, folder / "pareto.html")
+    root = folder.parent
+    js = pages.relative(plots.write_plotly_js(root), folder)
+    plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)
     ranking = report.friedman_ranking(frame)
     if ranking is not None:
         plots.cd_png(ranking, folder / "cd.png")
     middle = spec.budgets[len(spec.budgets) // 2]
     plots.spend_png(frame, folder / "spend.png", budget=middle)
+    pages.write_page(folder, f"Leaderboard {spec.name}", spec.description, frame,
+                     page_meta(spec, command, done, expected),
+                     spec_text=(folder / "spec.yaml").read_text(), plotly_js=js)
+    pages.write_index(root)
     return text
+
+
+def page_meta(spec: sweep.StudySpec, command: str, done: int, expected: int) -> dict[str, str]:
+    return {"command": command, "machine": machine() + (f" (spec says: {spec.machine})" if spec.machine else ""),
+            "model": spec.model, "tasks": ", ".join(spec.tasks), "seeds": str(spec.seeds),
+            "budgets": ", ".join(spec.budgets),
+            "training": ", ".join(f"{k}={v}" for k, v in vars(spec.train).items()),
+            "cells finished": f"{done} of {expected}",
+            **{f"not the paper's variant: {m}": note for m, note in spec.method_notes.items()}}
 
 
 def run(name: str, storage: str | None = None, output_dir: str | None = None) -> str:
@@ -98,16 +113,26 @@ def show(name: str) -> str:
     spec = sweep.load_spec(folder / "spec.yaml")
     if not spec.published:
         raise UsageError(f"leaderboard {name!r} has no results yet: run `peftbench leaderboard run {name}`")
-    return published_only(spec)
+    text = published_only(spec, folder)
+    return text
 
 
-def published_only(spec: sweep.StudySpec) -> str:
+def published_only(spec: sweep.StudySpec, folder: Path | None = None) -> str:
     """Their table re-ranked by `report.table1` (ties=min, as they print), their stability
-    correlation recomputed from it, and a pointer to the command that produces ours."""
+    correlation recomputed from it, and a pointer to the command that produces ours. With a
+    `folder`, the table is also written there as table1-bpublished.csv and the board's page."""
     cells = report.parse_published(spec.published)
     cells = cells[cells.task != "AVG"].assign(budget="published")
     table = report.table1(cells, ties="min", tasks=[t for t in spec.tasks if t in set(cells.task)])
     corr = report.stability_correlation(table)
+    if folder is not None:
+        table.render(top=3).to_csv(folder / "table1-bpublished.csv")
+        pages.write_page(folder, f"Leaderboard {spec.name}: published numbers only", spec.description,
+                         None, {"status": f"no results of ours yet: peftbench leaderboard run {spec.name}",
+                                "machine needed": spec.machine,
+                                **{f"not the paper's variant: {m}": n for m, n in spec.method_notes.items()}},
+                         spec_text=(folder / "spec.yaml").read_text())
+        pages.write_index(folder.parent)
     return "\n".join([
         f"# Leaderboard {spec.name}: published numbers only", "", spec.description, "",
         f"No results of ours yet: `peftbench leaderboard run {spec.name}` (machine: {spec.machine}).", "",

@@ -27,7 +27,9 @@ def pareto_points(points: pd.DataFrame) -> pd.DataFrame:
 def _cells(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     g = frame[frame.task == task].groupby(["method", "budget"])
     return pd.DataFrame({"mean": g.metric.mean(), "std": g.metric.std(ddof=0),
-                         "trainable": g.trainable.mean(), "seeds": g.metric.size()}).reset_index()
+                         "trainable": g.trainable.mean(), "seeds": g.metric.size(),
+                         "scoring_time_s": g.scoring_time_s.mean(),
+                         "train_time_s": g.train_time_s.mean()}).reset_index()
 
 
 def _constant(frame: pd.DataFrame, task: str) -> float | None:
@@ -140,8 +142,9 @@ def cd_png(ranking: dict, path: str | Path) -> Path:
     return path
 
 
-def pareto_html(frame: pd.DataFrame, path: str | Path) -> Path:
-    """The same plot, interactive (hover shows method, budget, seeds, counts)."""
+def pareto_figure(frame: pd.DataFrame):
+    """The Pareto plot as a plotly figure: hover shows method, budget, seeds, mean ± std,
+    trainable count and the mean scoring and training time per run."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -157,9 +160,12 @@ def pareto_html(frame: pd.DataFrame, path: str | Path) -> Path:
                 x=c.trainable, y=100 * c["mean"], error_y={"type": "data", "array": 100 * c["std"]},
                 marker={"color": style[method][0]}, line={"color": style[method][0]},
                 mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
-                customdata=np.stack([c.budget, c.seeds], axis=1),
+                customdata=np.stack([c.budget, c.seeds, 100 * c["std"], c.scoring_time_s,
+                                     c.train_time_s], axis=1),
                 hovertemplate=f"{method}<br>budget %{{customdata[0]}}<br>trainable %{{x:,}}"
-                              "<br>metric %{y:.2f}<br>seeds %{customdata[1]}<extra></extra>"), row=1, col=col)
+                              "<br>metric %{y:.2f} ± %{customdata[2]:.2f}<br>seeds %{customdata[1]}"
+                              "<br>scoring %{customdata[3]:.1f} s, training %{customdata[4]:.1f} s"
+                              "<extra></extra>"), row=1, col=col)
         baseline = _constant(frame, task)
         if baseline is not None:
             fig.add_trace(go.Scatter(
@@ -174,8 +180,29 @@ def pareto_html(frame: pd.DataFrame, path: str | Path) -> Path:
                       row=1, col=col)
         fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=col)
         fig.update_yaxes(title_text=metric_axis(frame, task), row=1, col=col)
+    return fig
+
+
+PLOTLY_JS = "plotly.min.js"
+
+
+def write_plotly_js(folder: str | Path) -> Path:
+    """plotly.js (from the installed plotly package) written once into `folder`, so pages that
+    load it work with no network; rewritten only when the version differs."""
+    from plotly.offline import get_plotlyjs
+
+    path = Path(folder) / PLOTLY_JS
+    text = get_plotlyjs()
+    if not path.is_file() or path.stat().st_size != len(text.encode()):
+        path.write_text(text)
+    return path
+
+
+def pareto_html(frame: pd.DataFrame, path: str | Path, plotly_js: str = PLOTLY_JS) -> Path:
+    """The interactive Pareto plot as a page that loads `plotly_js` (a path relative to the
+    page, written by `write_plotly_js`): offline, and 20 kB instead of 4.8 MB per page."""
     path = Path(path)
-    fig.write_html(path, include_plotlyjs="cdn")  # 10 kB instead of 4.7 MB; the PNG is offline
+    pareto_figure(frame).write_html(path, include_plotlyjs=plotly_js)
     return path
 
 

@@ -22,7 +22,7 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
     assert main(["leaderboard", "run", "tiny"]) == 0
     for name in ("README.md", "results.csv", "cells.csv", "table1-b0.01.csv", "tests.csv",
                  "published.csv", "overlap.csv", "pareto.png", "pareto.pdf", "pareto.svg",
-                 "pareto.html", "spend.png"):
+                 "pareto.html", "spend.png", "index.html"):
         assert (board / name).is_file() and (board / name).stat().st_size > 0, name
     results = pd.read_csv(board / "results.csv")
     assert len(results) == 2 * 2 + 2  # magpruning x 2 budgets x 2 seeds + bitfit x 2 seeds
@@ -31,6 +31,8 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
     shown = capsys.readouterr().out
     assert "Leaderboard tiny" in shown and "bitfit" in shown and "Against the published" in shown
     assert main(["leaderboard", "show", "nope"]) == 2
+    assert (tmp_path / "boards" / "plotly.min.js").is_file() and (tmp_path / "boards" / "index.html").is_file()
+    assert 'src="../plotly.min.js"' in (board / "pareto.html").read_text()
 
 
 def test_pareto_points_are_the_non_dominated_ones():
@@ -81,7 +83,8 @@ def _synthetic_frame():
                 rows.append({"task": "cb", "method": method, "budget": budget, "seed": seed,
                              "metric": 0.5 + 0.05 * i + 0.01 * seed, "trainable": int(float(budget) * 1000),
                              "pretrained_entries": 1000, "constant_metric": 0.4, "test_rows": 55,
-                             "metric_name": "accuracy+macro_f1", "model": "default", "spend": {}})
+                             "metric_name": "accuracy+macro_f1", "model": "default", "spend": {},
+                             "scoring_time_s": 1.0, "train_time_s": 2.0})
     return pd.DataFrame(rows)
 
 

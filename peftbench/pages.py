@@ -1,0 +1,125 @@
+"""Leaderboards people browse: one self-contained HTML page per leaderboard (or report).
+
+Offline-first: the page loads plotly.js from a file written once beside the pages
+(`plots.write_plotly_js`), no remote script, font or stylesheet. Each page holds: the Table-1
+tables per budget, read from the same `table1-b<budget>.csv` files the report wrote (so page and
+CSV cannot disagree), sortable by column, with the constant-predictor row and the report's marks
+(† worse than the best by a paired test, ≈ within noise of the constant predictor); the
+interactive Pareto plot; the critical-difference diagram and the spend plot when present; the
+spec, the command and the machine. `leaderboards/index.html` lists every board.
+"""
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import pandas as pd
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; cursor: pointer; user-select: none; }
+td:first-child, th:first-child { text-align: left; }
+tr.constant td { font-style: italic; color: #555; background: #fafafa; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+img { max-width: 100%; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+# Sort a table by a column's leading number (or its text) on a click on its header.
+SORT_JS = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("th").forEach(function (th, col) {
+    th.addEventListener("click", function () {
+      var body = table.tBodies[0], rows = Array.from(body.rows).filter(r => !r.classList.contains("constant"));
+      var fixed = Array.from(body.rows).filter(r => r.classList.contains("constant"));
+      var up = th.dataset.order !== "asc"; th.dataset.order = up ? "asc" : "desc";
+      var key = function (r) { var t = r.cells[col].textContent.replace(/,/g, ""); var n = parseFloat(t); return isNaN(n) ? t : n; };
+      rows.sort(function (a, b) { var x = key(a), y = key(b); return (x > y ? 1 : x < y ? -1 : 0) * (up ? 1 : -1); });
+      rows.concat(fixed).forEach(r => body.appendChild(r));
+    });
+  });
+});
+"""
+
+
+def table_html(csv_path: Path) -> str:
+    """A Table-1 CSV as a sortable HTML table; the constant-predictor row stays last."""
+    table = pd.read_csv(csv_path, index_col=0, dtype=str, keep_default_na=False)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", *table.columns])
+    rows = []
+    for method, row in table.iterrows():
+        cls = ' class="constant"' if method == "constant predictor" else ""
+        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in row)
+        rows.append(f"<tr{cls}><td>{html.escape(str(method))}</td>{cells}</tr>")
+    return (f'<table class="sortable table1" data-csv="{html.escape(csv_path.name)}">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None, meta: dict[str, str],
+               spec_text: str | None = None, extra_html: str = "", plotly_js: str | None = None) -> Path:
+    """`folder/index.html` from the files the report wrote into `folder` (table1-b*.csv, cd.png,
+    spend.png) and the Pareto figure of `frame`; `plotly_js` is the path of plotly.min.js
+    relative to the page (written beside it when None)."""
+    from peftbench import plots
+
+    folder = Path(folder)
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>", "<ul>"]
+    parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in meta.items()]
+    parts += ["</ul>"]
+    tables = sorted(folder.glob("table1-b*.csv"))
+    if tables:
+        parts.append("<h2>Tables (test metric x100, mean ± std over seeds)</h2>")
+        parts.append('<p class="note">[r] = rank in the column; † = worse than the column\'s best by '
+                     "a paired t-test over seeds (p &lt; 0.05); ≈ = within noise of the constant "
+                     "predictor (did not measurably learn). Click a header to sort.</p>")
+        for csv_path in tables:
+            budget = csv_path.stem[len("table1-b"):]
+            parts += [f"<h3>Budget {html.escape(budget)} (natural-count methods included)</h3>",
+                      table_html(csv_path)]
+    scripts = ""
+    if frame is not None and not frame.empty:
+        if plotly_js is None:
+            plots.write_plotly_js(folder)
+            plotly_js = plots.PLOTLY_JS
+        figure = plots.pareto_figure(frame).to_html(full_html=False, include_plotlyjs=False,
+                                                    div_id="pareto")
+        parts += ["<h2>Accuracy vs trainable parameters</h2>", figure]
+        scripts = f'<script src="{html.escape(plotly_js)}"></script>'
+    for image, caption in (("cd.png", "Critical-difference diagram (Friedman + Nemenyi)"),
+                           ("spend.png", "Where each method spends its budget")):
+        if (folder / image).is_file():
+            parts += [f"<h2>{caption}</h2>", f'<img src="{image}" alt="{caption}">']
+    parts.append(extra_html)
+    if spec_text:
+        parts += ["<h2>Spec</h2>", f"<pre>{html.escape(spec_text)}</pre>"]
+    page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style>{scripts}</head><body>"
+            + "\n".join(parts) + f"<script>{SORT_JS}</script></body></html>")
+    path = folder / "index.html"
+    path.write_text(page)
+    return path
+
+
+def write_index(root: Path) -> Path:
+    """`root/index.html`: every leaderboard folder (one with a spec.yaml), linked."""
+    from peftbench.sweep import load_spec
+
+    items = []
+    for folder in sorted(p for p in Path(root).iterdir() if (p / "spec.yaml").is_file()):
+        spec = load_spec(folder / "spec.yaml")
+        link = f'<a href="{folder.name}/index.html">{html.escape(folder.name)}</a>' \
+            if (folder / "index.html").is_file() else html.escape(folder.name) + " (no page yet)"
+        items.append(f"<li>{link}: {html.escape(spec.description.strip())}</li>")
+    page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>peftbench leaderboards</title>"
+            f"<style>{STYLE}</style></head><body><h1>peftbench leaderboards</h1><ul>"
+            + "\n".join(items) + "</ul></body></html>")
+    path = Path(root) / "index.html"
+    path.write_text(page)
+    return path
+
+
+def relative(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(target, start)).as_posix()
