@@ -6,7 +6,9 @@ tables per budget, read from the same `table1-b<budget>.csv` files the report wr
 CSV cannot disagree), sortable by column, with the constant-predictor row and the report's marks
 († worse than the best by a paired test, ≈ within noise of the constant predictor); the
 interactive Pareto plot; the critical-difference diagram and the spend plot when present; the
-spec, the command and the machine. `leaderboards/index.html` lists every board.
+spec, the command and the machine; failed (diverged) cells listed. Peak memory is not in the
+hover yet (runs do not record it). Run directories are not committed, so cells link to no
+config.json/result.json. `leaderboards/index.html` lists every board.
 """
 from __future__ import annotations
 
@@ -92,6 +94,11 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                            ("spend.png", "Where each method spends its budget")):
         if (folder / image).is_file():
             parts += [f"<h2>{caption}</h2>", f'<img src="{image}" alt="{caption}">']
+    failed = frame.attrs.get("failed", {}) if frame is not None else {}
+    if failed:
+        parts += [f"<h2>Failed cells ({len(failed)}), left out of every mean and rank</h2><ul>"]
+        parts += [f"<li>{html.escape(c)}: {html.escape(r)}</li>" for c, r in sorted(failed.items())]
+        parts += ["</ul>"]
     parts.append(extra_html)
     if spec_text:
         parts += ["<h2>Spec</h2>", f"<pre>{html.escape(spec_text)}</pre>"]
