@@ -31,8 +31,11 @@ def schema_problem(err, raw: dict, model) -> tuple[str, str]:
     union's several failures, the one about a value that reached deepest into the user's keys
     (the branch the user meant), with the key path, the value and what was wrong."""
     errors = err.errors()
+    unknown_top = [e for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
     about_values = [e for e in errors if e["type"] not in ("extra_forbidden", "missing")]
-    problem = max(about_values or errors, key=lambda e: len(_key_path(e["loc"], raw)))
+    # an unknown top-level key first (a typo often explains the rest), then a wrong value
+    problem = unknown_top[0] if unknown_top else \
+        max(about_values or errors, key=lambda e: len(_key_path(e["loc"], raw)))
     path = _key_path(problem["loc"], raw)
     top = path[0] if path else str(problem["loc"][0]) if problem["loc"] else ""
     message = problem["msg"].removeprefix("Value error, ")

@@ -657,7 +657,7 @@ def run_search(spec: StudySpec, log=print) -> dict:
         raise UsageError(f"study {spec.name!r} has no 'search:' section")
     search = spec.search
     n_trials = int(search.get("trials", 10))
-    budget = str(search.get("budget", spec.budgets[0]))
+    budget = str(Budget.parse(search["budget"])) if search.get("budget") is not None else spec.budgets[0]
     best = best_search_params(spec)
     cache = ScoreCache(spec.out / "scores")
     storage = open_storage(spec)

@@ -102,7 +102,8 @@ RUN_CASES = [
     (["--budget", "inf"], "not finite"),
     (["--budget", "nan"], "not finite"),
     (["--budget", "1e-9"], "selects 0 of the"),
-    (["--lr", "-1e-3"], "lr = -0.001: Input should be greater than 0"),
+    (["--lr=-1e-3"], "lr = -0.001: Input should be greater than 0"),
+    (["--lr", "-1e-3"], "argument --lr: expected one argument"),  # argparse reads -1e-3 as an option
     (["--lr", "nan"], "lr = nan: Input should be a finite number"),
     (["--max-length", "100000"], "beyond the model's position table"),
     (["--param", "clip=big", "--method", "sam"], "parameter clip='big'"),

@@ -76,7 +76,7 @@ def test_bad_method_parameter_is_a_usage_error():
 
     with pytest.raises(UsageError, match="allowed tensor, global"):
         registry.create("random", scope="row")
-    with pytest.raises(UsageError, match="bad parameters for method 'bitfit'"):
+    with pytest.raises(UsageError, match="method 'bitfit' has no parameter 'nonsense'"):
         registry.create("bitfit", nonsense=1)
 
 
