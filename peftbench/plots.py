@@ -44,12 +44,19 @@ def _constant(frame: pd.DataFrame, task: str) -> float | None:
 # and colour pair per method so that no two methods look alike.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
 MARKERS = "o s ^ D v P X * < > h p d 8 H".split()
-DODGE = 0.03  # log10 units between neighbouring methods at the same x (about 7%)
+LINES = ["-", "--", ":"]  # after 8 methods the colours repeat: the line style tells them apart
+DODGE = 0.12  # log10 units over which methods at the same x are spread (x 0.87 .. x 1.15)
 
 
 def styles(methods: list[str]) -> dict[str, tuple[str, str]]:
     """(colour, marker) per method, stable for a sorted list of methods."""
     return {m: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
+
+
+def dodge(methods: list[str]) -> dict[str, float]:
+    """A multiplicative x offset per method, spread evenly over `DODGE` decades."""
+    n = len(methods)
+    return {m: 10 ** (DODGE * (i / (n - 1) - 0.5)) if n > 1 else 1.0 for i, m in enumerate(methods)}
 
 
 def _subtitle(frame: pd.DataFrame) -> str:
@@ -92,22 +99,23 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
             ax.axvline(x, color="0.8", lw=0.8, ls="-", zorder=0)
             ax.annotate(f"p = {float(budget):g}", (x, 1), xycoords=("data", "axes fraction"),
                         xytext=(2, -10), textcoords="offset points", fontsize=7, color="0.4")
+        shift = dodge(methods)
         for i, method in enumerate(methods):
             c = cells[cells.method == method].sort_values("trainable")
             if c.empty:
                 continue
             colour, marker = style[method]
-            shift = 10 ** (DODGE * (i - (len(methods) - 1) / 2))
-            ax.errorbar(c.trainable * shift, 100 * c["mean"], yerr=100 * c["std"], label=method,
-                        color=colour, marker=marker, capsize=3, lw=1.2, ms=6, mec="black", mew=0.4)
+            ax.errorbar(c.trainable * shift[method], 100 * c["mean"], yerr=100 * c["std"], label=method,
+                        color=colour, marker=marker, capsize=3, lw=1.2, ms=6, mec="black", mew=0.4,
+                        ls=LINES[(i // len(PALETTE)) % len(LINES)])
         baseline = _constant(frame, task)
         if baseline is not None:
             ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
         front = pareto_points(cells)
         ax.step(front.trainable, 100 * front["mean"], where="post", color="black", lw=1, ls="--",
                 zorder=0, label="Pareto front")
-        ax.scatter(front.trainable, 100 * front["mean"], s=160, facecolors="none",
-                   edgecolors="black", zorder=5)
+        ax.scatter(front.trainable * front.method.map(shift), 100 * front["mean"], s=160,
+                   facecolors="none", edgecolors="black", zorder=5)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale; head excluded)")
         ax.set_ylabel(metric_axis(frame, task))
