@@ -310,7 +310,10 @@ def cmd_check_method(args) -> int:
 
     from peftbench import registry, testing
 
+    import datasets
+
     logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     registry.get(args.name)  # an unknown or broken method: one line, exit 2
     params = _parse_params(args.param) if args.param else None
     outcomes = testing.check_method(args.name, params)
