@@ -187,8 +187,10 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             if before_step:
                 selector.before_step(model, step)
-            for delta in decay_deltas:  # the sparse entries' decay towards 0 (see peftbench.sparse)
-                delta.decay_(scheduler.get_last_lr()[0] * config.weight_decay)
+            if decay_deltas:  # the sparse entries' decay towards 0 (see peftbench.sparse)
+                amount = scheduler.get_last_lr()[0] * config.weight_decay
+                for delta in decay_deltas:
+                    delta.decay_(amount)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
