@@ -11,6 +11,7 @@ directories (`load_runs`). Conventions, as Fu et al. (see ../shared/design, meth
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -60,12 +61,7 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
                     f"diverged at step {d['step']} (loss {d['loss']})"
                 continue
             baseline = result.get("constant_predictor", {})
-            try:
-                from peftbench.data import load_task
-
-                metric_name = "+".join(load_task(config["task"]).main_metric)
-            except UsageError:
-                metric_name = ""
+            metric_name = _metric_name(config["task"])
             rows.append({"task": task, "method": config["method"], "budget": budget,
                          "seed": result["seed"], "metric": result["test"]["main"],
                          "validation": result["validation"]["main"],
@@ -93,6 +89,17 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
     frame = frame.drop_duplicates(key, keep="last").drop(columns="written").reset_index(drop=True)
     frame.attrs.update(failed=failed, notes=notes)
     return frame
+
+
+@functools.lru_cache(maxsize=None)
+def _metric_name(task: str) -> str:
+    """'accuracy+macro_f1' for a task name or spec path ('' if the spec is gone)."""
+    from peftbench.data import load_task
+
+    try:
+        return "+".join(load_task(task).main_metric)
+    except UsageError:
+        return ""
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
