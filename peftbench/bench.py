@@ -60,41 +60,118 @@ def selection_cost(seed: int = 0) -> dict:
     return out
 
 
-def step_cost(model_id: str = "default", methods=("fulltuning", "random", "bitfit", "lora"),
-              steps: int = 4, batch_size: int = 16, length: int = 128) -> dict:
-    """Seconds per training step (median after one warm-up step) and optimizer-state bytes
-    per method, with ratios to full fine-tuning measured in the same run."""
+#: The variants `bench step` times: label -> (method, params). `floor` is not a method: the
+#: encoder is frozen but the input gradient still flows through it (forward + input-gradient
+#: backward, no weight gradient), the least any subset method can cost per step.
+STEP_VARIANTS = {
+    "floor": (None, {}),
+    "fulltuning": ("fulltuning", {}),
+    "random-tensor": ("random", {"scope": "tensor"}),
+    "random-global": ("random", {"scope": "global"}),
+    "magnitude-global": ("magpruning", {"scope": "global"}),  # concentrated, like SAM's masks
+    "bitfit": ("bitfit", {}),
+    "lora": ("lora", {"r": 16}),
+}
+
+
+def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
+                 batch_size: int = 16, length: int = 128, device: str = "cpu"):
+    """(one_step, model) for a variant of `STEP_VARIANTS` on random tokens; `one_step()` does
+    forward, loss, backward, AdamW step and zero_grad as the trainer does."""
     from peftbench import registry
     from peftbench.models import load_model, pretrained_parameters
 
-    results = {}
-    for method in methods:
-        model, tokenizer = load_model(model_id, 2)
+    method, params = STEP_VARIANTS[variant]
+    device = torch.device(device)
+    model, tokenizer = load_model(model_id, 2)
+    if method is None:  # the floor
+        for p in pretrained_parameters(model).values():
+            p.requires_grad_(False)
+        model.base_model.embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_())
+    else:
         numel = sum(p.numel() for p in pretrained_parameters(model).values())
-        selector = registry.create(method)
-        selection = selector.select(model, selector.score(model, None), math.floor(0.005 * numel),
+        selector = registry.create(method, **params)
+        selection = selector.select(model, selector.score(model, None), math.floor(budget * numel),
                                     torch.Generator().manual_seed(0))
         model = selector.apply(model, selection)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        ids = torch.randint(1000, tokenizer.vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(0))
-        labels = torch.randint(0, 2, (batch_size,))
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-        state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                          for t in s.values() if torch.is_tensor(t))
-        results[method] = {"step_s": float(np.median(times[1:])), "optimizer_state_bytes": state_bytes,
-                           "trainable_tensors_numel": sum(p.numel() for p in params)}
-    base = results.get("fulltuning")
-    if base:
-        for r in results.values():
-            r["step_ratio_vs_full"] = r["step_s"] / base["step_s"]
-            r["optimizer_state_ratio_vs_full"] = r["optimizer_state_bytes"] / base["optimizer_state_bytes"]
-    return {"model": model_id, "batch": [batch_size, length], "device": "cpu", "methods": results}
+    model.to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, tokenizer.vocab_size, (batch_size, length), generator=generator).to(device)
+    labels = torch.randint(0, 2, (batch_size,), generator=generator).to(device)
+
+    def one_step():
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    one_step.optimizer = optimizer
+    return one_step, model
+
+
+def _time_variant(variant: str, model_id: str, steps: int, device: str, batch_size: int,
+                  length: int) -> dict:
+    """One variant in this process: a warm-up step, then `steps` timed steps; the peak memory
+    is that of the steps (the model included, the selection's transient memory not)."""
+    import gc
+
+    from peftbench import memory
+
+    one_step, model = prepare_step(variant, model_id, batch_size=batch_size, length=length,
+                                   device=device)
+    gc.collect()
+    since_reset = memory.reset_peak(device)
+    one_step()
+    times = [_timed(one_step)[1] for _ in range(steps)]
+    optimizer = one_step.optimizer
+    return {"step_s": times, "peak_memory_bytes": memory.peak(device, since_reset)["bytes"],
+            "optimizer_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                         for t in state.values() if torch.is_tensor(t))}
+
+
+def step_cost(model_id: str = "default", variants=tuple(STEP_VARIANTS), steps: int = 4,
+              rounds: int = 2, device: str = "cpu", batch_size: int = 16, length: int = 128,
+              progress=None) -> dict:
+    """Seconds per training step and peak memory per variant, each variant in a fresh Python
+    process (no allocator or cache state carried over), rounds interleaved (every variant once
+    per round) so a machine's drift hits all alike. Reports each variant's median over its
+    steps per round, the best (min) and median of those over rounds, and ratios of the best to
+    the floor and to full fine-tuning measured in the same run."""
+    import json
+    import subprocess
+    import sys
+
+    per_round = {v: [] for v in variants}
+    for r in range(rounds):
+        for variant in variants:
+            code = ("import json, sys; from peftbench.bench import _time_variant; "
+                    f"print(json.dumps(_time_variant({variant!r}, {model_id!r}, {steps}, {device!r}, "
+                    f"{batch_size}, {length})))")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"bench step {variant}: {done.stderr.strip().splitlines()[-1:]}")
+            per_round[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if progress:
+                progress(f"round {r + 1}/{rounds} {variant}: "
+                         f"{np.median(per_round[variant][-1]['step_s']):.3f} s/step")
+    results = {}
+    for variant, runs in per_round.items():
+        medians = [float(np.median(run["step_s"])) for run in runs]
+        results[variant] = {"step_s_min": min(medians), "step_s_median": float(np.median(medians)),
+                            "step_s_rounds": medians,
+                            "peak_memory_bytes": max(run["peak_memory_bytes"] for run in runs),
+                            "optimizer_params": runs[0]["optimizer_params"],
+                            "optimizer_state_bytes": runs[0]["optimizer_state_bytes"]}
+    for base in ("floor", "fulltuning"):
+        if base in results:
+            for r in results.values():
+                r[f"step_vs_{base}"] = r["step_s_min"] / results[base]["step_s_min"]
+                r[f"memory_vs_{base}"] = r["peak_memory_bytes"] / results[base]["peak_memory_bytes"]
+    return {"model": model_id, "batch": [batch_size, length], "budget": 0.005, "device": device,
+            "steps_per_round": steps, "rounds": rounds, "threads": torch.get_num_threads(),
+            "variants": results}

@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure selection and step cost; prints JSON")
     bench.add_argument("what", choices=["selection", "step"])
     bench.add_argument("--model", default="default", help="for `step`: the model to time")
-    bench.add_argument("--steps", type=_positive_int, default=4)
+    bench.add_argument("--steps", type=_positive_int, default=4, help="for `step`: timed steps per run")
+    bench.add_argument("--rounds", type=_positive_int, default=2,
+                       help="for `step`: interleaved rounds (each variant in a fresh process per round)")
+    bench.add_argument("--variants", default=None, metavar="A,B",
+                       help="for `step`: a subset of the variants (default all)")
+    bench.add_argument("--device", default="cpu", help="for `step`: cpu or cuda")
 
     sweep = sub.add_parser("sweep", help="run a study spec (YAML) as an Optuna study; resumable, "
                            "run it in N processes / machines to share the work")
@@ -299,9 +304,18 @@ def format_summary(s: dict) -> str:
 
 def cmd_bench(args) -> None:
     from peftbench import bench
+    from peftbench.trainer import pick_device
 
-    out = bench.selection_cost() if args.what == "selection" else \
-        bench.step_cost(args.model, steps=args.steps)
+    if args.what == "selection":
+        out = bench.selection_cost()
+    else:
+        variants = args.variants.split(",") if args.variants else list(bench.STEP_VARIANTS)
+        unknown = sorted(set(variants) - set(bench.STEP_VARIANTS))
+        if unknown:
+            raise UsageError(f"bench step: unknown variants {unknown}; allowed: {list(bench.STEP_VARIANTS)}")
+        out = bench.step_cost(args.model, variants, steps=args.steps, rounds=args.rounds,
+                              device=str(pick_device(args.device)),
+                              progress=lambda line: print(line, file=sys.stderr))
     print(json.dumps(out, indent=2))
 
 

@@ -17,10 +17,25 @@ exempt, judged by the pre-trained tensor's name (so a partially trained bias, wh
 parameter is called `...bias.0.values`, is exempt like a whole one). For a sparse delta the
 entry's value is W0[i] + v, so the trainer applies v <- v - lr wd (W0[i] + v) itself
 (`SparseDelta.decay_`) instead of AdamW's v <- v - lr wd v, which would pull towards W0.
+
+The step at the floor. Read through the parametrisation, W0 + delta is a dense tensor that
+autograd differentiates densely: the full weight gradient (2Tmn multiply-adds for a Linear on T
+tokens, as much as the forward) is computed and then gathered at k entries. For the two modules
+that hold nearly every entry, `nn.Linear` and `nn.Embedding`, `apply_selection` replaces the
+module's forward by an autograd function (`SparseLinearFunction`, `SparseEmbeddingFunction`)
+whose backward computes the input gradient and only the k entries' gradient: for a Linear the
+sampled product (gY^T X) at the (row, col) pairs, by `torch.sparse.sampled_addmm` (CPU and CUDA),
+2Tk multiply-adds; for an embedding the trained rows' summed output gradients. The
+parametrisation stays registered (names, counts, `module.weight`, the optimizer parameter are as
+before) and remains the path for every other module (biases, LayerNorm, Conv1D, ...).
 """
 from __future__ import annotations
 
+import types
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -56,6 +71,141 @@ class SparseDelta(nn.Module):
     def forward(self, base: torch.Tensor) -> torch.Tensor:
         return base.reshape(-1).index_add(0, self.indices, self.values.to(base.dtype)).view_as(base)
 
+    def sampling_pattern(self, shape: torch.Size) -> tuple:
+        """(order, crow_indices, col_indices) of the k entries as a CSR pattern of a 2-D
+        `shape`, computed once: `order` sorts the entries by flat index (row, then column)."""
+        if getattr(self, "_pattern", None) is None or self._pattern[1].device != self.indices.device:
+            order = torch.argsort(self.indices)
+            flat = self.indices[order]
+            rows, cols = flat // shape[1], flat % shape[1]
+            crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=rows.device))
+            self._pattern = (order, crow, cols)
+        return self._pattern
+
+
+def _with_delta(weight: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
+    return weight.reshape(-1).index_add(0, delta.indices, delta.values.to(weight.dtype)).view_as(weight)
+
+
+def sampled_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, delta: SparseDelta,
+                     shape: torch.Size) -> torch.Tensor:
+    """(grad_out^T @ inputs) at the delta's k entries only, in the delta's order, in float32:
+    the gradient of `values` for y = x W^T, without the dense m x n weight gradient.
+
+    On CPU the tokens go in chunks of a few hundred: the kernel reads both operands token-minor
+    and transposes them first, which for a whole batch (T x 1536 floats) leaves the caches and
+    cost more than the product itself (measured: 2x slower unchunked)."""
+    order, crow, cols = delta.sampling_pattern(shape)
+    g2d = grad_out.reshape(-1, shape[0]).float()
+    x2d = inputs.reshape(-1, shape[1]).float()
+    tokens = len(g2d)
+    chunk = tokens if g2d.is_cuda else max(64, 2**18 // (shape[0] + shape[1]))
+    sampled = torch.zeros(len(cols), device=g2d.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what we want
+        warnings.simplefilter("ignore", UserWarning)
+        for start in range(0, tokens, chunk):
+            pattern = torch.sparse_csr_tensor(crow, cols, sampled, shape, check_invariants=False)
+            sampled = torch.sparse.sampled_addmm(pattern, g2d[start:start + chunk].t(),
+                                                 x2d[start:start + chunk]).values()
+    grad = torch.empty_like(sampled)
+    grad[order] = sampled
+    return grad
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """y = x (W0 + delta)^T + b, differentiated for x, b and the delta's values only."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, values, delta):
+        ctx.delta, ctx.shape = delta, weight.shape
+        ctx.save_for_backward(x, weight, values)
+        return F.linear(x, _with_delta(weight, delta), bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        x, weight, values = ctx.saved_tensors
+        need_x, _, need_bias, need_values, _ = ctx.needs_input_grad
+        grad_x = grad_bias = grad_values = None
+        if need_x:  # the weight is rebuilt, not saved: O(mn) work, no O(mn) memory per layer
+            grad_x = grad_out @ _with_delta(weight, ctx.delta).to(grad_out.dtype)
+        if need_bias:
+            grad_bias = grad_out.reshape(-1, ctx.shape[0]).sum(0)
+        if need_values:
+            grad_values = sampled_gradient(grad_out, x, ctx.delta, ctx.shape).to(values.dtype)
+        return grad_x, None, grad_bias, grad_values, None
+
+
+class SparseEmbeddingFunction(torch.autograd.Function):
+    """out = (W0 + delta)[ids] without building W0 + delta: a small table of the delta on the
+    rows this batch looks up (at most T rows) is added to W0[ids]; the values' gradient is the
+    output gradient summed per looked-up row, read at the k entries (zero for rows not looked
+    up, and for `padding_idx`, as `F.embedding`)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, values, delta, padding_idx):
+        order, crow, cols = delta.sampling_pattern(weight.shape)
+        looked_up, inverse = torch.unique(ids, return_inverse=True)
+        starts = crow[looked_up]
+        counts = crow[looked_up + 1] - starts
+        slot = torch.repeat_interleave(torch.arange(len(looked_up), device=ids.device), counts)
+        first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        sorted_pos = torch.arange(len(slot), device=ids.device) - first + starts[slot]
+        entry, column = order[sorted_pos], cols[sorted_pos]
+        table = torch.zeros(len(looked_up), weight.shape[1], dtype=weight.dtype, device=weight.device)
+        table.view(-1).index_add_(0, slot * weight.shape[1] + column, values[entry].to(weight.dtype))
+        kept = ids != padding_idx if padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
+        ctx.save_for_backward(inverse, kept, slot, column, entry)
+        ctx.table_shape, ctx.k = table.shape, len(values)
+        return F.embedding(ids, weight, padding_idx) + table[inverse]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inverse, kept, slot, column, entry = ctx.saved_tensors
+        grad_table = torch.zeros(ctx.table_shape, dtype=torch.float32, device=grad_out.device)
+        grad_table.index_add_(0, inverse[kept], grad_out[kept].float())
+        grad_values = torch.zeros(ctx.k, dtype=torch.float32, device=grad_out.device)
+        grad_values[entry] = grad_table[slot, column]
+        return None, None, grad_values, None, None
+
+
+def _sparse_delta(module: nn.Module) -> SparseDelta | None:
+    """The module's weight delta when a SparseDelta is its weight's only parametrisation."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    plist = module.parametrizations["weight"]
+    return plist[0] if len(plist) == 1 and isinstance(plist[0], SparseDelta) else None
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    delta = _sparse_delta(self)
+    if delta is None or not torch.is_grad_enabled():
+        return F.linear(x, self.weight, self.bias)
+    return SparseLinearFunction.apply(x, self.parametrizations.weight.original, self.bias,
+                                      delta.values, delta)
+
+
+def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    delta = _sparse_delta(self)
+    if delta is None or not torch.is_grad_enabled():
+        return nn.Embedding.forward(self, ids)
+    return SparseEmbeddingFunction.apply(ids, self.parametrizations.weight.original,
+                                         delta.values, delta, self.padding_idx)
+
+
+def use_sparse_step(module: nn.Module) -> bool:
+    """Route a Linear's or plain Embedding's forward through the functions above (see the
+    module docstring); False, leaving the parametrisation path, for any other module."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        module.forward = types.MethodType(_linear_forward, module)
+        return True
+    if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward \
+            and module.max_norm is None and not module.sparse and not module.scale_grad_by_freq:
+        module.forward = types.MethodType(_embedding_forward, module)
+        return True
+    return False
+
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
@@ -77,6 +227,9 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
         delta = SparseDelta(indices, params[name]).to(params[name].device)
         parametrize.register_parametrization(module, attr, delta, unsafe=True)
         module.parametrizations[attr].original.requires_grad_(False)
+        if attr == "weight" and params[name].dim() == 2 and \
+                len(torch.unique(delta.indices)) == len(delta.indices):
+            use_sparse_step(module)
     return model
 
 

@@ -75,13 +75,16 @@ def test_training_is_reproducible_from_the_seed(tiny_model_dir, rte_small, tmp_p
 
 
 def test_bench_step_reports_ratios_and_state_grows_with_trainable_count(tiny_model_dir):
+    """Each variant in its own process; the ratios are to the floor and to full tuning of the
+    same run; AdamW keeps 2 moments per trainable entry, so sparse state is ~p of full."""
     from peftbench.bench import step_cost
 
-    out = step_cost(tiny_model_dir, methods=("fulltuning", "random", "bitfit"), steps=2,
-                    batch_size=2, length=16)["methods"]
-    assert out["fulltuning"]["optimizer_state_ratio_vs_full"] == 1.0
-    # AdamW keeps 2 moments (+ a step counter) per trainable entry: sparse state is ~p of full
-    for method in ("random", "bitfit"):
-        ratio = out[method]["optimizer_state_ratio_vs_full"]
-        expected = out[method]["trainable_tensors_numel"] / out["fulltuning"]["trainable_tensors_numel"]
+    out = step_cost(tiny_model_dir, ("floor", "fulltuning", "random-tensor", "bitfit"), steps=1,
+                    rounds=1, batch_size=2, length=16)["variants"]
+    assert out["fulltuning"]["step_vs_fulltuning"] == 1.0 and out["floor"]["memory_vs_floor"] == 1.0
+    full = out["fulltuning"]["optimizer_state_bytes"]
+    for variant in ("random-tensor", "bitfit"):
+        ratio = out[variant]["optimizer_state_bytes"] / full
+        expected = out[variant]["optimizer_params"] / out["fulltuning"]["optimizer_params"]
         assert ratio == pytest.approx(expected, rel=0.05) and ratio < 0.05
+    assert all(v["peak_memory_bytes"] > 0 and len(v["step_s_rounds"]) == 1 for v in out.values())

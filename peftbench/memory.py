@@ -1,0 +1,49 @@
+"""Peak memory of a stretch of work: max allocated on CUDA, peak resident set size on CPU.
+
+A process's peak RSS only grows, so one sweep process running many cells, or a benchmark that
+selects before it trains, would report the largest peak so far. On Linux the peak is reset by
+writing 5 to /proc/self/clear_refs; where that is not possible (macOS, some sandboxes) the
+figure is the process peak since start and `peak()` says so with `since_reset: False`.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+_STATUS, _CLEAR = "/proc/self/status", "/proc/self/clear_refs"
+
+
+def reset_peak(device: torch.device | str = "cpu") -> bool:
+    """Start a new peak here; True if this platform could reset it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open(_CLEAR, "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int:
+    try:
+        with open(_STATUS) as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def peak(device: torch.device | str = "cpu", since_reset: bool = True) -> dict:
+    """{"bytes", "kind" ("cuda_max_allocated" or "rss"), "since_reset"} for the stretch since
+    `reset_peak` (pass its return value as `since_reset`)."""
+    if torch.device(device).type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated",
+                "since_reset": since_reset}
+    return {"bytes": _rss_peak_bytes(), "kind": "rss", "since_reset": since_reset}
