@@ -276,16 +276,18 @@ def cmd_run(args) -> None:
 
 
 def format_summary(s: dict) -> str:
-    """One table: test metrics as mean ± std over seeds, trainable counts, times."""
+    """One table: test metrics as mean ± std over seeds, trainable counts, times, training
+    steps per second and peak memory (MiB: RSS on CPU, max allocated on CUDA)."""
     names = [k[len("test_"):-len("_mean")] for k in s if k.startswith("test_") and k.endswith("_mean")]
     if len(s["main_metric"]) == 1:  # "main" would repeat that metric's column
         names.remove("main")
     header = ["method", "task", "budget", "seeds", *[f"test {n}" for n in names],
-              "trainable", "% of encoder", "head", "score s", "train s"]
+              "trainable", "% of encoder", "head", "score s", "train s", "steps/s", "peak MiB"]
     row = [s["method"], s["task"], str(s["budget"]), str(len(s["seeds"])),
            *[f"{s[f'test_{n}_mean']:.4f} ± {s[f'test_{n}_std']:.4f}" for n in names],
            f"{s['trainable']:,}", f"{100 * s['trainable'] / s['pretrained_entries']:.3f}",
-           f"{s['head']:,}", f"{s['scoring_time_s']:.1f}", f"{s['train_time_s']:.1f}"]
+           f"{s['head']:,}", f"{s['scoring_time_s']:.1f}", f"{s['train_time_s']:.1f}",
+           f"{s.get('steps_per_s', float('nan')):.2f}", f"{s.get('peak_memory_mb', float('nan')):,.0f}"]
     widths = [max(len(h), len(r)) for h, r in zip(header, row)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     lines = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(row)]

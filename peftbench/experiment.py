@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftbench import registry
+from peftbench import memory, registry
 from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.errors import UsageError
@@ -145,6 +145,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
 
     selector = registry.create(config.method, **config.method_params)
     generator = torch.Generator().manual_seed(seed)
+    memory_reset = memory.reset_peak(device)
     start = time.perf_counter()
     data = None
     if selector.needs_data:
@@ -165,6 +166,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     start = time.perf_counter()
     selection = selector.select(model, scores, k, generator)
     select_time = time.perf_counter() - start
+    scoring_peak = memory.peak(device, memory_reset)  # scoring and selection
     model = selector.apply(model, selection)
     _write(seed_dir / "selection.json", {
         "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
@@ -187,7 +189,11 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               "diverged": out.get("diverged"), "budget_entries": k, "pretrained_entries": n_pretrained,
               "constant_predictor": constant_predictor(task, splits),
               "scoring_time_s": score_time, "scores_from_cache": cached,
-              "train_time_s": out["train_time_s"],
+              "train_time_s": out["train_time_s"], "steps_per_s": out["steps_per_s"],
+              "peak_memory": {"scoring_bytes": scoring_peak["bytes"],
+                              "training_bytes": out["peak_memory"]["bytes"],
+                              "kind": out["peak_memory"]["kind"],
+                              "since_reset": scoring_peak["since_reset"] and out["peak_memory"]["since_reset"]},
               "trainable_by_tensor": trainable_by_tensor(model, set(pretrained), head_names)}
     _write(seed_dir / "result.json", result)
     return result
@@ -258,7 +264,9 @@ def summarize(config: RunConfig, task: TaskSpec, results: list[dict]) -> dict:
                "pretrained_entries": results[0]["pretrained_entries"],
                "constant_test_main": baseline["test"]["main"], "test_rows": baseline["test_rows"],
                "scoring_time_s": float(np.mean([r["scoring_time_s"] for r in results])),
-               "train_time_s": float(np.mean([r["train_time_s"] for r in results]))}
+               "train_time_s": float(np.mean([r["train_time_s"] for r in results])),
+               "steps_per_s": float(np.mean([r["steps_per_s"] for r in results])),
+               "peak_memory_mb": max(memory.peak_memory_mb(r) for r in results)}
     for split in ("validation", "test"):
         for name in results[0][split]:
             values = np.array([r[split][name] for r in ok], dtype=float)

@@ -47,3 +47,11 @@ def peak(device: torch.device | str = "cpu", since_reset: bool = True) -> dict:
         return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated",
                 "since_reset": since_reset}
     return {"bytes": _rss_peak_bytes(), "kind": "rss", "since_reset": since_reset}
+
+
+def peak_memory_mb(result: dict) -> float:
+    """A run's peak memory in MiB, the larger of scoring and training (NaN if not recorded)."""
+    peak = result.get("peak_memory")
+    if not peak:
+        return float("nan")
+    return max(peak["scoring_bytes"], peak["training_bytes"]) / 2**20

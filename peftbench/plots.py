@@ -29,7 +29,9 @@ def _cells(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     return pd.DataFrame({"mean": g.metric.mean(), "std": g.metric.std(ddof=0),
                          "trainable": g.trainable.mean(), "seeds": g.metric.size(),
                          "scoring_time_s": g.scoring_time_s.mean(),
-                         "train_time_s": g.train_time_s.mean()}).reset_index()
+                         "train_time_s": g.train_time_s.mean(),
+                         "peak_memory_mb": g.peak_memory_mb.max() if "peak_memory_mb" in frame else np.nan,
+                         }).reset_index()
 
 
 def _constant(frame: pd.DataFrame, task: str) -> float | None:
@@ -152,7 +154,7 @@ def cd_png(ranking: dict, path: str | Path) -> Path:
 
 def pareto_figure(frame: pd.DataFrame):
     """The Pareto plot as a plotly figure: hover shows method, budget, seeds, mean ± std,
-    trainable count and the mean scoring and training time per run."""
+    trainable count, the mean scoring and training time per run and the peak memory."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -169,10 +171,11 @@ def pareto_figure(frame: pd.DataFrame):
                 marker={"color": style[method][0]}, line={"color": style[method][0]},
                 mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
                 customdata=np.stack([c.budget, c.seeds, 100 * c["std"], c.scoring_time_s,
-                                     c.train_time_s], axis=1),
+                                     c.train_time_s, c.peak_memory_mb], axis=1),
                 hovertemplate=f"{method}<br>budget %{{customdata[0]}}<br>trainable %{{x:,}}"
                               "<br>metric %{y:.2f} ± %{customdata[2]:.2f}<br>seeds %{customdata[1]}"
                               "<br>scoring %{customdata[3]:.1f} s, training %{customdata[4]:.1f} s"
+                              "<br>peak memory %{customdata[5]:,.0f} MiB"
                               "<extra></extra>"), row=1, col=col)
         baseline = _constant(frame, task)
         if baseline is not None:

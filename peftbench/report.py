@@ -23,10 +23,21 @@ import pandas as pd
 import scipy.stats
 import torch
 
+from peftbench import memory
 from peftbench.errors import UsageError, check_choice
 from peftbench.metrics import near_constant
 
 TIES = ("average", "min", "max", "dense", "ordinal")
+
+
+def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean scoring and training seconds, mean steps/s, max peak memory (MiB)."""
+    for column in ("steps_per_s", "peak_memory_mb"):
+        if column not in frame:
+            frame = frame.assign(**{column: np.nan})
+    g = frame.groupby("method")
+    return pd.DataFrame({"scoring_s": g.scoring_time_s.mean(), "training_s": g.train_time_s.mean(),
+                         "steps_per_s": g.steps_per_s.mean(), "peak_memory_mb": g.peak_memory_mb.max()})
 
 
 def load_runs(folders: list[str | Path]) -> pd.DataFrame:
@@ -72,6 +83,8 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
                          "test_rows": baseline.get("test_rows", 0),
                          "scoring_time_s": result["scoring_time_s"],
                          "train_time_s": result["train_time_s"], "run_dir": str(run_dir),
+                         "steps_per_s": result.get("steps_per_s", np.nan),
+                         "peak_memory_mb": memory.peak_memory_mb(result),
                          "written": result_file.stat().st_mtime,
                          "spend": result.get("trainable_by_tensor", {})})
     if incomplete:
@@ -473,8 +486,12 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
                   "p-values in nemenyi.csv, drawn as the critical-difference diagram cd.png "
                   "(methods joined by a bar are not significantly different at 0.05).", "",
                   ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
-    cost = frame.groupby("method")[["scoring_time_s", "train_time_s"]].mean()
-    lines += ["## Cost per run (mean seconds)", "", cost.to_markdown(floatfmt=".1f"), ""]
+    cost = cost_table(frame)
+    cost.to_csv(out / "cost.csv")
+    lines += ["## Cost per run", "", "Mean seconds of scoring and of training (evaluation included) "
+              "per run, training steps per second, and the largest peak memory of a run (MiB; peak "
+              "RSS on CPU, max allocated on CUDA; scoring or training, whichever is larger).", "",
+              cost.to_markdown(floatfmt=".1f"), ""]
     if published:
         theirs = parse_published(published)
         both, taus = compare_published(stats, theirs)

@@ -66,7 +66,7 @@ from pydantic import (
 )
 from pydantic import Field as PydanticField
 
-from peftbench import registry, yamlio
+from peftbench import memory, registry, yamlio
 from peftbench.cache import ScoreCache
 from peftbench.errors import UsageError, schema_problem
 from peftbench.experiment import RunConfig, run_experiment
@@ -505,6 +505,7 @@ class GridObjective:
             "constant_test_main": summary["constant_test_main"], "test_rows": summary["test_rows"],
             "scoring_time_s": result["scoring_time_s"], "scores_from_cache": result["scores_from_cache"],
             "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"],
+            "steps_per_s": result["steps_per_s"], "peak_memory_mb": memory.peak_memory_mb(result),
             "train_config": asdict(config.train), "method_params": config.method_params,
         }.items():
             trial.set_user_attr(key, value)
@@ -748,6 +749,8 @@ def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
                      "validation": a["validation"]["main"], "trainable": a["trainable"],
                      "pretrained_entries": a["pretrained_entries"], "scoring_time_s": a["scoring_time_s"],
                      "train_time_s": a["train_time_s"], "run_dir": a["run_dir"],
+                     "steps_per_s": a.get("steps_per_s", float("nan")),
+                     "peak_memory_mb": a.get("peak_memory_mb", float("nan")),
                      "constant_metric": a.get("constant_test_main", float("nan")),
                      "metric_name": "+".join(a.get("main_metric", [])),
                      "model": a.get("config", {}).get("model_name", ""),

@@ -139,9 +139,15 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
 
     Per-epoch metrics are appended to `run_dir/metrics.jsonl` as they come, so a crash loses
     nothing already measured.
+
+    Cost, returned beside the metrics: `train_time_s` (evaluation included), `steps_per_s` (the
+    training loop alone) and `peak_memory` of this call (`peftbench.memory`: peak RSS on CPU,
+    max allocated on CUDA, the model and evaluation included).
     """
+    from peftbench import memory
     from peftbench.sparse import decay_plan
 
+    memory_reset = memory.reset_peak(device)
     set_seed(seed)
     model.to(device)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -169,9 +175,11 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     diverged = None
     bar = tqdm(total=steps, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
+    step_time = 0.0  # the training loop alone, evaluation left out: steps per second
     for epoch in range(config.epochs):
         model.train()
         losses = []
+        loop_start = time.perf_counter()
         for batch in train_loader:
             if step >= steps:
                 break
@@ -204,6 +212,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
                     break
                 bar.set_postfix(loss=f"{value:.4f}")
             bar.update(1)
+        step_time += time.perf_counter() - loop_start
         step_losses = torch.stack(losses).float().cpu().tolist() if losses else []
         bad = next((i for i, v in enumerate(step_losses) if not math.isfinite(v)), None)
         if bad is not None:
@@ -230,7 +239,9 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             break
     bar.close()
     train_time = time.perf_counter() - start
-    common = {"steps": step, "train_time_s": train_time, "config": asdict(config)}
+    common = {"steps": step, "train_time_s": train_time, "step_time_s": step_time,
+              "steps_per_s": step / step_time if step_time > 0 else float("nan"),
+              "peak_memory": memory.peak(device, memory_reset), "config": asdict(config)}
     if diverged is not None:
         nan = {name: float("nan") for name in [*task.metrics, "main"]}
         return {"validation": nan, "test": dict(nan), "best_epoch": None, "diverged": diverged,

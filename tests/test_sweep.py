@@ -198,6 +198,7 @@ def test_reports_show_only_the_current_specs_cells(tmp_path, tiny_model_dir):
     study = sweep.run_grid(spec, log=lambda *a: None)
     frame = sweep.finished_frame(spec)
     assert list(frame.method) == ["random"]
+    assert frame.peak_memory_mb.gt(50).all() and frame.steps_per_s.gt(0).all()  # cost per cell
     assert sweep.progress_line(study, sweep.Fingerprints(spec)).startswith("1/1 cells done")
 
 
