@@ -6,9 +6,9 @@ tables per budget, read from the same `table1-b<budget>.csv` files the report wr
 CSV cannot disagree), sortable by column, with the constant-predictor row and the report's marks
 († worse than the best by a paired test, ≈ within noise of the constant predictor); the
 interactive Pareto plot; the critical-difference diagram and the spend plot when present; the
-spec, the command and the machine; failed (diverged) cells listed. Peak memory is not in the
-hover yet (runs do not record it). Run directories are not committed, so cells link to no
-config.json/result.json. `leaderboards/index.html` lists every board.
+spec, the command and the machine; failed (diverged) cells listed; the cost per method (times,
+steps/s, peak memory, from cost.csv), also in the Pareto hover. Run directories are not committed,
+so cells link to no config.json/result.json. `leaderboards/index.html` lists every board.
 """
 from __future__ import annotations
 
@@ -47,16 +47,18 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 """
 
 
-def table_html(csv_path: Path) -> str:
-    """A Table-1 CSV as a sortable HTML table; the constant-predictor row stays last."""
+def table_html(csv_path: Path, kind: str = "table1", floatfmt: str | None = None) -> str:
+    """A Table-1 (or cost) CSV as a sortable HTML table; the constant-predictor row stays last."""
     table = pd.read_csv(csv_path, index_col=0, dtype=str, keep_default_na=False)
+    if floatfmt:
+        table = table.apply(lambda col: [format(float(v), floatfmt) if v else "" for v in col])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", *table.columns])
     rows = []
     for method, row in table.iterrows():
         cls = ' class="constant"' if method == "constant predictor" else ""
         cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in row)
         rows.append(f"<tr{cls}><td>{html.escape(str(method))}</td>{cells}</tr>")
-    return (f'<table class="sortable table1" data-csv="{html.escape(csv_path.name)}">'
+    return (f'<table class="sortable {kind}" data-csv="{html.escape(csv_path.name)}">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
@@ -81,6 +83,12 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
             budget = csv_path.stem[len("table1-b"):]
             parts += [f"<h3>Budget {html.escape(budget)} (natural-count methods included)</h3>",
                       table_html(csv_path)]
+    if (folder / "cost.csv").is_file():
+        parts += ["<h2>Cost per method</h2>",
+                  '<p class="note">Mean seconds of scoring and of training (evaluation included) per '
+                  "run, training steps per second, and the largest peak memory of a run in MiB (peak "
+                  "RSS on CPU, max allocated on CUDA).</p>",
+                  table_html(folder / "cost.csv", "cost", ",.1f")]
     scripts = ""
     if frame is not None and not frame.empty:
         if plotly_js is None:

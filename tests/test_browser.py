@@ -31,8 +31,9 @@ def rendered_dom(page: Path) -> str:
 def check_page(folder: Path) -> None:
     dom = rendered_dom(folder / "index.html")
     assert not re.search(r'<script[^>]+src="https?://', (folder / "index.html").read_text()), "remote script"
-    for csv_path in sorted(folder.glob("table1-b*.csv")):
-        table = re.search(rf'<table class="sortable table1" data-csv="{re.escape(csv_path.name)}">(.*?)</table>',
+    for csv_path in [*sorted(folder.glob("table1-b*.csv")), *sorted(folder.glob("cost.csv"))]:
+        kind = "cost" if csv_path.name == "cost.csv" else "table1"
+        table = re.search(rf'<table class="sortable {kind}" data-csv="{re.escape(csv_path.name)}">(.*?)</table>',
                           dom, re.S)
         assert table, f"no table for {csv_path.name}"
         rows = re.findall(r"<tr[ >].*?</tr>", table.group(1), re.S)[1:]  # minus the header
