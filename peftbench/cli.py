@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     _study_options(sweep)
     sweep.add_argument("--search", action="store_true",
                        help="run the spec's hyper-parameter search instead of the grid")
+    sweep.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="start N local workers on the study, each with its share of the CPU "
+                       "cores (or one GPU each on a GPU machine)")
     sweep.add_argument("--enqueue-only", action="store_true",
                        help="queue the cells and exit (start this once before many machines join)")
     sweep.add_argument("--no-cache", action="store_true",
@@ -153,6 +156,15 @@ def cmd_sweep(args) -> int | None:
     spec = _load_spec(args)
     if args.search:
         sweep.run_search(spec)
+    elif args.workers:
+        shared = [args.spec, *(["--storage", args.storage] if args.storage else []),
+                  *(["--output-dir", args.output_dir] if args.output_dir else []),
+                  *(["--no-cache"] if args.no_cache else [])]
+        code = sweep.run_workers(spec, shared, args.workers, restart_changed=args.restart_changed)
+        study = sweep.open_study(spec)
+        print(sweep.progress_line(study, sweep.Fingerprints(spec)))
+        print(f"results: peftbench report {args.spec}" + (f" --storage {args.storage}" if args.storage else ""))
+        return code or None
     elif args.enqueue_only:
         added = sweep.enqueue_missing(sweep.open_study(spec), spec, restart_changed=args.restart_changed)
         print(f"{added} cells queued in {spec.storage_url}")

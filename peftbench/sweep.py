@@ -491,6 +491,7 @@ class GridObjective:
             trial.set_user_attr("duplicate_of", twin)
             raise optuna.TrialPruned(f"cell {attrs['cell']} is run by trial {twin}")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("threads", torch_threads())
         config = cell_run_config(self.spec, cell, self.prints.best)
         try:
             summary, run_dir = run_experiment(config, progress=self.progress, score_cache=self.cache)
@@ -609,6 +610,58 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool 
             break
     log(progress_line(study, prints))
     return study
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def worker_environments(workers: int) -> list[dict[str, str]]:
+    """Environment overrides for `workers` local workers that do not fight over the machine:
+    on a GPU machine one worker per visible device (CUDA_VISIBLE_DEVICES), at most that many;
+    on CPU each worker gets its share of the cores as its thread count (two torch processes
+    that each use every core slowed each other 6-8x here)."""
+    import torch
+
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: give a positive number of workers")
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if workers > len(devices):
+            raise UsageError(f"--workers {workers}: this machine shows {len(devices)} GPU(s); "
+                             f"allowed 1..{len(devices)} (one worker per device)")
+        return [{"CUDA_VISIBLE_DEVICES": devices[i]} for i in range(workers)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers > cores:
+        raise UsageError(f"--workers {workers}: this machine has {cores} core(s); allowed 1..{cores} "
+                         "(each worker needs at least one)")
+    shares = [cores // workers + (1 if i < cores % workers else 0) for i in range(workers)]
+    return [{name: str(n) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} for n in shares]
+
+
+def run_workers(spec: StudySpec, argv: list[str], workers: int, restart_changed: bool = False,
+                log=print) -> int:
+    """Queue the spec's cells once, then run `workers` local `peftbench sweep` processes on the
+    study (`argv`: the spec and the options they share), each with its share of the machine
+    (`worker_environments`). Returns the worst exit code; Ctrl-C reaches every worker."""
+    import subprocess
+
+    environments = worker_environments(workers)
+    added = enqueue_missing(open_study(spec), spec, restart_changed=restart_changed)
+    log(f"study {spec.name!r}: {added} cells queued; starting {workers} worker(s): "
+        + "; ".join(" ".join(f"{k}={v}" for k, v in env.items() if k != "MKL_NUM_THREADS")
+                    for env in environments))
+    procs = [subprocess.Popen([sys.executable, "-m", "peftbench", "sweep", *argv],
+                              env={**os.environ, **env}) for env in environments]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        codes = [p.wait() for p in procs]  # each worker got the Ctrl-C and saves its state
+        raise
+    return max(codes)
 
 
 def _trial_line(study: optuna.Study, prints: Fingerprints) -> str:

@@ -237,3 +237,29 @@ def test_adapter_starts_at_the_pretrained_function_and_keeps_base_identical(tiny
           run_dir=tmp_path, progress=False)
     for n in params:
         assert torch.equal(effective_weight(model, n), before[n])
+
+
+def test_fish_batched_per_example_fisher_equals_the_one_example_loop(tiny_model_dir):
+    """The CUDA path (hooks over a padded batch) gives each example's own gradient: the same
+    empirical Fisher as scoring one trimmed example at a time (position embeddings, which are
+    broadcast over the batch, included)."""
+    from peftbench.data import load_task, tokenize
+    from peftbench.methods import fish
+    from peftbench.models import load_model
+    from peftbench.scoring import ScoringData
+    from peftbench.trainer import make_loader, pick_device
+
+    task = load_task("rte")
+    model, tokenizer = load_model(tiny_model_dir, 2)
+    model.eval()
+    data = tokenize(task, tokenizer, task.load_splits(limit=16), 64)
+    scoring = lambda: ScoringData(make_loader(data["train"], tokenizer, task, 4, True, 0), task,
+                                  pick_device("cpu"))  # the same shuffle for both
+    assert fish.per_example_supported(model)
+    batched, n_batched = fish.per_example_fisher(model, scoring(), 10)  # 2.5 batches: cut to 10
+    loop, n_loop = fish._loop_fisher(model, scoring(), 10)
+    assert n_batched == n_loop == 10 and batched.keys() == loop.keys()
+    scale = max(f.abs().max() for f in loop.values())
+    for name, f in loop.items():
+        torch.testing.assert_close(batched[name], f, rtol=1e-4, atol=1e-6 * scale, msg=name)
+    assert all(p.requires_grad for p in model.bert.parameters())  # left as found

@@ -95,6 +95,31 @@ def test_two_workers_share_one_sqlite_study_each_cell_once(tmp_path, tiny_model_
     assert all(n == 1 for n in finished_runs(tmp_path / "out").values())
 
 
+def test_workers_option_runs_local_workers_with_a_share_of_the_cores_each(tmp_path, tiny_model_dir):
+    """`sweep --workers 2`: every cell once, each worker with half the cores as its threads."""
+    spec_path = write_spec(tmp_path, tiny_model_dir)
+    done = subprocess.run([sys.executable, "-m", "peftbench", "sweep", str(spec_path), "--workers", "2"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting 2 worker(s)" in done.stdout and "cells done" in done.stdout
+    spec, trials = study_trials(spec_path)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert Counter(t.user_attrs["cell"] for t in complete) == Counter(c.key for c in sweep.cells(spec))
+    cores = len(os.sched_getaffinity(0))
+    assert {t.user_attrs["threads"] for t in complete} <= {cores // 2, cores - cores // 2, 1}
+
+
+def test_workers_beyond_the_cores_are_refused():
+    from peftbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="allowed 1.."):
+        sweep.worker_environments(len(os.sched_getaffinity(0)) + 1)
+    envs = sweep.worker_environments(1)
+    assert envs == [{"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
+                     "MKL_NUM_THREADS": str(len(os.sched_getaffinity(0)))}]
+
+
 def test_sweeping_four_budgets_scores_once(tmp_path, tiny_model_dir, monkeypatch):
     from peftbench.methods.magpruning import MagPruning
 
