@@ -115,8 +115,10 @@ def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
 
 def _time_variant(variant: str, model_id: str, steps: int, device: str, batch_size: int,
                   length: int) -> dict:
-    """One variant in this process: a warm-up step, then `steps` timed steps; the peak memory
-    is that of the steps (the model included, the selection's transient memory not)."""
+    """One variant in this process: a warm-up step, then `steps` timed steps. Memory: the peak
+    of the steps (the model and whatever the process still holds included), and the steps' own
+    growth over the memory held before them (the allocator asked to return free pages first),
+    which leaves out what selection left behind."""
     import gc
 
     from peftbench import memory
@@ -124,11 +126,14 @@ def _time_variant(variant: str, model_id: str, steps: int, device: str, batch_si
     one_step, model = prepare_step(variant, model_id, batch_size=batch_size, length=length,
                                    device=device)
     gc.collect()
-    since_reset = memory.reset_peak(device)
+    since_reset = memory.reset_peak(device)  # returns free heap pages first
+    before = memory.current_bytes(device)
     one_step()
     times = [_timed(one_step)[1] for _ in range(steps)]
     optimizer = one_step.optimizer
-    return {"step_s": times, "peak_memory_bytes": memory.peak(device, since_reset)["bytes"],
+    peak = memory.peak(device, since_reset)["bytes"]
+    return {"step_s": times, "peak_memory_bytes": peak, "memory_before_steps_bytes": before,
+            "step_memory_growth_bytes": peak - before,
             "optimizer_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                          for t in state.values() if torch.is_tensor(t))}
@@ -165,6 +170,7 @@ def step_cost(model_id: str = "default", variants=tuple(STEP_VARIANTS), steps: i
         results[variant] = {"step_s_min": min(medians), "step_s_median": float(np.median(medians)),
                             "step_s_rounds": medians,
                             "peak_memory_bytes": max(run["peak_memory_bytes"] for run in runs),
+                            "step_memory_growth_bytes": max(run["step_memory_growth_bytes"] for run in runs),
                             "optimizer_params": runs[0]["optimizer_params"],
                             "optimizer_state_bytes": runs[0]["optimizer_state_bytes"]}
     for base in ("floor", "fulltuning"):
@@ -172,6 +178,8 @@ def step_cost(model_id: str = "default", variants=tuple(STEP_VARIANTS), steps: i
             for r in results.values():
                 r[f"step_vs_{base}"] = r["step_s_min"] / results[base]["step_s_min"]
                 r[f"memory_vs_{base}"] = r["peak_memory_bytes"] / results[base]["peak_memory_bytes"]
+                r[f"growth_vs_{base}"] = (r["step_memory_growth_bytes"]
+                                          / results[base]["step_memory_growth_bytes"])
     return {"model": model_id, "batch": [batch_size, length], "budget": 0.005, "device": device,
             "steps_per_round": steps, "rounds": rounds, "threads": torch.get_num_threads(),
             "variants": results}

@@ -20,12 +20,39 @@ def reset_peak(device: torch.device | str = "cpu") -> bool:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
+    release_free_memory()  # what an earlier stretch freed is not this one's
     try:
         with open(_CLEAR, "w") as fh:
             fh.write("5")
         return True
     except OSError:
         return False
+
+
+def current_bytes(device: torch.device | str = "cpu") -> int:
+    """Memory held now: allocated on CUDA, resident set size on CPU (0 where unknown)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open(_STATUS) as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def release_free_memory() -> None:
+    """Ask glibc to return free heap pages to the system (no-op elsewhere), so that memory a
+    previous stretch freed is not counted as held by the next one."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_peak_bytes() -> int:

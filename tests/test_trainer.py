@@ -88,3 +88,4 @@ def test_bench_step_reports_ratios_and_state_grows_with_trainable_count(tiny_mod
         expected = out[variant]["optimizer_params"] / out["fulltuning"]["optimizer_params"]
         assert ratio == pytest.approx(expected, rel=0.05) and ratio < 0.05
     assert all(v["peak_memory_bytes"] > 0 and len(v["step_s_rounds"]) == 1 for v in out.values())
+    assert all(0 < v["step_memory_growth_bytes"] < v["peak_memory_bytes"] for v in out.values())
