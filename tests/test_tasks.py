@@ -7,17 +7,19 @@ from peftbench.data import available_tasks, load_task, mark_wsc_spans, tokenize
 SIZES = {"cb": (225, 25, 56), "cola": (7695, 856, 1043), "copa": (360, 40, 100),
          "mrpc": (3294, 374, 408), "rte": (2241, 249, 277), "stsb": (5166, 583, 1500),
          "wsc": (495, 59, 104)}
+# The CPU leaderboards' SST-2: a seeded sample of GLUE train, test = GLUE dev.
+OTHER_SIZES = {"sst2": (4000, 872, 872)}
 
 
 def test_the_seven_tasks_of_fu_table1_exist():
     assert set(SIZES) <= set(available_tasks())
 
 
-@pytest.mark.parametrize("name", sorted(SIZES))
+@pytest.mark.parametrize("name", sorted(SIZES) + sorted(OTHER_SIZES))
 def test_splits_and_labels(name):
     task = load_task(name)
     splits = task.load_splits()
-    assert tuple(len(splits[s]) for s in ("train", "validation", "test")) == SIZES[name]
+    assert tuple(len(splits[s]) for s in ("train", "validation", "test")) == {**SIZES, **OTHER_SIZES}[name]
     for split in splits.values():
         ids = [task.label_id(v) for v in split["label"]]
         if task.kind == "regression":
@@ -96,3 +98,10 @@ def test_every_wsc_span_is_marked_around_its_own_words():
             marked = mark_wsc_spans(row)["text"].split()
             assert marked.count("*") == 2 and marked.count("#") == 2
     assert checked == 1316
+
+
+def test_sst2_test_is_glue_dev_and_shares_no_text_with_training():
+    splits = load_task("sst2").load_splits()
+    test = set(splits["test"]["text"])
+    assert not test & (set(splits["train"]["text"]) | set(splits["validation"]["text"]))
+    assert sum(v == "1" for v in splits["test"]["label"]) == 444  # GLUE dev: 444 positive of 872
