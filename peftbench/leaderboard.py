@@ -58,6 +58,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         f"- model: `{spec.model}`; tasks: {', '.join(spec.tasks)}; seeds: {spec.seeds}; "
         f"budgets: {', '.join(spec.budgets)}",
         f"- training: {train}",
+        *[f"- training for {m}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+          for m, values in spec.method_train.items()],
         "- method settings: " + "; ".join(f"{m} {p}" if p else m for m, p in spec.methods.items()),
         *[f"- not the paper's variant: {m}: {note}" for m, note in spec.method_notes.items()],
         f"- cells finished: {done} of {expected}"

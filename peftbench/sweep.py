@@ -36,6 +36,7 @@ needs, so a report reads the study alone (e.g. from PostgreSQL on another machin
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -90,6 +91,8 @@ class StudySpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     model: str = "default"
     train: TrainConfig = field(default_factory=TrainConfig)
+    # method -> train settings that replace `train`'s for that method (e.g. its learning rate)
+    method_train: dict = field(default_factory=dict)
     limit: int | None = None
     device: str = "auto"
     storage: str | None = None  # default: sqlite:///<output_dir>/study.db
@@ -195,6 +198,7 @@ class SpecFile(BaseModel):
     seeds: PositiveInt | list[NonNegativeInt] = 1
     model: StrictStr = "default"
     train: dict[StrictStr, Any] = {}
+    method_train: dict[StrictStr, dict[StrictStr, Any]] = {}
     limit: PositiveInt | None = None
     device: StrictStr = "auto"
     storage: StrictStr | None = None
@@ -247,9 +251,16 @@ def parse_spec(raw: dict, where: str = "spec") -> StudySpec:
     seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else list(spec.seeds)
     if len(set(seeds)) < len(seeds):
         raise UsageError(f"{where}: seeds {seeds} repeat a seed")
+    train = train_config(spec.train, f"{where}: train")
+    for name, values in spec.method_train.items():
+        if name not in methods:
+            raise UsageError(f"{where}: method_train.{name}: {name!r} is not in 'methods' "
+                             f"({sorted(methods)})")
+        train_config(values, f"{where}: method_train.{name}", train)  # names a bad key now
     return StudySpec(
         name=spec.name, tasks=tasks, methods=methods, budgets=budgets, seeds=seeds,
-        model=spec.model, train=train_config(spec.train, f"{where}: train"), limit=spec.limit,
+        model=spec.model, train=train, method_train={m: dict(v) for m, v in spec.method_train.items()},
+        limit=spec.limit,
         device=spec.device, storage=spec.storage, output_dir=spec.output_dir,
         heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
         search=spec.search.model_dump() if spec.search else None, published=spec.published,
@@ -354,14 +365,21 @@ def open_study(spec: StudySpec, storage=None) -> optuna.Study:
     return study
 
 
+def method_train(spec: StudySpec, method: str) -> TrainConfig:
+    """The spec's train settings for `method`: `train`, with its `method_train` entry over it."""
+    return train_config(spec.method_train.get(method, {}), f"method_train.{method}", spec.train)
+
+
 def cell_run_config(spec: StudySpec, cell: Cell, best: dict) -> RunConfig:
-    """The run a cell stands for: the spec's settings, with the search's best values if any."""
+    """The run a cell stands for: the spec's settings (`method_train` over `train` for its
+    method), with the search's best values over those if any."""
     tuned = best.get(f"{cell.task}/{cell.method}", {})
     return RunConfig(method=cell.method, task=cell.task,
                      budget="1" if cell.budget == NATURAL else cell.budget, seeds=[cell.seed],
                      model=spec.model, device=spec.device,
                      method_params={**spec.methods[cell.method], **tuned.get("method", {})},
-                     train=train_config(tuned.get("train", {}), "search.json", spec.train), limit=spec.limit,
+                     train=train_config(tuned.get("train", {}), "search.json", method_train(spec, cell.method)),
+                     limit=spec.limit,
                      output_dir=str(spec.out / "runs"))
 
 
@@ -704,13 +722,21 @@ def _suggest(trial: optuna.Trial, name: str, spec) -> object:
     raise UsageError(f"search parameter {name!r}: cannot read {spec!r}")
 
 
+def _choice_grid(params: dict) -> dict | None:
+    """{name: choices} when every searched setting is a list of choices, else None."""
+    if params and all("choices" in d for d in params.values()):
+        return {name: list(d["choices"]) for name, d in params.items()}
+    return None
+
+
 def run_search(spec: StudySpec, log=print) -> dict:
-    """For each (task, method): TPE over the search space, median pruning on the validation
-    metric after each epoch. Writes and returns {task/method: {train: {...}, method: {...}}}."""
+    """For each (task, method): TPE over the search space, or every combination once when each
+    setting is a list of choices (a grid, as Chen et al. 2022 tune each method's learning rate),
+    median pruning on the validation metric after each epoch. Writes and returns
+    {task/method: {train: {...}, method: {...}}}."""
     if not spec.search:
         raise UsageError(f"study {spec.name!r} has no 'search:' section")
     search = spec.search
-    n_trials = int(search.get("trials", 10))
     budget = str(Budget.parse(search["budget"])) if search.get("budget") is not None else spec.budgets[0]
     best = best_search_params(spec)
     cache = ScoreCache(spec.out / "scores")
@@ -721,10 +747,16 @@ def run_search(spec: StudySpec, log=print) -> dict:
             space = dict(cls.search_space()) if search.get("method_params") else {}
             pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
                       if search.get("pruner", "median") == "median" else optuna.pruners.NopPruner())
+            grid = _choice_grid(search.get("params", {})) if not space else None
+            if grid is not None:  # every setting a list of choices: try each once (a grid)
+                sampler = optuna.samplers.GridSampler(grid, seed=int(search.get("seed", 0)))
+                n_trials = min(int(search.get("trials", 10)), math.prod(len(v) for v in grid.values()))
+            else:
+                sampler = optuna.samplers.TPESampler(seed=int(search.get("seed", 0)))
+                n_trials = int(search.get("trials", 10))
             study = optuna.create_study(
                 study_name=f"{spec.name}/search/{task}/{method}", storage=storage,
-                direction="maximize", load_if_exists=True, pruner=pruner,
-                sampler=optuna.samplers.TPESampler(seed=int(search.get("seed", 0))))
+                direction="maximize", load_if_exists=True, pruner=pruner, sampler=sampler)
 
             def objective(trial: optuna.Trial) -> float:
                 train = {n: _suggest(trial, n, d) for n, d in search.get("params", {}).items()}
@@ -739,7 +771,7 @@ def run_search(spec: StudySpec, log=print) -> dict:
                 config = RunConfig(method=method, task=task,
                                    budget="1" if not cls.uses_budget else budget,
                                    seeds=[spec.seeds[0]], model=spec.model, device=spec.device,
-                                   method_params=params, train=train_config(train, "search", spec.train),
+                                   method_params=params, train=train_config(train, "search", method_train(spec, method)),
                                    limit=spec.limit, output_dir=str(spec.out / "search-runs"))
                 summary, run_dir = run_experiment(config, progress=False, score_cache=cache,
                                                   on_epoch=on_epoch)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -238,3 +239,26 @@ def test_a_diverged_cell_fails_once_with_its_reason_and_the_sweep_exits_1(tmp_pa
     assert main(["sweep", str(spec_path)]) == 1  # not retried: it would diverge again
     trials = sweep.open_study(sweep.load_spec(spec_path)).trials
     assert [t.state for t in trials] == [TrialState.FAIL]
+
+
+def test_method_train_sets_one_methods_settings_and_is_checked(tmp_path, tiny_model_dir):
+    """`method_train` gives a method its own settings over `train` (here its learning rate);
+    it reaches the run and the cell's fingerprint; a bad key or an unlisted method is refused."""
+    from peftbench.errors import UsageError
+
+    spec_path = write_spec(tmp_path, tiny_model_dir, methods=["random", "magpruning"], seeds=[0],
+                           budgets=[0.01])
+    text = spec_path.read_text() + "method_train: {random: {lr: 0.005}}\n"
+    spec_path.write_text(text)
+    spec = sweep.load_spec(spec_path)
+    by_method = {c.method: sweep.cell_run_config(spec, c, {}) for c in sweep.cells(spec)}
+    assert by_method["random"].train.lr == 0.005 and by_method["magpruning"].train.lr == spec.train.lr
+    prints = sweep.Fingerprints(spec)
+    lrs = {c.method: json.dumps(prints.config(c)) for c in sweep.cells(spec)}
+    assert '"lr": 0.005' in lrs["random"] and '"lr": 0.005' not in lrs["magpruning"]
+    for bad, message in (("{random: {lr: -1}}", "method_train.random.lr"),
+                         ("{sam: {lr: 0.1}}", "not in 'methods'"),
+                         ("{random: {lrr: 0.1}}", "unknown train settings")):
+        spec_path.write_text(text.replace("{random: {lr: 0.005}}", bad))
+        with pytest.raises(UsageError, match=re.escape(message)):
+            sweep.load_spec(spec_path)
