@@ -45,9 +45,43 @@ def machine() -> str:
             f"{device}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def commit_run_files(frame, folder: Path) -> dict[tuple, dict[str, str]]:
+    """Copy each finished cell's `config.json` and `seed-<s>/result.json` (a few kB; masks and
+    metrics logs stay in the sweep folder) into `folder/runs/<run>/`, so the committed board
+    carries what produced every number; returns {(task, method, budget, seed): {name: path
+    relative to folder}} for the page's links. Files of cells no longer in the frame are removed."""
+    import shutil
+
+    target_root = folder / "runs"
+    links, keep = {}, set()
+    for row in frame.itertuples():
+        source = Path(row.run_dir)
+        target = target_root / source.name
+        files = {"config.json": source / "config.json",
+                 "result.json": source / f"seed-{row.seed}" / "result.json"}
+        if not all(f.is_file() for f in files.values()):
+            continue
+        found = {}
+        for name, path in files.items():
+            destination = target / (name if name == "config.json" else f"seed-{row.seed}-{name}")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+            found[name] = destination.relative_to(folder).as_posix()
+            keep.add(destination)
+        links[(row.task, row.method, row.budget, row.seed)] = found
+    if target_root.is_dir():
+        for stale in target_root.rglob("*.json"):
+            if stale not in keep:
+                stale.unlink()
+        for empty in sorted((d for d in target_root.iterdir() if d.is_dir() and not any(d.iterdir()))):
+            empty.rmdir()
+    return links
+
+
 def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     """Report + plots for the study's finished trials into `folder`; returns the Markdown."""
     frame = sweep.finished_frame(spec)
+    links = commit_run_files(frame, folder)
     expected = len(sweep.cells(spec))
     done = len(frame)
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())
@@ -84,7 +118,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     plots.spend_png(frame, folder / "spend.png", budget=middle)
     pages.write_page(folder, f"Leaderboard {spec.name}", spec.description, frame,
                      page_meta(spec, command, done, expected),
-                     spec_text=(folder / "spec.yaml").read_text(), plotly_js=js)
+                     spec_text=(folder / "spec.yaml").read_text(), plotly_js=js,
+                     extra_html=pages.runs_html(frame, links))
     pages.write_index(root)
     return text
 
@@ -94,6 +129,8 @@ def page_meta(spec: sweep.StudySpec, command: str, done: int, expected: int) -> 
             "model": spec.model, "tasks": ", ".join(spec.tasks), "seeds": str(spec.seeds),
             "budgets": ", ".join(spec.budgets),
             "training": ", ".join(f"{k}={v}" for k, v in vars(spec.train).items()),
+            **{f"training for {m}": ", ".join(f"{k}={v}" for k, v in values.items())
+               for m, values in spec.method_train.items()},
             "cells finished": f"{done} of {expected}",
             **{f"not the paper's variant: {m}": note for m, note in spec.method_notes.items()}}
 

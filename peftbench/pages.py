@@ -7,8 +7,9 @@ CSV cannot disagree), sortable by column, with the constant-predictor row and th
 († worse than the best by a paired test, ≈ within noise of the constant predictor); the
 interactive Pareto plot; the critical-difference diagram and the spend plot when present; the
 spec, the command and the machine; failed (diverged) cells listed; the cost per method (times,
-steps/s, peak memory, from cost.csv), also in the Pareto hover. Run directories are not committed,
-so cells link to no config.json/result.json. `leaderboards/index.html` lists every board.
+steps/s, peak memory, from cost.csv), also in the Pareto hover. A leaderboard commits each cell's
+config.json and result.json under `runs/` (`leaderboard.commit_run_files`) and its page lists
+every cell with links to them. `leaderboards/index.html` lists every board.
 """
 from __future__ import annotations
 
@@ -116,6 +117,30 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     path = folder / "index.html"
     path.write_text(page)
     return path
+
+
+def runs_html(frame: pd.DataFrame, links: dict) -> str:
+    """A table of every finished cell (task, method, budget, seed, test metric, trainable, steps/s,
+    peak memory) linking its committed config.json and result.json."""
+    if frame is None or frame.empty or not links:
+        return ""
+    rows = []
+    for row in frame.sort_values(["task", "method", "budget", "seed"]).itertuples():
+        found = links.get((row.task, row.method, row.budget, row.seed), {})
+        link = " ".join(f'<a href="{html.escape(path)}">{html.escape(name)}</a>'
+                        for name, path in found.items())
+        memory = getattr(row, "peak_memory_mb", float("nan"))
+        speed = getattr(row, "steps_per_s", float("nan"))
+        rows.append(f"<tr><td>{html.escape(row.task)}</td><td>{html.escape(row.method)}</td>"
+                    f"<td>{html.escape(str(row.budget))}</td><td>{row.seed}</td>"
+                    f"<td>{100 * row.metric:.2f}</td><td>{row.trainable:,}</td><td>{speed:.2f}</td>"
+                    f"<td>{memory:,.0f}</td><td>{link}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("task", "method", "budget", "seed", "test x100",
+                                             "trainable", "steps/s", "peak MiB", "files"))
+    return ("<h2>Runs</h2><p class=\"note\">Every cell behind the tables, with the files that "
+            "produced it (committed beside this page).</p>"
+            f'<table class="sortable runs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
+            "</tbody></table>")
 
 
 def write_index(root: Path) -> Path:

@@ -1,6 +1,8 @@
 """Leaderboards end to end on a tiny model and real CB rows: run, files, show; plots' maths."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -26,6 +28,13 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
         assert (board / name).is_file() and (board / name).stat().st_size > 0, name
     results = pd.read_csv(board / "results.csv")
     assert len(results) == 2 * 2 + 2  # magpruning x 2 budgets x 2 seeds + bitfit x 2 seeds
+    # every cell's config.json and result.json are committed beside the page and linked from it
+    committed = sorted(p.relative_to(board).as_posix() for p in (board / "runs").rglob("*.json"))
+    assert len([p for p in committed if p.endswith("result.json")]) == len(results)
+    page = (board / "index.html").read_text()
+    assert all(f'href="{p}"' in page for p in committed)
+    result = json.loads(next((board / "runs").rglob("*result.json")).read_text())
+    assert result["peak_memory"]["training_bytes"] > 0 and result["steps_per_s"] > 0
     capsys.readouterr()
     assert main(["leaderboard", "show", "tiny"]) == 0
     shown = capsys.readouterr().out

@@ -262,3 +262,17 @@ def test_method_train_sets_one_methods_settings_and_is_checked(tmp_path, tiny_mo
         spec_path.write_text(text.replace("{random: {lr: 0.005}}", bad))
         with pytest.raises(UsageError, match=re.escape(message)):
             sweep.load_spec(spec_path)
+
+
+def test_search_over_choices_tries_each_choice_once(tmp_path, tiny_model_dir):
+    """A search whose settings are all lists of choices is a grid: each value once, even when
+    `trials` is larger (TPE would repeat values)."""
+    spec_path = write_spec(tmp_path, tiny_model_dir, methods=["random"], seeds=[0], budgets=[0.01],
+                           search={"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "trials": 5,
+                                   "pruner": "none"})
+    spec = sweep.load_spec(spec_path)
+    best = sweep.run_search(spec, log=lambda *a: None)
+    assert best["rte/random"]["trials"] == 2 and best["rte/random"]["train"]["lr"] in (1.0e-3, 1.0e-2)
+    study = optuna.load_study(study_name="t/search/rte/random", storage=spec.storage_url)
+    assert sorted(t.params["lr"] for t in study.trials) == [1.0e-3, 1.0e-2]
+    assert json.loads((spec.out / "search.json").read_text()) == best
