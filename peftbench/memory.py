@@ -33,14 +33,7 @@ def current_bytes(device: torch.device | str = "cpu") -> int:
     """Memory held now: allocated on CUDA, resident set size on CPU (0 where unknown)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.memory_allocated(device))
-    try:
-        with open(_STATUS) as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def release_free_memory() -> None:
@@ -55,14 +48,22 @@ def release_free_memory() -> None:
         pass
 
 
-def _rss_peak_bytes() -> int:
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
     try:
         with open(_STATUS) as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _rss_peak_bytes() -> int:
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 

@@ -1,12 +1,9 @@
 """The command line: listings, an end-to-end run, and every bad-input case (exit 2, one line)."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import copy_task
 from peftbench.cli import main
 
 
@@ -63,7 +60,6 @@ def test_run_end_to_end_on_real_rte(capsys, tiny_model_dir, tmp_path):
 
 def test_peak_memory_is_reset_between_stretches():
     """One sweep process runs many cells: each cell's peak must be its own, not the process's."""
-    import pytest
     import torch
 
     from peftbench import memory
