@@ -15,12 +15,19 @@ from scipy import stats
 from sklearn import metrics as skm
 
 
+def _varies(p) -> bool:
+    """Not all equal. (`np.std` of a constant float array can be 1e-16, not 0, and then
+    scipy warns and returns NaN: the STS-B constant predictor scored NaN that way.)"""
+    return bool(np.ptp(p) > 0)
+
+
 def _pearson(p, y):
-    return float(stats.pearsonr(p, y)[0]) if np.std(p) > 0 else 0.0
+    """A constant prediction has no correlation: 0, not NaN (so baselines and means stay numbers)."""
+    return float(stats.pearsonr(p, y)[0]) if _varies(p) and _varies(y) else 0.0
 
 
 def _spearman(p, y):
-    return float(stats.spearmanr(p, y)[0]) if np.std(p) > 0 else 0.0
+    return float(stats.spearmanr(p, y)[0]) if _varies(p) and _varies(y) else 0.0
 
 
 METRICS = {

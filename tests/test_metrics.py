@@ -20,3 +20,18 @@ def test_correlations_match_scipy_and_survive_constant_predictions():
     assert out["pearson"] == pytest.approx(stats.pearsonr(p, y)[0])
     assert out["spearman"] == pytest.approx(stats.spearmanr(p, y)[0])
     assert compute(["pearson"], ["pearson"], np.ones(4), y)["pearson"] == 0.0
+
+
+def test_stsb_constant_predictor_scores_zero_correlation_not_nan():
+    """The mean train label, repeated, is a float array whose np.std is ~1e-16, not 0: scipy
+    then warned and returned NaN, and the STS-B baseline row read 'nan'."""
+    import warnings
+
+    from peftbench.data import load_task
+    from peftbench.metrics import constant_predictor
+
+    task = load_task("stsb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConstantInputWarning either
+        baseline = constant_predictor(task, task.load_splits())
+    assert baseline["test"]["pearson"] == baseline["test"]["spearman"] == baseline["test"]["main"] == 0.0
