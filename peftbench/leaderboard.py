@@ -136,8 +136,20 @@ def page_meta(spec: sweep.StudySpec, command: str, done: int, expected: int) -> 
 
 
 def run(name: str, storage: str | None = None, output_dir: str | None = None) -> str:
+    """Search (if the spec has `search:`), sweep, report. The search's results are committed
+    beside the spec (`search.json`) and read back from there, so the tuned settings are part of
+    the board and a search interrupted in one sitting goes on in the next from what it found."""
+    import shutil
+
     folder = find(name)
     spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    committed, working = folder / "search.json", spec.out / "search.json"
+    if committed.is_file():
+        working.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(committed, working)
+    if spec.search:
+        sweep.run_search(spec)
+        shutil.copyfile(working, committed)
     sweep.run_grid(spec)
     command = f"peftbench leaderboard run {folder.name}"
     return write_results(spec, folder, command)

@@ -733,7 +733,8 @@ def run_search(spec: StudySpec, log=print) -> dict:
     """For each (task, method): TPE over the search space, or every combination once when each
     setting is a list of choices (a grid, as Chen et al. 2022 tune each method's learning rate),
     median pruning on the validation metric after each epoch. Writes and returns
-    {task/method: {train: {...}, method: {...}}}."""
+    {task/method: {train: {...}, method: {...}}}, `search.json`, after every pair; a pair
+    already in it is not searched again."""
     if not spec.search:
         raise UsageError(f"study {spec.name!r} has no 'search:' section")
     search = spec.search
@@ -743,6 +744,10 @@ def run_search(spec: StudySpec, log=print) -> dict:
     storage = open_storage(spec)
     for task in spec.tasks:
         for method in spec.methods:
+            if f"{task}/{method}" in best:  # resumable across machines: search.json is the record
+                log(f"search {task}/{method}: tuned already in {spec.out / 'search.json'} "
+                    "(remove its entry to search again)")
+                continue
             cls = registry.get(method)
             space = dict(cls.search_space()) if search.get("method_params") else {}
             pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
@@ -791,9 +796,16 @@ def run_search(spec: StudySpec, log=print) -> dict:
                 "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
                 "validation": study.best_value, "trials": len(study.trials)}
             log(f"search {task}/{method}: best validation {study.best_value:.4f} with {params}")
-    spec.out.mkdir(parents=True, exist_ok=True)
-    (spec.out / "search.json").write_text(json.dumps(best, indent=2))
+            _write_search(spec, best)  # after every pair: an interrupted search keeps what it found
+    _write_search(spec, best)
     return best
+
+
+def _write_search(spec: StudySpec, best: dict) -> None:
+    spec.out.mkdir(parents=True, exist_ok=True)
+    tmp = spec.out / "search.json.tmp"
+    tmp.write_text(json.dumps(best, indent=2))
+    tmp.replace(spec.out / "search.json")
 
 
 def watch(spec: StudySpec, every: float = 10.0, once: bool = False, stream=None) -> None:

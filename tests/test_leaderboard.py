@@ -129,3 +129,31 @@ def test_small_n_spearman_p_is_exact():
 
     rho, p = report.spearman([1, 2, 3, 4], [4, 3, 2, 1])
     assert rho == -1 and p == pytest.approx(2 / 24)
+
+
+def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, tiny_model_dir, monkeypatch):
+    """`leaderboard run` searches first when the spec has `search:`, commits search.json beside
+    the spec, trains the grid at the tuned values, and a second run (another machine: no sweep
+    folder) reads the committed file instead of searching again."""
+    from peftbench import sweep
+
+    board = tmp_path / "boards" / "tuned"
+    board.mkdir(parents=True)
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "tuned", "model": tiny_model_dir, "tasks": ["cb"], "methods": {"random": {}},
+        "budgets": [0.01], "seeds": 1, "limit": 16, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "pruner": "none"}}))
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    assert main(["leaderboard", "run", "tuned"]) == 0
+    tuned = json.loads((board / "search.json").read_text())
+    assert tuned["cb/random"]["trials"] == 2
+    result = json.loads(next((board / "runs").rglob("*result.json")).read_text())
+    config = json.loads(next((board / "runs").rglob("config.json")).read_text())
+    assert config["train"]["lr"] == tuned["cb/random"]["train"]["lr"] and result["steps_per_s"] > 0
+    searched, original = [], sweep.run_experiment
+    monkeypatch.setattr(sweep, "run_experiment", lambda config, *a, **k: (
+        searched.append(1) if "search-runs" in config.output_dir else None) or original(config, *a, **k))
+    assert main(["leaderboard", "run", "tuned", "--output-dir", str(tmp_path / "elsewhere")]) == 0
+    assert searched == [] and json.loads((board / "search.json").read_text()) == tuned
+    assert (tmp_path / "elsewhere" / "search.json").is_file()  # the grid there used the committed values
