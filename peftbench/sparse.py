@@ -54,6 +54,7 @@ class SparseDelta(nn.Module):
         base_values = base.detach().reshape(-1)[self.indices].float() if base is not None else \
             torch.zeros(len(indices))
         self.register_buffer("base_values", base_values)
+        self._pattern = None  # see sampling_pattern
 
     @torch.no_grad()
     def decay_(self, amount: float) -> None:
@@ -74,17 +75,13 @@ class SparseDelta(nn.Module):
     def sampling_pattern(self, shape: torch.Size) -> tuple:
         """(order, crow_indices, col_indices) of the k entries as a CSR pattern of a 2-D
         `shape`, computed once: `order` sorts the entries by flat index (row, then column)."""
-        if getattr(self, "_pattern", None) is None or self._pattern[1].device != self.indices.device:
+        if self._pattern is None or self._pattern[1].device != self.indices.device:
             order = torch.argsort(self.indices)
             flat = self.indices[order]
             rows, cols = flat // shape[1], flat % shape[1]
             crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=rows.device))
             self._pattern = (order, crow, cols)
         return self._pattern
-
-
-def _with_delta(weight: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
-    return weight.reshape(-1).index_add(0, delta.indices, delta.values.to(weight.dtype)).view_as(weight)
 
 
 def sampled_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, delta: SparseDelta,
@@ -120,7 +117,7 @@ class SparseLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, values, delta):
         ctx.delta, ctx.shape = delta, weight.shape
         ctx.save_for_backward(x, weight, values)
-        return F.linear(x, _with_delta(weight, delta), bias)
+        return F.linear(x, delta.forward(weight), bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -129,7 +126,7 @@ class SparseLinearFunction(torch.autograd.Function):
         need_x, _, need_bias, need_values, _ = ctx.needs_input_grad
         grad_x = grad_bias = grad_values = None
         if need_x:  # the weight is rebuilt, not saved: O(mn) work, no O(mn) memory per layer
-            grad_x = grad_out @ _with_delta(weight, ctx.delta).to(grad_out.dtype)
+            grad_x = grad_out @ ctx.delta.forward(weight).to(grad_out.dtype)
         if need_bias:
             grad_bias = grad_out.reshape(-1, ctx.shape[0]).sum(0)
         if need_values:
