@@ -100,6 +100,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         + ("" if done == expected else " (partial: run the command again to finish)"),
         f"- wall time of the trials: {frame.duration_s.sum() / 3600:.2f} h "
         f"(scoring cached across budgets)",
+        *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
         "", f"Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
         f"[interactive](pareto.html)), [cd.png](cd.png) (critical-difference diagram), "
         f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]}).",

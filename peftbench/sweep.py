@@ -103,6 +103,7 @@ class StudySpec:
     published: dict | None = None  # leaderboards: {task: {method: "mean[r]±std[r]"}}
     method_notes: dict = field(default_factory=dict)  # method -> how it departs from the paper's variant
     description: str = ""
+    protocol: str = ""  # Markdown: how the protocol was chosen and what was cut (leaderboard README)
     machine: str = ""
 
     @property
@@ -209,6 +210,7 @@ class SpecFile(BaseModel):
     published: dict[StrictStr, dict[StrictStr, StrictStr]] | None = None
     method_notes: dict[StrictStr, StrictStr] = {}
     description: StrictStr = ""
+    protocol: StrictStr = ""
     machine: StrictStr = ""
 
     @field_validator("budgets", "seeds")
@@ -264,7 +266,7 @@ def parse_spec(raw: dict, where: str = "spec") -> StudySpec:
         device=spec.device, storage=spec.storage, output_dir=spec.output_dir,
         heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
         search=spec.search.model_dump() if spec.search else None, published=spec.published,
-        description=spec.description, machine=spec.machine, method_notes=dict(spec.method_notes))
+        description=spec.description, protocol=spec.protocol, machine=spec.machine, method_notes=dict(spec.method_notes))
 
 
 def cells(spec: StudySpec) -> list[Cell]:

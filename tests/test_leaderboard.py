@@ -17,6 +17,7 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
     board.mkdir(parents=True)
     (board / "spec.yaml").write_text(yaml.safe_dump({
         "name": "tiny", "description": "test board", "model": tiny_model_dir, "tasks": ["cb"],
+        "protocol": "Cut: 1 task of 7, for time.",
         "methods": {"magpruning": {}, "bitfit": {}}, "budgets": [0.01, 0.05], "seeds": 2,
         "limit": 16, "train": {"epochs": 1}, "output_dir": str(tmp_path / "sweep"),
         "published": {"cb": {"bitfit": "86.96±3.20", "magpruning": "81.25±3.50"}}}))
@@ -39,6 +40,7 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
     assert main(["leaderboard", "show", "tiny"]) == 0
     shown = capsys.readouterr().out
     assert "Leaderboard tiny" in shown and "bitfit" in shown and "Against the published" in shown
+    assert "### Protocol, and what was cut\n\nCut: 1 task of 7, for time." in shown
     assert main(["leaderboard", "show", "nope"]) == 2
     assert (tmp_path / "boards" / "plotly.min.js").is_file() and (tmp_path / "boards" / "index.html").is_file()
     assert 'src="../plotly.min.js"' in (board / "pareto.html").read_text()
