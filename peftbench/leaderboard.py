@@ -120,7 +120,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     pages.write_page(folder, f"Leaderboard {spec.name}", spec.description, frame,
                      page_meta(spec, command, done, expected),
                      spec_text=(folder / "spec.yaml").read_text(), plotly_js=js,
-                     extra_html=pages.runs_html(frame, links))
+                     extra_html=pages.runs_html(frame, links), protocol=spec.protocol)
     pages.write_index(root)
     return text
 

@@ -52,7 +52,7 @@ def table_html(csv_path: Path, kind: str = "table1", floatfmt: str | None = None
     """A Table-1 (or cost) CSV as a sortable HTML table; the constant-predictor row stays last."""
     table = pd.read_csv(csv_path, index_col=0, dtype=str, keep_default_na=False)
     if floatfmt:
-        table = table.apply(lambda col: [format(float(v), floatfmt) if v else "" for v in col])
+        table = table.apply(lambda col: [_number(v, floatfmt) for v in col])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", *table.columns])
     rows = []
     for method, row in table.iterrows():
@@ -63,17 +63,37 @@ def table_html(csv_path: Path, kind: str = "table1", floatfmt: str | None = None
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
+def _number(text: str, floatfmt: str) -> str:
+    """A CSV cell formatted as a number where it is one ('True', 'holds' stay as they are)."""
+    if text in ("", "True", "False"):
+        return text
+    try:
+        return format(float(text), floatfmt)
+    except ValueError:
+        return text
+
+
+FINDINGS = (("findings-sam-random.csv", "1. Does SAM beat Random at 0.5%? (SAM - Random, x100, paired by seed)"),
+            ("findings-stability.csv", "2. Are sparse methods more stable than full fine-tuning? (std x100)"),
+            ("findings-ranks.csv", "3. Does the stability rank correlate with the performance rank? "
+                                   "(Fu et al.: Spearman rho = 0.4356)"))
+
+
 def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None, meta: dict[str, str],
-               spec_text: str | None = None, extra_html: str = "", plotly_js: str | None = None) -> Path:
-    """`folder/index.html` from the files the report wrote into `folder` (table1-b*.csv, cd.png,
-    spend.png) and the Pareto figure of `frame`; `plotly_js` is the path of plotly.min.js
-    relative to the page (written beside it when None)."""
+               spec_text: str | None = None, extra_html: str = "", plotly_js: str | None = None,
+               protocol: str = "") -> Path:
+    """`folder/index.html` from the files the report wrote into `folder` (table1-b*.csv,
+    findings-*.csv, cd.png, spend.png) and the Pareto figure of `frame`; `plotly_js` is the path
+    of plotly.min.js relative to the page (written beside it when None); `protocol`, the spec's
+    text on how the protocol was chosen and what was cut."""
     from peftbench import plots
 
     folder = Path(folder)
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>", "<ul>"]
     parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in meta.items()]
     parts += ["</ul>"]
+    if protocol:
+        parts += ["<h2>Protocol, and what was cut</h2>", f'<pre class="protocol">{html.escape(protocol)}</pre>']
     tables = sorted(folder.glob("table1-b*.csv"))
     if tables:
         parts.append("<h2>Tables (test metric x100, mean ± std over seeds)</h2>")
@@ -84,6 +104,14 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
             budget = csv_path.stem[len("table1-b"):]
             parts += [f"<h3>Budget {html.escape(budget)} (natural-count methods included)</h3>",
                       table_html(csv_path)]
+    found = [(name, caption) for name, caption in FINDINGS if (folder / name).is_file()]
+    if found:
+        parts += ["<h2>Fu et al.'s findings at this scale</h2>",
+                  '<p class="note">verdict: holds / opposite = significant at 0.05 in / against Fu '
+                  "et al.'s direction; not resolved = no significant difference at this many seeds "
+                  "and tasks. The README says how each is tested.</p>"]
+        for name, caption in found:
+            parts += [f"<h3>{html.escape(caption)}</h3>", table_html(folder / name, "findings", ".4g")]
     if (folder / "cost.csv").is_file():
         parts += ["<h2>Cost per method</h2>",
                   '<p class="note">Mean seconds of scoring and of training (evaluation included) per '

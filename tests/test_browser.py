@@ -3,6 +3,7 @@ drawn (one marker per method and budget) and each table has the rows of its CSV.
 the reason, where no Chromium can be found (.ci/run installs Debian's `chromium`)."""
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -31,15 +32,16 @@ def rendered_dom(page: Path) -> str:
 def check_page(folder: Path) -> None:
     dom = rendered_dom(folder / "index.html")
     assert not re.search(r'<script[^>]+src="https?://', (folder / "index.html").read_text()), "remote script"
-    for csv_path in [*sorted(folder.glob("table1-b*.csv")), *sorted(folder.glob("cost.csv"))]:
-        kind = "cost" if csv_path.name == "cost.csv" else "table1"
+    for csv_path in [*sorted(folder.glob("table1-b*.csv")), *sorted(folder.glob("cost.csv")),
+                     *sorted(folder.glob("findings-*.csv"))]:
+        kind = {"cost.csv": "cost"}.get(csv_path.name, "findings" if csv_path.name.startswith("findings") else "table1")
         table = re.search(rf'<table class="sortable {kind}" data-csv="{re.escape(csv_path.name)}">(.*?)</table>',
                           dom, re.S)
         assert table, f"no table for {csv_path.name}"
         rows = re.findall(r"<tr[ >].*?</tr>", table.group(1), re.S)[1:]  # minus the header
         expected = pd.read_csv(csv_path, index_col=0, dtype=str, keep_default_na=False)
         names = [re.sub(r"<.*?>", "", re.search(r"<td>(.*?)</td>", r).group(1)) for r in rows]
-        assert names == list(expected.index), csv_path.name
+        assert names == [html.escape(str(n), quote=False) for n in expected.index], csv_path.name
     if (folder / "cells.csv").is_file():
         cells = pd.read_csv(folder / "cells.csv")
         drawn = len(re.findall(r'<path class="point[ "]', dom))
@@ -60,9 +62,12 @@ def test_a_generated_page_draws_every_cell_and_every_row(tmp_path):
                              "run_dir": str(tmp_path / "none"), "spend": {}})
     frame = pd.DataFrame(rows)
     report.build_report(frame, tmp_path)
-    pages.write_page(tmp_path, "test board", "intro", frame, {"command": "none"})
+    pages.write_page(tmp_path, "test board", "intro", frame, {"command": "none"},
+                     protocol="Cut: 1 task of 7 & 3 methods, for time.")
     assert (tmp_path / plots.PLOTLY_JS).is_file()
+    assert {p.name for p in tmp_path.glob("findings-*.csv")} == {"findings-sam-random.csv", "findings-ranks.csv"}
     check_page(tmp_path)
+    assert "Cut: 1 task of 7 &amp; 3 methods, for time." in (tmp_path / "index.html").read_text()
 
 
 @needs_chromium
