@@ -53,7 +53,7 @@ def table_html(csv_path: Path, kind: str = "table1", floatfmt: str | None = None
     table = pd.read_csv(csv_path, index_col=0, dtype=str, keep_default_na=False)
     if floatfmt:
         table = table.apply(lambda col: [_number(v, floatfmt) for v in col])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", *table.columns])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [table.index.name or "method", *table.columns])
     rows = []
     for method, row in table.iterrows():
         cls = ' class="constant"' if method == "constant predictor" else ""
