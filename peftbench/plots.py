@@ -277,13 +277,14 @@ def spend_png(frame: pd.DataFrame, path: str | Path, budget: str | None = None) 
         image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_xticks(range(len(table.columns)), table.columns, rotation=45, ha="right")
         ax.set_yticks(range(len(table.index)), table.index)
-        ax.set_title(f"Where the budget goes: {title}" + (f" (budget {budget}; natural-count "
-                                                           "methods at their own count)" if budget else ""))
+        ax.set_title(title)
         for (i, j), v in np.ndenumerate(table.to_numpy()):
             if v >= 0.005:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < 0.6 else "black")
     fig.colorbar(image, ax=axes, fraction=0.02)
+    fig.suptitle("Where the budget goes" + (f" (budget {budget}; natural-count methods at their "
+                                            "own count)" if budget else ""))
     path = Path(path)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
