@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import platform
+
+import pandas
 from pathlib import Path
 
 import torch
@@ -78,6 +80,46 @@ def commit_run_files(frame, folder: Path) -> dict[tuple, dict[str, str]]:
     return links
 
 
+def _setting(params: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def search_table(best: dict) -> pandas.DataFrame:
+    """search.json as a table: a row per (task, method), a column per setting tried (its
+    validation score; pruned trials their last report), the chosen setting and its score."""
+    rows, settings = [], {}
+    for key, entry in best.items():
+        task, method = key.split("/", 1)
+        row = {"task": task, "method": method}
+        for t in entry.get("tried", []):
+            settings[_setting(t["params"])] = tuple(str(v) if isinstance(v, str) else v
+                                                    for _, v in sorted(t["params"].items()))
+            row[_setting(t["params"])] = t["validation"]
+        row["chosen"] = _setting({**entry.get("train", {}),
+                                  **{f"method.{k}": v for k, v in entry.get("method", {}).items()}})
+        row["validation"] = entry.get("validation")
+        rows.append(row)
+    if not rows:
+        return pandas.DataFrame()
+    columns = sorted(settings, key=lambda c: tuple(map(str, settings[c])) if any(
+        isinstance(v, str) for v in settings[c]) else settings[c])
+    return pandas.DataFrame(rows).set_index(["task", "method"])[[*columns, "chosen", "validation"]]
+
+
+def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
+    """The search's table (search.csv and Markdown lines), when the spec searched."""
+    table = search_table(sweep.best_search_params(spec)) if spec.search else pandas.DataFrame()
+    if table.empty:
+        return []
+    table.to_csv(folder / "search.csv")
+    search = spec.search
+    budget = search.get("budget") or spec.budgets[0]
+    return ["", "### Settings chosen on validation (search.json, search.csv)", "",
+            f"Validation main metric of each setting tried (seed {search.get('seed', 0)} of the "
+            f"search, budget {budget}, the grid's schedule); each (task, method) of the grid uses "
+            "its chosen setting.", "", table.reset_index().to_markdown(index=False, floatfmt=".4f")]
+
+
 def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     """Report + plots for the study's finished trials into `folder`; returns the Markdown."""
     frame = sweep.finished_frame(spec)
@@ -101,6 +143,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         f"- wall time of the trials: {frame.duration_s.sum() / 3600:.2f} h "
         f"(scoring cached across budgets)",
         *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
+        *search_lines(spec, folder),
         "", f"Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
         f"[interactive](pareto.html)), [cd.png](cd.png) (critical-difference diagram), "
         f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]}).",

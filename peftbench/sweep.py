@@ -482,6 +482,24 @@ def enqueue_missing(study: optuna.Study, spec: StudySpec, restart_changed: bool 
     return len(missing)
 
 
+def tried(study: optuna.Study) -> list[dict]:
+    """Every finished search trial: its settings, validation score (a pruned trial's last
+    report) and state, so the board shows how each setting was chosen, not only the winner."""
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        value = t.value if t.state == TrialState.COMPLETE else \
+            (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+        rows.append({"params": t.params, "validation": value, "state": t.state.name.lower()})
+    return rows
+
+
+def _add_tried(entry: dict, storage, study_name: str) -> None:
+    try:
+        entry["tried"] = tried(optuna.load_study(study_name=study_name, storage=storage))
+    except KeyError:  # the study is elsewhere (search.json came from the repository)
+        pass
+
+
 def best_search_params(spec: StudySpec) -> dict:
     path = spec.out / "search.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -749,6 +767,8 @@ def run_search(spec: StudySpec, log=print) -> dict:
             if f"{task}/{method}" in best:  # resumable across machines: search.json is the record
                 log(f"search {task}/{method}: tuned already in {spec.out / 'search.json'} "
                     "(remove its entry to search again)")
+                if "tried" not in best[f"{task}/{method}"]:  # written before "tried" was recorded
+                    _add_tried(best[f"{task}/{method}"], storage, f"{spec.name}/search/{task}/{method}")
                 continue
             cls = registry.get(method)
             space = dict(cls.search_space()) if search.get("method_params") else {}
@@ -796,7 +816,7 @@ def run_search(spec: StudySpec, log=print) -> dict:
             best[f"{task}/{method}"] = {
                 "train": {k: v for k, v in params.items() if not k.startswith("method.")},
                 "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
-                "validation": study.best_value, "trials": len(study.trials)}
+                "validation": study.best_value, "trials": len(study.trials), "tried": tried(study)}
             log(f"search {task}/{method}: best validation {study.best_value:.4f} with {params}")
             _write_search(spec, best)  # after every pair: an interrupted search keeps what it found
     _write_search(spec, best)

@@ -159,3 +159,14 @@ def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, t
     assert main(["leaderboard", "run", "tuned", "--output-dir", str(tmp_path / "elsewhere")]) == 0
     assert searched == [] and json.loads((board / "search.json").read_text()) == tuned
     assert (tmp_path / "elsewhere" / "search.json").is_file()  # the grid there used the committed values
+    # every setting tried is recorded with its validation score, and shown on the board
+    assert sorted(t["params"]["lr"] for t in tuned["cb/random"]["tried"]) == [1.0e-3, 1.0e-2]
+    assert max(t["validation"] for t in tuned["cb/random"]["tried"]) == tuned["cb/random"]["validation"]
+    table = pd.read_csv(board / "search.csv")
+    assert list(table.columns) == ["task", "method", "lr=0.001", "lr=0.01", "chosen", "validation"]
+    assert "### Settings chosen on validation" in (board / "README.md").read_text()
+    # a search.json written before "tried" was recorded gets it from the study that is still there
+    del tuned["cb/random"]["tried"]
+    (board / "search.json").write_text(json.dumps(tuned))
+    assert main(["leaderboard", "run", "tuned"]) == 0 and searched == []
+    assert len(json.loads((board / "search.json").read_text())["cb/random"]["tried"]) == 2
