@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 import platform
-
-import pandas
 from pathlib import Path
 
+import pandas
 import torch
 
 from peftbench import pages, plots, report, sweep
@@ -92,8 +91,7 @@ def search_table(best: dict) -> pandas.DataFrame:
         task, method = key.split("/", 1)
         row = {"task": task, "method": method}
         for t in entry.get("tried", []):
-            settings[_setting(t["params"])] = tuple(str(v) if isinstance(v, str) else v
-                                                    for _, v in sorted(t["params"].items()))
+            settings[_setting(t["params"])] = [v for _, v in sorted(t["params"].items())]
             row[_setting(t["params"])] = t["validation"]
         row["chosen"] = _setting({**entry.get("train", {}),
                                   **{f"method.{k}": v for k, v in entry.get("method", {}).items()}})
@@ -101,8 +99,8 @@ def search_table(best: dict) -> pandas.DataFrame:
         rows.append(row)
     if not rows:
         return pandas.DataFrame()
-    columns = sorted(settings, key=lambda c: tuple(map(str, settings[c])) if any(
-        isinstance(v, str) for v in settings[c]) else settings[c])
+    # columns in the order of the settings' values (numbers before words)
+    columns = sorted(settings, key=lambda c: [(1, str(v)) if isinstance(v, str) else (0, v) for v in settings[c]])
     return pandas.DataFrame(rows).set_index(["task", "method"])[[*columns, "chosen", "validation"]]
 
 

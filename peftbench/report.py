@@ -486,7 +486,7 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
                   "p-values in nemenyi.csv, drawn as the critical-difference diagram cd.png "
                   "(methods joined by a bar are not significantly different at 0.05).", "",
                   ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
-    from peftbench import findings
+    from peftbench import findings  # here: findings imports this module
 
     lines += findings.section(frame, out)
     cost = cost_table(frame)
