@@ -122,9 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--budget", default=None, help="for `spend`: the budget to show")
 
     board = sub.add_parser("leaderboard", help="run or show a leaderboard from leaderboards/")
-    board.add_argument("action", choices=["run", "show", "list"])
+    board.add_argument("action", choices=["run", "show", "list", "verify", "work", "report"],
+                       help="run: search, grid, report (resumes from the committed cells); show: "
+                       "print the committed README; verify: re-run committed cells and compare; "
+                       "work: the grid alone (a worker, or a second machine on a shared study); report: "
+                       "rewrite the board from its committed cells without training")
     board.add_argument("name", nargs="?", help="a folder name in leaderboards/ (or a path)")
     _study_options(board)
+    board.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="run: N local workers on the grid, each with its share of the cores")
+    board.add_argument("--cells", default="2", metavar="K",
+                       help="verify: how many committed cells to re-run (chosen at random with "
+                       "--seed), or 'all'")
+    board.add_argument("--seed", type=int, default=0, help="verify: the seed that chooses the cells")
+    board.add_argument("--cell", action="append", default=[], metavar="TASK/METHOD/bBUDGET/sSEED",
+                       help="verify: re-run this committed cell (repeatable; overrides --cells)")
 
     check = sub.add_parser("check-method", help="run the Selector conformance checks "
                            "(peftbench.testing) on an installed method, on a tiny model")
@@ -256,7 +268,7 @@ def cmd_plot(args) -> None:
     print("\n".join(str(p) for p in paths))
 
 
-def cmd_leaderboard(args) -> None:
+def cmd_leaderboard(args) -> int | None:
     from peftbench import leaderboard
 
     if args.action == "list":
@@ -268,8 +280,17 @@ def cmd_leaderboard(args) -> None:
         raise UsageError(f"peftbench leaderboard {args.action} needs a NAME (see `peftbench leaderboard list`)")
     if args.action == "show":
         print(leaderboard.show(args.name))
+    elif args.action == "verify":
+        table, code = leaderboard.verify(args.name, cells=args.cells, seed=args.seed, names=args.cell)
+        print(table)
+        return code
+    elif args.action == "report":
+        print(leaderboard.refresh(args.name, storage=args.storage, output_dir=args.output_dir))
+    elif args.action == "work":
+        return 1 if leaderboard.work(args.name, storage=args.storage, output_dir=args.output_dir) else 0
     else:
-        print(leaderboard.run(args.name, storage=args.storage, output_dir=args.output_dir))
+        print(leaderboard.run(args.name, storage=args.storage, output_dir=args.output_dir,
+                              workers=args.workers))
 
 
 def cmd_run(args) -> None:
@@ -380,8 +401,8 @@ INTERRUPTED = {  # what an interrupt leaves behind, per command (said exactly, s
            "seeds' results; the same command starts a new run directory",
     "sweep": "completed cells are kept in the study; the same command resumes and runs the "
              "interrupted cell again",
-    "leaderboard": "completed cells are kept in the study; the same command resumes and runs "
-                   "the interrupted cell again",
+    "leaderboard": "finished cells are committed in the board's runs/ folder and kept in the "
+                   "study; the same command resumes and runs the interrupted cell again",
 }
 
 

@@ -27,7 +27,7 @@ from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.errors import UsageError
 from peftbench.metrics import constant_predictor, near_constant
-from peftbench.models import head_parameters, load_model, pretrained_parameters, pretrained_size
+from peftbench.models import head_parameters, init_head, load_model, pretrained_parameters, pretrained_size
 from peftbench.scoring import ScoringData
 from peftbench.selector import Budget
 from peftbench.sparse import count_trainable, effective_selection, trainable_entries
@@ -136,6 +136,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     seed_dir.mkdir()
     set_seed(seed)
     model, tokenizer = load_model(config.model, task.num_labels)
+    head_init = init_head(model, task, splits["train"]["label"])  # before scoring: both see it
     tokenized = tokenize(task, tokenizer, splits, config.train.max_length)
     pretrained = pretrained_parameters(model)
     numels = {n: p.numel() for n, p in pretrained.items()}
@@ -187,7 +188,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     result = {"seed": seed, "validation": out["validation"], "test": out["test"],
               "best_epoch": out["best_epoch"], "steps": out["steps"], "trainable": counts,
               "diverged": out.get("diverged"), "budget_entries": k, "pretrained_entries": n_pretrained,
-              "constant_predictor": constant_predictor(task, splits),
+              "constant_predictor": constant_predictor(task, splits), "head_init": head_init,
               "scoring_time_s": score_time, "scores_from_cache": cached,
               "train_time_s": out["train_time_s"], "steps_per_s": out["steps_per_s"],
               "peak_memory": {"scoring_bytes": scoring_peak["bytes"],

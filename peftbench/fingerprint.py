@@ -97,3 +97,23 @@ def environment() -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def machine_fingerprint(device: str = "cpu") -> dict:
+    """What decides whether a re-run can match a committed number to the last digit: the
+    libraries that compute it, the device (the CPU model: its kernels pick the summation
+    order) and the thread count (it splits reductions)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = f"cpu: {line.split(':', 1)[1].strip()}"
+                    break
+        except OSError:
+            pass
+    return {**environment(), "device": name, "threads": torch.get_num_threads()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas
 import torch
 
-from peftbench import pages, plots, report, sweep
+from peftbench import cellstore, pages, plots, report, sweep
 from peftbench.errors import UsageError
 
 
@@ -46,37 +46,32 @@ def machine() -> str:
             f"{device}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def commit_run_files(frame, folder: Path) -> dict[tuple, dict[str, str]]:
-    """Copy each finished cell's `config.json` and `seed-<s>/result.json` (a few kB; masks and
-    metrics logs stay in the sweep folder) into `folder/runs/<run>/`, so the committed board
-    carries what produced every number; returns {(task, method, budget, seed): {name: path
-    relative to folder}} for the page's links. Files of cells no longer in the frame are removed."""
-    import shutil
+def commit_cells(spec: sweep.StudySpec, folder: Path, study) -> dict[tuple, dict[str, str]]:
+    """Commit every finished cell of the spec (its config, result and `cell.json`, a few kB;
+    masks and metrics logs stay in the sweep folder) into `folder/runs/`, remove committed
+    cells of other settings, and return {(task, method, budget, seed): {name: path relative to
+    folder}} for the page's links."""
+    from optuna.trial import TrialState
 
-    target_root = folder / "runs"
+    prints = sweep.Fingerprints(spec)
     links, keep = {}, set()
-    for row in frame.itertuples():
-        source = Path(row.run_dir)
-        target = target_root / source.name
-        files = {"config.json": source / "config.json",
-                 "result.json": source / f"seed-{row.seed}" / "result.json"}
-        if not all(f.is_file() for f in files.values()):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        a = t.user_attrs
+        if "run_dir" not in a or not prints.current(t) or (
+                t.state == TrialState.FAIL and not a.get("final_failure")):
             continue
-        found = {}
-        for name, path in files.items():
-            destination = target / (name if name == "config.json" else f"seed-{row.seed}-{name}")
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, destination)
-            found[name] = destination.relative_to(folder).as_posix()
-            keep.add(destination)
-        links[(row.task, row.method, row.budget, row.seed)] = found
-    if target_root.is_dir():
-        for stale in target_root.rglob("*.json"):
-            if stale not in keep:
-                stale.unlink()
-        for empty in sorted((d for d in target_root.iterdir() if d.is_dir() and not any(d.iterdir()))):
-            empty.rmdir()
+        target = cellstore.commit_cell(folder, a, _duration(t))
+        keep.add(target.resolve())
+        links[(a["task"], a["method"], a["budget"], a["seed"])] = {
+            "config.json": (target / "config.json").relative_to(folder).as_posix(),
+            "result.json": (target / f"seed-{a['seed']}-result.json").relative_to(folder).as_posix(),
+            "cell.json": (target / cellstore.CELL_FILE).relative_to(folder).as_posix()}
+    cellstore.prune_stale(folder, keep)
     return links
+
+
+def _duration(trial) -> float:
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
 def _setting(params: dict) -> str:
@@ -118,15 +113,57 @@ def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
             "its chosen setting.", "", table.reset_index().to_markdown(index=False, floatfmt=".4f")]
 
 
+def board_progress(spec: sweep.StudySpec, study) -> dict:
+    """Which cells are in: every cell's state, the settled ones (done, or failed for good), the
+    complete (task, method, budget) groups (every seed settled) and the missing cells by group."""
+    states = sweep.cell_states(study, sweep.Fingerprints(spec))
+    settled = {k for k, v in states.items()
+               if v["state"] == "done" or (v["state"] == "failed" and v.get("final"))}
+    groups: dict[tuple, list] = {}
+    for cell in sweep.cells(spec):
+        groups.setdefault((cell.task, cell.method, cell.budget), []).append(cell)
+    complete = {g for g, members in groups.items() if all(c.key in settled for c in members)}
+    missing = {g: [c.seed for c in members if c.key not in settled]
+               for g, members in groups.items() if g not in complete}
+    rows = [{"task": c.task, "method": c.method, "budget": c.budget, "seed": c.seed,
+             "state": "done" if c.key in settled and states[c.key]["state"] == "done"
+             else "failed" if c.key in settled else "missing"}
+            for members in groups.values() for c in members]
+    return {"expected": len(states), "done": len(settled), "complete": complete,
+            "groups": len(groups), "missing": missing, "rows": rows}
+
+
+def partial_lines(progress: dict) -> list[str]:
+    """The lines that open a board that is not finished: k of n cells, what is missing, and
+    what the statistics use. Empty for a finished board."""
+    if progress["done"] == progress["expected"]:
+        return []
+    missing = [f"{t}/{m}/b{b}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+               for (t, m, b), seeds in sorted(progress["missing"].items())]
+    return [f"**Partial board: {progress['done']} of {progress['expected']} cells.** Every table, "
+            f"figure and statistic below uses only the {len(progress['complete'])} of "
+            f"{progress['groups']} (task, method, budget) groups whose seeds are all in; the same "
+            "command resumes from the committed cells. Missing (progress.csv lists every cell):",
+            "", *[f"- {line}" for line in missing], ""]
+
+
 def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
-    """Report + plots for the study's finished trials into `folder`; returns the Markdown."""
+    """Commit the finished cells, then report + plots for the complete groups into `folder`;
+    returns the Markdown."""
+    study = sweep.open_study(spec)
+    links = commit_cells(spec, folder, study)
+    progress = board_progress(spec, study)
+    pandas.DataFrame(progress["rows"]).to_csv(folder / "progress.csv", index=False)
     frame = sweep.finished_frame(spec)
-    links = commit_run_files(frame, folder)
-    expected = len(sweep.cells(spec))
-    done = len(frame)
+    keys = list(zip(frame.task, frame.method, frame.budget))
+    failed = frame.attrs.get("failed", {})
+    frame = frame[[k in progress["complete"] for k in keys]]
+    frame.attrs["failed"] = failed
+    expected, done = progress["expected"], progress["done"]
+    opening = partial_lines(progress)
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())
     header = "\n".join([
-        spec.description, "",
+        *opening, spec.description, "",
         f"- command: `{command}`",
         f"- machine: {machine()}" + (f" (spec says: {spec.machine})" if spec.machine else ""),
         f"- model: `{spec.model}`; tasks: {', '.join(spec.tasks)}; seeds: {spec.seeds}; "
@@ -139,18 +176,28 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         f"- cells finished: {done} of {expected}"
         + ("" if done == expected else " (partial: run the command again to finish)"),
         f"- wall time of the trials: {frame.duration_s.sum() / 3600:.2f} h "
-        f"(scoring cached across budgets)",
+        f"(scoring cached across budgets)" if not frame.empty else "- wall time: no complete group yet",
         *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
         *search_lines(spec, folder),
         "", f"Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
         f"[interactive](pareto.html)), [cd.png](cd.png) (critical-difference diagram), "
         f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]}).",
     ])
+    root = folder.parent
+    description = (opening[0] + "\n\n" if opening else "") + spec.description
+    if frame.empty:
+        text = "\n".join([f"# Leaderboard {spec.name}", "", header, "",
+                          "No (task, method, budget) group is complete yet: no statistics."])
+        (folder / "README.md").write_text(text + "\n")
+        pages.write_page(folder, f"Leaderboard {spec.name}", description, None,
+                         page_meta(spec, command, done, expected),
+                         spec_text=(folder / "spec.yaml").read_text(), protocol=spec.protocol)
+        pages.write_index(root)
+        return text
     text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
                                published=spec.published, cache_dir=spec.out / "scores",
                                markdown="README.md")
     plots.pareto_png(frame, folder / "pareto.png")
-    root = folder.parent
     js = pages.relative(plots.write_plotly_js(root), folder)
     plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)
     ranking = report.friedman_ranking(frame)
@@ -158,7 +205,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         plots.cd_png(ranking, folder / "cd.png")
     middle = spec.budgets[len(spec.budgets) // 2]
     plots.spend_png(frame, folder / "spend.png", budget=middle)
-    pages.write_page(folder, f"Leaderboard {spec.name}", spec.description, frame,
+    pages.write_page(folder, f"Leaderboard {spec.name}", description, frame,
                      page_meta(spec, command, done, expected),
                      spec_text=(folder / "spec.yaml").read_text(), plotly_js=js,
                      extra_html=pages.runs_html(frame, links), protocol=spec.protocol)
@@ -177,22 +224,63 @@ def page_meta(spec: sweep.StudySpec, command: str, done: int, expected: int) -> 
             **{f"not the paper's variant: {m}": note for m, note in spec.method_notes.items()}}
 
 
-def run(name: str, storage: str | None = None, output_dir: str | None = None) -> str:
-    """Search (if the spec has `search:`), sweep, report. The search's results are committed
-    beside the spec (`search.json`) and read back from there, so the tuned settings are part of
-    the board and a search interrupted in one sitting goes on in the next from what it found."""
+def _prepare(folder: Path, spec: sweep.StudySpec) -> None:
+    """The committed search.json into the sweep folder: the tuned settings are part of the
+    board, and the cells' fingerprints are computed from them."""
     import shutil
 
-    folder = find(name)
-    spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
     committed, working = folder / "search.json", spec.out / "search.json"
     if committed.is_file():
         working.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(committed, working)
+
+
+def work(name: str, storage: str | None = None, output_dir: str | None = None) -> int:
+    """The grid alone, committing each cell into the board as it finishes: what each of
+    `run`'s workers does, and what a second machine on a shared study runs. Returns the
+    number of cells that failed."""
+    folder = find(name)
+    spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    _prepare(folder, spec)
+    cellstore.import_committed(sweep.open_study(spec), spec, folder)
+    study = sweep.run_grid(spec, on_complete=lambda t: cellstore.commit_cell(folder, t.user_attrs, _duration(t)))
+    return len(sweep.failed_cells(study, spec))
+
+
+def refresh(name: str, storage: str | None = None, output_dir: str | None = None) -> str:
+    """Rewrite the board from its committed cells (and the local study) without training: a
+    partial board's README, page and CSVs, with "k of n cells" and what is missing."""
+    folder = find(name)
+    spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    _prepare(folder, spec)
+    cellstore.import_committed(sweep.open_study(spec), spec, folder)
+    return write_results(spec, folder, f"peftbench leaderboard run {folder.name}")
+
+
+def run(name: str, storage: str | None = None, output_dir: str | None = None,
+        workers: int | None = None) -> str:
+    """Search (if the spec has `search:`), sweep, report. The search's results are committed
+    beside the spec (`search.json`) and read back from there, so the tuned settings are part of
+    the board and a search interrupted in one sitting goes on in the next from what it found.
+    Committed cells of the current settings are read back, not re-run (`peftbench.cellstore`);
+    each new cell is committed into the board as it finishes. `workers` > 1: that many local
+    `leaderboard work` processes, each with its share of the cores."""
+    import shutil
+
+    folder = find(name)
+    spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    _prepare(folder, spec)
     if spec.search:
         sweep.run_search(spec)
-        shutil.copyfile(working, committed)
-    sweep.run_grid(spec)
+        shutil.copyfile(spec.out / "search.json", folder / "search.json")
+    study = sweep.open_study(spec)
+    cellstore.import_committed(study, spec, folder)
+    if workers and workers > 1:
+        argv = [name, *(["--storage", storage] if storage else []),
+                *(["--output-dir", output_dir] if output_dir else [])]
+        sweep.run_workers(spec, argv, workers, command=("leaderboard", "work"))
+    else:
+        sweep.run_grid(spec, on_complete=lambda t: cellstore.commit_cell(folder, t.user_attrs, _duration(t)))
     command = f"peftbench leaderboard run {folder.name}"
     return write_results(spec, folder, command)
 
@@ -236,3 +324,70 @@ def published_only(spec: sweep.StudySpec, folder: Path | None = None) -> str:
         f"Stability vs performance from this table: Spearman rho = {corr['spearman']:.4f} "
         f"(p = {corr['spearman_p']:.2g}, n = {corr['n']}); they report rho = 0.4356 (p = 0.000014), "
         "computed on data not published (see methods-research.md 2.1.4)."])
+
+
+def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None = None,
+           log=print) -> tuple[str, int]:
+    """Re-run committed cells on this machine, in a scratch folder (the committed files are
+    only read), and compare: returns (the table and a closing line, exit code). The code is 1
+    when a cell whose machine fingerprint (torch, transformers, device, threads) matches the
+    committed one gives another test metric: on the same software and CPU a cell is expected to
+    reproduce to the last digit. Elsewhere the difference is reported, never hidden."""
+    import random
+    import tempfile
+
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.fingerprint import machine_fingerprint
+    from peftbench.trainer import pick_device, train_config
+
+    folder = find(name)
+    committed = cellstore.committed_cells(folder)
+    if not committed:
+        raise UsageError(f"leaderboard {name!r} has no committed cells with a cell.json under "
+                         f"{folder / 'runs'}: run `peftbench leaderboard run {name}` first")
+    by_key = {c.cell: c for c in committed}
+    if names:
+        unknown = [n for n in names if n not in by_key]
+        if unknown:
+            raise UsageError(f"--cell {unknown[0]!r} is not a committed cell of {name!r}; e.g. "
+                             f"{', '.join(sorted(by_key)[:3])} (task/method/b<budget>/s<seed>)")
+        chosen = [by_key[n] for n in names]
+    elif cells == "all":
+        chosen = committed
+    else:
+        try:
+            k = int(cells)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise UsageError(f"--cells {cells!r}: give a positive number of cells or 'all'")
+        chosen = sorted(random.Random(seed).sample(committed, min(k, len(committed))),
+                        key=lambda c: c.cell)
+    rows, mismatched = [], 0
+    with tempfile.TemporaryDirectory(prefix=f"verify-{folder.name}-") as scratch:
+        for i, cell in enumerate(chosen, 1):
+            config = cell.config
+            run = RunConfig(method=config["method"], task=config["task"], budget=config["budget"],
+                            seeds=[cell.seed], model=config["model"], device=config["device"],
+                            method_params=config["method_params"],
+                            train=train_config(config["train"], f"{cell.folder}/config.json"),
+                            limit=config.get("limit"), output_dir=scratch)
+            log(f"[{i}/{len(chosen)}] re-running {cell.cell}")
+            summary, _ = run_experiment(run, progress=False)
+            here = machine_fingerprint(str(pick_device(run.device)))
+            there = cell.record.get("machine", {})
+            differs = sorted(k for k in here if there.get(k) != here[k])
+            before, after = cell.result["test"]["main"], summary["test_main_mean"]
+            same = before == after or (before != before and after != after)  # NaN: diverged both times
+            if not same and not differs:
+                mismatched += 1
+            rows.append({"cell": cell.cell, "committed": before, "re-run": after,
+                         "difference": after - before,
+                         "machine": "same" if not differs else "differs: " + ", ".join(
+                             f"{k} {there.get(k)} -> {here[k]}" for k in differs)})
+    exact = sum(r["difference"] == 0 or r["committed"] != r["committed"] for r in rows)
+    table = pandas.DataFrame(rows).to_markdown(index=False, floatfmt=".10g")
+    closing = (f"reproduced {exact} of {len(rows)} committed cells exactly"
+               + (f"; {mismatched} differ on a machine that matches the committed fingerprint"
+                  if mismatched else ""))
+    return table + "\n\n" + closing, 1 if mismatched else 0

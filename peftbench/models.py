@@ -92,3 +92,51 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The task head: every parameter outside the pre-trained encoder."""
     prefix = model.base_model_prefix
     return {n: p for n, p in model.named_parameters() if not n.startswith(prefix + ".")}
+
+
+def output_layer(model: nn.Module, num_labels: int) -> nn.Linear | None:
+    """The head's output layer: the last `nn.Linear` outside the encoder with `num_labels`
+    outputs (BERT's `classifier`, RoBERTa's `classifier.out_proj`, GPT-2's `score`)."""
+    prefix = model.base_model_prefix
+    found = None
+    for name, module in model.named_modules():
+        if not name.startswith(prefix) and isinstance(module, nn.Linear) \
+                and module.out_features == num_labels:
+            found = module
+    return found
+
+
+def init_head(model: nn.Module, task, train_labels) -> dict:
+    """Start a regression head where its labels are: the output bias = the training label mean.
+
+    Why: HF initialises the head's bias to 0 and its weight small, so on STS-B (labels 0..5,
+    mean 2.7) every prediction starts near 0. Under a short schedule the head bias alone moves
+    by about the sum of the learning rates (0.075 over 150 steps at 1e-3), so the *trained
+    encoder entries* close the +2.7 gap: the representation collapses to one prediction, and
+    the board measured how fast each method absorbs an offset, not which entries it chose
+    (issue #19, measured there). Starting at the mean removes the offset for every method
+    alike, before scoring, so SAM's and FISH's gradients at theta0 also see the centred task.
+    Fu et al.'s code keeps HF's zero bias; at their schedule (many epochs at 1e-4 with every
+    step moving the bias) the offset is absorbed early and does not matter.
+
+    Chosen over standardising the targets (measured in issue #19: the same within seed noise)
+    because it changes neither the loss nor the metrics' scale and needs nothing at evaluation.
+    Classification heads are left as HF initialises them: the log-class-prior bias was measured
+    on SST-2 and CB and changed nothing beyond seed noise (issue #19).
+
+    Returns what was done, for the run's record: {"head_bias": mean} or {}. A regression head
+    without a bias (decoders' `score`) is refused: it could not start at the labels."""
+    import numpy as np
+    import torch
+
+    if task.kind != "regression":
+        return {}
+    layer = output_layer(model, 1)
+    if layer is None or layer.bias is None:
+        raise UsageError(f"task {task.name!r} is a regression task, but the model's head has no "
+                         "output bias to start at the training label mean (peftbench needs one: "
+                         "an nn.Linear with 1 output and a bias outside the encoder)")
+    mean = float(np.mean([task.label_id(v) for v in train_labels]))
+    with torch.no_grad():
+        layer.bias.fill_(mean)
+    return {"head_bias": mean}

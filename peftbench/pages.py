@@ -8,7 +8,7 @@ CSV cannot disagree), sortable by column, with the constant-predictor row and th
 interactive Pareto plot; the critical-difference diagram and the spend plot when present; the
 spec, the command and the machine; failed (diverged) cells listed; the cost per method (times,
 steps/s, peak memory, from cost.csv), also in the Pareto hover. A leaderboard commits each cell's
-config.json and result.json under `runs/` (`leaderboard.commit_run_files`) and its page lists
+config.json, result.json and cell.json under `runs/` (`leaderboard.commit_cells`) and its page lists
 every cell with links to them. `leaderboards/index.html` lists every board.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
 
 def runs_html(frame: pd.DataFrame, links: dict) -> str:
     """A table of every finished cell (task, method, budget, seed, test metric, trainable, steps/s,
-    peak memory) linking its committed config.json and result.json."""
+    peak memory) linking its committed config.json, result.json and cell.json."""
     if frame is None or frame.empty or not links:
         return ""
     rows = []

@@ -71,10 +71,10 @@ from peftbench import memory, registry, yamlio
 from peftbench.cache import ScoreCache
 from peftbench.errors import UsageError, schema_problem
 from peftbench.experiment import RunConfig, run_experiment
-from peftbench.fingerprint import code_identity, digest, file_digest, model_fingerprint
+from peftbench.fingerprint import code_identity, digest, file_digest, machine_fingerprint, model_fingerprint
 from peftbench.metrics import metric_label
 from peftbench.selector import Budget
-from peftbench.trainer import TrainConfig, train_config
+from peftbench.trainer import TrainConfig, pick_device, train_config
 
 NATURAL = "natural"  # the budget label of methods with a natural count (`uses_budget = False`)
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
@@ -505,6 +505,23 @@ def best_search_params(spec: StudySpec) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def result_attrs(result: dict, config: RunConfig, run_dir: Path) -> dict:
+    """A finished cell's trial attributes (what reports read) from its `result.json` and its run
+    config alone, so a cell committed to a board reads back exactly as it was written."""
+    from peftbench.data import load_task
+
+    return {"run_dir": str(Path(run_dir).resolve()), "test": result["test"],
+            "validation": result["validation"], "trainable": result["trainable"]["trainable"],
+            "head": result["trainable"]["head"], "pretrained_entries": result["pretrained_entries"],
+            "main_metric": load_task(config.task).main_metric,
+            "constant_test_main": result["constant_predictor"]["test"]["main"],
+            "test_rows": result["constant_predictor"]["test_rows"],
+            "scoring_time_s": result["scoring_time_s"], "scores_from_cache": result["scores_from_cache"],
+            "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"],
+            "steps_per_s": result["steps_per_s"], "peak_memory_mb": memory.peak_memory_mb(result),
+            "train_config": asdict(config.train), "method_params": config.method_params}
+
+
 class CellFailed(Exception):
     """A cell that failed for a reason the same settings would repeat (it diverged)."""
 
@@ -537,17 +554,9 @@ class GridObjective:
             trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:500])
             raise
         result = json.loads((run_dir / f"seed-{attrs['seed']}" / "result.json").read_text())
-        for key, value in {
-            "run_dir": str(run_dir.resolve()), "test": result["test"], "validation": result["validation"],
-            "trainable": result["trainable"]["trainable"], "head": result["trainable"]["head"],
-            "pretrained_entries": result["pretrained_entries"], "main_metric": summary["main_metric"],
-            "constant_test_main": summary["constant_test_main"], "test_rows": summary["test_rows"],
-            "scoring_time_s": result["scoring_time_s"], "scores_from_cache": result["scores_from_cache"],
-            "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"],
-            "steps_per_s": result["steps_per_s"], "peak_memory_mb": memory.peak_memory_mb(result),
-            "train_config": asdict(config.train), "method_params": config.method_params,
-        }.items():
+        for key, value in result_attrs(result, config, run_dir).items():
             trial.set_user_attr(key, value)
+        trial.set_user_attr("machine", machine_fingerprint(str(pick_device(config.device))))
         if result.get("diverged"):
             d = result["diverged"]
             trial.set_user_attr("final_failure", True)
@@ -613,8 +622,10 @@ def progress_line(study: optuna.Study, prints: Fingerprints) -> str:
 
 
 def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool = True,
-             restart_changed: bool = False) -> optuna.Study:
-    """Work on the study until no cell is waiting or running; safe to run in N processes."""
+             restart_changed: bool = False, on_complete=None) -> optuna.Study:
+    """Work on the study until no cell is waiting or running; safe to run in N processes.
+    `on_complete(trial)` is called with each cell this process completes, as it completes (a
+    leaderboard commits the cell's files there)."""
     study = open_study(spec)
     added = enqueue_missing(study, spec, restart_changed=restart_changed)
     prints = Fingerprints(spec)
@@ -633,6 +644,9 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool 
         if state["waiting"]:
             told_waiting = False
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            last = _my_last_trial(study)
+            if on_complete is not None and last is not None and last.state == TrialState.COMPLETE:
+                on_complete(last)
             if progress:
                 log(_trial_line(study, prints))
         elif state["running"] and not heartbeat and reclaim_dead_local_trials(study):
@@ -681,7 +695,7 @@ def worker_environments(workers: int) -> list[dict[str, str]]:
 
 
 def run_workers(spec: StudySpec, argv: list[str], workers: int, restart_changed: bool = False,
-                log=print) -> int:
+                log=print, command: tuple[str, ...] = ("sweep",)) -> int:
     """Queue the spec's cells once, then run `workers` local `peftbench sweep` processes on the
     study (`argv`: the spec and the options they share), each with its share of the machine
     (`worker_environments`). Returns the worst exit code; Ctrl-C reaches every worker."""
@@ -692,7 +706,7 @@ def run_workers(spec: StudySpec, argv: list[str], workers: int, restart_changed:
     log(f"study {spec.name!r}: {added} cells queued; starting {workers} worker(s): "
         + "; ".join(" ".join(f"{k}={v}" for k, v in env.items() if k != "MKL_NUM_THREADS")
                     for env in environments))
-    procs = [subprocess.Popen([sys.executable, "-m", "peftbench", "sweep", *argv],
+    procs = [subprocess.Popen([sys.executable, "-m", "peftbench", *command, *argv],
                               env={**os.environ, **env}) for env in environments]
     try:
         codes = [p.wait() for p in procs]
@@ -702,13 +716,18 @@ def run_workers(spec: StudySpec, argv: list[str], workers: int, restart_changed:
     return max(codes)
 
 
-def _trial_line(study: optuna.Study, prints: Fingerprints) -> str:
+def _my_last_trial(study: optuna.Study):
+    """The trial this process finished last (None before its first)."""
     mine = [t for t in study.get_trials(deepcopy=False)
             if t.user_attrs.get("worker") == f"{socket.gethostname()}:{os.getpid()}"
             and t.state.is_finished()]
-    if not mine:
+    return max(mine, key=lambda t: t.datetime_complete) if mine else None
+
+
+def _trial_line(study: optuna.Study, prints: Fingerprints) -> str:
+    t = _my_last_trial(study)
+    if t is None:
         return progress_line(study, prints)
-    t = max(mine, key=lambda t: t.datetime_complete)
     if t.state == TrialState.COMPLETE:
         what = (f"{metric_label(t.user_attrs['main_metric'])} = {t.values[0]:.4f}, "
                 f"trainable {int(t.values[1]):,}")

@@ -1,0 +1,153 @@
+"""A board's committed cells are its store: `leaderboards/<name>/runs/` holds, for every
+finished cell, what produced its number and the number itself, so a board grows across
+sittings and machines and any committed number can be re-derived (`leaderboard verify`).
+
+    runs/<run>/config.json           the run's config (method, task, budget, seed, training, ...)
+    runs/<run>/seed-<s>-result.json  its result (validation/test metrics, counts, cost)
+    runs/<run>/cell.json             {cell, fingerprint, config, machine, duration_s}
+
+`cell.json` carries the cell's configuration fingerprint (`sweep.Fingerprints`: model weights,
+task files, training settings after the search, method parameters, code version): a committed
+cell counts as done for a spec exactly when the spec's cell has the same fingerprint, so a
+changed spec or `peftbench.__version__` re-runs the cells it changes and never mixes them with
+old ones. `machine` (torch, transformers, device, threads) says whether a re-run can be expected
+to match to the last digit. Masks and score caches stay in the sweep folder (megabytes a cell).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+CELL_FILE = "cell.json"
+
+
+@dataclass(frozen=True)
+class CommittedCell:
+    """One committed cell: its key, fingerprint and the files that hold it."""
+
+    folder: Path  # runs/<run>
+    cell: str  # task/method/b<budget>/s<seed>
+    task: str
+    method: str
+    budget: str
+    seed: int
+    fingerprint: str
+    record: dict  # cell.json
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.folder / "config.json").read_text())
+
+    @property
+    def result(self) -> dict:
+        return json.loads((self.folder / f"seed-{self.seed}-result.json").read_text())
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def commit_cell(board: Path, attrs: dict, duration_s: float) -> Path:
+    """Copy a finished cell's config and result from its run directory (`attrs["run_dir"]`)
+    into `board/runs/<run>/` with its `cell.json`; returns that folder. Called as each cell
+    finishes, so a sitting that stops after N cells leaves N cells ready to commit."""
+    source = Path(attrs["run_dir"])
+    target = board / "runs" / source.name
+    if source.resolve() == target.resolve():
+        return target  # read back from the board itself: already there
+    target.mkdir(parents=True, exist_ok=True)
+    seed = attrs["seed"]
+    shutil.copyfile(source / "config.json", target / "config.json")
+    shutil.copyfile(source / f"seed-{seed}" / "result.json", target / f"seed-{seed}-result.json")
+    _write_json(target / CELL_FILE, {
+        "cell": attrs["cell"], "task": attrs["task"], "method": attrs["method"],
+        "budget": attrs["budget"], "seed": seed, "fingerprint": attrs["fingerprint"],
+        "config": attrs.get("config", {}), "machine": attrs.get("machine", {}),
+        "threads": attrs.get("threads"), "duration_s": duration_s,
+        "failure": attrs.get("failure") if attrs.get("final_failure") else None})
+    return target
+
+
+def committed_cells(board: Path) -> list[CommittedCell]:
+    """Every committed cell with a `cell.json` (cells committed before it existed have none
+    and cannot be matched to a spec: they are re-run)."""
+    out = []
+    for path in sorted((board / "runs").glob(f"*/{CELL_FILE}")):
+        record = json.loads(path.read_text())
+        if not (path.parent / f"seed-{record['seed']}-result.json").is_file():
+            continue
+        out.append(CommittedCell(path.parent, record["cell"], record["task"], record["method"],
+                                 str(record["budget"]), int(record["seed"]), record["fingerprint"],
+                                 record))
+    return out
+
+
+def import_committed(study, spec, board: Path, log=print) -> int:
+    """Add every committed cell whose fingerprint is the spec's for that cell, and that the
+    study does not hold yet, as a COMPLETE trial read from its files; returns how many. A
+    queued (WAITING) trial of such a cell is then skipped by the grid as a duplicate."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from peftbench import sweep
+    from peftbench.experiment import RunConfig
+    from peftbench.trainer import train_config
+
+    prints = sweep.Fingerprints(spec)
+    held = {(t.user_attrs.get("cell"), t.user_attrs.get("fingerprint"))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+            if t.state == TrialState.COMPLETE or t.user_attrs.get("final_failure")}
+    added, stale = 0, 0
+    for cell in committed_cells(board):
+        current = prints.cells.get(cell.cell)
+        if current is None or prints.of(current) != cell.fingerprint:
+            stale += 1
+            continue
+        if (cell.cell, cell.fingerprint) in held:
+            continue
+        config = cell.config
+        run = RunConfig(method=config["method"], task=config["task"], budget=config["budget"],
+                        seeds=[cell.seed], model=config["model"], device=config["device"],
+                        method_params=config["method_params"],
+                        train=train_config(config["train"], f"{cell.folder}/config.json"),
+                        limit=config.get("limit"))
+        result = cell.result
+        attrs = {**current.attrs(), "fingerprint": cell.fingerprint, "config": cell.record["config"],
+                 **sweep.result_attrs(result, run, cell.folder), "committed": True,
+                 "machine": cell.record.get("machine", {})}
+        failure = cell.record.get("failure")
+        if failure:  # failed for good (diverged): the same settings would fail again
+            trial = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
+                **attrs, "final_failure": True, "failure": failure})
+        else:
+            trial = optuna.trial.create_trial(
+                state=TrialState.COMPLETE, values=[result["test"]["main"], result["trainable"]["trainable"]],
+                user_attrs=attrs)
+        end = datetime.now()
+        trial.datetime_start = end - timedelta(seconds=float(cell.record.get("duration_s") or 0.0))
+        trial.datetime_complete = end
+        study.add_trial(trial)
+        added += 1
+    if added or stale:
+        log(f"board {board.name}: {added} committed cell(s) read back"
+            + (f", {stale} committed with other settings (not used; re-run)" if stale else ""))
+    return added
+
+
+def prune_stale(board: Path, keep: set[Path]) -> int:
+    """Remove committed cell folders that are not in `keep` (cells of other settings, once the
+    board is rewritten); returns how many."""
+    root = board / "runs"
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+        if folder.resolve() not in keep:
+            shutil.rmtree(folder)
+            removed += 1
+    return removed

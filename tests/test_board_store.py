@@ -1,0 +1,98 @@
+"""Committed cells are a board's store: a board interrupted after some cells resumes on a fresh
+clone (no sweep folder) from the committed ones; a partial board says k of n; `verify` re-runs
+committed cells and compares."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import yaml
+
+from peftbench import sweep
+from peftbench.cli import main
+
+
+def _board(tmp_path, tiny_model_dir, seeds=2):
+    board = tmp_path / "boards" / "store"
+    board.mkdir(parents=True)
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "store", "description": "store test", "model": tiny_model_dir, "tasks": ["cb"],
+        "methods": {"magpruning": {}, "bitfit": {}}, "budgets": [0.01], "seeds": seeds,
+        "limit": 16, "train": {"epochs": 1, "max_steps": 2}, "output_dir": str(tmp_path / "sweep")}))
+    return board
+
+
+def test_interrupted_board_resumes_on_a_fresh_clone_from_the_committed_cells(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    board = _board(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    calls, original = [], sweep.run_experiment
+
+    def stop_after_two(config, *args, **kwargs):
+        calls.append(config.method)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_experiment", stop_after_two)
+    assert main(["leaderboard", "run", "store"]) == 130
+    committed = sorted(p.parent.name for p in (board / "runs").glob("*/cell.json"))
+    assert len(committed) == 2  # each cell committed as it finished, not at the end
+    # the partial board, written without training: k of n, the missing cells, stats on complete groups
+    assert main(["leaderboard", "report", "store"]) == 0 and len(calls) == 3
+    readme = (board / "README.md").read_text()
+    assert readme.splitlines()[2].startswith("**Partial board: 2 of 4 cells.**")
+    progress = pd.read_csv(board / "progress.csv")
+    assert sorted(progress.state) == ["done", "done", "missing", "missing"]
+    assert "Partial board: 2 of 4 cells" in (board / "index.html").read_text()
+    capsys.readouterr()
+    assert main(["leaderboard", "show", "store"]) == 0 and "2 of 4 cells" in capsys.readouterr().out
+
+    # a fresh clone: the board folder alone, no sweep folder
+    shutil.rmtree(tmp_path / "sweep")
+    calls.clear()
+    monkeypatch.setattr(sweep, "run_experiment", lambda c, *a, **k: calls.append(c.method) or original(c, *a, **k))
+    assert main(["leaderboard", "run", "store"]) == 0
+    assert len(calls) == 2  # only the missing cells trained
+    results = pd.read_csv(board / "results.csv")
+    assert len(results) == 4 and "Partial board" not in (board / "README.md").read_text()
+    assert len(list((board / "runs").glob("*/cell.json"))) == 4
+    assert pd.read_csv(board / "progress.csv").state.eq("done").all()
+
+    # a third sitting trains nothing; a changed setting re-runs every cell it changes
+    shutil.rmtree(tmp_path / "sweep")
+    calls.clear()
+    assert main(["leaderboard", "run", "store"]) == 0 and calls == []
+    spec = yaml.safe_load((board / "spec.yaml").read_text())
+    spec["methods"]["bitfit"] = {}
+    spec["method_train"] = {"bitfit": {"lr": 1.0e-3}}
+    (board / "spec.yaml").write_text(yaml.safe_dump(spec))
+    shutil.rmtree(tmp_path / "sweep")
+    assert main(["leaderboard", "run", "store"]) == 0 and calls == ["bitfit", "bitfit"]
+    configs = [json.loads(p.read_text()) for p in (board / "runs").glob("*/config.json")]
+    assert len(configs) == 4 and sorted(c["train"]["lr"] for c in configs if c["method"] == "bitfit") == [1e-3, 1e-3]
+
+
+def test_verify_reruns_committed_cells_and_reports_exact_reproduction(tmp_path, tiny_model_dir,
+                                                                      monkeypatch, capsys):
+    board = _board(tmp_path, tiny_model_dir, seeds=1)
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    assert main(["leaderboard", "run", "store"]) == 0
+    before = {p: p.read_bytes() for p in (board / "runs").rglob("*.json")}
+    capsys.readouterr()
+    assert main(["leaderboard", "verify", "store", "--cells", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "reproduced 2 of 2 committed cells exactly" in out and "| same" in out
+    assert {p: p.read_bytes() for p in (board / "runs").rglob("*.json")} == before  # read only
+    # a committed number that the re-run does not give, on a matching machine: exit 1, shown
+    result = next((board / "runs").rglob("*result.json"))
+    data = json.loads(result.read_text())
+    data["test"]["main"] += 0.125
+    result.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["leaderboard", "verify", "store", "--cells", "all"]) == 1
+    out = capsys.readouterr().out
+    assert "reproduced 1 of 2 committed cells exactly; 1 differ" in out and "-0.125" in out
+    assert main(["leaderboard", "verify", "store", "--cell", "cb/nope/b0.01/s0"]) == 2
+    assert main(["leaderboard", "verify", "store", "--cells", "zero"]) == 2
