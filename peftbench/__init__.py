@@ -7,5 +7,5 @@ specs) + `models` (encoders) -> `sparse` (frozen-by-construction training) -> `t
 """
 from peftbench.selector import Budget, Selection, Selector, apportion, top_k
 
-__version__ = "0.2.0"  # bump with any change that can move a number (it keys a study's cells)
+__version__ = "0.3.0"  # bump with any change that can move a number (it keys a study's cells)
 __all__ = ["Budget", "Selection", "Selector", "apportion", "top_k"]

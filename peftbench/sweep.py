@@ -172,7 +172,25 @@ class _Search(BaseModel):
     method_params: bool = False
     pruner: Literal["median", "none"] = "median"
     seed: StrictInt = 0
+    # the seeds each setting is trained with (its score: the mean validation over them); by
+    # default the spec's first seed. Seeds disjoint from the reported ones keep the choice off
+    # the numbers reported.
+    seeds: list[NonNegativeInt] | None = PydanticField(default=None, min_length=1)
+    # a grid whose best value is at its edge gets the next value beyond that edge (the grid's
+    # own ratio there), up to `widen` values per side, until the best is inside
+    widen: NonNegativeInt = 0
     budget: StrictFloat | StrictInt | StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _widen_needs_one_numeric_grid(self):
+        if self.widen:
+            grids = [d for d in self.params.values() if isinstance(d, _Choices)]
+            if len(self.params) != 1 or not grids or len(grids[0].choices) < 2 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                    for v in grids[0].choices):
+                raise ValueError("widen needs exactly one searched setting given as at least two "
+                                 "positive numeric choices (e.g. lr: {choices: [1e-4, 1e-3]})")
+        return self
 
     @field_validator("params")
     @classmethod
@@ -803,9 +821,10 @@ def run_search(spec: StudySpec, log=print) -> dict:
             study = optuna.create_study(
                 study_name=f"{spec.name}/search/{task}/{method}", storage=storage,
                 direction="maximize", load_if_exists=True, pruner=pruner, sampler=sampler)
+            params_space = search.get("params", {})
 
             def objective(trial: optuna.Trial) -> float:
-                train = {n: _suggest(trial, n, d) for n, d in search.get("params", {}).items()}
+                train = {n: _suggest(trial, n, d) for n, d in params_space.items()}
                 params = {**spec.methods[method],
                           **{n: _suggest(trial, f"method.{n}", d) for n, d in space.items()}}
 
@@ -816,7 +835,8 @@ def run_search(spec: StudySpec, log=print) -> dict:
 
                 config = RunConfig(method=method, task=task,
                                    budget="1" if not cls.uses_budget else budget,
-                                   seeds=[spec.seeds[0]], model=spec.model, device=spec.device,
+                                   seeds=list(search.get("seeds") or [spec.seeds[0]]),
+                                   model=spec.model, device=spec.device,
                                    method_params=params, train=train_config(train, "search", method_train(spec, method)),
                                    limit=spec.limit, output_dir=str(spec.out / "search-runs"))
                 summary, run_dir = run_experiment(config, progress=False, score_cache=cache,
@@ -827,19 +847,64 @@ def run_search(spec: StudySpec, log=print) -> dict:
             done = (TrialState.COMPLETE, TrialState.PRUNED)
             study.optimize(objective, n_trials=n_trials, catch=(Exception,),
                            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
-            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            studies = [study]
+            for value in widened(studies, grid, int(search.get("widen", 0))):
+                (name, choice), = value.items()
+                log(f"search {task}/{method}: best at the grid's edge; trying {name}={choice:g}")
+                # a study of its own: Optuna keeps one set of choices per parameter and study
+                extra = optuna.create_study(
+                    study_name=f"{spec.name}/search/{task}/{method}/widen/{name}={choice:g}",
+                    storage=storage, direction="maximize", load_if_exists=True,
+                    sampler=optuna.samplers.GridSampler({name: [choice]}))
+                params_space = {name: {"choices": [choice]}}
+                extra.optimize(objective, n_trials=1, catch=(Exception,),
+                               callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
+                studies.append(extra)
+            params_space = search.get("params", {})
+            complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
             if not complete:
                 log(f"search {task}/{method}: no trial completed")
                 continue
-            params = study.best_trial.params
+            winner = max(complete, key=lambda t: t.value)
+            params = winner.params
             best[f"{task}/{method}"] = {
                 "train": {k: v for k, v in params.items() if not k.startswith("method.")},
                 "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
-                "validation": study.best_value, "trials": len(study.trials), "tried": tried(study)}
-            log(f"search {task}/{method}: best validation {study.best_value:.4f} with {params}")
+                "validation": winner.value, "trials": sum(len(st.trials) for st in studies),
+                "tried": [row for st in studies for row in tried(st)],
+                "seeds": list(search.get("seeds") or [spec.seeds[0]])}
+            log(f"search {task}/{method}: best validation {winner.value:.4f} with {params}")
             _write_search(spec, best)  # after every pair: an interrupted search keeps what it found
     _write_search(spec, best)
     return best
+
+
+def widened(studies: list, grid: dict | None, widen: int):
+    """The search's edge rule, fixed before it runs: while the best completed value of the one
+    numeric grid setting is its smallest (largest) value tried, yield the next value beyond it
+    (times the grid's ratio at that end), at most `widen` values per side. Each yielded value
+    is tried (by the caller, into a study appended to `studies`) before the next is decided."""
+    if not widen or not grid or len(grid) != 1:
+        return
+    (name, choices), = grid.items()
+    ordered = sorted(choices)
+    low_ratio, high_ratio = ordered[1] / ordered[0], ordered[-1] / ordered[-2]
+    added = {"low": 0, "high": 0}
+    while True:
+        complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if name in t.params and t.value is not None]
+        if not complete:
+            return
+        tried_values = sorted({t.params[name] for t in complete})
+        best = max(complete, key=lambda t: t.value).params[name]
+        if best == tried_values[0] and added["low"] < widen:
+            added["low"] += 1
+            yield {name: tried_values[0] / low_ratio}
+        elif best == tried_values[-1] and added["high"] < widen:
+            added["high"] += 1
+            yield {name: tried_values[-1] * high_ratio}
+        else:
+            return
 
 
 def _write_search(spec: StudySpec, best: dict) -> None:

@@ -1,0 +1,61 @@
+"""The search: tuning seeds apart from the reported ones, and the edge rule that widens a grid
+whose best value sits at its edge (fixed in the spec before the search runs)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from peftbench import sweep
+from peftbench.errors import UsageError
+
+
+def _spec(tmp_path, **search):
+    return sweep.parse_spec({
+        "name": "widen", "tasks": ["cb"], "methods": ["random"], "seeds": 5,
+        "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-4, 1.0e-3, 1.0e-2]}}, "pruner": "none", **search}})
+
+
+def _fake_runs(monkeypatch, peak: float):
+    """Validation peaks at lr = `peak` (log scale); records each run's lr and seeds."""
+    runs = []
+
+    def run_experiment(config, **kwargs):
+        runs.append((config.train.lr, tuple(config.seeds)))
+        return {"validation_main_mean": -(math.log10(config.train.lr) - math.log10(peak)) ** 2}, Path("x")
+
+    monkeypatch.setattr(sweep, "run_experiment", run_experiment)
+    return runs
+
+
+def test_grid_best_at_its_low_edge_is_widened_until_inside(tmp_path, monkeypatch):
+    runs = _fake_runs(monkeypatch, peak=2e-5)
+    best = sweep.run_search(_spec(tmp_path, widen=3, seeds=[100, 101]), log=lambda *a: None)
+    lrs = sorted(lr for lr, _ in runs)
+    # 1e-4 best of the grid -> 1e-5 (best, edge again) -> 1e-6 (worse): 1e-5 is inside, stop
+    assert lrs == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
+    assert best["cb/random"]["train"]["lr"] == pytest.approx(1e-5)
+    assert {seeds for _, seeds in runs} == {(100, 101)} and best["cb/random"]["seeds"] == [100, 101]
+    assert len(best["cb/random"]["tried"]) == 5
+
+
+def test_widening_stops_at_its_limit_and_not_for_an_inside_best(tmp_path, monkeypatch):
+    runs = _fake_runs(monkeypatch, peak=10.0)
+    best = sweep.run_search(_spec(tmp_path, widen=1), log=lambda *a: None)
+    assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
+    assert best["cb/random"]["train"]["lr"] == pytest.approx(1e-1)  # at the limit: said, kept
+    runs = _fake_runs(monkeypatch, peak=1e-3)
+    sweep.run_search(_spec(tmp_path / "inside", widen=2), log=lambda *a: None)
+    assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert {seeds for _, seeds in runs} == {(0,)}  # default: the spec's first seed
+
+
+def test_widen_needs_one_numeric_grid(tmp_path):
+    with pytest.raises(UsageError, match="widen needs exactly one searched setting"):
+        sweep.parse_spec({"name": "w", "tasks": ["cb"], "methods": ["random"],
+                          "search": {"params": {"lr": {"low": 1e-4, "high": 1e-2}}, "widen": 1}})
+    with pytest.raises(UsageError, match="seeds"):
+        sweep.parse_spec({"name": "w", "tasks": ["cb"], "methods": ["random"],
+                          "search": {"params": {"lr": {"choices": [1e-4]}}, "seeds": []}})
