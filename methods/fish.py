@@ -13,7 +13,7 @@ from peftbench.selector import PositiveInt, Scope, Selection, Selector, check_sc
 
 class FISH(Selector):
     """Empirical Fisher F_i = (1/N) sum_n (d loss_n / d theta_i)^2 over the first `num_samples`
-    shuffled training examples, one example at a time, with the true label ("label-square" in
+    shuffled training examples (all of them, once, when there are fewer), one example at a time, with the true label ("label-square" in
     the reference `calculate_the_importance_label`) and the randomly initialised head (as the
     authors intend), dropout off; then the global top-`budget` entries, fixed for training.
 
@@ -63,15 +63,17 @@ class FISH(Selector):
 
 
 def _first_examples(data, num_samples: int):
-    """Training batches cycled until `num_samples` examples, the last one cut to size."""
+    """The first `num_samples` shuffled training examples in batches, the last one cut to
+    size; at most one pass, as the reference (its loop over the loader stops at N or at the
+    end of the data): with fewer training rows than N, every row is used once and F is their
+    mean (peftbench before 0.3.0 cycled the rows instead)."""
     seen = 0
-    while seen < num_samples:  # cycle if the training set is smaller than N
-        for batch in data.batches():
-            take = min(len(batch["labels"]), num_samples - seen)
-            yield {k: v[:take] for k, v in batch.items()}
-            seen += take
-            if seen == num_samples:
-                return
+    for batch in data.batches():
+        take = min(len(batch["labels"]), num_samples - seen)
+        yield {k: v[:take] for k, v in batch.items()}
+        seen += take
+        if seen == num_samples:
+            return
 
 
 def _loop_fisher(model, data, num_samples: int):

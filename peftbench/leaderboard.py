@@ -381,12 +381,25 @@ def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None =
             same = before == after or (before != before and after != after)  # NaN: diverged both times
             if not same and not differs:
                 mismatched += 1
-            rows.append({"cell": cell.cell, "committed": before, "re-run": after,
+            rows.append({"cell": cell.cell, "task": cell.task, "method": cell.method,
+                         "budget": cell.budget, "committed": before, "re-run": after,
                          "difference": after - before,
                          "machine": "same" if not differs else "differs: " + ", ".join(
                              f"{k} {there.get(k)} -> {here[k]}" for k in differs)})
     exact = sum(r["difference"] == 0 or r["committed"] != r["committed"] for r in rows)
-    table = pandas.DataFrame(rows).to_markdown(index=False, floatfmt=".10g")
+    frame = pandas.DataFrame(rows)
+    table = frame.drop(columns=["task", "method", "budget"]).to_markdown(index=False, floatfmt=".10g")
+    # the comparison itself, from the numbers just trained: test main metric x100 per method
+    summary = frame.groupby(["task", "budget", "method"]).agg(
+        seeds=("re-run", "size"), re_run_mean=("re-run", "mean"), re_run_std=("re-run", lambda v: v.std(ddof=0)),
+        committed_mean=("committed", "mean"))
+    comparison = (100 * summary[["re_run_mean", "re_run_std", "committed_mean"]]).join(summary.seeds) \
+        .sort_values("re_run_mean", ascending=False).rename(columns={
+            "re_run_mean": "re-run mean x100", "re_run_std": "re-run std x100",
+            "committed_mean": "committed mean x100"})
+    table = ("Re-run on this machine, test main metric (mean and population std over the seeds "
+             "re-run):\n\n" + comparison.reset_index().to_markdown(index=False, floatfmt=".2f")
+             + "\n\nEvery cell re-run against its committed number:\n\n" + table)
     closing = (f"reproduced {exact} of {len(rows)} committed cells exactly"
                + (f"; {mismatched} differ on a machine that matches the committed fingerprint"
                   if mismatched else ""))

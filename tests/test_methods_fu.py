@@ -263,3 +263,22 @@ def test_fish_batched_per_example_fisher_equals_the_one_example_loop(tiny_model_
     for name, f in loop.items():
         torch.testing.assert_close(batched[name], f, rtol=1e-4, atol=1e-6 * scale, msg=name)
     assert all(p.requires_grad for p in model.bert.parameters())  # left as found
+
+
+def test_fish_uses_each_row_once_when_asked_for_more_examples_than_rows(tiny_model_dir):
+    """As the reference: its loop over the loader stops at N or at the end of the data, so with
+    fewer training rows than `num_samples` every row is used once (not cycled)."""
+    from peftbench.methods import fish
+
+    task = load_task("rte")
+    model, tokenizer = load_model(tiny_model_dir, 2)
+    model.eval()
+    data = tokenize(task, tokenizer, task.load_splits(limit=10), 64)
+    scoring = lambda: ScoringData(make_loader(data["train"], tokenizer, task, 4, False, 0), task, CPU)
+    for fisher_of in (fish._loop_fisher, fish.per_example_fisher):
+        _, seen = fisher_of(model, scoring(), 100)
+        assert seen == 10
+    many = registry.create("fish", num_samples=100).score(model, scoring())
+    exact = registry.create("fish", num_samples=10).score(model, scoring())
+    for name in exact:
+        torch.testing.assert_close(many[name], exact[name])
