@@ -205,6 +205,17 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         plots.cd_png(ranking, folder / "cd.png")
     middle = spec.budgets[len(spec.budgets) // 2]
     plots.spend_png(frame, folder / "spend.png", budget=middle)
+    curves = report.budget_curves(frame)
+    if not curves.empty:  # several budgets: the accuracy-vs-budget question, as curves
+        plots.curves_png(frame, folder / "curves.png")
+        curves.to_csv(folder / "curves.csv", index=False)
+        text += "\n".join(["", "## Budget curves", "", "[curves.png](curves.png): test metric "
+                           "against trainable entries (log), mean and 95% interval per method. "
+                           "Area = the mean metric averaged over log10(trainable) across the "
+                           "method's budgets; reaches 95% = the smallest budget whose mean is at "
+                           "least 95% of full fine-tuning's (curves.csv).", "",
+                           curves.to_markdown(index=False, floatfmt=".4f"), ""])
+        (folder / "README.md").write_text(text)
     pages.write_page(folder, f"Leaderboard {spec.name}", description, frame,
                      page_meta(spec, command, done, expected),
                      spec_text=(folder / "spec.yaml").read_text(), plotly_js=js,

@@ -78,6 +78,59 @@ def metric_axis(frame: pd.DataFrame, task: str) -> str:
     return f"{task.upper()}: {label} x 100 (test, mean ± std over seeds)"
 
 
+def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Budget curves, one panel per task: test metric (mean over seeds and its 95% bootstrap
+    interval as a band) against trainable entries (log x) for every budget-parameterised
+    method; natural-count methods as points with their interval; full fine-tuning and the
+    constant predictor as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftbench.report import cell_stats
+
+    stats = cell_stats(frame)
+    tasks = sorted(stats.task.unique())
+    methods = sorted(stats.method.unique())
+    style = styles(methods)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(8 * len(tasks), 6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        cells = stats[stats.task == task]
+        for i, method in enumerate(methods):
+            c = cells[cells.method == method].sort_values("trainable")
+            if c.empty:
+                continue
+            colour, marker = style[method]
+            if method == "fulltuning":
+                ax.axhline(100 * c["mean"].iloc[0], color=colour, lw=1.5, label="full fine-tuning")
+                ax.axhspan(100 * c.ci_low.iloc[0], 100 * c.ci_high.iloc[0], color=colour, alpha=0.12)
+                continue
+            if (c.budget == "natural").all():
+                ax.errorbar(c.trainable, 100 * c["mean"], fmt=marker, color=colour, ms=7,
+                            mec="black", mew=0.4, capsize=3, label=f"{method} (its count)",
+                            yerr=[100 * (c["mean"] - c.ci_low), 100 * (c.ci_high - c["mean"])])
+                continue
+            ax.plot(c.trainable, 100 * c["mean"], color=colour, marker=marker, ms=6, mec="black",
+                    mew=0.4, lw=1.3, ls=LINES[(i // len(PALETTE)) % len(LINES)], label=method)
+            ax.fill_between(c.trainable, 100 * c.ci_low, 100 * c.ci_high, color=colour, alpha=0.15)
+        baseline = _constant(frame, task)
+        if baseline is not None:
+            ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable entries (log scale; head excluded)")
+        ax.set_ylabel(metric_axis(frame, task).replace("mean ± std over seeds",
+                                                       "mean, 95% interval over seeds"))
+        ax.set_title(f"{task.upper()}: {_subtitle(frame[frame.task == task])}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=160, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
     """One panel per task: x = trainable parameters (log), y = the task's metric (named on the
     axis) with std error bars over seeds, one line per method across budgets, the Pareto
@@ -135,7 +188,8 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
 
 def cd_png(ranking: dict, path: str | Path) -> Path:
     """Critical-difference diagram (Demsar 2006) from `report.friedman_ranking`: mean ranks on
-    the axis, methods that Nemenyi's test cannot tell apart (alpha 0.05) joined by a bar."""
+    the axis, methods that the Holm-adjusted pairwise Wilcoxon tests cannot tell apart (alpha
+    0.05) joined by a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,9 +197,10 @@ def cd_png(ranking: dict, path: str | Path) -> Path:
     import scikit_posthocs
 
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(ranking["ranks"]) + 1.6))
-    scikit_posthocs.critical_difference_diagram(ranking["ranks"], ranking["nemenyi"], ax=ax)
+    scikit_posthocs.critical_difference_diagram(ranking["ranks"], ranking["pairwise"], ax=ax)
     ax.set_title(f"Mean rank over {ranking['n_blocks']} (task, budget) blocks, 1 = best; "
-                 f"Friedman p = {ranking['p']:.2g}; bars: Nemenyi p >= 0.05", fontsize=9)
+                 f"Friedman p = {ranking['p']:.2g}; bars: Wilcoxon-Holm p >= 0.05 over "
+                 f"{ranking['n_pairs']} (task, budget, seed) pairs", fontsize=9)
     path = Path(path)
     fig.savefig(path, dpi=160, bbox_inches="tight")
     plt.close(fig)

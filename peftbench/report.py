@@ -137,15 +137,47 @@ def bootstrap_ci(values, confidence: float = 0.95, seed: int = 0) -> tuple[float
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def paired_matrix(frame: pd.DataFrame) -> pd.DataFrame:
+    """Test metric per (task, budget, seed) row and method column (natural-count methods in
+    every budget), methods missing from any row dropped: the pairs every paired test reads."""
+    budgets = [b for b in dict.fromkeys(frame.budget) if b != "natural"] or ["natural"]
+    rows = pd.concat([frame[frame.budget.isin([b, "natural"])].assign(block=b) for b in budgets])
+    return rows.pivot_table(index=["task", "block", "seed"], columns="method", values="metric").dropna(axis=1)
+
+
+def holm(p_values: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment (family-wise error), via statsmodels."""
+    from statsmodels.stats.multitest import multipletests
+
+    return multipletests(p_values, method="holm")[1]
+
+
+def wilcoxon_holm(matrix: pd.DataFrame) -> pd.DataFrame:
+    """Pairwise two-sided Wilcoxon signed-rank p-values between the methods (columns) over the
+    paired rows, Holm-adjusted over all pairs (Benavoli, Corani & Mangili 2016: unlike
+    Nemenyi's, the verdict on A vs B does not depend on the other methods in the pool). A pair
+    whose differences are all zero has p = 1."""
+    methods = list(matrix.columns)
+    pairs = list(itertools.combinations(methods, 2))
+    raw = []
+    for a, b in pairs:
+        d = matrix[a].to_numpy() - matrix[b].to_numpy()
+        raw.append(1.0 if not np.any(d != 0) else float(scipy.stats.wilcoxon(d).pvalue))
+    adjusted = holm(np.array(raw)) if raw else np.array([])
+    out = pd.DataFrame(np.eye(len(methods)), index=methods, columns=methods)
+    for (a, b), p in zip(pairs, adjusted):
+        out.loc[a, b] = out.loc[b, a] = p
+    return out
+
+
 def friedman_ranking(frame: pd.DataFrame) -> dict | None:
     """Demsar (2006): methods ranked within each block, blocks = the (task, budget) cells
     (natural-count methods take part in every budget), value = the mean over seeds; Friedman's
-    test that all methods rank alike (scipy), Nemenyi's post-hoc p-values between every pair
-    (scikit-posthocs), and the mean rank per method (1 = best). None with fewer than 2 blocks
-    or 3 methods present in every block. Blocks of one task at several budgets are not
-    independent data sets: read the test as descriptive there."""
-    import scikit_posthocs
-
+    test that all methods rank alike (scipy), and the mean rank per method (1 = best). The
+    pairwise verdicts are Wilcoxon signed-rank tests over the (task, budget, seed) pairs with
+    Holm's correction (`wilcoxon_holm`), not Nemenyi's. None with fewer than 2 blocks or 3
+    methods present in every block. Blocks of one task at several budgets are not independent
+    data sets: read the test as descriptive there."""
     stats = cell_stats(frame)
     budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
     blocks = pd.concat([budget_rows(stats, b).assign(block=lambda d, b=b: d.task + " @ " + b)
@@ -155,9 +187,69 @@ def friedman_ranking(frame: pd.DataFrame) -> dict | None:
         return None
     statistic, p_value = scipy.stats.friedmanchisquare(*matrix.T.to_numpy())
     ranks = matrix.rank(axis=1, ascending=False).mean().sort_values()
-    nemenyi = scikit_posthocs.posthoc_nemenyi_friedman(matrix.reset_index(drop=True))
+    pairs = paired_matrix(frame)[list(matrix.columns)]
     return {"blocks": list(matrix.index), "ranks": ranks, "statistic": float(statistic),
-            "p": float(p_value), "nemenyi": nemenyi, "n_blocks": len(matrix)}
+            "p": float(p_value), "pairwise": wilcoxon_holm(pairs), "n_pairs": len(pairs),
+            "n_blocks": len(matrix)}
+
+
+def bayesian_signed_rank(x: np.ndarray, y: np.ndarray, rope: float, samples: int = 50_000,
+                         seed: int = 0) -> dict[str, float]:
+    """Benavoli et al. (2017)'s Bayesian signed-rank test on paired scores x, y with a region
+    of practical equivalence |x - y| <= rope: P(x better), P(equivalent), P(y better), from
+    `baycomp.SignedRankTest` (a Dirichlet process over the differences, prior weight 1 at 0)."""
+    from baycomp import SignedRankTest
+
+    np.random.seed(seed)  # baycomp draws from numpy's global generator
+    left, rope_p, right = SignedRankTest.probs(np.asarray(y, float), np.asarray(x, float), rope=rope,
+                                              nsamples=samples)
+    return {"better": float(right), "equivalent": float(rope_p), "worse": float(left)}
+
+
+def bayesian_against(frame: pd.DataFrame, references: tuple[str, ...] = ("random", "fulltuning"),
+                     rope: float = 0.01) -> pd.DataFrame:
+    """For each method against each reference present: the Bayesian signed-rank probabilities
+    over the (task, budget, seed) pairs both ran (metric on the 0-1 scale; rope 0.01 = one point
+    x100)."""
+    matrix = paired_matrix(frame)
+    rows = []
+    for reference in references:
+        if reference not in matrix.columns:
+            continue
+        for method in matrix.columns:
+            if method == reference:
+                continue
+            probs = bayesian_signed_rank(matrix[method].to_numpy(), matrix[reference].to_numpy(), rope)
+            rows.append({"method": method, "against": reference, "pairs": len(matrix),
+                         "mean_difference": float((matrix[method] - matrix[reference]).mean()),
+                         "p_better": probs["better"], "p_equivalent": probs["equivalent"],
+                         "p_worse": probs["worse"], "rope": rope})
+    return pd.DataFrame(rows)
+
+
+def budget_curves(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, method) with at least two budgets: the area under its budget curve (the mean
+    test metric averaged over log10(trainable entries) between its smallest and largest budget,
+    trapezoids: a method flat at m scores m) and the smallest budget whose mean reaches 95% of
+    full fine-tuning's mean on that task (NaN when none does, or full FT did not run)."""
+    stats = cell_stats(frame)
+    rows = []
+    for (task, method), cells in stats[stats.budget != "natural"].groupby(["task", "method"]):
+        cells = cells.sort_values("trainable")
+        if len(cells) < 2:
+            continue
+        x = np.log10(cells.trainable.to_numpy(float))
+        y = cells["mean"].to_numpy(float)
+        area = float(np.trapezoid(y, x) / (x[-1] - x[0])) if x[-1] > x[0] else float("nan")
+        full = stats[(stats.task == task) & (stats.method == "fulltuning")]["mean"]
+        reach = float("nan")
+        if len(full):
+            target = 0.95 * float(full.iloc[0])
+            hit = cells[cells["mean"] >= target]
+            reach = float(min(hit.budget.astype(float))) if len(hit) else float("nan")
+        rows.append({"task": task, "method": method, "budgets": len(cells), "area": area,
+                     "reaches_95pct_full_ft_at": reach})
+    return pd.DataFrame(rows)
 
 
 @dataclass
@@ -477,15 +569,27 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     pd.concat(tests_all).to_csv(out / "tests.csv", index=False)
     ranking = friedman_ranking(frame)
     if ranking is not None:
-        ranking["nemenyi"].to_csv(out / "nemenyi.csv")
+        ranking["pairwise"].to_csv(out / "wilcoxon-holm.csv")
         ranking["ranks"].rename("mean_rank").to_csv(out / "ranks.csv")
-        lines += ["## Ranking over all (task, budget) cells (Friedman, Nemenyi; Demsar 2006)", "",
+        lines += ["## Ranking over all (task, budget) cells (Friedman; Wilcoxon-Holm)", "",
                   f"Friedman chi2 = {ranking['statistic']:.3f}, p = {ranking['p']:.3g} over "
                   f"{ranking['n_blocks']} blocks ({', '.join(ranking['blocks'])}) and "
-                  f"{len(ranking['ranks'])} methods. Mean rank (1 = best) below; pairwise Nemenyi "
-                  "p-values in nemenyi.csv, drawn as the critical-difference diagram cd.png "
-                  "(methods joined by a bar are not significantly different at 0.05).", "",
+                  f"{len(ranking['ranks'])} methods (Demsar 2006). Mean rank (1 = best) below. "
+                  "Pairwise: two-sided Wilcoxon signed-rank tests over the "
+                  f"{ranking['n_pairs']} (task, budget, seed) pairs, Holm-adjusted over all pairs "
+                  "(Benavoli, Corani & Mangili 2016), in wilcoxon-holm.csv, drawn as the "
+                  "critical-difference diagram cd.png (methods joined by a bar are not "
+                  "significantly different at 0.05).", "",
                   ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
+        bayes = bayesian_against(frame)
+        if not bayes.empty:
+            bayes.to_csv(out / "bayesian.csv", index=False)
+            lines += ["### Against Random and full fine-tuning (Bayesian signed-rank, ROPE 1 point)", "",
+                      "Benavoli et al. (2017): the posterior probability that the method is better "
+                      "than the reference by more than 0.01 (one point x100), practically "
+                      "equivalent, or worse, over the (task, budget, seed) pairs both ran "
+                      "(bayesian.csv; `baycomp`).", "",
+                      bayes.drop(columns=["rope"]).to_markdown(index=False, floatfmt=".3f"), ""]
     from peftbench import findings  # here: findings imports this module
 
     lines += findings.section(frame, out)

@@ -1,0 +1,94 @@
+"""The board's statistics against values computed independently: pairwise Wilcoxon with Holm
+(scipy + Holm by hand) and the Bayesian signed-rank test (its Dirichlet-process posterior
+restated in numpy)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from peftbench import report
+
+
+def _frame(rng):
+    rows = []
+    for task in ("sst2", "stsb"):
+        for budget in ("0.001", "0.005"):
+            for seed in range(5):
+                for i, method in enumerate(["random", "sam", "fish", "fulltuning"]):
+                    rows.append({"task": task, "method": method,
+                                 "budget": "natural" if method == "fulltuning" else budget,
+                                 "seed": seed, "metric": 0.7 + 0.01 * i + rng.normal(0, 0.01),
+                                 "trainable": 100, "pretrained_entries": 1000})
+    frame = pd.DataFrame(rows)
+    return frame.drop_duplicates(["task", "method", "budget", "seed"])
+
+
+def test_wilcoxon_holm_equals_scipy_with_holm_by_hand():
+    frame = _frame(np.random.default_rng(0))
+    matrix = report.paired_matrix(frame)
+    assert len(matrix) == 2 * 2 * 5  # full FT paired with every budget's rows
+    got = report.wilcoxon_holm(matrix)
+    pairs = list(itertools.combinations(matrix.columns, 2))
+    raw = np.array([scipy.stats.wilcoxon(matrix[a] - matrix[b]).pvalue for a, b in pairs])
+    order = np.argsort(raw)  # Holm: sorted p times (m - rank), running max, capped at 1
+    m, adjusted, running = len(raw), np.empty_like(raw), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * raw[i]))
+        adjusted[i] = running
+    for (a, b), p in zip(pairs, adjusted):
+        assert got.loc[a, b] == pytest.approx(p) and got.loc[b, a] == pytest.approx(p)
+    ranking = report.friedman_ranking(frame)
+    assert ranking["n_pairs"] == 20 and ranking["pairwise"].equals(got)
+
+
+def _posterior_by_hand(x, y, rope, samples=20_000, seed=1):
+    """Benavoli et al. 2017, eq. for the Bayesian signed-rank test: z = differences plus one
+    prior pseudo-observation at 0; Dirichlet(1, ..., 1) weights w; per sample the mass of
+    pairs (i, j) with (z_i + z_j)/2 above rope, inside, below; the winner of each sample."""
+    z = np.concatenate([[0.0], np.asarray(x) - np.asarray(y)])
+    sums = (z[:, None] + z[None, :]) / 2
+    rng = np.random.default_rng(seed)
+    wins = np.zeros(3)
+    for _ in range(samples // 10):
+        w = rng.dirichlet(np.ones(len(z)))
+        pair = np.outer(w, w)
+        masses = [pair[sums < -rope].sum(), pair[np.abs(sums) <= rope].sum(), pair[sums > rope].sum()]
+        wins[int(np.argmax(masses))] += 1
+    return wins / wins.sum()
+
+
+@pytest.mark.parametrize("shift", [0.02, 0.0, -0.004])
+def test_bayesian_signed_rank_matches_its_posterior_restated(shift):
+    rng = np.random.default_rng(3)
+    y = rng.normal(0.8, 0.01, 20)
+    x = y + shift + rng.normal(0, 0.005, 20)
+    got = report.bayesian_signed_rank(x, y, rope=0.01)
+    worse, equivalent, better = _posterior_by_hand(x, y, 0.01)
+    assert got["better"] == pytest.approx(better, abs=0.03)
+    assert got["equivalent"] == pytest.approx(equivalent, abs=0.03)
+    assert got["worse"] == pytest.approx(worse, abs=0.03)
+    assert sum(got.values()) == pytest.approx(1.0)
+    table = report.bayesian_against(_frame(np.random.default_rng(0)))
+    assert set(table.against) == {"random", "fulltuning"} and (table.pairs == 20).all()
+
+
+def test_budget_curve_area_and_the_budget_that_reaches_95_percent_of_full_ft(tmp_path):
+    from peftbench import plots
+
+    rows = [{"task": "sst2", "method": "fulltuning", "budget": "natural", "seed": s, "metric": 0.8,
+             "trainable": 1000, "pretrained_entries": 1000} for s in range(3)]
+    for budget, metric in (("0.001", 0.6), ("0.01", 0.7), ("0.1", 0.78)):
+        rows += [{"task": "sst2", "method": "random", "budget": budget, "seed": s, "metric": metric,
+                  "trainable": float(budget) * 1000, "pretrained_entries": 1000} for s in range(3)]
+    frame = pd.DataFrame(rows)
+    curves = report.budget_curves(frame)
+    row = curves.set_index("method").loc["random"]
+    # trapezoids over log10 trainable (-> 0, 1, 2): ((0.6+0.7)/2 + (0.7+0.78)/2) / 2
+    assert row.area == pytest.approx(((0.6 + 0.7) / 2 + (0.7 + 0.78) / 2) / 2)
+    assert row.reaches_95pct_full_ft_at == 0.1  # 0.78 >= 0.76 > 0.7
+    assert "fulltuning" not in set(curves.method)  # one count: no curve
+    assert plots.curves_png(frame, tmp_path / "curves.png").stat().st_size > 0
