@@ -227,6 +227,26 @@ def bayesian_against(frame: pd.DataFrame, references: tuple[str, ...] = ("random
     return pd.DataFrame(rows)
 
 
+def best_per_budget(frame: pd.DataFrame, rope: float = 0.01) -> pd.DataFrame:
+    """"Which selection method is best at which budget", with its confidence: per (task,
+    budget), among the budget-parameterised methods, the best by mean test metric, the
+    runner-up, their mean paired difference over the seeds both ran, and the Bayesian
+    signed-rank probabilities (ROPE `rope`) that the best is better, equivalent or worse."""
+    rows = []
+    for (task, budget), cells in frame[frame.budget != "natural"].groupby(["task", "budget"]):
+        means = cells.groupby("method").metric.mean().sort_values(ascending=False)
+        if len(means) < 2:
+            continue
+        best, second = means.index[:2]
+        pairs = cells.pivot_table(index="seed", columns="method", values="metric")[[best, second]].dropna()
+        probs = bayesian_signed_rank(pairs[best].to_numpy(), pairs[second].to_numpy(), rope)
+        rows.append({"task": task, "budget": budget, "best": best, "runner_up": second,
+                     "difference": float((pairs[best] - pairs[second]).mean()), "seeds": len(pairs),
+                     "p_better": probs["better"], "p_equivalent": probs["equivalent"],
+                     "p_worse": probs["worse"]})
+    return pd.DataFrame(rows)
+
+
 def budget_curves(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (task, method) with at least two budgets: the area under its budget curve (the mean
     test metric averaged over log10(trainable entries) between its smallest and largest budget,
@@ -590,6 +610,16 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
                       "equivalent, or worse, over the (task, budget, seed) pairs both ran "
                       "(bayesian.csv; `baycomp`).", "",
                       bayes.drop(columns=["rope"]).to_markdown(index=False, floatfmt=".3f"), ""]
+    best = best_per_budget(frame)
+    if not best.empty:
+        best.to_csv(out / "best-per-budget.csv", index=False)
+        lines += ["### Which selection method is best at which budget", "",
+                  "Per (task, budget), among the budget-parameterised methods: the best by mean, "
+                  "the runner-up, their mean paired difference over seeds, and the Bayesian "
+                  "signed-rank probabilities (ROPE one point) that the best is better than the "
+                  "runner-up, practically equivalent, or worse (best-per-budget.csv). A P(better) "
+                  "below 0.95 means the data do not single out one method there.", "",
+                  best.to_markdown(index=False, floatfmt=".3f"), ""]
     from peftbench import findings  # here: findings imports this module
 
     lines += findings.section(frame, out)

@@ -92,3 +92,14 @@ def test_budget_curve_area_and_the_budget_that_reaches_95_percent_of_full_ft(tmp
     assert row.reaches_95pct_full_ft_at == 0.1  # 0.78 >= 0.76 > 0.7
     assert "fulltuning" not in set(curves.method)  # one count: no curve
     assert plots.curves_png(frame, tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_best_per_budget_names_the_best_and_how_sure():
+    frame = _frame(np.random.default_rng(0))
+    best = report.best_per_budget(frame).set_index(["task", "budget"])
+    assert len(best) == 4 and set(best.best) <= {"random", "sam", "fish"}  # full FT has no budget
+    row = best.iloc[0]
+    cells = frame[(frame.task == best.index[0][0]) & (frame.budget == best.index[0][1])]
+    means = cells.groupby("method").metric.mean().sort_values(ascending=False)
+    assert (row.best, row.runner_up) == tuple(means.index[:2])
+    assert row.p_better + row.p_equivalent + row.p_worse == pytest.approx(1.0)
