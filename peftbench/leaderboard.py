@@ -276,14 +276,11 @@ def run(name: str, storage: str | None = None, output_dir: str | None = None,
     Committed cells of the current settings are read back, not re-run (`peftbench.cellstore`);
     each new cell is committed into the board as it finishes. `workers` > 1: that many local
     `leaderboard work` processes, each with its share of the cores."""
-    import shutil
-
     folder = find(name)
     spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
     _prepare(folder, spec)
-    if spec.search:
-        sweep.run_search(spec)
-        shutil.copyfile(spec.out / "search.json", folder / "search.json")
+    if spec.search:  # search.json into the board after every (task, method): commit as it grows
+        sweep.run_search(spec, mirror=folder / "search.json")
     study = sweep.open_study(spec)
     cellstore.import_committed(study, spec, folder)
     if workers and workers > 1:

@@ -786,12 +786,12 @@ def _choice_grid(params: dict) -> dict | None:
     return None
 
 
-def run_search(spec: StudySpec, log=print) -> dict:
+def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
     """For each (task, method): TPE over the search space, or every combination once when each
     setting is a list of choices (a grid, as Chen et al. 2022 tune each method's learning rate),
     median pruning on the validation metric after each epoch. Writes and returns
-    {task/method: {train: {...}, method: {...}}}, `search.json`, after every pair; a pair
-    already in it is not searched again."""
+    {task/method: {train: {...}, method: {...}}}, `search.json`, after every pair (and to
+    `mirror` too: a leaderboard's committed copy); a pair already in it is not searched again."""
     if not spec.search:
         raise UsageError(f"study {spec.name!r} has no 'search:' section")
     search = spec.search
@@ -874,8 +874,8 @@ def run_search(spec: StudySpec, log=print) -> dict:
                 "tried": [row for st in studies for row in tried(st)],
                 "seeds": list(search.get("seeds") or [spec.seeds[0]])}
             log(f"search {task}/{method}: best validation {winner.value:.4f} with {params}")
-            _write_search(spec, best)  # after every pair: an interrupted search keeps what it found
-    _write_search(spec, best)
+            _write_search(spec, best, mirror)  # after every pair: an interrupted search keeps it
+    _write_search(spec, best, mirror)
     return best
 
 
@@ -907,11 +907,12 @@ def widened(studies: list, grid: dict | None, widen: int):
             return
 
 
-def _write_search(spec: StudySpec, best: dict) -> None:
+def _write_search(spec: StudySpec, best: dict, mirror: Path | None = None) -> None:
     spec.out.mkdir(parents=True, exist_ok=True)
-    tmp = spec.out / "search.json.tmp"
-    tmp.write_text(json.dumps(best, indent=2))
-    tmp.replace(spec.out / "search.json")
+    for path in [spec.out / "search.json", *([mirror] if mirror else [])]:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(best, indent=2))
+        tmp.replace(path)
 
 
 def watch(spec: StudySpec, every: float = 10.0, once: bool = False, stream=None) -> None:
