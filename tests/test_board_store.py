@@ -4,6 +4,7 @@ committed cells and compares."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pandas as pd
@@ -96,3 +97,18 @@ def test_verify_reruns_committed_cells_and_reports_exact_reproduction(tmp_path, 
     assert "reproduced 1 of 2 committed cells exactly; 1 differ" in out and "-0.125" in out
     assert main(["leaderboard", "verify", "store", "--cell", "cb/nope/b0.01/s0"]) == 2
     assert main(["leaderboard", "verify", "store", "--cells", "zero"]) == 2
+
+
+def test_two_local_workers_build_a_board_and_commit_every_cell(tmp_path, tiny_model_dir, monkeypatch):
+    """`leaderboard run NAME --workers 2`: two `leaderboard work` processes (one core each)
+    share the study; every cell is committed once, the report reads them all."""
+    board = _board(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["leaderboard", "run", "store", "--workers", "2"]) == 0
+    cells = [json.loads(p.read_text()) for p in (board / "runs").glob("*/cell.json")]
+    assert sorted(c["cell"] for c in cells) == sorted(
+        f"cb/{m}/b{b}/s{s}" for m, b in (("magpruning", "0.01"), ("bitfit", "natural")) for s in (0, 1))
+    cores = len(os.sched_getaffinity(0))
+    assert {c["machine"]["threads"] for c in cells} == {max(1, cores // 2)}  # a core share each
+    assert len(pd.read_csv(board / "results.csv")) == 4
