@@ -102,11 +102,11 @@ def import_committed(study, spec, board: Path, log=print) -> int:
     held = {(t.user_attrs.get("cell"), t.user_attrs.get("fingerprint"))
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
             if t.state == TrialState.COMPLETE or t.user_attrs.get("final_failure")}
-    added, stale = 0, 0
+    added, stale = 0, []
     for cell in committed_cells(board):
         current = prints.cells.get(cell.cell)
         if current is None or prints.of(current) != cell.fingerprint:
-            stale += 1
+            stale.append(cell.cell)
             continue
         if (cell.cell, cell.fingerprint) in held:
             continue
@@ -135,7 +135,9 @@ def import_committed(study, spec, board: Path, log=print) -> int:
         added += 1
     if added or stale:
         log(f"board {board.name}: {added} committed cell(s) read back"
-            + (f", {stale} committed with other settings (not used; re-run)" if stale else ""))
+            + (f"; {len(stale)} committed with other settings or no longer in the spec, not used "
+               f"(re-run if in the spec; removed when the board is rewritten): "
+               f"{', '.join(sorted(stale)[:8])}{' ...' if len(stale) > 8 else ''}" if stale else ""))
     return added
 
 
