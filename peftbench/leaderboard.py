@@ -107,10 +107,18 @@ def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
     table.to_csv(folder / "search.csv")
     search = spec.search
     budget = search.get("budget") or spec.budgets[0]
+    seeds = search.get("seeds") or [spec.seeds[0]]
+    best = sweep.best_search_params(spec)
+    seconds = [t.get("duration_s") for entry in best.values() for t in entry.get("tried", [])]
+    timed = [x for x in seconds if x is not None]
+    spent = (f" Search time: {sum(timed) / 3600:.2f} h over {len(timed)} settings tried"
+             + (f" ({len(seconds) - len(timed)} tried before durations were recorded)." if len(timed) < len(seconds) else ".")
+             if timed else "")
     return ["", "### Settings chosen on validation (search.json, search.csv)", "",
-            f"Validation main metric of each setting tried (seed {search.get('seed', 0)} of the "
-            f"search, budget {budget}, the grid's schedule); each (task, method) of the grid uses "
-            "its chosen setting.", "", table.reset_index().to_markdown(index=False, floatfmt=".4f")]
+            f"Validation main metric of each setting tried (mean over seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))} of the search, budget {budget}, the grid's schedule); "
+            f"each (task, method) of the grid uses its chosen setting.{spent}", "",
+            table.reset_index().to_markdown(index=False, floatfmt=".4f")]
 
 
 def board_progress(spec: sweep.StudySpec, study) -> dict:
@@ -154,11 +162,11 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     links = commit_cells(spec, folder, study)
     progress = board_progress(spec, study)
     pandas.DataFrame(progress["rows"]).to_csv(folder / "progress.csv", index=False)
-    frame = sweep.finished_frame(spec)
-    keys = list(zip(frame.task, frame.method, frame.budget))
-    failed = frame.attrs.get("failed", {})
-    frame = frame[[k in progress["complete"] for k in keys]]
-    frame.attrs["failed"] = failed
+    frame = sweep.trials_frame(study, sweep.Fingerprints(spec))  # empty before the first cell
+    if not frame.empty:
+        keys = list(zip(frame.task, frame.method, frame.budget))
+        frame = frame[[k in progress["complete"] for k in keys]]
+    frame.attrs["failed"] = sweep.failed_cells(study, spec)
     expected, done = progress["expected"], progress["done"]
     opening = partial_lines(progress)
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())

@@ -507,7 +507,8 @@ def tried(study: optuna.Study) -> list[dict]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         value = t.value if t.state == TrialState.COMPLETE else \
             (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
-        rows.append({"params": t.params, "validation": value, "state": t.state.name.lower()})
+        rows.append({"params": t.params, "validation": value, "state": t.state.name.lower(),
+                     "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})
     return rows
 
 
