@@ -45,6 +45,18 @@ class CommittedCell:
     def result(self) -> dict:
         return json.loads((self.folder / f"seed-{self.seed}-result.json").read_text())
 
+    def run_config(self, output_dir: str = "runs"):
+        """The run that produced this cell, from its committed config.json."""
+        from peftbench.experiment import RunConfig
+        from peftbench.trainer import train_config
+
+        config = self.config
+        return RunConfig(method=config["method"], task=config["task"], budget=config["budget"],
+                         seeds=[self.seed], model=config["model"], device=config["device"],
+                         method_params=config["method_params"],
+                         train=train_config(config["train"], f"{self.folder}/config.json"),
+                         limit=config.get("limit"), output_dir=output_dir)
+
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -95,8 +107,6 @@ def import_committed(study, spec, board: Path, log=print) -> int:
     from optuna.trial import TrialState
 
     from peftbench import sweep
-    from peftbench.experiment import RunConfig
-    from peftbench.trainer import train_config
 
     prints = sweep.Fingerprints(spec)
     held = {(t.user_attrs.get("cell"), t.user_attrs.get("fingerprint"))
@@ -110,12 +120,7 @@ def import_committed(study, spec, board: Path, log=print) -> int:
             continue
         if (cell.cell, cell.fingerprint) in held:
             continue
-        config = cell.config
-        run = RunConfig(method=config["method"], task=config["task"], budget=config["budget"],
-                        seeds=[cell.seed], model=config["model"], device=config["device"],
-                        method_params=config["method_params"],
-                        train=train_config(config["train"], f"{cell.folder}/config.json"),
-                        limit=config.get("limit"))
+        run = cell.run_config()
         result = cell.result
         attrs = {**current.attrs(), "fingerprint": cell.fingerprint, "config": cell.record["config"],
                  **sweep.result_attrs(result, run, cell.folder), "committed": True,

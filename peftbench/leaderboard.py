@@ -352,9 +352,9 @@ def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None =
     import random
     import tempfile
 
-    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.experiment import run_experiment
     from peftbench.fingerprint import machine_fingerprint
-    from peftbench.trainer import pick_device, train_config
+    from peftbench.trainer import pick_device
 
     folder = find(name)
     committed = cellstore.committed_cells(folder)
@@ -382,12 +382,7 @@ def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None =
     rows, mismatched = [], 0
     with tempfile.TemporaryDirectory(prefix=f"verify-{folder.name}-") as scratch:
         for i, cell in enumerate(chosen, 1):
-            config = cell.config
-            run = RunConfig(method=config["method"], task=config["task"], budget=config["budget"],
-                            seeds=[cell.seed], model=config["model"], device=config["device"],
-                            method_params=config["method_params"],
-                            train=train_config(config["train"], f"{cell.folder}/config.json"),
-                            limit=config.get("limit"), output_dir=scratch)
+            run = cell.run_config(output_dir=scratch)
             log(f"[{i}/{len(chosen)}] re-running {cell.cell}")
             summary, _ = run_experiment(run, progress=False)
             here = machine_fingerprint(str(pick_device(run.device)))
