@@ -155,6 +155,14 @@ def partial_lines(progress: dict) -> list[str]:
             "", *[f"- {line}" for line in missing], ""]
 
 
+def _read_rows(path: Path) -> pandas.DataFrame | None:
+    """A committed per-seed CSV (overlap, score correlation) or None (absent or empty)."""
+    try:
+        return pandas.read_csv(path, dtype={"budget": str, "fingerprint_a": str, "fingerprint_b": str})
+    except (FileNotFoundError, pandas.errors.EmptyDataError):
+        return None
+
+
 def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     """Commit the finished cells, then report + plots for the complete groups into `folder`;
     returns the Markdown."""
@@ -202,9 +210,11 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
                          spec_text=(folder / "spec.yaml").read_text(), protocol=spec.protocol)
         pages.write_index(root)
         return text
+    known = {"overlap": _read_rows(folder / "overlap-seeds.csv"),
+             "scores": _read_rows(folder / "score-correlation-seeds.csv")}
     text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
                                published=spec.published, cache_dir=spec.out / "scores",
-                               markdown="README.md")
+                               markdown="README.md", known=known)
     plots.pareto_png(frame, folder / "pareto.png")
     js = pages.relative(plots.write_plotly_js(root), folder)
     plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)

@@ -24,6 +24,17 @@ def pareto_points(points: pd.DataFrame) -> pd.DataFrame:
     return points.loc[keep].sort_values("trainable")
 
 
+def save(fig, path: Path, dpi: int) -> None:
+    """savefig with no creation date or random ids in PDF/SVG, so a board rewritten from the
+    same cells is the same file (a fresh clone's `leaderboard run` leaves git clean)."""
+    import matplotlib
+
+    suffix = Path(path).suffix.lower()
+    metadata = {".pdf": {"CreationDate": None, "ModDate": None}, ".svg": {"Date": None}}.get(suffix)
+    with matplotlib.rc_context({"svg.hashsalt": "peftbench"}):
+        fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata=metadata)
+
+
 def _cells(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     g = frame[frame.task == task].groupby(["method", "budget"])
     return pd.DataFrame({"mean": g.metric.mean(), "std": g.metric.std(ddof=0),
@@ -126,7 +137,7 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=160, bbox_inches="tight")
+    save(fig, path, dpi=160)
     plt.close(fig)
     return path
 
@@ -181,7 +192,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
     path = Path(path)
     paths = [path, path.with_suffix(".pdf"), path.with_suffix(".svg")]
     for target in paths:
-        fig.savefig(target, dpi=200, bbox_inches="tight")
+        save(fig, target, dpi=200)
     plt.close(fig)
     return paths
 
@@ -202,7 +213,7 @@ def cd_png(ranking: dict, path: str | Path) -> Path:
                  f"Friedman p = {ranking['p']:.2g}; bars: Wilcoxon-Holm p >= 0.05 over "
                  f"{ranking['n_pairs']} (task, budget, seed) pairs", fontsize=9)
     path = Path(path)
-    fig.savefig(path, dpi=160, bbox_inches="tight")
+    save(fig, path, dpi=160)
     plt.close(fig)
     return path
 
@@ -268,7 +279,7 @@ def pareto_html(frame: pd.DataFrame, path: str | Path, plotly_js: str = PLOTLY_J
     """The interactive Pareto plot as a page that loads `plotly_js` (a path relative to the
     page, written by `write_plotly_js`): offline, and 20 kB instead of 4.8 MB per page."""
     path = Path(path)
-    pareto_figure(frame).write_html(path, include_plotlyjs=plotly_js)
+    pareto_figure(frame).write_html(path, include_plotlyjs=plotly_js, div_id="pareto")
     return path
 
 
@@ -341,6 +352,6 @@ def spend_png(frame: pd.DataFrame, path: str | Path, budget: str | None = None) 
     fig.suptitle("Where the budget goes" + (f" (budget {budget}; natural-count methods at their "
                                             "own count)" if budget else ""))
     path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -197,12 +197,13 @@ def bayesian_signed_rank(x: np.ndarray, y: np.ndarray, rope: float, samples: int
                          seed: int = 0) -> dict[str, float]:
     """Benavoli et al. (2017)'s Bayesian signed-rank test on paired scores x, y with a region
     of practical equivalence |x - y| <= rope: P(x better), P(equivalent), P(y better), from
-    `baycomp.SignedRankTest` (a Dirichlet process over the differences, prior weight 1 at 0)."""
+    `baycomp.SignedRankTest` (a Dirichlet process over the differences with baycomp's prior
+    pseudo-observation at 0 of weight 0.5; `samples` posterior draws from `seed`, so the
+    probabilities are the same on every machine and sitting)."""
     from baycomp import SignedRankTest
 
-    np.random.seed(seed)  # baycomp draws from numpy's global generator
     left, rope_p, right = SignedRankTest.probs(np.asarray(y, float), np.asarray(x, float), rope=rope,
-                                              nsamples=samples)
+                                              nsamples=samples, random_state=seed)
     return {"better": float(right), "equivalent": float(rope_p), "worse": float(left)}
 
 
@@ -411,37 +412,71 @@ def jaccard(a: dict, b: dict, numels: dict[str, int]) -> float:
     return inter / union if union else float("nan")
 
 
-def mask_overlap(frame: pd.DataFrame) -> pd.DataFrame:
+def _fingerprint(row) -> str:
+    return str(getattr(row, "fingerprint", "") or "")
+
+
+def _known(known: pd.DataFrame | None, key_columns: list[str]) -> dict[tuple, pd.Series]:
+    """Rows computed earlier (a board's committed per-seed CSV), by their key: a value whose
+    masks or scores are not on this machine is read from there when both cells' fingerprints
+    match, so a fresh clone's report keeps what the machine that ran the cells measured."""
+    if known is None or known.empty:
+        return {}
+    return {tuple(str(v) for v in row[key_columns]): row for _, row in known.iterrows()}
+
+
+OVERLAP_KEY = ["task", "budget", "seed", "method_a", "method_b", "fingerprint_a", "fingerprint_b"]
+
+
+def mask_overlap_seeds(frame: pd.DataFrame, known: pd.DataFrame | None = None) -> pd.DataFrame:
     """Jaccard overlap of the trained entries (the effective masks saved after training)
-    between every pair of methods, per task and budget, natural-count methods included in every
-    budget, averaged over the seeds both ran. Methods that only add parameters (LoRA, adapters)
-    train no pre-trained entry: their overlap is 0 (NaN with each other)."""
-    rows = []
+    between every pair of methods, per task, budget and seed both ran, natural-count methods
+    included in every budget; where a mask is not on this machine, the `known` row of the same
+    two cells (fingerprints) if any. Methods that only add parameters (LoRA, adapters) train no
+    pre-trained entry: their overlap is 0 (NaN with each other)."""
+    rows, earlier = [], _known(known, OVERLAP_KEY)
     budgets = [b for b in dict.fromkeys(frame.budget) if b != "natural"] or ["natural"]
     groups = [((task, budget), frame[(frame.task == task) & frame.budget.isin([budget, "natural"])])
               for task in frame.task.unique() for budget in budgets]
     for (task, budget), group in groups:
         for m1, m2 in itertools.combinations(sorted(group.method.unique()), 2):
-            values = []
             for seed in sorted(set(group[group.method == m1].seed) & set(group[group.method == m2].seed)):
                 r1 = group[(group.method == m1) & (group.seed == seed)].iloc[0]
                 r2 = group[(group.method == m2) & (group.seed == seed)].iloc[0]
+                key = {"task": task, "budget": budget, "seed": seed, "method_a": m1, "method_b": m2,
+                       "fingerprint_a": _fingerprint(r1), "fingerprint_b": _fingerprint(r2)}
                 a, b = _mask(r1.run_dir, seed), _mask(r2.run_dir, seed)
                 if a is not None and b is not None:
-                    values.append(jaccard(a, b, _numels(r1.run_dir, seed)))
-            if values:
-                rows.append({"task": task, "budget": budget, "method_a": m1, "method_b": m2,
-                             "jaccard": float(np.mean(values)), "seeds": len(values)})
+                    rows.append({**key, "jaccard": jaccard(a, b, _numels(r1.run_dir, seed))})
+                elif key["fingerprint_a"] and key["fingerprint_b"]:
+                    found = earlier.get(tuple(str(key[c]) for c in OVERLAP_KEY))
+                    if found is not None:
+                        rows.append({**key, "jaccard": float(found["jaccard"])})
     return pd.DataFrame(rows)
 
 
-def score_correlation(frame: pd.DataFrame, cache_dir: str | Path, sample: int = 200_000,
-                      seed: int = 0) -> pd.DataFrame:
-    """Spearman and Kendall between two methods' importance scores over the same entries (per
-    task and seed; methods whose scores are entry-shaped and cached). Kendall on 10^7+ entries
-    is slow, so both are computed on the same `sample` entries drawn with `seed`."""
+def mask_overlap(seeds: pd.DataFrame) -> pd.DataFrame:
+    """`mask_overlap_seeds` averaged over the seeds, per task, budget and pair of methods."""
+    if seeds.empty:
+        return pd.DataFrame()
+    return seeds.groupby(["task", "budget", "method_a", "method_b"], as_index=False, sort=False).agg(
+        jaccard=("jaccard", "mean"), seeds=("seed", "size"))
+
+
+SCORES_KEY = ["task", "seed", "method_a", "method_b", "fingerprint_a", "fingerprint_b"]
+
+
+def score_correlation_seeds(frame: pd.DataFrame, cache_dir: str | Path, sample: int = 200_000,
+                            seed: int = 0, known: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Spearman and Kendall between two methods' importance scores over the same entries, per
+    task and seed (methods whose scores are entry-shaped and cached); where the scores are not
+    in this machine's cache, the `known` row of the same two cells (fingerprints) if any.
+    Kendall on 10^7+ entries is slow, so both are computed on the same `sample` entries drawn
+    with `seed`."""
     vectors: dict[tuple, dict] = {}
-    for _, row in frame.drop_duplicates(["task", "method", "seed"]).iterrows():
+    cells = frame.drop_duplicates(["task", "method", "seed"])
+    prints = {(r.task, r.seed, r.method): _fingerprint(r) for r in cells.itertuples()}
+    for _, row in cells.iterrows():
         sel = Path(row.run_dir) / f"seed-{row.seed}" / "selection.json"
         key = json.loads(sel.read_text()).get("score_cache_key") if sel.exists() else None
         path = Path(cache_dir) / f"{key}.pt"
@@ -451,21 +486,31 @@ def score_correlation(frame: pd.DataFrame, cache_dir: str | Path, sample: int = 
         numels = _numels(row.run_dir, row.seed)
         if isinstance(scores, dict) and all(n in scores and scores[n].numel() == numels[n] for n in numels):
             vectors[(row.task, row.seed, row.method)] = {n: scores[n] for n in numels}
-    rows = []
-    for (task, s), keys in itertools.groupby(sorted(vectors), key=lambda k: k[:2]):
-        keys = list(keys)
-        for k1, k2 in itertools.combinations(keys, 2):
-            x = torch.cat([vectors[k1][n].flatten().float() for n in sorted(vectors[k1])])
-            y = torch.cat([vectors[k2][n].flatten().float() for n in sorted(vectors[k1])])
-            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:sample]
-            xs, ys = x[idx].numpy(), y[idx].numpy()
-            rows.append({"task": task, "seed": s, "method_a": k1[2], "method_b": k2[2],
-                         "spearman": float(scipy.stats.spearmanr(xs, ys)[0]),
-                         "kendall": float(scipy.stats.kendalltau(xs, ys)[0]), "entries": len(xs)})
-    out = pd.DataFrame(rows)
-    if out.empty:
-        return out
-    return out.groupby(["task", "method_a", "method_b"], as_index=False).agg(
+    rows, earlier = [], _known(known, SCORES_KEY)
+    for (task, s), keys in itertools.groupby(sorted(prints), key=lambda k: k[:2]):
+        for k1, k2 in itertools.combinations(list(keys), 2):
+            key = {"task": task, "seed": s, "method_a": k1[2], "method_b": k2[2],
+                   "fingerprint_a": prints[k1], "fingerprint_b": prints[k2]}
+            if k1 in vectors and k2 in vectors:
+                x = torch.cat([vectors[k1][n].flatten().float() for n in sorted(vectors[k1])])
+                y = torch.cat([vectors[k2][n].flatten().float() for n in sorted(vectors[k1])])
+                idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:sample]
+                xs, ys = x[idx].numpy(), y[idx].numpy()
+                rows.append({**key, "spearman": float(scipy.stats.spearmanr(xs, ys)[0]),
+                             "kendall": float(scipy.stats.kendalltau(xs, ys)[0]), "entries": len(xs)})
+            elif key["fingerprint_a"] and key["fingerprint_b"]:
+                found = earlier.get(tuple(str(key[c]) for c in SCORES_KEY))
+                if found is not None:
+                    rows.append({**key, "spearman": float(found["spearman"]),
+                                 "kendall": float(found["kendall"]), "entries": int(found["entries"])})
+    return pd.DataFrame(rows)
+
+
+def score_correlation(seeds: pd.DataFrame) -> pd.DataFrame:
+    """`score_correlation_seeds` averaged over seeds, per task and pair of methods."""
+    if seeds.empty:
+        return seeds
+    return seeds.groupby(["task", "method_a", "method_b"], as_index=False).agg(
         spearman=("spearman", "mean"), kendall=("kendall", "mean"), seeds=("seed", "size"),
         entries=("entries", "first")).astype({"seeds": int, "entries": int})
 
@@ -528,10 +573,13 @@ def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
 
 def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftbench report",
                  header: str = "", published: dict | None = None, cache_dir: str | Path | None = None,
-                 ties: str = "average", markdown: str = "report.md") -> str:
+                 ties: str = "average", markdown: str = "report.md",
+                 known: dict[str, pd.DataFrame] | None = None) -> str:
     """Write results.csv (one row per run), cells.csv, table1-b<budget>.csv, tests.csv,
-    overlap.csv, score-correlation.csv, published.csv and `markdown` into `out_dir`; return the
-    Markdown."""
+    overlap.csv, score-correlation.csv (and their per-seed rows), published.csv and `markdown`
+    into `out_dir`; return the Markdown. `known`: per-seed overlap ("overlap") and score
+    correlation ("scores") rows measured earlier, for cells whose masks or scores are not on
+    this machine (`mask_overlap_seeds`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = frame.sort_values(["task", "method", "budget", "seed"])
@@ -639,7 +687,9 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
                                     "difference"]].set_index(["compared_at", "task", "method"])), "",
                   "Kendall's tau between our ranking and theirs, per task and budget (n = methods):", "",
                   to_markdown(taus.set_index(["task", "budget"])), ""]
-    overlap = mask_overlap(frame)
+    overlap_seeds = mask_overlap_seeds(frame, known=known.get("overlap") if known else None)
+    overlap_seeds.to_csv(out / "overlap-seeds.csv", index=False)
+    overlap = mask_overlap(overlap_seeds)
     overlap.to_csv(out / "overlap.csv", index=False)
     if not overlap.empty:
         lines += ["## Do methods pick the same entries? (Jaccard of the masks, mean over seeds)", ""]
@@ -650,7 +700,9 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
                 matrix.loc[m, m] = 1.0
             lines += [f"{task}, budget {budget}:", "", matrix.to_markdown(floatfmt=".3f"), ""]
     if cache_dir is not None:
-        corr_scores = score_correlation(frame, cache_dir)
+        seeds = score_correlation_seeds(frame, cache_dir, known=known.get("scores") if known else None)
+        seeds.to_csv(out / "score-correlation-seeds.csv", index=False)
+        corr_scores = score_correlation(seeds)
         corr_scores.to_csv(out / "score-correlation.csv", index=False)
         if not corr_scores.empty:
             lines += ["## Rank correlation of importance scores (same sampled entries)", "",

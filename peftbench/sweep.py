@@ -960,7 +960,7 @@ def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
                      "metric_name": "+".join(a.get("main_metric", [])),
                      "model": a.get("config", {}).get("model_name", ""),
                      "test_rows": a.get("test_rows", 0),
-                     "spend": _spend(a), "trial": t.number,
+                     "spend": _spend(a), "trial": t.number, "fingerprint": a.get("fingerprint", ""),
                      "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})
     frame = pd.DataFrame(rows)
     if not frame.empty:

@@ -80,6 +80,12 @@ def test_verify_reruns_committed_cells_and_reports_exact_reproduction(tmp_path, 
     board = _board(tmp_path, tiny_model_dir, seeds=1)
     monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
     assert main(["leaderboard", "run", "store"]) == 0
+    # masks stay in the sweep folder: a fresh clone keeps the overlap measured where they were
+    overlap = pd.read_csv(board / "overlap.csv")
+    assert len(overlap) == 1 and (board / "overlap-seeds.csv").is_file()
+    shutil.rmtree(tmp_path / "sweep")
+    assert main(["leaderboard", "report", "store"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(board / "overlap.csv"), overlap)
     before = {p: p.read_bytes() for p in (board / "runs").rglob("*.json")}
     capsys.readouterr()
     assert main(["leaderboard", "verify", "store", "--cells", "2"]) == 0

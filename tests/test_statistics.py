@@ -47,14 +47,16 @@ def test_wilcoxon_holm_equals_scipy_with_holm_by_hand():
 
 def _posterior_by_hand(x, y, rope, samples=20_000, seed=1):
     """Benavoli et al. 2017, eq. for the Bayesian signed-rank test: z = differences plus one
-    prior pseudo-observation at 0; Dirichlet(1, ..., 1) weights w; per sample the mass of
+    prior pseudo-observation at 0 (weight 0.5); Dirichlet weights w; per sample the mass of
     pairs (i, j) with (z_i + z_j)/2 above rope, inside, below; the winner of each sample."""
     z = np.concatenate([[0.0], np.asarray(x) - np.asarray(y)])
     sums = (z[:, None] + z[None, :]) / 2
     rng = np.random.default_rng(seed)
     wins = np.zeros(3)
+    alpha = np.ones(len(z))
+    alpha[0] = 0.5
     for _ in range(samples // 10):
-        w = rng.dirichlet(np.ones(len(z)))
+        w = rng.dirichlet(alpha)
         pair = np.outer(w, w)
         masses = [pair[sums < -rope].sum(), pair[np.abs(sums) <= rope].sum(), pair[sums > rope].sum()]
         wins[int(np.argmax(masses))] += 1
@@ -72,6 +74,7 @@ def test_bayesian_signed_rank_matches_its_posterior_restated(shift):
     assert got["equivalent"] == pytest.approx(equivalent, abs=0.03)
     assert got["worse"] == pytest.approx(worse, abs=0.03)
     assert sum(got.values()) == pytest.approx(1.0)
+    assert report.bayesian_signed_rank(x, y, rope=0.01) == got  # seeded: the same every time
     table = report.bayesian_against(_frame(np.random.default_rng(0)))
     assert set(table.against) == {"random", "fulltuning"} and (table.pairs == 20).all()
 
