@@ -583,7 +583,9 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = frame.sort_values(["task", "method", "budget", "seed"])
-    frame.drop(columns=["spend"], errors="ignore").to_csv(out / "results.csv", index=False)
+    # the run folder's name, not its path on this machine (a board's runs/<name>/ holds it)
+    frame.drop(columns=["spend"], errors="ignore").assign(
+        run_dir=[Path(p).name for p in frame.run_dir]).to_csv(out / "results.csv", index=False)
     stats = cell_stats(frame)
     stats.to_csv(out / "cells.csv", index=False)
     budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
