@@ -583,8 +583,9 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = frame.sort_values(["task", "method", "budget", "seed"])
-    # the run folder's name, not its path on this machine (a board's runs/<name>/ holds it)
-    frame.drop(columns=["spend"], errors="ignore").assign(
+    # the run folder's name, not its path on this machine (a board's runs/<name>/ holds it);
+    # no trial number (a study-local id): the same cells give the same file on any machine
+    frame.drop(columns=["spend", "trial"], errors="ignore").assign(
         run_dir=[Path(p).name for p in frame.run_dir]).to_csv(out / "results.csv", index=False)
     stats = cell_stats(frame)
     stats.to_csv(out / "cells.csv", index=False)
