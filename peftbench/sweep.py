@@ -840,8 +840,10 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
                                    model=spec.model, device=spec.device,
                                    method_params=params, train=train_config(train, "search", method_train(spec, method)),
                                    limit=spec.limit, output_dir=str(spec.out / "search-runs"))
+                # several tuning seeds: the score is their mean, known only at the end, so no
+                # per-epoch report (one seed's epoch is not the setting's value)
                 summary, run_dir = run_experiment(config, progress=False, score_cache=cache,
-                                                  on_epoch=on_epoch)
+                                                  on_epoch=on_epoch if len(config.seeds) == 1 else None)
                 trial.set_user_attr("run_dir", str(run_dir.resolve()))
                 return summary["validation_main_mean"]
 
