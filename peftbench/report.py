@@ -152,16 +152,32 @@ def holm(p_values: np.ndarray) -> np.ndarray:
     return multipletests(p_values, method="holm")[1]
 
 
-def wilcoxon_holm(matrix: pd.DataFrame) -> pd.DataFrame:
+def natural_methods(frame: pd.DataFrame) -> set[str]:
+    """Methods that ran at their natural count (one cell per task and seed, in every block)."""
+    return set(frame.loc[frame.budget == "natural", "method"])
+
+
+def pair_values(matrix: pd.DataFrame, a: str, b: str, natural: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The paired values of methods a and b. Two natural-count methods repeat the same pair in
+    every budget block: only the first block's rows count, so no pair is counted twice."""
+    if a in natural and b in natural:
+        first = matrix.index.get_level_values("block")[0]
+        matrix = matrix[matrix.index.get_level_values("block") == first]
+    return matrix[a].to_numpy(), matrix[b].to_numpy()
+
+
+def wilcoxon_holm(matrix: pd.DataFrame, natural: set[str] = frozenset()) -> pd.DataFrame:
     """Pairwise two-sided Wilcoxon signed-rank p-values between the methods (columns) over the
     paired rows, Holm-adjusted over all pairs (Benavoli, Corani & Mangili 2016: unlike
     Nemenyi's, the verdict on A vs B does not depend on the other methods in the pool). A pair
-    whose differences are all zero has p = 1."""
+    whose differences are all zero has p = 1; two `natural` methods are paired once per (task,
+    seed), not once per budget block (`pair_values`)."""
     methods = list(matrix.columns)
     pairs = list(itertools.combinations(methods, 2))
     raw = []
     for a, b in pairs:
-        d = matrix[a].to_numpy() - matrix[b].to_numpy()
+        x, y = pair_values(matrix, a, b, natural)
+        d = x - y
         raw.append(1.0 if not np.any(d != 0) else float(scipy.stats.wilcoxon(d).pvalue))
     adjusted = holm(np.array(raw)) if raw else np.array([])
     out = pd.DataFrame(np.eye(len(methods)), index=methods, columns=methods)
@@ -189,7 +205,8 @@ def friedman_ranking(frame: pd.DataFrame) -> dict | None:
     ranks = matrix.rank(axis=1, ascending=False).mean().sort_values()
     pairs = paired_matrix(frame)[list(matrix.columns)]
     return {"blocks": list(matrix.index), "ranks": ranks, "statistic": float(statistic),
-            "p": float(p_value), "pairwise": wilcoxon_holm(pairs), "n_pairs": len(pairs),
+            "p": float(p_value), "pairwise": wilcoxon_holm(pairs, natural_methods(frame)),
+            "n_pairs": len(pairs),
             "n_blocks": len(matrix)}
 
 
@@ -212,7 +229,7 @@ def bayesian_against(frame: pd.DataFrame, references: tuple[str, ...] = ("random
     """For each method against each reference present: the Bayesian signed-rank probabilities
     over the (task, budget, seed) pairs both ran (metric on the 0-1 scale; rope 0.01 = one point
     x100)."""
-    matrix = paired_matrix(frame)
+    matrix, natural = paired_matrix(frame), natural_methods(frame)
     rows = []
     for reference in references:
         if reference not in matrix.columns:
@@ -220,9 +237,10 @@ def bayesian_against(frame: pd.DataFrame, references: tuple[str, ...] = ("random
         for method in matrix.columns:
             if method == reference:
                 continue
-            probs = bayesian_signed_rank(matrix[method].to_numpy(), matrix[reference].to_numpy(), rope)
-            rows.append({"method": method, "against": reference, "pairs": len(matrix),
-                         "mean_difference": float((matrix[method] - matrix[reference]).mean()),
+            x, y = pair_values(matrix, method, reference, natural)
+            probs = bayesian_signed_rank(x, y, rope)
+            rows.append({"method": method, "against": reference, "pairs": len(x),
+                         "mean_difference": float((x - y).mean()),
                          "p_better": probs["better"], "p_equivalent": probs["equivalent"],
                          "p_worse": probs["worse"], "rope": rope})
     return pd.DataFrame(rows)

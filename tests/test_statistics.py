@@ -31,7 +31,7 @@ def test_wilcoxon_holm_equals_scipy_with_holm_by_hand():
     frame = _frame(np.random.default_rng(0))
     matrix = report.paired_matrix(frame)
     assert len(matrix) == 2 * 2 * 5  # full FT paired with every budget's rows
-    got = report.wilcoxon_holm(matrix)
+    got = report.wilcoxon_holm(matrix, {"fulltuning"})
     pairs = list(itertools.combinations(matrix.columns, 2))
     raw = np.array([scipy.stats.wilcoxon(matrix[a] - matrix[b]).pvalue for a, b in pairs])
     order = np.argsort(raw)  # Holm: sorted p times (m - rank), running max, capped at 1
@@ -43,6 +43,22 @@ def test_wilcoxon_holm_equals_scipy_with_holm_by_hand():
         assert got.loc[a, b] == pytest.approx(p) and got.loc[b, a] == pytest.approx(p)
     ranking = report.friedman_ranking(frame)
     assert ranking["n_pairs"] == 20 and ranking["pairwise"].equals(got)
+
+
+def test_two_natural_count_methods_are_paired_once_per_task_and_seed():
+    """BitFit vs full FT: the same (task, seed) pair stands in every budget block; counted once."""
+    rng = np.random.default_rng(1)
+    frame = _frame(rng)
+    bitfit = frame[frame.method == "fulltuning"].assign(method="bitfit", metric=lambda d: d.metric - 0.02 + rng.normal(0, 0.005, len(d)))
+    frame = pd.concat([frame, bitfit])
+    matrix = report.paired_matrix(frame)
+    x, y = report.pair_values(matrix, "bitfit", "fulltuning", report.natural_methods(frame))
+    assert len(x) == 2 * 5  # tasks x seeds, not x budgets
+    got = report.wilcoxon_holm(matrix, report.natural_methods(frame))
+    raw = scipy.stats.wilcoxon(x - y).pvalue
+    assert got.loc["bitfit", "fulltuning"] >= raw  # Holm never lowers a p-value
+    table = report.bayesian_against(frame).set_index(["method", "against"])
+    assert table.loc[("bitfit", "fulltuning"), "pairs"] == 10 and table.loc[("sam", "random"), "pairs"] == 20
 
 
 def _posterior_by_hand(x, y, rope, samples=20_000, seed=1):
