@@ -589,6 +589,15 @@ def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
     return stats[(stats.budget == budget) | (stats.budget == "natural")]
 
 
+def table_section(path: Path, table: pd.DataFrame, title: str, intro: str,
+                  drop: list[str] = ()) -> list[str]:
+    """Write `table` to `path` and return its Markdown section (nothing for an empty table)."""
+    if table.empty:
+        return []
+    table.to_csv(path, index=False)
+    return [title, "", intro, "", table.drop(columns=list(drop)).to_markdown(index=False, floatfmt=".3f"), ""]
+
+
 def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftbench report",
                  header: str = "", published: dict | None = None, cache_dir: str | Path | None = None,
                  ties: str = "average", markdown: str = "report.md",
@@ -670,25 +679,20 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
                   "critical-difference diagram cd.png (methods joined by a bar are not "
                   "significantly different at 0.05).", "",
                   ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
-        bayes = bayesian_against(frame)
-        if not bayes.empty:
-            bayes.to_csv(out / "bayesian.csv", index=False)
-            lines += ["### Against Random and full fine-tuning (Bayesian signed-rank, ROPE 1 point)", "",
-                      "Benavoli et al. (2017): the posterior probability that the method is better "
-                      "than the reference by more than 0.01 (one point x100), practically "
-                      "equivalent, or worse, over the (task, budget, seed) pairs both ran "
-                      "(bayesian.csv; `baycomp`).", "",
-                      bayes.drop(columns=["rope"]).to_markdown(index=False, floatfmt=".3f"), ""]
-    best = best_per_budget(frame)
-    if not best.empty:
-        best.to_csv(out / "best-per-budget.csv", index=False)
-        lines += ["### Which selection method is best at which budget", "",
-                  "Per (task, budget), among the budget-parameterised methods: the best by mean, "
-                  "the runner-up, their mean paired difference over seeds, and the Bayesian "
-                  "signed-rank probabilities (ROPE one point) that the best is better than the "
-                  "runner-up, practically equivalent, or worse (best-per-budget.csv). A P(better) "
-                  "below 0.95 means the data do not single out one method there.", "",
-                  best.to_markdown(index=False, floatfmt=".3f"), ""]
+        lines += table_section(
+            out / "bayesian.csv", bayesian_against(frame),
+            "### Against Random and full fine-tuning (Bayesian signed-rank, ROPE 1 point)",
+            "Benavoli et al. (2017): the posterior probability that the method is better than the "
+            "reference by more than 0.01 (one point x100), practically equivalent, or worse, over "
+            "the (task, budget, seed) pairs both ran (bayesian.csv; `baycomp`).", drop=["rope"])
+    lines += table_section(
+        out / "best-per-budget.csv", best_per_budget(frame),
+        "### Which selection method is best at which budget",
+        "Per (task, budget), among the budget-parameterised methods: the best by mean, the "
+        "runner-up, their mean paired difference over seeds, and the Bayesian signed-rank "
+        "probabilities (ROPE one point) that the best is better than the runner-up, practically "
+        "equivalent, or worse (best-per-budget.csv). A P(better) below 0.95 means the data do "
+        "not single out one method there.")
     from peftbench import findings  # here: findings imports this module
 
     lines += findings.section(frame, out)
