@@ -195,9 +195,10 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         f"(scoring cached across budgets)" if not frame.empty else "- wall time: no complete group yet",
         *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
         *search_lines(spec, folder),
-        "", f"Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
-        f"[interactive](pareto.html)), [cd.png](cd.png) (critical-difference diagram), "
-        f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]}).",
+        *(["", f"Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
+            f"[interactive](pareto.html)), [cd.png](cd.png) (critical-difference diagram), "
+            f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]})."]
+          if not frame.empty else []),
     ])
     root = folder.parent
     description = (opening[0] + "\n\n" if opening else "") + spec.description
