@@ -643,8 +643,8 @@ def progress_line(study: optuna.Study, prints: Fingerprints) -> str:
 def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool = True,
              restart_changed: bool = False, on_complete=None) -> optuna.Study:
     """Work on the study until no cell is waiting or running; safe to run in N processes.
-    `on_complete(trial)` is called with each cell this process completes, as it completes (a
-    leaderboard commits the cell's files there)."""
+    `on_complete(trial)` is called with each cell this process finishes for good (completed,
+    or diverged), as it finishes (a leaderboard commits the cell's files there)."""
     study = open_study(spec)
     added = enqueue_missing(study, spec, restart_changed=restart_changed)
     prints = Fingerprints(spec)
@@ -664,8 +664,9 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool 
             told_waiting = False
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
             last = _my_last_trial(study)
-            if on_complete is not None and last is not None and last.state == TrialState.COMPLETE:
-                on_complete(last)
+            if on_complete is not None and last is not None and (
+                    last.state == TrialState.COMPLETE or last.user_attrs.get("final_failure")):
+                on_complete(last)  # a diverged cell is a result too: committed as it finishes
             if progress:
                 log(_trial_line(study, prints))
         elif state["running"] and not heartbeat and reclaim_dead_local_trials(study):
