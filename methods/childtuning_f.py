@@ -25,6 +25,7 @@ class ChildTuningF(Selector):
     """
 
     description = "fresh Bernoulli(p) gradient mask every step, rescaled by 1/p (ChildTuning-F)"
+    budget_in_expectation = True  # every entry can move; p N per step in expectation
 
     def __init__(self, p: Fraction | None = None):
         self.p = p

@@ -29,7 +29,7 @@ from peftbench.errors import UsageError
 from peftbench.metrics import constant_predictor, near_constant
 from peftbench.models import head_parameters, init_head, load_model, pretrained_parameters, pretrained_size
 from peftbench.scoring import ScoringData
-from peftbench.selector import Budget
+from peftbench.selector import Budget, check_scores, validate_selection
 from peftbench.sparse import count_trainable, effective_selection, trainable_entries
 from peftbench.trainer import TrainConfig, make_loader, pick_device, set_seed, train
 
@@ -166,6 +166,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
             cache_key, lambda: checked_score(selector, config.method, model, data), about)
     start = time.perf_counter()
     selection = selector.select(model, scores, k, generator)
+    validate_selection(config.method, selection, numels, selector.budget_bound(k))
     select_time = time.perf_counter() - start
     scoring_peak = memory.peak(device, memory_reset)  # scoring and selection
     model = selector.apply(model, selection)
@@ -218,6 +219,7 @@ def checked_score(selector, method: str, model, data):
     fine-tuning it forgot to undo) would be trained from there while its count says otherwise."""
     before = state_digests(model)
     scores = selector.score(model, data)
+    check_scores(method, scores)
     moved = [n for n, d in state_digests(model).items() if before.get(n) != d]
     if moved:
         raise UsageError(f"method {method!r} changed the model in score() ({len(moved)} tensors, "

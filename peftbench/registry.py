@@ -6,7 +6,9 @@ Built-in methods are declared in peftbench's own `pyproject.toml` under the entr
     [project.entry-points."peftbench.methods"]
     my-method = "my_package.my_module:MySelector"
 
-A plugin that fails to import is reported by name with its error; the others still work.
+A plugin that fails to import is reported by name with its error; the others still work. A name
+registered twice (a plugin reusing a built-in's name, or two plugins) is an error naming both
+packages, never a silent replacement.
 """
 from __future__ import annotations
 
@@ -48,14 +50,22 @@ def _load(ep: EntryPoint) -> MethodInfo:
 
 def methods() -> dict[str, MethodInfo]:
     """Every registered method by name, loaded (or with its load error), sorted by name."""
-    found = {}
+    found, claims = {}, {}
     for ep in entry_points(group=GROUP):
-        if ep.name in found:  # first registration wins; say so instead of hiding it
-            found[ep.name].error = (found[ep.name].error or "") + \
-                f" (name also claimed by {ep.value} in {ep.dist.name if ep.dist else '?'})"
-            continue
-        found[ep.name] = _load(ep)
+        claims.setdefault(ep.name, []).append(ep)
+    for name, eps in claims.items():
+        if len({(ep.value, _package(ep)) for ep in eps}) > 1:  # no winner: either could be meant
+            who = "; ".join(f"{ep.value} in package {_package(ep)}" for ep in eps)
+            found[name] = MethodInfo(name, ", ".join(_package(ep) for ep in eps), eps[0].value, None,
+                                     f"the name {name!r} is registered more than once ({who}): "
+                                     "uninstall one, or rename its entry point")
+        else:
+            found[name] = _load(eps[0])
     return dict(sorted(found.items()))
+
+
+def _package(ep: EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else "?"
 
 
 def get(name: str) -> type[Selector]:
@@ -67,6 +77,8 @@ def get(name: str) -> type[Selector]:
         raise UsageError(f"unknown method {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                          + f": allowed {', '.join(available)}")
     if info.selector_class is None:
+        if "registered more than once" in (info.error or ""):
+            raise UsageError(f"method {name!r}: {info.error}")
         raise UsageError(f"method {name!r} from package {info.package} failed to load: {info.error}")
     return info.selector_class
 

@@ -172,6 +172,64 @@ class Selection:
         return mask
 
 
+def validate_selection(method: str, selection: "Selection", numels: dict[str, int],
+                       budget: int | None) -> int:
+    """The runner's and the conformance suite's one check of a `Selection` (returns its count).
+
+    Refused, with one line naming the method and the rule: something that is not a Selection;
+    a name that is not a pre-trained encoder parameter (the task head is not selectable: it
+    trains for every method); a name both in `full` and `partial`; partial indices that are
+    not a 1-D integer tensor of flat positions (a boolean mask, floats, a shaped tensor),
+    negative, past the tensor's end or repeated; and, when `budget` is given, a count above it.
+    `budget` None: a method with a natural count, or one whose budget holds in expectation
+    (`budget_in_expectation`), whose count is recorded but not bounded."""
+    def refuse(rule: str):
+        raise UsageError(f"method {method!r} returned an invalid selection: {rule} "
+                         "(the Selector contract, see `peftbench check-method`)")
+
+    if not isinstance(selection, Selection):
+        refuse(f"select() must return a peftbench.selector.Selection, not {type(selection).__name__}")
+    outside = sorted(n for n in [*selection.full, *selection.partial] if n not in numels)
+    if outside:
+        refuse(f"{len(outside)} name(s) are not pre-trained encoder parameters, e.g. {outside[0]!r}")
+    both = sorted(set(selection.full) & set(selection.partial))
+    if both:
+        refuse(f"{both[0]!r} is both in full and in partial")
+    for name, idx in selection.partial.items():
+        if not isinstance(idx, torch.Tensor) or idx.dtype == torch.bool or idx.is_floating_point() \
+                or idx.is_complex() or idx.dim() != 1:
+            what = (f"a {idx.dim()}-D {idx.dtype} tensor" if isinstance(idx, torch.Tensor)
+                    else type(idx).__name__)
+            refuse(f"partial[{name!r}] is {what}: give a 1-D integer tensor of flat indices")
+        if len(idx) == 0:
+            continue
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= numels[name]:
+            refuse(f"partial[{name!r}] has index {low if low < 0 else high} outside "
+                   f"0..{numels[name] - 1} (the tensor's {numels[name]} entries)")
+        if len(torch.unique(idx)) != len(idx):
+            refuse(f"partial[{name!r}] repeats indices ({len(idx) - len(torch.unique(idx))} "
+                   "repeated): each entry counts once")
+    count = selection.count(numels)
+    if budget is not None and count > budget:
+        refuse(f"{count} entries selected, over the budget of {budget}")
+    return count
+
+
+def check_scores(method: str, scores) -> None:
+    """Scores may hold +inf / -inf (ranked above / below every finite score: GGM marks its
+    important nodes +inf) but never NaN, which no ranking orders."""
+    if scores is None:
+        return
+    if not isinstance(scores, dict):
+        raise UsageError(f"method {method!r}: score() must return a dict of tensors or None, "
+                         f"not {type(scores).__name__}")
+    for name, value in scores.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isnan(value).any()):
+            raise UsageError(f"method {method!r}: scores[{name!r}] holds {int(torch.isnan(value).sum())} "
+                             "NaN value(s): scores must be numbers (+/-inf allowed: above/below all others)")
+
+
 def apportion(k: int, numels: dict[str, int]) -> dict[str, int]:
     """Split k entries over tensors in proportion to their sizes, summing to exactly k.
 
@@ -243,6 +301,14 @@ class Selector:
     needs_data: bool = False
     uses_budget: bool = True  # False: a natural count (BitFit, LoRA, ...); a sweep runs it once
     budget_exact: bool = False  # True: select() returns exactly the budget (checked by peftbench.testing)
+    # True: the budget holds per step in expectation, not in the selection (ChildTuning-F);
+    # the selection's count is then not bounded by the budget (`validate_selection`)
+    budget_in_expectation: bool = False
+
+    def budget_bound(self, budget: int) -> int | None:
+        """The count `select` must stay within: the budget, or None (natural count, or a
+        budget that holds in expectation)."""
+        return budget if self.uses_budget and not self.budget_in_expectation else None
 
     def get_params(self) -> dict:
         """Hyper-parameters, read back from the attributes named like `__init__`'s arguments."""

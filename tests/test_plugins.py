@@ -23,6 +23,13 @@ py-modules = ["toy_plugin", "toy_plugin_broken"]
 layernorm = "toy_plugin:LayerNormOnly"
 mover = "toy_plugin:MovesWeights"
 broken = "toy_plugin_broken:Nothing"
+everything = "toy_plugin:Everything"
+boolmask = "toy_plugin:BoolMask"
+repeats = "toy_plugin:Repeats"
+outofrange = "toy_plugin:OutOfRange"
+headname = "toy_plugin:HeadName"
+nanscores = "toy_plugin:NaNScores"
+random = "toy_plugin:LayerNormOnly"
 """
 
 MODULE = '''
@@ -51,6 +58,55 @@ class MovesWeights(LayerNormOnly):
             for p in pretrained_parameters(model).values():
                 p.add_(0.01)
         return None
+
+
+class Everything(Selector):
+    """Ignores its budget: every tensor trains."""
+
+    def select(self, model, scores, budget, generator):
+        return Selection(full=set(pretrained_parameters(model)))
+
+
+class _OneTensor(Selector):
+    def select(self, model, scores, budget, generator):
+        import torch
+
+        name, param = next(iter(pretrained_parameters(model).items()))
+        return Selection(partial={name: self.indices(torch, param.numel(), budget)})
+
+
+class BoolMask(_OneTensor):
+    def indices(self, torch, n, budget):
+        return torch.arange(n) < min(budget, n)  # a mask where indices belong
+
+
+class Repeats(_OneTensor):
+    def indices(self, torch, n, budget):
+        return torch.zeros(min(budget, n), dtype=torch.long)  # one entry, counted budget times
+
+
+class OutOfRange(_OneTensor):
+    def indices(self, torch, n, budget):
+        return torch.tensor([0, n])
+
+
+class HeadName(Selector):
+    def select(self, model, scores, budget, generator):
+        return Selection(full={"classifier.bias"})
+
+
+class NaNScores(Selector):
+    needs_data = False
+
+    def score(self, model, data):
+        import torch
+
+        return {n: torch.full_like(p, float("nan")) for n, p in pretrained_parameters(model).items()}
+
+    def select(self, model, scores, budget, generator):
+        from peftbench.selector import top_k
+
+        return top_k(scores, budget, "global", generator)
 '''
 
 
@@ -111,3 +167,38 @@ def test_the_runner_refuses_a_plugin_whose_score_moves_weights(plugin_site, tiny
                 "--limit", "8", "--epochs", "1", "--quiet", "--output-dir", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "method 'mover' changed the model in score()" in proc.stderr
+
+
+HOSTILE_SELECTIONS = {
+    "everything": "entries selected, over the budget of",
+    "boolmask": "is a 1-D torch.bool tensor: give a 1-D integer tensor of flat indices",
+    "repeats": "repeats indices",
+    "outofrange": "outside 0..",
+    "headname": "are not pre-trained encoder parameters, e.g. 'classifier.bias'",
+    "nanscores": "NaN value(s)",
+}
+
+
+@pytest.mark.parametrize("method", sorted(HOSTILE_SELECTIONS))
+def test_the_runner_and_check_method_refuse_the_same_bad_selections(plugin_site, tiny_model_dir,
+                                                                      tmp_path, method):
+    """One validator for both: `run` refuses with one line naming the method and the rule
+    (nothing trained), and `check-method` fails select_within_budget with the same words."""
+    proc = _cli(plugin_site, "run", "--method", method, "--task", "rte", "--model", tiny_model_dir,
+                "--limit", "8", "--epochs", "1", "--budget", "0.01", "--quiet",
+                "--output-dir", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert f"method {method!r}" in line and HOSTILE_SELECTIONS[method] in line
+    assert not list(tmp_path.glob("*/seed-*/result.json"))  # nothing trained
+    check = _cli(plugin_site, "check-method", method)
+    assert check.returncode == 1
+    assert re.search(r"^FAIL\s+select_within_budget\s+.*" + re.escape(HOSTILE_SELECTIONS[method]),
+                     check.stdout, re.M), check.stdout
+
+
+def test_a_name_registered_twice_is_an_error_naming_both_packages(plugin_site):
+    proc = _cli(plugin_site, "run", "--method", "random", "--task", "rte")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "registered more than once" in proc.stderr
+    assert "peftbench-toy-plugin" in proc.stderr and "in package peftbench;" in proc.stderr
