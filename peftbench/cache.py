@@ -13,7 +13,9 @@ that cannot be read back (truncated by a full disk, say) is recomputed, with a w
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -23,6 +25,8 @@ from typing import Callable
 import torch
 from filelock import FileLock
 
+from peftbench.ownership import MARKER, claim, require
+from peftbench.safeload import load_pt
 from peftbench.fingerprint import code_identity, digest, environment, file_digest, model_fingerprint
 
 
@@ -36,12 +40,24 @@ def score_key(method: str, params: dict, model: str, task_files: list[str], seed
     return digest(payload), {**payload, "method": method, "model_name": model}
 
 
-class ScoreCache:
-    """A folder of `<key>.pt` files; `hits` / `misses` count this process's lookups."""
+ENTRY = re.compile(r"^[0-9a-f]{64}\.pt(\.lock)?$|^(score-)?tmp[^/]*\.tmp$|^score-[^/]*\.tmp$")
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+
+def looks_like_cache(folder: Path) -> bool:
+    """Every file is a cache entry, its lock or a temporary file (a cache from before markers)."""
+    return all(p.is_file() and ENTRY.match(p.name) for p in folder.iterdir() if p.name != MARKER)
+
+
+class ScoreCache:
+    """A folder of `<key>.pt` files; `hits` / `misses` count this process's lookups.
+
+    `create`: the folder is made (and marked, `peftbench.ownership`) if missing, as a sweep
+    does; False (`cache list` / `clear` on a folder the user names): it must already be a
+    score cache, and nothing is written to find out."""
+
+    def __init__(self, root: str | Path, create: bool = True):
+        what = "score cache folder"
+        self.root = (claim if create else require)(root, "score-cache", looks_like_cache, what)
         self.hits = self.misses = 0
 
     def path(self, key: str) -> Path:
@@ -49,7 +65,7 @@ class ScoreCache:
 
     def _read(self, path: Path):
         try:
-            return torch.load(path, weights_only=False)
+            return load_pt(path)
         except Exception as err:  # truncated or foreign file: recompute rather than fail forever
             print(f"peftbench: score cache file {path} is unreadable ({type(err).__name__}); "
                   "recomputing it", file=sys.stderr)
@@ -70,10 +86,12 @@ class ScoreCache:
             start = time.perf_counter()
             scores = compute()
             seconds = time.perf_counter() - start
-            fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix="score-", suffix=".tmp")
             os.close(fd)
             try:
-                torch.save({"scores": scores, "seconds": seconds, "about": about or {},
+                # `about` as plain JSON types: the entry must load with weights_only=True
+                torch.save({"scores": scores, "seconds": seconds,
+                            "about": json.loads(json.dumps(about or {}, default=str)),
                             "created": time.time()}, tmp)
                 os.replace(tmp, path)
             finally:
@@ -94,10 +112,11 @@ class ScoreCache:
         return rows
 
     def clear(self) -> int:
-        """Delete every cached file (and its lock); returns how many score files went."""
+        """Delete every cached file (and its lock); returns how many score files went. Only
+        files named as the cache names them go: nothing else in the folder is touched."""
         removed = 0
-        for path in list(self.root.glob("*.pt")) + list(self.root.glob("*.lock")) + \
-                list(self.root.glob("*.tmp")):
-            removed += path.suffix == ".pt"
-            path.unlink(missing_ok=True)
+        for path in sorted(self.root.iterdir()):
+            if path.is_file() and ENTRY.match(path.name):
+                removed += path.suffix == ".pt"
+                path.unlink(missing_ok=True)
         return removed

@@ -203,7 +203,7 @@ def cmd_cache(args) -> None:
     if not where.is_dir():
         raise UsageError(f"score cache folder {where} does not exist: give a study spec or a "
                          "scores folder")
-    cache = ScoreCache(where)
+    cache = ScoreCache(where, create=False)  # refuses a folder that is not a score cache
     if args.action == "clear":
         print(f"removed {cache.clear()} cached score files from {where}")
         return
@@ -225,16 +225,21 @@ def cmd_status(args) -> None:
 def cmd_report(args) -> None:
     from pathlib import Path
 
-    from peftbench import plots, report, sweep
+    from peftbench import ownership, plots, report, sweep
 
+    def is_report(folder):
+        return (folder / "report.md").is_file() or (folder / "results.csv").is_file()
+
+    spec = _load_spec(args) if args.spec and not args.runs else None
+    out = Path(args.out or (spec.out / "report" if spec else "report"))
+    ownership.check(out, "report", is_report, "report folder")  # before any work: never over a file of yours
     if args.runs:
-        frame, spec = report.load_runs(args.runs), None
+        frame = report.load_runs(args.runs)
     elif args.spec:
-        spec = _load_spec(args)
         frame = sweep.finished_frame(spec)
     else:
         raise UsageError("give a study spec or --runs DIR ...")
-    out = Path(args.out or (spec.out / "report" if spec else "report"))
+    ownership.claim(out, "report", is_report, "report folder")
     title = f"Report: {spec.name}" if spec else "Report"
     print(report.build_report(frame, out, title=title, published=spec.published if spec else None,
                               cache_dir=spec.out / "scores" if spec else None, ties=args.ties))

@@ -6,7 +6,9 @@ model's input text, the label mapping and the metrics. Loading goes through `dat
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import string
 from importlib import resources
 from dataclasses import dataclass, field
@@ -18,10 +20,11 @@ from pydantic import (BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, V
 
 from peftbench import yamlio
 from peftbench.errors import UsageError, schema_problem
-from peftbench.metrics import METRICS
+from peftbench.metrics import BINARY, METRIC_KINDS, METRICS
 
 KINDS = ("classification", "regression", "multiple_choice")
 SPLITS = ("train", "validation", "test")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # task names become folder names
 
 
 def task_dirs() -> list[Path]:
@@ -140,8 +143,13 @@ class TaskSpec:
             raise UsageError(f"task {self.name!r}: {split} data file {file} is missing "
                              f"(named in {self.path})")
         rows = 0
-        with open(file, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
+        with open(file, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise UsageError(f"task {self.name!r}: {file}:{number}: not UTF-8 text (byte "
+                                     f"{raw[err.start]:#04x}); save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -183,6 +191,9 @@ class TaskSpec:
         if self.kind == "regression":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UsageError(f"task {self.name!r}: regression label {value!r} is not a number")
+            if not math.isfinite(value):
+                raise UsageError(f"task {self.name!r}: regression label {value!r} is not a finite "
+                                 "number")
             return float(value)
         if self.kind == "multiple_choice":
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(self.choices):
@@ -312,7 +323,12 @@ def template_fields(template: str) -> list[str]:
 
 
 def parse_task(path: Path) -> TaskSpec:
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise UsageError(f"malformed task YAML {path}:{line}: not UTF-8 text (byte "
+                         f"{path.read_bytes()[err.start]:#04x}); save the file as UTF-8") from None
     try:
         node = yaml.compose(text)
         raw = yamlio.load(text)
@@ -338,6 +354,27 @@ def parse_task(path: Path) -> TaskSpec:
     metrics = [spec.metrics] if isinstance(spec.metrics, str) else list(spec.metrics)
     main = spec.main_metric or metrics[0]
     main = [main] if isinstance(main, str) else list(main)
+    for metric in metrics:
+        if kind not in METRIC_KINDS[metric]:
+            allowed = [m for m, kinds in METRIC_KINDS.items() if kind in kinds]
+            fail("metrics", f"metric {metric!r} cannot score a {kind} task: allowed {', '.join(allowed)}")
+        classes = len(spec.labels or []) if kind == "classification" else len(spec.choices or [])
+        if metric in BINARY and classes != 2:
+            fail("metrics", f"metric {metric!r} needs two classes (class 1 positive), the task has "
+                            f"{classes}: use macro_f1")
+    outside = [m for m in main if m not in metrics]
+    if outside:
+        fail("main_metric", f"main_metric {outside[0]!r} is not in metrics {metrics}: list it there too")
+    if kind != "multiple_choice" and isinstance(spec.text, list) and len(spec.text) > 2:
+        fail("text", f"text names {len(spec.text)} fields; a classification or regression input is "
+                     "one text or a pair: join the others in a template, e.g. '{a} {b}'")
+    if spec.labels is not None and len(set(map(repr, spec.labels))) != len(spec.labels):
+        twice = next(l for l in spec.labels if spec.labels.count(l) > 1)
+        fail("labels", f"label {twice!r} is listed twice: each class once (a repeat would add a "
+                       "class no row can have)")
+    if not SAFE_NAME.fullmatch(spec.name) or ".." in spec.name:
+        fail("name", f"name {spec.name!r} is not file-safe: letters, digits, '.', '_', '-' (it "
+                     "names run folders)")
     files = spec.data.files.model_dump() if spec.data.files else {}
     return TaskSpec(path=path, name=spec.name, kind=kind, metrics=metrics, main_metric=main,
                     description=spec.description, files=files,

@@ -26,6 +26,7 @@ from peftbench import memory, registry
 from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.errors import UsageError
+from peftbench.fingerprint import file_digest
 from peftbench.metrics import constant_predictor, near_constant
 from peftbench.models import head_parameters, init_head, load_model, pretrained_parameters, pretrained_size
 from peftbench.scoring import ScoringData
@@ -84,7 +85,11 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
     if config.train.max_length > positions:
         raise UsageError(f"max length {config.train.max_length} is beyond the model's position "
                          f"table: {config.model!r} takes at most {positions} tokens")
+    data_digests = [file_digest(f) for f in task.data_files()]
     splits = task.load_splits(limit=config.limit)
+    if [file_digest(f) for f in task.data_files()] != data_digests:
+        raise UsageError(f"task {task.name!r}: its files changed while they were read "
+                         f"({', '.join(task.data_files())}); run again once they are settled")
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir = Path(config.output_dir) / f"{config.method}-{task.name}-b{budget}-{stamp}"
@@ -92,7 +97,7 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
         run_dir.mkdir(parents=True)
         (run_dir / INCOMPLETE).write_text("running\n")
         _write(run_dir / "config.json", {
-            **asdict(config), "task_spec": str(task.path),
+            **asdict(config), "task_spec": str(task.path), "task_files": data_digests,
             "selector": selector_cls.__module__ + "." + selector_cls.__name__,
             "method_distribution": selector_distribution(config.method),
             "torch": torch.__version__, "python": platform.python_version(),

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas
 import torch
 
-from peftbench import cellstore, pages, plots, report, sweep
+from peftbench import cellstore, ownership, pages, plots, report, sweep
 from peftbench.errors import UsageError
 
 
@@ -29,6 +29,16 @@ def leaderboards_root() -> Path:
         return Path(os.environ["PEFTBENCH_LEADERBOARDS"])
     here = Path("leaderboards")
     return here if here.is_dir() else Path(__file__).resolve().parents[1] / "leaderboards"
+
+
+def shared_root(folder: Path) -> Path | None:
+    """The folder above a board when it is a leaderboards root (marked `leaderboards`, as the
+    repository's is, or named by $PEFTBENCH_LEADERBOARDS): its index.html and plotly.min.js are
+    peftbench's to rewrite. None for a board anywhere else, whose parent folder is the user's
+    and is never written."""
+    parent = Path(folder).resolve().parent
+    ours = ownership.kind_of(parent) == "leaderboards" or parent == leaderboards_root().resolve()
+    return parent if ours else None
 
 
 def find(name: str) -> Path:
@@ -200,7 +210,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
             f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]})."]
           if not frame.empty else []),
     ])
-    root = folder.parent
+    root = shared_root(folder)  # None: a board elsewhere writes inside its own folder only
     description = (opening[0] + "\n\n" if opening else "") + spec.description
     if frame.empty:
         text = "\n".join([f"# Leaderboard {spec.name}", "", header, "",
@@ -209,7 +219,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         pages.write_page(folder, f"Leaderboard {spec.name}", description, None,
                          page_meta(spec, command, done, expected),
                          spec_text=(folder / "spec.yaml").read_text(), protocol=spec.protocol)
-        pages.write_index(root)
+        if root is not None:
+            pages.write_index(root)
         return text
     known = {"overlap": _read_rows(folder / "overlap-seeds.csv"),
              "scores": _read_rows(folder / "score-correlation-seeds.csv")}
@@ -217,7 +228,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
                                published=spec.published, cache_dir=spec.out / "scores",
                                markdown="README.md", known=known)
     plots.pareto_png(frame, folder / "pareto.png")
-    js = pages.relative(plots.write_plotly_js(root), folder)
+    js = pages.relative(plots.write_plotly_js(root or folder), folder)
     plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)
     ranking = report.friedman_ranking(frame)
     if ranking is not None:
@@ -239,7 +250,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
                      page_meta(spec, command, done, expected),
                      spec_text=(folder / "spec.yaml").read_text(), plotly_js=js,
                      extra_html=pages.runs_html(frame, links), protocol=spec.protocol)
-    pages.write_index(root)
+    if root is not None:
+        pages.write_index(root)
     return text
 
 
@@ -340,7 +352,8 @@ def published_only(spec: sweep.StudySpec, folder: Path | None = None) -> str:
                                 "machine needed": spec.machine,
                                 **{f"not the paper's variant: {m}": n for m, n in spec.method_notes.items()}},
                          spec_text=(folder / "spec.yaml").read_text())
-        pages.write_index(folder.parent)
+        if shared_root(folder) is not None:
+            pages.write_index(folder.parent)
     return "\n".join([
         f"# Leaderboard {spec.name}: published numbers only", "", spec.description, "",
         f"No results of ours yet: `peftbench leaderboard run {spec.name}` (machine: {spec.machine}).", "",

@@ -42,6 +42,11 @@ METRICS = {
 
 
 NEEDS_CLASSES = {"macro_f1"}  # metrics that must know every class, present or not
+_LABELS = ("classification", "multiple_choice")
+# the task kinds each metric can score (a task file naming another is refused when it loads)
+METRIC_KINDS = {"accuracy": _LABELS, "f1": _LABELS, "macro_f1": _LABELS, "mcc": _LABELS,
+                "pearson": ("regression",), "spearman": ("regression",)}
+BINARY = {"f1"}  # positive class 1: two classes only
 
 
 def compute(names: list[str], main: list[str], predictions: np.ndarray, labels: np.ndarray,

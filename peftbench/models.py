@@ -13,6 +13,9 @@ from torch import nn
 from peftbench.errors import UsageError
 
 DEFAULT_MODEL = "default"
+# a local model folder needs one of these, or its tokenizer would be built from nothing
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model")
 
 
 def resolve_model_path(model: str) -> str:
@@ -31,6 +34,11 @@ def resolve_model_path(model: str) -> str:
         if not (path / "config.json").is_file():
             raise UsageError(f"model path {model!r} has no config.json: give a folder saved by "
                              "save_pretrained, a hub id, or 'default'")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build a near-empty tokenizer (every word [UNK]) and train on it
+            raise UsageError(f"model path {model!r} has no tokenizer files (one of "
+                             f"{', '.join(TOKENIZER_FILES)}): save the tokenizer there too "
+                             "(tokenizer.save_pretrained)")
         return str(path)
     if looks_like_path:
         raise UsageError(f"model path {model!r} does not exist: give a folder saved by "

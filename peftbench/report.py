@@ -26,6 +26,7 @@ import torch
 from peftbench import memory
 from peftbench.errors import UsageError, check_choice
 from peftbench.metrics import near_constant
+from peftbench.safeload import load_pt
 
 TIES = ("average", "min", "max", "dense", "ordinal")
 
@@ -38,6 +39,35 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     g = frame.groupby("method")
     return pd.DataFrame({"scoring_s": g.scoring_time_s.mean(), "training_s": g.train_time_s.mean(),
                          "steps_per_s": g.steps_per_s.mean(), "peak_memory_mb": g.peak_memory_mb.max()})
+
+
+def _read_json(path: Path) -> dict:
+    """A run folder's JSON file, or a one-line UsageError naming it (missing, cut, not JSON)."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing: the run folder is not complete (remove it, or "
+                         "leave it out of the folders given)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:120]}): the "
+                         "run folder is damaged (remove it, or leave it out)") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is not a JSON object: the run folder is damaged")
+    return value
+
+
+def _one_setting(frame: pd.DataFrame) -> None:
+    """Runs of several models, or of two datasets behind one task name, are not seeds of one
+    cell: refused (naming both) instead of being dropped as re-runs or divided by one model's
+    size."""
+    models = frame.groupby("model").size()
+    if len(models) > 1:
+        raise UsageError(f"the runs are of {len(models)} models ({', '.join(f'{m!r}: {n} seeds' for m, n in models.items())}): "
+                         "report one model at a time (give the folders of one)")
+    for task, group in frame.groupby("task"):
+        if group["data"].nunique() > 1:
+            raise UsageError(f"task {task!r}: the runs read {group['data'].nunique()} different data "
+                             "files or task files under one name: report one dataset at a time")
 
 
 def load_runs(folders: list[str | Path]) -> pd.DataFrame:
@@ -59,8 +89,7 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
             run_dir = result_file.parent.parent
             if str(run_dir) in incomplete:
                 continue
-            config = json.loads((run_dir / "config.json").read_text())
-            result = json.loads(result_file.read_text())
+            config, result = _read_json(run_dir / "config.json"), _read_json(result_file)
             try:
                 natural = not registry.get(config["method"]).uses_budget
             except UsageError:
@@ -86,7 +115,8 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
                          "steps_per_s": result.get("steps_per_s", np.nan),
                          "peak_memory_mb": memory.peak_memory_mb(result),
                          "written": result_file.stat().st_mtime,
-                         "spend": result.get("trainable_by_tensor", {})})
+                         "spend": result.get("trainable_by_tensor", {}),
+                         "data": json.dumps(config.get("task_files") or config.get("task_spec", config["task"]))})
     if incomplete:
         notes.append(f"skipped {len(incomplete)} run directories marked {INCOMPLETE} (interrupted "
                      f"or failed): {', '.join(incomplete)}")
@@ -94,6 +124,8 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
         raise UsageError(f"no finished runs (seed-*/result.json) under {[str(f) for f in folders]}"
                          + (f"; {notes[0]}" if notes else ""))
     frame = pd.DataFrame(rows).sort_values("written")
+    _one_setting(frame)
+    frame = frame.drop(columns="data")
     key = ["task", "method", "budget", "seed"]
     repeated = int(frame.duplicated(key, keep="last").sum())
     if repeated:
@@ -404,7 +436,7 @@ def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 
 
 def _mask(run_dir: str, seed: int):
     path = Path(run_dir) / f"seed-{seed}" / "mask.pt"
-    return torch.load(path) if path.exists() else None
+    return load_pt(path) if path.exists() else None
 
 
 def _numels(run_dir: str, seed: int) -> dict[str, int]:
@@ -500,7 +532,7 @@ def score_correlation_seeds(frame: pd.DataFrame, cache_dir: str | Path, sample: 
         path = Path(cache_dir) / f"{key}.pt"
         if key is None or not path.exists():
             continue
-        scores = torch.load(path, weights_only=False)["scores"]
+        scores = load_pt(path)["scores"]
         numels = _numels(row.run_dir, row.seed)
         if isinstance(scores, dict) and all(n in scores and scores[n].numel() == numels[n] for n in numels):
             vectors[(row.task, row.seed, row.method)] = {n: scores[n] for n in numels}

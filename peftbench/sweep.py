@@ -67,7 +67,7 @@ from pydantic import (
 )
 from pydantic import Field as PydanticField
 
-from peftbench import memory, registry, yamlio
+from peftbench import memory, ownership, registry, yamlio
 from peftbench.cache import ScoreCache
 from peftbench.errors import UsageError, schema_problem
 from peftbench.experiment import RunConfig, run_experiment
@@ -318,6 +318,7 @@ def open_storage(spec: StudySpec):
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url[len("journal:"):])
+        _check_journal_end(path, url)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
@@ -349,6 +350,26 @@ def open_storage(spec: StudySpec):
         raise UsageError(f"cannot open storage {url!r}: {first[:300]}") from None
 
 
+def _check_journal_end(path: Path, url: str) -> None:
+    """A journal whose last line was cut (a crash mid-write) is refused before any command
+    appends to it: the next record would be glued onto the cut one, and Optuna could not read
+    the file again. The user decides what to keep; nothing is repaired behind their back."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() == 0:
+                return
+            handle.seek(-1, os.SEEK_END)
+            last = handle.read(1)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise UsageError(f"storage {url!r}: cannot read the journal file: {err.strerror or err}") from None
+    if last != b"\n":
+        raise UsageError(f"storage {url!r}: the journal's last line is cut (a write was interrupted); "
+                         f"remove that partial last line of {path} (or restore a copy) and run again")
+
+
 def reclaim_dead_local_trials(study: optuna.Study) -> int:
     """Fail RUNNING trials whose worker ran on this host and whose process is gone (the journal
     storage's stand-in for a heartbeat); returns how many. Their cells are queued again."""
@@ -374,8 +395,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def open_study(spec: StudySpec, storage=None) -> optuna.Study:
+def open_study(spec: StudySpec, storage=None, read_only: bool = False) -> optuna.Study:
+    """The spec's study, created if missing; `read_only` (status, reports): loaded, never
+    created or written, a UsageError when there is none yet."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if read_only:
+        url = spec.storage_url
+        local = url[len("sqlite:///"):] if url.startswith("sqlite:///") else \
+            url[len("journal:"):] if url.startswith("journal:") else None
+        try:
+            if storage is None and local is not None and not Path(local).is_file():
+                raise KeyError(spec.name)  # opening it would create it
+            return optuna.load_study(study_name=spec.name, storage=storage or open_storage(spec))
+        except KeyError:
+            raise NotStarted(f"study {spec.name!r} has not started in {url}: nothing to show "
+                             f"(start it: peftbench sweep SPEC)") from None
     study = optuna.create_study(study_name=spec.name, storage=storage or open_storage(spec),
                                 directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.RandomSampler(seed=0), load_if_exists=True)
@@ -520,8 +554,18 @@ def _add_tried(entry: dict, storage, study_name: str) -> None:
 
 
 def best_search_params(spec: StudySpec) -> dict:
+    """search.json's {task/method: settings}; {} before any search; a one-line error when cut."""
     path = spec.out / "search.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        best = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}): restore it (a leaderboard's copy is "
+                         "committed beside its spec) or remove it to search again") from None
+    if not isinstance(best, dict) or not all(isinstance(v, dict) for v in best.values()):
+        raise UsageError(f"{path} is not a search record ({{task/method: settings}}): restore or remove it")
+    return best
 
 
 def result_attrs(result: dict, config: RunConfig, run_dir: Path) -> dict:
@@ -539,6 +583,10 @@ def result_attrs(result: dict, config: RunConfig, run_dir: Path) -> dict:
             "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"],
             "steps_per_s": result["steps_per_s"], "peak_memory_mb": memory.peak_memory_mb(result),
             "train_config": asdict(config.train), "method_params": config.method_params}
+
+
+class NotStarted(UsageError):
+    """A read-only command on a study that has no storage or no study yet."""
 
 
 class CellFailed(Exception):
@@ -567,11 +615,16 @@ class GridObjective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("threads", torch_threads())
         config = cell_run_config(self.spec, cell, self.prints.best)
+        expected = self.prints.config(cell)["task_files"]
+        self._same_data(trial, cell, expected, lambda: cell_config(config)["task_files"])
         try:
             summary, run_dir = run_experiment(config, progress=self.progress, score_cache=self.cache)
         except Exception as err:
             trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:500])
             raise
+        # the data the run read (digests taken as it loaded them), not what the sweep saw at start
+        self._same_data(trial, cell, expected,
+                        lambda: json.loads((run_dir / "config.json").read_text())["task_files"])
         result = json.loads((run_dir / f"seed-{attrs['seed']}" / "result.json").read_text())
         for key, value in result_attrs(result, config, run_dir).items():
             trial.set_user_attr(key, value)
@@ -582,6 +635,16 @@ class GridObjective:
             trial.set_user_attr("failure", f"diverged at step {d['step']} (loss {d['loss']})")
             raise CellFailed(trial.user_attrs["failure"])
         return result["test"]["main"], result["trainable"]["trainable"]
+
+    @staticmethod
+    def _same_data(trial: optuna.Trial, cell: Cell, expected: list[str], read) -> None:
+        """A cell is recorded under its fingerprint only if it trained on that fingerprint's
+        data: task files edited during a sweep fail the cell (and queue nothing under the old
+        fingerprint); the next `sweep` fingerprints the new data and queues its cells."""
+        if read() != expected:
+            trial.set_user_attr("failure", f"task {cell.task!r}: its data files changed since "
+                                "this sweep started; run the sweep again to record cells on the new data")
+            raise CellFailed(trial.user_attrs["failure"])
 
     @staticmethod
     def _twin(trial: optuna.Trial, cell: str, fingerprint: str) -> int | None:
@@ -640,11 +703,22 @@ def progress_line(study: optuna.Study, prints: Fingerprints) -> str:
             f"{tally['failed']} failed, {tally['waiting']} waiting{eta}")
 
 
+SWEEP_FILES = ("study.db", "runs", "scores", "search.json", "search-runs", "report", ".enqueue.lock")
+
+
+def claim_out(spec: StudySpec) -> Path:
+    """The sweep's output folder, made and marked as peftbench's (`peftbench.ownership`) before
+    anything is written there; a folder holding someone else's files is refused."""
+    return ownership.claim(spec.out, "sweep", lambda f: any((f / n).exists() for n in SWEEP_FILES),
+                           what=f"study {spec.name!r} output folder")
+
+
 def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool = True,
              restart_changed: bool = False, on_complete=None) -> optuna.Study:
     """Work on the study until no cell is waiting or running; safe to run in N processes.
     `on_complete(trial)` is called with each cell this process finishes for good (completed,
     or diverged), as it finishes (a leaderboard commits the cell's files there)."""
+    claim_out(spec)
     study = open_study(spec)
     added = enqueue_missing(study, spec, restart_changed=restart_changed)
     prints = Fingerprints(spec)
@@ -798,6 +872,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
         raise UsageError(f"study {spec.name!r} has no 'search:' section")
     search = spec.search
     budget = str(Budget.parse(search["budget"])) if search.get("budget") is not None else spec.budgets[0]
+    claim_out(spec)
     best = best_search_params(spec)
     cache = ScoreCache(spec.out / "scores")
     storage = open_storage(spec)
@@ -848,8 +923,17 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
                 trial.set_user_attr("run_dir", str(run_dir.resolve()))
                 return summary["validation_main_mean"]
 
+            def guarded(trial: optuna.Trial) -> float:  # a failure's reason kept with its trial
+                try:
+                    return objective(trial)
+                except optuna.TrialPruned:
+                    raise
+                except Exception as err:
+                    trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:300])
+                    raise
+
             done = (TrialState.COMPLETE, TrialState.PRUNED)
-            study.optimize(objective, n_trials=n_trials, catch=(Exception,),
+            study.optimize(guarded, n_trials=n_trials, catch=(Exception,),
                            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
             studies = [study]
             for value in widened(studies, grid, int(search.get("widen", 0))):
@@ -861,14 +945,18 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
                     storage=storage, direction="maximize", load_if_exists=True,
                     sampler=optuna.samplers.GridSampler({name: [choice]}))
                 params_space = {name: {"choices": [choice]}}
-                extra.optimize(objective, n_trials=1, catch=(Exception,),
+                extra.optimize(guarded, n_trials=1, catch=(Exception,),
                                callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
                 studies.append(extra)
             params_space = search.get("params", {})
             complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-            if not complete:
-                log(f"search {task}/{method}: no trial completed")
-                continue
+            if not complete:  # nothing to choose from: never an empty search.json and exit 0
+                failed = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+                reason = failed[0].user_attrs.get("failure", "") if failed else ""
+                raise UsageError(f"search {task}/{method}: none of its {sum(len(st.trials) for st in studies)} "
+                                 f"trials completed{': ' + reason.splitlines()[0][:300] if reason else ''}; "
+                                 "fix the search space or the method's settings (search.json keeps the "
+                                 "pairs tuned so far)")
             winner = max(complete, key=lambda t: t.value)
             params = winner.params
             best[f"{task}/{method}"] = {
@@ -922,7 +1010,12 @@ def _write_search(spec: StudySpec, best: dict, mirror: Path | None = None) -> No
 def watch(spec: StudySpec, every: float = 10.0, once: bool = False, stream=None) -> None:
     """The live view: one refreshed line per `every` seconds until nothing is waiting or running."""
     stream = stream or sys.stdout
-    study = open_study(spec)
+    try:
+        study = open_study(spec, read_only=True)
+    except NotStarted:  # read-only: say so without creating the storage
+        print(f"0/{len(cells(spec))} cells done; study {spec.name!r} not started "
+              f"(in {spec.storage_url})", file=stream)
+        return
     prints = Fingerprints(spec)
     while True:
         line = progress_line(study, prints)
@@ -974,7 +1067,7 @@ def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
 def finished_frame(spec: StudySpec):
     """`trials_frame` of the spec's study (its cells, its settings); a clear error when nothing
     has finished yet. The cells that failed for good are in `frame.attrs["failed"]`."""
-    study = open_study(spec)
+    study = open_study(spec, read_only=True)
     frame = trials_frame(study, Fingerprints(spec))
     if frame.empty:
         raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial of this "

@@ -175,11 +175,13 @@ def check_select_is_deterministic(s: _Setup) -> str:
 
 
 def check_cache_round_trip(s: _Setup) -> str:
+    from peftbench.safeload import load_pt
+
     scores = s.score()
     buffer = io.BytesIO()
     torch.save(scores, buffer)
     buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = load_pt(buffer)  # as the score cache reads it: plain tensors only
     assert _same_selection(s.select(s.selector, scores), s.select(s.fresh(), loaded)), \
         "a fresh instance given the saved-and-loaded scores selects differently"
     return "same selection from the scores saved and loaded by a fresh instance"

@@ -63,13 +63,19 @@ def train_config(values: dict, where: str = "train", base: TrainConfig | None = 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allowed = "auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available() else "")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} is not available here: allowed auto, cpu"
-                         + (", cuda" if torch.cuda.is_available() else ""))
+        raise UsageError(f"device {device!r} is not available here: allowed {allowed}")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"device {device!r} is unknown: allowed auto, cpu, cuda, cuda:N") from None
+        raise UsageError(f"device {device!r} is unknown: allowed {allowed}") from None
+    if resolved.type not in ("cpu", "cuda"):  # mps, meta, xla...: paths never tested here
+        raise UsageError(f"device {device!r} is not supported: allowed {allowed}")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r} does not exist: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def _autocast(device: torch.device):
@@ -91,6 +97,11 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: TaskSpec) -> torch
     if task.kind == "regression":
         return F.mse_loss(logits.float(), labels)
     return F.cross_entropy(logits.float(), labels)
+
+
+def warmup_steps(ratio: float, steps: int) -> int:
+    """ceil(ratio * steps) warm-up steps, at most steps - 1 (the last step runs at full rate)."""
+    return min(math.ceil(ratio * steps), max(steps - 1, 0))
 
 
 def make_loader(dataset, tokenizer, task, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -162,7 +173,9 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
         steps = min(steps, config.max_steps)
     from transformers import get_linear_schedule_with_warmup
 
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
+    # HF's linear warm-up starts at rate 0; it is held to steps - 1 so at least one step runs at
+    # the full rate (ceil(0.1 * 1) = 1 would train a one-step run at rate 0: any lr, same model)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(config.warmup_ratio, steps), steps)
     params = [p for _, p in trainable]
     selector.begin_training(model, steps)
     extra_loss = _overrides(selector, "loss_term")

@@ -243,8 +243,11 @@ def test_journal_storage_reclaims_a_dead_local_workers_trial(tmp_path, tiny_mode
 
 def _launch(args, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # SIGINT at its default in the child whatever the caller's disposition (a shell's `&` or
+    # nohup ignores it, and an ignored signal stays ignored across exec)
     return subprocess.Popen([sys.executable, "-m", "peftbench", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def _interrupt_when(proc, ready, timeout=120):

@@ -1,0 +1,347 @@
+"""Hostile input, round 3 (issue #22): nothing lost, nothing executed. Each case is one test
+or one row of a table, named as in the issue."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from peftbench.cli import main
+
+
+def one_line_error(capsys, *argv) -> str:
+    code = main(list(argv))
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("peftbench: error: "), err
+    return lines[0]
+
+
+class _Payload:
+    """Unpickling this runs `touch <flag>`: what a crafted .pt file could do."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.flag}",))
+
+
+def _crafted(path: Path, flag: Path) -> Path:
+    torch.save({"scores": _Payload(flag), "seconds": 1.0, "about": {}}, path)
+    return path
+
+
+# --- data loss -------------------------------------------------------------------------------
+
+def test_cache_clear_on_a_folder_that_is_not_a_cache_deletes_nothing(capsys, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("model.pt", "run.lock", "half.tmp"):
+        (folder / name).write_bytes(b"precious")
+    msg = one_line_error(capsys, "cache", "clear", str(folder))
+    assert "holds files peftbench did not write (e.g. 'half.tmp')" in msg
+    assert sorted(p.name for p in folder.iterdir()) == ["half.tmp", "model.pt", "run.lock"]
+
+
+def test_cache_clear_removes_only_the_caches_own_files(capsys, tmp_path):
+    from peftbench.cache import ScoreCache
+
+    cache = ScoreCache(tmp_path / "scores")  # made and marked by peftbench
+    cache.get_or_compute("a" * 64, lambda: {"w": torch.ones(2)})
+    (tmp_path / "scores" / "notes.pt").write_bytes(b"mine")  # a user's file put there later
+    assert main(["cache", "clear", str(tmp_path / "scores")]) == 0
+    assert "removed 1 cached score files" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == [".peftbench", "notes.pt"]
+
+
+def test_a_cache_from_before_markers_is_still_recognised(tmp_path):
+    from peftbench.cache import ScoreCache
+
+    old = tmp_path / "scores"
+    old.mkdir()
+    torch.save({"scores": {"w": torch.ones(1)}, "seconds": 0.5, "about": {}}, old / f"{'b' * 64}.pt")
+    assert ScoreCache(old, create=False).clear() == 1
+
+
+def test_a_board_given_as_a_path_never_writes_the_folder_above_it(tmp_path, monkeypatch):
+    from peftbench import leaderboard
+
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    users = tmp_path / "some" / "path"
+    (users / "board").mkdir(parents=True)
+    assert leaderboard.shared_root(users / "board") is None
+    (tmp_path / "boards" / "b").mkdir(parents=True)
+    assert leaderboard.shared_root(tmp_path / "boards" / "b") == (tmp_path / "boards").resolve()
+    repository = Path(leaderboard.__file__).resolve().parents[1] / "leaderboards"
+    assert leaderboard.shared_root(repository / "quickstart-sst2") == repository  # marked
+
+
+def _journal_spec(tmp_path, model):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t", "model": model, "tasks": ["rte"], "methods": {"random": {}}, "budgets": [0.01],
+        "seeds": 1, "limit": 8, "train": {"epochs": 1}, "output_dir": str(tmp_path / "out"),
+        "storage": f"journal:{tmp_path}/study.log"}))
+    return path
+
+
+def test_status_on_a_journal_with_a_cut_last_line_leaves_it_as_it_was(capsys, tmp_path, tiny_model_dir):
+    from peftbench import sweep
+
+    spec_path = _journal_spec(tmp_path, tiny_model_dir)
+    spec = sweep.load_spec(spec_path)
+    sweep.enqueue_missing(sweep.open_study(spec), spec)
+    journal = tmp_path / "study.log"
+    journal.write_bytes(journal.read_bytes()[:-7])  # a crash mid-write
+    before = journal.read_bytes()
+    msg = one_line_error(capsys, "status", str(spec_path))
+    assert "the journal's last line is cut" in msg
+    assert journal.read_bytes() == before
+
+
+def test_status_before_a_study_starts_writes_nothing(capsys, tmp_path, tiny_model_dir):
+    spec_path = _journal_spec(tmp_path, tiny_model_dir)
+    assert main(["status", str(spec_path)]) == 0
+    assert "0/1 cells done; study 't' not started" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_a_sweep_into_a_folder_of_someone_elses_files_is_refused(capsys, tmp_path, tiny_model_dir):
+    spec_path = _journal_spec(tmp_path, tiny_model_dir)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    assert "holds files peftbench did not write (e.g. 'thesis.tex')" in one_line_error(
+        capsys, "sweep", str(spec_path))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["thesis.tex"]
+
+
+def test_report_out_on_a_file_is_refused_before_writing(capsys, tmp_path):
+    target = tmp_path / "report.txt"
+    target.write_text("precious")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    msg = one_line_error(capsys, "report", "--runs", str(runs), "--out", str(target))
+    assert target.read_text() == "precious" and "is a file, not a folder" in msg
+
+
+# --- code execution --------------------------------------------------------------------------
+
+def test_cache_list_never_runs_code_from_a_crafted_file(capsys, tmp_path):
+    from peftbench.cache import ScoreCache
+
+    cache = ScoreCache(tmp_path / "scores")
+    flag = tmp_path / "pwned"
+    _crafted(cache.path("c" * 64), flag)
+    assert main(["cache", "list", str(tmp_path / "scores")]) == 0
+    assert "[unreadable]" in capsys.readouterr().out
+    assert not flag.exists()
+
+
+def test_the_score_cache_recomputes_a_crafted_entry_instead_of_running_it(tmp_path, capsys):
+    from peftbench.cache import ScoreCache
+
+    cache = ScoreCache(tmp_path / "scores")
+    flag = tmp_path / "pwned"
+    _crafted(cache.path("d" * 64), flag)
+    scores, _, cached = cache.get_or_compute("d" * 64, lambda: {"w": torch.zeros(3)})
+    assert not cached and torch.equal(scores["w"], torch.zeros(3)) and not flag.exists()
+
+
+def test_report_reads_masks_without_running_code(tmp_path):
+    from peftbench import report
+    from peftbench.safeload import UnsafeFile
+
+    (tmp_path / "seed-0").mkdir()
+    flag = tmp_path / "pwned"
+    torch.save(_Payload(flag), tmp_path / "seed-0" / "mask.pt")
+    with pytest.raises(UnsafeFile, match="not a plain tensor file"):
+        report._mask(str(tmp_path), 0)
+    assert not flag.exists()
+
+
+def test_nothing_peftbench_reads_back_uses_unsafe_loading():
+    """The one safe loader is the only torch.load in the package."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for folder in ("peftbench", "methods")
+                 for p in (root / folder).rglob("*.py")
+                 if "torch.load(" in p.read_text() and p.name != "safeload.py"]
+    assert offenders == []
+
+
+# --- task files: checked where they enter, before anything is written -------------------------
+
+def _small_task(tmp_path, name: str, edit) -> str:
+    """A copy of a built-in task with a 20-row train file; `edit(spec_path, train_path)` breaks it."""
+    from conftest import copy_task
+
+    path = Path(copy_task(tmp_path, name))
+    text = path.read_text()
+    source = text.split("train: ")[1].split("\n")[0]
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"".join(Path(source).read_bytes().splitlines(keepends=True)[:20]))
+    path.write_text(text.replace(source, str(train)))
+    edit(path, train)
+    return str(path)
+
+
+def _replace(old: str, new: str):
+    return lambda spec, train: spec.write_text(spec.read_text().replace(old, new, 1))
+
+
+def _first_label(value: str):
+    def edit(spec, train):
+        lines = train.read_text().splitlines()
+        row = json.loads(lines[0])
+        lines[0] = json.dumps({**row, "label": 123.25}).replace("123.25", value, 1)
+        train.write_text("\n".join(lines) + "\n")
+    return edit
+
+
+TASK_CASES = {
+    "duplicated label": ("rte", _replace("labels: [entailment, not_entailment]",
+                                         "labels: [entailment, not_entailment, entailment]"),
+                         "label 'entailment' is listed twice"),
+    "third text field": ("rte", _replace("text: [premise, hypothesis]", "text: [premise, hypothesis, premise]"),
+                         "text names 3 fields"),
+    "accuracy on a regression task": ("stsb", _replace("metrics: [pearson, spearman]", "metrics: [accuracy]"),
+                                      "metric 'accuracy' cannot score a regression task: allowed pearson, spearman"),
+    "main metric not in metrics": ("stsb", _replace("metrics: [pearson, spearman]", "metrics: [pearson]"),
+                                   "main_metric 'spearman' is not in metrics ['pearson']"),
+    "f1 on three classes": ("cb", _replace("metrics: [accuracy, macro_f1]", "metrics: [accuracy, macro_f1, f1]"),
+                            "metric 'f1' needs two classes"),
+    "NaN regression label": ("stsb", _first_label("NaN"), "regression label nan is not a finite number"),
+    "Infinity regression label": ("stsb", _first_label("Infinity"), "regression label inf is not a finite number"),
+    "task name with ../": ("rte", _replace("name: rte", "name: ../../escaped"), "is not file-safe"),
+    "invalid UTF-8 in a data file": ("rte", lambda spec, train: train.write_bytes(
+        train.read_bytes().replace(b"a", b"\xff", 1)), "train.jsonl:1: not UTF-8 text (byte 0xff)"),
+    "invalid UTF-8 in the task YAML": ("rte", lambda spec, train: spec.write_bytes(
+        spec.read_bytes().replace(b"Recognising", b"Recogn\xe9sing", 1)), "not UTF-8 text (byte 0xe9)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TASK_CASES))
+def test_bad_task_files_are_refused_before_anything_is_written(capsys, tmp_path, tiny_model_dir, case):
+    name, edit, expected = TASK_CASES[case]
+    task = _small_task(tmp_path, name, edit)
+    msg = one_line_error(capsys, "run", "--method", "random", "--task", task, "--model",
+                         tiny_model_dir, "--quiet", "--output-dir", str(tmp_path / "runs"))
+    assert expected in msg
+    assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+# --- wrong numbers with exit 0 -----------------------------------------------------------------
+
+def test_a_one_step_run_trains_at_its_learning_rate():
+    """HF's warm-up starts at rate 0: held to steps - 1, a one-step run is not a no-op."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from peftbench.trainer import warmup_steps
+
+    assert warmup_steps(0.1, 1) == 0 and warmup_steps(0.1, 150) == 15 and warmup_steps(0.5, 2) == 1
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.9)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(0.1, 1), 1)
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.9)
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(capsys, tmp_path, tiny_model_dir):
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model_dir) / name, folder / name)
+    msg = one_line_error(capsys, "run", "--method", "random", "--task", "rte", "--model", str(folder),
+                         "--quiet", "--output-dir", str(tmp_path / "runs"))
+    assert "has no tokenizer files" in msg and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "cuda:7"])
+def test_unsupported_devices_are_refused(capsys, tmp_path, tiny_model_dir, device):
+    msg = one_line_error(capsys, "run", "--method", "random", "--task", "rte", "--model", tiny_model_dir,
+                         "--device", device, "--quiet", "--output-dir", str(tmp_path / "runs"))
+    assert f"device {device!r}" in msg and "allowed auto, cpu" in msg or "not available" in msg
+
+
+def test_task_data_edited_during_a_sweep_is_not_recorded_under_the_old_fingerprint(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    from peftbench import sweep
+
+    task = _small_task(tmp_path, "rte", lambda spec, train: None)
+    train = tmp_path / "train.jsonl"
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t", "model": tiny_model_dir, "tasks": [task], "methods": {"random": {}},
+        "budgets": [0.01], "seeds": 2, "limit": 8, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "out")}))
+    spec = sweep.load_spec(path)
+    real = sweep.run_experiment
+
+    def edit_after_the_first(config, **kw):
+        out = real(config, **kw)
+        train.write_text("\n".join(train.read_text().splitlines()[:-1]) + "\n")  # one row fewer
+        return out
+
+    monkeypatch.setattr(sweep, "run_experiment", edit_after_the_first)
+    study = sweep.run_grid(spec, log=lambda *a: None)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "FAIL"]
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    assert "data files changed since this sweep started" in failed.user_attrs["failure"]
+
+
+def test_a_cut_search_json_is_one_line(capsys, tmp_path, tiny_model_dir):
+    from peftbench import sweep
+    from peftbench.errors import UsageError
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "model": tiny_model_dir, "tasks": ["rte"],
+                                    "methods": {"random": {}}, "budgets": [0.01], "seeds": 1,
+                                    "output_dir": str(tmp_path / "out")}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "search.json").write_text('{"rte/random": {"train": {"lr"')
+    with pytest.raises(UsageError, match="search.json is not valid JSON"):
+        sweep.best_search_params(sweep.load_spec(path))
+
+
+def _fake_run(folder: Path, model: str, seed: int, task_files: list[str]) -> None:
+    (folder / f"seed-{seed}").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "method": "random", "task": "rte", "budget": "0.01", "model": model, "task_files": task_files}))
+    (folder / f"seed-{seed}" / "result.json").write_text(json.dumps({
+        "seed": seed, "test": {"main": 0.5}, "validation": {"main": 0.5},
+        "trainable": {"trainable": 10}, "pretrained_entries": 1000, "scoring_time_s": 0.0,
+        "train_time_s": 1.0}))
+
+
+@pytest.mark.parametrize("other, expected", [
+    ({"model": "other-model"}, "the runs are of 2 models"),
+    ({"task_files": ["changed"]}, "different data files"),
+])
+def test_report_runs_of_two_models_or_datasets_are_refused_not_dropped(tmp_path, other, expected):
+    from peftbench import report
+    from peftbench.errors import UsageError
+
+    _fake_run(tmp_path / "a", "default", 0, ["x"])
+    _fake_run(tmp_path / "b", other.get("model", "default"), 0, other.get("task_files", ["x"]))
+    with pytest.raises(UsageError, match=expected):
+        report.load_runs([tmp_path])
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda run: (run / "seed-0" / "result.json").write_text('{"seed": 0, "te'), "cannot be read"),
+    (lambda run: (run / "config.json").unlink(), "config.json is missing"),
+])
+def test_report_on_a_damaged_run_folder_is_one_line(tmp_path, damage, expected):
+    from peftbench import report
+    from peftbench.errors import UsageError
+
+    _fake_run(tmp_path / "a", "default", 0, ["x"])
+    damage(tmp_path / "a")
+    with pytest.raises(UsageError, match=expected):
+        report.load_runs([tmp_path])
