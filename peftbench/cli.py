@@ -428,7 +428,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peftbench: interrupted; {INTERRUPTED.get(args.command, 'nothing was lost')}",
               file=sys.stderr)
         return 130
+    except Exception as err:
+        fault = storage_fault(err)
+        if fault is None:
+            raise
+        print(f"peftbench: error: {fault}", file=sys.stderr)
+        return 1
     return code or 0
+
+
+def storage_fault(err: BaseException) -> str | None:
+    """One line for a fault of the study's database (damaged, locked, unreachable) found
+    anywhere in `err`'s chain, naming its deepest cause; None for any other error."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    kinds = {f"{type(e).__module__}.{type(e).__name__}" for e in chain}
+    if not any(k.startswith(("sqlalchemy.", "sqlite3.", "optuna.exceptions.StorageInternalError"))
+               or k.endswith("StorageInternalError") for k in kinds):
+        return None
+    root = chain[-1]
+    text = (str(getattr(root, "orig", None) or root).strip().splitlines() or [type(root).__name__])[0]
+    return (f"the study's storage failed: {text[:200]} (a damaged, locked or unreachable database; "
+            "finished cells committed to a board are safe in its runs/ folder)")
 
 
 if __name__ == "__main__":

@@ -111,13 +111,32 @@ class TaskSpec:
         """The files whose content defines this task (its spec, and its data files if local)."""
         return [str(self.path)] + [str(self.path.parent / f) for _, f in sorted(self.files.items())]
 
+    def digests(self) -> list[str]:
+        """SHA-256 of each of `data_files()` (what a run records and a cell is fingerprinted
+        by); a missing data file is a one-line error naming its split."""
+        from peftbench.fingerprint import file_digest
+
+        for split, name in sorted(self.files.items()):
+            if not (self.path.parent / name).is_file():
+                raise UsageError(f"task {self.name!r}: {split} data file {self.path.parent / name} "
+                                 f"is missing (named in {self.path})")
+        return [file_digest(f) for f in self.data_files()]
+
     def load_splits(self, limit: int | None = None):
         """A `datasets.DatasetDict` with train / validation / test, rows as in the files."""
         from datasets import DatasetDict, load_dataset
 
         if self.hub:
-            raw = load_dataset(self.hub["path"], self.hub.get("name"))
-            raw = DatasetDict({s: raw[self.hub.get("splits", {}).get(s, s)] for s in SPLITS})
+            try:
+                raw = load_dataset(self.hub["path"], self.hub.get("name"))
+                raw = DatasetDict({s: raw[self.hub.get("splits", {}).get(s, s)] for s in SPLITS})
+            except Exception as err:  # offline, unknown id, a missing split: one line, named
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                offline = " (offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" if \
+                    os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") else ""
+                raise UsageError(f"task {self.name!r}: cannot load hub dataset {self.hub['path']!r}"
+                                 f"{offline}: {type(err).__name__}: {first}; use local files "
+                                 "(data: files:) to run offline") from None
             for split in SPLITS:  # (local files are checked line by line, below)
                 self._check_rows(split, raw[split])
         else:
@@ -130,7 +149,11 @@ class TaskSpec:
                 first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
                 raise UsageError(f"task {self.name!r}: cannot read its data files: {first}") from None
         if self.preprocess:
-            raw = raw.map(PREPROCESSORS[self.preprocess])
+            try:
+                raw = raw.map(PREPROCESSORS[self.preprocess])
+            except KeyError as err:
+                raise UsageError(f"task {self.name!r}: preprocessor {self.preprocess!r} needs field "
+                                 f"{err.args[0]!r}, which the rows lack (named in {self.path})") from None
         if limit:
             raw = DatasetDict({s: d.select(range(min(limit, len(d)))) for s, d in raw.items()})
         return raw

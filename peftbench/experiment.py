@@ -26,7 +26,6 @@ from peftbench import memory, registry
 from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.errors import UsageError
-from peftbench.fingerprint import file_digest
 from peftbench.metrics import constant_predictor, near_constant
 from peftbench.models import head_parameters, init_head, load_model, pretrained_parameters, pretrained_size
 from peftbench.scoring import ScoringData
@@ -85,9 +84,9 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
     if config.train.max_length > positions:
         raise UsageError(f"max length {config.train.max_length} is beyond the model's position "
                          f"table: {config.model!r} takes at most {positions} tokens")
-    data_digests = [file_digest(f) for f in task.data_files()]
+    data_digests = task.digests()
     splits = task.load_splits(limit=config.limit)
-    if [file_digest(f) for f in task.data_files()] != data_digests:
+    if task.digests() != data_digests:
         raise UsageError(f"task {task.name!r}: its files changed while they were read "
                          f"({', '.join(task.data_files())}); run again once they are settled")
 

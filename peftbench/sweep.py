@@ -71,7 +71,7 @@ from peftbench import memory, ownership, registry, yamlio
 from peftbench.cache import ScoreCache
 from peftbench.errors import UsageError, schema_problem
 from peftbench.experiment import RunConfig, run_experiment
-from peftbench.fingerprint import code_identity, digest, file_digest, machine_fingerprint, model_fingerprint
+from peftbench.fingerprint import code_identity, digest, machine_fingerprint, model_fingerprint
 from peftbench.metrics import metric_label
 from peftbench.selector import Budget
 from peftbench.trainer import TrainConfig, pick_device, train_config
@@ -442,7 +442,7 @@ def cell_config(config: RunConfig) -> dict:
     from peftbench.data import load_task
 
     return {"model": model_fingerprint(config.model), "model_name": config.model,
-            "task_files": [file_digest(f) for f in load_task(config.task).data_files()],
+            "task_files": load_task(config.task).digests(),
             "train": asdict(config.train), "method_params": config.method_params,
             "code": code_identity(config.method, strict=False), "limit": config.limit,
             "device": config.device}

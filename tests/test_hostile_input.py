@@ -345,3 +345,85 @@ def test_report_on_a_damaged_run_folder_is_one_line(tmp_path, damage, expected):
     damage(tmp_path / "a")
     with pytest.raises(UsageError, match=expected):
         report.load_runs([tmp_path])
+
+
+# --- tracebacks that are one line now ------------------------------------------------------------
+
+def test_a_preprocessors_missing_field_is_one_line(capsys, tmp_path, tiny_model_dir):
+    def drop_target(spec, train):  # from every split, so the files still agree on columns
+        rows = [json.loads(l) for l in train.read_text().splitlines()]
+        train.write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "target"}) for r in rows) + "\n")
+        text = spec.read_text()
+        for split in ("validation", "test"):
+            text = text.replace(text.split(f"{split}: ")[1].split("\n")[0], str(train))
+        spec.write_text(text)
+
+    task = _small_task(tmp_path, "wsc", drop_target)
+    msg = one_line_error(capsys, "run", "--method", "random", "--task", task, "--model", tiny_model_dir,
+                         "--quiet", "--output-dir", str(tmp_path / "runs"))
+    assert "preprocessor 'mark_wsc_spans' needs field 'target'" in msg
+
+
+def test_a_hub_data_source_while_offline_is_one_line(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    task = tmp_path / "hubtask.yaml"
+    task.write_text("name: hubtask\nkind: classification\ndata:\n  hub: {path: nobody/no-such-dataset-xyz}\n"
+                    "text: [sentence]\nlabels: [0, 1]\nmetrics: [accuracy]\n")
+    msg = one_line_error(capsys, "run", "--method", "random", "--task", str(task), "--model", tiny_model_dir,
+                         "--quiet", "--output-dir", str(tmp_path / "runs"))
+    assert "cannot load hub dataset 'nobody/no-such-dataset-xyz' (offline" in msg
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_damaged_study_database_is_one_line_exit_1(capsys, tmp_path, tiny_model_dir):
+    from peftbench import sweep
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "model": tiny_model_dir, "tasks": ["rte"],
+                                    "methods": {"random": {}}, "budgets": [0.01], "seeds": 1, "limit": 8,
+                                    "output_dir": str(tmp_path / "out")}))
+    spec = sweep.load_spec(path)
+    sweep.enqueue_missing(sweep.open_study(spec), spec)
+    db = tmp_path / "out" / "study.db"
+    raw = bytearray(db.read_bytes())
+    raw[4096:3 * 4096] = b"Z" * len(raw[4096:3 * 4096])
+    db.write_bytes(bytes(raw))
+    for command in ("status", "sweep"):
+        assert main([command, str(path)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the study's storage failed: database disk image is malformed" in err[0]
+
+
+def test_a_task_file_removed_before_report_is_one_line(capsys, tmp_path, tiny_model_dir):
+    task = _small_task(tmp_path, "rte", lambda spec, train: None)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "model": tiny_model_dir, "tasks": [task],
+                                    "methods": {"random": {}}, "budgets": [0.01], "seeds": 1, "limit": 8,
+                                    "train": {"epochs": 1}, "output_dir": str(tmp_path / "out")}))
+    assert main(["sweep", str(path)]) == 0
+    (tmp_path / "train.jsonl").unlink()
+    capsys.readouterr()
+    msg = one_line_error(capsys, "report", str(path))
+    assert "train.jsonl is missing" in msg
+
+
+def test_a_search_whose_every_trial_fails_is_an_error_not_an_empty_record(tmp_path, tiny_model_dir, monkeypatch):
+    from peftbench import sweep
+    from peftbench.errors import UsageError
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t", "model": tiny_model_dir, "tasks": ["rte"], "methods": {"random": {}},
+        "budgets": [0.01], "seeds": 1, "limit": 8, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "out"),
+        "search": {"params": {"lr": {"choices": [1e-3, 1e-2]}}, "trials": 2, "pruner": "none"}}))
+
+    def broken(config, **kw):
+        raise ValueError("a space the method cannot take")
+
+    monkeypatch.setattr(sweep, "run_experiment", broken)
+    with pytest.raises(UsageError, match="search rte/random: none of its 2 trials completed: "
+                                         "ValueError: a space the method cannot take"):
+        sweep.run_search(sweep.load_spec(path), log=lambda *a: None)
+    assert not (tmp_path / "out" / "search.json").exists()

@@ -101,7 +101,7 @@ def test_cache_list_and_clear(tmp_path, capsys):
     from peftbench.cli import main
 
     cache = ScoreCache(tmp_path)
-    cache.get_or_compute("k1", lambda: {"w": torch.ones(3)}, {"method": "sam", "seed": 0})
+    cache.get_or_compute("e" * 64, lambda: {"w": torch.ones(3)}, {"method": "sam", "seed": 0})
     assert main(["cache", "list", str(tmp_path)]) == 0
     assert "sam" in capsys.readouterr().out
     assert main(["cache", "clear", str(tmp_path)]) == 0
