@@ -62,6 +62,10 @@ def require(folder: str | Path, kind: str, adopt: Callable[[Path], bool] | None 
             what: str = "folder") -> Path:
     """`folder` as a `kind` folder, for a command that reads or deletes there; writes nothing."""
     folder = Path(folder)
+    if folder.is_dir() and kind_of(folder) is None and any(folder.iterdir()) and not (adopt and adopt(folder)):
+        example = sorted(p.name for p in folder.iterdir())[0]
+        raise UsageError(f"{what} {folder} is not a peftbench {kind} folder (no {MARKER} marker, and it "
+                         f"holds files that are not a {kind}'s, e.g. {example!r}): nothing was touched")
     if not check(folder, kind, adopt, what):
         raise UsageError(f"{what} {folder} is not a peftbench {kind} folder (missing or empty)")
     return folder

@@ -45,7 +45,7 @@ def test_cache_clear_on_a_folder_that_is_not_a_cache_deletes_nothing(capsys, tmp
     for name in ("model.pt", "run.lock", "half.tmp"):
         (folder / name).write_bytes(b"precious")
     msg = one_line_error(capsys, "cache", "clear", str(folder))
-    assert "holds files peftbench did not write (e.g. 'half.tmp')" in msg
+    assert "is not a peftbench score-cache folder" in msg and "e.g. 'half.tmp'" in msg
     assert sorted(p.name for p in folder.iterdir()) == ["half.tmp", "model.pt", "run.lock"]
 
 
