@@ -163,7 +163,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         score_time = time.perf_counter() - start
     else:
         cache_key, about = score_key(
-            config.method, selector.get_params(), config.model, task.data_files(), seed,
+            config.method, registry.resolved_params(config.method, config.method_params), config.model,
+            task.data_files(), seed,
             {"batch_size": config.train.batch_size, "max_length": config.train.max_length,
              "limit": config.limit, "device": device.type, "dtype": compute_dtype(device)})
         scores, score_time, cached = score_cache.get_or_compute(
@@ -180,7 +181,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         "scoring_time_s": score_time, "selection_time_s": select_time, "score_cache_key": cache_key,
         "scores_from_cache": cached,
         "per_tensor": {n: [c, numels[n]] for n, c in selection.per_tensor(numels).items()},
-        "params": selector.get_params(), "notes": selection.notes})
+        "params": registry.resolved_params(config.method, config.method_params), "notes": selection.notes})
 
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
                 seed_dir, progress, on_epoch)

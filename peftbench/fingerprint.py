@@ -78,8 +78,38 @@ def code_identity(method: str, strict: bool = True) -> dict:
     cls = registry.get(method)
     return {"method": method.lower(), "distribution": info.package,
             "version": distribution_version(info.package),
-            "source": file_digest(inspect.getfile(cls)),
+            "source": source_digest(cls, info.package),
             "peftbench": peftbench_identity() if strict else peftbench.__version__}
+
+
+def source_digest(cls: type, package: str) -> str:
+    """The source a method's results depend on. A built-in: its own module file (the rest of
+    peftbench is covered by `peftbench_identity` / its version). A plugin: every Python file of
+    its distribution (as installed, from its RECORD) and of its top-level package (an editable
+    install lists none), so an edit to a helper module is a new identity, not a stale cache."""
+    import sys
+
+    if package == "peftbench":
+        return file_digest(inspect.getfile(cls))
+    files: dict[str, str] = {}
+    try:
+        from importlib.metadata import distribution
+
+        dist = distribution(package)
+        for entry in dist.files or []:
+            path = Path(dist.locate_file(entry))
+            if str(entry).endswith(".py") and path.is_file():
+                files[str(entry)] = file_digest(path)
+    except PackageNotFoundError:
+        pass
+    top = sys.modules[cls.__module__.split(".")[0]]
+    roots = [Path(r) for r in getattr(top, "__path__", [])]
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            files[f"{top.__name__}/{path.relative_to(root).as_posix()}"] = file_digest(path)
+    if not roots:
+        files[Path(inspect.getfile(cls)).name] = file_digest(inspect.getfile(cls))
+    return digest(files)
 
 
 @lru_cache(maxsize=None)

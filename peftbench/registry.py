@@ -83,6 +83,19 @@ def get(name: str) -> type[Selector]:
     return info.selector_class
 
 
+def resolved_params(name: str, params: dict) -> dict:
+    """Every hyper-parameter of method `name` as a run uses it: the user's values, validated,
+    over `__init__`'s defaults. What a score-cache key and a run's record are built from, never
+    attributes read back from an instance (a method may store an argument under another name)."""
+    import inspect
+
+    cls = get(name)
+    defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+                if n != "self" and p.default is not inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {**defaults, **validate_params(cls, name, params)}
+
+
 def create(name: str, **params) -> Selector:
     """An instance of method `name` with hyper-parameters `params`, validated against its
     `__init__` signature and annotations first (`selector.validate_params`)."""

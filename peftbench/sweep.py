@@ -35,6 +35,7 @@ needs, so a report reads the study alone (e.g. from PostgreSQL on another machin
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -668,9 +669,14 @@ def cell_states(study: optuna.Study, prints: Fingerprints) -> dict[str, dict]:
     """Per cell of the current spec: 'done', 'running', 'waiting', 'failed' (with the last
     failure's reason) or 'missing', from its trials with the current fingerprint."""
     out = {key: {"state": "missing"} for key in prints.cells}
-    rank = {"done": 4, "running": 3, "waiting": 2, "failed": 1, "missing": 0}
+    rank = {"done": 4, "running": 3, "waiting": 2, "failed": 1, "stale": 0.5, "missing": 0}
     for t in study.get_trials(deepcopy=False):
         if not prints.current(t):
+            key = t.user_attrs.get("cell")
+            if t.state == TrialState.COMPLETE and key in out and out[key]["state"] == "missing" \
+                    and isinstance(t.user_attrs.get("config"), dict):
+                out[key] = {"state": "stale", "reason": stale_reason(
+                    t.user_attrs["config"], prints.config(prints.cells[key]), prints.cells[key].method)}
             continue
         state = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running",
                  TrialState.WAITING: "waiting", TrialState.FAIL: "failed"}.get(t.state)
@@ -679,6 +685,17 @@ def cell_states(study: optuna.Study, prints: Fingerprints) -> dict[str, dict]:
         out[t.user_attrs["cell"]] = {"state": state, "reason": t.user_attrs.get("failure", "crashed"),
                                      "trial": t.number, "final": bool(t.user_attrs.get("final_failure"))}
     return out
+
+
+def stale_reason(old: dict, new: dict, method: str) -> str:
+    """Why a finished cell no longer counts: 'method code changed: methods/x.py' or the
+    settings that changed ('train.lr: 0.001 -> 0.0003')."""
+    changed = config_difference(old, new)
+    if any(line.startswith("code.source") for line in changed):
+        return f"method code changed: {inspect.getfile(registry.get(method))}"
+    if any(line.startswith("code.") for line in changed):
+        return "code changed: " + "; ".join(line for line in changed if line.startswith("code."))[:200]
+    return "settings changed: " + "; ".join(changed)[:200]
 
 
 def failed_cells(study: optuna.Study, spec: StudySpec) -> dict[str, str]:
@@ -690,17 +707,25 @@ def failed_cells(study: optuna.Study, spec: StudySpec) -> dict[str, str]:
 def progress_line(study: optuna.Study, prints: Fingerprints) -> str:
     """'12/36 cells done, 1 running, 0 failed, 23 waiting; ETA 25 min' for the live view."""
     states = cell_states(study, prints)
-    tally = {s: sum(v["state"] == s for v in states.values()) for s in ("done", "running", "waiting", "failed")}
+    tally = {s: sum(v["state"] == s for v in states.values())
+             for s in ("done", "running", "waiting", "failed", "stale", "missing")}
     times = [(t.datetime_complete - t.datetime_start).total_seconds()
              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
              if "run_dir" in t.user_attrs and prints.current(t)]
-    left = len(states) - tally["done"] - tally["failed"]
+    left = tally["waiting"] + tally["running"]  # only what will run: never an ETA for nothing
     eta = ""
     if times and left:
         seconds = sum(times) / len(times) * left / max(tally["running"], 1)
         eta = f"; ETA {seconds / 60:.0f} min" if seconds >= 60 else f"; ETA {seconds:.0f} s"
-    return (f"{tally['done']}/{len(states)} cells done, {tally['running']} running, "
+    line = (f"{tally['done']}/{len(states)} cells done, {tally['running']} running, "
             f"{tally['failed']} failed, {tally['waiting']} waiting{eta}")
+    if tally["stale"]:
+        reasons = sorted({v["reason"] for v in states.values() if v["state"] == "stale"})
+        line += (f"; {tally['stale']} stale ({'; '.join(reasons)[:200]}): `peftbench sweep SPEC` "
+                 "runs them again")
+    if tally["missing"]:
+        line += f"; {tally['missing']} not queued: `peftbench sweep SPEC` queues them"
+    return line
 
 
 SWEEP_FILES = ("study.db", "runs", "scores", "search.json", "search-runs", "report", ".enqueue.lock")
@@ -1068,9 +1093,22 @@ def finished_frame(spec: StudySpec):
     """`trials_frame` of the spec's study (its cells, its settings); a clear error when nothing
     has finished yet. The cells that failed for good are in `frame.attrs["failed"]`."""
     study = open_study(spec, read_only=True)
-    frame = trials_frame(study, Fingerprints(spec))
+    prints = Fingerprints(spec)
+    frame = trials_frame(study, prints)
+    states = cell_states(study, prints)
     if frame.empty:
+        stale = sorted({v["reason"] for v in states.values() if v["state"] == "stale"})
         raise UsageError(f"study {spec.name!r} in {spec.storage_url} has no finished trial of this "
-                         "spec's cells and settings yet")
-    frame.attrs["failed"] = failed_cells(study, spec)
+                         "spec's cells and settings yet" + (
+                             f" ({sum(v['state'] == 'stale' for v in states.values())} stale: "
+                             f"{'; '.join(stale)[:200]}; `peftbench sweep SPEC` runs them again)" if stale else ""))
+    frame.attrs["failed"] = {k: v["reason"] for k, v in states.items() if v["state"] == "failed"}
+    left = {k: v for k, v in states.items() if v["state"] not in ("done", "failed")}
+    if left:  # never a method dropped without a word
+        by_reason = {}
+        for key, v in sorted(left.items()):
+            by_reason.setdefault(v.get("reason") if v["state"] == "stale" else v["state"], []).append(key)
+        frame.attrs["notes"] = [f"left out {len(keys)} cell(s) not finished with these settings "
+                                f"({reason}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                                for reason, keys in by_reason.items()]
     return frame

@@ -16,6 +16,9 @@ in seconds. A method may declare checks it is known to fail, with the reason, in
 (and fails if it passes, so the declaration is kept honest).
 
 The checks:
+- `init_stores_params`: default-constructible, every `__init__` argument stored unchanged under
+  its own name, `get_params` round-trips (scikit-learn's rules: the run's record and the score
+  cache key are the validated arguments, so a parameter kept under another name is a bug);
 - `score_leaves_model_unchanged`: every parameter and buffer is bit-identical after `score`;
 - `scores_have_parameter_shapes`: entry-shaped scores (keys that name parameters) have those
   parameters' shapes;
@@ -125,6 +128,34 @@ def _same_selection(a, b) -> bool:
         torch.equal(a.partial[n].cpu(), b.partial[n].cpu()) for n in a.partial)
 
 
+def check_init_stores_params(s: _Setup) -> str:
+    """scikit-learn's estimator rules: default-constructible, every `__init__` argument stored
+    under its own name (what `get_params` reads back), unchanged."""
+    import inspect
+
+    from peftbench import registry
+
+    cls = type(s.selector)
+    try:
+        cls()
+    except TypeError as err:
+        raise AssertionError(f"{cls.__name__}() fails ({err}): every parameter needs a default") from None
+    expected = registry.resolved_params(s.method, s.params)
+    names = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+             if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for name in names:
+        assert hasattr(s.selector, name), (f"__init__ argument {name!r} is not stored as self.{name} "
+                                           "(get_params cannot read it back)")
+        value = getattr(s.selector, name)
+        plain = (lambda v: list(v) if isinstance(v, tuple) else v)  # a tuple stored as a list is the same
+        assert plain(value) == plain(expected[name]), \
+            f"self.{name} = {value!r}, but {name}={expected[name]!r} was given (store arguments unchanged)"
+    got = s.selector.get_params()
+    assert {k: plain(v) for k, v in got.items()} == {k: plain(v) for k, v in expected.items()}, \
+        "get_params() does not round-trip the arguments"
+    return f"{len(names)} parameters stored under their own names"
+
+
 def check_score_leaves_model_unchanged(s: _Setup) -> str:
     from peftbench.experiment import state_digests
 
@@ -228,6 +259,7 @@ def _reparametrised(model, name: str) -> bool:
 
 
 CHECKS: dict[str, Callable[[_Setup], str]] = {
+    "init_stores_params": check_init_stores_params,
     "score_leaves_model_unchanged": check_score_leaves_model_unchanged,
     "scores_have_parameter_shapes": check_scores_have_parameter_shapes,
     "select_within_budget": check_select_within_budget,

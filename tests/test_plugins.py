@@ -30,6 +30,7 @@ outofrange = "toy_plugin:OutOfRange"
 headname = "toy_plugin:HeadName"
 nanscores = "toy_plugin:NaNScores"
 random = "toy_plugin:LayerNormOnly"
+stepsalias = "toy_plugin:StepsAlias"
 """
 
 MODULE = '''
@@ -88,6 +89,23 @@ class Repeats(_OneTensor):
 class OutOfRange(_OneTensor):
     def indices(self, torch, n, budget):
         return torch.tensor([0, n])
+
+
+class StepsAlias(Selector):
+    """Stores its argument under another name: get_params cannot see it."""
+
+    def __init__(self, steps: int = 3):
+        self.n_steps = steps
+
+    def score(self, model, data):
+        import torch
+
+        return {n: torch.full_like(p, float(self.n_steps)) for n, p in pretrained_parameters(model).items()}
+
+    def select(self, model, scores, budget, generator):
+        from peftbench.selector import top_k
+
+        return top_k(scores, budget, "global", generator)
 
 
 class HeadName(Selector):
@@ -156,7 +174,7 @@ def test_broken_plugin_fails_by_name(plugin_site):
 def test_check_method_passes_a_good_plugin_and_fails_one_that_moves_weights(plugin_site):
     good = _cli(plugin_site, "check-method", "layernorm")
     assert good.returncode == 0, good.stdout + good.stderr
-    assert "layernorm: 6 of 6 checks passed" in good.stdout
+    assert "layernorm: 7 of 7 checks passed" in good.stdout
     bad = _cli(plugin_site, "check-method", "mover")
     assert bad.returncode == 1
     assert re.search(r"^FAIL\s+score_leaves_model_unchanged\s+score\(\) changed", bad.stdout, re.M)
@@ -202,3 +220,58 @@ def test_a_name_registered_twice_is_an_error_naming_both_packages(plugin_site):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "registered more than once" in proc.stderr
     assert "peftbench-toy-plugin" in proc.stderr and "in package peftbench;" in proc.stderr
+
+
+def _sweep_spec(tmp_path, model, steps: int, name: str = "alias"):
+    import yaml
+
+    path = tmp_path / f"{name}-{steps}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "model": model, "tasks": ["rte"], "methods": {"stepsalias": {"steps": steps}},
+        "budgets": [0.01], "seeds": 1, "limit": 8, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "out")}))
+    return path
+
+
+def test_a_parameter_stored_under_another_name_still_keys_the_score_cache(plugin_site, tiny_model_dir, tmp_path):
+    """The cache key is the validated arguments, not attributes read back: steps 3 -> 30 scores
+    again (it re-used the steps=3 scores before); check-method names the broken rule."""
+    import json
+
+    for steps in (3, 30):
+        proc = _cli(plugin_site, "sweep", str(_sweep_spec(tmp_path, tiny_model_dir, steps, f"alias{steps}")))
+        assert proc.returncode == 0, proc.stderr
+    selections = sorted((tmp_path / "out" / "runs").glob("*/seed-0/selection.json"),
+                        key=lambda p: p.stat().st_mtime)
+    assert [json.loads(p.read_text())["scores_from_cache"] for p in selections] == [False, False]
+    assert [json.loads(p.read_text())["params"] for p in selections] == [{"steps": 3}, {"steps": 30}]
+    check = _cli(plugin_site, "check-method", "stepsalias")
+    assert re.search(r"^FAIL\s+init_stores_params\s+__init__ argument 'steps' is not stored as self.steps",
+                     check.stdout, re.M), check.stdout
+
+
+def test_a_plugins_code_identity_covers_its_helper_modules(plugin_site):
+    """An edit to another module of the plugin's distribution is a new identity (the cache and
+    the cells see it), not only an edit to the class's own file."""
+    probe = "from peftbench.fingerprint import code_identity; print(code_identity('layernorm')['source'])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")])}
+    before = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    helper = plugin_site / "toy_plugin_broken.py"
+    helper.write_text(helper.read_text() + "# an edit to a helper module\n")
+    after = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert before.strip() and before != after
+
+
+def test_status_and_report_say_which_cells_a_code_edit_left_stale(plugin_site, tiny_model_dir, tmp_path):
+    spec = _sweep_spec(tmp_path, tiny_model_dir, 3, name="stale")
+    assert _cli(plugin_site, "sweep", str(spec)).returncode == 0
+    module = plugin_site / "toy_plugin.py"
+    module.write_text(module.read_text() + "# a one-line comment\n")
+    status = _cli(plugin_site, "status", str(spec))
+    assert status.returncode == 0, status.stderr
+    line = status.stdout.strip()
+    assert "0/1 cells done" in line and "ETA" not in line
+    assert "1 stale (method code changed: " in line and "toy_plugin.py" in line
+    report = _cli(plugin_site, "report", str(spec))
+    assert report.returncode == 2 and "no finished trial" in report.stderr
+    assert "1 stale: method code changed: " in report.stderr
