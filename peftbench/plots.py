@@ -5,6 +5,7 @@ PNGs come from matplotlib (no browser needed); the interactive version is plotly
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -53,17 +54,45 @@ def _constant(frame: pd.DataFrame, task: str) -> float | None:
     return float(values.iloc[0]) if len(values) else None
 
 
-# Okabe & Ito's colour-blind-safe palette (prints in grey too, with the markers), one marker
-# and colour pair per method so that no two methods look alike.
+# One look per method in every figure: Okabe & Ito's colour-blind-safe palette, and a marker
+# and a line style so that methods sharing a colour (15 methods, 8 colours) still differ, and
+# the figures read in grey. Fixed by name, so a method looks the same on every page; a plugin
+# gets a look derived from its name (stable across runs and boards).
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+GREY = "#999999"
 MARKERS = "o s ^ D v P X * < > h p d 8 H".split()
-LINES = ["-", "--", ":"]  # after 8 methods the colours repeat: the line style tells them apart
+LINES = ["-", "--", ":"]
+METHOD_STYLE: dict[str, tuple[str, str, str]] = {  # method: (colour, marker, line style)
+    "fulltuning": ("#000000", "o", "-"),
+    "random": (GREY, "X", "--"),
+    "magpruning": ("#E69F00", "s", "-"),
+    "sam": ("#D55E00", "^", "-"),
+    "fish": ("#CC79A7", "D", "-"),
+    "childtuning-d": ("#009E73", "v", "-"),
+    "childtuning-f": ("#009E73", "<", "--"),
+    "mixout": ("#56B4E9", ">", "-"),
+    "diffpruning": ("#0072B2", "p", "-"),
+    "bitfit": ("#F0E442", "P", "-"),
+    "lora": ("#0072B2", "*", "--"),
+    "adapter": ("#56B4E9", "h", "--"),
+    "adapeft": ("#E69F00", "d", "--"),
+    "spectral": ("#CC79A7", "8", "--"),
+    "ggm": ("#D55E00", "H", "--"),
+}
 DODGE = 0.12  # log10 units over which methods at the same x are spread (x 0.87 .. x 1.15)
 
 
-def styles(methods: list[str]) -> dict[str, tuple[str, str]]:
-    """(colour, marker) per method, stable for a sorted list of methods."""
-    return {m: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(methods)}
+def method_style(method: str) -> tuple[str, str, str]:
+    """(colour, marker, line style) of `method`: the fixed table, or one derived from the name."""
+    if method in METHOD_STYLE:
+        return METHOD_STYLE[method]
+    h = int(hashlib.sha256(method.encode()).hexdigest(), 16)
+    return PALETTE[h % len(PALETTE)], MARKERS[(h // 8) % len(MARKERS)], LINES[2]  # dotted: a plugin
+
+
+def styles(methods: list[str]) -> dict[str, tuple[str, str, str]]:
+    """`method_style` of each method."""
+    return {m: method_style(m) for m in methods}
 
 
 def dodge(methods: list[str]) -> dict[str, float]:
@@ -108,11 +137,11 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(8 * len(tasks), 6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         cells = stats[stats.task == task]
-        for i, method in enumerate(methods):
+        for method in methods:
             c = cells[cells.method == method].sort_values("trainable")
             if c.empty:
                 continue
-            colour, marker = style[method]
+            colour, marker, line = style[method]
             if method == "fulltuning":
                 ax.axhline(100 * c["mean"].iloc[0], color=colour, lw=1.5, label="full fine-tuning")
                 ax.axhspan(100 * c.ci_low.iloc[0], 100 * c.ci_high.iloc[0], color=colour, alpha=0.12)
@@ -123,7 +152,7 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
                             yerr=[100 * (c["mean"] - c.ci_low), 100 * (c.ci_high - c["mean"])])
                 continue
             ax.plot(c.trainable, 100 * c["mean"], color=colour, marker=marker, ms=6, mec="black",
-                    mew=0.4, lw=1.3, ls=LINES[(i // len(PALETTE)) % len(LINES)], label=method)
+                    mew=0.4, lw=1.3, ls=line, label=method)
             ax.fill_between(c.trainable, 100 * c.ci_low, 100 * c.ci_high, color=colour, alpha=0.15)
         baseline = _constant(frame, task)
         if baseline is not None:
@@ -163,17 +192,17 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
         for budget in sorted({b for b in cells.budget if b != "natural"}, key=float):
             x = float(budget) * entries if float(budget) <= 1 else float(budget)
             ax.axvline(x, color="0.8", lw=0.8, ls="-", zorder=0)
-            ax.annotate(f"p = {float(budget):g}", (x, 1), xycoords=("data", "axes fraction"),
+            ax.annotate(f"budget {100 * float(budget):g}%", (x, 1), xycoords=("data", "axes fraction"),
                         xytext=(2, -10), textcoords="offset points", fontsize=7, color="0.4")
         shift = dodge(methods)
-        for i, method in enumerate(methods):
+        for method in methods:
             c = cells[cells.method == method].sort_values("trainable")
             if c.empty:
                 continue
-            colour, marker = style[method]
+            colour, marker, line = style[method]
             ax.errorbar(c.trainable * shift[method], 100 * c["mean"], yerr=100 * c["std"], label=method,
                         color=colour, marker=marker, capsize=3, lw=1.2, ms=6, mec="black", mew=0.4,
-                        ls=LINES[(i // len(PALETTE)) % len(LINES)])
+                        ls=line)
         baseline = _constant(frame, task)
         if baseline is not None:
             ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
@@ -208,7 +237,9 @@ def cd_png(ranking: dict, path: str | Path) -> Path:
     import scikit_posthocs
 
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(ranking["ranks"]) + 1.6))
-    scikit_posthocs.critical_difference_diagram(ranking["ranks"], ranking["pairwise"], ax=ax)
+    scikit_posthocs.critical_difference_diagram(
+        ranking["ranks"], ranking["pairwise"], ax=ax,
+        color_palette={m: method_style(m)[0] for m in ranking["ranks"].keys()})
     ax.set_title(f"Mean rank over {ranking['n_blocks']} (task, budget) blocks, 1 = best; "
                  f"Friedman p = {ranking['p']:.2g}; bars: Wilcoxon-Holm p >= 0.05 over "
                  f"{ranking['n_pairs']} (task, budget, seed) pairs", fontsize=9)
@@ -225,20 +256,25 @@ def pareto_figure(frame: pd.DataFrame):
     from plotly.subplots import make_subplots
 
     tasks = sorted(frame.task.unique())
-    style = styles(sorted(frame.method.unique()))
+    methods = sorted(frame.method.unique())
+    style, shift = styles(methods), dodge(methods)  # dodged as in the PNG: equal counts stay apart
     fig = make_subplots(rows=1, cols=len(tasks),
                         subplot_titles=[f"{t.upper()}: {_subtitle(frame[frame.task == t])}" for t in tasks])
     for col, task in enumerate(tasks, start=1):
         cells = _cells(frame, task)
         for method in sorted(cells.method.unique()):
             c = cells[cells.method == method].sort_values("trainable")
+            colour, marker, line = style[method]
             fig.add_trace(go.Scatter(
-                x=c.trainable, y=100 * c["mean"], error_y={"type": "data", "array": 100 * c["std"]},
-                marker={"color": style[method][0]}, line={"color": style[method][0]},
+                x=c.trainable * shift[method], y=100 * c["mean"],
+                error_y={"type": "data", "array": 100 * c["std"]},
+                marker={"color": colour, "symbol": PLOTLY_SYMBOLS.get(marker, "circle"), "size": 9,
+                        "line": {"color": "black", "width": 0.5}},
+                line={"color": colour, "dash": PLOTLY_DASHES[line]},
                 mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
                 customdata=np.stack([c.budget, c.seeds, 100 * c["std"], c.scoring_time_s,
-                                     c.train_time_s, c.peak_memory_mb], axis=1),
-                hovertemplate=f"{method}<br>budget %{{customdata[0]}}<br>trainable %{{x:,}}"
+                                     c.train_time_s, c.peak_memory_mb, c.trainable], axis=1),
+                hovertemplate=f"{method}<br>budget %{{customdata[0]}}<br>trainable %{{customdata[6]:,}}"
                               "<br>metric %{y:.2f} ± %{customdata[2]:.2f}<br>seeds %{customdata[1]}"
                               "<br>scoring %{customdata[3]:.1f} s, training %{customdata[4]:.1f} s"
                               "<br>peak memory %{customdata[5]:,.0f} MiB"
@@ -255,12 +291,20 @@ def pareto_figure(frame: pd.DataFrame):
                                  line={"dash": "dash", "color": "black", "shape": "hv"},
                                  name="Pareto front", legendgroup="front", showlegend=col == 1),
                       row=1, col=col)
-        fig.update_xaxes(type="log", title_text="trainable parameters", row=1, col=col)
-        fig.update_yaxes(title_text=metric_axis(frame, task), row=1, col=col)
+        fig.update_xaxes(type="log", title_text="trainable parameters (log; dodged)", row=1, col=col)
+        # two lines and an automatic margin: never clipped at the page's left edge
+        fig.update_yaxes(title_text=metric_axis(frame, task).replace(" (test", "<br>(test"),
+                         automargin=True, row=1, col=col)
+    fig.update_annotations(font_size=11)  # the subplot titles
+    fig.update_layout(margin={"l": 80, "r": 20, "t": 70, "b": 60}, height=520)
     return fig
 
 
 PLOTLY_JS = "plotly.min.js"
+PLOTLY_SYMBOLS = {"o": "circle", "s": "square", "^": "triangle-up", "D": "diamond", "v": "triangle-down",
+                  "P": "cross", "X": "x", "*": "star", "<": "triangle-left", ">": "triangle-right",
+                  "h": "hexagon", "p": "pentagon", "d": "diamond-tall", "8": "octagon", "H": "hexagon2"}
+PLOTLY_DASHES = {"-": "solid", "--": "dash", ":": "dot"}
 
 
 def write_plotly_js(folder: str | Path) -> Path:

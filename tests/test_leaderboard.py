@@ -106,10 +106,28 @@ def test_pareto_figure_names_its_metric_dodges_equal_counts_and_writes_pdf_svg(t
     paths = plots.pareto_png(frame, tmp_path / "pareto.png")
     assert [p.suffix for p in paths] == [".png", ".pdf", ".svg"] and all(p.stat().st_size for p in paths)
     svg = (tmp_path / "pareto.svg").read_text()
-    assert "(accuracy + macro-F1)/2 x 100" in svg and "3 seeds" in svg and "p = 0.001" in svg
+    assert "(accuracy + macro-F1)/2 x 100" in svg and "3 seeds" in svg and "budget 0.1%" in svg
+    assert "p = 0.001" not in svg  # a budget line must not read as a p-value
     style = plots.styles(sorted(frame.method.unique()))
     assert len({v for v in style.values()}) == 4
-    assert len({matplotlib.colors.to_rgb(c) for c, _ in style.values()}) == 4
+    assert len({matplotlib.colors.to_rgb(c) for c, _, _ in style.values()}) == 4
+    figure = plots.pareto_figure(frame)  # the interactive plot dodges equal counts too
+    xs = {trace.name: list(trace.x) for trace in figure.data if trace.name in style}
+    natural = [x[0] for x in xs.values() if len(x) == 1]
+    assert len(natural) == len(set(natural))
+
+
+def test_one_look_per_method_in_every_figure():
+    """The fixed table: every built-in has a (colour, marker, line) of its own, colours from
+    Okabe & Ito's colour-blind-safe set; a plugin's look is derived from its name, stably."""
+    from peftbench import registry
+
+    builtins = [n for n, info in registry.methods().items() if info.package == "peftbench"]
+    looks = [plots.method_style(m) for m in builtins]
+    assert set(builtins) <= set(plots.METHOD_STYLE) and len(set(looks)) == len(looks)
+    assert {c for c, _, _ in looks} <= set(plots.PALETTE) | {plots.GREY}
+    assert len({(c, m) for c, m, _ in looks}) == len(looks)  # colour + marker alone tell them apart
+    assert plots.method_style("my-plugin") == plots.method_style("my-plugin") != plots.method_style("other")
 
 
 def test_friedman_ranking_and_critical_difference_diagram(tmp_path):
