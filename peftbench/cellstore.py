@@ -74,7 +74,10 @@ def commit_cell(board: Path, attrs: dict, duration_s: float) -> Path:
         return target  # read back from the board itself: already there
     target.mkdir(parents=True, exist_ok=True)
     seed = attrs["seed"]
-    shutil.copyfile(source / "config.json", target / "config.json")
+    config = json.loads((source / "config.json").read_text())
+    if config.get("task_spec"):  # no path of this machine in a committed file
+        config["task_spec"] = portable_path(config["task_spec"])
+    _write_json(target / "config.json", config)
     shutil.copyfile(source / f"seed-{seed}" / "result.json", target / f"seed-{seed}-result.json")
     _write_json(target / CELL_FILE, {
         "cell": attrs["cell"], "task": attrs["task"], "method": attrs["method"],
@@ -83,6 +86,16 @@ def commit_cell(board: Path, attrs: dict, duration_s: float) -> Path:
         "threads": attrs.get("threads"), "duration_s": duration_s,
         "failure": attrs.get("failure") if attrs.get("final_failure") else None})
     return target
+
+
+def portable_path(path: str) -> str:
+    """`path` relative to the repository (tasks/sst2.yaml) when it lies inside it, else its
+    file name: a committed file never names a folder of the machine that wrote it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 def committed_cells(board: Path) -> list[CommittedCell]:
@@ -146,15 +159,25 @@ def import_committed(study, spec, board: Path, log=print) -> int:
     return added
 
 
-def prune_stale(board: Path, keep: set[Path]) -> int:
-    """Remove committed cell folders that are not in `keep` (cells of other settings, once the
-    board is rewritten); returns how many."""
+def prune_stale(board: Path, keep: set[Path], cells: set[str] | None = None) -> int:
+    """Remove committed cell folders that are not in `keep` and whose cell has a kept result
+    (replaced by a run of the current settings), or, with `cells`, is no longer one of the
+    board's cells; returns how many. A stale cell nothing replaced stays committed: rewriting a
+    board never loses a result it cannot give back."""
     root = board / "runs"
     removed = 0
     if not root.is_dir():
         return 0
+    def key(folder: Path) -> str | None:
+        try:
+            return json.loads((folder / CELL_FILE).read_text()).get("cell")
+        except (OSError, ValueError):
+            return None
+    kept = {key(f) for f in keep}
     for folder in sorted(d for d in root.iterdir() if d.is_dir()):
-        if folder.resolve() not in keep:
+        cell = key(folder)
+        gone = cells is not None and cell is not None and cell not in cells
+        if folder.resolve() not in keep and (cell in kept or gone):
             shutil.rmtree(folder)
             removed += 1
     return removed

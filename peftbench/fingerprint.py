@@ -77,7 +77,9 @@ def code_identity(method: str, strict: bool = True) -> dict:
     info = registry.methods()[method.lower()]
     cls = registry.get(method)
     return {"method": method.lower(), "distribution": info.package,
-            "version": distribution_version(info.package),
+            # peftbench's own version from its source, not from install metadata, which an
+            # editable install leaves at the version it was installed with
+            "version": peftbench.__version__ if info.package == "peftbench" else distribution_version(info.package),
             "source": source_digest(cls, info.package),
             "peftbench": peftbench_identity() if strict else peftbench.__version__}
 

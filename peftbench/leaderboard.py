@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas
 import torch
 
-from peftbench import cellstore, ownership, pages, plots, report, sweep
+from peftbench import cellstore, ownership, pages, plots, registry, report, sweep
 from peftbench.errors import UsageError
 
 
@@ -76,7 +76,7 @@ def commit_cells(spec: sweep.StudySpec, folder: Path, study) -> dict[tuple, dict
             "config.json": (target / "config.json").relative_to(folder).as_posix(),
             "result.json": (target / f"seed-{a['seed']}-result.json").relative_to(folder).as_posix(),
             "cell.json": (target / cellstore.CELL_FILE).relative_to(folder).as_posix()}
-    cellstore.prune_stale(folder, keep)
+    cellstore.prune_stale(folder, keep, set(prints.cells))
     return links
 
 
@@ -107,6 +107,30 @@ def search_table(best: dict) -> pandas.DataFrame:
     # columns in the order of the settings' values (numbers before words)
     columns = sorted(settings, key=lambda c: [(1, str(v)) if isinstance(v, str) else (0, v) for v in settings[c]])
     return pandas.DataFrame(rows).set_index(["task", "method"])[[*columns, "chosen", "validation"]]
+
+
+def settings_table(spec: sweep.StudySpec) -> pandas.DataFrame:
+    """What each (task, method) of the grid runs at: its learning rate, the method settings and
+    the source of each (the search's choice, or the spec), from the cells' own run configs."""
+    best = sweep.best_search_params(spec)
+    rows = []
+    for task in spec.tasks:
+        for method in spec.methods:
+            budget = spec.budgets[0] if registry.get(method).uses_budget else sweep.NATURAL
+            config = sweep.cell_run_config(spec, sweep.Cell(task, method, budget, spec.seeds[0]), best)
+            tuned = best.get(f"{task}/{method}")
+            rows.append({"task": task, "method": method, "lr": config.train.lr,
+                         "method settings": _setting(config.method_params) or "defaults",
+                         "from": (f"search (validation {tuned['validation']:.4f})" if tuned else "spec")})
+    return pandas.DataFrame(rows).set_index("task")
+
+
+def settings_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
+    """settings.csv and its Markdown section: the settings every method of the board ran at."""
+    table = settings_table(spec)
+    table.to_csv(folder / "settings.csv")
+    return ["", "### Settings each method ran at (settings.csv)", "",
+            table.reset_index().to_markdown(index=False, floatfmt=".4g")]
 
 
 def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
@@ -187,6 +211,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     frame.attrs["failed"] = sweep.failed_cells(study, spec)
     expected, done = progress["expected"], progress["done"]
     opening = partial_lines(progress)
+    ranking = report.friedman_ranking(frame) if not frame.empty else None  # links only to plots made
+    several_budgets = not frame.empty and not report.budget_curves(frame).empty
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())
     header = "\n".join([
         *opening, spec.description, "",
@@ -204,10 +230,13 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         f"- wall time of the trials: {frame.duration_s.sum() / 3600:.2f} h "
         f"(scoring cached across budgets)" if not frame.empty else "- wall time: no complete group yet",
         *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
+        *settings_lines(spec, folder),
         *search_lines(spec, folder),
         *(["", f"Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
-            f"[interactive](pareto.html)), [cd.png](cd.png) (critical-difference diagram), "
-            f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]})."]
+            f"[interactive](pareto.html)), "
+            + ("[cd.png](cd.png) (critical-difference diagram), " if ranking is not None else "")
+            + ("[curves.png](curves.png) (budget curves), " if several_budgets else "")
+            + f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]})."]
           if not frame.empty else []),
     ])
     root = shared_root(folder)  # None: a board elsewhere writes inside its own folder only
@@ -230,7 +259,6 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     plots.pareto_png(frame, folder / "pareto.png")
     js = pages.relative(plots.write_plotly_js(root or folder), folder)
     plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)
-    ranking = report.friedman_ranking(frame)
     if ranking is not None:
         plots.cd_png(ranking, folder / "cd.png")
     middle = spec.budgets[len(spec.budgets) // 2]

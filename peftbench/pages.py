@@ -79,6 +79,14 @@ FINDINGS = (("findings-sam-random.csv", "1. Does SAM beat Random at 0.5%? (SAM -
                                    "(Fu et al.: Spearman rho = 0.4356)"))
 
 
+def prose(text: str) -> str:
+    """Markdown (a spec's protocol, a verdict) as HTML paragraphs and lists; raw HTML in the
+    text is escaped, never passed through."""
+    from markdown_it import MarkdownIt
+
+    return '<div class="prose">' + MarkdownIt("commonmark", {"html": False}).render(text) + "</div>"
+
+
 def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None, meta: dict[str, str],
                spec_text: str | None = None, extra_html: str = "", plotly_js: str | None = None,
                protocol: str = "") -> Path:
@@ -92,8 +100,18 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>", "<ul>"]
     parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in meta.items()]
     parts += ["</ul>"]
+    if (folder / "verdict.md").is_file():
+        parts += ["<h2>Verdict</h2>", prose((folder / "verdict.md").read_text())]
     if protocol:
-        parts += ["<h2>Protocol, and what was cut</h2>", f'<pre class="protocol">{html.escape(protocol)}</pre>']
+        parts += ["<h2>Protocol, and what was cut</h2>", prose(protocol)]
+    if (folder / "settings.csv").is_file():
+        parts += ["<h2>Settings each method ran at</h2>",
+                  '<p class="note">The learning rate and method settings of every (task, method) of '
+                  "the grid, and where they come from (chosen on validation by the search, or the "
+                  "spec).</p>", table_html(folder / "settings.csv", "settings", ".4g")]
+    if (folder / "search.csv").is_file():
+        parts += ["<h3>Every setting the search tried (validation main metric)</h3>",
+                  table_html(folder / "search.csv", "search", ".4f")]
     tables = sorted(folder.glob("table1-b*.csv"))
     if tables:
         parts.append("<h2>Tables (test metric x100, mean ± std over seeds)</h2>")
@@ -127,7 +145,9 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                                                     div_id="pareto")
         parts += ["<h2>Accuracy vs trainable parameters</h2>", figure]
         scripts = f'<script src="{html.escape(plotly_js)}"></script>'
-    for image, caption in (("cd.png", "Critical-difference diagram (Friedman + Nemenyi)"),
+    for image, caption in (("cd.png", "Critical-difference diagram (mean ranks; bars join methods "
+                                      "no Holm-adjusted Wilcoxon test separates)"),
+                           ("curves.png", "Budget curves (mean and 95% interval over seeds)"),
                            ("spend.png", "Where each method spends its budget")):
         if (folder / image).is_file():
             parts += [f"<h2>{caption}</h2>", f'<img src="{image}" alt="{caption}">']

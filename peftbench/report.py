@@ -621,6 +621,47 @@ def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
     return stats[(stats.budget == budget) | (stats.budget == "natural")]
 
 
+def constant_cells(frame: pd.DataFrame) -> list[str]:
+    """'task/method/bBUDGET' of every cell whose mean is within noise of the constant predictor
+    (`metrics.near_constant`): cells that did not measurably learn."""
+    constant = constant_scores(frame)
+    out = []
+    for row in cell_stats(frame).itertuples():
+        if row.task in constant.index and near_constant(row.mean, row.std, constant.loc[row.task, "metric"],
+                                                        int(constant.loc[row.task, "test_rows"])):
+            out.append(f"{row.task}/{row.method}/b{row.budget}")
+    return sorted(out)
+
+
+def verdict(frame: pd.DataFrame, ranking: dict | None = None, alpha: float = 0.05) -> str:
+    """One paragraph a reader can quote, written from the statistics: Friedman over the
+    (task, budget) blocks, which pairs the Holm-adjusted Wilcoxon tests separate ("no pair
+    differs" when none does), and the cells at the constant predictor, which weigh on ranks."""
+    ranking = ranking if ranking is not None else friedman_ranking(frame)
+    stuck = constant_cells(frame)
+    stuck_text = (f"{len(stuck)} cell(s) are within noise of the constant predictor (did not "
+                  f"measurably learn; their ranks are ties near the bottom): {', '.join(stuck[:12])}"
+                  f"{' ...' if len(stuck) > 12 else ''}." if stuck else
+                  "No cell is within noise of the constant predictor.")
+    if ranking is None:
+        return ("Too few (task, budget) blocks or methods for a ranking test (at least 2 blocks and "
+                f"3 methods). {stuck_text}")
+    ranks, pairwise = ranking["ranks"], ranking["pairwise"]
+    separated = []
+    for a, b in itertools.combinations(list(ranks.index), 2):  # ranks are sorted: a ranks better
+        if a in pairwise.index and b in pairwise.columns and pairwise.loc[a, b] < alpha:
+            separated.append(f"{a} over {b} (p = {pairwise.loc[a, b]:.2g})")
+    friedman = (f"Friedman's test over {ranking['n_blocks']} (task, budget) blocks gives p = "
+                f"{ranking['p']:.2g}: the methods' mean ranks "
+                + ("differ" if ranking["p"] < alpha else "do not differ") + f" at {alpha}.")
+    pairs = (f"Pairwise (Wilcoxon signed-rank over {ranking['n_pairs']} (task, budget, seed) pairs, "
+             f"Holm-adjusted): " + (f"no pair differs at {alpha}." if not separated else
+                                    f"{len(separated)} pair(s) differ at {alpha}: "
+                                    + "; ".join(separated[:15]) + (" ..." if len(separated) > 15 else "") + "."))
+    best = f"Best mean rank: {ranks.index[0]} ({ranks.iloc[0]:.2f})."
+    return " ".join([friedman, pairs, best, stuck_text])
+
+
 def table_section(path: Path, table: pd.DataFrame, title: str, intro: str,
                   drop: list[str] = ()) -> list[str]:
     """Write `table` to `path` and return its Markdown section (nothing for an empty table)."""
@@ -659,6 +700,9 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
               "row 'constant predictor' is the train majority class (mean label for regression) "
               "scored on test.", ""]
     lines += [f"Note: {note}" for note in frame.attrs.get("notes", [])]
+    said = verdict(frame)
+    (out / "verdict.md").write_text(said + "\n")
+    lines += ["", "**Verdict.** " + said, ""]
     failed = frame.attrs.get("failed", {})
     if failed:
         lines += ["", f"Failed cells ({len(failed)}), left out of every mean and rank:", ""]

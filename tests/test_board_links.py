@@ -1,0 +1,64 @@
+"""Every committed board is a self-contained record: each link in its README and page resolves
+to a committed file, and no committed file names a folder of the machine that wrote it."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BOARDS = ROOT / "leaderboards"
+LINK = re.compile(r"\]\(([^)\s]+)\)|(?:href|src)=\"([^\"]+)\"")
+ABSOLUTE = re.compile(r"(?<![\w.])(/(?:work|tmp|home|root|check|Users|private|var/folders)/[\w.-]+)")
+
+
+def committed() -> set[str]:
+    """Files git tracks under leaderboards/ (or every file there, outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "leaderboards"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        return set(out.split())
+    except (OSError, subprocess.CalledProcessError):
+        return {p.relative_to(ROOT).as_posix() for p in BOARDS.rglob("*") if p.is_file()}
+
+
+def pages() -> list[Path]:
+    return sorted(p for p in BOARDS.glob("*/*") if p.name in ("README.md", "index.html")) + \
+        [p for p in [BOARDS / "index.html"] if p.is_file()]
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: p.relative_to(BOARDS).as_posix())
+def test_every_link_of_a_committed_board_resolves_to_a_committed_file(page):
+    files = committed()
+    if page.relative_to(ROOT).as_posix() not in files:
+        pytest.skip("not committed")
+    missing = []
+    for match in LINK.finditer(page.read_text()):
+        target = (match.group(1) or match.group(2)).split("#")[0]
+        if not target or re.match(r"^[a-z]+:", target):  # an anchor, https:, mailto:, data:
+            continue
+        resolved = (page.parent / target).resolve()
+        try:
+            name = resolved.relative_to(ROOT).as_posix()
+        except ValueError:
+            missing.append(target)
+            continue
+        if name not in files and not any(f.startswith(name + "/") for f in files):
+            missing.append(target)
+    assert not missing, f"{page.relative_to(ROOT)} links files that are not committed: {sorted(set(missing))[:10]}"
+
+
+def test_no_committed_board_file_holds_a_path_of_the_machine_that_wrote_it():
+    found = {}
+    for name in sorted(committed()):
+        path = ROOT / name
+        if path.suffix not in (".md", ".html", ".csv", ".json", ".yaml", ".svg", ".txt") or not path.is_file():
+            continue
+        if path.name == "plotly.min.js":
+            continue
+        hits = ABSOLUTE.findall(path.read_text(errors="replace"))
+        if hits:
+            found[name] = hits[0]
+    assert not found, f"absolute paths in committed files: {dict(list(found.items())[:5])}"
