@@ -33,15 +33,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (an option without help text still shows it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (exit 2), as every other bad input."""
+    """argparse with its errors on one line (exit 2), as every other bad input, and every
+    default in the help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"peftbench: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="peftbench", description=__doc__.split("\n")[0].strip("`"))
+    parser = Parser(prog="peftbench", description=__doc__.split("\n")[0].replace("`", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="fine-tune one method on one task over seeds")
@@ -52,17 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_positive_int, default=1, help="run seeds 0 .. N-1")
     run.add_argument("--model", default="default",
                      help="hub id or local path; 'default' = the packaged all-MiniLM-L6-v2")
-    run.add_argument("--epochs", type=_positive_int, default=3)
-    run.add_argument("--batch-size", type=_positive_int, default=16)
-    run.add_argument("--lr", type=float, default=1e-4)
-    run.add_argument("--max-length", type=_positive_int, default=128)
-    run.add_argument("--max-steps", type=_positive_int, default=None)
+    run.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training split")
+    run.add_argument("--batch-size", type=_positive_int, default=16, help="training batch size")
+    run.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, linear warm-up and decay; Fu et al.'s 1e-4)")
+    run.add_argument("--max-length", type=_positive_int, default=128, help="tokens per input, longer ones truncated")
+    run.add_argument("--max-steps", type=_positive_int, default=None,
+                     help="stop after this many optimizer steps (default: epochs x batches)")
     run.add_argument("--limit", type=_positive_int, default=None,
                      help="use at most N examples per split (quick checks)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                      help="a method hyper-parameter, e.g. --param scope=global (repeatable)")
-    run.add_argument("--output-dir", default="runs")
+    run.add_argument("--output-dir", default="runs", help="folder of the run directories")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     bench = sub.add_parser("bench", help="measure selection and step cost; prints JSON")
@@ -109,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--runs", nargs="+", default=None, metavar="DIR",
                      help="read run directories (or folders of them) instead of a study")
     rep.add_argument("--out", default=None, help="where to write report.md and the CSVs "
-                     "(default <output-dir>/report, or ./report with --runs)")
-    rep.add_argument("--ties", default="average", help="rank ties: average (default) or min (Fu et al.)")
+                     "(default: <output-dir>/report, or <first --runs DIR>/report)")
+    rep.add_argument("--ties", default="average", help="rank ties: average or min (Fu et al.)")
     rep.add_argument("--html", action="store_true",
                      help="also write index.html (tables, interactive Pareto plot; works offline)")
 
@@ -231,7 +248,9 @@ def cmd_report(args) -> None:
         return (folder / "report.md").is_file() or (folder / "results.csv").is_file()
 
     spec = _load_spec(args) if args.spec and not args.runs else None
-    out = Path(args.out or (spec.out / "report" if spec else "report"))
+    # by default inside what it reports on (the sweep folder, the first runs folder), never
+    # into the working folder
+    out = Path(args.out or (spec.out / "report" if spec else Path(args.runs[0]) / "report" if args.runs else "report"))
     ownership.check(out, "report", is_report, "report folder")  # before any work: never over a file of yours
     if args.runs:
         frame = report.load_runs(args.runs)

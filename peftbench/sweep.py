@@ -904,8 +904,8 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
     for task in spec.tasks:
         for method in spec.methods:
             if f"{task}/{method}" in best:  # resumable across machines: search.json is the record
-                log(f"search {task}/{method}: tuned already in {spec.out / 'search.json'} "
-                    "(remove its entry to search again)")
+                log(f"search {task}/{method}: tuned already in {mirror or spec.out / 'search.json'} "
+                    "(remove its entry there to search again)")
                 if "tried" not in best[f"{task}/{method}"]:  # written before "tried" was recorded
                     _add_tried(best[f"{task}/{method}"], storage, f"{spec.name}/search/{task}/{method}")
                 continue

@@ -168,3 +168,17 @@ def test_process_exit_code_is_2_without_traceback():
                            "--task", "rte"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("peftbench: error: unknown method") and "Traceback" not in proc.stderr
+
+
+def test_help_shows_every_default_and_no_stray_markup(capsys):
+    from peftbench.cli import main
+
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert "peftbench command line" in top and "`" not in top.split("\n\n")[1]
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--epochs", "3"), ("--batch-size", "16"), ("--lr", "0.0001"),
+                            ("--max-length", "128"), ("--budget", "0.005"), ("--output-dir", "runs")):
+        assert f"(default: {default})" in text.split(option, 2)[-1].split("--", 1)[0], option
+    assert "--max-steps" in text and "epochs x batches" in text

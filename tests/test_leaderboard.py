@@ -52,7 +52,7 @@ def test_pareto_points_are_the_non_dominated_ones():
     assert front.index.tolist() == [0, 4]  # 1 (same mean, more params) and 2, 3 are dominated
 
 
-def test_report_from_run_directories_and_status_and_bad_inputs(tmp_path, tiny_model_dir, capsys):
+def test_report_from_run_directories_and_status_and_bad_inputs(tmp_path, tiny_model_dir, capsys, monkeypatch):
     for method in ("random", "magpruning"):
         assert main(["run", "--method", method, "--task", "cb", "--budget", "0.01", "--seeds", "2",
                      "--model", tiny_model_dir, "--epochs", "1", "--limit", "16",
@@ -63,6 +63,11 @@ def test_report_from_run_directories_and_status_and_bad_inputs(tmp_path, tiny_mo
     assert "| magpruning |" in out and "Spearman" in out and "Jaccard" in out
     cells = pd.read_csv(tmp_path / "rep" / "cells.csv")
     assert sorted(cells.method) == ["magpruning", "random"] and set(cells.seeds) == {2}
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # nothing is written into the working folder unless asked
+    assert main(["report", "--runs", str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "runs" / "report" / "report.md").is_file() and not list(elsewhere.iterdir())
     assert main(["report", "--runs", str(tmp_path / "empty")]) == 2
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
     assert main(["report"]) == 2
