@@ -13,6 +13,7 @@ Run directory layout (all JSON, written as soon as each piece exists):
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -138,6 +139,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               device: torch.device, seed_dir: Path, progress: bool,
               score_cache: ScoreCache | None = None, on_epoch=None) -> dict:
     seed_dir.mkdir()
+    load_before = machine_load()
     set_seed(seed)
     model, tokenizer = load_model(config.model, task.num_labels)
     head_init = init_head(model, task, splits["train"]["label"])  # before scoring: both see it
@@ -201,9 +203,19 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
                               "training_bytes": out["peak_memory"]["bytes"],
                               "kind": out["peak_memory"]["kind"],
                               "since_reset": scoring_peak["since_reset"] and out["peak_memory"]["since_reset"]},
-              "trainable_by_tensor": trainable_by_tensor(model, set(pretrained), head_names)}
+              "trainable_by_tensor": trainable_by_tensor(model, set(pretrained), head_names),
+              # under what load the timings were taken: a busy machine's seconds are not a quiet one's
+              "load": {"before": load_before, "after": machine_load(), "cores": os.cpu_count()}}
     _write(seed_dir / "result.json", result)
     return result
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def state_digests(model) -> dict[str, str]:

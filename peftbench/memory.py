@@ -83,3 +83,10 @@ def peak_memory_mb(result: dict) -> float:
     if not peak:
         return float("nan")
     return max(peak["scoring_bytes"], peak["training_bytes"]) / 2**20
+
+
+def mean_load(result: dict) -> float:
+    """The mean of a result's 1-minute load averages before and after its run (NaN if unrecorded)."""
+    load = result.get("load") or {}
+    values = [v for v in (load.get("before"), load.get("after")) if v is not None]
+    return sum(values) / len(values) if values else float("nan")

@@ -133,8 +133,10 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     if (folder / "cost.csv").is_file():
         parts += ["<h2>Cost per method</h2>",
                   '<p class="note">Mean seconds of scoring and of training (evaluation included) per '
-                  "run, training steps per second, and the largest peak memory of a run in MiB (peak "
-                  "RSS on CPU, max allocated on CUDA).</p>",
+                  "run, training steps per second, the largest peak memory of a run in MiB (peak "
+                  "RSS on CPU, max allocated on CUDA), and the machine's mean 1-minute load average "
+                  "around the runs (empty: not recorded): timings taken at a load above the "
+                  "machine's cores are slower than a quiet machine's.</p>",
                   table_html(folder / "cost.csv", "cost", ",.1f")]
     scripts = ""
     if frame is not None and not frame.empty:

@@ -32,13 +32,15 @@ TIES = ("average", "min", "max", "dense", "ordinal")
 
 
 def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean scoring and training seconds, mean steps/s, max peak memory (MiB)."""
-    for column in ("steps_per_s", "peak_memory_mb"):
+    """Per method: mean scoring and training seconds, mean steps/s, max peak memory (MiB), and
+    the mean 1-minute load average around the runs (NaN for runs that did not record it)."""
+    for column in ("steps_per_s", "peak_memory_mb", "load_1min"):
         if column not in frame:
             frame = frame.assign(**{column: np.nan})
     g = frame.groupby("method")
     return pd.DataFrame({"scoring_s": g.scoring_time_s.mean(), "training_s": g.train_time_s.mean(),
-                         "steps_per_s": g.steps_per_s.mean(), "peak_memory_mb": g.peak_memory_mb.max()})
+                         "steps_per_s": g.steps_per_s.mean(), "peak_memory_mb": g.peak_memory_mb.max(),
+                         "load_1min": g.load_1min.mean()})
 
 
 def _read_json(path: Path) -> dict:
@@ -113,6 +115,7 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
                          "scoring_time_s": result["scoring_time_s"],
                          "train_time_s": result["train_time_s"], "run_dir": str(run_dir),
                          "steps_per_s": result.get("steps_per_s", np.nan),
+                         "load_1min": memory.mean_load(result),
                          "peak_memory_mb": memory.peak_memory_mb(result),
                          "written": result_file.stat().st_mtime,
                          "spend": result.get("trainable_by_tensor", {}),

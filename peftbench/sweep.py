@@ -583,6 +583,7 @@ def result_attrs(result: dict, config: RunConfig, run_dir: Path) -> dict:
             "scoring_time_s": result["scoring_time_s"], "scores_from_cache": result["scores_from_cache"],
             "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"],
             "steps_per_s": result["steps_per_s"], "peak_memory_mb": memory.peak_memory_mb(result),
+            "load_1min": memory.mean_load(result),
             "train_config": asdict(config.train), "method_params": config.method_params}
 
 
@@ -1076,6 +1077,7 @@ def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
                      "pretrained_entries": a["pretrained_entries"], "scoring_time_s": a["scoring_time_s"],
                      "train_time_s": a["train_time_s"], "run_dir": a["run_dir"],
                      "steps_per_s": a.get("steps_per_s", float("nan")),
+                     "load_1min": a.get("load_1min", float("nan")),
                      "peak_memory_mb": a.get("peak_memory_mb", float("nan")),
                      "constant_metric": a.get("constant_test_main", float("nan")),
                      "metric_name": "+".join(a.get("main_metric", [])),
