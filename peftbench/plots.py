@@ -102,11 +102,14 @@ def dodge(methods: list[str]) -> dict[str, float]:
 
 
 def _subtitle(frame: pd.DataFrame) -> str:
-    model = ", ".join(sorted({str(m) for m in frame.get("model", pd.Series(dtype=str)) if m})) or "model ?"
+    names = sorted({str(m) for m in frame.get("model", pd.Series(dtype=str)) if m})
+    model = ", ".join("all-MiniLM-L6-v2 (default)" if m == "default" else m for m in names) or "model ?"
     seeds = frame.groupby(["task", "method", "budget"]).seed.nunique()
     budgets = sorted({b for b in frame.budget if b != "natural"}, key=float)
+    shown = (f"budget{'s' if len(budgets) > 1 else ''} {', '.join(f'{100 * float(b):g}%' for b in budgets)}"
+             if budgets else "natural counts only")
     return (f"{model}; {seeds.min()}{'-' + str(seeds.max()) if seeds.max() != seeds.min() else ''} "
-            f"seeds; budgets {', '.join(budgets) or 'natural only'}")
+            f"seeds; {shown}")
 
 
 def metric_axis(frame: pd.DataFrame, task: str) -> str:
