@@ -244,8 +244,8 @@ def cmd_report(args) -> None:
 
     from peftbench import ownership, plots, report, sweep
 
-    def is_report(folder):
-        return (folder / "report.md").is_file() or (folder / "results.csv").is_file()
+    def is_report(folder):  # a report from before markers (a board's folder has no report.md)
+        return (folder / "report.md").is_file() and not (folder / "spec.yaml").exists()
 
     spec = _load_spec(args) if args.spec and not args.runs else None
     # by default inside what it reports on (the sweep folder, the first runs folder), never
@@ -389,6 +389,8 @@ def cmd_check_method(args) -> int:
     datasets.disable_progress_bars()
     registry.get(args.name)  # an unknown or broken method: one line, exit 2
     params = _parse_params(args.param) if args.param else None
+    if params is not None:
+        registry.create(args.name, **params)  # a bad --param: one line, exit 2, not a FAIL per check
     outcomes = testing.check_method(args.name, params)
     width = max(len(o.check) for o in outcomes)
     for o in outcomes:
@@ -430,8 +432,21 @@ INTERRUPTED = {  # what an interrupt leaves behind, per command (said exactly, s
 }
 
 
+def _thread_fault(args) -> None:
+    """A storage fault in a background thread (Optuna's heartbeat on a locked database) is one
+    line, as in the main thread; any other thread error keeps Python's traceback."""
+    fault = storage_fault(args.exc_value) if args.exc_value is not None else None
+    if fault is None:
+        sys.__excepthook__(args.exc_type, args.exc_value, args.exc_traceback)
+        return
+    print(f"peftbench: warning: {fault} (in {getattr(args.thread, 'name', 'a thread')})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import threading
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threading.excepthook = _thread_fault
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a bad option (one line, see Parser.error)

@@ -729,14 +729,16 @@ def progress_line(study: optuna.Study, prints: Fingerprints) -> str:
     return line
 
 
-SWEEP_FILES = ("study.db", "runs", "scores", "search.json", "search-runs", "report", ".enqueue.lock")
+SWEEP_FILES = ("study.db", "scores", "search-runs", ".enqueue.lock")  # names only a sweep writes
 
 
 def claim_out(spec: StudySpec) -> Path:
     """The sweep's output folder, made and marked as peftbench's (`peftbench.ownership`) before
     anything is written there; a folder holding someone else's files is refused."""
-    return ownership.claim(spec.out, "sweep", lambda f: any((f / n).exists() for n in SWEEP_FILES),
-                           what=f"study {spec.name!r} output folder")
+    def looks_like_sweep(folder: Path) -> bool:  # a folder from before markers; never a board's
+        return not (folder / "spec.yaml").exists() and any((folder / n).exists() for n in SWEEP_FILES)
+
+    return ownership.claim(spec.out, "sweep", looks_like_sweep, what=f"study {spec.name!r} output folder")
 
 
 def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool = True,

@@ -427,3 +427,61 @@ def test_a_search_whose_every_trial_fails_is_an_error_not_an_empty_record(tmp_pa
                                          "ValueError: a space the method cannot take"):
         sweep.run_search(sweep.load_spec(path), log=lambda *a: None)
     assert not (tmp_path / "out" / "search.json").exists()
+
+
+# --- a fresh hostile pass (cases not in the issue) ---------------------------------------------
+
+def _board_folder(tmp_path) -> Path:
+    board = tmp_path / "board"
+    (board / "runs").mkdir(parents=True)
+    for name in ("spec.yaml", "results.csv", "README.md", "search.json"):
+        (board / name).write_text("committed\n")
+    return board
+
+
+def test_report_out_into_a_boards_folder_is_refused(capsys, tmp_path):
+    board = _board_folder(tmp_path)
+    (tmp_path / "runs").mkdir()
+    msg = one_line_error(capsys, "report", "--runs", str(tmp_path / "runs"), "--out", str(board))
+    assert "holds files peftbench did not write" in msg
+    assert (board / "results.csv").read_text() == "committed\n" and not (board / ".peftbench").exists()
+
+
+def test_a_sweep_whose_output_dir_is_a_boards_folder_is_refused(capsys, tmp_path, tiny_model_dir):
+    board = _board_folder(tmp_path)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "model": tiny_model_dir, "tasks": ["rte"],
+                                    "methods": {"random": {}}, "budgets": [0.01], "seeds": 1, "limit": 8,
+                                    "output_dir": str(board)}))
+    assert "holds files peftbench did not write" in one_line_error(capsys, "sweep", str(path))
+    assert sorted(p.name for p in board.iterdir()) == ["README.md", "results.csv", "runs", "search.json", "spec.yaml"]
+
+
+def test_check_method_refuses_a_bad_param_once(capsys):
+    msg = one_line_error(capsys, "check-method", "lora", "--param", "r=0")
+    assert "method 'lora' parameter r=0" in msg
+
+
+def test_a_storage_fault_in_a_background_thread_is_one_line(capsys):
+    """Optuna's heartbeat thread on a locked database: a warning line, not a traceback."""
+    import sqlite3
+    import threading
+
+    from peftbench import cli
+
+    def heartbeat():
+        try:
+            raise sqlite3.OperationalError("database is locked")
+        except sqlite3.OperationalError as err:
+            raise RuntimeError("heartbeat failed") from err
+
+    previous = threading.excepthook
+    threading.excepthook = cli._thread_fault
+    try:
+        worker = threading.Thread(target=heartbeat, name="heartbeat")
+        worker.start()
+        worker.join()
+    finally:
+        threading.excepthook = previous
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the study's storage failed: database is locked" in err[0]

@@ -1,0 +1,66 @@
+"""Everything a method author imports, from one place.
+
+    from peftbench.api import Selector, Selection, top_k, PositiveInt, scoring_session
+
+A method is a `Selector` subclass (see `peftbench.selector` for the contract) registered as an
+entry point; `peftbench check-method NAME` (or `peftbench.testing.parametrize_with_checks` in
+the author's own pytest) checks it. This module only gathers names: nothing here is new except
+`scoring_session`, for methods that fine-tune while scoring (LT-SFT, DiffPruning-style).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
+
+from peftbench.errors import UsageError, check_choice
+from peftbench.models import pretrained_parameters
+from peftbench.scoring import ScoringData, count_batches
+from peftbench.selector import (Batches, Budget, Decay, Fraction, Scope, Selection, Selector, apportion,
+                                check_scope, top_k)
+
+__all__ = ["Batches", "Budget", "Decay", "Fraction", "NonNegativeFloat", "PositiveFloat", "PositiveInt",
+           "Scope", "ScoringData", "Selection", "Selector", "UsageError", "apportion", "check_choice",
+           "check_scope", "count_batches", "pretrained_parameters", "scoring_session", "top_k"]
+
+
+@contextlib.contextmanager
+def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int) -> Iterator[tuple]:
+    """A scoring phase that trains, undone on exit: yields (optimizer, scheduler) built with the
+    run's own recipe (AdamW over every pre-trained parameter, weight decay exempting biases and
+    LayerNorm as the trainer does, linear warm-up and decay over `steps`, the run's lr; clip
+    with `data.train.max_grad_norm` yourself). On exit, even after an error, every parameter
+    and buffer is back to its value, `requires_grad` flags and train/eval mode are restored:
+    the model scored is the model trained next (the runner checks this bit for bit)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from peftbench.sparse import decay_exempt
+    from peftbench.trainer import warmup_steps
+
+    if steps < 1:
+        raise UsageError(f"scoring_session needs at least one step, got {steps}")
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    params = pretrained_parameters(model)
+    for p in params.values():
+        p.requires_grad_(True)
+    groups = [{"params": [p for n, p in params.items() if not decay_exempt(n)], "weight_decay": data.train.weight_decay},
+              {"params": [p for n, p in params.items() if decay_exempt(n)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=data.train.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(data.train.warmup_ratio, steps), steps)
+    model.train()
+    try:
+        yield optimizer, scheduler
+    finally:
+        with torch.no_grad():
+            current = model.state_dict(keep_vars=True)
+            for key, value in saved.items():
+                current[key].copy_(value)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        for n, m in model.named_modules():
+            m.train(modes[n])

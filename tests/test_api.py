@@ -1,0 +1,47 @@
+"""The author's surface: one import, and a scoring phase that trains and is undone."""
+from __future__ import annotations
+
+import torch
+
+from peftbench import api
+
+
+def test_the_authors_names_come_from_one_module():
+    for name in api.__all__:
+        assert hasattr(api, name), name
+    assert api.Selector.__module__ == "peftbench.selector"
+
+
+def test_scoring_session_trains_then_restores_everything(tiny_model):
+    """A fine-tune inside the session moves the weights; on exit parameters, buffers,
+    requires_grad and train mode are as before, bit for bit, even after an error."""
+    from peftbench.data import load_task, tokenize
+    from peftbench.experiment import state_digests
+    from peftbench.scoring import ScoringData
+    from peftbench.trainer import TrainConfig, make_loader, pick_device
+
+    model, tokenizer = tiny_model
+    model.eval()
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    task = load_task("rte")
+    data = tokenize(task, tokenizer, task.load_splits(limit=8), 32)
+    scoring = ScoringData(make_loader(data["train"], tokenizer, task, 4, True, 0), task, pick_device("cpu"),
+                          TrainConfig(lr=1e-2))
+    before, flags = state_digests(model), {n: p.requires_grad for n, p in model.named_parameters()}
+    moved = False
+    try:
+        with api.scoring_session(model, scoring, steps=2) as (optimizer, scheduler):
+            assert model.training
+            for batch in scoring.batches():
+                scoring.loss(model, batch).backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            moved = state_digests(model) != before
+            raise RuntimeError("a scoring bug")
+    except RuntimeError:
+        pass
+    assert moved
+    assert state_digests(model) == before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and not model.training
