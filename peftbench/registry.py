@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from peftbench.errors import UsageError
-from peftbench.selector import Selector, validate_params
+from peftbench.selector import Selector, resolve_params, validate_params
 
 GROUP = "peftbench.methods"
 
@@ -84,16 +84,8 @@ def get(name: str) -> type[Selector]:
 
 
 def resolved_params(name: str, params: dict) -> dict:
-    """Every hyper-parameter of method `name` as a run uses it: the user's values, validated,
-    over `__init__`'s defaults. What a score-cache key and a run's record are built from, never
-    attributes read back from an instance (a method may store an argument under another name)."""
-    import inspect
-
-    cls = get(name)
-    defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
-                if n != "self" and p.default is not inspect.Parameter.empty
-                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    return {**defaults, **validate_params(cls, name, params)}
+    """`selector.resolve_params` of the method registered as `name`."""
+    return resolve_params(get(name), name, params)
 
 
 def create(name: str, **params) -> Selector:

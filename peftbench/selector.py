@@ -99,6 +99,17 @@ def validate_params(cls: type, method: str, params: dict) -> dict:
     return out
 
 
+def resolve_params(cls: type, method: str, params: dict) -> dict:
+    """Every hyper-parameter as a run uses it: `params` validated (`validate_params`) over
+    `__init__`'s defaults. What a score-cache key and a run's record are built from, never
+    attributes read back from an instance (a method may store an argument under another name)."""
+    signature = inspect.signature(cls.__init__)
+    defaults = {n: p.default for n, p in signature.parameters.items()
+                if n != "self" and p.default is not inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {**defaults, **validate_params(cls, method, params)}
+
+
 @dataclass(frozen=True)
 class Budget:
     """A budget given as a fraction p in (0, 1] of the N pre-trained entries, or as a count."""
@@ -304,6 +315,9 @@ class Selector:
     # True: the budget holds per step in expectation, not in the selection (ChildTuning-F);
     # the selection's count is then not bounded by the budget (`validate_selection`)
     budget_in_expectation: bool = False
+    # conformance checks this method fails by design: {check name: reason} (peftbench.testing
+    # reports them as expected failures, and fails if one passes)
+    expected_check_failures: dict[str, str] = {}
 
     def budget_bound(self, budget: int) -> int | None:
         """The count `select` must stay within: the budget, or None (natural count, or a

@@ -45,6 +45,8 @@ from typing import Callable
 
 import torch
 
+from peftbench.selector import Selector
+
 BUDGET_FRACTION = 0.02
 # light hyper-parameters for the built-ins, so each check runs in seconds (as scikit-learn's
 # checks shrink max_iter): scoring over a few batches, a projection within 4 steps
@@ -92,14 +94,13 @@ def tiny_model_dir() -> str:
 class _Setup:
     """A fresh tiny model, its data and the method's scores: what every check starts from."""
 
-    def __init__(self, method: str, params: dict, model_dir: str | None):
-        from peftbench import registry
+    def __init__(self, method, params: dict, model_dir: str | None):
         from peftbench.data import load_task, tokenize
         from peftbench.models import head_parameters, load_model, pretrained_parameters
         from peftbench.scoring import ScoringData
         from peftbench.trainer import make_loader, pick_device
 
-        self.method, self.params = method, params
+        self.method, self.cls, self.params, self.resolved = method_spec(method, params)
         self.task = load_task("rte")
         self.model, self.tokenizer = load_model(model_dir or tiny_model_dir(), 2)
         self.data = tokenize(self.task, self.tokenizer, self.task.load_splits(limit=16), 48)
@@ -107,20 +108,42 @@ class _Setup:
         self.head_names = set(head_parameters(self.model))
         self.numels = {n: p.numel() for n, p in self.pretrained.items()}
         self.budget = max(1, math.floor(BUDGET_FRACTION * sum(self.numels.values())))
-        self.selector = registry.create(method, **params)
+        self.selector = method if isinstance(method, Selector) else self.fresh()
         self.scoring = ScoringData(make_loader(self.data["train"], self.tokenizer, self.task, 4, True, 0),
                                    self.task, pick_device("cpu")) if self.selector.needs_data else None
 
     def fresh(self):
-        from peftbench import registry
+        """A new instance with the same parameters."""
+        from peftbench.selector import validate_params
 
-        return registry.create(self.method, **self.params)
+        return self.cls(**validate_params(self.cls, self.method, self.params))
 
     def score(self):
         return self.selector.score(self.model, self.scoring)
 
     def select(self, selector, scores, seed: int = 0):
         return selector.select(self.model, scores, self.budget, torch.Generator().manual_seed(seed))
+
+
+def method_spec(method, params: dict | None = None) -> tuple[str, type, dict, dict]:
+    """(name, class, given parameters, resolved parameters) of a method given as an installed
+    name, a `Selector` subclass or an instance (whose `get_params` are its parameters), so an
+    author checks a class before registering it."""
+    from peftbench import registry
+    from peftbench.selector import resolve_params
+
+    params = dict(params or {})
+    if isinstance(method, str):
+        cls = registry.get(method)
+        name = method.lower()
+    elif isinstance(method, Selector):
+        cls, name = type(method), type(method).__name__
+        params = {**method.get_params(), **params}
+    elif isinstance(method, type) and issubclass(method, Selector):
+        cls, name = method, method.__name__
+    else:
+        raise TypeError(f"a method name, a Selector subclass or an instance, not {method!r}")
+    return name, cls, params, resolve_params(cls, name, params)
 
 
 def _same_selection(a, b) -> bool:
@@ -133,14 +156,12 @@ def check_init_stores_params(s: _Setup) -> str:
     under its own name (what `get_params` reads back), unchanged."""
     import inspect
 
-    from peftbench import registry
-
-    cls = type(s.selector)
+    cls = s.cls
     try:
         cls()
     except TypeError as err:
         raise AssertionError(f"{cls.__name__}() fails ({err}): every parameter needs a default") from None
-    expected = registry.resolved_params(s.method, s.params)
+    expected = s.resolved
     names = [n for n, p in inspect.signature(cls.__init__).parameters.items()
              if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     for name in names:
@@ -269,9 +290,10 @@ CHECKS: dict[str, Callable[[_Setup], str]] = {
 }
 
 
-def run_check(method: str, check: str, params: dict | None = None, model_dir: str | None = None,
+def run_check(method, check: str, params: dict | None = None, model_dir: str | None = None,
               expected_failures: dict[str, str] | None = None) -> Outcome:
-    """Run one check on a fresh setup (a fresh model, so no check sees another's effects)."""
+    """Run one check on a fresh setup (a fresh model, so no check sees another's effects).
+    `method`: an installed name, a Selector subclass or an instance."""
     reason = (expected_failures or {}).get(check)
     try:
         detail = CHECKS[check](_Setup(method, params or {}, model_dir))
@@ -282,31 +304,37 @@ def run_check(method: str, check: str, params: dict | None = None, model_dir: st
     return Outcome(check, True, detail, reason)
 
 
-def check_method(method: str, params: dict | None = None, model_dir: str | None = None,
+def check_method(method, params: dict | None = None, model_dir: str | None = None,
                  expected_failures: dict[str, str] | None = None) -> list[Outcome]:
-    """Every check of `CHECKS` on one installed method (a built-in with its light
-    `BUILTIN_CHECK_PARAMS` and its `BUILTIN_EXPECTED_FAILURES` unless given)."""
-    if params is None:
+    """Every check of `CHECKS` on one method (an installed name, a Selector subclass or an
+    instance; a built-in by name with its light `BUILTIN_CHECK_PARAMS` unless given). Expected
+    failures: the class's `expected_check_failures`, then `expected_failures` over them."""
+    if params is None and isinstance(method, str):
         params = BUILTIN_CHECK_PARAMS.get(method.lower(), {})
-    if expected_failures is None:
-        expected_failures = BUILTIN_EXPECTED_FAILURES.get(method.lower(), {})
-    return [run_check(method, name, params, model_dir, expected_failures) for name in CHECKS]
+    _, cls, _, _ = method_spec(method, params)
+    expected = {**cls.expected_check_failures, **BUILTIN_EXPECTED_FAILURES.get(str(method).lower(), {}),
+                **(expected_failures or {})}
+    return [run_check(method, name, params, model_dir, expected) for name in CHECKS]
 
 
 def parametrize_with_checks(methods: list, expected_failures: dict[str, dict[str, str]] | None = None):
     """A pytest parametrization over (method, check): the test receives `check`, a callable
-    that runs the check and fails the test if the contract is broken. `methods` holds names or
-    (name, params) pairs; `expected_failures` = {method: {check: reason}}."""
+    that runs the check and fails the test if the contract is broken. `methods` holds installed
+    names, Selector subclasses or instances, or (any of those, params) pairs;
+    `expected_failures` = {method name: {check: reason}} over the classes' own
+    `expected_check_failures`."""
     import pytest
 
     cases = []
     for entry in methods:
-        name, params = (entry, {}) if isinstance(entry, str) else entry
+        method, params = entry if isinstance(entry, tuple) else (entry, {})
+        name, cls, _, _ = method_spec(method, params)
+        declared = {**cls.expected_check_failures, **(expected_failures or {}).get(name, {})}
         for check in CHECKS:
-            reason = (expected_failures or {}).get(name, {}).get(check)
+            reason = declared.get(check)
 
-            def run(name=name, params=params, check=check, reason=reason):
-                outcome = run_check(name, check, params, expected_failures={check: reason} if reason else None)
+            def run(method=method, name=name, params=params, check=check, reason=reason):
+                outcome = run_check(method, check, params, expected_failures={check: reason} if reason else None)
                 if reason and not outcome.passed:
                     pytest.xfail(reason)
                 assert outcome.ok, f"{name}: {check}: {outcome.detail}" + (
