@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--budget", default=None, help="for `spend`: the budget to show")
 
     board = sub.add_parser("leaderboard", help="run or show a leaderboard from leaderboards/")
-    board.add_argument("action", choices=["run", "show", "list", "verify", "work", "report"],
-                       help="run: search, grid, report (resumes from the committed cells); show: "
+    board.add_argument("action", choices=["run", "show", "list", "verify", "work", "search", "report"],
+                       help="run: search, grid, report (resumes from the committed cells); search: the "
+                       "search alone (a worker: several split the untuned pairs); show: "
                        "print the committed README; verify: re-run committed cells and compare; "
                        "work: the grid alone (a worker, or a second machine on a shared study); report: "
                        "rewrite the board from its committed cells without training")
@@ -310,6 +311,8 @@ def cmd_leaderboard(args) -> int | None:
         return code
     elif args.action == "report":
         print(leaderboard.refresh(args.name, storage=args.storage, output_dir=args.output_dir))
+    elif args.action == "search":
+        leaderboard.search(args.name, storage=args.storage, output_dir=args.output_dir)
     elif args.action == "work":
         return 1 if leaderboard.work(args.name, storage=args.storage, output_dir=args.output_dir) else 0
     else:

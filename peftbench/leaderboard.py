@@ -301,8 +301,19 @@ def _prepare(folder: Path, spec: sweep.StudySpec) -> None:
 
     committed, working = folder / "search.json", spec.out / "search.json"
     if committed.is_file():
-        working.parent.mkdir(parents=True, exist_ok=True)
+        sweep.claim_out(spec)  # the sweep folder is peftbench's before anything is copied there
         shutil.copyfile(committed, working)
+
+
+def search(name: str, storage: str | None = None, output_dir: str | None = None) -> dict:
+    """The search alone (each of `run --workers N`'s search workers): takes untuned (task,
+    method) pairs until none is left, recording each into the board's search.json."""
+    folder = find(name)
+    spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    if not spec.search:
+        raise UsageError(f"leaderboard {name!r} has no 'search:' section")
+    _prepare(folder, spec)
+    return sweep.run_search(spec, mirror=folder / "search.json")
 
 
 def work(name: str, storage: str | None = None, output_dir: str | None = None) -> int:
@@ -339,7 +350,14 @@ def run(name: str, storage: str | None = None, output_dir: str | None = None,
     spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
     _prepare(folder, spec)
     if spec.search:  # search.json into the board after every (task, method): commit as it grows
-        sweep.run_search(spec, mirror=folder / "search.json")
+        if workers and workers > 1:  # the pairs split between workers (sweep.SearchClaims)
+            argv = [name, *(["--storage", storage] if storage else []),
+                    *(["--output-dir", output_dir] if output_dir else [])]
+            if sweep.spawn_workers(argv, workers, command=("leaderboard", "search")):
+                raise UsageError(f"the search of {name!r} did not finish (see the workers' errors above); "
+                                 "the pairs it tuned are in its search.json")
+        else:
+            sweep.run_search(spec, mirror=folder / "search.json")
     study = sweep.open_study(spec)
     cellstore.import_committed(study, spec, folder)
     if workers and workers > 1:

@@ -823,9 +823,18 @@ def run_workers(spec: StudySpec, argv: list[str], workers: int, restart_changed:
     (`worker_environments`). Returns the worst exit code; Ctrl-C reaches every worker."""
     import subprocess
 
-    environments = worker_environments(workers)
     added = enqueue_missing(open_study(spec), spec, restart_changed=restart_changed)
-    log(f"study {spec.name!r}: {added} cells queued; starting {workers} worker(s): "
+    log(f"study {spec.name!r}: {added} cells queued")
+    return spawn_workers(argv, workers, log, command)
+
+
+def spawn_workers(argv: list[str], workers: int, log=print, command: tuple[str, ...] = ("sweep",)) -> int:
+    """`workers` local `peftbench COMMAND ARGV` processes, each with its share of the machine
+    (`worker_environments`); returns the worst exit code; Ctrl-C reaches every worker."""
+    import subprocess
+
+    environments = worker_environments(workers)
+    log(f"starting {workers} worker(s) of `peftbench {' '.join(command)}`: "
         + "; ".join(" ".join(f"{k}={v}" for k, v in env.items() if k != "MKL_NUM_THREADS")
                     for env in environments))
     procs = [subprocess.Popen([sys.executable, "-m", "peftbench", *command, *argv],
@@ -904,99 +913,168 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
     best = best_search_params(spec)
     cache = ScoreCache(spec.out / "scores")
     storage = open_storage(spec)
-    for task in spec.tasks:
-        for method in spec.methods:
-            if f"{task}/{method}" in best:  # resumable across machines: search.json is the record
-                log(f"search {task}/{method}: tuned already in {mirror or spec.out / 'search.json'} "
-                    "(remove its entry there to search again)")
-                if "tried" not in best[f"{task}/{method}"]:  # written before "tried" was recorded
-                    _add_tried(best[f"{task}/{method}"], storage, f"{spec.name}/search/{task}/{method}")
-                continue
-            cls = registry.get(method)
-            space = dict(cls.search_space()) if search.get("method_params") else {}
-            pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-                      if search.get("pruner", "median") == "median" else optuna.pruners.NopPruner())
-            grid = _choice_grid(search.get("params", {})) if not space else None
-            if grid is not None:  # every setting a list of choices: try each once (a grid)
-                sampler = optuna.samplers.GridSampler(grid, seed=int(search.get("seed", 0)))
-                n_trials = min(int(search.get("trials", 10)), math.prod(len(v) for v in grid.values()))
-            else:
-                sampler = optuna.samplers.TPESampler(seed=int(search.get("seed", 0)))
-                n_trials = int(search.get("trials", 10))
-            study = optuna.create_study(
-                study_name=f"{spec.name}/search/{task}/{method}", storage=storage,
-                direction="maximize", load_if_exists=True, pruner=pruner, sampler=sampler)
-            params_space = search.get("params", {})
+    claims = SearchClaims(spec, mirror)
+    updated = {}
+    for key, entry in best.items():  # resumable across machines: search.json is the record
+        log(f"search {key}: tuned already in {mirror or spec.out / 'search.json'} "
+            "(remove its entry there to search again)")
+        if "tried" not in entry:  # written before "tried" was recorded
+            _add_tried(entry, storage, f"{spec.name}/search/{key}")
+            updated[key] = entry
+    if updated:
+        with claims.lock:
+            _write_search(spec, {**claims.merged(), **updated}, mirror)
+    while (pair := claims.next()) is not None:  # several workers split the pairs between them
+        task, method = pair
+        cls = registry.get(method)
+        space = dict(cls.search_space()) if search.get("method_params") else {}
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+                  if search.get("pruner", "median") == "median" else optuna.pruners.NopPruner())
+        grid = _choice_grid(search.get("params", {})) if not space else None
+        if grid is not None:  # every setting a list of choices: try each once (a grid)
+            sampler = optuna.samplers.GridSampler(grid, seed=int(search.get("seed", 0)))
+            n_trials = min(int(search.get("trials", 10)), math.prod(len(v) for v in grid.values()))
+        else:
+            sampler = optuna.samplers.TPESampler(seed=int(search.get("seed", 0)))
+            n_trials = int(search.get("trials", 10))
+        study = optuna.create_study(
+            study_name=f"{spec.name}/search/{task}/{method}", storage=storage,
+            direction="maximize", load_if_exists=True, pruner=pruner, sampler=sampler)
+        params_space = search.get("params", {})
 
-            def objective(trial: optuna.Trial) -> float:
-                train = {n: _suggest(trial, n, d) for n, d in params_space.items()}
-                params = {**spec.methods[method],
-                          **{n: _suggest(trial, f"method.{n}", d) for n, d in space.items()}}
+        def objective(trial: optuna.Trial) -> float:
+            train = {n: _suggest(trial, n, d) for n, d in params_space.items()}
+            params = {**spec.methods[method],
+                      **{n: _suggest(trial, f"method.{n}", d) for n, d in space.items()}}
 
-                def on_epoch(epoch: int, value: float) -> None:
-                    trial.report(value, epoch)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"epoch {epoch}: validation {value:.4f}")
+            def on_epoch(epoch: int, value: float) -> None:
+                trial.report(value, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"epoch {epoch}: validation {value:.4f}")
 
-                config = RunConfig(method=method, task=task,
-                                   budget="1" if not cls.uses_budget else budget,
-                                   seeds=list(search.get("seeds") or [spec.seeds[0]]),
-                                   model=spec.model, device=spec.device,
-                                   method_params=params, train=train_config(train, "search", method_train(spec, method)),
-                                   limit=spec.limit, output_dir=str(spec.out / "search-runs"))
-                # several tuning seeds: the score is their mean, known only at the end, so no
-                # per-epoch report (one seed's epoch is not the setting's value)
-                summary, run_dir = run_experiment(config, progress=False, score_cache=cache,
-                                                  on_epoch=on_epoch if len(config.seeds) == 1 else None)
-                trial.set_user_attr("run_dir", str(run_dir.resolve()))
-                return summary["validation_main_mean"]
+            config = RunConfig(method=method, task=task,
+                               budget="1" if not cls.uses_budget else budget,
+                               seeds=list(search.get("seeds") or [spec.seeds[0]]),
+                               model=spec.model, device=spec.device,
+                               method_params=params, train=train_config(train, "search", method_train(spec, method)),
+                               limit=spec.limit, output_dir=str(spec.out / "search-runs"))
+            # several tuning seeds: the score is their mean, known only at the end, so no
+            # per-epoch report (one seed's epoch is not the setting's value)
+            summary, run_dir = run_experiment(config, progress=False, score_cache=cache,
+                                              on_epoch=on_epoch if len(config.seeds) == 1 else None)
+            trial.set_user_attr("run_dir", str(run_dir.resolve()))
+            return summary["validation_main_mean"]
 
-            def guarded(trial: optuna.Trial) -> float:  # a failure's reason kept with its trial
-                try:
-                    return objective(trial)
-                except optuna.TrialPruned:
-                    raise
-                except Exception as err:
-                    trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:300])
-                    raise
+        def guarded(trial: optuna.Trial) -> float:  # a failure's reason kept with its trial
+            try:
+                return objective(trial)
+            except optuna.TrialPruned:
+                raise
+            except Exception as err:
+                trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:300])
+                raise
 
-            done = (TrialState.COMPLETE, TrialState.PRUNED)
-            study.optimize(guarded, n_trials=n_trials, catch=(Exception,),
-                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
-            studies = [study]
-            for value in widened(studies, grid, int(search.get("widen", 0))):
-                (name, choice), = value.items()
-                log(f"search {task}/{method}: best at the grid's edge; trying {name}={choice:g}")
-                # a study of its own: Optuna keeps one set of choices per parameter and study
-                extra = optuna.create_study(
-                    study_name=f"{spec.name}/search/{task}/{method}/widen/{name}={choice:g}",
-                    storage=storage, direction="maximize", load_if_exists=True,
-                    sampler=optuna.samplers.GridSampler({name: [choice]}))
-                params_space = {name: {"choices": [choice]}}
-                extra.optimize(guarded, n_trials=1, catch=(Exception,),
-                               callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
-                studies.append(extra)
-            params_space = search.get("params", {})
-            complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-            if not complete:  # nothing to choose from: never an empty search.json and exit 0
-                failed = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
-                reason = failed[0].user_attrs.get("failure", "") if failed else ""
-                raise UsageError(f"search {task}/{method}: none of its {sum(len(st.trials) for st in studies)} "
-                                 f"trials completed{': ' + reason.splitlines()[0][:300] if reason else ''}; "
-                                 "fix the search space or the method's settings (search.json keeps the "
-                                 "pairs tuned so far)")
-            winner = max(complete, key=lambda t: t.value)
-            params = winner.params
-            best[f"{task}/{method}"] = {
-                "train": {k: v for k, v in params.items() if not k.startswith("method.")},
-                "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
-                "validation": winner.value, "trials": sum(len(st.trials) for st in studies),
-                "tried": [row for st in studies for row in tried(st)],
-                "seeds": list(search.get("seeds") or [spec.seeds[0]])}
-            log(f"search {task}/{method}: best validation {winner.value:.4f} with {params}")
-            _write_search(spec, best, mirror)  # after every pair: an interrupted search keeps it
-    _write_search(spec, best, mirror)
-    return best
+        done = (TrialState.COMPLETE, TrialState.PRUNED)
+        study.optimize(guarded, n_trials=n_trials, catch=(Exception,),
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
+        studies = [study]
+        for value in widened(studies, grid, int(search.get("widen", 0))):
+            (name, choice), = value.items()
+            log(f"search {task}/{method}: best at the grid's edge; trying {name}={choice:g}")
+            # a study of its own: Optuna keeps one set of choices per parameter and study
+            extra = optuna.create_study(
+                study_name=f"{spec.name}/search/{task}/{method}/widen/{name}={choice:g}",
+                storage=storage, direction="maximize", load_if_exists=True,
+                sampler=optuna.samplers.GridSampler({name: [choice]}))
+            params_space = {name: {"choices": [choice]}}
+            extra.optimize(guarded, n_trials=1, catch=(Exception,),
+                           callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
+            studies.append(extra)
+        params_space = search.get("params", {})
+        complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not complete:  # nothing to choose from: never an empty search.json and exit 0
+            claims.release(f"{task}/{method}")
+            failed = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+            reason = failed[0].user_attrs.get("failure", "") if failed else ""
+            raise UsageError(f"search {task}/{method}: none of its {sum(len(st.trials) for st in studies)} "
+                             f"trials completed{': ' + reason.splitlines()[0][:300] if reason else ''}; "
+                             "fix the search space or the method's settings (search.json keeps the "
+                             "pairs tuned so far)")
+        winner = max(complete, key=lambda t: t.value)
+        params = winner.params
+        best = claims.record(f"{task}/{method}", {  # after every pair: an interruption keeps it
+            "train": {k: v for k, v in params.items() if not k.startswith("method.")},
+            "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
+            "validation": winner.value, "trials": sum(len(st.trials) for st in studies),
+            "tried": [row for st in studies for row in tried(st)],
+            "seeds": list(search.get("seeds") or [spec.seeds[0]])})
+        log(f"search {task}/{method}: best validation {winner.value:.4f} with {params}")
+    return claims.merged()
+
+
+class SearchClaims:
+    """Which (task, method) pairs of a search are tuned, taken or free, shared by every search
+    worker on this output folder: under a file lock, a worker takes the first pair that is
+    neither in search.json nor claimed by a live worker (`search-claims.json`; a dead local
+    worker's claim is taken over), and records its result by merging it into search.json as it
+    is on disk then (and into the board's committed copy, `mirror`), so workers never overwrite
+    each other's pairs. One worker takes the pairs in the spec's order, as before."""
+
+    def __init__(self, spec: StudySpec, mirror: Path | None):
+        self.spec, self.mirror = spec, mirror
+        self.path = spec.out / "search-claims.json"
+        self.lock = FileLock(str(spec.out / "search.lock"))
+        self.me = f"{socket.gethostname()}:{os.getpid()}"
+        self.pairs = [f"{t}/{m}" for t in spec.tasks for m in spec.methods]
+
+    def _claims(self) -> dict[str, str]:
+        try:
+            claims = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        host = socket.gethostname()
+        return {k: v for k, v in claims.items()
+                if not (v.rpartition(":")[0] == host and v.rpartition(":")[2].isdigit()
+                        and not _alive(int(v.rpartition(":")[2])))}
+
+    def _write_claims(self, claims: dict[str, str]) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(claims, indent=2))
+        tmp.replace(self.path)
+
+    def merged(self) -> dict:
+        """search.json as on disk, with the board's copy merged in (never an entry lost)."""
+        best = {}
+        if self.mirror is not None and self.mirror.is_file():
+            best.update(json.loads(self.mirror.read_text()))
+        best.update(best_search_params(self.spec))
+        return best
+
+    def next(self) -> tuple[str, str] | None:
+        with self.lock:
+            best, claims = self.merged(), self._claims()
+            for key in self.pairs:
+                if key not in best and claims.get(key, self.me) == self.me:
+                    claims[key] = self.me
+                    self._write_claims(claims)
+                    task, method = key.split("/", 1)
+                    return task, method
+        return None
+
+    def release(self, key: str) -> None:
+        with self.lock:
+            claims = self._claims()
+            claims.pop(key, None)
+            self._write_claims(claims)
+
+    def record(self, key: str, entry: dict) -> dict:
+        with self.lock:
+            best = {**self.merged(), key: entry}
+            _write_search(self.spec, best, self.mirror)
+            claims = self._claims()
+            claims.pop(key, None)
+            self._write_claims(claims)
+            return best
 
 
 def widened(studies: list, grid: dict | None, widen: int):

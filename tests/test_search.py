@@ -59,3 +59,31 @@ def test_widen_needs_one_numeric_grid(tmp_path):
     with pytest.raises(UsageError, match="seeds"):
         sweep.parse_spec({"name": "w", "tasks": ["cb"], "methods": ["random"],
                           "search": {"params": {"lr": {"choices": [1e-4]}}, "seeds": []}})
+
+
+def test_two_search_workers_split_the_pairs_and_lose_none(tmp_path, tiny_model_dir, monkeypatch):
+    """`leaderboard run --workers 2` on a spec with a search: two `leaderboard search` workers
+    take the untuned pairs between them (each pair searched once), and every pair's entry is in
+    the committed search.json, whatever order they finish in."""
+    import json
+    import os
+
+    import yaml
+
+    from peftbench.cli import main
+
+    board = tmp_path / "boards" / "split"
+    board.mkdir(parents=True)
+    methods = {"random": {}, "magpruning": {}, "bitfit": {}, "sam": {"burnin": 2}}
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "split", "model": tiny_model_dir, "tasks": ["cb"], "methods": methods,
+        "budgets": [0.01], "seeds": 1, "limit": 16, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "pruner": "none"}}))
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH")])))
+    assert main(["leaderboard", "run", "split", "--workers", "2"]) == 0
+    tuned = json.loads((board / "search.json").read_text())
+    assert sorted(tuned) == sorted(f"cb/{m}" for m in methods)
+    assert all(entry["trials"] == 2 for entry in tuned.values())  # each pair searched once
+    assert json.loads((tmp_path / "sweep" / "search-claims.json").read_text()) == {}
