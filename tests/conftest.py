@@ -51,3 +51,17 @@ def copy_task(tmp_path, name: str) -> str:
     target = tmp_path / f"{name}.yaml"
     target.write_text(text)
     return str(target)
+
+
+def one_line_error(capsys, *argv) -> str:
+    """Run the CLI on `argv`; assert exit 2 with one 'peftbench: error:' line and no traceback;
+    return that line."""
+    from peftbench.cli import main
+
+    code = main(list(argv))
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("peftbench: error: "), err
+    assert "Traceback" not in err
+    return lines[0]

@@ -13,18 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_task
+from conftest import copy_task, one_line_error
 from peftbench.cli import main
-
-
-def one_line_error(capsys, *argv) -> str:
-    code = main(list(argv))
-    _, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("peftbench: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def run_args(model, out, *extra):

@@ -10,16 +10,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import one_line_error
 from peftbench.cli import main
-
-
-def one_line_error(capsys, *argv) -> str:
-    code = main(list(argv))
-    _, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("peftbench: error: "), err
-    return lines[0]
 
 
 class _Payload:
