@@ -11,6 +11,7 @@ nothing, and a board given as a path never rewrites the `index.html` of the fold
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +82,7 @@ def claim(folder: str | Path, kind: str, adopt: Callable[[Path], bool] | None = 
         folder.mkdir(parents=True, exist_ok=True)
         if not ours or kind_of(folder) is None:
             _mark(folder, kind)
+        tempfile.TemporaryFile(dir=folder).close()  # writable, before any work is done for it
     except OSError as err:
         raise UsageError(f"{what} {folder}: cannot write there: {err.strerror or err}") from None
     return folder

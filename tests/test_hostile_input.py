@@ -477,3 +477,20 @@ def test_a_storage_fault_in_a_background_thread_is_one_line(capsys):
         threading.excepthook = previous
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the study's storage failed: database is locked" in err[0]
+
+
+def test_report_out_on_a_read_only_report_folder_is_one_line(capsys, tmp_path):
+    import os
+
+    from peftbench.ownership import claim
+
+    out = claim(tmp_path / "rep", "report")
+    os.chmod(out, 0o500)
+    try:
+        if os.access(out, os.W_OK):  # root ignores permissions: nothing to check here
+            pytest.skip("running as a user who may write anywhere")
+        _fake_run(tmp_path / "runs" / "a", "default", 0, ["x"])
+        assert "cannot write there" in one_line_error(capsys, "report", "--runs", str(tmp_path / "runs"),
+                                                      "--out", str(out))
+    finally:
+        os.chmod(out, 0o700)
