@@ -23,10 +23,18 @@ def selection_cost(seed: int = 0) -> dict:
     weights; global top-k at p = 0.005 over all entries as a reference point."""
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from peftbench.methods.adapeft import group_key, pareto_front
-    from peftbench.methods.ggm import enumerate_nodes, solve_ggm
+    import importlib
+
+    from peftbench import registry
     from peftbench.models import pretrained_parameters
     from peftbench.selector import top_k
+
+    # the methods' own solvers, reached through the registry (whatever is registered under the
+    # name is what is timed), never by importing a method module directly
+    ggm = importlib.import_module(registry.get("ggm").__module__)
+    adapeft = importlib.import_module(registry.get("adapeft").__module__)
+    enumerate_nodes, solve_ggm = ggm.enumerate_nodes, ggm.solve_ggm
+    group_key, pareto_front = adapeft.group_key, adapeft.pareto_front
 
     torch.manual_seed(seed)
     model = RobertaForSequenceClassification(RobertaConfig())

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from peftbench import report
+from peftbench import statistics
 
 ALPHA = 0.05
 FU_RHO = 0.4356
@@ -59,7 +59,7 @@ def sam_vs_random(frame: pd.DataFrame, budget: str = FU_BUDGET) -> pd.DataFrame:
     rows = []
     for task, g in [*pairs.groupby("task"), ("all", pairs)]:
         d = 100 * (g.metric_sam - g.metric_random).to_numpy()
-        p = report.paired_test(g.metric_sam.to_numpy(), g.metric_random.to_numpy())[0]
+        p = statistics.paired_test(g.metric_sam.to_numpy(), g.metric_random.to_numpy())[0]
         low, high = _t_interval(d)
         rows.append({"task": task, "pairs": len(d), "difference": d.mean(), "ci_low": low,
                      "ci_high": high, "t_p": p, "verdict": verdict(d.mean(), p)})
@@ -119,12 +119,12 @@ def rank_correlation(frame: pd.DataFrame, resamples: int = 2000, seed: int = 0) 
     """Per budget's table (natural-count methods included, as `report`): Spearman rho between
     stability rank and performance rank over the (method, task) cells, its p, a 95% percentile
     bootstrap interval over cells, and whether Fu et al.'s 0.4356 lies inside it."""
-    stats = report.cell_stats(frame)
+    stats = statistics.cell_stats(frame)
     budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
     rows = []
     for budget in budgets:
-        table = report.table1(report.budget_rows(stats, budget))
-        corr = report.stability_correlation(table)
+        table = statistics.table1(statistics.budget_rows(stats, budget))
+        corr = statistics.stability_correlation(table)
         cols = corr["columns"]
         s = table.std_rank[cols].to_numpy().ravel()
         r = table.mean_rank[cols].to_numpy().ravel()

@@ -232,8 +232,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
         *settings_lines(spec, folder),
         *search_lines(spec, folder),
-        *(["", f"Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
-            f"[interactive](pareto.html)), "
+        *(["", "Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
+            "[interactive](pareto.html)), "
             + ("[cd.png](cd.png) (critical-difference diagram), " if ranking is not None else "")
             + ("[curves.png](curves.png) (budget curves), " if several_budgets else "")
             + f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]})."]

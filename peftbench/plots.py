@@ -131,7 +131,7 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peftbench.report import cell_stats
+    from peftbench.statistics import cell_stats
 
     stats = cell_stats(frame)
     tasks = sorted(stats.task.unique())

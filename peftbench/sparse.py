@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.selector import Selection
+from peftbench.selection import Selection
 
 
 class SparseDelta(nn.Module):

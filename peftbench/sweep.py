@@ -821,7 +821,6 @@ def run_workers(spec: StudySpec, argv: list[str], workers: int, restart_changed:
     """Queue the spec's cells once, then run `workers` local `peftbench sweep` processes on the
     study (`argv`: the spec and the options they share), each with its share of the machine
     (`worker_environments`). Returns the worst exit code; Ctrl-C reaches every worker."""
-    import subprocess
 
     added = enqueue_missing(open_study(spec), spec, restart_changed=restart_changed)
     log(f"study {spec.name!r}: {added} cells queued")

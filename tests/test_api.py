@@ -1,7 +1,6 @@
 """The author's surface: one import, and a scoring phase that trains and is undone."""
 from __future__ import annotations
 
-import torch
 
 from peftbench import api
 
