@@ -43,7 +43,10 @@ class CommittedCell:
 
     @property
     def result(self) -> dict:
-        return json.loads((self.folder / f"seed-{self.seed}-result.json").read_text())
+        """The committed result, checked against `RunRecord` (a damaged file is one line)."""
+        from peftbench.record import RunRecord
+
+        return RunRecord.read(self.folder / f"seed-{self.seed}-result.json").model_dump(mode="json")
 
     def run_config(self, output_dir: str = "runs"):
         """The run that produced this cell, from its committed config.json."""

@@ -28,6 +28,7 @@ from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.errors import UsageError
 from peftbench.metrics import constant_predictor, near_constant
+from peftbench.record import RunRecord
 from peftbench.models import head_parameters, init_head, load_model, pretrained_parameters, pretrained_size
 from peftbench.scoring import ScoringData
 from peftbench.selector import Budget, check_scores, validate_selection
@@ -206,6 +207,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               "trainable_by_tensor": trainable_by_tensor(model, set(pretrained), head_names),
               # under what load the timings were taken: a busy machine's seconds are not a quiet one's
               "load": {"before": load_before, "after": machine_load(), "cores": os.cpu_count()}}
+    result = RunRecord.model_validate(result).model_dump(mode="json")  # the one result schema
     _write(seed_dir / "result.json", result)
     return result
 

@@ -25,6 +25,7 @@ import torch
 from peftbench import findings, memory
 from peftbench.errors import UsageError
 from peftbench.metrics import near_constant
+from peftbench.record import RunRecord
 from peftbench.safeload import load_pt
 from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
     EXACT_UP_TO,
@@ -101,7 +102,8 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
             run_dir = result_file.parent.parent
             if str(run_dir) in incomplete:
                 continue
-            config, result = _read_json(run_dir / "config.json"), _read_json(result_file)
+            config = _read_json(run_dir / "config.json")
+            result = RunRecord.read(result_file).model_dump(mode="json")  # checked, one line if not
             try:
                 natural = not registry.get(config["method"]).uses_budget
             except UsageError:

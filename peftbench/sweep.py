@@ -74,6 +74,7 @@ from peftbench.errors import UsageError, schema_problem
 from peftbench.experiment import RunConfig, run_experiment
 from peftbench.fingerprint import code_identity, digest, machine_fingerprint, model_fingerprint
 from peftbench.metrics import metric_label
+from peftbench.record import RunRecord
 from peftbench.selector import Budget
 from peftbench.trainer import TrainConfig, pick_device, train_config
 
@@ -627,7 +628,7 @@ class GridObjective:
         # the data the run read (digests taken as it loaded them), not what the sweep saw at start
         self._same_data(trial, cell, expected,
                         lambda: json.loads((run_dir / "config.json").read_text())["task_files"])
-        result = json.loads((run_dir / f"seed-{attrs['seed']}" / "result.json").read_text())
+        result = RunRecord.read(run_dir / f"seed-{attrs['seed']}" / "result.json").model_dump(mode="json")
         for key, value in result_attrs(result, config, run_dir).items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("machine", machine_fingerprint(str(pick_device(config.device))))

@@ -305,10 +305,13 @@ def _fake_run(folder: Path, model: str, seed: int, task_files: list[str]) -> Non
     (folder / f"seed-{seed}").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({
         "method": "random", "task": "rte", "budget": "0.01", "model": model, "task_files": task_files}))
-    (folder / f"seed-{seed}" / "result.json").write_text(json.dumps({
-        "seed": seed, "test": {"main": 0.5}, "validation": {"main": 0.5},
-        "trainable": {"trainable": 10}, "pretrained_entries": 1000, "scoring_time_s": 0.0,
-        "train_time_s": 1.0}))
+    from peftbench.record import RunRecord
+
+    RunRecord(seed=seed, test={"main": 0.5}, validation={"main": 0.5}, best_epoch=1, steps=4,
+              trainable={"encoder": 10, "new": 0, "head": 2, "trainable": 10, "total": 12},
+              budget_entries=10, pretrained_entries=1000, scoring_time_s=0.0, scores_from_cache=False,
+              train_time_s=1.0, constant_predictor={"prediction": 0, "test_rows": 8, "validation": {"main": 0.5},
+                                                    "test": {"main": 0.5}}).write(folder / f"seed-{seed}" / "result.json")
 
 
 @pytest.mark.parametrize("other, expected", [
@@ -328,6 +331,9 @@ def test_report_runs_of_two_models_or_datasets_are_refused_not_dropped(tmp_path,
 @pytest.mark.parametrize("damage, expected", [
     (lambda run: (run / "seed-0" / "result.json").write_text('{"seed": 0, "te'), "cannot be read"),
     (lambda run: (run / "config.json").unlink(), "config.json is missing"),
+    (lambda run: (run / "seed-0" / "result.json").write_text(
+        (run / "seed-0" / "result.json").read_text().replace('"encoder": 10', '"encoder": "ten"')),
+     "is not a run record: trainable.encoder"),
 ])
 def test_report_on_a_damaged_run_folder_is_one_line(tmp_path, damage, expected):
     from peftbench import report

@@ -1,0 +1,111 @@
+"""`RunRecord`: the one schema of a seed's result, from the run that writes it (`result.json`)
+to everything that reads it back (reports, the sweep's trials, a board's committed cells).
+
+A file that does not fit is refused with one line naming it and the field, never half-read.
+Fields added after a board's cells were written are optional (None), so committed cells of
+earlier versions still read back; nothing here changes a number.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
+
+from peftbench.errors import UsageError
+
+Metrics = dict[str, float]  # metric name -> value, with "main" (the task's main metric)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Counts(_Strict):
+    """Trainable entries, counted one way for every method (`sparse.count_trainable`)."""
+
+    encoder: NonNegativeInt
+    new: NonNegativeInt
+    head: NonNegativeInt
+    trainable: NonNegativeInt
+    total: NonNegativeInt
+
+
+class ConstantPredictor(_Strict):
+    """The constant prediction the training set suggests, scored (`metrics.constant_predictor`)."""
+
+    prediction: float | int
+    test_rows: NonNegativeInt
+    validation: Metrics
+    test: Metrics
+
+
+class PeakMemory(_Strict):
+    scoring_bytes: NonNegativeInt
+    training_bytes: NonNegativeInt
+    kind: Literal["rss", "cuda_max_allocated"]
+    since_reset: bool
+
+
+class Diverged(_Strict):
+    step: int
+    loss: float
+
+
+class Load(_Strict):
+    """The machine's 1-minute load average around the run (None where the OS has none)."""
+
+    before: float | None
+    after: float | None
+    cores: int | None
+
+
+class RunRecord(_Strict):
+    """One seed of one run: metrics at the best-validation checkpoint, counts, cost."""
+
+    seed: int
+    validation: Metrics
+    test: Metrics
+    best_epoch: int | None
+    steps: NonNegativeInt
+    trainable: Counts
+    diverged: Diverged | None = None
+    budget_entries: NonNegativeInt
+    pretrained_entries: NonNegativeInt
+    constant_predictor: ConstantPredictor
+    head_init: dict = Field(default_factory=dict)
+    scoring_time_s: float
+    scores_from_cache: bool
+    train_time_s: float
+    steps_per_s: float | None = None
+    peak_memory: PeakMemory | None = None
+    trainable_by_tensor: dict[str, NonNegativeInt] = Field(default_factory=dict)
+    load: Load | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunRecord":
+        """The record in `path`, or a one-line UsageError naming the file and what is wrong."""
+        path = Path(path)
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise UsageError(f"{path} is missing: the run folder is not complete (remove it, or "
+                             "leave it out)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:120]}): the "
+                             "run folder is damaged (remove it, or leave it out)") from None
+        except ValidationError as err:
+            problem = err.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"])
+            raise UsageError(f"{path} is not a run record: {where}: {problem['msg']}") from None
+
+    def write(self, path: str | Path) -> None:
+        """As `result.json` (through a temporary file: a full disk never leaves half a file)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
