@@ -51,7 +51,6 @@ from typing import Any, Literal
 import optuna
 import yaml
 from filelock import FileLock
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 from pydantic import (
     BaseModel,
@@ -372,6 +371,12 @@ def _check_journal_end(path: Path, url: str) -> None:
                          f"remove that partial last line of {path} (or restore a copy) and run again")
 
 
+def uses_heartbeat(spec: StudySpec) -> bool:
+    """Whether the spec's storage has a heartbeat: `open_storage` gives every RDB storage one,
+    the journal storage has none (known from the URL, not from Optuna's private helper)."""
+    return not spec.storage_url.startswith("journal:")
+
+
 def reclaim_dead_local_trials(study: optuna.Study) -> int:
     """Fail RUNNING trials whose worker ran on this host and whose process is gone (the journal
     storage's stand-in for a heartbeat); returns how many. Their cells are queued again."""
@@ -381,8 +386,10 @@ def reclaim_dead_local_trials(study: optuna.Study) -> int:
         name, _, pid = worker.rpartition(":")
         if name != host or not pid.isdigit() or _alive(int(pid)):
             continue
+        # Optuna has no public call to annotate a trial another process owns (optuna/optuna#2987:
+        # a Trial object needs the storage's private trial id); the state goes through `tell`
         study._storage.set_trial_user_attr(t._trial_id, "failure", f"worker {worker} is gone")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL)
         failed += 1
     return failed
 
@@ -754,7 +761,7 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool 
     log(f"study {spec.name!r} in {spec.storage_url}: {len(prints.cells)} cells, {added} queued now")
     cache = ScoreCache(spec.out / "scores") if use_cache else None
     objective = GridObjective(spec, cache, progress=False)
-    heartbeat = is_heartbeat_enabled(study._storage)
+    heartbeat = uses_heartbeat(spec)
     told_waiting = False
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed cell is reported by our line
     while True:
