@@ -46,6 +46,20 @@ def check_page(folder: Path) -> None:
         cells = pd.read_csv(folder / "cells.csv")
         drawn = len(re.findall(r'<path class="point[ "]', dom))
         assert drawn == len(cells), f"{drawn} markers drawn, {len(cells)} (method, budget) cells"
+        assert_titles_fit(dom)
+
+
+def assert_titles_fit(dom: str) -> None:
+    """Plotly's rotated y titles are not clipped: each line fits the figure's height (about
+    0.6 em a character) and the first line's glyphs start inside the left edge."""
+    height = float(re.search(r'<svg class="main-svg"[^>]*height="([\d.]+)"', dom).group(1))
+    titles = re.findall(r'<text class="ytitle"[^>]*x="([\d.]+)"[^>]*data-unformatted="([^"]*)"[^>]*'
+                        r'font-size: ([\d.]+)px', dom)
+    assert titles, "no y-axis title drawn"
+    for x, text, size in titles:
+        longest = max(len(html.unescape(line)) for line in html.unescape(text).split("<br>"))
+        assert 0.6 * float(size) * longest <= height, f"y title {html.unescape(text)!r} is longer than the figure"
+        assert float(x) >= float(size), f"y title {html.unescape(text)!r} starts outside the figure (x={x})"
 
 
 @needs_chromium
