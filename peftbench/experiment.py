@@ -206,7 +206,9 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
                               "since_reset": scoring_peak["since_reset"] and out["peak_memory"]["since_reset"]},
               "trainable_by_tensor": trainable_by_tensor(model, set(pretrained), head_names),
               # under what load the timings were taken: a busy machine's seconds are not a quiet one's
-              "load": {"before": load_before, "after": machine_load(), "cores": os.cpu_count()}}
+              "load": {"before": load_before, "after": machine_load(), "cores": os.cpu_count()},
+              "padding": {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
+                          "model_pad_token_id": getattr(model.config, "pad_token_id", None)}}
     result = RunRecord.model_validate(result).model_dump(mode="json")  # the one result schema
     _write(seed_dir / "result.json", result)
     return result

@@ -66,7 +66,26 @@ def load_model(model: str, num_labels: int):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model!r}: {first} (offline, only local paths and "
                          "'default' work)") from None
+    padding(net, tokenizer)
     return net, tokenizer
+
+
+def padding(net, tokenizer) -> dict:
+    """Batches need a pad token, and a decoder's classification head finds each row's last
+    real token by it (transformers' convention). A tokenizer without one (GPT-2, Llama) pads
+    with its end-of-sequence token; a model config without one takes the tokenizer's. Returns
+    what was set ({} for encoders, which have both): the run records it."""
+    done = {}
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UsageError("the tokenizer has no pad, end-of-sequence or unknown token to pad with")
+        tokenizer.pad_token = fallback
+        done["tokenizer_pad_token"] = fallback
+    if getattr(net.config, "pad_token_id", None) is None:
+        net.config.pad_token_id = tokenizer.pad_token_id
+        done["config_pad_token_id"] = tokenizer.pad_token_id
+    return done
 
 
 def pretrained_size(model: str, num_labels: int) -> tuple[int, int]:

@@ -82,6 +82,7 @@ class RunRecord(_Strict):
     peak_memory: PeakMemory | None = None
     trainable_by_tensor: dict[str, NonNegativeInt] = Field(default_factory=dict)
     load: Load | None = None
+    padding: dict | None = None  # the pad token batches used (a decoder's is set: models.padding)
 
     @classmethod
     def read(cls, path: str | Path) -> "RunRecord":

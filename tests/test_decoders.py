@@ -1,0 +1,56 @@
+"""Decoder models (GPT-2, Llama, Qwen2 layouts), built tiny from configs with the packaged
+tokenizer: a method that names no module runs end to end with the same counting and contract;
+one that names encoder modules refuses with its names (issue: decoder LLMs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftbench.errors import UsageError
+from peftbench.experiment import RunConfig, run_experiment
+from peftbench.trainer import TrainConfig
+
+
+def _save(folder, config, model_cls, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
+def decoder_dir(request, tmp_path_factory, tiny_model_dir):
+    from transformers import (AutoTokenizer, GPT2Config, GPT2Model, LlamaConfig, LlamaModel, Qwen2Config,
+                              Qwen2Model)
+
+    vocab = AutoTokenizer.from_pretrained(tiny_model_dir).vocab_size
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=128, vocab_size=vocab)
+    config, cls = {"gpt2": (GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128), GPT2Model),
+                   "llama": (LlamaConfig(**small), LlamaModel),
+                   "qwen2": (Qwen2Config(**small), Qwen2Model)}[request.param]
+    return _save(tmp_path_factory.mktemp(request.param), config, cls, tiny_model_dir)
+
+
+def _run(model, method, tmp_path, **params):
+    config = RunConfig(method=method, task="rte", budget="0.01", seeds=[0], model=model, method_params=params,
+                       train=TrainConfig(epochs=1, batch_size=4, max_length=48), limit=16,
+                       output_dir=str(tmp_path))
+    return run_experiment(config, progress=False)
+
+
+@pytest.mark.parametrize("method", ["random", "magpruning"])
+def test_a_method_that_names_no_module_runs_on_a_decoder(decoder_dir, method, tmp_path):
+    import json
+
+    summary, run_dir = _run(decoder_dir, method, tmp_path)
+    result = json.loads((run_dir / "seed-0" / "result.json").read_text())
+    assert 0 < result["trainable"]["encoder"] <= result["budget_entries"]
+    assert result["padding"]["model_pad_token_id"] == result["padding"]["pad_token_id"] is not None
+
+
+def test_lora_refuses_a_decoder_by_naming_its_targets(decoder_dir, tmp_path):
+    with pytest.raises(UsageError, match="lora targets"):
+        _run(decoder_dir, "lora", tmp_path)
