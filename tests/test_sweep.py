@@ -182,7 +182,8 @@ def test_two_workers_share_one_postgresql_study_each_cell_once(tmp_path, tiny_mo
     name = f"pg-{os.getpid()}-{int(time.time())}"
     spec_path = write_spec(tmp_path, tiny_model_dir, name=name, storage=POSTGRES, seeds=[0])
     spec = sweep.load_spec(spec_path)
-    assert sweep.is_heartbeat_enabled(sweep.open_storage(spec))
+    storage = sweep.open_storage(spec)
+    assert sweep.uses_heartbeat(spec) and storage.get_heartbeat_interval() == spec.heartbeat_interval
     workers = [launch(spec_path), launch(spec_path)]  # both enqueue: the duplicate guard holds
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
@@ -276,3 +277,14 @@ def test_search_over_choices_tries_each_choice_once(tmp_path, tiny_model_dir):
     study = optuna.load_study(study_name="t/search/rte/random", storage=spec.storage_url)
     assert sorted(t.params["lr"] for t in study.trials) == [1.0e-3, 1.0e-2]
     assert json.loads((spec.out / "search.json").read_text()) == best
+
+
+def test_uses_heartbeat_says_what_open_storage_built(tmp_path, tiny_model_dir):
+    """The grid decides between stale-trial detection and reclaiming dead local workers from
+    `uses_heartbeat`; it must agree with the storage `open_storage` really built."""
+    for storage, expected in ((None, True), (f"journal:{tmp_path}/j.log", False)):
+        extra = {"storage": storage} if storage else {}
+        spec = sweep.load_spec(write_spec(tmp_path, tiny_model_dir, name=f"hb{int(expected)}", **extra))
+        built = sweep.open_storage(spec)
+        has = hasattr(built, "get_heartbeat_interval") and bool(built.get_heartbeat_interval())
+        assert sweep.uses_heartbeat(spec) == has == expected
