@@ -16,15 +16,24 @@ from peftbench.selector import PositiveInt, Selection, Selector
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
+def _width(module: nn.Module) -> int:
+    """Output width of a Linear, or of GPT-2's Conv1D (weight stored in x out); 0 otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if type(module).__name__ == "Conv1D":
+        return module.nf
+    return 0
+
+
 class AdapterLinear(nn.Module):
     """y = L(x) + up(act(down(L(x)))): a bottleneck on the output of a frozen Linear L, placed
     before the block's residual + LayerNorm, as Houlsby et al. `up` starts at zero, so the model
     starts at the pre-trained function."""
 
-    def __init__(self, base_layer: nn.Linear, bottleneck: int, activation: str):
+    def __init__(self, base_layer: nn.Module, bottleneck: int, activation: str):
         super().__init__()
         self.base_layer = base_layer
-        width = base_layer.out_features
+        width = _width(base_layer)
         self.down = nn.Linear(width, bottleneck)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, width)
@@ -46,7 +55,8 @@ class AdapterLinear(nn.Module):
 
 class Adapter(Selector):
     """Houlsby adapters after the attention output projection and after the feed-forward output
-    projection of every encoder layer (`attention.output.dense`, `output.dense`), bottleneck
+    projection of every block (BERT's `attention.output.dense`, `output.dense`; each
+    architecture's names from `peftbench.architectures`), bottleneck
     width = hidden / `reduction_factor` (16, as adapter-transformers' default); only adapters
     and the task head train. `train_layernorm=True` also trains the encoder's LayerNorms, as
     Houlsby et al. did. Fu et al. used adapter-transformers' default (Pfeiffer: after the
@@ -69,16 +79,22 @@ class Adapter(Selector):
         return Selection(full={n for n in names if "LayerNorm" in n} if self.train_layernorm else set())
 
     def apply(self, model, selection: Selection):
+        import re
+
+        from peftbench.architectures import layout
+        from peftbench.errors import UsageError
+
+        names = layout(model)  # the architecture's module names (refused if unknown)
         model = super().apply(model, selection)
-        suffixes = ("output.dense",) if self.placement == "pfeiffer" else ("attention.output.dense", "output.dense")
+        wanted = [names.ffn_out] if self.placement == "pfeiffer" else [names.attention_out, names.ffn_out]
+        pattern = re.compile(rf"(^|.*\.){names.block}\.({'|'.join(re.escape(w) for w in wanted)})$")
         base = model.get_submodule(model.base_model_prefix)
-        targets = [name for name, m in base.named_modules()
-                   if isinstance(m, nn.Linear) and ".layer." in f".{name}"
-                   and name.endswith(suffixes)
-                   and (self.placement == "houlsby" or "attention" not in name)]
+        targets = [name for name, m in base.named_modules() if pattern.match(name) and _width(m)]
+        if not targets:
+            raise UsageError(f"adapter: no {' or '.join(wanted)} module in the model's blocks")
         for name in targets:
             old = base.get_submodule(name)
-            bottleneck = max(1, old.out_features // self.reduction_factor)
+            bottleneck = max(1, _width(old) // self.reduction_factor)
             base.set_submodule(name, AdapterLinear(old, bottleneck, self.activation).to(old.weight.device))
         for p in head_parameters(model).values():
             p.requires_grad_(True)

@@ -43,6 +43,7 @@ def _run(model, method, tmp_path, **params):
 
 @pytest.mark.parametrize("method", ["random", "magpruning"])
 def test_a_method_that_names_no_module_runs_on_a_decoder(decoder_dir, method, tmp_path):
+    """(Module-naming methods are covered below: adapter through the architecture table.)"""
     import json
 
     summary, run_dir = _run(decoder_dir, method, tmp_path)
@@ -54,3 +55,22 @@ def test_a_method_that_names_no_module_runs_on_a_decoder(decoder_dir, method, tm
 def test_lora_refuses_a_decoder_by_naming_its_targets(decoder_dir, tmp_path):
     with pytest.raises(UsageError, match="lora targets"):
         _run(decoder_dir, "lora", tmp_path)
+
+
+def test_adapters_sit_where_each_architecture_names_its_output_projections(decoder_dir, tmp_path):
+    """Placed from `peftbench.architectures` (GPT-2's Conv1D c_proj, Llama's o_proj/down_proj),
+    two per block; only adapters and the head train."""
+    import json
+
+    _, run_dir = _run(decoder_dir, "adapter", tmp_path)
+    result = json.loads((run_dir / "seed-0" / "result.json").read_text())
+    assert result["trainable"]["encoder"] == 0 and result["trainable"]["new"] > 0
+
+
+def test_an_architecture_without_a_layout_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from peftbench.architectures import layout
+
+    with pytest.raises(UsageError, match=r"architecture .mamba. has no module layout .* \(known: bert"):
+        layout(SimpleNamespace(config=SimpleNamespace(model_type="mamba")))
