@@ -6,14 +6,21 @@ import torch
 from peftbench.models import head_parameters, pretrained_parameters
 from peftbench.selector import Decay, PositiveFloat, PositiveInt, Selection, Selector
 
-# Fu et al. (loralib, r = 16): query, key, value, attention output, intermediate and output
-# dense layers of every encoder layer (BERT and RoBERTa names); never the pooler or the head.
-FU_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value",
-              "attention.output.dense", "intermediate.dense", "output.dense")
+
+def fu_targets(model) -> list[str]:
+    """Fu et al.'s layers (loralib, r = 16) in the model's own names: query, key, value,
+    attention output, feed-forward input(s) and output of every block (BERT: attention.self.query
+    ... output.dense; GPT-2: the fused c_attn, c_proj, c_fc, c_proj; Llama: q/k/v/o_proj,
+    gate/up/down_proj); never the pooler or the head (`peftbench.architectures`)."""
+    from peftbench.architectures import layout
+
+    names = layout(model)
+    return [*names.qkv, names.attention_out, *names.ffn_in, names.ffn_out]
 
 
 class LoRA(Selector):
-    """W = W0 + (alpha / r) B A on the `targets` linear layers of every encoder layer, injected
+    """W = W0 + (alpha / r) B A on the `targets` layers of every block (default: Fu et al.'s,
+    named per architecture, `fu_targets`), injected
     in place with `peft.inject_adapter_in_model` (the model keeps its own class and names); only
     A, B and the task head train; W0 stays bit-identical.
 
@@ -28,19 +35,26 @@ class LoRA(Selector):
     uses_budget = False
 
     def __init__(self, r: PositiveInt = 16, lora_alpha: PositiveFloat | None = None,
-                 lora_dropout: Decay = 0.0, targets: list[str] | tuple[str, ...] = FU_TARGETS):
+                 lora_dropout: Decay = 0.0, targets: list[str] | None = None):
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
-        self.targets = list(targets)
+        self.targets = targets
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        return Selection()  # no pre-trained entry changes; LoRA adds new parameters instead
+        # no pre-trained entry changes; LoRA adds new parameters instead
+        return Selection(notes={"targets": self._targets(model)})
+
+    def _targets(self, model) -> list[str]:
+        return list(self.targets) if self.targets is not None else fu_targets(model)
 
     def apply(self, model, selection: Selection):
         from peft import LoraConfig, inject_adapter_in_model
 
-        pattern = r".*\.layer\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in self.targets) + ")"
+        from peftbench.architectures import layout
+
+        targets = self._targets(model)
+        pattern = rf".*\.{layout(model).block}\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
         config = LoraConfig(r=self.r, lora_alpha=self.lora_alpha or self.r,
                             lora_dropout=self.lora_dropout, target_modules=pattern, bias="none")
         for p in pretrained_parameters(model).values():
@@ -50,7 +64,7 @@ class LoRA(Selector):
         except ValueError as err:  # peft: no module matched the targets
             from peftbench.errors import UsageError
 
-            raise UsageError(f"lora targets {self.targets} match no module of the model "
+            raise UsageError(f"lora targets {targets} match no module of the model "
                              f"({str(err).splitlines()[0][:200]}); name Linear modules inside "
                              "the layers, e.g. attention.self.query") from None
         for name, p in model.named_parameters():

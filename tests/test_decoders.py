@@ -1,6 +1,6 @@
 """Decoder models (GPT-2, Llama, Qwen2 layouts), built tiny from configs with the packaged
-tokenizer: a method that names no module runs end to end with the same counting and contract;
-one that names encoder modules refuses with its names (issue: decoder LLMs)."""
+tokenizer: every method runs end to end with the same counting and contract; methods that name
+modules find them in `peftbench.architectures` (issue: decoder LLMs)."""
 from __future__ import annotations
 
 import pytest
@@ -52,9 +52,16 @@ def test_a_method_that_names_no_module_runs_on_a_decoder(decoder_dir, method, tm
     assert result["padding"]["model_pad_token_id"] == result["padding"]["pad_token_id"] is not None
 
 
-def test_lora_refuses_a_decoder_by_naming_its_targets(decoder_dir, tmp_path):
-    with pytest.raises(UsageError, match="lora targets"):
-        _run(decoder_dir, "lora", tmp_path)
+def test_lora_targets_each_architectures_own_layers(decoder_dir, tmp_path):
+    """Fu et al.'s layers named per architecture (GPT-2's fused c_attn and Conv1D projections,
+    Llama's q/k/v/o and gate/up/down): only LoRA's matrices and the head train."""
+    import json
+
+    _, run_dir = _run(decoder_dir, "lora", tmp_path, r=2)
+    result = json.loads((run_dir / "seed-0" / "result.json").read_text())
+    selection = json.loads((run_dir / "seed-0" / "selection.json").read_text())
+    assert result["trainable"]["encoder"] == 0 and result["trainable"]["new"] > 0
+    assert selection["notes"]["targets"][-1] in ("mlp.c_proj", "mlp.down_proj")
 
 
 def test_adapters_sit_where_each_architecture_names_its_output_projections(decoder_dir, tmp_path):
