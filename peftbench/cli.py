@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "rewrite the board from its committed cells without training")
     board.add_argument("name", nargs="?", help="a folder name in leaderboards/ (or a path)")
     _study_options(board)
+    board.add_argument("--restart-changed", action="store_true",
+                       help="run: cells this machine's study ran with other settings (say, a method's "
+                       "code changed) are run afresh and committed (default: refused, naming them)")
     board.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                        help="run: N local workers on the grid, each with its share of the cores")
     board.add_argument("--cells", default="2", metavar="K",
@@ -317,7 +320,7 @@ def cmd_leaderboard(args) -> int | None:
         return 1 if leaderboard.work(args.name, storage=args.storage, output_dir=args.output_dir) else 0
     else:
         print(leaderboard.run(args.name, storage=args.storage, output_dir=args.output_dir,
-                              workers=args.workers))
+                              workers=args.workers, restart_changed=args.restart_changed))
 
 
 def cmd_run(args) -> None:

@@ -339,7 +339,7 @@ def refresh(name: str, storage: str | None = None, output_dir: str | None = None
 
 
 def run(name: str, storage: str | None = None, output_dir: str | None = None,
-        workers: int | None = None) -> str:
+        workers: int | None = None, restart_changed: bool = False) -> str:
     """Search (if the spec has `search:`), sweep, report. The search's results are committed
     beside the spec (`search.json`) and read back from there, so the tuned settings are part of
     the board and a search interrupted in one sitting goes on in the next from what it found.
@@ -363,9 +363,10 @@ def run(name: str, storage: str | None = None, output_dir: str | None = None,
     if workers and workers > 1:
         argv = [name, *(["--storage", storage] if storage else []),
                 *(["--output-dir", output_dir] if output_dir else [])]
-        sweep.run_workers(spec, argv, workers, command=("leaderboard", "work"))
+        sweep.run_workers(spec, argv, workers, restart_changed=restart_changed, command=("leaderboard", "work"))
     else:
-        sweep.run_grid(spec, on_complete=lambda t: cellstore.commit_cell(folder, t.user_attrs, _duration(t)))
+        sweep.run_grid(spec, restart_changed=restart_changed,
+                       on_complete=lambda t: cellstore.commit_cell(folder, t.user_attrs, _duration(t)))
     command = f"peftbench leaderboard run {folder.name}"
     return write_results(spec, folder, command)
 
