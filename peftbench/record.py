@@ -18,6 +18,23 @@ from peftbench.errors import UsageError
 Metrics = dict[str, float]  # metric name -> value, with "main" (the task's main metric)
 
 
+def read_json(path: str | Path) -> dict:
+    """A run folder's JSON object, or a one-line UsageError naming the file (missing, cut, not
+    JSON, not an object)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing: the run folder is not complete (remove it, or "
+                         "leave it out)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:120]}): the "
+                         "run folder is damaged (remove it, or leave it out)") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is not a JSON object: the run folder is damaged")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -89,13 +106,7 @@ class RunRecord(_Strict):
         """The record in `path`, or a one-line UsageError naming the file and what is wrong."""
         path = Path(path)
         try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise UsageError(f"{path} is missing: the run folder is not complete (remove it, or "
-                             "leave it out)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UsageError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:120]}): the "
-                             "run folder is damaged (remove it, or leave it out)") from None
+            return cls.model_validate(read_json(path))
         except ValidationError as err:
             problem = err.errors()[0]
             where = ".".join(str(p) for p in problem["loc"])

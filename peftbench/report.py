@@ -25,7 +25,7 @@ import torch
 from peftbench import findings, memory
 from peftbench.errors import UsageError
 from peftbench.metrics import near_constant
-from peftbench.record import RunRecord
+from peftbench.record import RunRecord, read_json
 from peftbench.safeload import load_pt
 from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
     EXACT_UP_TO,
@@ -52,21 +52,6 @@ from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stat
     stability_correlation,
     table1,
     wilcoxon_holm)
-
-
-def _read_json(path: Path) -> dict:
-    """A run folder's JSON file, or a one-line UsageError naming it (missing, cut, not JSON)."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path} is missing: the run folder is not complete (remove it, or "
-                         "leave it out of the folders given)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:120]}): the "
-                         "run folder is damaged (remove it, or leave it out)") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{path} is not a JSON object: the run folder is damaged")
-    return value
 
 
 def _one_setting(frame: pd.DataFrame) -> None:
@@ -102,7 +87,7 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
             run_dir = result_file.parent.parent
             if str(run_dir) in incomplete:
                 continue
-            config = _read_json(run_dir / "config.json")
+            config = read_json(run_dir / "config.json")
             result = RunRecord.read(result_file).model_dump(mode="json")  # checked, one line if not
             try:
                 natural = not registry.get(config["method"]).uses_budget
