@@ -133,26 +133,37 @@ def solve_ggm(s: np.ndarray, important: list[int], lam: float = 1.0, tau: float 
 
 
 # -- the method ------------------------------------------------------------------------------
-PC_TARGETS = ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight")
-BIAS_TARGETS = ("attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias",
-                "attention.output.dense.bias", "intermediate.dense.bias", "output.dense.bias")
+def targets(model) -> tuple:
+    """(block pattern, weights decomposed into principal components, biases) in the model's own
+    names (`peftbench.architectures`): the query / key / value weights (GPT-2: the fused c_attn)
+    and every bias of the attention and feed-forward projections of each block (BERT:
+    attention.self.query.weight ... output.dense.bias; Llama has no biases)."""
+    import re
 
+    from peftbench.architectures import layout
 
-def _matches(name: str, targets) -> bool:
-    return ".layer." in name and name.endswith(targets)
+    names = layout(model)
+    weights = tuple(f"{q}.weight" for q in names.qkv)
+    biases = tuple(f"{m}.bias" for m in (*names.qkv, names.attention_out, *names.ffn_in, names.ffn_out))
+    return re.compile(rf"(^|.*\.){names.block}\."), weights, biases
 
 
 def enumerate_nodes(model, rank: int):
     """Nodes in a fixed order: (tensor name, component index or None for a bias, cost), and
     the truncated SVD (U_r, s_r, Vh_r) of each targeted weight."""
     params = pretrained_parameters(model)
+    block, pc_targets, bias_targets = targets(model)
+
+    def _matches(name: str, wanted) -> bool:
+        return bool(block.match(name)) and name.endswith(wanted)
+
     svd, nodes = {}, []
     for name, p in params.items():
-        if _matches(name, PC_TARGETS):
+        if _matches(name, pc_targets):
             u, s, vh = torch.linalg.svd(p.detach().float().cpu(), full_matrices=False)
             svd[name] = (u[:, :rank], s[:rank], vh[:rank])
             nodes += [(name, i, p.shape[0] + p.shape[1]) for i in range(min(rank, len(s)))]
-        elif _matches(name, BIAS_TARGETS):
+        elif _matches(name, bias_targets):
             nodes.append((name, None, p.numel()))
     return nodes, svd
 

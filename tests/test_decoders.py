@@ -81,3 +81,15 @@ def test_an_architecture_without_a_layout_is_refused_by_name():
 
     with pytest.raises(UsageError, match=r"architecture .mamba. has no module layout .* \(known: bert"):
         layout(SimpleNamespace(config=SimpleNamespace(model_type="mamba")))
+
+
+def test_ggm_finds_each_architectures_query_key_value(decoder_dir, tmp_path):
+    """GGM's nodes (principal components of q/k/v, projection biases) from the architecture
+    table: components of GPT-2's fused c_attn or Llama's q/k/v_proj, no silent empty graph."""
+    import json
+
+    _, run_dir = _run(decoder_dir, "ggm", tmp_path, rank=2, batches=4, important=3, max_iter=10)
+    selection = json.loads((run_dir / "seed-0" / "selection.json").read_text())
+    components = selection["notes"]["components"]
+    assert selection["notes"]["nodes"] > 0 and components
+    assert all(n.endswith(("c_attn.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight")) for n in components)
