@@ -112,6 +112,9 @@ class DiffPruning(Selector):
         if self.burnin >= total_steps:
             from peftbench.errors import UsageError
 
+            if total_steps < 2:  # no burn-in of at least one step fits before a projection
+                raise UsageError(f"diffpruning needs at least 2 training steps (a burn-in, then the "
+                                 f"projection); the run has {total_steps}: train longer")
             raise UsageError(f"diffpruning burnin={self.burnin} is not below the run's {total_steps} "
                              "training steps: the mask would never be projected; give burnin < "
                              f"{total_steps} (e.g. --param burnin={max(1, total_steps // 2)}) or train longer")

@@ -500,3 +500,16 @@ def test_report_out_on_a_read_only_report_folder_is_one_line(capsys, tmp_path):
                                                       "--out", str(out))
     finally:
         os.chmod(out, 0o700)
+
+
+def test_diffpruning_on_a_one_step_run_says_to_train_longer(tiny_model_dir, tmp_path):
+    """Not 'give burnin < 1 (e.g. burnin=1)': no burn-in fits one step."""
+    from peftbench.errors import UsageError
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.trainer import TrainConfig
+
+    config = RunConfig(method="diffpruning", task="rte", budget="0.01", seeds=[0], model=tiny_model_dir,
+                       method_params={"burnin": 1}, train=TrainConfig(epochs=1, batch_size=4, max_steps=1),
+                       limit=8, output_dir=str(tmp_path))
+    with pytest.raises(UsageError, match="needs at least 2 training steps"):
+        run_experiment(config, progress=False)
