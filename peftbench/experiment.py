@@ -152,6 +152,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     k = budget.entries(n_pretrained)
 
     selector = registry.create(config.method, **config.method_params)
+    params = registry.resolved_params(config.method, config.method_params)  # the cache key's and the record's
     generator = torch.Generator().manual_seed(seed)
     memory_reset = memory.reset_peak(device)
     start = time.perf_counter()
@@ -166,7 +167,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         score_time = time.perf_counter() - start
     else:
         cache_key, about = score_key(
-            config.method, registry.resolved_params(config.method, config.method_params), config.model,
+            config.method, params, config.model,
             task.data_files(), seed,
             {"batch_size": config.train.batch_size, "max_length": config.train.max_length,
              "limit": config.limit, "device": device.type, "dtype": compute_dtype(device)})
@@ -184,7 +185,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         "scoring_time_s": score_time, "selection_time_s": select_time, "score_cache_key": cache_key,
         "scores_from_cache": cached,
         "per_tensor": {n: [c, numels[n]] for n, c in selection.per_tensor(numels).items()},
-        "params": registry.resolved_params(config.method, config.method_params), "notes": selection.notes})
+        "params": params, "notes": selection.notes})
 
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
                 seed_dir, progress, on_epoch)
