@@ -45,3 +45,21 @@ def layout(model) -> Layout:
                          f"(known: {', '.join(sorted(LAYOUTS))}): a method that names modules "
                          "cannot place itself; add the architecture's names there")
     return LAYOUTS[kind]
+
+
+def block_modules(model, suffixes: list[str]) -> list[str]:
+    """Full names of the modules `<... block>.<suffix>` of every transformer block of `model`
+    (e.g. each layer's `attention.self.query`), or a UsageError when a suffix matches none."""
+    import re
+
+    block = layout(model).block
+    found = []
+    for suffix in suffixes:
+        pattern = re.compile(rf"(.*\.)?{block}\.{re.escape(suffix)}")
+        names = [n for n, _ in model.named_modules() if pattern.fullmatch(n)]
+        if not names:
+            raise UsageError(f"target {suffix!r} matches no module inside the blocks of this "
+                             f"{model.config.model_type} model; name modules inside a block, "
+                             f"e.g. {layout(model).qkv[0]}")
+        found += names
+    return sorted(found)

@@ -68,17 +68,24 @@ def selection_cost(seed: int = 0) -> dict:
     return out
 
 
-#: The variants `bench step` times: label -> (method, params). `floor` is not a method: the
-#: encoder is frozen but the input gradient still flows through it (forward + input-gradient
-#: backward, no weight gradient), the least any subset method can cost per step.
+#: The variants `bench step` times: label -> (method, params, engine). `floor` is not a method:
+#: the encoder is frozen but the input gradient still flows through it (forward + input-gradient
+#: backward, no weight gradient), the least any subset method can cost per step. The race (issue
+#: "selections out to peft"): `sparse-*-linear` and `shira-*-linear` train the very same mask
+#: (Random at 0.5%, per tensor or global, kept to nn.Linear weights, the entries peft's SHiRA can
+#: take), the first through peftbench's sparse step, the second through peft's SHiRA layers.
 STEP_VARIANTS = {
-    "floor": (None, {}),
-    "fulltuning": ("fulltuning", {}),
-    "random-tensor": ("random", {"scope": "tensor"}),
-    "random-global": ("random", {"scope": "global"}),
-    "magnitude-global": ("magpruning", {"scope": "global"}),  # concentrated, like SAM's masks
-    "bitfit": ("bitfit", {}),
-    "lora": ("lora", {"r": 16}),
+    "floor": (None, {}, "peftbench"),
+    "fulltuning": ("fulltuning", {}, "peftbench"),
+    "random-tensor": ("random", {"scope": "tensor"}, "peftbench"),
+    "random-global": ("random", {"scope": "global"}, "peftbench"),
+    "magnitude-global": ("magpruning", {"scope": "global"}, "peftbench"),  # concentrated, like SAM's masks
+    "bitfit": ("bitfit", {}, "peftbench"),
+    "lora": ("lora", {"r": 16}, "peftbench"),
+    "sparse-tensor-linear": ("random", {"scope": "tensor"}, "peftbench-linear"),
+    "shira-tensor-linear": ("random", {"scope": "tensor"}, "peft-shira"),
+    "sparse-global-linear": ("random", {"scope": "global"}, "peftbench-linear"),
+    "shira-global-linear": ("random", {"scope": "global"}, "peft-shira"),
 }
 
 
@@ -86,10 +93,10 @@ def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
                  batch_size: int = 16, length: int = 128, device: str = "cpu"):
     """(one_step, model) for a variant of `STEP_VARIANTS` on random tokens; `one_step()` does
     forward, loss, backward, AdamW step and zero_grad as the trainer does."""
-    from peftbench import registry
+    from peftbench import export, registry
     from peftbench.models import load_model, pretrained_parameters
 
-    method, params = STEP_VARIANTS[variant]
+    method, params, engine = STEP_VARIANTS[variant]
     device = torch.device(device)
     model, tokenizer = load_model(model_id, 2)
     if method is None:  # the floor
@@ -101,7 +108,12 @@ def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
         selector = registry.create(method, **params)
         selection = selector.select(model, selector.score(model, None), math.floor(budget * numel),
                                     torch.Generator().manual_seed(0))
-        model = selector.apply(model, selection)
+        if engine != "peftbench":
+            selection = export.linear_part(model, selection)
+        if engine == "peft-shira":
+            model, _ = export.shira_model(model, selection)
+        else:
+            model = selector.apply(model, selection)
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)

@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--cell", action="append", default=[], metavar="TASK/METHOD/bBUDGET/sSEED",
                        help="verify: re-run this committed cell (repeatable; overrides --cells)")
 
+    export = sub.add_parser("export", help="write a run's selection as a peft adapter (SHiRA) to "
+                            "train it in your own pipeline")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (peftbench run, or a sweep's runs/<cell>)")
+    export.add_argument("--to", required=True, choices=["peft"], help="the format")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the adapter folder to write")
+    export.add_argument("--seed", type=int, default=None, help="whose mask (default: the first finished seed)")
+
     check = sub.add_parser("check-method", help="run the Selector conformance checks "
                            "(peftbench.testing) on an installed method, on a tiny model")
     check.add_argument("name", help="a name from `peftbench methods`")
@@ -421,6 +428,14 @@ def cmd_tasks(args) -> None:
             print(f"{name:8s} [broken] {err}")
 
 
+def cmd_export(args) -> None:
+    from peftbench.export import export_run
+
+    report = export_run(args.run_dir, args.out_dir, args.seed)
+    print(report.summary())
+    print(f"adapter written to {args.out_dir}")
+
+
 def cmd_methods(args) -> None:
     from peftbench.registry import methods
 
@@ -460,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = {"run": cmd_run, "bench": cmd_bench, "tasks": cmd_tasks, "methods": cmd_methods,
          "sweep": cmd_sweep, "cache": cmd_cache, "check-method": cmd_check_method, "status": cmd_status, "report": cmd_report, "plot": cmd_plot,
-         "leaderboard": cmd_leaderboard}[args.command](args)
+         "leaderboard": cmd_leaderboard, "export": cmd_export}[args.command](args)
     except UsageError as err:
         print(f"peftbench: error: {err}", file=sys.stderr)
         return 2

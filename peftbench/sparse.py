@@ -232,7 +232,11 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
 
 def effective_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The tensor the forward pass uses for parameter `name` (its pre-apply name)."""
+    from peftbench.peftsparse import effective_weight as peft_weight
+
     module, attr = _owner(model, name)
+    if attr == "weight" and (weight := peft_weight(module)) is not None:
+        return weight
     return getattr(module, attr)
 
 
@@ -262,8 +266,10 @@ def decay_exempt(name: str) -> bool:
 def decay_plan(model: nn.Module) -> tuple[list, list, list[SparseDelta]]:
     """(AdamW parameters with decay, AdamW parameters without, sparse deltas the trainer decays
     itself): the one weight-decay rule of the module docstring."""
+    from peftbench import peftsparse
+
     decay, no_decay, deltas = [], [], []
-    delta_values = {}
+    delta_values = peftsparse.decays(model)  # peft's SHiRA / Super-Tuning values: the same rule
     for name, module in model.named_modules():
         if isinstance(module, SparseDelta):
             delta_values[id(module.values)] = module
@@ -283,11 +289,17 @@ def trainable_entries(model: nn.Module, pretrained_names: set[str], head_names: 
     """Yield (name, kind, count) for everything that trains: kind is `encoder` (pre-trained
     entries that may differ: whole tensors, or what a parametrisation module declares with
     `entries_changed()`, under its tensor's pre-trained name), `new` or `head`."""
+    from peftbench.peftsparse import sparse_layers
+
     counted = set()
     for name, module in model.named_modules():
         if hasattr(module, "entries_changed"):  # e.g. '<m>.parametrizations.weight.0'
             yield canonical_name(name.rsplit(".", 1)[0]), "encoder", module.entries_changed()
             counted |= {id(p) for p in module.parameters()}
+    for name, values, flat in sparse_layers(model):  # peft's SHiRA / Super-Tuning entries
+        if values.requires_grad:
+            yield canonical_name(f"{name}.weight"), "encoder", len(flat)
+        counted.add(id(values))
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in counted:
             continue
@@ -306,11 +318,16 @@ def effective_selection(model: nn.Module, pretrained_names: set[str],
     parametrisation its `changed_indices()` (a sparse delta's k entries, DiffPruning's projected
     mask). New parameters (LoRA, adapters) select no pre-trained entries. Measured with the same
     walk as `count_trainable`, so the mask's size is the encoder count."""
+    from peftbench.peftsparse import sparse_layers
+
     selection = Selection()
     for name, module in model.named_modules():
         if hasattr(module, "entries_changed"):  # the protocol: entries_changed + changed_indices
             tensor = canonical_name(name.rsplit(".", 1)[0])
             selection.partial[tensor] = module.changed_indices().detach().cpu().to(torch.long)
+    for name, values, flat in sparse_layers(model):
+        if values.requires_grad:
+            selection.partial[canonical_name(f"{name}.weight")] = flat.detach().cpu().sort().values
     for name, kind, count in trainable_entries(model, pretrained_names, head_names):
         if kind == "encoder" and name not in selection.partial and count:
             selection.full.add(name)
