@@ -55,7 +55,7 @@ def _constant(frame: pd.DataFrame, task: str) -> float | None:
 
 
 # One look per method in every figure: Okabe & Ito's colour-blind-safe palette, and a marker
-# and a line style so that methods sharing a colour (15 methods, 8 colours) still differ, and
+# and a line style so that methods sharing a colour (17 methods, 8 colours) still differ, and
 # the figures read in grey. Fixed by name, so a method looks the same on every page; a plugin
 # gets a look derived from its name (stable across runs and boards).
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
@@ -78,6 +78,8 @@ METHOD_STYLE: dict[str, tuple[str, str, str]] = {  # method: (colour, marker, li
     "adapeft": ("#E69F00", "d", "--"),
     "spectral": ("#CC79A7", "8", "--"),
     "ggm": ("#D55E00", "H", "--"),
+    "shira": ("#F0E442", "<", "--"),
+    "supertuning": ("#000000", "s", "--"),
 }
 DODGE = 0.12  # log10 units over which methods at the same x are spread (x 0.87 .. x 1.15)
 
