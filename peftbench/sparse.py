@@ -21,13 +21,14 @@ entry's value is W0[i] + v, so the trainer applies v <- v - lr wd (W0[i] + v) it
 The step at the floor. Read through the parametrisation, W0 + delta is a dense tensor that
 autograd differentiates densely: the full weight gradient (2Tmn multiply-adds for a Linear on T
 tokens, as much as the forward) is computed and then gathered at k entries. For the two modules
-that hold nearly every entry, `nn.Linear` and `nn.Embedding`, `apply_selection` replaces the
-module's forward by an autograd function (`SparseLinearFunction`, `SparseEmbeddingFunction`)
+that hold nearly every entry, `nn.Linear` (and GPT-2's `Conv1D`, its transpose) and
+`nn.Embedding`, `apply_selection` replaces the module's forward by an autograd function
+(`SparseLinearFunction`, `SparseConv1DFunction`, `SparseEmbeddingFunction`)
 whose backward computes the input gradient and only the k entries' gradient: for a Linear the
 sampled product (gY^T X) at the (row, col) pairs, by `torch.sparse.sampled_addmm` (CPU and CUDA),
 2Tk multiply-adds; for an embedding the trained rows' summed output gradients. The
 parametrisation stays registered (names, counts, `module.weight`, the optimizer parameter are as
-before) and remains the path for every other module (biases, LayerNorm, Conv1D, ...).
+before) and remains the path for every other module (biases, LayerNorm, ...).
 """
 from __future__ import annotations
 
@@ -134,6 +135,34 @@ class SparseLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_values, None
 
 
+class SparseConv1DFunction(torch.autograd.Function):
+    """GPT-2's Conv1D, y = x (W0 + delta) + b with W stored [in, out]: differentiated for x, b
+    and the delta's values only. The k entries' gradient is (X^T gY) at their (in, out) pairs,
+    the sampled product of `sampled_gradient` with the operands' roles swapped."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, values, delta):
+        ctx.delta, ctx.shape = delta, weight.shape
+        ctx.save_for_backward(x, weight, values)
+        out = torch.addmm(bias, x.reshape(-1, weight.shape[0]), delta.forward(weight))
+        return out.view(*x.shape[:-1], weight.shape[1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        x, weight, values = ctx.saved_tensors
+        need_x, _, need_bias, need_values, _ = ctx.needs_input_grad
+        grad_x = grad_bias = grad_values = None
+        if need_x:
+            grad_x = grad_out @ ctx.delta.forward(weight).to(grad_out.dtype).t()
+        if need_bias:
+            grad_bias = grad_out.reshape(-1, ctx.shape[1]).sum(0)
+        if need_values:
+            grad_values = sampled_gradient(x, grad_out, ctx.delta, ctx.shape).to(values.dtype)
+        return grad_x, None, grad_bias, grad_values, None
+
+
 class SparseEmbeddingFunction(torch.autograd.Function):
     """out = (W0 + delta)[ids] without building W0 + delta: a small table of the delta on the
     rows this batch looks up (at most T rows) is added to W0[ids]; the values' gradient is the
@@ -183,6 +212,16 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
                                       delta.values, delta)
 
 
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    delta = _sparse_delta(self)
+    if delta is None or not torch.is_grad_enabled():
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D.forward(self, x)
+    return SparseConv1DFunction.apply(x, self.parametrizations.weight.original, self.bias,
+                                      delta.values, delta)
+
+
 def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     delta = _sparse_delta(self)
     if delta is None or not torch.is_grad_enabled():
@@ -191,11 +230,24 @@ def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
                                          delta.values, delta, self.padding_idx)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D with its own forward (GPT-2's projections: y = x W + b, W stored
+    [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D) and type(module).forward is Conv1D.forward \
+        and module.bias is not None
+
+
 def use_sparse_step(module: nn.Module) -> bool:
-    """Route a Linear's or plain Embedding's forward through the functions above (see the
-    module docstring); False, leaving the parametrisation path, for any other module."""
+    """Route a Linear's, GPT-2 Conv1D's or plain Embedding's forward through the functions
+    above (see the module docstring); False, leaving the parametrisation path, for any other
+    module."""
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         module.forward = types.MethodType(_linear_forward, module)
+        return True
+    if _is_conv1d(module):
+        module.forward = types.MethodType(_conv1d_forward, module)
         return True
     if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward \
             and module.max_norm is None and not module.sparse and not module.scale_grad_by_freq:

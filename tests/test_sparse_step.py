@@ -125,3 +125,42 @@ def test_a_training_step_keeps_frozen_entries_bit_identical(tiny_model, device):
             changed += int((now[mask] != original[mask]).sum())
             expected += int(mask.sum())
     assert changed > 0.9 * expected > 0
+
+
+def _tiny_decoder(kind: str):
+    """A tiny random decoder classifier built from its config (no download)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2ForSequenceClassification(GPT2Config(vocab_size=500, n_embd=32, n_layer=2, n_head=2,
+                                                        n_positions=64, pad_token_id=0))
+    return LlamaForSequenceClassification(LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=2,
+                                                      num_key_value_heads=1, pad_token_id=0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_trained_entries_get_the_dense_gradient_on_decoder_layers(kind, device):
+    """GPT-2's Conv1D projections (W stored [in, out]) and Llama's Linear projections take the
+    fast sparse step, and its gradients equal the dense ones at the trained entries."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = _tiny_decoder(kind).eval()
+    numel = sum(p.numel() for p in pretrained_parameters(model).values())
+    selection = registry.create("random", scope="tensor").select(
+        model, None, numel // 20, torch.Generator().manual_seed(0))
+    fast = apply_selection(model, selection).to(device)
+    dense = _dense_reference(fast)
+    layer_kind = Conv1D if kind == "gpt2" else torch.nn.Linear
+    fast_layers = [m for m in fast.modules() if isinstance(m, layer_kind) and "forward" in m.__dict__]
+    assert len(fast_layers) >= 8  # 4 projections (GPT-2) / 7 (Llama) per block take the fast path
+    ids = torch.randint(1, 500, (4, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    labels = torch.tensor([0, 1, 1, 0], device=device)
+    loss_fast, g_fast = _grads(fast, ids, labels)
+    loss_dense, g_dense = _grads(dense, ids, labels)
+    torch.testing.assert_close(loss_fast, loss_dense)
+    assert g_fast.keys() == g_dense.keys()
+    for name, grad in g_fast.items():
+        torch.testing.assert_close(grad, g_dense[name], rtol=1e-4, atol=1e-6, msg=name)
