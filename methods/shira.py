@@ -72,4 +72,11 @@ def _target_modules(model, targets: list[str] | None) -> list[str]:
     from peftbench.architectures import block_modules
     from peftbench.methods.lora import fu_targets  # LoRA's layers: SHiRA's count is LoRA's
 
-    return block_modules(model, list(targets) if targets is not None else fu_targets(model))
+    names = block_modules(model, list(targets) if targets is not None else fu_targets(model))
+    other = [n for n in names if not isinstance(model.get_submodule(n), torch.nn.Linear)]
+    if other:
+        from peftbench.errors import UsageError
+
+        raise UsageError(f"peft's SHiRA wraps nn.Linear layers only; {other[0]} is a "
+                         f"{type(model.get_submodule(other[0])).__name__} ({len(other)} such targets)")
+    return names

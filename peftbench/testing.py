@@ -35,6 +35,8 @@ The checks:
 """
 from __future__ import annotations
 
+import copy
+
 import io
 import math
 import tempfile
@@ -91,6 +93,9 @@ def tiny_model_dir() -> str:
     return str(folder)
 
 
+_LOADED: dict[str, tuple] = {}  # model folder -> (task, model as loaded, tokenizer, data)
+
+
 class _Setup:
     """A fresh tiny model, its data and the method's scores: what every check starts from."""
 
@@ -101,9 +106,14 @@ class _Setup:
         from peftbench.trainer import make_loader, pick_device
 
         self.method, self.cls, self.params, self.resolved = method_spec(method, params)
-        self.task = load_task("rte")
-        self.model, self.tokenizer = load_model(model_dir or tiny_model_dir(), 2)
-        self.data = tokenize(self.task, self.tokenizer, self.task.load_splits(limit=16), 48)
+        where = model_dir or tiny_model_dir()
+        if where not in _LOADED:  # loading and tokenising once per model: most of a check's cost
+            task = load_task("rte")
+            model, tokenizer = load_model(where, 2)
+            _LOADED[where] = (task, model, tokenizer,
+                              tokenize(task, tokenizer, task.load_splits(limit=16), 48))
+        self.task, model, self.tokenizer, self.data = _LOADED[where]
+        self.model = copy.deepcopy(model)  # every check starts from the same untouched model
         self.pretrained = pretrained_parameters(self.model)
         self.head_names = set(head_parameters(self.model))
         self.numels = {n: p.numel() for n, p in self.pretrained.items()}

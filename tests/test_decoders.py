@@ -93,3 +93,31 @@ def test_ggm_finds_each_architectures_query_key_value(decoder_dir, tmp_path):
     components = selection["notes"]["components"]
     assert selection["notes"]["nodes"] > 0 and components
     assert all(n.endswith(("c_attn.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight")) for n in components)
+
+
+# what a built-in cannot do on an architecture, with the reason (checked to fail as declared)
+DECODER_REFUSALS = {("gpt2", "shira"): "peft's SHiRA wraps nn.Linear layers only",
+                    ("gpt2", "supertuning"): "peft's Super-Tuning wraps nn.Linear layers only"}
+
+
+def test_every_builtin_passes_the_conformance_suite_on_each_decoder(decoder_dir):
+    """The public conformance suite (`peftbench.testing`) for every built-in on tiny GPT-2,
+    Llama and Qwen2; a built-in that cannot run on an architecture is refused with its reason
+    (GPT-2's projections are Conv1D, which peft's sparse tuners do not wrap)."""
+    import json
+    from pathlib import Path
+
+    from peftbench import registry
+    from peftbench.testing import check_method
+
+    arch = json.loads((Path(decoder_dir) / "config.json").read_text())["model_type"]
+    for method in sorted(registry.methods()):
+        if registry.methods()[method].package != "peftbench":
+            continue
+        outcomes = check_method(method, model_dir=decoder_dir)
+        failed = {o.check: o.detail for o in outcomes if not o.passed}
+        reason = DECODER_REFUSALS.get((arch, method))
+        if reason is None:
+            assert not failed, f"{method} on {arch}: {failed}"
+        else:
+            assert failed and all(reason in detail for detail in failed.values()), (method, failed)
