@@ -102,7 +102,7 @@ def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
     if method is None:  # the floor
         for p in pretrained_parameters(model).values():
             p.requires_grad_(False)
-        model.base_model.embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_())
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
     else:
         numel = sum(p.numel() for p in pretrained_parameters(model).values())
         selector = registry.create(method, **params)

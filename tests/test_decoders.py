@@ -121,3 +121,13 @@ def test_every_builtin_passes_the_conformance_suite_on_each_decoder(decoder_dir)
             assert not failed, f"{method} on {arch}: {failed}"
         else:
             assert failed and all(reason in detail for detail in failed.values()), (method, failed)
+
+
+def test_bench_step_floor_runs_on_a_decoder(decoder_dir):
+    """The floor (frozen encoder, input gradients only) hooks the input embeddings by
+    transformers' own accessor, not BERT's `embeddings` attribute."""
+    from peftbench.bench import prepare_step
+
+    one_step, model = prepare_step("floor", decoder_dir, batch_size=2, length=8)
+    one_step()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["score.weight"]
