@@ -27,6 +27,7 @@ import pandas as pd
 import scipy.stats
 
 from peftbench import statistics
+from peftbench.record import budget_blocks
 
 ALPHA = 0.05
 FU_RHO = 0.4356
@@ -120,7 +121,7 @@ def rank_correlation(frame: pd.DataFrame, resamples: int = 2000, seed: int = 0) 
     stability rank and performance rank over the (method, task) cells, its p, a 95% percentile
     bootstrap interval over cells, and whether Fu et al.'s 0.4356 lies inside it."""
     stats = statistics.cell_stats(frame)
-    budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
+    budgets = budget_blocks(stats.budget)
     rows = []
     for budget in budgets:
         table = statistics.table1(statistics.budget_rows(stats, budget))

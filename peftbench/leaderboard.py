@@ -21,6 +21,7 @@ import torch
 
 from peftbench import cellstore, ownership, pages, plots, registry, report, sweep
 from peftbench.errors import UsageError
+from peftbench.record import NATURAL
 
 
 def leaderboards_root() -> Path:
@@ -116,7 +117,7 @@ def settings_table(spec: sweep.StudySpec) -> pandas.DataFrame:
     rows = []
     for task in spec.tasks:
         for method in spec.methods:
-            budget = spec.budgets[0] if registry.get(method).uses_budget else sweep.NATURAL
+            budget = spec.budgets[0] if registry.get(method).uses_budget else NATURAL
             config = sweep.cell_run_config(spec, sweep.Cell(task, method, budget, spec.seeds[0]), best)
             tuned = best.get(f"{task}/{method}")
             rows.append({"task": task, "method": method, "lr": config.train.lr,
@@ -333,6 +334,8 @@ def refresh(name: str, storage: str | None = None, output_dir: str | None = None
     partial board's README, page and CSVs, with "k of n cells" and what is missing."""
     folder = find(name)
     spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    if spec.published and not cellstore.committed_cells(folder):  # nothing of ours yet
+        return published_only(spec, folder)
     _prepare(folder, spec)
     cellstore.import_committed(sweep.open_study(spec), spec, folder)
     return write_results(spec, folder, f"peftbench leaderboard run {folder.name}")

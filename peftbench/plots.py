@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from peftbench.record import NATURAL, at_budget
+
 
 def pareto_points(points: pd.DataFrame) -> pd.DataFrame:
     """Non-dominated rows: no other row has fewer-or-equal trainable and a higher-or-equal mean
@@ -107,7 +109,7 @@ def _subtitle(frame: pd.DataFrame) -> str:
     names = sorted({str(m) for m in frame.get("model", pd.Series(dtype=str)) if m})
     model = ", ".join("all-MiniLM-L6-v2 (default)" if m == "default" else m for m in names) or "model ?"
     seeds = frame.groupby(["task", "method", "budget"]).seed.nunique()
-    budgets = sorted({b for b in frame.budget if b != "natural"}, key=float)
+    budgets = sorted({b for b in frame.budget if b != NATURAL}, key=float)
     shown = (f"budget{'s' if len(budgets) > 1 else ''} {', '.join(f'{100 * float(b):g}%' for b in budgets)}"
              if budgets else "natural counts only")
     return (f"{model}; {seeds.min()}{'-' + str(seeds.max()) if seeds.max() != seeds.min() else ''} "
@@ -151,7 +153,7 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
                 ax.axhline(100 * c["mean"].iloc[0], color=colour, lw=1.5, label="full fine-tuning")
                 ax.axhspan(100 * c.ci_low.iloc[0], 100 * c.ci_high.iloc[0], color=colour, alpha=0.12)
                 continue
-            if (c.budget == "natural").all():
+            if (c.budget == NATURAL).all():
                 ax.errorbar(c.trainable, 100 * c["mean"], fmt=marker, color=colour, ms=7,
                             mec="black", mew=0.4, capsize=3, label=f"{method} (its count)",
                             yerr=[100 * (c["mean"] - c.ci_low), 100 * (c.ci_high - c["mean"])])
@@ -194,7 +196,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
     for ax, task in zip(axes[0], tasks):
         cells = _cells(frame, task)
         entries = frame.loc[frame.task == task, "pretrained_entries"].iloc[0]
-        for budget in sorted({b for b in cells.budget if b != "natural"}, key=float):
+        for budget in sorted({b for b in cells.budget if b != NATURAL}, key=float):
             x = float(budget) * entries if float(budget) <= 1 else float(budget)
             ax.axvline(x, color="0.8", lw=0.8, ls="-", zorder=0)
             ax.annotate(f"budget {100 * float(budget):g}%", (x, 1), xycoords=("data", "axes fraction"),
@@ -368,7 +370,7 @@ def spend_png(frame: pd.DataFrame, path: str | Path, budget: str | None = None) 
     import matplotlib.pyplot as plt
 
     if budget is not None:
-        frame = frame[(frame.budget == budget) | (frame.budget == "natural")]
+        frame = at_budget(frame, budget)
     by_layer, by_kind = {}, {}
     for method, g in frame.groupby("method"):
         layer_total, kind_total = {}, {}

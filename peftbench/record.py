@@ -121,3 +121,50 @@ class RunRecord(_Strict):
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+NATURAL = "natural"  # the budget label of a method with a natural count (`uses_budget = False`)
+
+
+def budget_label(method: str, budget: str) -> str:
+    """A cell's budget as analyses see it: NATURAL for a method that does not use its budget
+    (its count is its own), else the budget as given. The one place "natural" is decided."""
+    from peftbench import registry
+
+    try:
+        natural = not registry.get(method).uses_budget
+    except UsageError:  # a plugin no longer installed: its runs keep their budget
+        natural = False
+    return NATURAL if natural else str(budget)
+
+
+def analysis_row(record: RunRecord, *, task: str, method: str, budget: str, model: str,
+                 metric_name: str, run_dir: str) -> dict:
+    """One seed as a row of the analysis frame: the one builder, for runs read from a study's
+    trials and from run folders alike (`sweep.trials_frame`, `report.load_runs`)."""
+    from peftbench.memory import mean_load, peak_memory_mb
+
+    result = record.model_dump(mode="json")
+    return {"task": task, "method": method, "budget": budget, "seed": record.seed,
+            "metric": record.test["main"], "validation": record.validation["main"],
+            "trainable": record.trainable.trainable, "head": record.trainable.head,
+            "pretrained_entries": record.pretrained_entries,
+            "constant_metric": record.constant_predictor.test.get("main", float("nan")),
+            "test_rows": record.constant_predictor.test_rows,
+            "metric_name": metric_name, "model": model,
+            "scoring_time_s": record.scoring_time_s, "train_time_s": record.train_time_s,
+            "steps_per_s": record.steps_per_s if record.steps_per_s is not None else float("nan"),
+            "load_1min": mean_load(result), "peak_memory_mb": peak_memory_mb(result),
+            "spend": dict(record.trainable_by_tensor), "run_dir": str(run_dir)}
+
+
+def budget_blocks(budgets) -> list[str]:
+    """The budgets an analysis compares at, in order of appearance: every budget but NATURAL,
+    or NATURAL alone when no method used a budget."""
+    return [b for b in dict.fromkeys(budgets) if b != NATURAL] or [NATURAL]
+
+
+def at_budget(frame, budget: str):
+    """The rows of an analysis frame that compete at `budget`: that budget's, and every
+    natural-count method's (full fine-tuning, BitFit, LoRA, ... compete at every budget)."""
+    return frame[frame.budget.isin([budget, NATURAL])]

@@ -22,10 +22,10 @@ import pandas as pd
 import scipy.stats
 import torch
 
-from peftbench import findings, memory
+from peftbench import findings
 from peftbench.errors import UsageError
 from peftbench.metrics import near_constant
-from peftbench.record import RunRecord, read_json
+from peftbench.record import RunRecord, analysis_row, at_budget, budget_blocks, budget_label, read_json
 from peftbench.safeload import load_pt
 from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
     EXACT_UP_TO,
@@ -76,8 +76,6 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
     the newest run directory's result is kept, so a re-run never adds seeds. Seeds that
     diverged are not rows; they are listed in `frame.attrs["failed"]`, and what was left out
     in `frame.attrs["notes"]`."""
-    from peftbench import registry
-
     from peftbench.experiment import INCOMPLETE
 
     rows, failed, notes = [], {}, []
@@ -88,34 +86,18 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
             if str(run_dir) in incomplete:
                 continue
             config = read_json(run_dir / "config.json")
-            result = RunRecord.read(result_file).model_dump(mode="json")  # checked, one line if not
-            try:
-                natural = not registry.get(config["method"]).uses_budget
-            except UsageError:
-                natural = False
-            task, budget = Path(config["task"]).stem, "natural" if natural else str(config["budget"])
-            if result.get("diverged"):
-                d = result["diverged"]
-                failed[f"{task}/{config['method']}/b{budget}/s{result['seed']}"] = \
-                    f"diverged at step {d['step']} (loss {d['loss']})"
+            record = RunRecord.read(result_file)  # checked, one line if not
+            task = Path(config["task"]).stem
+            budget = budget_label(config["method"], config["budget"])
+            if record.diverged is not None:
+                d = record.diverged
+                failed[f"{task}/{config['method']}/b{budget}/s{record.seed}"] = \
+                    f"diverged at step {d.step} (loss {d.loss})"
                 continue
-            baseline = result.get("constant_predictor", {})
-            metric_name = _metric_name(config["task"])
-            rows.append({"task": task, "method": config["method"], "budget": budget,
-                         "seed": result["seed"], "metric": result["test"]["main"],
-                         "validation": result["validation"]["main"],
-                         "trainable": result["trainable"]["trainable"],
-                         "pretrained_entries": result["pretrained_entries"],
-                         "constant_metric": baseline.get("test", {}).get("main", np.nan),
-                         "metric_name": metric_name, "model": config.get("model", ""),
-                         "test_rows": baseline.get("test_rows", 0),
-                         "scoring_time_s": result["scoring_time_s"],
-                         "train_time_s": result["train_time_s"], "run_dir": str(run_dir),
-                         "steps_per_s": result.get("steps_per_s", np.nan),
-                         "load_1min": memory.mean_load(result),
-                         "peak_memory_mb": memory.peak_memory_mb(result),
+            rows.append({**analysis_row(record, task=task, method=config["method"], budget=budget,
+                                        model=config.get("model", ""),
+                                        metric_name=_metric_name(config["task"]), run_dir=str(run_dir)),
                          "written": result_file.stat().st_mtime,
-                         "spend": result.get("trainable_by_tensor", {}),
                          "data": json.dumps(config.get("task_files") or config.get("task_spec", config["task"]))})
     if incomplete:
         notes.append(f"skipped {len(incomplete)} run directories marked {INCOMPLETE} (interrupted "
@@ -198,8 +180,8 @@ def mask_overlap_seeds(frame: pd.DataFrame, known: pd.DataFrame | None = None) -
     two cells (fingerprints) if any. Methods that only add parameters (LoRA, adapters) train no
     pre-trained entry: their overlap is 0 (NaN with each other)."""
     rows, earlier = [], _known(known, OVERLAP_KEY)
-    budgets = [b for b in dict.fromkeys(frame.budget) if b != "natural"] or ["natural"]
-    groups = [((task, budget), frame[(frame.task == task) & frame.budget.isin([budget, "natural"])])
+    budgets = budget_blocks(frame.budget)
+    groups = [((task, budget), at_budget(frame[frame.task == task], budget))
               for task in frame.task.unique() for budget in budgets]
     for (task, budget), group in groups:
         for m1, m2 in itertools.combinations(sorted(group.method.unique()), 2):
@@ -302,7 +284,7 @@ def compare_published(stats: pd.DataFrame, published: pd.DataFrame) -> tuple[pd.
     budget's table, so each of our budgets (with the natural-count methods) is compared on its
     own, never pooled."""
     parts, taus = [], []
-    budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
+    budgets = budget_blocks(stats.budget)
     for budget in budgets:
         rows = budget_rows(stats, budget)
         both = rows.merge(published[["task", "method", "mean"]], on=["task", "method"],
@@ -377,7 +359,7 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         run_dir=[Path(p).name for p in frame.run_dir]).to_csv(out / "results.csv", index=False)
     stats = cell_stats(frame)
     stats.to_csv(out / "cells.csv", index=False)
-    budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
+    budgets = budget_blocks(stats.budget)
     lines = [f"# {title}", "", header, ""] if header else [f"# {title}", ""]
     lines += ["Cells: test main metric x100 at the best-validation checkpoint, mean ± population "
               "std over seeds; [r] = rank in the column (mean: higher is better; std: lower is "
@@ -420,7 +402,7 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
                for t in rendered.columns}, "trainable": "0"}
         rendered.to_csv(out / f"table1-b{budget}.csv")
         corr = stability_correlation(table)
-        per_cell = frame[frame.budget.isin([budget, "natural"])].groupby(["task", "method"]).seed.nunique()
+        per_cell = at_budget(frame, budget).groupby(["task", "method"]).seed.nunique()
         seeds = (f"{per_cell.min()} seeds" if per_cell.min() == per_cell.max()
                  else f"{per_cell.min()}-{per_cell.max()} seeds per cell")
         lines += [f"## Budget {budget} (natural-count methods included), {seeds}", "",

@@ -16,6 +16,7 @@ import scipy.stats
 
 from peftbench.errors import check_choice
 from peftbench.metrics import near_constant
+from peftbench.record import NATURAL, at_budget, budget_blocks
 
 
 TIES = ("average", "min", "max", "dense", "ordinal")
@@ -58,8 +59,7 @@ def bootstrap_ci(values, confidence: float = 0.95, seed: int = 0) -> tuple[float
 def paired_matrix(frame: pd.DataFrame) -> pd.DataFrame:
     """Test metric per (task, budget, seed) row and method column (natural-count methods in
     every budget), methods missing from any row dropped: the pairs every paired test reads."""
-    budgets = [b for b in dict.fromkeys(frame.budget) if b != "natural"] or ["natural"]
-    rows = pd.concat([frame[frame.budget.isin([b, "natural"])].assign(block=b) for b in budgets])
+    rows = pd.concat([at_budget(frame, b).assign(block=b) for b in budget_blocks(frame.budget)])
     return rows.pivot_table(index=["task", "block", "seed"], columns="method", values="metric").dropna(axis=1)
 
 
@@ -72,7 +72,7 @@ def holm(p_values: np.ndarray) -> np.ndarray:
 
 def natural_methods(frame: pd.DataFrame) -> set[str]:
     """Methods that ran at their natural count (one cell per task and seed, in every block)."""
-    return set(frame.loc[frame.budget == "natural", "method"])
+    return set(frame.loc[frame.budget == NATURAL, "method"])
 
 
 def pair_values(matrix: pd.DataFrame, a: str, b: str, natural: set[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +113,7 @@ def friedman_ranking(frame: pd.DataFrame) -> dict | None:
     methods present in every block. Blocks of one task at several budgets are not independent
     data sets: read the test as descriptive there."""
     stats = cell_stats(frame)
-    budgets = [b for b in dict.fromkeys(stats.budget) if b != "natural"] or ["natural"]
+    budgets = budget_blocks(stats.budget)
     blocks = pd.concat([budget_rows(stats, b).assign(block=lambda d, b=b: d.task + " @ " + b)
                         for b in budgets])
     matrix = blocks.pivot_table(index="block", columns="method", values="mean").dropna(axis=1)
@@ -170,7 +170,7 @@ def best_per_budget(frame: pd.DataFrame, rope: float = 0.01) -> pd.DataFrame:
     runner-up, their mean paired difference over the seeds both ran, and the Bayesian
     signed-rank probabilities (ROPE `rope`) that the best is better, equivalent or worse."""
     rows = []
-    for (task, budget), cells in frame[frame.budget != "natural"].groupby(["task", "budget"]):
+    for (task, budget), cells in frame[frame.budget != NATURAL].groupby(["task", "budget"]):
         means = cells.groupby("method").metric.mean().sort_values(ascending=False)
         if len(means) < 2:
             continue
@@ -191,7 +191,7 @@ def budget_curves(frame: pd.DataFrame) -> pd.DataFrame:
     full fine-tuning's mean on that task (NaN when none does, or full FT did not run)."""
     stats = cell_stats(frame)
     rows = []
-    for (task, method), cells in stats[stats.budget != "natural"].groupby(["task", "method"]):
+    for (task, method), cells in stats[stats.budget != NATURAL].groupby(["task", "method"]):
         cells = cells.sort_values("trainable")
         if len(cells) < 2:
             continue
@@ -330,7 +330,7 @@ def constant_scores(frame: pd.DataFrame) -> pd.DataFrame:
 
 def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
     """Cells of one budget plus the natural-count methods, as Fu et al. mix them in Table 1."""
-    return stats[(stats.budget == budget) | (stats.budget == "natural")]
+    return at_budget(stats, budget)
 
 
 def constant_cells(frame: pd.DataFrame) -> list[str]:

@@ -67,17 +67,16 @@ from pydantic import (
 )
 from pydantic import Field as PydanticField
 
-from peftbench import memory, ownership, registry, yamlio
+from peftbench import ownership, registry, yamlio
 from peftbench.cache import ScoreCache
 from peftbench.errors import UsageError, schema_problem
 from peftbench.experiment import RunConfig, run_experiment
 from peftbench.fingerprint import code_identity, digest, machine_fingerprint, model_fingerprint
 from peftbench.metrics import metric_label
-from peftbench.record import RunRecord
+from peftbench.record import NATURAL, RunRecord
 from peftbench.selector import Budget
 from peftbench.trainer import TrainConfig, pick_device, train_config
 
-NATURAL = "natural"  # the budget label of methods with a natural count (`uses_budget = False`)
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
 
@@ -578,20 +577,14 @@ def best_search_params(spec: StudySpec) -> dict:
 
 
 def result_attrs(result: dict, config: RunConfig, run_dir: Path) -> dict:
-    """A finished cell's trial attributes (what reports read) from its `result.json` and its run
-    config alone, so a cell committed to a board reads back exactly as it was written."""
+    """A finished cell's trial attributes: its `RunRecord` whole (`record`), where it ran, and
+    the settings it ran with, from its `result.json` and its run config alone, so a cell
+    committed to a board reads back exactly as it was written."""
     from peftbench.data import load_task
 
-    return {"run_dir": str(Path(run_dir).resolve()), "test": result["test"],
-            "validation": result["validation"], "trainable": result["trainable"]["trainable"],
-            "head": result["trainable"]["head"], "pretrained_entries": result["pretrained_entries"],
-            "main_metric": load_task(config.task).main_metric,
-            "constant_test_main": result["constant_predictor"]["test"]["main"],
-            "test_rows": result["constant_predictor"]["test_rows"],
-            "scoring_time_s": result["scoring_time_s"], "scores_from_cache": result["scores_from_cache"],
-            "train_time_s": result["train_time_s"], "spend": result["trainable_by_tensor"],
-            "steps_per_s": result["steps_per_s"], "peak_memory_mb": memory.peak_memory_mb(result),
-            "load_1min": memory.mean_load(result),
+    return {"run_dir": str(Path(run_dir).resolve()),
+            "record": RunRecord.model_validate(result).model_dump(mode="json"),
+            "main_metric": load_task(config.task).main_metric, "model": config.model,
             "train_config": asdict(config.train), "method_params": config.method_params}
 
 
@@ -1140,37 +1133,39 @@ def watch(spec: StudySpec, every: float = 10.0, once: bool = False, stream=None)
         time.sleep(every)
 
 
-def _spend(attrs: dict) -> dict[str, int]:
-    """Trainable entries per tensor: from the run directory when it is on this machine."""
-    result = Path(attrs["run_dir"]) / f"seed-{attrs['seed']}" / "result.json"
-    if result.is_file():
-        return json.loads(result.read_text()).get("trainable_by_tensor", {})
-    return attrs.get("spend", {})
+def trial_record(trial) -> RunRecord:
+    """A finished grid trial's `RunRecord`: stored whole in the trial, or, for a trial written
+    by peftbench before 0.4, read from the result file its run folder holds."""
+    attrs = trial.user_attrs
+    if "record" in attrs:
+        return RunRecord.model_validate(attrs["record"])
+    folder = Path(attrs["run_dir"])
+    for path in (folder / f"seed-{attrs['seed']}" / "result.json", folder / f"seed-{attrs['seed']}-result.json"):
+        if path.is_file():
+            return RunRecord.read(path)
+    raise UsageError(f"trial {trial.number} ({attrs.get('cell')}) was recorded by an older peftbench and "
+                     f"its result file is gone from {folder}: run the cell again (`--restart-changed`)")
 
 
 def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
-    """Completed grid trials as a DataFrame: one row per (task, method, budget, seed); with
-    `prints`, only the current spec's cells run with its settings."""
+    """Completed grid trials as the analysis frame (`record.analysis_row`, as `report.load_runs`
+    builds it from run folders), one row per (task, method, budget, seed), plus the trial's
+    number, fingerprint and duration; with `prints`, only the current spec's cells run with its
+    settings."""
     import pandas as pd
+
+    from peftbench.record import analysis_row
 
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
         if "run_dir" not in a or (prints is not None and not prints.current(t)):
             continue
-        rows.append({"task": a["task"], "method": a["method"], "budget": a["budget"],
-                     "seed": a["seed"], "metric": a["test"]["main"],
-                     "validation": a["validation"]["main"], "trainable": a["trainable"],
-                     "pretrained_entries": a["pretrained_entries"], "scoring_time_s": a["scoring_time_s"],
-                     "train_time_s": a["train_time_s"], "run_dir": a["run_dir"],
-                     "steps_per_s": a.get("steps_per_s", float("nan")),
-                     "load_1min": a.get("load_1min", float("nan")),
-                     "peak_memory_mb": a.get("peak_memory_mb", float("nan")),
-                     "constant_metric": a.get("constant_test_main", float("nan")),
-                     "metric_name": "+".join(a.get("main_metric", [])),
-                     "model": a.get("config", {}).get("model_name", ""),
-                     "test_rows": a.get("test_rows", 0),
-                     "spend": _spend(a), "trial": t.number, "fingerprint": a.get("fingerprint", ""),
+        model = a.get("model") or a.get("config", {}).get("model_name", "")
+        rows.append({**analysis_row(trial_record(t), task=a["task"], method=a["method"], budget=a["budget"],
+                                    model=model, metric_name="+".join(a.get("main_metric", [])),
+                                    run_dir=a["run_dir"]),
+                     "trial": t.number, "fingerprint": a.get("fingerprint", ""),
                      "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})
     frame = pd.DataFrame(rows)
     if not frame.empty:

@@ -193,3 +193,18 @@ def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, t
     (board / "search.json").write_text(json.dumps(tuned))
     assert main(["leaderboard", "run", "tuned"]) == 0 and searched == []
     assert len(json.loads((board / "search.json").read_text())["cb/random"]["tried"]) == 2
+
+
+def test_report_on_a_published_only_board_keeps_its_published_page(tmp_path):
+    """`leaderboard report` on a board with the paper's numbers and none of ours rewrites its
+    published-numbers page; it wrote a "0 of 630 cells" partial board over it."""
+    import shutil
+
+    from peftbench import leaderboard
+
+    board = tmp_path / "fu2023-table1"
+    shutil.copytree(leaderboard.find("fu2023-table1"), board)
+    text = leaderboard.refresh(str(board), output_dir=str(tmp_path / "sweep"))
+    assert "published numbers only" in text
+    assert "published numbers only" in (board / "index.html").read_text()
+    assert not (board / "progress.csv").exists() and not (tmp_path / "sweep").exists()

@@ -132,10 +132,10 @@ def test_sweeping_four_budgets_scores_once(tmp_path, tiny_model_dir, monkeypatch
     study = sweep.run_grid(sweep.load_spec(spec_path), log=lambda *a: None)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 4 and len(calls) == 1
-    assert sorted(t.user_attrs["scores_from_cache"] for t in trials) == [False, True, True, True]
-    assert len({round(t.user_attrs["scoring_time_s"], 9) for t in trials}) == 1  # scored once, reported 4x
+    assert sorted(t.user_attrs["record"]["scores_from_cache"] for t in trials) == [False, True, True, True]
+    assert len({round(t.user_attrs["record"]["scoring_time_s"], 9) for t in trials}) == 1  # scored once, reported 4x
     assert sorted(t.values[1] for t in trials) == sorted(
-        int(b * trials[0].user_attrs["pretrained_entries"]) for b in (0.001, 0.01, 0.05, 0.1))
+        int(b * trials[0].user_attrs["record"]["pretrained_entries"]) for b in (0.001, 0.01, 0.05, 0.1))
 
 
 def test_natural_count_methods_run_once_per_seed(tmp_path, tiny_model_dir):
