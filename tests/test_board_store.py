@@ -10,7 +10,7 @@ import shutil
 import pandas as pd
 import yaml
 
-from peftbench import sweep
+from peftbench import experiment
 from peftbench.cli import main
 
 
@@ -28,7 +28,7 @@ def test_interrupted_board_resumes_on_a_fresh_clone_from_the_committed_cells(
         tmp_path, tiny_model_dir, monkeypatch, capsys):
     board = _board(tmp_path, tiny_model_dir)
     monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
-    calls, original = [], sweep.run_experiment
+    calls, original = [], experiment.run_experiment
 
     def stop_after_two(config, *args, **kwargs):
         calls.append(config.method)
@@ -36,7 +36,7 @@ def test_interrupted_board_resumes_on_a_fresh_clone_from_the_committed_cells(
             raise KeyboardInterrupt
         return original(config, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_experiment", stop_after_two)
+    monkeypatch.setattr(experiment, "run_experiment", stop_after_two)
     assert main(["leaderboard", "run", "store"]) == 130
     committed = sorted(p.parent.name for p in (board / "runs").glob("*/cell.json"))
     assert len(committed) == 2  # each cell committed as it finished, not at the end
@@ -53,7 +53,7 @@ def test_interrupted_board_resumes_on_a_fresh_clone_from_the_committed_cells(
     # a fresh clone: the board folder alone, no sweep folder
     shutil.rmtree(tmp_path / "sweep")
     calls.clear()
-    monkeypatch.setattr(sweep, "run_experiment", lambda c, *a, **k: calls.append(c.method) or original(c, *a, **k))
+    monkeypatch.setattr(experiment, "run_experiment", lambda c, *a, **k: calls.append(c.method) or original(c, *a, **k))
     assert main(["leaderboard", "run", "store"]) == 0
     assert len(calls) == 2  # only the missing cells trained
     results = pd.read_csv(board / "results.csv")

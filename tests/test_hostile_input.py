@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from conftest import one_line_error
+from peftbench import experiment
 from peftbench.cli import main
 
 
@@ -272,14 +273,14 @@ def test_task_data_edited_during_a_sweep_is_not_recorded_under_the_old_fingerpri
         "budgets": [0.01], "seeds": 2, "limit": 8, "train": {"epochs": 1},
         "output_dir": str(tmp_path / "out")}))
     spec = sweep.load_spec(path)
-    real = sweep.run_experiment
+    real = experiment.run_experiment
 
     def edit_after_the_first(config, **kw):
         out = real(config, **kw)
         train.write_text("\n".join(train.read_text().splitlines()[:-1]) + "\n")  # one row fewer
         return out
 
-    monkeypatch.setattr(sweep, "run_experiment", edit_after_the_first)
+    monkeypatch.setattr(experiment, "run_experiment", edit_after_the_first)
     study = sweep.run_grid(spec, log=lambda *a: None)
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "FAIL"]
@@ -420,7 +421,7 @@ def test_a_search_whose_every_trial_fails_is_an_error_not_an_empty_record(tmp_pa
     def broken(config, **kw):
         raise ValueError("a space the method cannot take")
 
-    monkeypatch.setattr(sweep, "run_experiment", broken)
+    monkeypatch.setattr(experiment, "run_experiment", broken)
     with pytest.raises(UsageError, match="search rte/random: none of its 2 trials completed: "
                                          "ValueError: a space the method cannot take"):
         sweep.run_search(sweep.load_spec(path), log=lambda *a: None)

@@ -8,10 +8,22 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "peftbench"
 
 
+def _module_name(path: Path) -> str:
+    """'sweep.grid' for peftbench/sweep/grid.py, 'sweep' for its __init__, 'cli' for cli.py."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
 def _imports(path: Path) -> tuple[set[str], set[str]]:
-    """(peftbench modules imported at run time, method modules imported) by one module;
-    imports under `if TYPE_CHECKING:` are annotations only and do not count."""
+    """(peftbench modules imported at run time, method modules imported) by one module, named
+    as `_module_name` does ('sweep.spec'); imports under `if TYPE_CHECKING:` are annotations
+    only and do not count."""
     tree = ast.parse(path.read_text())
+    known = _modules()
     typing_only = {id(sub) for node in ast.walk(tree) if isinstance(node, ast.If)
                    and "TYPE_CHECKING" in ast.unparse(node.test) for sub in ast.walk(node)}
     modules, methods = set(), set()
@@ -21,14 +33,16 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
         if node.module.startswith("peftbench.methods"):
             methods.add(node.module)
         elif node.module.startswith("peftbench."):
-            modules.add(node.module.split(".")[1])
+            name = node.module.removeprefix("peftbench.")
+            modules.add(name)
+            modules |= {f"{name}.{a.name}" for a in node.names if f"{name}.{a.name}" in known}
         elif node.module == "peftbench":
-            modules |= {a.name for a in node.names if (PACKAGE / f"{a.name}.py").is_file()}
-    return modules - {path.stem}, methods
+            modules |= {a.name for a in node.names if a.name in known}
+    return modules - {_module_name(path)}, methods
 
 
 def test_no_import_circle():
-    graph = {p.stem: _imports(p)[0] for p in PACKAGE.glob("*.py")}
+    graph = {name: _imports(p)[0] for name, p in _modules().items()}
     circles = []
 
     def visit(start, node, path):
@@ -44,5 +58,5 @@ def test_no_import_circle():
 
 
 def test_the_core_imports_no_method_module():
-    offenders = {p.name: sorted(_imports(p)[1]) for p in PACKAGE.glob("*.py") if _imports(p)[1]}
+    offenders = {name: sorted(_imports(p)[1]) for name, p in _modules().items() if _imports(p)[1]}
     assert not offenders, offenders

@@ -160,7 +160,7 @@ def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, t
     """`leaderboard run` searches first when the spec has `search:`, commits search.json beside
     the spec, trains the grid at the tuned values, and a second run (another machine: no sweep
     folder) reads the committed file instead of searching again."""
-    from peftbench import sweep
+    from peftbench import experiment
 
     board = tmp_path / "boards" / "tuned"
     board.mkdir(parents=True)
@@ -176,8 +176,8 @@ def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, t
     result = json.loads(next((board / "runs").rglob("*result.json")).read_text())
     config = json.loads(next((board / "runs").rglob("config.json")).read_text())
     assert config["train"]["lr"] == tuned["cb/random"]["train"]["lr"] and result["steps_per_s"] > 0
-    searched, original = [], sweep.run_experiment
-    monkeypatch.setattr(sweep, "run_experiment", lambda config, *a, **k: (
+    searched, original = [], experiment.run_experiment
+    monkeypatch.setattr(experiment, "run_experiment", lambda config, *a, **k: (
         searched.append(1) if "search-runs" in config.output_dir else None) or original(config, *a, **k))
     assert main(["leaderboard", "run", "tuned", "--output-dir", str(tmp_path / "elsewhere")]) == 0
     assert searched == [] and json.loads((board / "search.json").read_text()) == tuned

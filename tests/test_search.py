@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from peftbench import sweep
+from peftbench import experiment, sweep
 from peftbench.errors import UsageError
 
 
@@ -26,7 +26,7 @@ def _fake_runs(monkeypatch, peak: float):
         runs.append((config.train.lr, tuple(config.seeds)))
         return {"validation_main_mean": -(math.log10(config.train.lr) - math.log10(peak)) ** 2}, Path("x")
 
-    monkeypatch.setattr(sweep, "run_experiment", run_experiment)
+    monkeypatch.setattr(experiment, "run_experiment", run_experiment)
     return runs
 
 

@@ -1,0 +1,300 @@
+"""The search over training hyper-parameters, per (task, method): a grid of choices or TPE, median
+pruning, edge widening, pairs split between workers; its best settings in `search.json`."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import optuna
+from filelock import FileLock
+from optuna.trial import TrialState
+
+from peftbench import experiment, registry
+from peftbench.cache import ScoreCache
+from peftbench.errors import UsageError
+from peftbench.experiment import RunConfig
+from peftbench.selector import Budget
+from peftbench.sweep.spec import StudySpec, method_train
+from peftbench.sweep.storage import _alive, claim_out, open_storage
+from peftbench.trainer import train_config
+
+
+def tried(study: optuna.Study) -> list[dict]:
+    """Every finished search trial: its settings, validation score (a pruned trial's last
+    report) and state, so the board shows how each setting was chosen, not only the winner."""
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        value = t.value if t.state == TrialState.COMPLETE else \
+            (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+        rows.append({"params": t.params, "validation": value, "state": t.state.name.lower(),
+                     "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})
+    return rows
+
+
+def _add_tried(entry: dict, storage, study_name: str) -> None:
+    try:
+        entry["tried"] = tried(optuna.load_study(study_name=study_name, storage=storage))
+    except KeyError:  # the study is elsewhere (search.json came from the repository)
+        pass
+
+
+def best_search_params(spec: StudySpec) -> dict:
+    """search.json's {task/method: settings}; {} before any search; a one-line error when cut."""
+    path = spec.out / "search.json"
+    if not path.exists():
+        return {}
+    try:
+        best = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}): restore it (a leaderboard's copy is "
+                         "committed beside its spec) or remove it to search again") from None
+    if not isinstance(best, dict) or not all(isinstance(v, dict) for v in best.values()):
+        raise UsageError(f"{path} is not a search record ({{task/method: settings}}): restore or remove it")
+    return best
+
+
+def _suggest(trial: optuna.Trial, name: str, spec) -> object:
+    """A spec entry {low, high, log?} / {choices: [...]} or an Optuna distribution."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    if isinstance(spec, dict):
+        if "choices" in spec:
+            return trial.suggest_categorical(name, spec["choices"])
+        if isinstance(spec.get("low"), int) and isinstance(spec.get("high"), int) and not spec.get("log"):
+            return trial.suggest_int(name, spec["low"], spec["high"])
+        return trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    if isinstance(spec, FloatDistribution):
+        return trial.suggest_float(name, spec.low, spec.high, log=spec.log, step=spec.step)
+    if isinstance(spec, IntDistribution):
+        return trial.suggest_int(name, spec.low, spec.high, log=spec.log, step=spec.step)
+    if isinstance(spec, CategoricalDistribution):
+        return trial.suggest_categorical(name, spec.choices)
+    raise UsageError(f"search parameter {name!r}: cannot read {spec!r}")
+
+
+def _choice_grid(params: dict) -> dict | None:
+    """{name: choices} when every searched setting is a list of choices, else None."""
+    if params and all("choices" in d for d in params.values()):
+        return {name: list(d["choices"]) for name, d in params.items()}
+    return None
+
+
+def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
+    """For each (task, method): TPE over the search space, or every combination once when each
+    setting is a list of choices (a grid, as Chen et al. 2022 tune each method's learning rate),
+    median pruning on the validation metric after each epoch. Writes and returns
+    {task/method: {train: {...}, method: {...}}}, `search.json`, after every pair (and to
+    `mirror` too: a leaderboard's committed copy); a pair already in it is not searched again."""
+    if not spec.search:
+        raise UsageError(f"study {spec.name!r} has no 'search:' section")
+    search = spec.search
+    budget = str(Budget.parse(search["budget"])) if search.get("budget") is not None else spec.budgets[0]
+    claim_out(spec)
+    best = best_search_params(spec)
+    cache = ScoreCache(spec.out / "scores")
+    storage = open_storage(spec)
+    claims = SearchClaims(spec, mirror)
+    updated = {}
+    for key, entry in best.items():  # resumable across machines: search.json is the record
+        log(f"search {key}: tuned already in {mirror or spec.out / 'search.json'} "
+            "(remove its entry there to search again)")
+        if "tried" not in entry:  # written before "tried" was recorded
+            _add_tried(entry, storage, f"{spec.name}/search/{key}")
+            updated[key] = entry
+    if updated:
+        with claims.lock:
+            _write_search(spec, {**claims.merged(), **updated}, mirror)
+    while (pair := claims.next()) is not None:  # several workers split the pairs between them
+        task, method = pair
+        cls = registry.get(method)
+        space = dict(cls.search_space()) if search.get("method_params") else {}
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+                  if search.get("pruner", "median") == "median" else optuna.pruners.NopPruner())
+        grid = _choice_grid(search.get("params", {})) if not space else None
+        if grid is not None:  # every setting a list of choices: try each once (a grid)
+            sampler = optuna.samplers.GridSampler(grid, seed=int(search.get("seed", 0)))
+            n_trials = min(int(search.get("trials", 10)), math.prod(len(v) for v in grid.values()))
+        else:
+            sampler = optuna.samplers.TPESampler(seed=int(search.get("seed", 0)))
+            n_trials = int(search.get("trials", 10))
+        study = optuna.create_study(
+            study_name=f"{spec.name}/search/{task}/{method}", storage=storage,
+            direction="maximize", load_if_exists=True, pruner=pruner, sampler=sampler)
+        params_space = search.get("params", {})
+
+        def objective(trial: optuna.Trial) -> float:
+            train = {n: _suggest(trial, n, d) for n, d in params_space.items()}
+            params = {**spec.methods[method],
+                      **{n: _suggest(trial, f"method.{n}", d) for n, d in space.items()}}
+
+            def on_epoch(epoch: int, value: float) -> None:
+                trial.report(value, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"epoch {epoch}: validation {value:.4f}")
+
+            config = RunConfig(method=method, task=task,
+                               budget="1" if not cls.uses_budget else budget,
+                               seeds=list(search.get("seeds") or [spec.seeds[0]]),
+                               model=spec.model, device=spec.device,
+                               method_params=params, train=train_config(train, "search", method_train(spec, method)),
+                               limit=spec.limit, output_dir=str(spec.out / "search-runs"))
+            # several tuning seeds: the score is their mean, known only at the end, so no
+            # per-epoch report (one seed's epoch is not the setting's value)
+            summary, run_dir = experiment.run_experiment(config, progress=False, score_cache=cache,
+                                              on_epoch=on_epoch if len(config.seeds) == 1 else None)
+            trial.set_user_attr("run_dir", str(run_dir.resolve()))
+            return summary["validation_main_mean"]
+
+        def guarded(trial: optuna.Trial) -> float:  # a failure's reason kept with its trial
+            try:
+                return objective(trial)
+            except optuna.TrialPruned:
+                raise
+            except Exception as err:
+                trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:300])
+                raise
+
+        done = (TrialState.COMPLETE, TrialState.PRUNED)
+        study.optimize(guarded, n_trials=n_trials, catch=(Exception,),
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
+        studies = [study]
+        for value in widened(studies, grid, int(search.get("widen", 0))):
+            (name, choice), = value.items()
+            log(f"search {task}/{method}: best at the grid's edge; trying {name}={choice:g}")
+            # a study of its own: Optuna keeps one set of choices per parameter and study
+            extra = optuna.create_study(
+                study_name=f"{spec.name}/search/{task}/{method}/widen/{name}={choice:g}",
+                storage=storage, direction="maximize", load_if_exists=True,
+                sampler=optuna.samplers.GridSampler({name: [choice]}))
+            params_space = {name: {"choices": [choice]}}
+            extra.optimize(guarded, n_trials=1, catch=(Exception,),
+                           callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
+            studies.append(extra)
+        params_space = search.get("params", {})
+        complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not complete:  # nothing to choose from: never an empty search.json and exit 0
+            claims.release(f"{task}/{method}")
+            failed = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+            reason = failed[0].user_attrs.get("failure", "") if failed else ""
+            raise UsageError(f"search {task}/{method}: none of its {sum(len(st.trials) for st in studies)} "
+                             f"trials completed{': ' + reason.splitlines()[0][:300] if reason else ''}; "
+                             "fix the search space or the method's settings (search.json keeps the "
+                             "pairs tuned so far)")
+        winner = max(complete, key=lambda t: t.value)
+        params = winner.params
+        best = claims.record(f"{task}/{method}", {  # after every pair: an interruption keeps it
+            "train": {k: v for k, v in params.items() if not k.startswith("method.")},
+            "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
+            "validation": winner.value, "trials": sum(len(st.trials) for st in studies),
+            "tried": [row for st in studies for row in tried(st)],
+            "seeds": list(search.get("seeds") or [spec.seeds[0]])})
+        log(f"search {task}/{method}: best validation {winner.value:.4f} with {params}")
+    return claims.merged()
+
+
+class SearchClaims:
+    """Which (task, method) pairs of a search are tuned, taken or free, shared by every search
+    worker on this output folder: under a file lock, a worker takes the first pair that is
+    neither in search.json nor claimed by a live worker (`search-claims.json`; a dead local
+    worker's claim is taken over), and records its result by merging it into search.json as it
+    is on disk then (and into the board's committed copy, `mirror`), so workers never overwrite
+    each other's pairs. One worker takes the pairs in the spec's order, as before."""
+
+    def __init__(self, spec: StudySpec, mirror: Path | None):
+        self.spec, self.mirror = spec, mirror
+        self.path = spec.out / "search-claims.json"
+        self.lock = FileLock(str(spec.out / "search.lock"))
+        self.me = f"{socket.gethostname()}:{os.getpid()}"
+        self.pairs = [f"{t}/{m}" for t in spec.tasks for m in spec.methods]
+
+    def _claims(self) -> dict[str, str]:
+        try:
+            claims = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        host = socket.gethostname()
+        return {k: v for k, v in claims.items()
+                if not (v.rpartition(":")[0] == host and v.rpartition(":")[2].isdigit()
+                        and not _alive(int(v.rpartition(":")[2])))}
+
+    def _write_claims(self, claims: dict[str, str]) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(claims, indent=2))
+        tmp.replace(self.path)
+
+    def merged(self) -> dict:
+        """search.json as on disk, with the board's copy merged in (never an entry lost)."""
+        best = {}
+        if self.mirror is not None and self.mirror.is_file():
+            best.update(json.loads(self.mirror.read_text()))
+        best.update(best_search_params(self.spec))
+        return best
+
+    def next(self) -> tuple[str, str] | None:
+        with self.lock:
+            best, claims = self.merged(), self._claims()
+            for key in self.pairs:
+                if key not in best and claims.get(key, self.me) == self.me:
+                    claims[key] = self.me
+                    self._write_claims(claims)
+                    task, method = key.split("/", 1)
+                    return task, method
+        return None
+
+    def release(self, key: str) -> None:
+        with self.lock:
+            claims = self._claims()
+            claims.pop(key, None)
+            self._write_claims(claims)
+
+    def record(self, key: str, entry: dict) -> dict:
+        with self.lock:
+            best = {**self.merged(), key: entry}
+            _write_search(self.spec, best, self.mirror)
+            claims = self._claims()
+            claims.pop(key, None)
+            self._write_claims(claims)
+            return best
+
+
+def widened(studies: list, grid: dict | None, widen: int):
+    """The search's edge rule, fixed before it runs: while the best completed value of the one
+    numeric grid setting is its smallest (largest) value tried, yield the next value beyond it
+    (times the grid's ratio at that end), at most `widen` values per side. Each yielded value
+    is tried (by the caller, into a study appended to `studies`) before the next is decided."""
+    if not widen or not grid or len(grid) != 1:
+        return
+    (name, choices), = grid.items()
+    ordered = sorted(choices)
+    low_ratio, high_ratio = ordered[1] / ordered[0], ordered[-1] / ordered[-2]
+    added = {"low": 0, "high": 0}
+    while True:
+        complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if name in t.params and t.value is not None]
+        if not complete:
+            return
+        tried_values = sorted({t.params[name] for t in complete})
+        best = max(complete, key=lambda t: t.value).params[name]
+        if best == tried_values[0] and added["low"] < widen:
+            added["low"] += 1
+            yield {name: tried_values[0] / low_ratio}
+        elif best == tried_values[-1] and added["high"] < widen:
+            added["high"] += 1
+            yield {name: tried_values[-1] * high_ratio}
+        else:
+            return
+
+
+def _write_search(spec: StudySpec, best: dict, mirror: Path | None = None) -> None:
+    spec.out.mkdir(parents=True, exist_ok=True)
+    for path in [spec.out / "search.json", *([mirror] if mirror else [])]:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(best, indent=2))
+        tmp.replace(path)
