@@ -141,8 +141,8 @@ def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
         return []
     table.to_csv(folder / "search.csv")
     search = spec.search
-    budget = search.get("budget") or spec.budgets[0]
-    seeds = search.get("seeds") or [spec.seeds[0]]
+    budget = search.budget or spec.budgets[0]
+    seeds = search.seeds or [spec.seeds[0]]
     best = sweep.best_search_params(spec)
     seconds = [t.get("duration_s") for entry in best.values() for t in entry.get("tried", [])]
     timed = [x for x in seconds if x is not None]

@@ -58,8 +58,7 @@ from peftbench.sweep.search import (  # noqa: F401
 from peftbench.sweep.spec import (  # noqa: F401
     TRAIN_KEYS,
     Cell,
-    Number,
-    SpecFile,
+    SearchSpec,
     StudySpec,
     cell_config,
     cell_run_config,

@@ -95,7 +95,8 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
     if not spec.search:
         raise UsageError(f"study {spec.name!r} has no 'search:' section")
     search = spec.search
-    budget = str(Budget.parse(search["budget"])) if search.get("budget") is not None else spec.budgets[0]
+    spec_space = {name: d.model_dump() for name, d in search.params.items()}  # {low, high, log} / {choices}
+    budget = str(Budget.parse(search.budget)) if search.budget is not None else spec.budgets[0]
     claim_out(spec)
     best = best_search_params(spec)
     cache = ScoreCache(spec.out / "scores")
@@ -114,20 +115,20 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
     while (pair := claims.next()) is not None:  # several workers split the pairs between them
         task, method = pair
         cls = registry.get(method)
-        space = dict(cls.search_space()) if search.get("method_params") else {}
+        space = dict(cls.search_space()) if search.method_params else {}
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-                  if search.get("pruner", "median") == "median" else optuna.pruners.NopPruner())
-        grid = _choice_grid(search.get("params", {})) if not space else None
+                  if search.pruner == "median" else optuna.pruners.NopPruner())
+        grid = _choice_grid(spec_space) if not space else None
         if grid is not None:  # every setting a list of choices: try each once (a grid)
-            sampler = optuna.samplers.GridSampler(grid, seed=int(search.get("seed", 0)))
-            n_trials = min(int(search.get("trials", 10)), math.prod(len(v) for v in grid.values()))
+            sampler = optuna.samplers.GridSampler(grid, seed=search.seed)
+            n_trials = min(search.trials, math.prod(len(v) for v in grid.values()))
         else:
-            sampler = optuna.samplers.TPESampler(seed=int(search.get("seed", 0)))
-            n_trials = int(search.get("trials", 10))
+            sampler = optuna.samplers.TPESampler(seed=search.seed)
+            n_trials = search.trials
         study = optuna.create_study(
             study_name=f"{spec.name}/search/{task}/{method}", storage=storage,
             direction="maximize", load_if_exists=True, pruner=pruner, sampler=sampler)
-        params_space = search.get("params", {})
+        params_space = dict(spec_space)
 
         def objective(trial: optuna.Trial) -> float:
             train = {n: _suggest(trial, n, d) for n, d in params_space.items()}
@@ -141,7 +142,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
 
             config = RunConfig(method=method, task=task,
                                budget="1" if not cls.uses_budget else budget,
-                               seeds=list(search.get("seeds") or [spec.seeds[0]]),
+                               seeds=list(search.seeds or [spec.seeds[0]]),
                                model=spec.model, device=spec.device,
                                method_params=params, train=train_config(train, "search", method_train(spec, method)),
                                limit=spec.limit, output_dir=str(spec.out / "search-runs"))
@@ -165,7 +166,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
         study.optimize(guarded, n_trials=n_trials, catch=(Exception,),
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
         studies = [study]
-        for value in widened(studies, grid, int(search.get("widen", 0))):
+        for value in widened(studies, grid, search.widen):
             (name, choice), = value.items()
             log(f"search {task}/{method}: best at the grid's edge; trying {name}={choice:g}")
             # a study of its own: Optuna keeps one set of choices per parameter and study
@@ -177,7 +178,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
             extra.optimize(guarded, n_trials=1, catch=(Exception,),
                            callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
             studies.append(extra)
-        params_space = search.get("params", {})
+        params_space = dict(spec_space)
         complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         if not complete:  # nothing to choose from: never an empty search.json and exit 0
             claims.release(f"{task}/{method}")
@@ -194,7 +195,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
             "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
             "validation": winner.value, "trials": sum(len(st.trials) for st in studies),
             "tried": [row for st in studies for row in tried(st)],
-            "seeds": list(search.get("seeds") or [spec.seeds[0]])})
+            "seeds": list(search.seeds or [spec.seeds[0]])})
         log(f"search {task}/{method}: best validation {winner.value:.4f} with {params}")
     return claims.merged()
 

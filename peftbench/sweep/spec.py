@@ -3,13 +3,15 @@ becomes, and the grid of cells it stands for, each with the run config and the c
 fingerprint is taken of."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     NonNegativeInt,
     PositiveInt,
@@ -32,41 +34,6 @@ from peftbench.selector import Budget
 from peftbench.trainer import TrainConfig, train_config
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
-
-
-@dataclass
-class StudySpec:
-    """A study: which cells to run, how to train, where to store. See README "Sweeps"."""
-
-    name: str
-    tasks: list[str]
-    methods: dict[str, dict]  # method name -> hyper-parameters
-    budgets: list[str] = field(default_factory=lambda: ["0.005"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    model: str = "default"
-    train: TrainConfig = field(default_factory=TrainConfig)
-    # method -> train settings that replace `train`'s for that method (e.g. its learning rate)
-    method_train: dict = field(default_factory=dict)
-    limit: int | None = None
-    device: str = "auto"
-    storage: str | None = None  # default: sqlite:///<output_dir>/study.db
-    output_dir: str | None = None  # default: sweeps/<name>
-    heartbeat_interval: int = 30
-    grace_period: int = 120
-    search: dict | None = None
-    published: dict | None = None  # leaderboards: {task: {method: "mean[r]±std[r]"}}
-    method_notes: dict = field(default_factory=dict)  # method -> how it departs from the paper's variant
-    description: str = ""
-    protocol: str = ""  # Markdown: how the protocol was chosen and what was cut (leaderboard README)
-    machine: str = ""
-
-    @property
-    def out(self) -> Path:
-        return Path(self.output_dir or Path("sweeps") / self.name)
-
-    @property
-    def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{self.out / 'study.db'}"
 
 
 @dataclass(frozen=True)
@@ -119,7 +86,9 @@ class _Choices(BaseModel):
     choices: list[StrictBool | StrictInt | StrictFloat | StrictStr] = PydanticField(min_length=1)
 
 
-class _Search(BaseModel):
+class SearchSpec(BaseModel):
+    """The `search:` section: what to tune per (task, method), how, on which seeds."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     trials: PositiveInt = 10
     params: dict[str, _Range | _Choices] = {}
@@ -156,89 +125,120 @@ class _Search(BaseModel):
         return value
 
 
-Number = StrictFloat | StrictInt | StrictStr  # a budget: 0.005, 120000 or '0.005'
+def _as_list(value):
+    """A single value where a list is allowed (`tasks: rte`, `budgets: 0.005`) as a list."""
+    return value if isinstance(value, list) else [value]
 
 
-class SpecFile(BaseModel):
-    """The schema of a study spec (README "Sweeps"): every key typed, strictly (`seeds: "3"` is
-    refused, not read as seed 3), unknown keys refused."""
+def _methods(value):
+    """`methods` as {name: parameters}: a list of names, or a mapping (None: no parameters)."""
+    if isinstance(value, list):
+        if len(set(map(str, value))) < len(value):
+            raise ValueError(f"a method is listed twice in 'methods': {value}")
+        return {name: {} for name in value}
+    if isinstance(value, dict):
+        return {name: {} if params is None else params for name, params in value.items()}
+    return value
+
+
+def _budgets(value):
+    """Budgets as their canonical strings (`Budget.parse`), each named once."""
+    raw = _as_list(value)
+    for b in raw:
+        if isinstance(b, bool) or not isinstance(b, (int, float, str)):
+            raise ValueError(f"budget {b!r} is not a number: give fractions in (0, 1] or counts")
+    parsed = [str(Budget.parse(b)) for b in raw]
+    if len(set(parsed)) < len(parsed):
+        raise ValueError(f"budgets {raw} name the same budget twice (as numbers: {parsed})")
+    return parsed
+
+
+def _seeds(value):
+    """`seeds: N` as seeds 0 .. N-1 (N > 0); a list as given, each seed once."""
+    if type(value) is int:
+        if value < 1:
+            raise ValueError(f"seeds {value}: give a positive count or a list of seeds")
+        return list(range(value))
+    if isinstance(value, list) and len(set(map(str, value))) < len(value):
+        raise ValueError(f"seeds {value} repeat a seed")
+    return value
+
+
+def _train(value):
+    """`train:` as a validated TrainConfig (unknown keys and bad values named)."""
+    return train_config(value, "train") if isinstance(value, dict) else value
+
+
+def _not_empty(value):
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+class StudySpec(BaseModel):
+    """A study spec file (README "Sweeps"), validated on load and used as it is at run time:
+    which cells to run, how to train, where to store. Every key typed strictly (`seeds: "3"` is
+    refused, not read as seed 3), unknown keys refused; shorthands are normalised on the way in
+    (`tasks: rte` -> [rte], `methods: [a, b]` -> {a: {}, b: {}}, `budgets: 0.005` -> ['0.005'],
+    `seeds: 3` -> [0, 1, 2], `train: {...}` -> TrainConfig)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     name: StrictStr = PydanticField(min_length=1)
-    tasks: StrictStr | list[StrictStr] = PydanticField(min_length=1)
-    methods: list[StrictStr] | dict[StrictStr, dict[StrictStr, Any] | None] = PydanticField(min_length=1)
-    budgets: Number | list[Number] = ["0.005"]
-    seeds: PositiveInt | list[NonNegativeInt] = 1
+    tasks: Annotated[list[StrictStr], BeforeValidator(_as_list)] = PydanticField(min_length=1)
+    methods: Annotated[dict[StrictStr, dict[StrictStr, Any]], BeforeValidator(_methods)] = PydanticField(min_length=1)
+    budgets: Annotated[list[StrictStr], BeforeValidator(_budgets), AfterValidator(_not_empty)] = ["0.005"]
+    seeds: Annotated[list[NonNegativeInt], BeforeValidator(_seeds), AfterValidator(_not_empty)] = [0]
     model: StrictStr = "default"
-    train: dict[StrictStr, Any] = {}
+    train: Annotated[TrainConfig, BeforeValidator(_train)] = PydanticField(default_factory=TrainConfig)
+    # method -> train settings that replace `train`'s for that method (e.g. its learning rate)
     method_train: dict[StrictStr, dict[StrictStr, Any]] = {}
     limit: PositiveInt | None = None
     device: StrictStr = "auto"
-    storage: StrictStr | None = None
-    output_dir: StrictStr | None = None
+    storage: StrictStr | None = None  # default: sqlite:///<output_dir>/study.db
+    output_dir: StrictStr | None = None  # default: sweeps/<name>
     heartbeat_interval: PositiveInt = 30
     grace_period: PositiveInt = 120
-    search: _Search | None = None
-    published: dict[StrictStr, dict[StrictStr, StrictStr]] | None = None
-    method_notes: dict[StrictStr, StrictStr] = {}
+    search: SearchSpec | None = None
+    published: dict[StrictStr, dict[StrictStr, StrictStr]] | None = None  # {task: {method: "mean[r]±std[r]"}}
+    method_notes: dict[StrictStr, StrictStr] = {}  # method -> how it departs from the paper's variant
     description: StrictStr = ""
-    protocol: StrictStr = ""
+    protocol: StrictStr = ""  # Markdown: how the protocol was chosen and what was cut (board README)
     machine: StrictStr = ""
 
-    @field_validator("budgets", "seeds")
-    @classmethod
-    def _not_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("must not be empty")
-        return value
-
     @model_validator(mode="after")
-    def _heartbeat(self):
+    def _consistent(self):
         # Optuna fails a trial whose heartbeat is older than grace_period: a grace shorter than
         # two beats fails live trials of busy workers (seen: a cell trained twice)
         if self.grace_period < 2 * self.heartbeat_interval:
             raise ValueError(f"grace_period {self.grace_period} must be at least twice "
                              f"heartbeat_interval {self.heartbeat_interval}")
+        from peftbench.data import load_task
+
+        for name, params in self.methods.items():
+            registry.create(name, **params)  # unknown method or bad parameter: a clear error now
+        for task in self.tasks:
+            load_task(task)
+        for name, values in self.method_train.items():
+            if name not in self.methods:
+                raise ValueError(f"method_train.{name}: {name!r} is not in 'methods' ({sorted(self.methods)})")
+            train_config(values, f"method_train.{name}", self.train)  # names a bad key now
         return self
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or Path("sweeps") / self.name)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.out / 'study.db'}"
 
 
 def parse_spec(raw: dict, where: str = "spec") -> StudySpec:
+    """The `StudySpec` of a spec file's contents, or one UsageError line naming the key."""
     try:
-        spec = SpecFile.model_validate(raw)
+        return StudySpec.model_validate(raw)
     except ValidationError as err:
-        raise UsageError(f"{where}: {schema_problem(err, raw, SpecFile)[1]}") from None
-    methods = {m: {} for m in spec.methods} if isinstance(spec.methods, list) else \
-        {m: dict(p or {}) for m, p in spec.methods.items()}
-    if isinstance(spec.methods, list) and len(set(spec.methods)) < len(spec.methods):
-        raise UsageError(f"{where}: a method is listed twice in 'methods': {spec.methods}")
-    for name, params in methods.items():
-        registry.create(name, **params)  # unknown method or bad parameter: a clear error now
-    tasks = [spec.tasks] if isinstance(spec.tasks, str) else list(spec.tasks)
-    from peftbench.data import load_task
-
-    for task in tasks:
-        load_task(task)
-    budgets = [str(Budget.parse(b)) for b in (spec.budgets if isinstance(spec.budgets, list) else [spec.budgets])]
-    if len(set(budgets)) < len(budgets):
-        raise UsageError(f"{where}: budgets {spec.budgets} name the same budget twice "
-                         f"(as numbers: {budgets})")
-    seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else list(spec.seeds)
-    if len(set(seeds)) < len(seeds):
-        raise UsageError(f"{where}: seeds {seeds} repeat a seed")
-    train = train_config(spec.train, f"{where}: train")
-    for name, values in spec.method_train.items():
-        if name not in methods:
-            raise UsageError(f"{where}: method_train.{name}: {name!r} is not in 'methods' "
-                             f"({sorted(methods)})")
-        train_config(values, f"{where}: method_train.{name}", train)  # names a bad key now
-    return StudySpec(
-        name=spec.name, tasks=tasks, methods=methods, budgets=budgets, seeds=seeds,
-        model=spec.model, train=train, method_train={m: dict(v) for m, v in spec.method_train.items()},
-        limit=spec.limit,
-        device=spec.device, storage=spec.storage, output_dir=spec.output_dir,
-        heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
-        search=spec.search.model_dump() if spec.search else None, published=spec.published,
-        description=spec.description, protocol=spec.protocol, machine=spec.machine, method_notes=dict(spec.method_notes))
+        raise UsageError(f"{where}: {schema_problem(err, raw, StudySpec)[1]}") from None
 
 
 def cells(spec: StudySpec) -> list[Cell]:
