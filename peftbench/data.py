@@ -11,12 +11,12 @@ import os
 import re
 import string
 from importlib import resources
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, PrivateAttr, StrictBool, StrictInt,
+                      StrictStr, ValidationError, field_validator, model_validator)
 
 from peftbench import yamlio
 from peftbench.errors import UsageError, schema_problem
@@ -78,22 +78,149 @@ def mark_wsc_spans(row: dict) -> dict:
 PREPROCESSORS = {"mark_wsc_spans": mark_wsc_spans}
 
 
-@dataclass
-class TaskSpec:
+def _render(template: str, row: dict) -> str:
+    return template.format(**row) if "{" in template else str(row[template])
+
+
+def load_task(name_or_path: str) -> TaskSpec:
+    """A task by name (a YAML file in a task folder) or by the path of a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UsageError(f"task file {name_or_path} does not exist")
+    else:
+        tasks = available_tasks()
+        if name_or_path.lower() not in tasks:
+            raise UsageError(f"unknown task {name_or_path!r}: allowed {', '.join(tasks)} "
+                             "or the path of a task YAML file")
+        path = tasks[name_or_path.lower()]
+    return parse_task(path)
+
+
+class _Files(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    train: str
+    validation: str
+    test: str
+
+
+class _Hub(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: str
+    name: str | None = None
+    splits: dict[str, str] = {}
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    files: _Files | None = None
+    hub: _Hub | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.files is None and self.hub is None:
+            raise ValueError("data needs 'files' (train/validation/test paths) or 'hub' (path, name)")
+        return self
+
+
+class TaskFile(BaseModel):
+    """The schema of a task YAML file: every key typed; a wrong type or an unknown key is refused
+    (strict: a number is not read as a string, nor a string as a list)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
-    path: Path
     kind: str
-    metrics: list[str]
-    main_metric: list[str]
+    data: _Data
+    metrics: str | list[str]
+    main_metric: str | list[str] | None = None
     description: str = ""
-    files: dict[str, str] = field(default_factory=dict)
-    hub: dict | None = None
-    text: list[str] = field(default_factory=list)
-    context: str | None = None
-    choices: list[str] = field(default_factory=list)
-    labels: list | None = None
-    preprocess: str | None = None
     notes: str = ""
+    text: str | list[str] | None = None
+    context: str | None = None
+    choices: list[str] | None = None
+    labels: list[StrictBool | StrictInt | StrictStr] | None = None
+    preprocess: str | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value):
+        if value not in KINDS:
+            raise ValueError(f"kind {value!r} is unknown: allowed {', '.join(KINDS)}")
+        return value
+
+    @field_validator("metrics", "main_metric")
+    @classmethod
+    def _metrics(cls, value):
+        for m in [value] if isinstance(value, str) else value or []:
+            if m not in METRICS:
+                raise ValueError(f"metric {m!r} is unknown: allowed {', '.join(METRICS)}")
+        return value
+
+    @field_validator("preprocess")
+    @classmethod
+    def _preprocess(cls, value):
+        if value is not None and value not in PREPROCESSORS:
+            raise ValueError(f"preprocessor {value!r} is unknown: allowed {', '.join(PREPROCESSORS)}")
+        return value
+
+    @field_validator("text", "context", "choices")
+    @classmethod
+    def _templates(cls, value):
+        for template in [value] if isinstance(value, str) else value or []:
+            template_fields(template)  # raises ValueError on a broken template
+        return value
+
+
+def _as_list(value):
+    """A single value where a list is allowed as a list; None as an empty list (not for
+    `main_metric`, whose None means "the first metric")."""
+    if value is None:
+        return None
+    return value if isinstance(value, list) else [value]
+
+
+class TaskSpec(BaseModel):
+    """A task YAML file (README "Add a task"), validated on load and used as it is at run time:
+    every key typed, strictly (a number is not read as a string, nor a string as a list),
+    unknown keys refused; shorthands normalised on the way in (`metrics: accuracy` ->
+    [accuracy], `text: sentence` -> [sentence]; `main_metric` defaults to the first metric).
+    Checks that need the file's lines (kind against its fields, metrics against the kind) are
+    `parse_task`'s, which names the line."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    kind: str
+    data: _Data
+    metrics: Annotated[list[str], BeforeValidator(_as_list)]
+    main_metric: Annotated[list[str] | None, BeforeValidator(_as_list)] = None
+    description: str = ""
+    notes: str = ""
+    text: Annotated[list[str], BeforeValidator(_as_list)] = []
+    context: str | None = None
+    choices: Annotated[list[str], BeforeValidator(_as_list)] = []
+    labels: list[StrictBool | StrictInt | StrictStr] | None = None
+    preprocess: str | None = None
+    _path: Path = PrivateAttr(default=Path("."))
+
+    @model_validator(mode="after")
+    def _main_metric(self):
+        if not self.main_metric:
+            self.main_metric = self.metrics[:1]
+        return self
+
+    @property
+    def path(self) -> Path:
+        """The task file (data files are read relative to its folder)."""
+        return self._path
+
+    @property
+    def files(self) -> dict[str, str]:
+        """split -> local data file (relative to the task file); empty for a hub dataset."""
+        return self.data.files.model_dump() if self.data.files else {}
+
+    @property
+    def hub(self) -> dict | None:
+        return self.data.hub.model_dump() if self.data.hub else None
 
     @property
     def num_labels(self) -> int:
@@ -237,70 +364,6 @@ class TaskSpec:
         """(context, choice) pairs of a multiple-choice row."""
         return [(_render(self.context, row), _render(c, row)) for c in self.choices]
 
-
-def _render(template: str, row: dict) -> str:
-    return template.format(**row) if "{" in template else str(row[template])
-
-
-def load_task(name_or_path: str) -> TaskSpec:
-    """A task by name (a YAML file in a task folder) or by the path of a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise UsageError(f"task file {name_or_path} does not exist")
-    else:
-        tasks = available_tasks()
-        if name_or_path.lower() not in tasks:
-            raise UsageError(f"unknown task {name_or_path!r}: allowed {', '.join(tasks)} "
-                             "or the path of a task YAML file")
-        path = tasks[name_or_path.lower()]
-    return parse_task(path)
-
-
-class _Files(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    train: str
-    validation: str
-    test: str
-
-
-class _Hub(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    path: str
-    name: str | None = None
-    splits: dict[str, str] = {}
-
-
-class _Data(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    files: _Files | None = None
-    hub: _Hub | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.files is None and self.hub is None:
-            raise ValueError("data needs 'files' (train/validation/test paths) or 'hub' (path, name)")
-        return self
-
-
-class TaskFile(BaseModel):
-    """The schema of a task YAML file: every key typed; a wrong type or an unknown key is refused
-    (strict: a number is not read as a string, nor a string as a list)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
-    kind: str
-    data: _Data
-    metrics: str | list[str]
-    main_metric: str | list[str] | None = None
-    description: str = ""
-    notes: str = ""
-    text: str | list[str] | None = None
-    context: str | None = None
-    choices: list[str] | None = None
-    labels: list[StrictBool | StrictInt | StrictStr] | None = None
-    preprocess: str | None = None
-
     @field_validator("kind")
     @classmethod
     def _kind(cls, value):
@@ -311,7 +374,7 @@ class TaskFile(BaseModel):
     @field_validator("metrics", "main_metric")
     @classmethod
     def _metrics(cls, value):
-        for m in [value] if isinstance(value, str) else value or []:
+        for m in value or []:
             if m not in METRICS:
                 raise ValueError(f"metric {m!r} is unknown: allowed {', '.join(METRICS)}")
         return value
@@ -364,9 +427,10 @@ def parse_task(path: Path) -> TaskSpec:
     if not isinstance(raw, dict):
         raise UsageError(f"malformed task YAML {path}:1: expected a mapping of keys to values")
     try:
-        spec = TaskFile.model_validate(raw)
+        spec = TaskSpec.model_validate(raw)
     except ValidationError as err:
-        fail(*schema_problem(err, raw, TaskFile))
+        fail(*schema_problem(err, raw, TaskSpec))
+    spec._path = path
     kind = spec.kind
     if kind == "classification" and not spec.labels:
         fail("kind", "a classification task needs 'labels' (file values in class-id order)")
@@ -374,21 +438,18 @@ def parse_task(path: Path) -> TaskSpec:
         fail("kind", "a multiple_choice task needs 'context' and 'choices'")
     if kind != "multiple_choice" and not spec.text:
         fail("kind", "a classification or regression task needs 'text' (one or two fields)")
-    metrics = [spec.metrics] if isinstance(spec.metrics, str) else list(spec.metrics)
-    main = spec.main_metric or metrics[0]
-    main = [main] if isinstance(main, str) else list(main)
-    for metric in metrics:
+    for metric in spec.metrics:
         if kind not in METRIC_KINDS[metric]:
             allowed = [m for m, kinds in METRIC_KINDS.items() if kind in kinds]
             fail("metrics", f"metric {metric!r} cannot score a {kind} task: allowed {', '.join(allowed)}")
-        classes = len(spec.labels or []) if kind == "classification" else len(spec.choices or [])
+        classes = len(spec.labels or []) if kind == "classification" else len(spec.choices)
         if metric in BINARY and classes != 2:
             fail("metrics", f"metric {metric!r} needs two classes (class 1 positive), the task has "
                             f"{classes}: use macro_f1")
-    outside = [m for m in main if m not in metrics]
+    outside = [m for m in spec.main_metric if m not in spec.metrics]
     if outside:
-        fail("main_metric", f"main_metric {outside[0]!r} is not in metrics {metrics}: list it there too")
-    if kind != "multiple_choice" and isinstance(spec.text, list) and len(spec.text) > 2:
+        fail("main_metric", f"main_metric {outside[0]!r} is not in metrics {spec.metrics}: list it there too")
+    if kind != "multiple_choice" and len(spec.text) > 2:
         fail("text", f"text names {len(spec.text)} fields; a classification or regression input is "
                      "one text or a pair: join the others in a template, e.g. '{a} {b}'")
     if spec.labels is not None and len(set(map(repr, spec.labels))) != len(spec.labels):
@@ -398,13 +459,7 @@ def parse_task(path: Path) -> TaskSpec:
     if not SAFE_NAME.fullmatch(spec.name) or ".." in spec.name:
         fail("name", f"name {spec.name!r} is not file-safe: letters, digits, '.', '_', '-' (it "
                      "names run folders)")
-    files = spec.data.files.model_dump() if spec.data.files else {}
-    return TaskSpec(path=path, name=spec.name, kind=kind, metrics=metrics, main_metric=main,
-                    description=spec.description, files=files,
-                    hub=spec.data.hub.model_dump() if spec.data.hub else None,
-                    text=[spec.text] if isinstance(spec.text, str) else list(spec.text or []),
-                    context=spec.context, choices=list(spec.choices or []), labels=spec.labels,
-                    preprocess=spec.preprocess, notes=spec.notes)
+    return spec
 
 
 def _line_of(node, key: str) -> int:
