@@ -349,7 +349,8 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     overlap.csv, score-correlation.csv (and their per-seed rows), published.csv and `markdown`
     into `out_dir`; return the Markdown. `known`: per-seed overlap ("overlap") and score
     correlation ("scores") rows measured earlier, for cells whose masks or scores are not on
-    this machine (`mask_overlap_seeds`)."""
+    this machine (`mask_overlap_seeds`). Each section below computes with `statistics` and
+    writes its CSV; this function only puts them in order."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = frame.sort_values(["task", "method", "budget", "seed"])
@@ -359,7 +360,36 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         run_dir=[Path(p).name for p in frame.run_dir]).to_csv(out / "results.csv", index=False)
     stats = cell_stats(frame)
     stats.to_csv(out / "cells.csv", index=False)
-    budgets = budget_blocks(stats.budget)
+    lines = _opening_section(frame, out, title, header, ties)
+    tests_all = []
+    for budget in budget_blocks(stats.budget):
+        section, tests = _budget_section(frame, stats, budget, ties, out)
+        lines += section
+        tests_all.append(tests.assign(budget=budget))
+    pd.concat(tests_all).to_csv(out / "tests.csv", index=False)
+    lines += _ranking_section(frame, out)
+    lines += table_section(
+        out / "best-per-budget.csv", best_per_budget(frame),
+        "### Which selection method is best at which budget",
+        "Per (task, budget), among the budget-parameterised methods: the best by mean, the "
+        "runner-up, their mean paired difference over seeds, and the Bayesian signed-rank "
+        "probabilities (ROPE one point) that the best is better than the runner-up, practically "
+        "equivalent, or worse (best-per-budget.csv). A P(better) below 0.95 means the data do "
+        "not single out one method there.")
+    lines += findings.section(frame, out)
+    lines += _cost_section(frame, out)
+    if published:
+        lines += _published_section(stats, published, out)
+    lines += _overlap_section(frame, out, known.get("overlap") if known else None)
+    if cache_dir is not None:
+        lines += _score_section(frame, cache_dir, out, known.get("scores") if known else None)
+    text = "\n".join(lines)
+    (out / markdown).write_text(text)
+    return text
+
+
+def _opening_section(frame, out: Path, title: str, header: str, ties: str) -> list[str]:
+    """Title, how to read the tables, notes, the verdict (verdict.md) and the failed cells."""
     lines = [f"# {title}", "", header, ""] if header else [f"# {title}", ""]
     lines += ["Cells: test main metric x100 at the best-validation checkpoint, mean ± population "
               "std over seeds; [r] = rank in the column (mean: higher is better; std: lower is "
@@ -377,105 +407,112 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     if failed:
         lines += ["", f"Failed cells ({len(failed)}), left out of every mean and rank:", ""]
         lines += [f"- {cell}: {reason}" for cell, reason in sorted(failed.items())]
-    lines += [""]
+    return lines + [""]
+
+
+def _budget_section(frame, stats, budget: str, ties: str, out: Path) -> tuple[list[str], pd.DataFrame]:
+    """Fu et al.'s Table 1 at one budget (table1-b<budget>.csv), with its paired tests, the
+    near-constant marks, the trainable count and the stability correlation; and the tests."""
     constant = constant_scores(frame)
-    tests_all = []
-    for budget in budgets:
-        rows = budget_rows(stats, budget)
-        tests = paired_tests(frame, rows)
-        tests_all.append(tests.assign(budget=budget))
-        table = table1(rows, ties=ties)
-        if not tests.empty:
-            table.worse = tests.pivot_table(index="method", columns="task", values="worse",
-                                            aggfunc="any").reindex(table.mean.index).fillna(False)
-        rendered = table.render()
-        for method in table.mean.index:
-            for task in constant.index.intersection(table.mean.columns):
-                if near_constant(table.mean.loc[method, task], table.std.loc[method, task],
-                                 constant.loc[task, "metric"], int(constant.loc[task, "test_rows"])):
-                    rendered.loc[method, task] += " ≈"
-        counts = rows.groupby("method")["trainable"].mean().reindex(rendered.index)
-        share = 100 * counts / frame.pretrained_entries.iloc[0]
-        rendered["trainable"] = [f"{int(c):,} ({s:.3f}%)" for c, s in zip(counts, share)]
-        rendered.loc["constant predictor"] = {
-            **{t: f"{100 * constant.loc[t, 'metric']:.2f}" if t in constant.index else "-"
-               for t in rendered.columns}, "trainable": "0"}
-        rendered.to_csv(out / f"table1-b{budget}.csv")
-        corr = stability_correlation(table)
-        per_cell = at_budget(frame, budget).groupby(["task", "method"]).seed.nunique()
-        seeds = (f"{per_cell.min()} seeds" if per_cell.min() == per_cell.max()
-                 else f"{per_cell.min()}-{per_cell.max()} seeds per cell")
-        lines += [f"## Budget {budget} (natural-count methods included), {seeds}", "",
-                  rendered.to_markdown(), "",
-                  f"Stability vs performance (Fu et al. Fig. 2): Spearman rho = {corr['spearman']:.4f} "
-                  f"(p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
-                  f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells.", ""]
-    pd.concat(tests_all).to_csv(out / "tests.csv", index=False)
+    rows = budget_rows(stats, budget)
+    tests = paired_tests(frame, rows)
+    table = table1(rows, ties=ties)
+    if not tests.empty:
+        table.worse = tests.pivot_table(index="method", columns="task", values="worse",
+                                        aggfunc="any").reindex(table.mean.index).fillna(False)
+    rendered = table.render()
+    for method in table.mean.index:
+        for task in constant.index.intersection(table.mean.columns):
+            if near_constant(table.mean.loc[method, task], table.std.loc[method, task],
+                             constant.loc[task, "metric"], int(constant.loc[task, "test_rows"])):
+                rendered.loc[method, task] += " ≈"
+    counts = rows.groupby("method")["trainable"].mean().reindex(rendered.index)
+    share = 100 * counts / frame.pretrained_entries.iloc[0]
+    rendered["trainable"] = [f"{int(c):,} ({s:.3f}%)" for c, s in zip(counts, share)]
+    rendered.loc["constant predictor"] = {
+        **{t: f"{100 * constant.loc[t, 'metric']:.2f}" if t in constant.index else "-"
+           for t in rendered.columns}, "trainable": "0"}
+    rendered.to_csv(out / f"table1-b{budget}.csv")
+    corr = stability_correlation(table)
+    per_cell = at_budget(frame, budget).groupby(["task", "method"]).seed.nunique()
+    seeds = (f"{per_cell.min()} seeds" if per_cell.min() == per_cell.max()
+             else f"{per_cell.min()}-{per_cell.max()} seeds per cell")
+    return [f"## Budget {budget} (natural-count methods included), {seeds}", "",
+            rendered.to_markdown(), "",
+            f"Stability vs performance (Fu et al. Fig. 2): Spearman rho = {corr['spearman']:.4f} "
+            f"(p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
+            f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells.", ""], tests
+
+
+def _ranking_section(frame, out: Path) -> list[str]:
+    """Friedman over (task, budget) blocks, Wilcoxon-Holm pairs, the Bayesian comparisons."""
     ranking = friedman_ranking(frame)
-    if ranking is not None:
-        ranking["pairwise"].to_csv(out / "wilcoxon-holm.csv")
-        ranking["ranks"].rename("mean_rank").to_csv(out / "ranks.csv")
-        lines += ["## Ranking over all (task, budget) cells (Friedman; Wilcoxon-Holm)", "",
-                  f"Friedman chi2 = {ranking['statistic']:.3f}, p = {ranking['p']:.3g} over "
-                  f"{ranking['n_blocks']} blocks ({', '.join(ranking['blocks'])}) and "
-                  f"{len(ranking['ranks'])} methods (Demsar 2006). Mean rank (1 = best) below. "
-                  "Pairwise: two-sided Wilcoxon signed-rank tests over the "
-                  f"{ranking['n_pairs']} (task, budget, seed) pairs, Holm-adjusted over all pairs "
-                  "(Benavoli, Corani & Mangili 2016), in wilcoxon-holm.csv, drawn as the "
-                  "critical-difference diagram cd.png (methods joined by a bar are not "
-                  "significantly different at 0.05).", "",
-                  ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
-        lines += table_section(
-            out / "bayesian.csv", bayesian_against(frame),
-            "### Against Random and full fine-tuning (Bayesian signed-rank, ROPE 1 point)",
-            "Benavoli et al. (2017): the posterior probability that the method is better than the "
-            "reference by more than 0.01 (one point x100), practically equivalent, or worse, over "
-            "the (task, budget, seed) pairs both ran (bayesian.csv; `baycomp`).", drop=["rope"])
-    lines += table_section(
-        out / "best-per-budget.csv", best_per_budget(frame),
-        "### Which selection method is best at which budget",
-        "Per (task, budget), among the budget-parameterised methods: the best by mean, the "
-        "runner-up, their mean paired difference over seeds, and the Bayesian signed-rank "
-        "probabilities (ROPE one point) that the best is better than the runner-up, practically "
-        "equivalent, or worse (best-per-budget.csv). A P(better) below 0.95 means the data do "
-        "not single out one method there.")
-    lines += findings.section(frame, out)
+    if ranking is None:
+        return []
+    ranking["pairwise"].to_csv(out / "wilcoxon-holm.csv")
+    ranking["ranks"].rename("mean_rank").to_csv(out / "ranks.csv")
+    lines = ["## Ranking over all (task, budget) cells (Friedman; Wilcoxon-Holm)", "",
+             f"Friedman chi2 = {ranking['statistic']:.3f}, p = {ranking['p']:.3g} over "
+             f"{ranking['n_blocks']} blocks ({', '.join(ranking['blocks'])}) and "
+             f"{len(ranking['ranks'])} methods (Demsar 2006). Mean rank (1 = best) below. "
+             "Pairwise: two-sided Wilcoxon signed-rank tests over the "
+             f"{ranking['n_pairs']} (task, budget, seed) pairs, Holm-adjusted over all pairs "
+             "(Benavoli, Corani & Mangili 2016), in wilcoxon-holm.csv, drawn as the "
+             "critical-difference diagram cd.png (methods joined by a bar are not "
+             "significantly different at 0.05).", "",
+             ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
+    return lines + table_section(
+        out / "bayesian.csv", bayesian_against(frame),
+        "### Against Random and full fine-tuning (Bayesian signed-rank, ROPE 1 point)",
+        "Benavoli et al. (2017): the posterior probability that the method is better than the "
+        "reference by more than 0.01 (one point x100), practically equivalent, or worse, over "
+        "the (task, budget, seed) pairs both ran (bayesian.csv; `baycomp`).", drop=["rope"])
+
+
+def _cost_section(frame, out: Path) -> list[str]:
     cost = cost_table(frame)
     cost.to_csv(out / "cost.csv")
-    lines += ["## Cost per run", "", "Mean seconds of scoring and of training (evaluation included) "
-              "per run, training steps per second, and the largest peak memory of a run (MiB; peak "
-              "RSS on CPU, max allocated on CUDA; scoring or training, whichever is larger).", "",
-              cost.to_markdown(floatfmt=".1f"), ""]
-    if published:
-        theirs = parse_published(published)
-        both, taus = compare_published(stats, theirs)
-        both.to_csv(out / "published.csv", index=False)
-        lines += ["## Against the published numbers", "",
-                  "Each of our budgets against the published column separately (never pooled):", "",
-                  to_markdown(both[["compared_at", "task", "method", "budget", "mean", "mean_published",
-                                    "difference"]].set_index(["compared_at", "task", "method"])), "",
-                  "Kendall's tau between our ranking and theirs, per task and budget (n = methods):", "",
-                  to_markdown(taus.set_index(["task", "budget"])), ""]
-    overlap_seeds = mask_overlap_seeds(frame, known=known.get("overlap") if known else None)
+    return ["## Cost per run", "", "Mean seconds of scoring and of training (evaluation included) "
+            "per run, training steps per second, and the largest peak memory of a run (MiB; peak "
+            "RSS on CPU, max allocated on CUDA; scoring or training, whichever is larger).", "",
+            cost.to_markdown(floatfmt=".1f"), ""]
+
+
+def _published_section(stats, published: dict, out: Path) -> list[str]:
+    theirs = parse_published(published)
+    both, taus = compare_published(stats, theirs)
+    both.to_csv(out / "published.csv", index=False)
+    return ["## Against the published numbers", "",
+            "Each of our budgets against the published column separately (never pooled):", "",
+            to_markdown(both[["compared_at", "task", "method", "budget", "mean", "mean_published",
+                              "difference"]].set_index(["compared_at", "task", "method"])), "",
+            "Kendall's tau between our ranking and theirs, per task and budget (n = methods):", "",
+            to_markdown(taus.set_index(["task", "budget"])), ""]
+
+
+def _overlap_section(frame, out: Path, known) -> list[str]:
+    overlap_seeds = mask_overlap_seeds(frame, known=known)
     overlap_seeds.to_csv(out / "overlap-seeds.csv", index=False)
     overlap = mask_overlap(overlap_seeds)
     overlap.to_csv(out / "overlap.csv", index=False)
-    if not overlap.empty:
-        lines += ["## Do methods pick the same entries? (Jaccard of the masks, mean over seeds)", ""]
-        for (task, budget), g in overlap.groupby(["task", "budget"]):
-            both = pd.concat([g, g.rename(columns={"method_a": "method_b", "method_b": "method_a"})])
-            matrix = both.pivot(index="method_a", columns="method_b", values="jaccard")
-            for m in matrix.index:
-                matrix.loc[m, m] = 1.0
-            lines += [f"{task}, budget {budget}:", "", matrix.to_markdown(floatfmt=".3f"), ""]
-    if cache_dir is not None:
-        seeds = score_correlation_seeds(frame, cache_dir, known=known.get("scores") if known else None)
-        seeds.to_csv(out / "score-correlation-seeds.csv", index=False)
-        corr_scores = score_correlation(seeds)
-        corr_scores.to_csv(out / "score-correlation.csv", index=False)
-        if not corr_scores.empty:
-            lines += ["## Rank correlation of importance scores (same sampled entries)", "",
-                      corr_scores.to_markdown(index=False, floatfmt=("", "", "", ".4f", ".4f", ".0f", ".0f")), ""]
-    text = "\n".join(lines)
-    (out / markdown).write_text(text)
-    return text
+    if overlap.empty:
+        return []
+    lines = ["## Do methods pick the same entries? (Jaccard of the masks, mean over seeds)", ""]
+    for (task, budget), g in overlap.groupby(["task", "budget"]):
+        both = pd.concat([g, g.rename(columns={"method_a": "method_b", "method_b": "method_a"})])
+        matrix = both.pivot(index="method_a", columns="method_b", values="jaccard")
+        for m in matrix.index:
+            matrix.loc[m, m] = 1.0
+        lines += [f"{task}, budget {budget}:", "", matrix.to_markdown(floatfmt=".3f"), ""]
+    return lines
+
+
+def _score_section(frame, cache_dir, out: Path, known) -> list[str]:
+    seeds = score_correlation_seeds(frame, cache_dir, known=known)
+    seeds.to_csv(out / "score-correlation-seeds.csv", index=False)
+    corr_scores = score_correlation(seeds)
+    corr_scores.to_csv(out / "score-correlation.csv", index=False)
+    if corr_scores.empty:
+        return []
+    return ["## Rank correlation of importance scores (same sampled entries)", "",
+            corr_scores.to_markdown(index=False, floatfmt=("", "", "", ".4f", ".4f", ".0f", ".0f")), ""]
