@@ -87,3 +87,26 @@ def test_two_search_workers_split_the_pairs_and_lose_none(tmp_path, tiny_model_d
     assert sorted(tuned) == sorted(f"cb/{m}" for m in methods)
     assert all(entry["trials"] == 2 for entry in tuned.values())  # each pair searched once
     assert json.loads((tmp_path / "sweep" / "search-claims.json").read_text()) == {}
+
+
+def test_the_grid_refuses_pairs_the_search_has_not_tuned(tmp_path, tiny_model_dir):
+    """A spec with `search:` whose search.json lacks a (task, method) pair: the grid is refused,
+    naming the pair, instead of running its cells at the untuned settings."""
+    import json
+
+    import yaml
+
+    from peftbench.errors import UsageError
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t", "model": tiny_model_dir, "tasks": ["rte"], "methods": {"random": {}, "bitfit": {}},
+        "budgets": [0.01], "seeds": 1, "limit": 8, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "out"),
+        "search": {"params": {"lr": {"choices": [1e-3, 1e-2]}}, "trials": 2, "pruner": "none"}}))
+    spec = sweep.load_spec(path)
+    sweep.claim_out(spec)  # the sweep's folder, as a search leaves it
+    (tmp_path / "out" / "search.json").write_text(json.dumps({"rte/random": {"train": {"lr": 0.01}, "method": {}}}))
+    with pytest.raises(UsageError, match=r"1 \(task, method\) pair\(s\) are not tuned yet \(rte/bitfit;"):
+        sweep.run_grid(spec, log=lambda *a: None)
+    assert not (tmp_path / "out" / "runs").exists()

@@ -49,6 +49,13 @@ def enqueue_missing(study: optuna.Study, spec: StudySpec, restart_changed: bool 
     lock = FileLock(str(spec.out / ".enqueue.lock")) if spec.storage_url.startswith(("sqlite", "journal")) else None
     spec.out.mkdir(parents=True, exist_ok=True)
     prints = Fingerprints(spec)
+    untuned = sorted({f"{c.task}/{c.method}" for c in prints.cells.values()} - set(prints.best)) \
+        if spec.search else []
+    if untuned:  # never a cell at the untuned settings of a spec that tunes them
+        raise UsageError(f"study {spec.name!r} has a search: section, and {len(untuned)} (task, method) "
+                         f"pair(s) are not tuned yet ({', '.join(untuned[:4])}{' ...' if len(untuned) > 4 else ''}; "
+                         f"search.json in {spec.out}): run the search first (`peftbench sweep SPEC --search`, "
+                         "or `peftbench leaderboard run NAME`, which searches before the grid)")
     with lock or nullcontext():
         held: dict[str, list] = {}
         for t in study.get_trials(deepcopy=False):
