@@ -136,11 +136,14 @@ def group_curvature(loss: torch.Tensor, params: list[torch.Tensor], direction: l
     return out
 
 
-def group_key(name: str, grouping: str) -> str:
+def group_key(name: str, grouping: str, block: str = r"layer\.\d+") -> str:
+    """The group of tensor `name`. "module": the block index replaced by `*` (`block`: the
+    architecture's block pattern, `peftbench.architectures`: BERT's `layer.3.`, GPT-2's `h.3.`,
+    Llama's `layers.3.`), so a module kind's tensors across blocks form one group."""
     if grouping == "tensor":
         return name
     if grouping == "module":
-        return re.sub(r"\.layer\.\d+\.", ".layer.*.", name)
+        return re.sub(rf"(^|\.)({block})\.", lambda m: m.group(1) + re.sub(r"\d+", "*", m.group(2)) + ".", name)
     return name.rsplit(".", 1)[0]  # layer_module: a module's weight and bias together
 
 
@@ -166,7 +169,8 @@ class AdaPEFT(Selector):
     def score(self, model, data) -> dict[str, torch.Tensor]:
         names, tensors = differentiable_parameters(model)
         n = count_batches(data, self.batches)
-        keys = {name: group_key(name, self.groups) for name in names}
+        block = self._block(model)
+        keys = {name: group_key(name, self.groups, block) for name in names}
         order = list(dict.fromkeys(keys.values()))
         group_of = [order.index(keys[name]) for name in names]
         g = [torch.zeros_like(p) for p in tensors]
@@ -207,11 +211,19 @@ class AdaPEFT(Selector):
         return {name: torch.full(p.shape, value[keys[name]] / size[keys[name]])
                 for name, p in zip(names, tensors)}
 
-    def front(self, scores: dict[str, torch.Tensor]) -> tuple[list[str], list[FrontPoint], bool]:
+    def _block(self, model) -> str:
+        """The block pattern the "module" grouping collapses (any for the other groupings)."""
+        if self.groups != "module":
+            return r"layer\.\d+"
+        from peftbench.architectures import layout
+
+        return layout(model).block
+
+    def front(self, scores: dict[str, torch.Tensor], block: str = r"layer\.\d+") -> tuple[list[str], list[FrontPoint], bool]:
         """(group keys, Pareto front over the groups, exact?) from the per-entry scores."""
         keys: dict[str, list[str]] = {}
         for name in scores:
-            keys.setdefault(group_key(name, self.groups), []).append(name)
+            keys.setdefault(group_key(name, self.groups, block), []).append(name)
         groups = list(keys)
         values = [sum(float(scores[n].sum()) for n in keys[k]) for k in groups]
         weights = [sum(scores[n].numel() for n in keys[k]) for k in groups]
@@ -219,11 +231,12 @@ class AdaPEFT(Selector):
         return groups, front, exact
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        groups, front, exact = self.front(scores)
+        block = self._block(model)
+        groups, front, exact = self.front(scores, block)
         point = best_under(front, budget)
         members = {}
         for name in scores:
-            members.setdefault(group_key(name, self.groups), []).append(name)
+            members.setdefault(group_key(name, self.groups, block), []).append(name)
         chosen = {n for i in point.items for n in members[groups[i]]}
         return Selection(full=chosen, notes={
             "front_exact": exact, "front_points": len(front),

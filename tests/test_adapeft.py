@@ -115,3 +115,24 @@ def test_exact_curvature_values_every_module_group_on_a_tiny_model(tiny_model_di
     exact_zero = sum(v == 0 for v in values["exact"].values())
     hutch_zero = sum(v == 0 for v in values["hutchinson"].values())
     assert exact_zero < hutch_zero
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_module_groups_span_the_blocks_of_each_architecture(kind):
+    """"module" grouping collapses the block index with the architecture's own block pattern
+    (GPT-2's `h.N`, Llama's `layers.N`; it was BERT's `layer.N` only, so decoders got one group
+    per tensor)."""
+    import re
+
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    from peftbench.methods.adapeft import AdaPEFT, group_key
+
+    model = GPT2Model(GPT2Config(vocab_size=50, n_embd=8, n_layer=3, n_head=2, n_positions=16)) if kind == "gpt2" \
+        else LlamaModel(LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                                    num_attention_heads=2, num_key_value_heads=1))
+    block = AdaPEFT(groups="module")._block(model)
+    names = [n for n, _ in model.named_parameters()]
+    groups = {group_key(n, "module", block) for n in names}
+    per_block = {re.sub(r"\.\d+\.", ".*.", n) for n in names}
+    assert groups == per_block and len(groups) < len(names)
