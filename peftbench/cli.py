@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a method hyper-parameter, e.g. --param scope=global (repeatable)")
     run.add_argument("--output-dir", default="runs", help="folder of the run directories")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--save-trained", action="store_true",
+                     help="also write each seed's trained values (trained.safetensors), which "
+                     "`peftbench export` puts in the adapter")
 
     bench = sub.add_parser("bench", help="measure selection and step cost; prints JSON")
     bench.add_argument("what", choices=["selection", "step"])
@@ -339,7 +342,7 @@ def cmd_run(args) -> None:
         model=args.model, device=args.device, method_params=_parse_params(args.param),
         train=train_config({"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                             "max_length": args.max_length, "max_steps": args.max_steps}, "run options"),
-        limit=args.limit, output_dir=args.output_dir)
+        limit=args.limit, output_dir=args.output_dir, save_trained=args.save_trained)
     summary, run_dir = run_experiment(config, progress=not args.quiet)
     print(format_summary(summary))
     print(f"run directory: {run_dir}")

@@ -6,6 +6,7 @@ Run directory layout (all JSON, written as soon as each piece exists):
         config.json            everything needed to reproduce the run
         seed-<s>/selection.json  selection summary: counts per tensor and in total, scoring time
         seed-<s>/mask.pt       the selection itself (full tensor names, partial flat indices)
+        seed-<s>/trained.safetensors  with `save_trained`: the trained entries' values, the head
         seed-<s>/metrics.jsonl   one line per epoch (train loss, validation metrics)
         seed-<s>/result.json     final validation/test metrics, trainable counts, times
         summary.json           mean and std over seeds
@@ -48,6 +49,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     limit: int | None = None  # at most this many rows per split (quick runs, tests)
     output_dir: str = "runs"
+    save_trained: bool = False  # also write each seed's trained values (`peftbench export` carries them)
 
 
 def _write(path: Path, obj) -> None:
@@ -195,6 +197,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     _save_atomic({"full": sorted(trained.full),
                   "partial": {n: idx.to(torch.int32) for n, idx in trained.partial.items()}},
                  seed_dir / "mask.pt")
+    if config.save_trained:
+        save_trained(model, trained, head_names, seed_dir / TRAINED)
     result = {"seed": seed, "validation": out["validation"], "test": out["test"],
               "best_epoch": out["best_epoch"], "steps": out["steps"], "trainable": counts,
               "diverged": out.get("diverged"), "budget_entries": k, "pretrained_entries": n_pretrained,
@@ -213,6 +217,31 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     result = RunRecord.model_validate(result).model_dump(mode="json")  # the one result schema
     _write(seed_dir / "result.json", result)
     return result
+
+
+TRAINED = "trained.safetensors"
+
+
+def save_trained(model, trained, head_names: set[str], path: Path) -> None:
+    """The values a seed trained, beside its mask: `encoder/<tensor>` holds the tensor after
+    training (trained whole) or its masked entries' values in the mask's order, `head/<name>` the
+    head; new parameters (LoRA, adapters) are not pre-trained entries and are not written.
+    `peftbench export` puts them in the adapter, so the run's fine-tuned model loads through peft."""
+    from safetensors.torch import save_file
+
+    from peftbench.sparse import effective_weight
+
+    tensors = {}
+    for name in sorted(trained.full):
+        tensors[f"encoder/{name}"] = effective_weight(model, name).detach().float().cpu().contiguous()
+    for name, indices in sorted(trained.partial.items()):
+        flat = effective_weight(model, name).detach().reshape(-1)
+        tensors[f"encoder/{name}"] = flat[indices.to(flat.device)].float().cpu().contiguous()
+    for name in sorted(head_names):
+        tensors[f"head/{name}"] = model.get_parameter(name).detach().float().cpu().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
 
 
 def machine_load() -> float | None:

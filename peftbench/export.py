@@ -45,6 +45,7 @@ class ExportReport:
     selected: int
     from_pretrained: bool  # loads with bare PeftModel.from_pretrained (one r fits every layer)
     r: int
+    trained_values: bool = False  # the adapter holds the run's trained values (else zeros)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -56,6 +57,8 @@ class ExportReport:
                  f"({self.expressed / max(self.selected, 1):.1%}) train through SHiRA in "
                  f"{len(self.layers)} Linear layers; task head as modules_to_save: "
                  f"{', '.join(self.head_modules) or 'none'}"]
+        lines.append("values: the run's trained entries and head (the fine-tuned model)" if self.trained_values
+                     else "values: zero, the pre-trained model (run with --save-trained to export the trained values)")
         if self.left_out:
             lost = sum(self.left_out.values())
             lines.append(f"not expressible in peft SHiRA (nn.Linear weights only): {lost} entries "
@@ -76,10 +79,11 @@ def _head_modules(model: nn.Module) -> list[str]:
                    if not name.startswith(prefix + ".")})
 
 
-def shira_model(model: nn.Module, selection: Selection):
+def shira_model(model: nn.Module, selection: Selection, trained: dict | None = None):
     """(a `PeftModel` wrapping `model` in place, the ExportReport): peft SHiRA layers on every
-    nn.Linear weight with selected entries, each sized to its count, zero values (the
-    pre-trained function), and the task head as `modules_to_save`."""
+    nn.Linear weight with selected entries, each sized to its count, and the task head as
+    `modules_to_save`. Values: zero (the pre-trained function), or with `trained` (a run's
+    `trained.safetensors`, `experiment.save_trained`) the run's trained entries and head."""
     from peft import ShiraConfig, get_peft_model
 
     from peftbench.models import pretrained_parameters
@@ -105,14 +109,38 @@ def shira_model(model: nn.Module, selection: Selection):
     fits = len(one_r) == 1 and all(layers[m] % sizes[m] == 0 for m in layers)
     r = one_r.pop() if fits else 1
     heads = _head_modules(model)
+    if trained is not None:
+        with torch.no_grad():
+            for name, value in trained.items():
+                if name.startswith("head/"):  # copied into modules_to_save by peft below
+                    model.get_parameter(name.removeprefix("head/")).copy_(value)
     config = ShiraConfig(r=r, target_modules=sorted(layers), modules_to_save=heads or None,
                          init_weights=True, task_type="SEQ_CLS")
     config.mask_fn = _first_entries  # placeholder layers, resized below to the selection
     peft_model = get_peft_model(model, config)
     columns = {m: model.get_submodule(m).base_layer.weight.shape[1] for m in layers}
     _resize(peft_model, {m: torch.stack([i // columns[m], i % columns[m]]).int() for m, i in flat.items()})
+    if trained is not None:
+        _set_values(peft_model, {m: _entry_values(trained, f"{m}.weight", i, selection)
+                                 - params[f"{m}.weight"].detach().reshape(-1)[i].float()
+                                 for m, i in flat.items()})
     return peft_model, ExportReport(layers=layers, left_out=left_out, head_modules=heads,
                                     selected=selected, from_pretrained=fits, r=r)
+
+
+def _entry_values(trained: dict, name: str, indices: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """A tensor's trained values at `indices` (its whole tensor, or its saved masked entries)."""
+    value = trained[f"encoder/{name}"]
+    return value.reshape(-1)[indices].float() if name in selection.full else value.float()
+
+
+def _set_values(peft_model: nn.Module, deltas: dict[str, torch.Tensor], adapter: str = "default") -> None:
+    """Each SHiRA layer's values (trained value - W0 at its indices)."""
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if key in deltas and hasattr(module, "shira_weight"):
+                module.shira_weight[adapter].copy_(deltas[key].to(module.shira_weight[adapter].device))
 
 
 def linear_part(model: nn.Module, selection: Selection) -> Selection:
@@ -122,13 +150,15 @@ def linear_part(model: nn.Module, selection: Selection) -> Selection:
                      partial={n: i for n, i in selection.partial.items() if n in linear})
 
 
-def export_selection(model: nn.Module, selection: Selection, out_dir: Path) -> ExportReport:
+def export_selection(model: nn.Module, selection: Selection, out_dir: Path,
+                     trained: dict | None = None) -> ExportReport:
     """Write `selection` (of `model`'s pre-trained entries) to `out_dir` as a peft SHiRA adapter
-    (`shira_model`), plus a manifest (`peftbench_export.json`) of what was and was not
-    expressed. `model` is left as it was."""
+    (`shira_model`; with `trained`, holding the run's trained values), plus a manifest
+    (`peftbench_export.json`) of what was and was not expressed. `model` is left as it was."""
     from peft import get_peft_model_state_dict
 
-    peft_model, report = shira_model(copy.deepcopy(model), selection)
+    peft_model, report = shira_model(copy.deepcopy(model), selection, trained)
+    report.trained_values = trained is not None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir)
@@ -187,6 +217,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, seed: int | None = None
     """`peftbench export RUN_DIR --to peft OUT_DIR`: the mask a run trained (its seed's
     `mask.pt`, the entries that could change), on the run's model, as a SHiRA adapter."""
     from peftbench.data import load_task
+    from peftbench.experiment import TRAINED
     from peftbench.models import load_model, pretrained_parameters
     from peftbench.record import read_json
     from peftbench.safeload import load_pt
@@ -216,4 +247,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, seed: int | None = None
                          f"({unknown[:3]}): was it made on another model?")
     selection = Selection(full=set(saved["full"]),
                           partial={n: i.long() for n, i in saved["partial"].items()})
-    return export_selection(model, selection, Path(out_dir))
+    trained = None
+    if (run_dir / f"seed-{seed}" / TRAINED).is_file():
+        from safetensors.torch import load_file
+
+        trained = load_file(str(run_dir / f"seed-{seed}" / TRAINED))
+    return export_selection(model, selection, Path(out_dir), trained)

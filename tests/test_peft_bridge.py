@@ -182,3 +182,44 @@ def test_bench_races_peft_shira_on_peftbench_mask(tiny_model_dir):
                     rounds=1, batch_size=2, length=16)["variants"]
     assert out["sparse-tensor-linear"]["optimizer_params"] == out["shira-tensor-linear"]["optimizer_params"]
     assert all(v["step_s_min"] > 0 and v["peak_memory_bytes"] > 0 for v in out.values())
+
+
+def test_a_run_saved_with_its_trained_values_loads_through_peft_as_it_was_tested(tmp_path, capsys, tiny_model_dir):
+    """`run --save-trained` then `export`: the adapter holds the run's trained entries and head,
+    so the model loaded through peft scores the run's own test metric (Super-Tuning: every
+    selected entry is in a Linear weight, so nothing is left out)."""
+    from peftbench.cli import main
+    from peftbench.data import load_task, tokenize
+    from peftbench.models import load_model
+    from peftbench.record import RunRecord
+    from peftbench.trainer import evaluate, make_loader, pick_device
+
+    assert main(["run", "--method", "supertuning", "--task", "rte", "--model", tiny_model_dir,
+                 "--epochs", "1", "--max-steps", "4", "--limit", "64", "--budget", "0.005", "--lr", "0.01", "--quiet",
+                 "--save-trained", "--output-dir", str(tmp_path / "runs")]) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--to", "peft", str(tmp_path / "adapter")]) == 0
+    assert "the run's trained entries and head" in capsys.readouterr().out
+    task = load_task("rte")
+    base, tokenizer = load_model(tiny_model_dir, task.num_labels)
+    model = export.load(base, tmp_path / "adapter", is_trainable=False)
+    data = tokenize(task, tokenizer, task.load_splits(limit=64), 128)
+    scored = evaluate(model, make_loader(data["test"], tokenizer, task, 8, False, 0), task, pick_device("cpu"))
+    record = RunRecord.read(run_dir / "seed-0" / "result.json")
+    assert scored["main"] == pytest.approx(record.test["main"])
+    from safetensors.torch import load_file
+
+    from peftbench.safeload import load_pt
+
+    saved, mask = load_file(str(run_dir / "seed-0" / "trained.safetensors")), load_pt(run_dir / "seed-0" / "mask.pt")
+    inner, fresh = model.base_model.model, load_model(tiny_model_dir, task.num_labels)[0]
+    moved = 0
+    for name, indices in mask["partial"].items():  # the run's trained values, entry for entry
+        weight = peftsparse.effective_weight(inner.get_submodule(name.rpartition(".")[0])).reshape(-1)
+        torch.testing.assert_close(weight[indices.long()], saved[f"encoder/{name}"], rtol=1e-6, atol=1e-6)
+        moved += int((saved[f"encoder/{name}"] != fresh.get_parameter(name).detach().reshape(-1)[indices.long()]).sum())
+    assert moved > 0  # training moved entries, and the adapter carries them
+    head = {k.removeprefix("head/"): v for k, v in saved.items() if k.startswith("head/")}
+    for name, value in head.items():
+        assert torch.equal(model.get_parameter(f"base_model.model.{name.replace('classifier.', 'classifier.modules_to_save.default.')}"), value)
