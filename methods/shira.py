@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.models import head_parameters, pretrained_parameters
+from peftbench.peftsparse import inject, linear_targets
 from peftbench.selector import PositiveInt, Selection, Selector
 
 
@@ -44,7 +44,7 @@ class SHiRA(Selector):
         return selection
 
     def apply(self, model, selection: Selection):
-        from peft import ShiraConfig, inject_adapter_in_model
+        from peft import ShiraConfig
 
         masks = {}
         for tensor, indices in selection.partial.items():
@@ -58,25 +58,10 @@ class SHiRA(Selector):
 
         config = ShiraConfig(r=self.r, target_modules=sorted(t.rpartition(".")[0] for t in selection.partial))
         config.mask_fn = mask_fn
-        for p in pretrained_parameters(model).values():
-            p.requires_grad_(False)
-        model = inject_adapter_in_model(config, model)
-        for name, p in model.named_parameters():
-            p.requires_grad_("shira_" in name)
-        for p in head_parameters(model).values():
-            p.requires_grad_(True)
-        return model
+        return inject(model, config, "shira_")
 
 
 def _target_modules(model, targets: list[str] | None) -> list[str]:
-    from peftbench.architectures import block_modules
     from peftbench.methods.lora import fu_targets  # LoRA's layers: SHiRA's count is LoRA's
 
-    names = block_modules(model, list(targets) if targets is not None else fu_targets(model))
-    other = [n for n in names if not isinstance(model.get_submodule(n), torch.nn.Linear)]
-    if other:
-        from peftbench.errors import UsageError
-
-        raise UsageError(f"peft's SHiRA wraps nn.Linear layers only; {other[0]} is a "
-                         f"{type(model.get_submodule(other[0])).__name__} ({len(other)} such targets)")
-    return names
+    return linear_targets(model, targets if targets is not None else fu_targets(model), "SHiRA")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.models import head_parameters, pretrained_parameters
+from peftbench.peftsparse import inject, linear_targets, sparse_layers
 from peftbench.selector import Selection, Selector
 
 
@@ -51,19 +51,11 @@ class SuperTuning(Selector):
         return selection
 
     def apply(self, model, selection: Selection):
-        from peft import SupertuningConfig, inject_adapter_in_model
-
-        from peftbench.peftsparse import sparse_layers
+        from peft import SupertuningConfig
 
         config = SupertuningConfig(target_modules=sorted(t.rpartition(".")[0] for t in selection.partial),
                                    sparsity=selection.notes["sparsity"], select_top=self.select_top)
-        for p in pretrained_parameters(model).values():
-            p.requires_grad_(False)
-        model = inject_adapter_in_model(config, model)
-        for name, p in model.named_parameters():
-            p.requires_grad_("supertuning_" in name)
-        for p in head_parameters(model).values():
-            p.requires_grad_(True)
+        model = inject(model, config, "supertuning_")
         built = {f"{name}.weight": flat.sort().values.cpu() for name, _, flat in sparse_layers(model)}
         if built.keys() != selection.partial.keys() or any(
                 not torch.equal(built[n], selection.partial[n].cpu()) for n in built):
@@ -72,14 +64,6 @@ class SuperTuning(Selector):
 
 
 def _target_modules(model, targets: list[str] | None) -> list[str]:
-    from peftbench.architectures import block_modules
     from peftbench.methods.lora import fu_targets  # the layers LoRA, SHiRA and this may use
 
-    names = block_modules(model, list(targets) if targets is not None else fu_targets(model))
-    other = [n for n in names if not isinstance(model.get_submodule(n), torch.nn.Linear)]
-    if other:
-        from peftbench.errors import UsageError
-
-        raise UsageError(f"peft's Super-Tuning wraps nn.Linear layers only; {other[0]} is a "
-                         f"{type(model.get_submodule(other[0])).__name__} ({len(other)} such targets)")
-    return names
+    return linear_targets(model, targets if targets is not None else fu_targets(model), "Super-Tuning")

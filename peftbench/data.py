@@ -123,54 +123,6 @@ class _Data(BaseModel):
         return self
 
 
-class TaskFile(BaseModel):
-    """The schema of a task YAML file: every key typed; a wrong type or an unknown key is refused
-    (strict: a number is not read as a string, nor a string as a list)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
-    kind: str
-    data: _Data
-    metrics: str | list[str]
-    main_metric: str | list[str] | None = None
-    description: str = ""
-    notes: str = ""
-    text: str | list[str] | None = None
-    context: str | None = None
-    choices: list[str] | None = None
-    labels: list[StrictBool | StrictInt | StrictStr] | None = None
-    preprocess: str | None = None
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, value):
-        if value not in KINDS:
-            raise ValueError(f"kind {value!r} is unknown: allowed {', '.join(KINDS)}")
-        return value
-
-    @field_validator("metrics", "main_metric")
-    @classmethod
-    def _metrics(cls, value):
-        for m in [value] if isinstance(value, str) else value or []:
-            if m not in METRICS:
-                raise ValueError(f"metric {m!r} is unknown: allowed {', '.join(METRICS)}")
-        return value
-
-    @field_validator("preprocess")
-    @classmethod
-    def _preprocess(cls, value):
-        if value is not None and value not in PREPROCESSORS:
-            raise ValueError(f"preprocessor {value!r} is unknown: allowed {', '.join(PREPROCESSORS)}")
-        return value
-
-    @field_validator("text", "context", "choices")
-    @classmethod
-    def _templates(cls, value):
-        for template in [value] if isinstance(value, str) else value or []:
-            template_fields(template)  # raises ValueError on a broken template
-        return value
-
-
 def _as_list(value):
     """A single value where a list is allowed as a list; None as an empty list (not for
     `main_metric`, whose None means "the first metric")."""

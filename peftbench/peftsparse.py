@@ -4,8 +4,9 @@ peft's SHiRA and Super-Tuning layers hold a vector of trainable values at fixed 
 frozen weight (`shira_weight` at `shira_indices` [2, k]; `supertuning_values` at flat
 `supertuning_indices`). `sparse_layers` reads them so that a peft-built method is counted by the
 one rule (its k entries are pre-trained entries that change, counted under the weight's name,
-not "new" parameters) and decayed by it (W0[i] + v towards 0, as `peftbench.sparse`). The
-other direction, a selection written as a peft adapter, is `peftbench.export`.
+not "new" parameters) and decayed by it (W0[i] + v towards 0, as `peftbench.sparse`);
+`linear_targets` and `inject` are what the methods built on them (`shira`, `supertuning`)
+share. The other direction, a selection written as a peft adapter, is `peftbench.export`.
 """
 from __future__ import annotations
 
@@ -63,3 +64,34 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
     for adapter in module.active_adapters:
         weight = weight + module.get_delta_weight(adapter).to_dense().to(weight.dtype)
     return weight
+
+
+def linear_targets(model: nn.Module, suffixes: list[str], tuner: str) -> list[str]:
+    """Full names of the `suffixes` modules of every block (`architectures.block_modules`), or
+    a UsageError when one is not an nn.Linear (the only layer peft's sparse tuners wrap)."""
+    from peftbench.architectures import block_modules
+    from peftbench.errors import UsageError
+
+    names = block_modules(model, list(suffixes))
+    other = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
+    if other:
+        raise UsageError(f"peft's {tuner} wraps nn.Linear layers only; {other[0]} is a "
+                         f"{type(model.get_submodule(other[0])).__name__} ({len(other)} such targets)")
+    return names
+
+
+def inject(model: nn.Module, config, prefix: str) -> nn.Module:
+    """`config`'s peft tuner injected in place (the model keeps its class and names); only its
+    parameters (names containing `prefix`) and the task head train."""
+    from peft import inject_adapter_in_model
+
+    from peftbench.models import head_parameters, pretrained_parameters
+
+    for p in pretrained_parameters(model).values():
+        p.requires_grad_(False)
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(prefix in name)
+    for p in head_parameters(model).values():
+        p.requires_grad_(True)
+    return model

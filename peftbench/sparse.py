@@ -23,7 +23,7 @@ autograd differentiates densely: the full weight gradient (2Tmn multiply-adds fo
 tokens, as much as the forward) is computed and then gathered at k entries. For the two modules
 that hold nearly every entry, `nn.Linear` (and GPT-2's `Conv1D`, its transpose) and
 `nn.Embedding`, `apply_selection` replaces the module's forward by an autograd function
-(`SparseLinearFunction`, `SparseConv1DFunction`, `SparseEmbeddingFunction`)
+(`SparseLinearFunction`, `SparseEmbeddingFunction`)
 whose backward computes the input gradient and only the k entries' gradient: for a Linear the
 sampled product (gY^T X) at the (row, col) pairs, by `torch.sparse.sampled_addmm` (CPU and CUDA),
 2Tk multiply-adds; for an embedding the trained rows' summed output gradients. The
@@ -111,56 +111,36 @@ def sampled_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, delta: Sparse
 
 
 class SparseLinearFunction(torch.autograd.Function):
-    """y = x (W0 + delta)^T + b, differentiated for x, b and the delta's values only."""
+    """y = x (W0 + delta)^T + b (nn.Linear, W stored [out, in]), or with `conv1d` y = x (W0 +
+    delta) + b (GPT-2's Conv1D, W stored [in, out]), differentiated for x, b and the delta's
+    values only. For Conv1D the k entries' gradient is (X^T gY) at their (in, out) pairs: the
+    sampled product of `sampled_gradient` with the operands' roles swapped."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, values, delta):
-        ctx.delta, ctx.shape = delta, weight.shape
+    def forward(ctx, x, weight, bias, values, delta, conv1d=False):
+        ctx.delta, ctx.shape, ctx.conv1d = delta, weight.shape, conv1d
         ctx.save_for_backward(x, weight, values)
+        if conv1d:  # as Conv1D.forward computes it
+            out = torch.addmm(bias, x.reshape(-1, weight.shape[0]), delta.forward(weight))
+            return out.view(*x.shape[:-1], weight.shape[1])
         return F.linear(x, delta.forward(weight), bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x, weight, values = ctx.saved_tensors
-        need_x, _, need_bias, need_values, _ = ctx.needs_input_grad
+        need_x, _, need_bias, need_values = ctx.needs_input_grad[:4]
         grad_x = grad_bias = grad_values = None
         if need_x:  # the weight is rebuilt, not saved: O(mn) work, no O(mn) memory per layer
-            grad_x = grad_out @ ctx.delta.forward(weight).to(grad_out.dtype)
+            w = ctx.delta.forward(weight).to(grad_out.dtype)
+            grad_x = grad_out @ (w.t() if ctx.conv1d else w)
         if need_bias:
-            grad_bias = grad_out.reshape(-1, ctx.shape[0]).sum(0)
+            grad_bias = grad_out.reshape(-1, ctx.shape[1 if ctx.conv1d else 0]).sum(0)
         if need_values:
-            grad_values = sampled_gradient(grad_out, x, ctx.delta, ctx.shape).to(values.dtype)
-        return grad_x, None, grad_bias, grad_values, None
-
-
-class SparseConv1DFunction(torch.autograd.Function):
-    """GPT-2's Conv1D, y = x (W0 + delta) + b with W stored [in, out]: differentiated for x, b
-    and the delta's values only. The k entries' gradient is (X^T gY) at their (in, out) pairs,
-    the sampled product of `sampled_gradient` with the operands' roles swapped."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, values, delta):
-        ctx.delta, ctx.shape = delta, weight.shape
-        ctx.save_for_backward(x, weight, values)
-        out = torch.addmm(bias, x.reshape(-1, weight.shape[0]), delta.forward(weight))
-        return out.view(*x.shape[:-1], weight.shape[1])
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_out):
-        x, weight, values = ctx.saved_tensors
-        need_x, _, need_bias, need_values, _ = ctx.needs_input_grad
-        grad_x = grad_bias = grad_values = None
-        if need_x:
-            grad_x = grad_out @ ctx.delta.forward(weight).to(grad_out.dtype).t()
-        if need_bias:
-            grad_bias = grad_out.reshape(-1, ctx.shape[1]).sum(0)
-        if need_values:
-            grad_values = sampled_gradient(x, grad_out, ctx.delta, ctx.shape).to(values.dtype)
-        return grad_x, None, grad_bias, grad_values, None
+            first, second = (x, grad_out) if ctx.conv1d else (grad_out, x)
+            grad_values = sampled_gradient(first, second, ctx.delta, ctx.shape).to(values.dtype)
+        return (grad_x, None, grad_bias, grad_values, None, None)[:len(ctx.needs_input_grad)]
 
 
 class SparseEmbeddingFunction(torch.autograd.Function):
@@ -218,8 +198,8 @@ def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
         from transformers.pytorch_utils import Conv1D
 
         return Conv1D.forward(self, x)
-    return SparseConv1DFunction.apply(x, self.parametrizations.weight.original, self.bias,
-                                      delta.values, delta)
+    return SparseLinearFunction.apply(x, self.parametrizations.weight.original, self.bias,
+                                      delta.values, delta, True)
 
 
 def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:

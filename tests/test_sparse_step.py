@@ -31,6 +31,16 @@ def _grads(model, ids, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _assert_same_gradients(fast, dense, ids, labels):
+    """The same loss, and the same gradient for every trainable parameter, on both models."""
+    loss_fast, g_fast = _grads(fast, ids, labels)
+    loss_dense, g_dense = _grads(dense, ids, labels)
+    torch.testing.assert_close(loss_fast, loss_dense)
+    assert g_fast.keys() == g_dense.keys()
+    for name, grad in g_fast.items():
+        torch.testing.assert_close(grad, g_dense[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_trained_entries_get_the_dense_gradient(tiny_model, scope, device):
@@ -45,12 +55,7 @@ def test_trained_entries_get_the_dense_gradient(tiny_model, scope, device):
     ids = torch.randint(1000, 20000, (4, 24), generator=torch.Generator().manual_seed(1))
     ids[:, -4:] = 0  # padding rows: no gradient for the padding index, as F.embedding
     ids, labels = ids.to(device), torch.tensor([0, 1, 1, 0], device=device)
-    loss_fast, g_fast = _grads(fast, ids, labels)
-    loss_dense, g_dense = _grads(dense, ids, labels)
-    torch.testing.assert_close(loss_fast, loss_dense)
-    assert g_fast.keys() == g_dense.keys()
-    for name, grad in g_fast.items():
-        torch.testing.assert_close(grad, g_dense[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_gradients(fast, dense, ids, labels)
 
 
 def test_linear_function_matches_autograd_with_a_bias_and_leading_dims():
@@ -158,9 +163,4 @@ def test_trained_entries_get_the_dense_gradient_on_decoder_layers(kind, device):
     assert len(fast_layers) >= 8  # 4 projections (GPT-2) / 7 (Llama) per block take the fast path
     ids = torch.randint(1, 500, (4, 12), generator=torch.Generator().manual_seed(1)).to(device)
     labels = torch.tensor([0, 1, 1, 0], device=device)
-    loss_fast, g_fast = _grads(fast, ids, labels)
-    loss_dense, g_dense = _grads(dense, ids, labels)
-    torch.testing.assert_close(loss_fast, loss_dense)
-    assert g_fast.keys() == g_dense.keys()
-    for name, grad in g_fast.items():
-        torch.testing.assert_close(grad, g_dense[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_gradients(fast, dense, ids, labels)
