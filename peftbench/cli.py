@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=_positive_int, default=None,
                      help="use at most N examples per split (quick checks)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute activations in the backward (less memory, same numbers)")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                      help="a method hyper-parameter, e.g. --param scope=global (repeatable)")
     run.add_argument("--output-dir", default="runs", help="folder of the run directories")
@@ -341,7 +343,8 @@ def cmd_run(args) -> None:
         method=args.method, task=args.task, budget=args.budget, seeds=list(range(args.seeds)),
         model=args.model, device=args.device, method_params=_parse_params(args.param),
         train=train_config({"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                            "max_length": args.max_length, "max_steps": args.max_steps}, "run options"),
+                            "max_length": args.max_length, "max_steps": args.max_steps,
+                            "gradient_checkpointing": args.gradient_checkpointing}, "run options"),
         limit=args.limit, output_dir=args.output_dir, save_trained=args.save_trained)
     summary, run_dir = run_experiment(config, progress=not args.quiet)
     print(format_summary(summary))

@@ -43,6 +43,13 @@ class TrainConfig:
     max_grad_norm: PositiveFloat = 1.0
     max_length: PositiveInt = 128
     max_steps: PositiveInt | None = None  # stop early (quick runs, tests)
+    # recompute activations in the backward instead of keeping them (transformers'
+    # gradient_checkpointing_enable, non-reentrant): less memory for large models, same numbers
+    gradient_checkpointing: bool = False
+
+
+#: settings that cannot change a number: a cell's fingerprint leaves them out (`sweep.cell_config`)
+NUMERICALLY_NEUTRAL = ("gradient_checkpointing",)
 
 
 def train_config(values: dict, where: str = "train", base: TrainConfig | None = None) -> TrainConfig:
@@ -161,6 +168,10 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     memory_reset = memory.reset_peak(device)
     set_seed(seed)
     model.to(device)
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UsageError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay, no_decay, deltas = decay_plan(model)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},

@@ -89,3 +89,30 @@ def test_bench_step_reports_ratios_and_state_grows_with_trainable_count(tiny_mod
         assert ratio == pytest.approx(expected, rel=0.05) and ratio < 0.05
     assert all(v["peak_memory_bytes"] > 0 and len(v["step_s_rounds"]) == 1 for v in out.values())
     assert all(0 < v["step_memory_growth_bytes"] < v["peak_memory_bytes"] for v in out.values())
+
+
+@pytest.mark.parametrize("method", ["random", "lora"])
+def test_gradient_checkpointing_saves_memory_not_numbers(tiny_model_dir, tmp_path, method):
+    """Recomputing activations in the backward gives the same run (CPU, same seed) through the
+    sparse step and through peft's LoRA; it is left out of a cell's fingerprint."""
+    import json
+
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.sweep.spec import cell_config
+
+    results = []
+    for checkpointing in (False, True):
+        config = RunConfig(method=method, task="rte", budget="0.01", model=tiny_model_dir, limit=16,
+                           method_params={"r": 2} if method == "lora" else {},
+                           train=TrainConfig(epochs=1, batch_size=4, max_length=48, lr=1e-2,
+                                             gradient_checkpointing=checkpointing),
+                           output_dir=str(tmp_path / str(checkpointing)))
+        _, run_dir = run_experiment(config, progress=False)
+        results.append({**json.loads((run_dir / "seed-0" / "result.json").read_text()),
+                        "losses": [json.loads(line)["step_losses"] for line in
+                                   (run_dir / "seed-0" / "metrics.jsonl").read_text().splitlines()]})
+        if checkpointing:
+            assert cell_config(config) == cell_config(RunConfig(**{**config.__dict__, "train": TrainConfig(
+                epochs=1, batch_size=4, max_length=48, lr=1e-2)}))
+    assert results[0]["test"] == results[1]["test"] and results[0]["validation"] == results[1]["validation"]
+    assert results[0]["losses"] == results[1]["losses"] and len(results[0]["losses"][0]) == 4  # step for step
