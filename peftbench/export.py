@@ -57,8 +57,13 @@ class ExportReport:
                  f"({self.expressed / max(self.selected, 1):.1%}) train through SHiRA in "
                  f"{len(self.layers)} Linear layers; task head as modules_to_save: "
                  f"{', '.join(self.head_modules) or 'none'}"]
-        lines.append("values: the run's trained entries and head (the fine-tuned model)" if self.trained_values
-                     else "values: zero, the pre-trained model (run with --save-trained to export the trained values)")
+        if not self.trained_values:
+            lines.append("values: zero, the pre-trained model (run with --save-trained to export the trained values)")
+        elif self.left_out:
+            lines.append("values: the run's trained entries and head, except the entries listed below, "
+                         "which keep their pre-trained values: not the run's model exactly")
+        else:
+            lines.append("values: the run's trained entries and head (the fine-tuned model)")
         if self.left_out:
             lost = sum(self.left_out.values())
             lines.append(f"not expressible in peft SHiRA (nn.Linear weights only): {lost} entries "
