@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, PrivateAttr, StrictBool, StrictInt,
-                      StrictStr, ValidationError, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, PositiveInt, PrivateAttr, StrictBool,
+                      StrictInt, StrictStr, ValidationError, field_validator, model_validator)
 
 from peftbench import yamlio
 from peftbench.errors import UsageError, schema_problem
 from peftbench.metrics import BINARY, METRIC_KINDS, METRICS
 
-KINDS = ("classification", "regression", "multiple_choice")
+KINDS = ("classification", "regression", "multiple_choice", "causal_lm")
 SPLITS = ("train", "validation", "test")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # task names become folder names
 
@@ -152,6 +152,13 @@ class TaskSpec(BaseModel):
     choices: Annotated[list[str], BeforeValidator(_as_list)] = []
     labels: list[StrictBool | StrictInt | StrictStr] | None = None
     preprocess: str | None = None
+    # causal_lm: the model reads `prompt` and is trained on `answer` (both templates); a
+    # generated answer is compared with the gold one after `extract` (a regex: its first group,
+    # or the whole match; the stripped text without one), GSM8K-style "#### (-?[0-9.,]+)"
+    prompt: str | None = None
+    answer: str | None = None
+    extract: str | None = None
+    max_new_tokens: PositiveInt = 32
     _path: Path = PrivateAttr(default=Path("."))
 
     @model_validator(mode="after")
@@ -268,15 +275,36 @@ class TaskSpec(BaseModel):
             raise UsageError(f"task {self.name!r}: {split} data file {file} has no rows")
 
     def fields(self) -> list[str]:
-        """The row fields the spec reads: the label and every text template's fields."""
+        """The row fields the spec reads: the label (none for causal_lm) and every text
+        template's fields."""
+        if self.kind == "causal_lm":
+            return list(dict.fromkeys(f for t in (self.prompt, self.answer) for f in template_fields(t)))
         templates = self.text if self.kind != "multiple_choice" else [self.context, *self.choices]
         return ["label", *dict.fromkeys(f for t in templates for f in template_fields(t))]
+
+    def prompt_text(self, row: dict) -> str:
+        return _render(self.prompt, row)
+
+    def answer_text(self, row: dict) -> str:
+        return _render(self.answer, row)
+
+    def extract_answer(self, text: str) -> str:
+        """What exact match compares: `extract`'s first group (or whole match) in `text`, ''
+        when it does not match; without `extract`, the stripped text."""
+        if self.extract is None:
+            return text.strip()
+        found = re.search(self.extract, text)
+        if found is None:
+            return ""
+        return (found.group(1) if found.re.groups else found.group(0)).strip()
 
     def _check_row(self, row: dict, where: str, columns: list[str]) -> None:
         missing = [f for f in self.fields() if f not in columns]
         if missing:
             raise UsageError(f"task {self.name!r}: {where}: no field(s) {missing} (named in "
                              f"{self.path}); the fields there are {columns}")
+        if self.kind == "causal_lm":
+            return  # no label: the answer template is the target
         try:
             self.label_id(row["label"])
         except UsageError as err:
@@ -338,7 +366,20 @@ class TaskSpec(BaseModel):
             raise ValueError(f"preprocessor {value!r} is unknown: allowed {', '.join(PREPROCESSORS)}")
         return value
 
-    @field_validator("text", "context", "choices")
+    @field_validator("extract")
+    @classmethod
+    def _extract(cls, value):
+        if value is not None:
+            try:
+                pattern = re.compile(value)
+            except re.error as err:
+                raise ValueError(f"extract {value!r} is not a regular expression ({err})") from None
+            if pattern.groups > 1:
+                raise ValueError(f"extract {value!r} has {pattern.groups} groups: give at most one "
+                                 "(the answer)")
+        return value
+
+    @field_validator("text", "context", "choices", "prompt", "answer")
     @classmethod
     def _templates(cls, value):
         for template in [value] if isinstance(value, str) else value or []:
@@ -388,8 +429,13 @@ def parse_task(path: Path) -> TaskSpec:
         fail("kind", "a classification task needs 'labels' (file values in class-id order)")
     if kind == "multiple_choice" and not (spec.context and spec.choices):
         fail("kind", "a multiple_choice task needs 'context' and 'choices'")
-    if kind != "multiple_choice" and not spec.text:
+    if kind in ("classification", "regression") and not spec.text:
         fail("kind", "a classification or regression task needs 'text' (one or two fields)")
+    if kind == "causal_lm" and not (spec.prompt and spec.answer):
+        fail("kind", "a causal_lm task needs 'prompt' and 'answer' (templates of the row's fields)")
+    if kind != "causal_lm" and (spec.prompt or spec.answer or spec.extract):
+        fail("prompt" if spec.prompt else "answer" if spec.answer else "extract",
+             f"'prompt', 'answer' and 'extract' belong to a causal_lm task, not a {kind} one")
     for metric in spec.metrics:
         if kind not in METRIC_KINDS[metric]:
             allowed = [m for m, kinds in METRIC_KINDS.items() if kind in kinds]

@@ -38,6 +38,10 @@ METRICS = {
     "mcc": lambda p, y: float(skm.matthews_corrcoef(y, p)),
     "pearson": _pearson,
     "spearman": _spearman,
+    # causal_lm: predictions are the extracted generated answers, labels the extracted gold ones
+    "exact_match": lambda p, y: float(np.mean([str(a) == str(b) for a, b in zip(p, y)])),
+    # causal_lm: predictions are each answer's mean per-token log-likelihood (labels unused)
+    "answer_loglik": lambda p, y: float(np.mean(p)),
 }
 
 
@@ -45,7 +49,8 @@ NEEDS_CLASSES = {"macro_f1"}  # metrics that must know every class, present or n
 _LABELS = ("classification", "multiple_choice")
 # the task kinds each metric can score (a task file naming another is refused when it loads)
 METRIC_KINDS = {"accuracy": _LABELS, "f1": _LABELS, "macro_f1": _LABELS, "mcc": _LABELS,
-                "pearson": ("regression",), "spearman": ("regression",)}
+                "pearson": ("regression",), "spearman": ("regression",),
+                "exact_match": ("causal_lm",), "answer_loglik": ("causal_lm",)}
 BINARY = {"f1"}  # positive class 1: two classes only
 
 
@@ -55,7 +60,9 @@ def compute(names: list[str], main: list[str], predictions: np.ndarray, labels: 
     metric: MRPC (acc+F1)/2, STS-B (Pearson+Spearman)/2, CB (acc+macro-F1)/2)."""
     out = {}
     for name in names:
-        if name in NEEDS_CLASSES:
+        if isinstance(predictions, dict):  # one prediction array per metric (causal_lm)
+            out[name] = METRICS[name](predictions[name], labels)
+        elif name in NEEDS_CLASSES:
             if num_classes is None:
                 raise ValueError(f"metric {name} needs the number of classes")
             out[name] = METRICS[name](predictions, labels, num_classes)
