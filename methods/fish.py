@@ -46,6 +46,11 @@ class FISH(Selector):
         self.scope = check_scope(scope)
 
     def score(self, model, data) -> dict[str, torch.Tensor]:
+        if data.task.kind == "causal_lm":  # its per-example gradients assume one loss term per row
+            from peftbench.errors import UsageError
+
+            raise UsageError("fish does not score causal_lm tasks yet: its per-example Fisher "
+                             "assumes one loss term per example, a causal-LM row has one per token")
         was_training = model.training
         model.eval()
         try:

@@ -473,6 +473,8 @@ def tokenize(task: TaskSpec, tokenizer, splits, max_length: int):
     """Token ids and a `labels` column for every split (multiple choice: one row per choice)."""
 
     def encode(row):
+        if task.kind == "causal_lm":
+            return encode_causal(task, tokenizer, row, max_length)
         if task.kind == "multiple_choice":
             pairs = task.choice_inputs(row)
             enc = tokenizer([c for c, _ in pairs], [x for _, x in pairs],
@@ -486,6 +488,22 @@ def tokenize(task: TaskSpec, tokenizer, splits, max_length: int):
     return splits.map(encode, remove_columns=columns, desc=f"tokenize {task.name}")
 
 
+def encode_causal(task: TaskSpec, tokenizer, row: dict, max_length: int) -> dict:
+    """A causal-LM row: the prompt's tokens then the answer's (and EOS when the tokenizer has
+    one), `labels` = -100 on the prompt (the loss is on answer tokens only), `prompt_length` and
+    the extracted gold answer `gold` for evaluation. Truncated to `max_length` from the answer's
+    end, so the prompt survives when it fits."""
+    prompt = tokenizer(task.prompt_text(row))["input_ids"]
+    answer = tokenizer(task.answer_text(row), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer = answer + [tokenizer.eos_token_id]
+    ids = (prompt + answer)[:max_length]
+    labels = ([-100] * len(prompt) + answer)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
+            "prompt_length": min(len(prompt), max_length),
+            "gold": task.extract_answer(task.answer_text(row))}
+
+
 class Collator:
     """Pads a batch with the tokenizer; multiple choice is padded flat, then shaped [B, C, L]."""
 
@@ -495,6 +513,13 @@ class Collator:
     def __call__(self, rows: list[dict]):
         import torch
 
+        if self.task.kind == "causal_lm":  # right-padded; labels padded with -100 (no loss)
+            feats = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows]
+            batch = self.tokenizer.pad(feats, return_tensors="pt")
+            labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
+            for i, r in enumerate(rows):
+                labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
+            return {**batch, "labels": labels}
         labels = torch.tensor([r["labels"] for r in rows],
                               dtype=torch.float if self.task.kind == "regression" else torch.long)
         feats = [{k: v for k, v in r.items() if k != "labels"} for r in rows]

@@ -82,7 +82,7 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
 
         datasets.disable_progress_bars()
         logging.disable_progress_bar()
-    size, positions = pretrained_size(config.model, task.num_labels)
+    size, positions = pretrained_size(config.model, task.num_labels, task.kind == "causal_lm")
     if selector_cls.uses_budget:
         budget.entries(size)  # fail fast, before any I/O
     if config.train.max_length > positions:
@@ -144,8 +144,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     seed_dir.mkdir()
     load_before = machine_load()
     set_seed(seed)
-    model, tokenizer = load_model(config.model, task.num_labels)
-    head_init = init_head(model, task, splits["train"]["label"])  # before scoring: both see it
+    model, tokenizer = load_model(config.model, task.num_labels, task.kind == "causal_lm")
+    head_init = init_head(model, task, splits["train"]["label"] if task.kind == "regression" else [])  # before scoring
     tokenized = tokenize(task, tokenizer, splits, config.train.max_length)
     pretrained = pretrained_parameters(model)
     numels = {n: p.numel() for n, p in pretrained.items()}
@@ -181,6 +181,9 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     select_time = time.perf_counter() - start
     scoring_peak = memory.peak(device, memory_reset)  # scoring and selection
     model = selector.apply(model, selection)
+    if not any(p.requires_grad for p in model.parameters()):  # e.g. BitFit on a model without biases
+        raise UsageError(f"method {config.method!r} leaves nothing to train on {config.model!r} "
+                         "(it selected no entry and the model has no new head): choose another method")
     _write(seed_dir / "selection.json", {
         "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
         selection.count(numels), "counts_before_training": count_trainable(model, set(pretrained), head_names),

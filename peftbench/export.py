@@ -244,6 +244,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, seed: int | None = None
     saved = load_pt(run_dir / f"seed-{seed}" / "mask.pt")
     task = load_task(config["task"])
     set_seed(seed)
+    if task.kind == "causal_lm":
+        raise UsageError(f"{run_dir} is a causal-LM run: export writes sequence-classification "
+                         "adapters only so far")
     model, _ = load_model(config["model"], task.num_labels)
     params = pretrained_parameters(model)
     unknown = sorted((set(saved["full"]) | set(saved["partial"])) - set(params))

@@ -77,6 +77,16 @@ def constant_predictor(task, splits) -> dict:
     the majority class of `train` (the lowest class id on ties; for multiple choice the most
     frequent correct choice) or, for regression, the mean train label. A trained model must
     beat this to have learned anything; rows: {"prediction", "validation", "test", "test_rows"}."""
+    if task.kind == "causal_lm":  # the most frequent train answer, generated for every prompt
+        golds = [task.extract_answer(task.answer_text(r)) for r in splits["train"]]
+        values, counts = np.unique(golds, return_counts=True)
+        constant = str(values[np.argmax(counts)])
+        out = {"prediction": constant, "test_rows": len(splits["test"])}
+        for split in ("validation", "test"):
+            gold = [task.extract_answer(task.answer_text(r)) for r in splits[split]]
+            out[split] = compute(task.metrics, task.main_metric,
+                                 {"exact_match": [constant] * len(gold), "answer_loglik": [float("nan")]}, gold)
+        return out
     train = np.array([task.label_id(v) for v in splits["train"]["label"]])
     if task.kind == "regression":
         constant = float(train.mean())

@@ -47,22 +47,26 @@ def resolve_model_path(model: str) -> str:
     return model  # a hub id, for users who are online
 
 
-def load_model(model: str, num_labels: int):
-    """(model, tokenizer) for sequence classification with `num_labels` outputs.
+def load_model(model: str, num_labels: int, causal: bool = False):
+    """(model, tokenizer) for sequence classification with `num_labels` outputs, or with
+    `causal` a causal language model (a causal_lm task: the model's own LM head, no new head).
 
     Weights load as float32 whatever dtype the checkpoint was saved in: they are the optimizer's
     master weights, and a bf16 master copy rounds most small AdamW updates away. On CUDA the
     trainer computes under bf16 autocast."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the "head newly initialised" report is expected here
     path = resolve_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                 dtype=torch.float32)
+        if causal:
+            net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                     dtype=torch.float32)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model!r}: {first} (offline, only local paths and "
@@ -89,12 +93,12 @@ def padding(net, tokenizer) -> dict:
     return done
 
 
-def pretrained_size(model: str, num_labels: int) -> tuple[int, int]:
+def pretrained_size(model: str, num_labels: int, causal: bool = False) -> tuple[int, int]:
     """(entries of the pre-trained encoder, longest input in tokens), from the config alone (no
     weights are loaded), so a budget and a max length can be checked before any work starts.
     RoBERTa-style position tables start after the padding index, so two rows are not usable."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(model)
     try:
@@ -103,21 +107,32 @@ def pretrained_size(model: str, num_labels: int) -> tuple[int, int]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model!r}: {first}") from None
     with torch.device("meta"):
-        net = AutoModelForSequenceClassification.from_config(config)
+        net = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
     positions = getattr(config, "max_position_embeddings", None) or 10**9
     if "roberta" in config.model_type or config.model_type in ("camembert", "longformer"):
         positions -= 2
     return sum(p.numel() for p in pretrained_parameters(net).values()), positions
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A causal language model (`*ForCausalLM`): every parameter of it is pre-trained, its LM
+    head included (tied to the embeddings or not), and it has no new task head."""
+    return type(model).__name__.endswith("ForCausalLM")
+
+
 def pretrained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of the pre-trained encoder (`model.base_model`), by their full names."""
+    """Parameters of the pre-trained encoder (`model.base_model`), by their full names; of a
+    causal LM, all of them (`is_causal_lm`)."""
+    if is_causal_lm(model):
+        return dict(model.named_parameters())
     prefix = model.base_model_prefix
     return {n: p for n, p in model.named_parameters() if n.startswith(prefix + ".")}
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The task head: every parameter outside the pre-trained encoder."""
+    """The task head: every parameter outside the pre-trained encoder (none in a causal LM)."""
+    if is_causal_lm(model):
+        return {}
     prefix = model.base_model_prefix
     return {n: p for n, p in model.named_parameters() if not n.startswith(prefix + ".")}
 

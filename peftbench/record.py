@@ -52,7 +52,7 @@ class Counts(_Strict):
 class ConstantPredictor(_Strict):
     """The constant prediction the training set suggests, scored (`metrics.constant_predictor`)."""
 
-    prediction: float | int
+    prediction: float | int | str  # a class id, a mean label, or a causal-LM answer
     test_rows: NonNegativeInt
     validation: Metrics
     test: Metrics

@@ -103,6 +103,9 @@ def forward(model, batch: dict, task: TaskSpec) -> torch.Tensor:
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: TaskSpec) -> torch.Tensor:
     if task.kind == "regression":
         return F.mse_loss(logits.float(), labels)
+    if task.kind == "causal_lm":  # next-token cross-entropy on the answer tokens (-100 elsewhere)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=-100)
     return F.cross_entropy(logits.float(), labels)
 
 
@@ -119,6 +122,8 @@ def make_loader(dataset, tokenizer, task, batch_size: int, shuffle: bool, seed: 
 
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device) -> dict:
+    if task.kind == "causal_lm":
+        return evaluate_causal(model, loader, task, device)
     model.eval()
     preds, labels = [], []
     with torch.nn.utils.parametrize.cached(), _autocast(device):
@@ -129,6 +134,42 @@ def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device) ->
             labels.append(batch["labels"])
     p, y = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
     return metrics.compute(task.metrics, task.main_metric, p, y, task.num_classes)
+
+
+@torch.no_grad()
+def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.device) -> dict:
+    """A causal-LM split: `answer_loglik`, each gold answer's mean per-token log-likelihood
+    given its prompt (teacher-forced, the loader's batches), and `exact_match`, the greedy
+    continuation of each prompt (`task.max_new_tokens` tokens, prompts left-padded) after
+    `task.extract_answer` against the extracted gold answer."""
+    model.eval()
+    collate = loader.collate_fn
+    tokenizer = collate.tokenizer
+    rows = loader.dataset
+    logliks, generated = [], []
+    with torch.nn.utils.parametrize.cached(), _autocast(device):
+        for start in range(0, len(rows), loader.batch_size):
+            chunk = [rows[i] for i in range(start, min(start + loader.batch_size, len(rows)))]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            logits = forward(model, batch, task).float()
+            logp = torch.log_softmax(logits[:, :-1], -1)
+            target = batch["labels"][:, 1:]
+            mask = target != -100
+            picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            logliks += (picked.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+            prompts = [{"input_ids": r["input_ids"][:r["prompt_length"]],
+                        "attention_mask": r["attention_mask"][:r["prompt_length"]]} for r in chunk]
+            side, tokenizer.padding_side = tokenizer.padding_side, "left"
+            try:
+                enc = {k: v.to(device) for k, v in tokenizer.pad(prompts, return_tensors="pt").items()}
+            finally:
+                tokenizer.padding_side = side
+            out = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            generated += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    predictions = {"exact_match": [task.extract_answer(text) for text in generated],
+                   "answer_loglik": logliks}
+    return metrics.compute(task.metrics, task.main_metric, predictions, list(rows["gold"]))
 
 
 def _overrides(selector: Selector, hook: str) -> bool:
