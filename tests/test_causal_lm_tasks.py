@@ -175,3 +175,18 @@ def test_a_sweep_and_its_report_on_a_causal_lm_task(tiny_causal_dirs, tmp_path):
     assert len(frame) == 4 and set(frame.metric_name) == {"exact_match"}
     text = report.build_report(frame, tmp_path / "report")
     assert "arith" in text and (tmp_path / "report" / "cells.csv").is_file()
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("bitfit", "leaves nothing to train"),  # Llama has no biases, a causal LM no new head
+    ("fish", "does not score causal_lm tasks yet"),
+])
+def test_what_cannot_run_on_a_causal_lm_task_is_refused_by_name(tiny_causal_dirs, tmp_path, method, expected):
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.trainer import TrainConfig
+
+    config = RunConfig(method=method, task=str(ARITH), budget="0.01", model=tiny_causal_dirs["llama"], limit=8,
+                       method_params={"num_samples": 4} if method == "fish" else {},
+                       train=TrainConfig(epochs=1, batch_size=4, max_length=48), output_dir=str(tmp_path))
+    with pytest.raises(UsageError, match=expected):
+        run_experiment(config, progress=False)
