@@ -16,6 +16,8 @@ class FISH(Selector):
     shuffled training examples (all of them, once, when there are fewer), one example at a time, with the true label ("label-square" in
     the reference `calculate_the_importance_label`) and the randomly initialised head (as the
     authors intend), dropout off; then the global top-`budget` entries, fixed for training.
+    On a causal-LM task an example's loss is its answer tokens' mean cross-entropy given the
+    gold answer (the task's training loss for that row): one squared gradient per example.
 
     Per-example gradients, batched (`per_example_fisher`): hooks on every Linear, LayerNorm and
     Embedding read each module's input and output gradient for a whole padded batch, and form
@@ -46,15 +48,12 @@ class FISH(Selector):
         self.scope = check_scope(scope)
 
     def score(self, model, data) -> dict[str, torch.Tensor]:
-        if data.task.kind == "causal_lm":  # its per-example gradients assume one loss term per row
-            from peftbench.errors import UsageError
-
-            raise UsageError("fish does not score causal_lm tasks yet: its per-example Fisher "
-                             "assumes one loss term per example, a causal-LM row has one per token")
         was_training = model.training
         model.eval()
         try:
-            if data.device.type == "cuda" and per_example_supported(model):
+            # the batched path sums batch-mean losses times the batch size: one loss term per
+            # row, which a causal-LM batch (a mean over every answer token) is not
+            if data.device.type == "cuda" and data.task.kind != "causal_lm" and per_example_supported(model):
                 fisher, seen = per_example_fisher(model, data, self.num_samples)
             else:
                 fisher, seen = _loop_fisher(model, data, self.num_samples)
@@ -191,5 +190,5 @@ def _examples(batches):
     for batch in batches:
         for i in range(len(batch["labels"])):
             length = int(batch["attention_mask"][i].sum(-1).max())
-            yield {k: (v[i:i + 1, ..., :length] if k != "labels" else v[i:i + 1])
-                   for k, v in batch.items()}
+            yield {k: (v[i:i + 1, ..., :length] if k != "labels" or v.dim() > 1 else v[i:i + 1])
+                   for k, v in batch.items()}  # token labels (a causal LM's) trimmed with the tokens

@@ -469,12 +469,16 @@ def _line_of(node, key: str) -> int:
 
 
 # -- tokenisation ----------------------------------------------------------------------------
-def tokenize(task: TaskSpec, tokenizer, splits, max_length: int):
-    """Token ids and a `labels` column for every split (multiple choice: one row per choice)."""
+def tokenize(task: TaskSpec, tokenizer, splits, max_length: int, lm_head: bool = False):
+    """Token ids and a `labels` column for every split (multiple choice: one row per choice).
+    `lm_head` (`models.uses_lm_head`): a multiple-choice task read by a decoder's LM head, each
+    choice a continuation of the context (`encode_choices`)."""
 
     def encode(row):
         if task.kind == "causal_lm":
             return encode_causal(task, tokenizer, row, max_length)
+        if task.kind == "multiple_choice" and lm_head:
+            return encode_choices(task, tokenizer, row, max_length)
         if task.kind == "multiple_choice":
             pairs = task.choice_inputs(row)
             enc = tokenizer([c for c, _ in pairs], [x for _, x in pairs],
@@ -504,6 +508,37 @@ def encode_causal(task: TaskSpec, tokenizer, row: dict, max_length: int) -> dict
             "gold": task.extract_answer(task.answer_text(row))}
 
 
+def encode_choices(task: TaskSpec, tokenizer, row: dict, max_length: int) -> dict:
+    """A multiple-choice row for a decoder, as lm-evaluation-harness builds it: per choice, the
+    context's tokens then the choice's (" " + choice, its target delimiter; no end-of-sequence
+    token), `choice_labels` = the choice's tokens (-100 on the context), so a choice's score is
+    the sum of its tokens' log-likelihoods given the context. Too long a sequence loses context
+    tokens from the left, never the choice's."""
+    context = tokenizer(_render(task.context, row))["input_ids"]
+    ids, targets = [], []
+    for choice in task.choices:
+        continuation = tokenizer(" " + _render(choice, row), add_special_tokens=False)["input_ids"]
+        keep = context[max(0, len(context) + len(continuation) - max_length):]
+        ids.append((keep + continuation)[-max_length:])
+        targets.append(([-100] * len(keep) + continuation)[-max_length:])
+    return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "choice_labels": targets,
+            "labels": task.label_id(row["label"])}
+
+
+def _pad_right(tokenizer, feats: list[dict], targets: list[list[int]] | None = None) -> dict:
+    """`tokenizer.pad` on the right whatever the tokenizer's default (Llama's pads on the
+    left), and token targets padded with -100 to the same length."""
+    import torch
+
+    batch = dict(tokenizer.pad(feats, return_tensors="pt", padding_side="right"))
+    if targets is not None:
+        out = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
+        for i, t in enumerate(targets):
+            out[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        batch["targets"] = out
+    return batch
+
+
 class Collator:
     """Pads a batch with the tokenizer; multiple choice is padded flat, then shaped [B, C, L]."""
 
@@ -515,13 +550,17 @@ class Collator:
 
         if self.task.kind == "causal_lm":  # right-padded; labels padded with -100 (no loss)
             feats = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows]
-            batch = self.tokenizer.pad(feats, return_tensors="pt")
-            labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
-            for i, r in enumerate(rows):
-                labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
-            return {**batch, "labels": labels}
+            batch = _pad_right(self.tokenizer, feats, [r["labels"] for r in rows])
+            return {**batch, "labels": batch.pop("targets")}
         labels = torch.tensor([r["labels"] for r in rows],
                               dtype=torch.float if self.task.kind == "regression" else torch.long)
+        if rows and "choice_labels" in rows[0]:  # choices read by a decoder's LM head: [B, C, L]
+            n = len(self.task.choices)
+            flat = [{"input_ids": r["input_ids"][i], "attention_mask": r["attention_mask"][i]}
+                    for r in rows for i in range(n)]
+            batch = _pad_right(self.tokenizer, flat, [r["choice_labels"][i] for r in rows for i in range(n)])
+            batch["choice_labels"] = batch.pop("targets")
+            return {**{k: v.view(len(rows), n, -1) for k, v in batch.items()}, "labels": labels}
         feats = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
         if self.task.kind != "multiple_choice":
             batch = self.tokenizer.pad(feats, return_tensors="pt")

@@ -30,7 +30,14 @@ from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.errors import UsageError
 from peftbench.metrics import constant_predictor, near_constant
 from peftbench.record import RunRecord
-from peftbench.models import head_parameters, init_head, load_model, pretrained_parameters, pretrained_size
+from peftbench.models import (
+    head_parameters,
+    init_head,
+    load_model,
+    pretrained_parameters,
+    pretrained_size,
+    uses_lm_head,
+)
 from peftbench.scoring import ScoringData
 from peftbench.selector import Budget, check_scores, validate_selection
 from peftbench.sparse import count_trainable, effective_selection, trainable_entries
@@ -82,7 +89,7 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
 
         datasets.disable_progress_bars()
         logging.disable_progress_bar()
-    size, positions = pretrained_size(config.model, task.num_labels, task.kind == "causal_lm")
+    size, positions = pretrained_size(config.model, task.num_labels, uses_lm_head(config.model, task.kind))
     if selector_cls.uses_budget:
         budget.entries(size)  # fail fast, before any I/O
     if config.train.max_length > positions:
@@ -144,9 +151,10 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     seed_dir.mkdir()
     load_before = machine_load()
     set_seed(seed)
-    model, tokenizer = load_model(config.model, task.num_labels, task.kind == "causal_lm")
+    lm_head = uses_lm_head(config.model, task.kind)
+    model, tokenizer = load_model(config.model, task.num_labels, lm_head)
     head_init = init_head(model, task, splits["train"]["label"] if task.kind == "regression" else [])  # before scoring
-    tokenized = tokenize(task, tokenizer, splits, config.train.max_length)
+    tokenized = tokenize(task, tokenizer, splits, config.train.max_length, lm_head)
     pretrained = pretrained_parameters(model)
     numels = {n: p.numel() for n, p in pretrained.items()}
     head_names = set(head_parameters(model))

@@ -223,7 +223,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, seed: int | None = None
     `mask.pt`, the entries that could change), on the run's model, as a SHiRA adapter."""
     from peftbench.data import load_task
     from peftbench.experiment import TRAINED
-    from peftbench.models import load_model, pretrained_parameters
+    from peftbench.models import load_model, pretrained_parameters, uses_lm_head
     from peftbench.record import read_json
     from peftbench.safeload import load_pt
     from peftbench.trainer import set_seed
@@ -244,9 +244,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, seed: int | None = None
     saved = load_pt(run_dir / f"seed-{seed}" / "mask.pt")
     task = load_task(config["task"])
     set_seed(seed)
-    if task.kind == "causal_lm":
-        raise UsageError(f"{run_dir} is a causal-LM run: export writes sequence-classification "
-                         "adapters only so far")
+    if uses_lm_head(config["model"], task.kind):
+        raise UsageError(f"{run_dir} trained a language model's own head ({task.kind} task on "
+                         f"{config['model']!r}): export writes sequence-classification adapters only so far")
     model, _ = load_model(config["model"], task.num_labels)
     params = pretrained_parameters(model)
     unknown = sorted((set(saved["full"]) | set(saved["partial"])) - set(params))

@@ -114,6 +114,31 @@ def pretrained_size(model: str, num_labels: int, causal: bool = False) -> tuple[
     return sum(p.numel() for p in pretrained_parameters(net).values()), positions
 
 
+def uses_lm_head(model: str, kind: str) -> bool:
+    """Whether a run on `model` for a task of `kind` reads the model's own language-model head
+    (loaded as a causal LM, no new head): a causal_lm task, and a multiple_choice task on a
+    decoder-only model (transformers has a causal LM for its architecture and no multiple-choice
+    model: GPT-2, Llama, Qwen2, Mistral), whose choices are scored by their log-likelihoods as
+    lm-evaluation-harness scores them. An encoder (BERT-style) keeps its one-output head per
+    (context, choice) pair, as AutoModelForMultipleChoice does."""
+    if kind == "causal_lm":
+        return True
+    if kind != "multiple_choice":
+        return False
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
+    )
+
+    try:
+        model_type = AutoConfig.from_pretrained(resolve_model_path(model)).model_type
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model {model!r}: {first}") from None
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """A causal language model (`*ForCausalLM`): every parameter of it is pre-trained, its LM
     head included (tied to the embeddings or not), and it has no new task head."""

@@ -95,17 +95,24 @@ def tiny_causal_dirs(tmp_path_factory, tiny_model_dir):
     return out
 
 
-def test_the_loss_is_on_answer_tokens_only(tiny_causal_dirs):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_loss_is_on_answer_tokens_only(tiny_causal_dirs, side):
+    """Whatever side the tokenizer pads on by default (Llama's and Qwen's pad on the left), a
+    training batch is padded on the right, so the token labels line up with the tokens."""
     from peftbench.data import Collator, tokenize
     from peftbench.models import load_model
 
     task = load_task(str(ARITH))
     _, tokenizer = load_model(tiny_causal_dirs["llama"], 1, causal=True)
-    data = tokenize(task, tokenizer, task.load_splits(limit=4), 64)
-    rows = [data["train"][i] for i in range(4)]
+    tokenizer.padding_side = side
+    data = tokenize(task, tokenizer, task.load_splits(limit=64), 64)
+    by_length = {len(row["input_ids"]): row for row in data["train"]}
+    assert len(by_length) >= 2  # rows of different lengths, so the batch pads
+    rows = list(by_length.values())[:4]
     batch = Collator(tokenizer, task)(rows)
     for i, row in enumerate(rows):
         prompt = row["prompt_length"]
+        assert batch["input_ids"][i, :len(row["input_ids"])].tolist() == row["input_ids"]  # labels line up
         assert (batch["labels"][i, :prompt] == -100).all()
         answer = batch["labels"][i, prompt:len(row["input_ids"])]
         assert answer.tolist() == row["input_ids"][prompt:] and (answer != -100).all()
@@ -179,14 +186,108 @@ def test_a_sweep_and_its_report_on_a_causal_lm_task(tiny_causal_dirs, tmp_path):
 
 @pytest.mark.parametrize("method, expected", [
     ("bitfit", "leaves nothing to train"),  # Llama has no biases, a causal LM no new head
-    ("fish", "does not score causal_lm tasks yet"),
 ])
 def test_what_cannot_run_on_a_causal_lm_task_is_refused_by_name(tiny_causal_dirs, tmp_path, method, expected):
     from peftbench.experiment import RunConfig, run_experiment
     from peftbench.trainer import TrainConfig
 
     config = RunConfig(method=method, task=str(ARITH), budget="0.01", model=tiny_causal_dirs["llama"], limit=8,
-                       method_params={"num_samples": 4} if method == "fish" else {},
                        train=TrainConfig(epochs=1, batch_size=4, max_length=48), output_dir=str(tmp_path))
     with pytest.raises(UsageError, match=expected):
         run_experiment(config, progress=False)
+
+
+def test_fish_on_a_causal_lm_task_squares_each_examples_answer_loss_gradient(tiny_causal_dirs):
+    """FISH's Fisher on a causal-LM task: the mean over examples of the squared gradient of each
+    example's answer loss, checked against transformers' own causal-LM loss (`labels=`), one
+    unpadded example at a time."""
+    import torch
+
+    from peftbench import registry
+    from peftbench.data import tokenize
+    from peftbench.models import load_model
+    from peftbench.scoring import ScoringData
+    from peftbench.trainer import make_loader
+
+    task = load_task(str(ARITH))
+    model, tokenizer = load_model(tiny_causal_dirs["llama"], 1, causal=True)
+    rows = tokenize(task, tokenizer, task.load_splits(limit=3), 48)["train"]
+    data = ScoringData(make_loader(rows, tokenizer, task, 2, False, 0), task, torch.device("cpu"))
+    scores = registry.create("fish", num_samples=3).score(model, data)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for row in rows:
+        model.zero_grad()
+        model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss.backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad.square() / 3
+    for n, value in expected.items():
+        torch.testing.assert_close(scores[n], value, rtol=1e-4, atol=1e-9)
+
+
+COPA = ARITH.parent / "copa.yaml"
+
+
+def test_multiple_choice_reads_a_decoders_lm_head_and_an_encoders_new_head(tiny_causal_dirs, tiny_model_dir):
+    from peftbench.models import uses_lm_head
+
+    assert uses_lm_head(tiny_causal_dirs["llama"], "multiple_choice")
+    assert uses_lm_head(tiny_causal_dirs["gpt2"], "multiple_choice")
+    assert not uses_lm_head(tiny_model_dir, "multiple_choice")  # BERT: a head per choice
+    assert not uses_lm_head(tiny_causal_dirs["llama"], "classification")  # a new head, last token
+    assert uses_lm_head(tiny_model_dir, "causal_lm")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_choices_score_is_its_tokens_log_likelihood_given_the_context(tiny_causal_dirs, kind):
+    """lm-evaluation-harness's multiple choice: each choice's score is the summed
+    log-probability of its tokens after the context, computed here by hand on each (context,
+    choice) sequence alone, unpadded, and compared with the padded batch's [B, C] scores."""
+    import torch
+
+    from peftbench.data import Collator, _render, tokenize
+    from peftbench.models import load_model
+    from peftbench.trainer import forward
+
+    task = load_task(str(COPA))
+    model, tokenizer = load_model(tiny_causal_dirs[kind], 1, causal=True)
+    tokenizer.padding_side = "left"  # the batch pads on the right all the same
+    splits = task.load_splits(limit=3)
+    rows = [tokenize(task, tokenizer, splits, 64, lm_head=True)["train"][i] for i in range(3)]
+    model.eval()
+    with torch.no_grad():
+        scores = forward(model, Collator(tokenizer, task)(rows), task)
+        assert scores.shape == (3, 2)
+        for i, raw in enumerate(splits["train"]):
+            context = tokenizer(_render(task.context, raw))["input_ids"]
+            for c, choice in enumerate(task.choices):
+                ending = tokenizer(" " + raw[choice], add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(model(input_ids=torch.tensor([context + ending])).logits[0], -1)
+                by_hand = sum(logp[len(context) + j - 1, t].item() for j, t in enumerate(ending))
+                assert scores[i, c].item() == pytest.approx(by_hand, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["random", "fish"])
+def test_a_multiple_choice_run_on_a_decoder_end_to_end(tiny_causal_dirs, tmp_path, method):
+    """COPA (real data) on tiny GPT-2, scored by the choices' log-likelihoods: no head is added,
+    every parameter is pre-trained and budgeted, accuracy is the argmax choice's."""
+    import json
+
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.models import load_model
+    from peftbench.trainer import TrainConfig
+
+    config = RunConfig(method=method, task=str(COPA), budget="0.01", model=tiny_causal_dirs["gpt2"], limit=12,
+                       method_params={"num_samples": 8} if method == "fish" else {},
+                       train=TrainConfig(epochs=1, batch_size=4, max_length=48, lr=1e-2),
+                       output_dir=str(tmp_path))
+    _, run_dir = run_experiment(config, progress=False)
+    result = json.loads((run_dir / "seed-0" / "result.json").read_text())
+    model, _ = load_model(tiny_causal_dirs["gpt2"], 1, causal=True)
+    total = sum(p.numel() for p in model.parameters())
+    assert result["pretrained_entries"] == total and result["trainable"]["head"] == 0
+    assert result["trainable"]["encoder"] == int(0.01 * total)
+    assert 0 <= result["test"]["accuracy"] <= 1 and result["test"]["main"] == result["test"]["accuracy"]
+    from peftbench.export import export_run
+
+    with pytest.raises(UsageError, match="trained a language model's own head"):
+        export_run(run_dir, tmp_path / "adapter")
