@@ -131,3 +131,29 @@ def test_bench_step_floor_runs_on_a_decoder(decoder_dir):
     one_step, model = prepare_step("floor", decoder_dir, batch_size=2, length=8)
     one_step()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["score.weight"]
+
+
+def test_a_sweep_and_its_report_on_a_decoder_classifier(tiny_model_dir, tmp_path):
+    """The same sweeps and reports on a decoder sequence classifier (tiny Llama): a grid of two
+    methods x two seeds on RTE (real data), then the report's table of cells."""
+    import yaml
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    from peftbench import report, sweep
+
+    vocab = AutoTokenizer.from_pretrained(tiny_model_dir).vocab_size
+    decoder_dir = _save(tmp_path / "llama", LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=128, vocab_size=vocab), LlamaModel, tiny_model_dir)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "decoder", "model": decoder_dir, "tasks": ["rte"],
+        "methods": {"random": {}, "lora": {"r": 2}}, "budgets": [0.01], "seeds": 2, "limit": 16,
+        "train": {"epochs": 1, "batch_size": 4, "max_length": 48},
+        "output_dir": str(tmp_path / "out")}))
+    spec = sweep.load_spec(path)
+    sweep.run_grid(spec, log=lambda *a: None)
+    frame = sweep.finished_frame(spec)
+    assert len(frame) == 4 and set(frame.method) == {"random", "lora"}
+    text = report.build_report(frame, tmp_path / "report")
+    assert "rte" in text and (tmp_path / "report" / "cells.csv").is_file()
