@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--budget", default=None, help="for `spend`: the budget to show")
 
     board = sub.add_parser("leaderboard", help="run or show a leaderboard from leaderboards/")
-    board.add_argument("action", choices=["run", "show", "list", "verify", "work", "search", "report"],
-                       help="run: search, grid, report (resumes from the committed cells); search: the "
-                       "search alone (a worker: several split the untuned pairs); show: "
+    board.add_argument("action", choices=["run", "show", "list", "verify", "work", "search", "carry", "report"],
+                       help="run: search, grid, carry check, report (resumes from the committed cells); "
+                       "search: the search alone (a worker: several split the untuned pairs); carry: "
+                       "the carry check alone (a worker, as search); show: "
                        "print the committed README; verify: re-run committed cells and compare; "
                        "work: the grid alone (a worker, or a second machine on a shared study); report: "
                        "rewrite the board from its committed cells without training")
@@ -328,6 +329,8 @@ def cmd_leaderboard(args) -> int | None:
         print(leaderboard.refresh(args.name, storage=args.storage, output_dir=args.output_dir))
     elif args.action == "search":
         leaderboard.search(args.name, storage=args.storage, output_dir=args.output_dir)
+    elif args.action == "carry":
+        leaderboard.carry(args.name, storage=args.storage, output_dir=args.output_dir)
     elif args.action == "work":
         return 1 if leaderboard.work(args.name, storage=args.storage, output_dir=args.output_dir) else 0
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas
 import torch
 
-from peftbench import cellstore, ownership, pages, plots, registry, report, sweep
+from peftbench import cellstore, ownership, pages, plots, registry, report, statistics, sweep
 from peftbench.errors import UsageError
 from peftbench.record import NATURAL
 
@@ -156,6 +156,52 @@ def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
             table.reset_index().to_markdown(index=False, floatfmt=".4f")]
 
 
+def carry_table(spec: sweep.StudySpec, frame: pandas.DataFrame) -> pandas.DataFrame:
+    """carry.json against the grid: per (task, method, budget), the carried setting's validation
+    on the check's seeds, the best of it and its two neighbours, `cost` = how much validation
+    the carried value gives up against that best (0 when it is the best), and the cell's seed
+    spread (std of the test metric over the reported seeds, NaN before its cells are in);
+    `within spread` says whether the cost is at most the spread."""
+    entries = sweep.read_record(spec.out / "carry.json")
+    stats = statistics.cell_stats(frame).set_index(["task", "method", "budget"]) if not frame.empty else None
+    rows = []
+    for key, entry in entries.items():
+        task, method, budget = key.split("/")
+        (name, carried), = entry["carried"].items()
+        cost = entry["validation"] - entry["carried_validation"] if entry.get("carried_validation") is not None \
+            else float("nan")
+        spread = stats["std"].get((task, method, budget), float("nan")) if stats is not None else float("nan")
+        rows.append({"task": task, "method": method, "budget": budget, f"carried {name}": carried,
+                     "carried validation": entry.get("carried_validation"),
+                     f"best {name}": entry["train"][name], "best validation": entry["validation"],
+                     "cost": cost, "seed spread": spread,
+                     "within spread": bool(cost <= spread) if spread == spread and cost == cost else None})
+    return pandas.DataFrame(rows)
+
+
+def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) -> list[str]:
+    """carry.csv and its Markdown section, when the spec has a carry check with results."""
+    if not (spec.search and spec.search.carry_check):
+        return []
+    table = carry_table(spec, frame)
+    if table.empty:
+        return []
+    table.to_csv(folder / "carry.csv", index=False)
+    judged = table["within spread"].dropna()
+    over = [(r["task"], r["method"], r["budget"]) for r in table.to_dict("records") if r["within spread"] is False]
+    seeds = ", ".join(map(str, spec.search.carry_check))
+    return ["", "## Carrying the tuned rate to other budgets (carry.json, carry.csv)", "",
+            f"The setting tuned at budget {sweep.search_budget(spec)} is carried to the other budgets. "
+            f"The check: at each other budget, on seed{'s' if len(spec.search.carry_check) > 1 else ''} "
+            f"{seeds} (not reported), the carried value and its two grid neighbours; cost = the best "
+            "validation of the three minus the carried value's; seed spread = the std of the test "
+            "metric over the reported seeds in that cell. "
+            + (f"Cost within the seed spread in {int(judged.sum())} of {len(judged)} cells"
+               + (": " + ", ".join("/".join(k) for k in over) + " exceed it." if over else ".")
+               if len(judged) else "No cell of the grid to compare with yet."), "",
+            table.to_markdown(index=False, floatfmt=".4g")]
+
+
 def board_progress(spec: sweep.StudySpec, study) -> dict:
     """Which cells are in: every cell's state, the settled ones (done, or failed for good), the
     complete (task, method, budget) groups (every seed settled) and the missing cells by group."""
@@ -233,6 +279,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
         *settings_lines(spec, folder),
         *search_lines(spec, folder),
+        *carry_lines(spec, folder, frame),
         *(["", "Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
             "[interactive](pareto.html)), "
             + ("[cd.png](cd.png) (critical-difference diagram), " if ranking is not None else "")
@@ -300,10 +347,11 @@ def _prepare(folder: Path, spec: sweep.StudySpec) -> None:
     board, and the cells' fingerprints are computed from them."""
     import shutil
 
-    committed, working = folder / "search.json", spec.out / "search.json"
-    if committed.is_file():
-        sweep.claim_out(spec)  # the sweep folder is peftbench's before anything is copied there
-        shutil.copyfile(committed, working)
+    for record in ("search.json", "carry.json"):
+        committed, working = folder / record, spec.out / record
+        if committed.is_file():
+            sweep.claim_out(spec)  # the sweep folder is peftbench's before anything is copied there
+            shutil.copyfile(committed, working)
 
 
 def search(name: str, storage: str | None = None, output_dir: str | None = None) -> dict:
@@ -315,6 +363,14 @@ def search(name: str, storage: str | None = None, output_dir: str | None = None)
         raise UsageError(f"leaderboard {name!r} has no 'search:' section")
     _prepare(folder, spec)
     return sweep.run_search(spec, mirror=folder / "search.json")
+
+
+def carry(name: str, storage: str | None = None, output_dir: str | None = None) -> dict:
+    """The carry check alone (each of `run --workers N`'s carry workers), into carry.json."""
+    folder = find(name)
+    spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    _prepare(folder, spec)
+    return sweep.run_carry_check(spec, mirror=folder / "carry.json", search_mirror=folder / "search.json")
 
 
 def work(name: str, storage: str | None = None, output_dir: str | None = None) -> int:
@@ -370,6 +426,15 @@ def run(name: str, storage: str | None = None, output_dir: str | None = None,
     else:
         sweep.run_grid(spec, restart_changed=restart_changed,
                        on_complete=lambda t: cellstore.commit_cell(folder, t.user_attrs, _duration(t)))
+    if spec.search and spec.search.carry_check:  # after the grid: a check, not the product
+        if workers and workers > 1:
+            argv = [name, *(["--storage", storage] if storage else []),
+                    *(["--output-dir", output_dir] if output_dir else [])]
+            if sweep.spawn_workers(argv, workers, command=("leaderboard", "carry")):
+                raise UsageError(f"the carry check of {name!r} did not finish (see the workers' errors "
+                                 "above); what it measured is in its carry.json")
+        else:
+            sweep.run_carry_check(spec, mirror=folder / "carry.json", search_mirror=folder / "search.json")
     command = f"peftbench leaderboard run {folder.name}"
     return write_results(spec, folder, command)
 

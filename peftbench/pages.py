@@ -112,6 +112,12 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     if (folder / "search.csv").is_file():
         parts += ["<h3>Every setting the search tried (validation main metric)</h3>",
                   table_html(folder / "search.csv", "search", ".4f")]
+    if (folder / "carry.csv").is_file():
+        parts += ["<h3>Carrying the tuned rate to other budgets</h3>",
+                  '<p class="note">At each budget other than the search\'s, on the check\'s seed(s): '
+                  "the carried rate and its two grid neighbours on validation; cost = the best of "
+                  "the three minus the carried rate's; seed spread = the std of the test metric over "
+                  "the reported seeds in that cell.</p>", table_html(folder / "carry.csv", "carry", ".4g")]
     tables = sorted(folder.glob("table1-b*.csv"))
     if tables:
         parts.append("<h2>Tables (test metric x100, mean ± std over seeds)</h2>")
@@ -122,6 +128,12 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
             budget = csv_path.stem[len("table1-b"):]
             parts += [f"<h3>Budget {html.escape(budget)} (natural-count methods included)</h3>",
                       table_html(csv_path)]
+    if (folder / "curves.csv").is_file():
+        parts += ["<h2>Budget curves: area and the budget that reaches 95% of full fine-tuning</h2>",
+                  '<p class="note">Area = the mean metric averaged over log10(trainable entries) '
+                  "across the method's budgets; reaches 95% = the smallest budget whose mean is at "
+                  "least 95% of full fine-tuning's (empty: none does). The figure is below.</p>",
+                  table_html(folder / "curves.csv", "curves", ".4g")]
     found = [(name, caption) for name, caption in FINDINGS if (folder / name).is_file()]
     if found:
         parts += ["<h2>Fu et al.'s findings at this scale</h2>",

@@ -195,6 +195,36 @@ def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, t
     assert len(json.loads((board / "search.json").read_text())["cb/random"]["tried"]) == 2
 
 
+def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_path, tiny_model_dir, monkeypatch):
+    """`search: carry_check` (issue #21): after the grid, the carried rate and its neighbours at
+    the other budget, on the check's own seed; carry.json is committed beside search.json, read
+    back by a run elsewhere (nothing trained again), and the README and page show the table."""
+    from peftbench import experiment
+
+    board = tmp_path / "boards" / "carried"
+    board.mkdir(parents=True)
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "carried", "model": tiny_model_dir, "tasks": ["cb"], "methods": {"random": {}},
+        "budgets": [0.01, 0.02], "seeds": 2, "limit": 16, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "pruner": "none", "seeds": [7],
+                   "budget": 0.01, "carry_check": [7]}}))
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    assert main(["leaderboard", "run", "carried"]) == 0
+    carry = json.loads((board / "carry.json").read_text())
+    lr = json.loads((board / "search.json").read_text())["cb/random"]["train"]["lr"]
+    assert list(carry) == ["cb/random/0.02"] and carry["cb/random/0.02"]["carried"] == {"lr": lr}
+    assert sorted(t["params"]["lr"] for t in carry["cb/random/0.02"]["tried"]) == pytest.approx(
+        sorted([lr / 10, lr, lr * 10]))
+    table = pd.read_csv(board / "carry.csv")
+    assert table["seed spread"].notna().all() and "Carrying the tuned rate" in (board / "README.md").read_text()
+    assert "Carrying the tuned rate" in (board / "index.html").read_text()
+    trained, original = [], experiment.run_experiment
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: trained.append(1) or original(*a, **k))
+    assert main(["leaderboard", "run", "carried", "--output-dir", str(tmp_path / "elsewhere")]) == 0
+    assert trained == [] and json.loads((board / "carry.json").read_text()) == carry
+
+
 def test_report_on_a_published_only_board_keeps_its_published_page(tmp_path):
     """`leaderboard report` on a board with the paper's numbers and none of ours rewrites its
     published-numbers page; it wrote a "0 of 630 cells" partial board over it."""

@@ -110,3 +110,71 @@ def test_the_grid_refuses_pairs_the_search_has_not_tuned(tmp_path, tiny_model_di
     with pytest.raises(UsageError, match=r"1 \(task, method\) pair\(s\) are not tuned yet \(rte/bitfit;"):
         sweep.run_grid(spec, log=lambda *a: None)
     assert not (tmp_path / "out" / "runs").exists()
+
+
+@pytest.mark.parametrize("value, expected", [
+    (3e-3, [1e-3, 3e-3, 1e-2]),  # inside the grid: its neighbours there
+    (3e-2, [1e-2, 3e-2, 9e-2]),  # at the top: one step of the grid's ratio there beyond it
+    (9e-5, [2.7e-5, 9e-5, 3e-4]),  # added by the edge rule below the grid: the grid above it
+])
+def test_the_carry_check_tries_the_carried_value_and_its_neighbours(value, expected):
+    grid = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    assert sweep.neighbours(grid, value) == pytest.approx(expected)
+
+
+def _carry_spec(tmp_path, **search):
+    return sweep.parse_spec({
+        "name": "carry", "tasks": ["cb"], "methods": ["random", "bitfit"], "seeds": 3,
+        "budgets": [0.001, 0.005, 0.02], "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-4, 1.0e-3, 1.0e-2]}}, "pruner": "none",
+                   "seeds": [100, 101], "budget": 0.005, "carry_check": [100], **search}})
+
+
+def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_budget(tmp_path, monkeypatch):
+    """Validation peaks at lr 1e-3 at the search's budget and at 1e-2 at 2%: the check, at 0.1%
+    and 2% only, for the budget-parameterised method only (BitFit has its natural count), on
+    its own seed, finds the cost of carrying at 2% (1.0) and none at 0.1%; the board's table
+    sets each cost against the cell's seed spread and names the cell that exceeds it."""
+    import pandas as pd
+
+    from peftbench import leaderboard
+
+    runs = []
+
+    def run_experiment(config, **kwargs):
+        runs.append((config.method, config.budget, config.train.lr, tuple(config.seeds)))
+        peak = 1e-2 if config.budget == "0.02" else 1e-3
+        return {"validation_main_mean": -(math.log10(config.train.lr) - math.log10(peak)) ** 2}, Path("x")
+
+    monkeypatch.setattr(experiment, "run_experiment", run_experiment)
+    spec = _carry_spec(tmp_path)
+    with pytest.raises(UsageError, match="needs the search's setting of cb/random"):
+        sweep.run_carry_check(spec, log=lambda *a: None)
+    sweep.run_search(spec, log=lambda *a: None)
+    runs.clear()
+    carry = sweep.run_carry_check(spec, log=lambda *a: None)
+    assert sorted(carry) == ["cb/random/0.001", "cb/random/0.02"] == sorted(sweep.carry_keys(spec))
+    assert sorted((b, lr) for _, b, lr, _ in runs) == pytest.approx(
+        [("0.001", 1e-4), ("0.001", 1e-3), ("0.001", 1e-2), ("0.02", 1e-4), ("0.02", 1e-3), ("0.02", 1e-2)])
+    assert {seeds for *_, seeds in runs} == {(100,)}
+    assert carry["cb/random/0.02"]["carried"] == {"lr": 1e-3} and carry["cb/random/0.02"]["train"]["lr"] == 1e-2
+    assert carry["cb/random/0.02"]["carried_validation"] == pytest.approx(-1.0)
+    runs.clear()
+    assert sweep.run_carry_check(spec, log=lambda *a: None) == carry and not runs  # resumes: nothing again
+
+    frame = pd.DataFrame({"task": "cb", "method": "random", "budget": ["0.001"] * 3 + ["0.02"] * 3,
+                          "metric": [0.5, 0.7, 0.9, 0.60, 0.61, 0.62], "trainable": 10})
+    table = leaderboard.carry_table(spec, frame).set_index("budget")
+    assert table.loc["0.001", "cost"] == 0 and table.loc["0.001", "within spread"]
+    assert table.loc["0.02", "cost"] == pytest.approx(1.0) and not table.loc["0.02", "within spread"]
+    assert table.loc["0.02", "seed spread"] == pytest.approx(pd.Series([0.60, 0.61, 0.62]).std(ddof=0))
+    lines = "\n".join(leaderboard.carry_lines(spec, tmp_path, frame))
+    assert "within the seed spread in 1 of 2 cells: cb/random/0.02 exceed it" in lines
+    assert (tmp_path / "carry.csv").is_file()
+
+
+def test_a_carry_check_needs_the_budget_it_carries_from(tmp_path):
+    with pytest.raises(UsageError, match="carry_check needs 'budget'"):
+        _carry_spec(tmp_path, budget=None)
+    with pytest.raises(UsageError, match="carry_check needs exactly one searched setting"):
+        _carry_spec(tmp_path, params={"lr": {"low": 1e-4, "high": 1e-2}})

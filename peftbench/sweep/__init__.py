@@ -51,7 +51,12 @@ from peftbench.sweep.grid import (  # noqa: F401
 from peftbench.sweep.search import (  # noqa: F401
     SearchClaims,
     best_search_params,
+    carry_keys,
+    neighbours,
+    read_record,
+    run_carry_check,
     run_search,
+    search_budget,
     tried,
     widened,
 )

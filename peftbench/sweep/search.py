@@ -43,7 +43,11 @@ def _add_tried(entry: dict, storage, study_name: str) -> None:
 
 def best_search_params(spec: StudySpec) -> dict:
     """search.json's {task/method: settings}; {} before any search; a one-line error when cut."""
-    path = spec.out / "search.json"
+    return read_record(spec.out / "search.json")
+
+
+def read_record(path: Path) -> dict:
+    """A search record (search.json, carry.json): {key: entry}; {} when absent."""
     if not path.exists():
         return {}
     try:
@@ -52,7 +56,7 @@ def best_search_params(spec: StudySpec) -> dict:
         raise UsageError(f"{path} is not valid JSON ({err}): restore it (a leaderboard's copy is "
                          "committed beside its spec) or remove it to search again") from None
     if not isinstance(best, dict) or not all(isinstance(v, dict) for v in best.values()):
-        raise UsageError(f"{path} is not a search record ({{task/method: settings}}): restore or remove it")
+        raise UsageError(f"{path} is not a search record ({{key: settings}}): restore or remove it")
     return best
 
 
@@ -96,7 +100,6 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
         raise UsageError(f"study {spec.name!r} has no 'search:' section")
     search = spec.search
     spec_space = {name: d.model_dump() for name, d in search.params.items()}  # {low, high, log} / {choices}
-    budget = str(Budget.parse(search.budget)) if search.budget is not None else spec.budgets[0]
     claim_out(spec)
     best = best_search_params(spec)
     cache = ScoreCache(spec.out / "scores")
@@ -112,91 +115,165 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
     if updated:
         with claims.lock:
             _write_search(spec, {**claims.merged(), **updated}, mirror)
-    while (pair := claims.next()) is not None:  # several workers split the pairs between them
-        task, method = pair
-        cls = registry.get(method)
-        space = dict(cls.search_space()) if search.method_params else {}
-        pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-                  if search.pruner == "median" else optuna.pruners.NopPruner())
-        grid = _choice_grid(spec_space) if not space else None
-        if grid is not None:  # every setting a list of choices: try each once (a grid)
-            sampler = optuna.samplers.GridSampler(grid, seed=search.seed)
-            n_trials = min(search.trials, math.prod(len(v) for v in grid.values()))
-        else:
-            sampler = optuna.samplers.TPESampler(seed=search.seed)
-            n_trials = search.trials
-        study = optuna.create_study(
-            study_name=f"{spec.name}/search/{task}/{method}", storage=storage,
-            direction="maximize", load_if_exists=True, pruner=pruner, sampler=sampler)
-        params_space = dict(spec_space)
-
-        def objective(trial: optuna.Trial) -> float:
-            train = {n: _suggest(trial, n, d) for n, d in params_space.items()}
-            params = {**spec.methods[method],
-                      **{n: _suggest(trial, f"method.{n}", d) for n, d in space.items()}}
-
-            def on_epoch(epoch: int, value: float) -> None:
-                trial.report(value, epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"epoch {epoch}: validation {value:.4f}")
-
-            config = RunConfig(method=method, task=task,
-                               budget="1" if not cls.uses_budget else budget,
-                               seeds=list(search.seeds or [spec.seeds[0]]),
-                               model=spec.model, device=spec.device,
-                               method_params=params, train=train_config(train, "search", method_train(spec, method)),
-                               limit=spec.limit, output_dir=str(spec.out / "search-runs"))
-            # several tuning seeds: the score is their mean, known only at the end, so no
-            # per-epoch report (one seed's epoch is not the setting's value)
-            summary, run_dir = experiment.run_experiment(config, progress=False, score_cache=cache,
-                                              on_epoch=on_epoch if len(config.seeds) == 1 else None)
-            trial.set_user_attr("run_dir", str(run_dir.resolve()))
-            return summary["validation_main_mean"]
-
-        def guarded(trial: optuna.Trial) -> float:  # a failure's reason kept with its trial
-            try:
-                return objective(trial)
-            except optuna.TrialPruned:
-                raise
-            except Exception as err:
-                trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:300])
-                raise
-
-        done = (TrialState.COMPLETE, TrialState.PRUNED)
-        study.optimize(guarded, n_trials=n_trials, catch=(Exception,),
-                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
-        studies = [study]
-        for value in widened(studies, grid, search.widen):
-            (name, choice), = value.items()
-            log(f"search {task}/{method}: best at the grid's edge; trying {name}={choice:g}")
-            # a study of its own: Optuna keeps one set of choices per parameter and study
-            extra = optuna.create_study(
-                study_name=f"{spec.name}/search/{task}/{method}/widen/{name}={choice:g}",
-                storage=storage, direction="maximize", load_if_exists=True,
-                sampler=optuna.samplers.GridSampler({name: [choice]}))
-            params_space = {name: {"choices": [choice]}}
-            extra.optimize(guarded, n_trials=1, catch=(Exception,),
-                           callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
-            studies.append(extra)
-        params_space = dict(spec_space)
-        complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if not complete:  # nothing to choose from: never an empty search.json and exit 0
+    while (key := claims.next()) is not None:  # several workers split the pairs between them
+        task, method = key.split("/", 1)
+        try:
+            entry = _tune(spec, task, method, search_budget(spec), spec_space, list(search.seeds or [spec.seeds[0]]),
+                          f"{spec.name}/search/{task}/{method}", search.widen, storage, cache, log)
+        except UsageError:
             claims.release(f"{task}/{method}")
-            failed = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
-            reason = failed[0].user_attrs.get("failure", "") if failed else ""
-            raise UsageError(f"search {task}/{method}: none of its {sum(len(st.trials) for st in studies)} "
-                             f"trials completed{': ' + reason.splitlines()[0][:300] if reason else ''}; "
-                             "fix the search space or the method's settings (search.json keeps the "
-                             "pairs tuned so far)")
-        winner = max(complete, key=lambda t: t.value)
-        params = winner.params
-        best = claims.record(f"{task}/{method}", {  # after every pair: an interruption keeps it
-            "train": {k: v for k, v in params.items() if not k.startswith("method.")},
+            raise
+        claims.record(f"{task}/{method}", entry)  # after every pair: an interruption keeps it
+        log(f"search {task}/{method}: best validation {entry['validation']:.4f} with "
+            f"{ {**entry['train'], **{'method.' + k: v for k, v in entry['method'].items()}} }")
+    return claims.merged()
+
+
+def search_budget(spec: StudySpec) -> str:
+    """The budget the search tunes at: `search.budget`, else the spec's first budget."""
+    budget = spec.search.budget
+    return str(Budget.parse(budget)) if budget is not None else spec.budgets[0]
+
+
+def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict, seeds: list[int],
+          study_name: str, widen: int, storage, cache: ScoreCache, log) -> dict:
+    """One (task, method)'s search at `budget` over `spec_space` on `seeds` (the settings'
+    score: their mean validation), in the Optuna study `study_name` (resumed when it exists),
+    with the edge rule's extra values (`widened`); returns its search.json entry, or a
+    UsageError when no trial completed."""
+    search = spec.search
+    cls = registry.get(method)
+    space = dict(cls.search_space()) if search.method_params else {}
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+              if search.pruner == "median" else optuna.pruners.NopPruner())
+    grid = _choice_grid(spec_space) if not space else None
+    if grid is not None:  # every setting a list of choices: try each once (a grid)
+        sampler = optuna.samplers.GridSampler(grid, seed=search.seed)
+        n_trials = min(search.trials, math.prod(len(v) for v in grid.values()))
+    else:
+        sampler = optuna.samplers.TPESampler(seed=search.seed)
+        n_trials = search.trials
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                load_if_exists=True, pruner=pruner, sampler=sampler)
+    params_space = dict(spec_space)
+
+    def objective(trial: optuna.Trial) -> float:
+        train = {n: _suggest(trial, n, d) for n, d in params_space.items()}
+        params = {**spec.methods[method],
+                  **{n: _suggest(trial, f"method.{n}", d) for n, d in space.items()}}
+
+        def on_epoch(epoch: int, value: float) -> None:
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: validation {value:.4f}")
+
+        config = RunConfig(method=method, task=task, budget="1" if not cls.uses_budget else budget,
+                           seeds=seeds, model=spec.model, device=spec.device, method_params=params,
+                           train=train_config(train, "search", method_train(spec, method)),
+                           limit=spec.limit, output_dir=str(spec.out / "search-runs"))
+        # several tuning seeds: the score is their mean, known only at the end, so no
+        # per-epoch report (one seed's epoch is not the setting's value)
+        summary, run_dir = experiment.run_experiment(config, progress=False, score_cache=cache,
+                                                     on_epoch=on_epoch if len(config.seeds) == 1 else None)
+        trial.set_user_attr("run_dir", str(run_dir.resolve()))
+        return summary["validation_main_mean"]
+
+    def guarded(trial: optuna.Trial) -> float:  # a failure's reason kept with its trial
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:
+            trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:300])
+            raise
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    study.optimize(guarded, n_trials=n_trials, catch=(Exception,),
+                   callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
+    studies = [study]
+    for value in widened(studies, grid, widen):
+        (name, choice), = value.items()
+        log(f"search {task}/{method}: best at the grid's edge; trying {name}={choice:g}")
+        # a study of its own: Optuna keeps one set of choices per parameter and study
+        extra = optuna.create_study(
+            study_name=f"{study_name}/widen/{name}={choice:g}",
+            storage=storage, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.GridSampler({name: [choice]}))
+        params_space = {name: {"choices": [choice]}}
+        extra.optimize(guarded, n_trials=1, catch=(Exception,),
+                       callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
+        studies.append(extra)
+    complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not complete:  # nothing to choose from: never an empty search.json and exit 0
+        failed = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+        reason = failed[0].user_attrs.get("failure", "") if failed else ""
+        raise UsageError(f"search {task}/{method}: none of its {sum(len(st.trials) for st in studies)} "
+                         f"trials completed{': ' + reason.splitlines()[0][:300] if reason else ''}; "
+                         "fix the search space or the method's settings (search.json keeps the "
+                         "pairs tuned so far)")
+    winner = max(complete, key=lambda t: t.value)
+    params = winner.params
+    return {"train": {k: v for k, v in params.items() if not k.startswith("method.")},
             "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
             "validation": winner.value, "trials": sum(len(st.trials) for st in studies),
-            "tried": [row for st in studies for row in tried(st)],
-            "seeds": list(search.seeds or [spec.seeds[0]])})
-        log(f"search {task}/{method}: best validation {winner.value:.4f} with {params}")
+            "tried": [row for st in studies for row in tried(st)], "seeds": seeds}
+
+
+def carry_keys(spec: StudySpec) -> list[str]:
+    """The carry check's keys, `task/method/budget`: every budget-parameterised method at every
+    budget of the spec other than the one the search tunes at."""
+    tuned_at = search_budget(spec)
+    return [f"{t}/{m}/{b}" for t in spec.tasks for m in spec.methods if registry.get(m).uses_budget
+            for b in spec.budgets if b != tuned_at]
+
+
+def neighbours(choices: list[float], value: float) -> list[float]:
+    """`value` and the nearest values on either side of it: the grid's (`choices`), or past the
+    grid's end (a value the edge rule added) the grid's ratio at that end, as the edge rule
+    steps."""
+    ordered = sorted(choices)
+    low_ratio, high_ratio = ordered[1] / ordered[0], ordered[-1] / ordered[-2]
+    lower = [c for c in ordered if c < value and not math.isclose(c, value, rel_tol=1e-9)]
+    higher = [c for c in ordered if c > value and not math.isclose(c, value, rel_tol=1e-9)]
+    return [lower[-1] if lower else value / low_ratio, value, higher[0] if higher else value * high_ratio]
+
+
+def run_carry_check(spec: StudySpec, log=print, mirror: Path | None = None,
+                    search_mirror: Path | None = None) -> dict:
+    """Whether carrying the searched setting from the search's budget to the others costs a
+    method more than its seed spread (issue #21): for every `carry_keys` entry, the carried
+    value and its two grid neighbours trained on `search.carry_check` seeds at that budget
+    (validation, as the search). Writes and returns {task/method/budget: entry}, `carry.json`
+    (and `mirror`), after every key; workers split the keys as the search's do. Each entry:
+    the search's fields, plus `carried` (the value carried) and `carried_validation`."""
+    search = spec.search
+    if not search or not search.carry_check:
+        raise UsageError(f"study {spec.name!r} has no 'search: carry_check:' seeds")
+    (name, choice_spec), = search.params.items()
+    best = SearchClaims(spec, search_mirror).merged()
+    missing = sorted({k.rsplit("/", 1)[0] for k in carry_keys(spec)} - set(best))
+    if missing:
+        raise UsageError(f"the carry check needs the search's setting of {', '.join(missing)}: "
+                         "run the search first (peftbench leaderboard run)")
+    claim_out(spec)
+    cache, storage = ScoreCache(spec.out / "scores"), open_storage(spec)
+    claims = SearchClaims(spec, mirror, record="carry.json", keys=carry_keys(spec))
+    while (key := claims.next()) is not None:
+        task, method, budget = key.split("/")
+        carried = best[f"{task}/{method}"]["train"][name]
+        grid = {name: {"choices": neighbours(choice_spec.choices, carried)}}
+        try:
+            entry = _tune(spec, task, method, budget, grid, list(search.carry_check),
+                          f"{spec.name}/carry/{key}", 0, storage, cache, log)
+        except UsageError:
+            claims.release(key)
+            raise
+        at_carried = [t["validation"] for t in entry["tried"]
+                      if t["state"] == "complete" and math.isclose(t["params"][name], carried, rel_tol=1e-9)]
+        entry.update(carried={name: carried}, carried_validation=at_carried[0] if at_carried else None)
+        claims.record(key, entry)
+        log(f"carry check {key}: carried {name}={carried:g} validation "
+            f"{entry['carried_validation']}; best {entry['train']} {entry['validation']:.4f}")
     return claims.merged()
 
 
@@ -206,14 +283,17 @@ class SearchClaims:
     neither in search.json nor claimed by a live worker (`search-claims.json`; a dead local
     worker's claim is taken over), and records its result by merging it into search.json as it
     is on disk then (and into the board's committed copy, `mirror`), so workers never overwrite
-    each other's pairs. One worker takes the pairs in the spec's order, as before."""
+    each other's pairs. One worker takes the pairs in the spec's order, as before. The carry
+    check shares the mechanism with its own record (`carry.json`) and keys."""
 
-    def __init__(self, spec: StudySpec, mirror: Path | None):
-        self.spec, self.mirror = spec, mirror
-        self.path = spec.out / "search-claims.json"
-        self.lock = FileLock(str(spec.out / "search.lock"))
+    def __init__(self, spec: StudySpec, mirror: Path | None, record: str = "search.json",
+                 keys: list[str] | None = None):
+        self.spec, self.mirror, self.record_name = spec, mirror, record
+        stem = record.removesuffix(".json")
+        self.path = spec.out / f"{stem}-claims.json"
+        self.lock = FileLock(str(spec.out / f"{stem}.lock"))
         self.me = f"{socket.gethostname()}:{os.getpid()}"
-        self.pairs = [f"{t}/{m}" for t in spec.tasks for m in spec.methods]
+        self.pairs = keys if keys is not None else [f"{t}/{m}" for t in spec.tasks for m in spec.methods]
 
     def _claims(self) -> dict[str, str]:
         try:
@@ -235,18 +315,18 @@ class SearchClaims:
         best = {}
         if self.mirror is not None and self.mirror.is_file():
             best.update(json.loads(self.mirror.read_text()))
-        best.update(best_search_params(self.spec))
+        best.update(read_record(self.spec.out / self.record_name))
         return best
 
-    def next(self) -> tuple[str, str] | None:
+    def next(self) -> str | None:
+        """The next key neither recorded nor claimed by a live worker, now claimed by this one."""
         with self.lock:
             best, claims = self.merged(), self._claims()
             for key in self.pairs:
                 if key not in best and claims.get(key, self.me) == self.me:
                     claims[key] = self.me
                     self._write_claims(claims)
-                    task, method = key.split("/", 1)
-                    return task, method
+                    return key
         return None
 
     def release(self, key: str) -> None:
@@ -258,7 +338,7 @@ class SearchClaims:
     def record(self, key: str, entry: dict) -> dict:
         with self.lock:
             best = {**self.merged(), key: entry}
-            _write_search(self.spec, best, self.mirror)
+            _write_search(self.spec, best, self.mirror, self.record_name)
             claims = self._claims()
             claims.pop(key, None)
             self._write_claims(claims)
@@ -293,9 +373,9 @@ def widened(studies: list, grid: dict | None, widen: int):
             return
 
 
-def _write_search(spec: StudySpec, best: dict, mirror: Path | None = None) -> None:
+def _write_search(spec: StudySpec, best: dict, mirror: Path | None = None, record: str = "search.json") -> None:
     spec.out.mkdir(parents=True, exist_ok=True)
-    for path in [spec.out / "search.json", *([mirror] if mirror else [])]:
+    for path in [spec.out / record, *([mirror] if mirror else [])]:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(best, indent=2))
         tmp.replace(path)

@@ -103,16 +103,24 @@ class SearchSpec(BaseModel):
     # own ratio there), up to `widen` values per side, until the best is inside
     widen: NonNegativeInt = 0
     budget: StrictFloat | StrictInt | StrictStr | None = None
+    # the check that carrying the setting tuned at `budget` to the spec's other budgets costs
+    # little: at each of them, on these seeds, the carried value and its two grid neighbours
+    # (`carry.json`, `peftbench leaderboard run` after the grid)
+    carry_check: list[NonNegativeInt] | None = PydanticField(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _widen_needs_one_numeric_grid(self):
-        if self.widen:
+        if self.carry_check and self.budget is None:
+            raise ValueError("carry_check needs 'budget': the budget the setting is tuned at and "
+                             "carried from")
+        if self.widen or self.carry_check:
             grids = [d for d in self.params.values() if isinstance(d, _Choices)]
             if len(self.params) != 1 or not grids or len(grids[0].choices) < 2 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                     for v in grids[0].choices):
-                raise ValueError("widen needs exactly one searched setting given as at least two "
-                                 "positive numeric choices (e.g. lr: {choices: [1e-4, 1e-3]})")
+                raise ValueError(f"{'widen' if self.widen else 'carry_check'} needs exactly one "
+                                 "searched setting given as at least two positive numeric choices "
+                                 "(e.g. lr: {choices: [1e-4, 1e-3]})")
         return self
 
     @field_validator("params")
