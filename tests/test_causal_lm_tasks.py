@@ -291,3 +291,28 @@ def test_a_multiple_choice_run_on_a_decoder_end_to_end(tiny_causal_dirs, tmp_pat
 
     with pytest.raises(UsageError, match="trained a language model's own head"):
         export_run(run_dir, tmp_path / "adapter")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the CUDA path needs a GPU (none here)")
+@pytest.mark.parametrize("task, method", [(ARITH, "random"), (ARITH, "lora"), (COPA, "fish")])
+def test_a_decoder_run_on_cuda_with_bf16_autocast_and_gradient_checkpointing(tiny_causal_dirs, tmp_path,
+                                                                             task, method):
+    """The GPU path on a decoder: fp32 master weights under bf16 autocast, activations
+    recomputed, peak memory as CUDA's max allocated; the same counts as on CPU."""
+    import json
+    import math
+
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.trainer import TrainConfig
+
+    config = RunConfig(method=method, task=str(task), budget="0.01", model=tiny_causal_dirs["llama"], limit=12,
+                       device="cuda", method_params={"r": 2} if method == "lora" else
+                       {"num_samples": 8} if method == "fish" else {},
+                       train=TrainConfig(epochs=1, batch_size=4, max_length=48, lr=1e-2, gradient_checkpointing=True),
+                       output_dir=str(tmp_path))
+    _, run_dir = run_experiment(config, progress=False)
+    result = json.loads((run_dir / "seed-0" / "result.json").read_text())
+    assert result["peak_memory"]["kind"] == "cuda_max_allocated" and result["peak_memory"]["training_bytes"] > 0
+    assert all(math.isfinite(v) for v in result["test"].values()) and result["trainable"]["head"] == 0
+    if method == "random":
+        assert result["trainable"]["encoder"] == int(0.01 * result["pretrained_entries"])
