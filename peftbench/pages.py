@@ -97,7 +97,7 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     from peftbench import plots
 
     folder = Path(folder)
-    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>", "<ul>"]
+    parts = [f"<h1>{html.escape(title)}</h1>", prose(intro), "<ul>"]  # "**Partial board: ...**" is Markdown
     parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in meta.items()]
     parts += ["</ul>"]
     if (folder / "verdict.md").is_file():

@@ -62,3 +62,15 @@ def test_no_committed_board_file_holds_a_path_of_the_machine_that_wrote_it():
         if hits:
             found[name] = hits[0]
     assert not found, f"absolute paths in committed files: {dict(list(found.items())[:5])}"
+
+
+def test_a_page_renders_its_intro_as_markdown_not_as_raw_asterisks(tmp_path):
+    """A partial board's intro opens with "**Partial board: k of n cells.**": the page shows it
+    in bold, not with its asterisks, and escapes any HTML in a spec's description."""
+    from peftbench import pages
+
+    pages.write_page(tmp_path, "board", "**Partial board: 0 of 3 cells.** Five <b>methods</b>.", None,
+                     {"command": "none"})
+    page = (tmp_path / "index.html").read_text()
+    assert "<strong>Partial board: 0 of 3 cells.</strong>" in page and "**Partial" not in page
+    assert "&lt;b&gt;methods&lt;/b&gt;" in page
