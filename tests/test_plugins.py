@@ -197,22 +197,57 @@ HOSTILE_SELECTIONS = {
 }
 
 
+# each hostile method through `peftbench run` and `peftbench check-method`, as the CLI's own
+# `main` in one subprocess (the plugin installed on its path): one torch import for all six
+_HOSTILE_SCRIPT = """
+import contextlib, io, json, sys, traceback
+from peftbench.cli import main
+model, folder = sys.argv[1], sys.argv[2]
+out = {}
+for method in json.loads(sys.argv[3]):
+    err, std = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            run = main(["run", "--method", method, "--task", "rte", "--model", model, "--limit", "8",
+                        "--epochs", "1", "--budget", "0.01", "--quiet", "--output-dir", f"{folder}/{method}"])
+        except BaseException:
+            run = -1
+            traceback.print_exc()
+    with contextlib.redirect_stdout(std):
+        check = main(["check-method", method])
+    out[method] = {"run": run, "stderr": err.getvalue(), "check": check, "stdout": std.getvalue()}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile_outcomes(plugin_site, tiny_model_dir, tmp_path_factory):
+    import json
+
+    folder = tmp_path_factory.mktemp("hostile-runs")
+    proc = _cli_script(plugin_site, _HOSTILE_SCRIPT, tiny_model_dir, str(folder), json.dumps(sorted(HOSTILE_SELECTIONS)))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), folder
+
+
+def _cli_script(site: Path, script: str, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+
+
 @pytest.mark.parametrize("method", sorted(HOSTILE_SELECTIONS))
-def test_the_runner_and_check_method_refuse_the_same_bad_selections(plugin_site, tiny_model_dir,
-                                                                      tmp_path, method):
+def test_the_runner_and_check_method_refuse_the_same_bad_selections(hostile_outcomes, method):
     """One validator for both: `run` refuses with one line naming the method and the rule
     (nothing trained), and `check-method` fails select_within_budget with the same words."""
-    proc = _cli(plugin_site, "run", "--method", method, "--task", "rte", "--model", tiny_model_dir,
-                "--limit", "8", "--epochs", "1", "--budget", "0.01", "--quiet",
-                "--output-dir", str(tmp_path))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    line, = proc.stderr.strip().splitlines()
+    outcomes, folder = hostile_outcomes
+    got = outcomes[method]
+    assert got["run"] == 2 and "Traceback" not in got["stderr"], got["stderr"]
+    line, = got["stderr"].strip().splitlines()
     assert f"method {method!r}" in line and HOSTILE_SELECTIONS[method] in line
-    assert not list(tmp_path.glob("*/seed-*/result.json"))  # nothing trained
-    check = _cli(plugin_site, "check-method", method)
-    assert check.returncode == 1
+    assert not list((folder / method).glob("*/seed-*/result.json"))  # nothing trained
+    assert got["check"] == 1
     assert re.search(r"^FAIL\s+select_within_budget\s+.*" + re.escape(HOSTILE_SELECTIONS[method]),
-                     check.stdout, re.M), check.stdout
+                     got["stdout"], re.M), got["stdout"]
 
 
 def test_a_name_registered_twice_is_an_error_naming_both_packages(plugin_site):
