@@ -525,18 +525,16 @@ def encode_choices(task: TaskSpec, tokenizer, row: dict, max_length: int) -> dic
             "labels": task.label_id(row["label"])}
 
 
-def _pad_right(tokenizer, feats: list[dict], targets: list[list[int]] | None = None) -> dict:
-    """`tokenizer.pad` on the right whatever the tokenizer's default (Llama's pads on the
-    left), and token targets padded with -100 to the same length."""
+def _pad_right(tokenizer, feats: list[dict], targets: list[list[int]]):
+    """(`tokenizer.pad` on the right whatever the tokenizer's default (Llama's pads on the
+    left), the token targets padded with -100 to the same length)."""
     import torch
 
     batch = dict(tokenizer.pad(feats, return_tensors="pt", padding_side="right"))
-    if targets is not None:
-        out = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
-        for i, t in enumerate(targets):
-            out[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        batch["targets"] = out
-    return batch
+    padded = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
+    for i, t in enumerate(targets):
+        padded[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    return batch, padded
 
 
 class Collator:
@@ -550,16 +548,16 @@ class Collator:
 
         if self.task.kind == "causal_lm":  # right-padded; labels padded with -100 (no loss)
             feats = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows]
-            batch = _pad_right(self.tokenizer, feats, [r["labels"] for r in rows])
-            return {**batch, "labels": batch.pop("targets")}
+            batch, labels = _pad_right(self.tokenizer, feats, [r["labels"] for r in rows])
+            return {**batch, "labels": labels}
         labels = torch.tensor([r["labels"] for r in rows],
                               dtype=torch.float if self.task.kind == "regression" else torch.long)
         if rows and "choice_labels" in rows[0]:  # choices read by a decoder's LM head: [B, C, L]
             n = len(self.task.choices)
             flat = [{"input_ids": r["input_ids"][i], "attention_mask": r["attention_mask"][i]}
                     for r in rows for i in range(n)]
-            batch = _pad_right(self.tokenizer, flat, [r["choice_labels"][i] for r in rows for i in range(n)])
-            batch["choice_labels"] = batch.pop("targets")
+            batch, targets = _pad_right(self.tokenizer, flat, [r["choice_labels"][i] for r in rows for i in range(n)])
+            batch["choice_labels"] = targets
             return {**{k: v.view(len(rows), n, -1) for k, v in batch.items()}, "labels": labels}
         feats = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
         if self.task.kind != "multiple_choice":

@@ -174,11 +174,8 @@ def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.dev
             logliks += (picked.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
             prompts = [{"input_ids": r["input_ids"][:r["prompt_length"]],
                         "attention_mask": r["attention_mask"][:r["prompt_length"]]} for r in chunk]
-            side, tokenizer.padding_side = tokenizer.padding_side, "left"
-            try:
-                enc = {k: v.to(device) for k, v in tokenizer.pad(prompts, return_tensors="pt").items()}
-            finally:
-                tokenizer.padding_side = side
+            enc = {k: v.to(device) for k, v in
+                   tokenizer.pad(prompts, return_tensors="pt", padding_side="left").items()}
             out = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             generated += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
