@@ -125,6 +125,17 @@ def metric_axis(frame: pd.DataFrame, task: str) -> str:
     return f"{task.upper()}: {label} x 100 (test, mean ± std over seeds)"
 
 
+def y_span(cells: pd.DataFrame, baseline: float | None) -> tuple[float, float]:
+    """The budget-curve panel's y range: every method's interval with a margin, reaching down to
+    the constant predictor only when it lies within half that span below (STS-B's constant
+    Pearson is 0, which would squash curves that all sit between 0.6 and 0.8 into a line)."""
+    low, high = float(cells.ci_low.min()), float(cells.ci_high.max())
+    margin = max(high - low, 0.01) * 0.08
+    if baseline is not None and low - baseline <= 0.5 * (high - low):
+        low = min(low, baseline)
+    return low - margin, high + margin
+
+
 def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
     """Budget curves, one panel per task: test metric (mean over seeds and its 95% bootstrap
     interval as a band) against trainable entries (log x) for every budget-parameterised
@@ -162,8 +173,14 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
                     mew=0.4, lw=1.3, ls=line, label=method)
             ax.fill_between(c.trainable, 100 * c.ci_low, 100 * c.ci_high, color=colour, alpha=0.15)
         baseline = _constant(frame, task)
-        if baseline is not None:
+        low, high = y_span(cells, baseline)
+        if baseline is not None and low <= baseline:
             ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
+        elif baseline is not None:  # far below every method: say it rather than squash the curves
+            ax.annotate(f"constant predictor: {100 * baseline:.1f} (below the axis)",
+                        xy=(0.99, 0.01), xycoords="axes fraction", ha="right", va="bottom",
+                        fontsize=8, color="dimgrey")
+        ax.set_ylim(100 * low, 100 * high)
         ax.set_xscale("log")
         ax.set_xlabel("trainable entries (log scale; head excluded)")
         ax.set_ylabel(metric_axis(frame, task).replace("mean ± std over seeds",
@@ -211,8 +228,14 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
                         color=colour, marker=marker, capsize=3, lw=1.2, ms=6, mec="black", mew=0.4,
                         ls=line)
         baseline = _constant(frame, task)
-        if baseline is not None:
+        low, high = y_span(cells, baseline)
+        if baseline is not None and low <= baseline:
             ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
+        elif baseline is not None:  # far below every method: say it rather than squash the curves
+            ax.annotate(f"constant predictor: {100 * baseline:.1f} (below the axis)",
+                        xy=(0.99, 0.01), xycoords="axes fraction", ha="right", va="bottom",
+                        fontsize=8, color="dimgrey")
+        ax.set_ylim(100 * low, 100 * high)
         front = pareto_points(cells)
         ax.step(front.trainable, 100 * front["mean"], where="post", color="black", lw=1, ls="--",
                 zorder=0, label="Pareto front")

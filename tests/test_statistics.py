@@ -122,3 +122,17 @@ def test_best_per_budget_names_the_best_and_how_sure():
     means = cells.groupby("method").metric.mean().sort_values(ascending=False)
     assert (row.best, row.runner_up) == tuple(means.index[:2])
     assert row.p_better + row.p_equivalent + row.p_worse == pytest.approx(1.0)
+
+
+def test_curves_axis_keeps_a_far_constant_predictor_out_of_the_way():
+    """STS-B's constant predictor scores 0 while every curve sits near 0.7-0.8: the panel spans
+    the methods' intervals and names the constant instead of squashing the curves onto a line;
+    a constant within reach (SST-2's 0.5 beside curves at 0.55-0.8) stays on the axis."""
+    from peftbench import plots
+
+    cells = pd.DataFrame({"ci_low": [0.70, 0.74], "ci_high": [0.76, 0.80]})
+    low, high = plots.y_span(cells, 0.0)
+    assert 0.6 < low < 0.70 and 0.80 < high < 0.85
+    low, high = plots.y_span(pd.DataFrame({"ci_low": [0.55, 0.7], "ci_high": [0.6, 0.8]}), 0.5)
+    assert low < 0.5
+    assert plots.y_span(cells, None) == plots.y_span(cells, 0.0)
