@@ -129,7 +129,8 @@ def y_span(cells: pd.DataFrame, baseline: float | None) -> tuple[float, float]:
     """The budget-curve panel's y range: every method's interval with a margin, reaching down to
     the constant predictor only when it lies within half that span below (STS-B's constant
     Pearson is 0, which would squash curves that all sit between 0.6 and 0.8 into a line)."""
-    low, high = float(cells.ci_low.min()), float(cells.ci_high.max())
+    low = float(cells.ci_low.fillna(cells["mean"]).min())  # one seed: no interval, its mean
+    high = float(cells.ci_high.fillna(cells["mean"]).max())
     margin = max(high - low, 0.01) * 0.08
     if baseline is not None and low - baseline <= 0.5 * (high - low):
         low = min(low, baseline)
@@ -228,14 +229,8 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
                         color=colour, marker=marker, capsize=3, lw=1.2, ms=6, mec="black", mew=0.4,
                         ls=line)
         baseline = _constant(frame, task)
-        low, high = y_span(cells, baseline)
-        if baseline is not None and low <= baseline:
+        if baseline is not None:
             ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
-        elif baseline is not None:  # far below every method: say it rather than squash the curves
-            ax.annotate(f"constant predictor: {100 * baseline:.1f} (below the axis)",
-                        xy=(0.99, 0.01), xycoords="axes fraction", ha="right", va="bottom",
-                        fontsize=8, color="dimgrey")
-        ax.set_ylim(100 * low, 100 * high)
         front = pareto_points(cells)
         ax.step(front.trainable, 100 * front["mean"], where="post", color="black", lw=1, ls="--",
                 zorder=0, label="Pareto front")

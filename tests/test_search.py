@@ -2,6 +2,7 @@
 whose best value sits at its edge (fixed in the spec before the search runs)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -52,6 +53,28 @@ def test_widening_stops_at_its_limit_and_not_for_an_inside_best(tmp_path, monkey
     assert {seeds for _, seeds in runs} == {(0,)}  # default: the spec's first seed
 
 
+def test_a_resumed_search_says_how_many_pairs_are_tuned_in_one_line(tmp_path, monkeypatch):
+    """Progress on long work: each pair a worker starts says k of n tuned so far; a resumed
+    search names its tuned pairs in one line (not a line per pair and per worker)."""
+    _fake_runs(monkeypatch, peak=1e-3)
+    spec = sweep.parse_spec({
+        "name": "resume", "tasks": ["cb", "rte"], "methods": ["random", "bitfit"], "seeds": 5,
+        "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-4, 1.0e-3, 1.0e-2]}}, "pruner": "none"}})
+    lines = []
+    sweep.run_search(spec, log=lines.append)
+    started = [line for line in lines if "started" in line]
+    assert started == [f"search {k}: started; {i} of 4 pairs tuned so far"
+                       for i, k in enumerate(["cb/random", "cb/bitfit", "rte/random", "rte/bitfit"])]
+    (tmp_path / "sweep" / "search.json").write_text(
+        json.dumps({k: v for k, v in sweep.best_search_params(spec).items() if k != "rte/bitfit"}))
+    lines.clear()
+    sweep.run_search(spec, log=lines.append)
+    assert lines[0].startswith("search: 3 of 4 (task, method) pairs tuned already in ")
+    assert lines[0].endswith(": cb/random, cb/bitfit, rte/random")
+    assert lines[1] == "search rte/bitfit: started; 3 of 4 pairs tuned so far"
+
+
 def test_widen_needs_one_numeric_grid(tmp_path):
     with pytest.raises(UsageError, match="widen needs exactly one searched setting"):
         sweep.parse_spec({"name": "w", "tasks": ["cb"], "methods": ["random"],
@@ -65,7 +88,6 @@ def test_two_search_workers_split_the_pairs_and_lose_none(tmp_path, tiny_model_d
     """`leaderboard run --workers 2` on a spec with a search: two `leaderboard search` workers
     take the untuned pairs between them (each pair searched once), and every pair's entry is in
     the committed search.json, whatever order they finish in."""
-    import json
     import os
 
     import yaml
@@ -92,7 +114,6 @@ def test_two_search_workers_split_the_pairs_and_lose_none(tmp_path, tiny_model_d
 def test_the_grid_refuses_pairs_the_search_has_not_tuned(tmp_path, tiny_model_dir):
     """A spec with `search:` whose search.json lacks a (task, method) pair: the grid is refused,
     naming the pair, instead of running its cells at the untuned settings."""
-    import json
 
     import yaml
 

@@ -130,9 +130,12 @@ def test_curves_axis_keeps_a_far_constant_predictor_out_of_the_way():
     a constant within reach (SST-2's 0.5 beside curves at 0.55-0.8) stays on the axis."""
     from peftbench import plots
 
-    cells = pd.DataFrame({"ci_low": [0.70, 0.74], "ci_high": [0.76, 0.80]})
+    cells = pd.DataFrame({"mean": [0.73, 0.77], "ci_low": [0.70, 0.74], "ci_high": [0.76, 0.80]})
     low, high = plots.y_span(cells, 0.0)
     assert 0.6 < low < 0.70 and 0.80 < high < 0.85
-    low, high = plots.y_span(pd.DataFrame({"ci_low": [0.55, 0.7], "ci_high": [0.6, 0.8]}), 0.5)
-    assert low < 0.5
+    near = pd.DataFrame({"mean": [0.57, 0.75], "ci_low": [0.55, 0.7], "ci_high": [0.6, 0.8]})
+    assert plots.y_span(near, 0.5)[0] < 0.5
     assert plots.y_span(cells, None) == plots.y_span(cells, 0.0)
+    one_seed = pd.DataFrame({"mean": [0.73, 0.77], "ci_low": [np.nan, np.nan], "ci_high": [np.nan, np.nan]})
+    low, high = plots.y_span(one_seed, None)  # no interval: the means bound the axis
+    assert low < 0.73 and 0.77 < high < 0.8

@@ -106,9 +106,11 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
     storage = open_storage(spec)
     claims = SearchClaims(spec, mirror)
     updated = {}
-    for key, entry in best.items():  # resumable across machines: search.json is the record
-        log(f"search {key}: tuned already in {mirror or spec.out / 'search.json'} "
-            "(remove its entry there to search again)")
+    if best:  # resumable across machines: search.json is the record
+        log(f"search: {len(best)} of {len(claims.pairs)} (task, method) pairs tuned already in "
+            f"{mirror or spec.out / 'search.json'} (remove an entry there to search it again): "
+            + ", ".join(best))
+    for key, entry in best.items():
         if "tried" not in entry:  # written before "tried" was recorded
             _add_tried(entry, storage, f"{spec.name}/search/{key}")
             updated[key] = entry
@@ -117,6 +119,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
             _write_search(spec, {**claims.merged(), **updated}, mirror)
     while (key := claims.next()) is not None:  # several workers split the pairs between them
         task, method = key.split("/", 1)
+        log(f"search {key}: started; {len(claims.merged())} of {len(claims.pairs)} pairs tuned so far")
         try:
             entry = _tune(spec, task, method, search_budget(spec), spec_space, list(search.seeds or [spec.seeds[0]]),
                           f"{spec.name}/search/{task}/{method}", search.widen, storage, cache, log)
