@@ -199,3 +199,57 @@ def test_a_carry_check_needs_the_budget_it_carries_from(tmp_path):
         _carry_spec(tmp_path, budget=None)
     with pytest.raises(UsageError, match="carry_check needs exactly one searched setting"):
         _carry_spec(tmp_path, params={"lr": {"low": 1e-4, "high": 1e-2}})
+
+
+def test_a_grid_point_whose_trial_was_cut_off_is_measured_before_the_search_chooses(tmp_path, monkeypatch):
+    """A worker killed mid-trial: the heartbeat fails that trial and queues a copy, but Optuna's
+    GridSampler counts the failed trial as finished and stops the study with the copy still
+    waiting (all-methods-cpu's sst2/ggm lost its lr=0.03 so). The point runs before choosing."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    from peftbench.sweep.storage import open_storage
+
+    spec = _spec(tmp_path)
+    grid = spec.search.params["lr"].choices
+    study = optuna.create_study(study_name=f"{spec.name}/search/cb/random", storage=open_storage(spec),
+                                direction="maximize",
+                                sampler=optuna.samplers.GridSampler({"lr": grid}, seed=spec.search.seed))
+    cut = study.ask()  # the killed worker's trial: running, never to end
+    cut_lr = cut.suggest_categorical("lr", grid)
+    runs = []
+
+    def run_experiment(config, **kwargs):
+        runs.append(config.train.lr)
+        if len(runs) == 2:  # meanwhile the heartbeat finds it stale: failed, a copy queued
+            study.tell(cut.number, state=TrialState.FAIL)
+            RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[cut.number])
+        return {"validation_main_mean": 1.0 if config.train.lr == cut_lr else 0.0}, Path("x")
+
+    monkeypatch.setattr(experiment, "run_experiment", run_experiment)
+    best = sweep.run_search(spec, log=lambda *a: None)
+    assert sorted(runs) == pytest.approx(sorted(grid))  # every point measured, the cut one once
+    assert best["cb/random"]["train"]["lr"] == pytest.approx(cut_lr)
+    assert len(best["cb/random"]["tried"]) == len(grid)
+
+
+def test_a_grid_point_that_keeps_being_cut_off_is_an_error_not_a_silent_choice(tmp_path, monkeypatch):
+    import optuna
+    from optuna.trial import TrialState
+
+    from peftbench.sweep.search import measure_cut_off_points
+
+    study = optuna.create_study(direction="maximize")
+    grid = {"lr": [1e-3, 1e-2]}
+
+    def cut_off(trial):  # fails with no reason recorded, as a killed worker's trial does
+        trial.suggest_categorical("lr", grid["lr"])
+        raise RuntimeError("killed")
+
+    for lr in grid["lr"]:
+        study.enqueue_trial({"lr": lr})
+    study.optimize(cut_off, n_trials=2, catch=(Exception,))
+    assert {t.state for t in study.trials} == {TrialState.FAIL}
+    with pytest.raises(UsageError, match=r"still have no finished trial"):
+        measure_cut_off_points(study, grid, cut_off, "cb/random")

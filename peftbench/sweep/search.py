@@ -2,6 +2,7 @@
 pruning, edge widening, pairs split between workers; its best settings in `search.json`."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -193,6 +194,8 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
     done = (TrialState.COMPLETE, TrialState.PRUNED)
     study.optimize(guarded, n_trials=n_trials, catch=(Exception,),
                    callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=done)])
+    if grid is not None:
+        measure_cut_off_points(study, grid, guarded, f"{task}/{method}")
     studies = [study]
     for value in widened(studies, grid, widen):
         (name, choice), = value.items()
@@ -205,6 +208,7 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
         params_space = {name: {"choices": [choice]}}
         extra.optimize(guarded, n_trials=1, catch=(Exception,),
                        callbacks=[optuna.study.MaxTrialsCallback(1, states=done)])
+        measure_cut_off_points(extra, {name: [choice]}, guarded, f"{task}/{method}")
         studies.append(extra)
     complete = [t for st in studies for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:  # nothing to choose from: never an empty search.json and exit 0
@@ -346,6 +350,39 @@ class SearchClaims:
             claims.pop(key, None)
             self._write_claims(claims)
             return best
+
+
+def unmeasured_points(study: optuna.Study, grid: dict) -> list[dict]:
+    """The grid points with no trial that ran to its end: none complete or pruned, and none
+    failed by the setting's own error (the `failure` a search trial records). A trial cut off
+    from outside (its worker killed: failed by the heartbeat with no reason, or left running or
+    waiting) does not measure its point."""
+    names = sorted(grid)
+    measured = {tuple(t.params.get(n) for n in names) for t in study.get_trials(deepcopy=False)
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                or (t.state == TrialState.FAIL and "failure" in t.user_attrs)}
+    return [dict(zip(names, point)) for point in itertools.product(*(grid[n] for n in names))
+            if point not in measured]
+
+
+def measure_cut_off_points(study: optuna.Study, grid: dict, objective, pair: str) -> None:
+    """Run every grid point whose trials were all cut off, before the search chooses.
+
+    Why: Optuna's GridSampler stops a study once each point has a *finished* trial, and a trial
+    failed because its worker was killed counts as finished; the copy that the heartbeat's
+    RetryHeartbeatStaleTrialCallback queues then waits forever, and the point is never measured
+    (all-methods-cpu's sst2/ggm chose among 4 of its 5 rates so). Each such point runs once more
+    (its waiting copy, or a queued one); a pass that measures none of them is an error."""
+    while points := unmeasured_points(study, grid):
+        waiting = [t.params or t.system_attrs.get("fixed_params") for t in
+                   study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+        for point in points:
+            if point not in waiting:
+                study.enqueue_trial(point)
+        study.optimize(objective, n_trials=len(points), catch=(Exception,))
+        if unmeasured_points(study, grid) == points:
+            raise UsageError(f"search {pair}: the grid point(s) {points} ran again and still have no "
+                             "finished trial; see the study's trials")
 
 
 def widened(studies: list, grid: dict | None, widen: int):
