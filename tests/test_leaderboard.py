@@ -156,6 +156,29 @@ def test_small_n_spearman_p_is_exact():
     assert rho == -1 and p == pytest.approx(2 / 24)
 
 
+def test_exact_spearman_p_at_eight_cells_orders_one_sample_only():
+    """At n = 8 scipy's two-sample pairings enumerate (8!)^2 = 1.6e9 orderings (21 GiB, killed
+    on this machine while a board's report ran); one sample's 8! give the same p. With ties
+    (n = 7) the p equals a count over every ordering made here with scipy's own spearmanr."""
+    import itertools
+    import math
+
+    import numpy as np
+    import scipy.stats
+
+    from peftbench import statistics
+
+    rho, p = statistics.spearman(list(range(8)), list(range(8))[::-1])
+    assert rho == -1 and p == pytest.approx(2 / math.factorial(8))  # only the reversal reaches -1
+    x, y = [1, 2, 2, 3, 5, 5, 7], [3, 1, 2, 2, 6, 4, 4]
+    observed = scipy.stats.spearmanr(x, y)[0]
+    null = np.array([scipy.stats.spearmanr(x, order)[0] for order in itertools.permutations(y)])
+    tol = 1e-12
+    expected = min(1.0, 2 * min(np.mean(null >= observed - tol), np.mean(null <= observed + tol)))
+    rho, p = statistics.spearman(x, y)
+    assert rho == pytest.approx(observed) and p == pytest.approx(expected)
+
+
 def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, tiny_model_dir, monkeypatch):
     """`leaderboard run` searches first when the spec has `search:`, commits search.json beside
     the spec, trains the grid at the tuned values, and a second run (another machine: no sweep
