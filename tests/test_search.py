@@ -234,7 +234,7 @@ def test_a_grid_point_whose_trial_was_cut_off_is_measured_before_the_search_choo
     assert len(best["cb/random"]["tried"]) == len(grid)
 
 
-def test_a_grid_point_that_keeps_being_cut_off_is_an_error_not_a_silent_choice(tmp_path, monkeypatch):
+def test_a_grid_point_that_keeps_being_cut_off_is_an_error_not_a_silent_choice():
     import optuna
     from optuna.trial import TrialState
 
