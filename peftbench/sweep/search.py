@@ -373,16 +373,19 @@ def measure_cut_off_points(study: optuna.Study, grid: dict, objective, pair: str
     RetryHeartbeatStaleTrialCallback queues then waits forever, and the point is never measured
     (all-methods-cpu's sst2/ggm chose among 4 of its 5 rates so). Each such point runs once more
     (its waiting copy, or a queued one); a pass that measures none of them is an error."""
-    while points := unmeasured_points(study, grid):
+    points = unmeasured_points(study, grid)
+    while points:
         waiting = [t.params or t.system_attrs.get("fixed_params") for t in
                    study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
         for point in points:
             if point not in waiting:
                 study.enqueue_trial(point)
         study.optimize(objective, n_trials=len(points), catch=(Exception,))
-        if unmeasured_points(study, grid) == points:
+        left = unmeasured_points(study, grid)
+        if left == points:
             raise UsageError(f"search {pair}: the grid point(s) {points} ran again and still have no "
                              "finished trial; see the study's trials")
+        points = left
 
 
 def widened(studies: list, grid: dict | None, widen: int):
