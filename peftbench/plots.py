@@ -137,6 +137,18 @@ def y_span(cells: pd.DataFrame, baseline: float | None) -> tuple[float, float]:
     return low - margin, high + margin
 
 
+def legend_beside(axes) -> None:
+    """One legend right of the last panel naming everything drawn in any panel, each label
+    once: a method that ran on one task only (a partial board, a plugin tried on one task) is
+    named too, not just the last panel's lines."""
+    handles: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes[-1].legend(list(handles.values()), list(handles), fontsize=8, loc="center left",
+                    bbox_to_anchor=(1.01, 0.5))
+
+
 def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
     """Budget curves, one panel per task: test metric (mean over seeds and its 95% bootstrap
     interval as a band) against trainable entries (log x) for every budget-parameterised
@@ -188,7 +200,7 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
                                                        "mean, 95% interval over seeds"))
         ax.set_title(f"{task.upper()}: {_subtitle(frame[frame.task == task])}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    legend_beside(axes[0])
     fig.tight_layout()
     path = Path(path)
     save(fig, path, dpi=160)
@@ -241,7 +253,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
         ax.set_ylabel(metric_axis(frame, task))
         ax.set_title(f"{task.upper()}: {_subtitle(frame[frame.task == task])}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    legend_beside(axes[0])
     fig.tight_layout()
     path = Path(path)
     paths = [path, path.with_suffix(".pdf"), path.with_suffix(".svg")]
@@ -285,6 +297,13 @@ def pareto_figure(frame: pd.DataFrame):
     style, shift = styles(methods), dodge(methods)  # dodged as in the PNG: equal counts stay apart
     fig = make_subplots(rows=1, cols=len(tasks),
                         subplot_titles=[f"{t.upper()}: {_subtitle(frame[frame.task == t])}" for t in tasks])
+    shown: set[str] = set()  # legend groups named already: each once, in whichever panel first has it
+
+    def first(group: str) -> bool:
+        new = group not in shown
+        shown.add(group)
+        return new
+
     for col, task in enumerate(tasks, start=1):
         cells = _cells(frame, task)
         for method in sorted(cells.method.unique()):
@@ -296,7 +315,7 @@ def pareto_figure(frame: pd.DataFrame):
                 marker={"color": colour, "symbol": PLOTLY_SYMBOLS.get(marker, "circle"), "size": 9,
                         "line": {"color": "black", "width": 0.5}},
                 line={"color": colour, "dash": PLOTLY_DASHES[line]},
-                mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
+                mode="lines+markers", name=method, legendgroup=method, showlegend=first(method),
                 customdata=np.stack([c.budget, c.seeds, 100 * c["std"], c.scoring_time_s,
                                      c.train_time_s, c.peak_memory_mb, c.trainable], axis=1),
                 hovertemplate=f"{method}<br>budget %{{customdata[0]}}<br>trainable %{{customdata[6]:,}}"
@@ -309,12 +328,12 @@ def pareto_figure(frame: pd.DataFrame):
             fig.add_trace(go.Scatter(
                 x=[cells.trainable.min(), cells.trainable.max()], y=[100 * baseline] * 2, mode="lines",
                 line={"dash": "dot", "color": "grey"}, name="constant predictor",
-                legendgroup="constant", showlegend=col == 1,
+                legendgroup="constant", showlegend=first("constant"),
                 hovertemplate=f"constant predictor {100 * baseline:.2f}<extra></extra>"), row=1, col=col)
         front = pareto_points(cells)
         fig.add_trace(go.Scatter(x=front.trainable, y=100 * front["mean"], mode="lines",
                                  line={"dash": "dash", "color": "black", "shape": "hv"},
-                                 name="Pareto front", legendgroup="front", showlegend=col == 1),
+                                 name="Pareto front", legendgroup="front", showlegend=first("front")),
                       row=1, col=col)
         fig.update_xaxes(type="log", title_text="trainable parameters (log; dodged)", row=1, col=col)
         # two lines and an automatic margin: never clipped at the page's left edge

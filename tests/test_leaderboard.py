@@ -122,6 +122,34 @@ def test_pareto_figure_names_its_metric_dodges_equal_counts_and_writes_pdf_svg(t
     assert len(natural) == len(set(natural))
 
 
+def test_the_legend_names_methods_that_ran_on_one_task_only(tmp_path):
+    """A partial board (or a plugin tried on one task) has panels with different methods: the
+    one legend must name them all, not only the last panel's; the interactive plot likewise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2)
+    axes[0].plot([1, 2], [1, 2], label="sam")
+    axes[0].plot([1, 2], [2, 1], label="random")
+    axes[1].plot([1, 2], [1, 2], label="random")
+    plots.legend_beside(axes)
+    assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["sam", "random"]
+    plt.close(fig)
+
+    frame = _synthetic_frame()
+    other = frame[frame.method != "sam"].assign(task="rte")  # sam ran on cb only
+    frame = pd.concat([frame, other], ignore_index=True)
+    plots.pareto_png(frame, tmp_path / "pareto.png")
+    svg = (tmp_path / "pareto.svg").read_text()
+    assert "<!-- sam -->" in svg  # tasks sort cb, rte: sam is in the first panel only
+    named = [t.name for t in plots.pareto_figure(frame).data if t.showlegend is not False]
+    assert sorted(named) == sorted(set(named)) and {"sam", "fish", "Pareto front"} <= set(named)
+    figure = plots.pareto_figure(frame.assign(task=frame.task.map({"cb": "zz", "rte": "rte"})))
+    assert "sam" in [t.name for t in figure.data if t.showlegend is not False]  # now the 2nd panel
+
+
 def test_one_look_per_method_in_every_figure():
     """The fixed table: every built-in has a (colour, marker, line) of its own, colours from
     Okabe & Ito's colour-blind-safe set; a plugin's look is derived from its name, stably."""
