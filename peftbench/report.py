@@ -371,11 +371,13 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     lines += table_section(
         out / "best-per-budget.csv", best_per_budget(frame),
         "### Which selection method is best at which budget",
-        "Per (task, budget), among the budget-parameterised methods: the best by mean, the "
-        "runner-up, their mean paired difference over seeds, and the Bayesian signed-rank "
-        "probabilities (ROPE one point) that the best is better than the runner-up, practically "
-        "equivalent, or worse (best-per-budget.csv). A P(better) below 0.95 means the data do "
-        "not single out one method there.")
+        "Per (task, budget), among the budget-parameterised methods whose trainable count keeps "
+        "to the budget: the best by mean, the runner-up, their mean paired difference over "
+        "seeds, and the Bayesian signed-rank probabilities (ROPE one point) that the best is "
+        "better than the runner-up, practically equivalent, or worse (best-per-budget.csv). A "
+        "P(better) below 0.95 means the data do not single out one method there. over_budget "
+        "names a method whose mean trainable count exceeds the budget by more than 1% (with that "
+        "count), left out of the ranking: it did not compete at that budget.")
     lines += findings.section(frame, out)
     lines += _cost_section(frame, out)
     if published:

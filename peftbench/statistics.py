@@ -164,13 +164,21 @@ def bayesian_against(frame: pd.DataFrame, references: tuple[str, ...] = ("random
     return pd.DataFrame(rows)
 
 
-def best_per_budget(frame: pd.DataFrame, rope: float = 0.01) -> pd.DataFrame:
+def best_per_budget(frame: pd.DataFrame, rope: float = 0.01, slack: float = 0.01) -> pd.DataFrame:
     """"Which selection method is best at which budget", with its confidence: per (task,
-    budget), among the budget-parameterised methods, the best by mean test metric, the
-    runner-up, their mean paired difference over the seeds both ran, and the Bayesian
-    signed-rank probabilities (ROPE `rope`) that the best is better, equivalent or worse."""
+    budget), among the budget-parameterised methods that keep to it, the best by mean test
+    metric, the runner-up, their mean paired difference over the seeds both ran, and the
+    Bayesian signed-rank probabilities (ROPE `rope`) that the best is better, equivalent or
+    worse. Keeping to it = mean trainable entries at most the budget's (times 1 + `slack`): a
+    method whose count overshoots (ChildTuning-F redraws its mask each step, so a run moves
+    every entry) did not compete at that budget; it is named in `over_budget`, not ranked."""
     rows = []
     for (task, budget), cells in frame[frame.budget != NATURAL].groupby(["task", "budget"]):
+        share = float(budget)
+        allowed = (share * cells.pretrained_entries.iloc[0] if share <= 1 else share) * (1 + slack)
+        trainable = cells.groupby("method").trainable.mean()
+        over = trainable[trainable > allowed]
+        cells = cells[~cells.method.isin(over.index)]
         means = cells.groupby("method").metric.mean().sort_values(ascending=False)
         if len(means) < 2:
             continue
@@ -180,7 +188,8 @@ def best_per_budget(frame: pd.DataFrame, rope: float = 0.01) -> pd.DataFrame:
         rows.append({"task": task, "budget": budget, "best": best, "runner_up": second,
                      "difference": float((pairs[best] - pairs[second]).mean()), "seeds": len(pairs),
                      "p_better": probs["better"], "p_equivalent": probs["equivalent"],
-                     "p_worse": probs["worse"]})
+                     "p_worse": probs["worse"],
+                     "over_budget": "; ".join(f"{m} ({t:,.0f})" for m, t in over.items())})
     return pd.DataFrame(rows)
 
 

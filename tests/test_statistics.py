@@ -114,14 +114,28 @@ def test_budget_curve_area_and_the_budget_that_reaches_95_percent_of_full_ft(tmp
 
 
 def test_best_per_budget_names_the_best_and_how_sure():
-    frame = _frame(np.random.default_rng(0))
+    frame = _frame(np.random.default_rng(0)).assign(pretrained_entries=100_000)  # 100 = 0.1%
     best = report.best_per_budget(frame).set_index(["task", "budget"])
     assert len(best) == 4 and set(best.best) <= {"random", "sam", "fish"}  # full FT has no budget
+    assert (best.over_budget == "").all()
     row = best.iloc[0]
     cells = frame[(frame.task == best.index[0][0]) & (frame.budget == best.index[0][1])]
     means = cells.groupby("method").metric.mean().sort_values(ascending=False)
     assert (row.best, row.runner_up) == tuple(means.index[:2])
     assert row.p_better + row.p_equivalent + row.p_worse == pytest.approx(1.0)
+
+
+def test_best_per_budget_leaves_out_a_method_whose_count_overshoots_the_budget():
+    """ChildTuning-F's budget is a per-step share, yet a run moves every entry: at 0.1% it is
+    not a 0.1% method, however well it scores. Within 1% of the budget still competes."""
+    frame = _frame(np.random.default_rng(0)).assign(pretrained_entries=100_000)
+    budgeted = frame[frame.budget != "natural"]
+    redrawn = budgeted[budgeted.method == "random"].assign(method="childtuning-f", trainable=100_000,
+                                                           metric=0.99)
+    nearly = budgeted[budgeted.method == "sam"].assign(method="ggm", trainable=100.9, metric=0.98)
+    best = report.best_per_budget(pd.concat([frame, redrawn, nearly])).set_index(["task", "budget"])
+    assert set(best.best) == {"ggm"} and "childtuning-f" not in set(best.runner_up)
+    assert set(best.loc[("sst2", "0.005")].over_budget.split("; ")) == {"childtuning-f (100,000)"}
 
 
 def test_curves_axis_keeps_a_far_constant_predictor_out_of_the_way():
