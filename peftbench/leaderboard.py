@@ -156,6 +156,24 @@ def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
             table.reset_index().to_markdown(index=False, floatfmt=".4f")]
 
 
+def time_line(spec: sweep.StudySpec, frame: pandas.DataFrame) -> str:
+    """The board's cost in one line: the wall time of every trial, summed, for the search
+    (search.json), the grid's cells and the carry check (carry.json). Workers run trials side
+    by side, so the elapsed time is this sum over the number of workers, roughly."""
+    def hours(record: str) -> float:
+        entries = sweep.read_record(spec.out / record).values() if spec.search else []
+        return sum(t.get("duration_s") or 0.0 for e in entries for t in e.get("tried", [])) / 3600
+
+    parts = {"search": hours("search.json"),
+             "grid": frame.duration_s.sum() / 3600 if not frame.empty else 0.0,
+             "carry check": hours("carry.json")}
+    shown = {k: v for k, v in parts.items() if v or k == "grid"}
+    return ("- wall time of the trials, summed (trials of parallel workers overlap; scoring cached "
+            "across budgets): " + " + ".join(f"{k} {v:.2f} h" for k, v in shown.items())
+            + (f" = {sum(shown.values()):.2f} h" if len(shown) > 1 else "")
+            + ("" if not frame.empty else " (no complete group of the grid yet)"))
+
+
 def carry_table(spec: sweep.StudySpec, frame: pandas.DataFrame) -> pandas.DataFrame:
     """carry.json against the grid: per (task, method, budget), the carried setting's validation
     on the check's seeds, the best of it and its two neighbours, `cost` = how much validation
@@ -274,8 +292,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         *[f"- not the paper's variant: {m}: {note}" for m, note in spec.method_notes.items()],
         f"- cells finished: {done} of {expected}"
         + ("" if done == expected else " (partial: run the command again to finish)"),
-        f"- wall time of the trials: {frame.duration_s.sum() / 3600:.2f} h "
-        f"(scoring cached across budgets)" if not frame.empty else "- wall time: no complete group yet",
+        time_line(spec, frame),
         *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
         *settings_lines(spec, folder),
         *search_lines(spec, folder),

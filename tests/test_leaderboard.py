@@ -289,3 +289,23 @@ def test_report_on_a_published_only_board_keeps_its_published_page(tmp_path):
     assert "published numbers only" in text
     assert "published numbers only" in (board / "index.html").read_text()
     assert not (board / "progress.csv").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_the_board_says_its_search_grid_and_carry_check_time(tmp_path):
+    """Issue #21 asks the README for the total sweep time and the search time: every trial's
+    wall time, summed per phase, from the committed records and cells."""
+    from types import SimpleNamespace
+
+    from peftbench import leaderboard
+
+    (tmp_path / "search.json").write_text(json.dumps(
+        {"cb/random": {"tried": [{"duration_s": 1800.0}, {"duration_s": 1800.0}]}}))
+    (tmp_path / "carry.json").write_text(json.dumps({"cb/random/0.01": {"tried": [{"duration_s": 900.0}]}}))
+    spec = SimpleNamespace(out=tmp_path, search=object())
+    frame = pd.DataFrame({"duration_s": [3600.0, 3600.0]})
+    line = leaderboard.time_line(spec, frame)
+    assert "search 1.00 h + grid 2.00 h + carry check 0.25 h = 3.25 h" in line
+    (tmp_path / "carry.json").unlink()
+    assert "search 1.00 h + grid 0.00 h = 1.00 h (no complete group" in \
+        leaderboard.time_line(spec, pd.DataFrame())
+    assert leaderboard.time_line(SimpleNamespace(out=tmp_path, search=None), frame).endswith("grid 2.00 h")
