@@ -219,6 +219,8 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peftbench.selector import Budget
+
     tasks = sorted(frame.task.unique())
     methods = sorted(frame.method.unique())
     style = styles(methods)
@@ -227,7 +229,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
         cells = _cells(frame, task)
         entries = frame.loc[frame.task == task, "pretrained_entries"].iloc[0]
         for budget in sorted({b for b in cells.budget if b != NATURAL}, key=float):
-            x = float(budget) * entries if float(budget) <= 1 else float(budget)
+            x = Budget.parse(budget).entries(int(entries))
             ax.axvline(x, color="0.8", lw=0.8, ls="-", zorder=0)
             ax.annotate(f"budget {100 * float(budget):g}%", (x, 1), xycoords=("data", "axes fraction"),
                         xytext=(2, -10), textcoords="offset points", fontsize=7, color="0.4")

@@ -172,10 +172,11 @@ def best_per_budget(frame: pd.DataFrame, rope: float = 0.01, slack: float = 0.01
     worse. Keeping to it = mean trainable entries at most the budget's (times 1 + `slack`): a
     method whose count overshoots (ChildTuning-F redraws its mask each step, so a run moves
     every entry) did not compete at that budget; it is named in `over_budget`, not ranked."""
+    from peftbench.selector import Budget
+
     rows = []
     for (task, budget), cells in frame[frame.budget != NATURAL].groupby(["task", "budget"]):
-        share = float(budget)
-        allowed = (share * cells.pretrained_entries.iloc[0] if share <= 1 else share) * (1 + slack)
+        allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0])) * (1 + slack)
         trainable = cells.groupby("method").trainable.mean()
         over = trainable[trainable > allowed]
         cells = cells[~cells.method.isin(over.index)]
