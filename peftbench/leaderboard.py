@@ -156,6 +156,19 @@ def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
             table.reset_index().to_markdown(index=False, floatfmt=".4f")]
 
 
+def devices_line(frame: pandas.DataFrame) -> str | None:
+    """Which devices the finished cells ran on, with how many each: a board grows across
+    sittings and machines, the machine line above is only the one that wrote the report, and
+    seconds and steps/s compare only within one device (the cost table splits by it then)."""
+    if frame.empty or "device" not in frame:
+        return None
+    counts = frame.device.replace("", "not recorded").value_counts().sort_index()
+    counts = counts.sort_values(ascending=False, kind="stable")  # most cells first, ties by name
+    cells = ", ".join(f"{device} ({n} cell{'s' if n > 1 else ''})" for device, n in counts.items())
+    return (f"- cells ran on: {cells}" + ("; timings compare only within one device: the cost "
+                                          "table has a row per method and device" if len(counts) > 1 else ""))
+
+
 def time_line(spec: sweep.StudySpec, frame: pandas.DataFrame) -> str:
     """The board's cost in one line: the wall time of every trial, summed, for the search
     (search.json), the grid's cells and the carry check (carry.json). Workers run trials side
@@ -270,6 +283,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     progress = board_progress(spec, study)
     pandas.DataFrame(progress["rows"]).to_csv(folder / "progress.csv", index=False)
     frame = sweep.trials_frame(study, sweep.Fingerprints(spec))  # empty before the first cell
+    ran_on = devices_line(frame)  # every finished cell, complete group or not
     if not frame.empty:
         keys = list(zip(frame.task, frame.method, frame.budget))
         frame = frame[[k in progress["complete"] for k in keys]]
@@ -283,6 +297,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         *opening, spec.description, "",
         f"- command: `{command}`",
         f"- machine: {machine()}" + (f" (spec says: {spec.machine})" if spec.machine else ""),
+        *([ran_on] if ran_on else []),
         f"- model: `{spec.model}`; tasks: {', '.join(spec.tasks)}; seeds: {spec.seeds}; "
         f"budgets: {', '.join(spec.budgets)}",
         f"- training: {train}",

@@ -476,7 +476,9 @@ def _cost_section(frame, out: Path) -> list[str]:
     cost.to_csv(out / "cost.csv")
     return ["## Cost per run", "", "Mean seconds of scoring and of training (evaluation included) "
             "per run, training steps per second, and the largest peak memory of a run (MiB; peak "
-            "RSS on CPU, max allocated on CUDA; scoring or training, whichever is larger).", "",
+            "RSS on CPU, max allocated on CUDA; scoring or training, whichever is larger); a row "
+            "per method and device, with its number of runs, where the runs came from several "
+            "devices.", "",
             cost.to_markdown(floatfmt=".1f"), ""]
 
 

@@ -24,14 +24,23 @@ TIES = ("average", "min", "max", "dense", "ordinal")
 
 def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per method: mean scoring and training seconds, mean steps/s, max peak memory (MiB), and
-    the mean 1-minute load average around the runs (NaN for runs that did not record it)."""
+    the mean 1-minute load average around the runs (NaN for runs that did not record it).
+
+    Where the runs come from more than one device (a board grown on several machines: one CPU
+    ran a cell 2.6x slower per step than another), a mean over devices measures the mix, not
+    the method: the table then has a row per (method, device), with a `device` column and the
+    number of runs behind each row."""
     for column in ("steps_per_s", "peak_memory_mb", "load_1min"):
         if column not in frame:
             frame = frame.assign(**{column: np.nan})
-    g = frame.groupby("method")
-    return pd.DataFrame({"scoring_s": g.scoring_time_s.mean(), "training_s": g.train_time_s.mean(),
-                         "steps_per_s": g.steps_per_s.mean(), "peak_memory_mb": g.peak_memory_mb.max(),
-                         "load_1min": g.load_1min.mean()})
+    several = "device" in frame and frame.device.nunique() > 1
+    g = frame.groupby(["method", "device"] if several else "method")
+    table = pd.DataFrame({"scoring_s": g.scoring_time_s.mean(), "training_s": g.train_time_s.mean(),
+                          "steps_per_s": g.steps_per_s.mean(), "peak_memory_mb": g.peak_memory_mb.max(),
+                          "load_1min": g.load_1min.mean()})
+    if several:
+        table = table.assign(runs=g.size()).reset_index(level="device")
+    return table
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:

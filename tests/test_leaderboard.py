@@ -41,6 +41,8 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
     shown = capsys.readouterr().out
     assert "Leaderboard tiny" in shown and "bitfit" in shown and "Against the published" in shown
     assert "### Protocol, and what was cut\n\nCut: 1 task of 7, for time." in shown
+    from peftbench.fingerprint import machine_fingerprint  # each cell's device, counted
+    assert f"- cells ran on: {machine_fingerprint('cpu')['device']} (6 cells)\n" in shown
     assert main(["leaderboard", "show", "nope"]) == 2
     assert (tmp_path / "boards" / "plotly.min.js").is_file() and (tmp_path / "boards" / "index.html").is_file()
     assert 'src="../plotly.min.js"' in (board / "pareto.html").read_text()
@@ -309,3 +311,30 @@ def test_the_board_says_its_search_grid_and_carry_check_time(tmp_path):
     assert "search 1.00 h + grid 0.00 h = 1.00 h (no complete group" in \
         leaderboard.time_line(spec, pd.DataFrame())
     assert leaderboard.time_line(SimpleNamespace(out=tmp_path, search=None), frame).endswith("grid 2.00 h")
+
+
+def test_a_board_grown_on_two_machines_says_so_and_splits_its_cost_by_device():
+    """Cells of one board come from several machines (the committed cells are the store); a
+    mean of seconds over two CPUs measures the mix, so the cost table splits by device then,
+    and the header counts the cells each device ran. One device: the table is per method."""
+    from peftbench import leaderboard, statistics
+
+    frame = pd.DataFrame({
+        "method": ["random"] * 3 + ["bitfit"] * 2, "device": ["cpu: A", "cpu: A", "cpu: B", "cpu: A", "cpu: A"],
+        "scoring_time_s": [1.0, 3.0, 10.0, 0.0, 0.0], "train_time_s": [10.0, 20.0, 60.0, 5.0, 7.0],
+        "steps_per_s": [3.0, 3.0, 1.0, 4.0, 4.0], "peak_memory_mb": [100.0, 120.0, 90.0, 50.0, 60.0],
+        "load_1min": [2.0] * 5})
+    cost = statistics.cost_table(frame)
+    random = cost.loc["random"].set_index("device")
+    assert random.loc["cpu: A", "training_s"] == 15.0 and random.loc["cpu: B", "training_s"] == 60.0
+    assert random.loc["cpu: A", "runs"] == 2 and random.loc["cpu: B", "runs"] == 1
+    assert cost.loc["bitfit", "device"] == "cpu: A" and cost.loc["bitfit", "peak_memory_mb"] == 60.0
+    assert leaderboard.devices_line(frame) == (
+        "- cells ran on: cpu: A (4 cells), cpu: B (1 cell); timings compare only within one "
+        "device: the cost table has a row per method and device")
+    one = frame[frame.device == "cpu: A"]
+    assert list(statistics.cost_table(one).columns) == [
+        "scoring_s", "training_s", "steps_per_s", "peak_memory_mb", "load_1min"]
+    assert statistics.cost_table(one).loc["random", "training_s"] == 15.0
+    assert leaderboard.devices_line(frame.assign(device="")) == "- cells ran on: not recorded (5 cells)"
+    assert leaderboard.devices_line(frame.drop(columns="device")) is None

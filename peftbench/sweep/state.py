@@ -159,7 +159,7 @@ def trial_record(trial) -> RunRecord:
 def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
     """Completed grid trials as the analysis frame (`record.analysis_row`, as `report.load_runs`
     builds it from run folders), one row per (task, method, budget, seed), plus the trial's
-    number, fingerprint and duration; with `prints`, only the current spec's cells run with its
+    number, fingerprint, device (the CPU or GPU it ran on; '' if not recorded) and duration; with `prints`, only the current spec's cells run with its
     settings."""
     import pandas as pd
 
@@ -175,6 +175,7 @@ def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
                                     model=model, metric_name="+".join(a.get("main_metric", [])),
                                     run_dir=a["run_dir"]),
                      "trial": t.number, "fingerprint": a.get("fingerprint", ""),
+                     "device": (a.get("machine") or {}).get("device", ""),
                      "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})
     frame = pd.DataFrame(rows)
     if not frame.empty:
