@@ -144,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--budget", default=None, help="for `spend`: the budget to show")
 
     board = sub.add_parser("leaderboard", help="run or show a leaderboard from leaderboards/")
-    board.add_argument("action", choices=["run", "show", "list", "verify", "work", "search", "carry", "report"],
+    board.add_argument("action", choices=["run", "show", "list", "verify", "work", "search", "carry",
+                                          "per-budget", "report"],
                        help="run: search, grid, carry check, report (resumes from the committed cells); "
                        "search: the search alone (a worker: several split the untuned pairs); carry: "
-                       "the carry check alone (a worker, as search); show: "
+                       "the carry check alone (a worker, as search); per-budget: the per-budget search "
+                       "alone (search: per_budget; a worker, as search); show: "
                        "print the committed README; verify: re-run committed cells and compare; "
                        "work: the grid alone (a worker, or a second machine on a shared study); report: "
                        "rewrite the board from its committed cells without training")
@@ -331,6 +333,8 @@ def cmd_leaderboard(args) -> int | None:
         leaderboard.search(args.name, storage=args.storage, output_dir=args.output_dir)
     elif args.action == "carry":
         leaderboard.carry(args.name, storage=args.storage, output_dir=args.output_dir)
+    elif args.action == "per-budget":
+        leaderboard.per_budget(args.name, storage=args.storage, output_dir=args.output_dir)
     elif args.action == "work":
         return 1 if leaderboard.work(args.name, storage=args.storage, output_dir=args.output_dir) else 0
     else:

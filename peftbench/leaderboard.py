@@ -12,6 +12,7 @@ results generated from it, committed beside it.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -90,12 +91,16 @@ def _setting(params: dict) -> str:
 
 
 def search_table(best: dict) -> pandas.DataFrame:
-    """search.json as a table: a row per (task, method), a column per setting tried (its
-    validation score; pruned trials their last report), the chosen setting and its score."""
+    """search.json as a table: a row per (task, method) (per-budget.json: per (task, method,
+    budget)), a column per setting tried (its validation score; pruned trials their last
+    report), the chosen setting and its score."""
     rows, settings = [], {}
+    index = ["task", "method"]
     for key, entry in best.items():
-        task, method = key.split("/", 1)
-        row = {"task": task, "method": method}
+        parts = key.split("/")
+        row = dict(zip(["task", "method", "budget"], parts))
+        if len(parts) == 3:
+            index = ["task", "method", "budget"]
         for t in entry.get("tried", []):
             settings[_setting(t["params"])] = [v for _, v in sorted(t["params"].items())]
             row[_setting(t["params"])] = t["validation"]
@@ -107,22 +112,26 @@ def search_table(best: dict) -> pandas.DataFrame:
         return pandas.DataFrame()
     # columns in the order of the settings' values (numbers before words)
     columns = sorted(settings, key=lambda c: [(1, str(v)) if isinstance(v, str) else (0, v) for v in settings[c]])
-    return pandas.DataFrame(rows).set_index(["task", "method"])[[*columns, "chosen", "validation"]]
+    return pandas.DataFrame(rows).set_index(index)[[*columns, "chosen", "validation"]]
 
 
 def settings_table(spec: sweep.StudySpec) -> pandas.DataFrame:
     """What each (task, method) of the grid runs at: its learning rate, the method settings and
     the source of each (the search's choice, or the spec), from the cells' own run configs."""
-    best = sweep.best_search_params(spec)
+    best = sweep.tuned_settings(spec)
+    per_budget = bool(spec.search and spec.search.per_budget)
     rows = []
     for task in spec.tasks:
         for method in spec.methods:
-            budget = spec.budgets[0] if registry.get(method).uses_budget else NATURAL
-            config = sweep.cell_run_config(spec, sweep.Cell(task, method, budget, spec.seeds[0]), best)
-            tuned = best.get(f"{task}/{method}")
-            rows.append({"task": task, "method": method, "lr": config.train.lr,
-                         "method settings": _setting(config.method_params) or "defaults",
-                         "from": (f"search (validation {tuned['validation']:.4f})" if tuned else "spec")})
+            uses = registry.get(method).uses_budget
+            for budget in (spec.budgets if uses and per_budget else [spec.budgets[0] if uses else NATURAL]):
+                config = sweep.cell_run_config(spec, sweep.Cell(task, method, budget, spec.seeds[0]), best)
+                own = best.get(f"{task}/{method}/{budget}")
+                tuned = own or best.get(f"{task}/{method}")
+                rows.append({"task": task, "method": method, **({"budget": budget} if per_budget else {}),
+                             "lr": config.train.lr, "method settings": _setting(config.method_params) or "defaults",
+                             "from": (f"{'per-budget search' if own else 'search'} (validation "
+                                      f"{tuned['validation']:.4f})" if tuned else "spec")})
     return pandas.DataFrame(rows).set_index("task")
 
 
@@ -171,7 +180,8 @@ def devices_line(frame: pandas.DataFrame) -> str | None:
 
 def time_line(spec: sweep.StudySpec, frame: pandas.DataFrame) -> str:
     """The board's cost in one line: the wall time of every trial, summed, for the search
-    (search.json), the grid's cells and the carry check (carry.json). Workers run trials side
+    (search.json), the grid's cells, the carry check (carry.json) and the per-budget search
+    (per-budget.json; its trials' time is that of the seeds it trained). Workers run trials side
     by side, so the elapsed time is this sum over the number of workers, roughly."""
     def hours(record: str) -> float:
         entries = sweep.read_record(spec.out / record).values() if spec.search else []
@@ -179,7 +189,7 @@ def time_line(spec: sweep.StudySpec, frame: pandas.DataFrame) -> str:
 
     parts = {"search": hours("search.json"),
              "grid": frame.duration_s.sum() / 3600 if not frame.empty else 0.0,
-             "carry check": hours("carry.json")}
+             "carry check": hours("carry.json"), "per-budget search": hours(sweep.PER_BUDGET)}
     shown = {k: v for k, v in parts.items() if v or k == "grid"}
     return ("- wall time of the trials, summed (trials of parallel workers overlap; scoring cached "
             "across budgets): " + " + ".join(f"{k} {v:.2f} h" for k, v in shown.items())
@@ -231,6 +241,28 @@ def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) ->
                + (": " + ", ".join("/".join(k) for k in over) + " exceed it." if over else ".")
                if len(judged) else "No cell of the grid to compare with yet."), "",
             table.to_markdown(index=False, floatfmt=".4g")]
+
+
+def per_budget_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
+    """per-budget.csv and its Markdown section, when the spec tunes each budget on its own."""
+    if not (spec.search and spec.search.per_budget):
+        return []
+    record = sweep.read_record(spec.out / sweep.PER_BUDGET)
+    table = search_table(record)
+    if table.empty:
+        return []
+    table.to_csv(folder / "per-budget.csv")
+    (name, _), = spec.search.params.items()
+    moved = [k for k, e in record.items() if not math.isclose(e["train"][name], e["carried"][name], rel_tol=1e-9)]
+    keys = sweep.carry_keys(spec)
+    seeds = ", ".join(map(str, spec.search.seeds))
+    return ["", "### Settings tuned at each budget (per-budget.json, per-budget.csv)", "",
+            f"Each budget other than {sweep.search_budget(spec)}, for every budget-parameterised "
+            f"method: the carry check's three values around the carried one, widened by the edge "
+            f"rule, chosen by the mean validation over seeds {seeds} (the carry check's seeds read "
+            f"back from carry.json, not trained again). {len(record)} of {len(keys)} keys tuned; "
+            f"the chosen {name} differs from the carried one in {len(moved)} of them.", "",
+            table.reset_index().to_markdown(index=False, floatfmt=".4f")]
 
 
 def board_progress(spec: sweep.StudySpec, study) -> dict:
@@ -312,6 +344,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         *settings_lines(spec, folder),
         *search_lines(spec, folder),
         *carry_lines(spec, folder, frame),
+        *per_budget_lines(spec, folder),
         *(["", "Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
             "[interactive](pareto.html)), "
             + ("[cd.png](cd.png) (critical-difference diagram), " if ranking is not None else "")
@@ -379,7 +412,7 @@ def _prepare(folder: Path, spec: sweep.StudySpec) -> None:
     board, and the cells' fingerprints are computed from them."""
     import shutil
 
-    for record in ("search.json", "carry.json"):
+    for record in ("search.json", "carry.json", sweep.PER_BUDGET):
         committed, working = folder / record, spec.out / record
         if committed.is_file():
             sweep.claim_out(spec)  # the sweep folder is peftbench's before anything is copied there
@@ -403,6 +436,15 @@ def carry(name: str, storage: str | None = None, output_dir: str | None = None) 
     spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
     _prepare(folder, spec)
     return sweep.run_carry_check(spec, mirror=folder / "carry.json", search_mirror=folder / "search.json")
+
+
+def per_budget(name: str, storage: str | None = None, output_dir: str | None = None) -> dict:
+    """The per-budget search alone (each of `run --workers N`'s workers), into per-budget.json."""
+    folder = find(name)
+    spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
+    _prepare(folder, spec)
+    return sweep.run_per_budget_search(spec, mirror=folder / sweep.PER_BUDGET, carry_mirror=folder / "carry.json",
+                                       search_mirror=folder / "search.json")
 
 
 def work(name: str, storage: str | None = None, output_dir: str | None = None) -> int:
@@ -440,33 +482,39 @@ def run(name: str, storage: str | None = None, output_dir: str | None = None,
     folder = find(name)
     spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
     _prepare(folder, spec)
-    if spec.search:  # search.json into the board after every (task, method): commit as it grows
-        if workers and workers > 1:  # the pairs split between workers (sweep.SearchClaims)
-            argv = [name, *(["--storage", storage] if storage else []),
-                    *(["--output-dir", output_dir] if output_dir else [])]
-            if sweep.spawn_workers(argv, workers, command=("leaderboard", "search")):
-                raise UsageError(f"the search of {name!r} did not finish (see the workers' errors above); "
-                                 "the pairs it tuned are in its search.json")
+    argv = [name, *(["--storage", storage] if storage else []), *(["--output-dir", output_dir] if output_dir else [])]
+
+    def phase(action: str, what: str, record: str, alone) -> None:
+        """A search phase, its keys split between `workers` processes (sweep.SearchClaims)."""
+        if workers and workers > 1:
+            if sweep.spawn_workers(argv, workers, command=("leaderboard", action)):
+                raise UsageError(f"the {what} of {name!r} did not finish (see the workers' errors above); "
+                                 f"what it measured is in its {record}")
         else:
-            sweep.run_search(spec, mirror=folder / "search.json")
+            alone()
+
+    search = spec.search
+    if search:  # search.json into the board after every (task, method): commit as it grows
+        phase("search", "search", "search.json", lambda: sweep.run_search(spec, mirror=folder / "search.json"))
+
+    def carry_check() -> None:
+        phase("carry", "carry check", "carry.json", lambda: sweep.run_carry_check(
+            spec, mirror=folder / "carry.json", search_mirror=folder / "search.json"))
+
+    if search and search.per_budget:  # each budget tuned from the carry check, before the grid
+        carry_check()
+        phase("per-budget", "per-budget search", sweep.PER_BUDGET, lambda: sweep.run_per_budget_search(
+            spec, mirror=folder / sweep.PER_BUDGET, carry_mirror=folder / "carry.json",
+            search_mirror=folder / "search.json"))
     study = sweep.open_study(spec)
     cellstore.import_committed(study, spec, folder)
     if workers and workers > 1:
-        argv = [name, *(["--storage", storage] if storage else []),
-                *(["--output-dir", output_dir] if output_dir else [])]
         sweep.run_workers(spec, argv, workers, restart_changed=restart_changed, command=("leaderboard", "work"))
     else:
         sweep.run_grid(spec, restart_changed=restart_changed,
                        on_complete=lambda t: cellstore.commit_cell(folder, t.user_attrs, _duration(t)))
-    if spec.search and spec.search.carry_check:  # after the grid: a check, not the product
-        if workers and workers > 1:
-            argv = [name, *(["--storage", storage] if storage else []),
-                    *(["--output-dir", output_dir] if output_dir else [])]
-            if sweep.spawn_workers(argv, workers, command=("leaderboard", "carry")):
-                raise UsageError(f"the carry check of {name!r} did not finish (see the workers' errors "
-                                 "above); what it measured is in its carry.json")
-        else:
-            sweep.run_carry_check(spec, mirror=folder / "carry.json", search_mirror=folder / "search.json")
+    if search and search.carry_check and not search.per_budget:  # after the grid: a check, not the product
+        carry_check()
     command = f"peftbench leaderboard run {folder.name}"
     return write_results(spec, folder, command)
 

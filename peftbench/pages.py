@@ -118,6 +118,12 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                   "the carried rate and its two grid neighbours on validation; cost = the best of "
                   "the three minus the carried rate's; seed spread = the std of the test metric over "
                   "the reported seeds in that cell.</p>", table_html(folder / "carry.csv", "carry", ".4g")]
+    if (folder / "per-budget.csv").is_file():
+        parts += ["<h3>Settings tuned at each budget</h3>",
+                  '<p class="note">Each budget other than the search\'s: the carry check\'s values '
+                  "around the carried rate, widened at the edge, chosen by the mean validation over "
+                  "the search's seeds (validation main metric).</p>",
+                  table_html(folder / "per-budget.csv", "per-budget", ".4f")]
     tables = sorted(folder.glob("table1-b*.csv"))
     if tables:
         parts.append("<h2>Tables (test metric x100, mean ± std over seeds)</h2>")

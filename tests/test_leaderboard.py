@@ -278,6 +278,40 @@ def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_pat
     assert trained == [] and json.loads((board / "carry.json").read_text()) == carry
 
 
+def test_a_board_tuned_per_budget_runs_its_grid_at_each_budgets_own_rate(tmp_path, tiny_model_dir, monkeypatch):
+    """`search: per_budget` (issue #21): search, carry check, per-budget search, then the grid;
+    per-budget.json is committed, each budget's cells run at its own rate, the README shows the
+    per-budget table and says how long it took; a run elsewhere trains nothing again."""
+    from peftbench import experiment
+
+    board = tmp_path / "boards" / "perbudget"
+    board.mkdir(parents=True)
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "perbudget", "model": tiny_model_dir, "tasks": ["cb"], "methods": {"random": {}},
+        "budgets": [0.01, 0.02], "seeds": 1, "limit": 16, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "pruner": "none", "seeds": [7, 8],
+                   "budget": 0.01, "carry_check": [7], "per_budget": True}}))
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    assert main(["leaderboard", "run", "perbudget"]) == 0
+    tuned = json.loads((board / "per-budget.json").read_text())
+    assert list(tuned) == ["cb/random/0.02"] and tuned["cb/random/0.02"]["seeds"] == [7, 8]
+    settings = pd.read_csv(board / "settings.csv", dtype={"budget": str}).set_index("budget")
+    assert settings.loc["0.02", "lr"] == pytest.approx(tuned["cb/random/0.02"]["train"]["lr"])
+    assert settings.loc["0.02", "from"].startswith("per-budget search")
+    cells = [json.loads(p.read_text()) for p in (board / "runs").rglob("cell.json")]
+    lrs = {c["budget"]: c["config"]["train"]["lr"] for c in cells}
+    assert lrs == pytest.approx({"0.01": json.loads((board / "search.json").read_text())["cb/random"]["train"]["lr"],
+                                 "0.02": tuned["cb/random/0.02"]["train"]["lr"]})
+    readme = (board / "README.md").read_text()
+    assert "Settings tuned at each budget" in readme and "per-budget search" in readme
+    assert (board / "per-budget.csv").is_file() and "Settings tuned at each budget" in (board / "index.html").read_text()
+    trained, original = [], experiment.run_experiment
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: trained.append(1) or original(*a, **k))
+    assert main(["leaderboard", "run", "perbudget", "--output-dir", str(tmp_path / "elsewhere")]) == 0
+    assert trained == [] and json.loads((board / "per-budget.json").read_text()) == tuned
+
+
 def test_report_on_a_published_only_board_keeps_its_published_page(tmp_path):
     """`leaderboard report` on a board with the paper's numbers and none of ours rewrites its
     published-numbers page; it wrote a "0 of 630 cells" partial board over it."""

@@ -253,3 +253,64 @@ def test_a_grid_point_that_keeps_being_cut_off_is_an_error_not_a_silent_choice()
     assert {t.state for t in study.trials} == {TrialState.FAIL}
     with pytest.raises(UsageError, match=r"still have no finished trial"):
         measure_cut_off_points(study, grid, cut_off, "cb/random")
+
+
+def _per_seed_runs(monkeypatch, runs: list):
+    """Validation per seed: peaks at lr 1e-2 at 2% and 1e-3 elsewhere (log scale); seed 101
+    scores 0.1 lower, so a setting's score shows whether both seeds went into its mean."""
+    def run_experiment(config, **kwargs):
+        runs.append((config.budget, config.train.lr, tuple(config.seeds)))
+        peak = 1e-2 if config.budget == "0.02" else 1e-3
+        values = [-(math.log10(config.train.lr) - math.log10(peak)) ** 2 - 0.1 * (s == 101) for s in config.seeds]
+        return {"validation_main_mean": sum(values) / len(values)}, Path("x")
+
+    monkeypatch.setattr(experiment, "run_experiment", run_experiment)
+
+
+def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_other_seeds(tmp_path, monkeypatch):
+    """`search: per_budget` (issue #21: carrying the rate tuned at 0.5% cost several methods
+    more than their seed spread): each other budget is tuned on the search's two seeds from the
+    carry check's three values; seed 100's runs there are read back from carry.json, so only
+    seed 101 trains at them; a value the edge rule adds trains both. The grid then runs each
+    budget at its own rate."""
+    runs = []
+    _per_seed_runs(monkeypatch, runs)
+    spec = _carry_spec(tmp_path, per_budget=True, widen=1)
+    sweep.run_search(spec, log=lambda *a: None)
+    with pytest.raises(UsageError, match="starts from the carry check, and 2 of its keys are not checked yet"):
+        sweep.run_per_budget_search(spec, log=lambda *a: None)
+    sweep.run_carry_check(spec, log=lambda *a: None)
+    with pytest.raises(UsageError, match=r"2 \(task, method, budget\) key\(s\) are not tuned yet \(cb/random/0.001"):
+        sweep.enqueue_missing(sweep.open_study(spec), spec)
+    runs.clear()
+    tuned = sweep.run_per_budget_search(spec, log=lambda *a: None)
+    assert sorted(tuned) == ["cb/random/0.001", "cb/random/0.02"]
+    assert sorted(r for r in runs if r[0] == "0.02") == pytest.approx(
+        [("0.02", 1e-4, (101,)), ("0.02", 1e-3, (101,)), ("0.02", 1e-2, (101,)), ("0.02", 1e-1, (100, 101))])
+    at2 = tuned["cb/random/0.02"]
+    assert at2["train"]["lr"] == pytest.approx(1e-2) and at2["carried"] == {"lr": 1e-3}
+    assert at2["validation"] == pytest.approx(-0.05)  # (0 from carry.json's seed 100 + -0.1) / 2
+    assert at2["seeds"] == [100, 101] and at2["read_back"] == {"carry.json": [100]}
+    assert tuned["cb/random/0.001"]["train"]["lr"] == pytest.approx(1e-3)
+    runs.clear()
+    assert sweep.run_per_budget_search(spec, log=lambda *a: None) == tuned and not runs  # resumes
+
+    best = sweep.tuned_settings(spec)
+    lrs = {b: sweep.cell_run_config(spec, sweep.Cell("cb", "random", b, 0), best).train.lr
+           for b in ("0.001", "0.005", "0.02")}
+    assert lrs == pytest.approx({"0.001": 1e-3, "0.005": 1e-3, "0.02": 1e-2})
+    prints = sweep.Fingerprints(spec)
+    of = {b: prints.of(sweep.Cell("cb", "random", b, 0)) for b in ("0.001", "0.005", "0.02")}
+    # a budget whose own rate is the carried one keeps its settings, so its cells stand
+    assert of["0.02"] != of["0.005"] == of["0.001"]
+    assert sweep.enqueue_missing(sweep.open_study(spec), spec) == 3 * 3 + 3  # random x 3 budgets, bitfit
+
+
+def test_a_per_budget_search_needs_the_carry_check_on_the_search_seeds(tmp_path):
+    with pytest.raises(UsageError, match="per_budget starts from the carry check"):
+        _carry_spec(tmp_path, per_budget=True, carry_check=None)
+    with pytest.raises(UsageError, match=r"carry_check: \[7\], seeds: \[100, 101\]"):
+        _carry_spec(tmp_path, per_budget=True, carry_check=[7])
+    spec = _carry_spec(tmp_path)
+    with pytest.raises(UsageError, match="has no 'search: per_budget: true'"):
+        sweep.run_per_budget_search(spec, log=lambda *a: None)

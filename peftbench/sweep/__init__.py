@@ -49,15 +49,19 @@ from peftbench.sweep.grid import (  # noqa: F401
     run_workers,
 )
 from peftbench.sweep.search import (  # noqa: F401
+    PER_BUDGET,
     SearchClaims,
     best_search_params,
     carry_keys,
     neighbours,
     read_record,
     run_carry_check,
+    run_per_budget_search,
     run_search,
     search_budget,
     tried,
+    tuned_settings,
+    untuned,
     widened,
 )
 from peftbench.sweep.spec import (  # noqa: F401

@@ -30,6 +30,7 @@ from peftbench.sweep.spec import (
     cells,
     config_difference,
 )
+from peftbench.sweep.search import untuned
 from peftbench.sweep.state import Fingerprints, _settled, progress_line
 from peftbench.sweep.storage import (
     claim_out,
@@ -49,13 +50,18 @@ def enqueue_missing(study: optuna.Study, spec: StudySpec, restart_changed: bool 
     lock = FileLock(str(spec.out / ".enqueue.lock")) if spec.storage_url.startswith(("sqlite", "journal")) else None
     spec.out.mkdir(parents=True, exist_ok=True)
     prints = Fingerprints(spec)
-    untuned = sorted({f"{c.task}/{c.method}" for c in prints.cells.values()} - set(prints.best)) \
-        if spec.search else []
-    if untuned:  # never a cell at the untuned settings of a spec that tunes them
-        raise UsageError(f"study {spec.name!r} has a search: section, and {len(untuned)} (task, method) "
-                         f"pair(s) are not tuned yet ({', '.join(untuned[:4])}{' ...' if len(untuned) > 4 else ''}; "
+    waiting = untuned(spec, prints.best)
+    pairs = [k for k in waiting if k.count("/") == 1]
+    if pairs:  # never a cell at the untuned settings of a spec that tunes them
+        raise UsageError(f"study {spec.name!r} has a search: section, and {len(pairs)} (task, method) "
+                         f"pair(s) are not tuned yet ({', '.join(pairs[:4])}{' ...' if len(pairs) > 4 else ''}; "
                          f"search.json in {spec.out}): run the search first (`peftbench sweep SPEC --search`, "
                          "or `peftbench leaderboard run NAME`, which searches before the grid)")
+    if waiting:
+        raise UsageError(f"study {spec.name!r} tunes each budget on its own (search: per_budget), and "
+                         f"{len(waiting)} (task, method, budget) key(s) are not tuned yet ({', '.join(waiting[:4])}"
+                         f"{' ...' if len(waiting) > 4 else ''}; per-budget.json in {spec.out}): run the "
+                         "carry check and the per-budget search first (`peftbench leaderboard run NAME`)")
     with lock or nullcontext():
         held: dict[str, list] = {}
         for t in study.get_trials(deepcopy=False):

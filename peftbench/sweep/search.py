@@ -47,6 +47,28 @@ def best_search_params(spec: StudySpec) -> dict:
     return read_record(spec.out / "search.json")
 
 
+PER_BUDGET = "per-budget.json"
+
+
+def tuned_settings(spec: StudySpec) -> dict:
+    """Every tuned setting the grid runs at: search.json's {task/method: entry}, and with
+    `search.per_budget` the per-budget search's {task/method/budget: entry} (per-budget.json),
+    which `cell_run_config` takes before the (task, method) one."""
+    best = best_search_params(spec)
+    if spec.search and spec.search.per_budget:
+        best.update(read_record(spec.out / PER_BUDGET))
+    return best
+
+
+def untuned(spec: StudySpec, best: dict) -> list[str]:
+    """The search keys the grid waits for: (task, method) pairs not in search.json and, with
+    `search.per_budget`, (task, method, budget) keys not in per-budget.json yet."""
+    if not spec.search:
+        return []
+    pairs = [f"{t}/{m}" for t in spec.tasks for m in spec.methods]
+    return [k for k in pairs + (carry_keys(spec) if spec.search.per_budget else []) if k not in best]
+
+
 def read_record(path: Path) -> dict:
     """A search record (search.json, carry.json): {key: entry}; {} when absent."""
     if not path.exists():
@@ -140,11 +162,14 @@ def search_budget(spec: StudySpec) -> str:
 
 
 def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict, seeds: list[int],
-          study_name: str, widen: int, storage, cache: ScoreCache, log) -> dict:
+          study_name: str, widen: int, storage, cache: ScoreCache, log,
+          known: dict | None = None) -> dict:
     """One (task, method)'s search at `budget` over `spec_space` on `seeds` (the settings'
     score: their mean validation), in the Optuna study `study_name` (resumed when it exists),
     with the edge rule's extra values (`widened`); returns its search.json entry, or a
-    UsageError when no trial completed."""
+    UsageError when no trial completed. `known`: {value of the one searched setting: (seeds,
+    their mean validation)} measured before (the carry check's): those seeds are not trained
+    again at that value, and the score is the mean over all of `seeds`."""
     search = spec.search
     cls = registry.get(method)
     space = dict(cls.search_space()) if search.method_params else {}
@@ -171,16 +196,21 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: validation {value:.4f}")
 
+        before = _known_at(known, train)
+        to_run = [s for s in seeds if s not in before[0]]
+        if not to_run:
+            return before[1]
         config = RunConfig(method=method, task=task, budget="1" if not cls.uses_budget else budget,
-                           seeds=seeds, model=spec.model, device=spec.device, method_params=params,
+                           seeds=to_run, model=spec.model, device=spec.device, method_params=params,
                            train=train_config(train, "search", method_train(spec, method)),
                            limit=spec.limit, output_dir=str(spec.out / "search-runs"))
         # several tuning seeds: the score is their mean, known only at the end, so no
         # per-epoch report (one seed's epoch is not the setting's value)
         summary, run_dir = experiment.run_experiment(config, progress=False, score_cache=cache,
-                                                     on_epoch=on_epoch if len(config.seeds) == 1 else None)
+                                                     on_epoch=on_epoch if len(seeds) == 1 else None)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
-        return summary["validation_main_mean"]
+        n_known = len(before[0])
+        return (summary["validation_main_mean"] * len(to_run) + before[1] * n_known) / (len(to_run) + n_known)
 
     def guarded(trial: optuna.Trial) -> float:  # a failure's reason kept with its trial
         try:
@@ -224,6 +254,17 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
             "method": {k[len("method."):]: v for k, v in params.items() if k.startswith("method.")},
             "validation": winner.value, "trials": sum(len(st.trials) for st in studies),
             "tried": [row for st in studies for row in tried(st)], "seeds": seeds}
+
+
+def _known_at(known: dict | None, train: dict) -> tuple[list[int], float]:
+    """The seeds measured before at this trial's value of the one searched setting, and their
+    mean validation; ([], 0.0) when none."""
+    if known and len(train) == 1:
+        (value,) = train.values()
+        for at, measured in known.items():
+            if isinstance(value, (int, float)) and math.isclose(at, value, rel_tol=1e-9):
+                return measured
+    return [], 0.0
 
 
 def carry_keys(spec: StudySpec) -> list[str]:
@@ -281,6 +322,50 @@ def run_carry_check(spec: StudySpec, log=print, mirror: Path | None = None,
         claims.record(key, entry)
         log(f"carry check {key}: carried {name}={carried:g} validation "
             f"{entry['carried_validation']}; best {entry['train']} {entry['validation']:.4f}")
+    return claims.merged()
+
+
+def run_per_budget_search(spec: StudySpec, log=print, mirror: Path | None = None,
+                          carry_mirror: Path | None = None, search_mirror: Path | None = None) -> dict:
+    """Each budget other than the search's gets its own setting (`search.per_budget`; issue
+    #21's board, where carrying the rate tuned at 0.5% cost several methods more than their
+    seed spread): for every `carry_keys` entry, the carry check's three values around the
+    carried one, widened by the edge rule (`search.widen`), chosen by the mean validation over
+    `search.seeds`. The carry check's seeds are read back from carry.json, not trained again.
+    Writes and returns {task/method/budget: entry}, `per-budget.json` (and `mirror`), after
+    every key; workers split the keys as the search's do."""
+    search = spec.search
+    if not search or not search.per_budget:
+        raise UsageError(f"study {spec.name!r} has no 'search: per_budget: true'")
+    (name, _), = search.params.items()
+    best = SearchClaims(spec, search_mirror).merged()
+    carry = SearchClaims(spec, carry_mirror, record="carry.json").merged()
+    missing = [k for k in carry_keys(spec) if k not in carry]
+    if missing:
+        raise UsageError(f"the per-budget search starts from the carry check, and {len(missing)} of its "
+                         f"keys are not checked yet ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): "
+                         "run the carry check first (peftbench leaderboard run)")
+    claim_out(spec)
+    cache, storage = ScoreCache(spec.out / "scores"), open_storage(spec)
+    claims = SearchClaims(spec, mirror, record=PER_BUDGET, keys=carry_keys(spec))
+    while (key := claims.next()) is not None:
+        task, method, budget = key.split("/")
+        checked = carry[key]
+        carried = best[f"{task}/{method}"]["train"][name]
+        values = sorted(t["params"][name] for t in checked["tried"])
+        known = {t["params"][name]: (list(checked["seeds"]), t["validation"])
+                 for t in checked["tried"] if t["state"] == "complete" and t["validation"] is not None}
+        log(f"per-budget search {key}: {len(claims.merged())} of {len(claims.pairs)} keys tuned so far")
+        try:
+            entry = _tune(spec, task, method, budget, {name: {"choices": values}}, list(search.seeds),
+                          f"{spec.name}/per-budget/{key}", search.widen, storage, cache, log, known=known)
+        except UsageError:
+            claims.release(key)
+            raise
+        entry.update(carried={name: carried}, read_back={"carry.json": list(checked["seeds"])})
+        claims.record(key, entry)
+        log(f"per-budget search {key}: carried {name}={carried:g}; chosen {entry['train']} "
+            f"validation {entry['validation']:.4f}")
     return claims.merged()
 
 

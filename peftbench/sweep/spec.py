@@ -107,12 +107,22 @@ class SearchSpec(BaseModel):
     # little: at each of them, on these seeds, the carried value and its two grid neighbours
     # (`carry.json`, `peftbench leaderboard run` after the grid)
     carry_check: list[NonNegativeInt] | None = PydanticField(default=None, min_length=1)
+    # each budget other than `budget` tuned on its own, from the carry check: its three values
+    # (their `carry_check` seeds read back, the other `seeds` trained), widened by the edge
+    # rule, chosen by the mean validation over `seeds` (`per-budget.json`); the grid runs each
+    # budget at its own setting
+    per_budget: StrictBool = False
 
     @model_validator(mode="after")
     def _widen_needs_one_numeric_grid(self):
         if self.carry_check and self.budget is None:
             raise ValueError("carry_check needs 'budget': the budget the setting is tuned at and "
                              "carried from")
+        if self.per_budget and not (self.carry_check and self.seeds
+                                    and set(self.carry_check) <= set(self.seeds)):
+            raise ValueError("per_budget starts from the carry check: it needs carry_check seeds "
+                             f"that are among the search's seeds (carry_check: {self.carry_check}, "
+                             f"seeds: {self.seeds})")
         if self.widen or self.carry_check:
             grids = [d for d in self.params.values() if isinstance(d, _Choices)]
             if len(self.params) != 1 or not grids or len(grids[0].choices) < 2 or not all(
@@ -267,8 +277,9 @@ def method_train(spec: StudySpec, method: str) -> TrainConfig:
 
 def cell_run_config(spec: StudySpec, cell: Cell, best: dict) -> RunConfig:
     """The run a cell stands for: the spec's settings (`method_train` over `train` for its
-    method), with the search's best values over those if any."""
-    tuned = best.get(f"{cell.task}/{cell.method}", {})
+    method), with the search's best values over those if any: `best`'s entry for the cell's
+    budget (`task/method/budget`, a per-budget search) before its (task, method) one."""
+    tuned = best.get(f"{cell.task}/{cell.method}/{cell.budget}") or best.get(f"{cell.task}/{cell.method}", {})
     return RunConfig(method=cell.method, task=cell.task,
                      budget="1" if cell.budget == NATURAL else cell.budget, seeds=[cell.seed],
                      model=spec.model, device=spec.device,

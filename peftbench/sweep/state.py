@@ -14,7 +14,7 @@ from peftbench import registry
 from peftbench.errors import UsageError
 from peftbench.fingerprint import digest
 from peftbench.record import NATURAL, RunRecord
-from peftbench.sweep.search import best_search_params
+from peftbench.sweep.search import tuned_settings
 from peftbench.sweep.spec import (
     Cell,
     StudySpec,
@@ -31,11 +31,12 @@ class Fingerprints:
     task/method: budget and seed are the cell's key, not part of its configuration)."""
 
     def __init__(self, spec: StudySpec):
-        self.spec, self.best, self._by_pair = spec, best_search_params(spec), {}
+        self.spec, self.best, self._by_pair = spec, tuned_settings(spec), {}
         self.cells = {c.key: c for c in cells(spec)}
 
     def _entry(self, cell: Cell) -> tuple[dict, str]:
-        pair = (cell.task, cell.method, cell.budget == NATURAL)
+        own = f"{cell.task}/{cell.method}/{cell.budget}" in self.best  # tuned at its own budget
+        pair = (cell.task, cell.method, cell.budget if own else cell.budget == NATURAL)
         if pair not in self._by_pair:
             config = cell_config(cell_run_config(self.spec, cell, self.best))
             self._by_pair[pair] = (config, digest(config))
