@@ -285,18 +285,24 @@ def board_progress(spec: sweep.StudySpec, study) -> dict:
             "groups": len(groups), "missing": missing, "rows": rows}
 
 
-def partial_lines(progress: dict) -> list[str]:
+def partial_lines(progress: dict, waiting: list[str] = ()) -> list[str]:
     """The lines that open a board that is not finished: k of n cells, what is missing, and
-    what the statistics use. Empty for a finished board."""
+    what the statistics use; and the search keys the grid still waits for (`waiting`: a
+    per-budget search not finished, whose cells so far ran at the carried setting). Empty for
+    a finished board."""
+    tuning = [f"**Not final: {len(waiting)} (task, method, budget) key(s) wait for their own "
+              "setting (search: per_budget; per-budget.json).** Their cells below ran at the "
+              "setting carried from the search's budget; the cells of each key whose own setting "
+              "differs will run again: " + ", ".join(waiting) + ".", ""] if waiting else []
     if progress["done"] == progress["expected"]:
-        return []
+        return tuning
     missing = [f"{t}/{m}/b{b}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
                for (t, m, b), seeds in sorted(progress["missing"].items())]
     return [f"**Partial board: {progress['done']} of {progress['expected']} cells.** Every table, "
             f"figure and statistic below uses only the {len(progress['complete'])} of "
             f"{progress['groups']} (task, method, budget) groups whose seeds are all in; the same "
             "command resumes from the committed cells. Missing (progress.csv lists every cell):",
-            "", *[f"- {line}" for line in missing], ""]
+            "", *[f"- {line}" for line in missing], "", *tuning]
 
 
 def _read_rows(path: Path) -> pandas.DataFrame | None:
@@ -321,7 +327,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         frame = frame[[k in progress["complete"] for k in keys]]
     frame.attrs["failed"] = sweep.failed_cells(study, spec)
     expected, done = progress["expected"], progress["done"]
-    opening = partial_lines(progress)
+    waiting = [k for k in sweep.untuned(spec, sweep.tuned_settings(spec)) if k.count("/") == 2]
+    opening = partial_lines(progress, waiting)
     ranking = report.friedman_ranking(frame) if not frame.empty else None  # links only to plots made
     several_budgets = not frame.empty and not report.budget_curves(frame).empty
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())

@@ -312,6 +312,20 @@ def test_a_board_tuned_per_budget_runs_its_grid_at_each_budgets_own_rate(tmp_pat
     assert trained == [] and json.loads((board / "per-budget.json").read_text()) == tuned
 
 
+def test_a_board_whose_per_budget_search_is_unfinished_says_it_is_not_final():
+    """A complete grid at the carried rate is not the board a per-budget spec promises: the
+    README opens by naming the keys still waiting for their own rate, complete grid or not."""
+    from peftbench import leaderboard
+
+    done = {"done": 6, "expected": 6, "missing": {}, "complete": set(), "groups": 2}
+    assert leaderboard.partial_lines(done) == []
+    lines = leaderboard.partial_lines(done, ["cb/random/0.02"])
+    assert lines[0].startswith("**Not final: 1 (task, method, budget) key(s)") and "cb/random/0.02." in lines[0]
+    partial = {**done, "done": 5, "missing": {("cb", "random", "0.02"): [1]}}
+    text = "\n".join(leaderboard.partial_lines(partial, ["cb/random/0.02"]))
+    assert text.startswith("**Partial board: 5 of 6 cells.**") and "**Not final: 1" in text
+
+
 def test_report_on_a_published_only_board_keeps_its_published_page(tmp_path):
     """`leaderboard report` on a board with the paper's numbers and none of ours rewrites its
     published-numbers page; it wrote a "0 of 630 cells" partial board over it."""
