@@ -231,15 +231,20 @@ def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) ->
     judged = table["within spread"].dropna()
     over = [(r["task"], r["method"], r["budget"]) for r in table.to_dict("records") if r["within spread"] is False]
     seeds = ", ".join(map(str, spec.search.carry_check))
+    keys = sweep.carry_keys(spec)
     return ["", "## Carrying the tuned rate to other budgets (carry.json, carry.csv)", "",
-            f"The setting tuned at budget {sweep.search_budget(spec)} is carried to the other budgets. "
-            f"The check: at each other budget, on seed{'s' if len(spec.search.carry_check) > 1 else ''} "
+            (f"What carrying the setting tuned at budget {sweep.search_budget(spec)} to the other budgets "
+             "would cost (the per-budget search below tunes each budget instead, from these runs). "
+             if spec.search.per_budget else
+             f"The setting tuned at budget {sweep.search_budget(spec)} is carried to the other budgets. ")
+            + f"The check: at each other budget, on seed{'s' if len(spec.search.carry_check) > 1 else ''} "
             f"{seeds} (not reported), the carried value and its two grid neighbours; cost = the best "
             "validation of the three minus the carried value's; seed spread = the std of the test "
             "metric over the reported seeds in that cell. "
             + (f"Cost within the seed spread in {int(judged.sum())} of {len(judged)} cells"
                + (": " + ", ".join("/".join(k) for k in over) + " exceed it." if over else ".")
-               if len(judged) else "No cell of the grid to compare with yet."), "",
+               if len(judged) else "No cell of the grid to compare with yet.")
+            + (f" {len(table)} of {len(keys)} keys checked so far." if len(table) < len(keys) else ""), "",
             table.to_markdown(index=False, floatfmt=".4g")]
 
 
@@ -293,7 +298,8 @@ def partial_lines(progress: dict, waiting: list[str] = ()) -> list[str]:
     tuning = [f"**Not final: {len(waiting)} (task, method, budget) key(s) wait for their own "
               "setting (search: per_budget; per-budget.json).** Their cells below ran at the "
               "setting carried from the search's budget; the cells of each key whose own setting "
-              "differs will run again: " + ", ".join(waiting) + ".", ""] if waiting else []
+              "differs will run again: " + ", ".join(waiting[:6])
+              + (f" and {len(waiting) - 6} more." if len(waiting) > 6 else "."), ""] if waiting else []
     if progress["done"] == progress["expected"]:
         return tuning
     missing = [f"{t}/{m}/b{b}: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
