@@ -10,7 +10,10 @@ Tolerance: exact equality is what the same software on the same CPU gives (and w
 `leaderboard verify` checks); across CPUs torch's kernels may vectorise differently (AVX2 vs
 AVX-512: another float32 summation order, ~1e-7 relative per operation), so losses are compared
 to a relative 1e-5 over these 4 steps. A change that moves numbers (the loss, the head's start,
-the schedule, a method's choice) moves them by orders of magnitude more.
+the schedule, a method's choice) moves them by orders of magnitude more. The test metric is
+compared to an absolute 1e-3: after 4 steps it is a correlation over 32 rows of nearly constant
+predictions, which magnifies those float differences: an AMD EPYC (AVX2) gave -0.082542
+against the Xeon's -0.082479 (7.6e-4 relative) from losses equal to 1e-7.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from peftbench.trainer import TrainConfig
 
 GOLDEN = Path(__file__).with_name("golden_cell.json")
 RTOL = 1e-5
+METRIC_ATOL = 1e-3  # see the docstring: an ill-conditioned correlation, not a loss
 
 
 def golden_cell(model_dir: str, out: Path) -> dict:
@@ -50,7 +54,7 @@ def test_golden_cell_moves_only_with_a_version_bump(tiny_model_dir, tmp_path):
                     f"{peftbench.__version__}: regenerate it after the bump "
                     "(PEFTBENCH_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py)")
     moved = got["step_losses"] != pytest.approx(golden["step_losses"], rel=RTOL) or \
-        got["test_main"] != pytest.approx(golden["test_main"], rel=RTOL, abs=1e-6)
+        got["test_main"] != pytest.approx(golden["test_main"], rel=0, abs=METRIC_ATOL)
     if moved:
         pytest.fail(f"the golden cell's numbers moved at version {peftbench.__version__} "
                     f"(step losses {golden['step_losses']} -> {got['step_losses']}; test "
