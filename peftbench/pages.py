@@ -112,18 +112,19 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     if (folder / "search.csv").is_file():
         parts += ["<h3>Every setting the search tried (validation main metric)</h3>",
                   table_html(folder / "search.csv", "search", ".4f")]
-    if (folder / "carry.csv").is_file():
-        parts += ["<h3>Carrying the tuned rate to other budgets</h3>",
-                  '<p class="note">At each budget other than the search\'s, on the check\'s seed(s): '
-                  "the carried rate and its two grid neighbours on validation; cost = the best of "
-                  "the three minus the carried rate's; seed spread = the std of the test metric over "
-                  "the reported seeds in that cell.</p>", table_html(folder / "carry.csv", "carry", ".4g")]
-    if (folder / "per-budget.csv").is_file():
-        parts += ["<h3>Settings tuned at each budget</h3>",
-                  '<p class="note">Each budget other than the search\'s: the carry check\'s values '
-                  "around the carried rate, widened at the edge, chosen by the mean validation over "
-                  "the search's seeds (validation main metric).</p>",
-                  table_html(folder / "per-budget.csv", "per-budget", ".4f")]
+    notes = {"carry.csv": ("Carrying the tuned rate to other budgets",
+                           "At each budget other than the search's, on the check's seed(s): the carried "
+                           "rate and its two grid neighbours on validation; cost = the best of the three "
+                           "minus the carried rate's; seed spread = the std of the test metric over the "
+                           "reported seeds in that cell.", ".4g"),
+             "per-budget.csv": ("Settings tuned at each budget",
+                                "Each budget other than the search's: the carry check's values around the "
+                                "carried rate, widened at the edge, chosen by the mean validation over the "
+                                "search's seeds (validation main metric).", ".4f")}
+    for name, (title, note, fmt) in notes.items():
+        if (folder / name).is_file():
+            parts += [f"<h3>{title}</h3>", f'<p class="note">{html.escape(note)}</p>',
+                      table_html(folder / name, name.removesuffix(".csv"), fmt)]
     tables = sorted(folder.glob("table1-b*.csv"))
     if tables:
         parts.append("<h2>Tables (test metric x100, mean ± std over seeds)</h2>")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -248,21 +249,28 @@ def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, t
     assert len(json.loads((board / "search.json").read_text())["cb/random"]["tried"]) == 2
 
 
+def _tuned_board(tmp_path, tiny_model_dir, monkeypatch, name: str, reported: int, **search) -> Path:
+    """A one-method board with a two-rate search at 1% on seed 7 (`search` over that) and a
+    carry check on seed 7."""
+    board = tmp_path / "boards" / name
+    board.mkdir(parents=True)
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": name, "model": tiny_model_dir, "tasks": ["cb"], "methods": {"random": {}},
+        "budgets": [0.01, 0.02], "seeds": reported, "limit": 16, "train": {"epochs": 1},
+        "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "pruner": "none", "seeds": [7],
+                   "budget": 0.01, "carry_check": [7], **search}}))
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    return board
+
+
 def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_path, tiny_model_dir, monkeypatch):
     """`search: carry_check` (issue #21): after the grid, the carried rate and its neighbours at
     the other budget, on the check's own seed; carry.json is committed beside search.json, read
     back by a run elsewhere (nothing trained again), and the README and page show the table."""
     from peftbench import experiment
 
-    board = tmp_path / "boards" / "carried"
-    board.mkdir(parents=True)
-    (board / "spec.yaml").write_text(yaml.safe_dump({
-        "name": "carried", "model": tiny_model_dir, "tasks": ["cb"], "methods": {"random": {}},
-        "budgets": [0.01, 0.02], "seeds": 2, "limit": 16, "train": {"epochs": 1},
-        "output_dir": str(tmp_path / "sweep"),
-        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "pruner": "none", "seeds": [7],
-                   "budget": 0.01, "carry_check": [7]}}))
-    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    board = _tuned_board(tmp_path, tiny_model_dir, monkeypatch, "carried", reported=2)
     assert main(["leaderboard", "run", "carried"]) == 0
     carry = json.loads((board / "carry.json").read_text())
     lr = json.loads((board / "search.json").read_text())["cb/random"]["train"]["lr"]
@@ -284,15 +292,8 @@ def test_a_board_tuned_per_budget_runs_its_grid_at_each_budgets_own_rate(tmp_pat
     per-budget table and says how long it took; a run elsewhere trains nothing again."""
     from peftbench import experiment
 
-    board = tmp_path / "boards" / "perbudget"
-    board.mkdir(parents=True)
-    (board / "spec.yaml").write_text(yaml.safe_dump({
-        "name": "perbudget", "model": tiny_model_dir, "tasks": ["cb"], "methods": {"random": {}},
-        "budgets": [0.01, 0.02], "seeds": 1, "limit": 16, "train": {"epochs": 1},
-        "output_dir": str(tmp_path / "sweep"),
-        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "pruner": "none", "seeds": [7, 8],
-                   "budget": 0.01, "carry_check": [7], "per_budget": True}}))
-    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    board = _tuned_board(tmp_path, tiny_model_dir, monkeypatch, "perbudget", reported=1, seeds=[7, 8],
+                         per_budget=True)
     assert main(["leaderboard", "run", "perbudget"]) == 0
     tuned = json.loads((board / "per-budget.json").read_text())
     assert list(tuned) == ["cb/random/0.02"] and tuned["cb/random/0.02"]["seeds"] == [7, 8]
