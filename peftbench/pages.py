@@ -167,8 +167,9 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                                                     div_id="pareto")
         parts += ["<h2>Accuracy vs trainable parameters</h2>", figure]
         scripts = f'<script src="{html.escape(plotly_js)}"></script>'
-    for image, caption in (("cd.png", "Critical-difference diagram (mean ranks; bars join methods "
-                                      "no Holm-adjusted Wilcoxon test separates)"),
+    for image, caption in (("cd.png", "Critical-difference diagram (mean ranks; a bar joins the "
+                                      "methods dotted on it, which no Holm-adjusted Wilcoxon "
+                                      "test separates)"),
                            ("curves.png", "Budget curves (mean and 95% interval over seeds)"),
                            ("spend.png", "Where each method spends its budget")):
         if (folder / image).is_file():

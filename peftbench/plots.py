@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -268,17 +269,30 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
 def cd_png(ranking: dict, path: str | Path) -> Path:
     """Critical-difference diagram (Demsar 2006) from `report.friedman_ranking`: mean ranks on
     the axis, methods that the Holm-adjusted pairwise Wilcoxon tests cannot tell apart (alpha
-    0.05) joined by a bar."""
+    0.05) joined by a bar, a dot on the bar at each of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import scikit_posthocs
+    from scikit_posthocs import _plotting  # its clique finder, ordered below
 
-    fig, ax = plt.subplots(figsize=(9, 0.28 * len(ranking["ranks"]) + 1.6))
-    scikit_posthocs.critical_difference_diagram(
-        ranking["ranks"], ranking["pairwise"], ax=ax,
-        color_palette={m: method_style(m)[0] for m in ranking["ranks"].keys()})
+    ranks = ranking["ranks"]
+    found = _plotting._find_maximal_cliques
+
+    def cliques(adjacency):
+        # scikit-posthocs returns sets and stacks bars in that order, which follows Python's
+        # per-process string hashing: the same cells drew another cd.png. Each bar as a list
+        # in rank order, bars ordered by (lowest, highest rank, names): one file, always.
+        bars = [sorted(c, key=lambda m: (ranks[m], m)) for c in found(adjacency)]
+        return sorted(bars, key=lambda b: (ranks[b[0]], ranks[b[-1]], b))
+
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(ranks) + 1.6))
+    with mock.patch.object(_plotting, "_find_maximal_cliques", cliques):
+        scikit_posthocs.critical_difference_diagram(
+            ranks, ranking["pairwise"], ax=ax,
+            color_palette={m: method_style(m)[0] for m in ranks.keys()},
+            crossbar_props={"marker": "o", "markersize": 3})  # a dot per member: bars of one span differ
     ax.set_title(f"Mean rank over {ranking['n_blocks']} (task, budget) blocks, 1 = best; "
                  f"Friedman p = {ranking['p']:.2g}; bars: Wilcoxon-Holm p >= 0.05 over "
                  f"{ranking['n_pairs']} (task, budget, seed) pairs", fontsize=9)

@@ -460,7 +460,7 @@ def _ranking_section(frame, out: Path) -> list[str]:
              "Pairwise: two-sided Wilcoxon signed-rank tests over the "
              f"{ranking['n_pairs']} (task, budget, seed) pairs, Holm-adjusted over all pairs "
              "(Benavoli, Corani & Mangili 2016), in wilcoxon-holm.csv, drawn as the "
-             "critical-difference diagram cd.png (methods joined by a bar are not "
+             "critical-difference diagram cd.png (the methods dotted on one bar are not "
              "significantly different at 0.05).", "",
              ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
     return lines + table_section(

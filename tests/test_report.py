@@ -164,3 +164,38 @@ def test_rerun_seed_counts_once_and_diverged_seeds_are_listed(tmp_path, tiny_mod
     assert list(frame.attrs["failed"].values())[0].startswith("diverged at step")
     text = report.build_report(frame, tmp_path / "report")
     assert "1 seeds" in text and "Failed cells (1)" in text and "constant predictor" in text
+
+
+CD_SCRIPT = """
+import hashlib, sys
+import pandas as pd
+from peftbench import plots
+names = list("abcdefg")
+near = {("a", "b"), ("a", "c"), ("b", "c"), ("a", "d"), ("b", "d"), ("a", "e"), ("d", "e"),
+        ("f", "g")}  # maximal cliques {a,b,c}, {a,b,d}, {a,d,e}, {f,g}: three bars start at a
+p = pd.DataFrame(0.001, index=names, columns=names)
+for x, y in near:
+    p.loc[x, y] = p.loc[y, x] = 0.5
+for x in names:
+    p.loc[x, x] = 1.0
+ranking = {"ranks": dict(zip(names, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])), "pairwise": p,
+           "n_blocks": 6, "p": 1e-4, "n_pairs": 30}
+plots.cd_png(ranking, sys.argv[1])
+print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
+"""
+
+
+def test_cd_diagram_is_the_same_file_whatever_the_string_hash_seed(tmp_path):
+    """scikit-posthocs stacks the crossbars in set order, which follows Python's per-process
+    string hashing: a board rewritten from the same cells drew another cd.png."""
+    import os
+    import subprocess
+    import sys
+
+    digests = set()
+    for seed in ("1", "3", "4"):  # 1 and 3 drew different files before the fix
+        env = {**os.environ, "PYTHONHASHSEED": seed, "MPLBACKEND": "Agg"}
+        out = subprocess.run([sys.executable, "-c", CD_SCRIPT, str(tmp_path / f"cd{seed}.png")],
+                             env=env, capture_output=True, text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
