@@ -121,9 +121,9 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                                 "Each budget other than the search's: the carry check's values around the "
                                 "carried rate, widened at the edge, chosen by the mean validation over the "
                                 "search's seeds (validation main metric).", ".4f")}
-    for name, (title, note, fmt) in notes.items():
+    for name, (heading, note, fmt) in notes.items():
         if (folder / name).is_file():
-            parts += [f"<h3>{title}</h3>", f'<p class="note">{html.escape(note)}</p>',
+            parts += [f"<h3>{heading}</h3>", f'<p class="note">{html.escape(note)}</p>',
                       table_html(folder / name, name.removesuffix(".csv"), fmt)]
     tables = sorted(folder.glob("table1-b*.csv"))
     if tables:

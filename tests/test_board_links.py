@@ -74,3 +74,15 @@ def test_a_page_renders_its_intro_as_markdown_not_as_raw_asterisks(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert "<strong>Partial board: 0 of 3 cells.</strong>" in page and "**Partial" not in page
     assert "&lt;b&gt;methods&lt;/b&gt;" in page
+
+
+def test_a_page_keeps_its_title_when_the_board_has_carry_and_per_budget_tables(tmp_path):
+    """The browser tab and the bookmarks name the board, not the last section drawn."""
+    from peftbench import pages
+
+    for name in ("carry.csv", "per-budget.csv"):
+        (tmp_path / name).write_text("task,method,budget,lr\nsst2,random,0.001,0.01\n")
+    pages.write_page(tmp_path, "Leaderboard demo", "intro", None, {"command": "none"})
+    page = (tmp_path / "index.html").read_text()
+    assert "<title>Leaderboard demo</title>" in page and "<h1>Leaderboard demo</h1>" in page
+    assert "<h3>Settings tuned at each budget</h3>" in page
