@@ -283,8 +283,10 @@ def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_ot
     with pytest.raises(UsageError, match=r"2 \(task, method, budget\) key\(s\) are not tuned yet \(cb/random/0.001"):
         sweep.enqueue_missing(sweep.open_study(spec), spec)
     runs.clear()
-    tuned = sweep.run_per_budget_search(spec, log=lambda *a: None)
+    said = []
+    tuned = sweep.run_per_budget_search(spec, log=said.append)
     assert sorted(tuned) == ["cb/random/0.001", "cb/random/0.02"]
+    assert "per-budget search cb/random/0.02: best at the grid's edge; trying lr=0.1" in said  # which key widens
     assert sorted(r for r in runs if r[0] == "0.02") == pytest.approx(
         [("0.02", 1e-4, (101,)), ("0.02", 1e-3, (101,)), ("0.02", 1e-2, (101,)), ("0.02", 1e-1, (100, 101))])
     at2 = tuned["cb/random/0.02"]

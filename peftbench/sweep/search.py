@@ -229,7 +229,9 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
     studies = [study]
     for value in widened(studies, grid, widen):
         (name, choice), = value.items()
-        log(f"search {task}/{method}: best at the grid's edge; trying {name}={choice:g}")
+        phase, _, what = study_name.removeprefix(f"{spec.name}/").partition("/")
+        phase = {"per-budget": "per-budget search", "carry": "carry check"}.get(phase, phase)
+        log(f"{phase} {what}: best at the grid's edge; trying {name}={choice:g}")
         # a study of its own: Optuna keeps one set of choices per parameter and study
         extra = optuna.create_study(
             study_name=f"{study_name}/widen/{name}={choice:g}",
