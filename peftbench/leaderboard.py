@@ -230,6 +230,10 @@ def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) ->
     table.to_csv(folder / "carry.csv", index=False)
     judged = table["within spread"].dropna()
     over = [(r["task"], r["method"], r["budget"]) for r in table.to_dict("records") if r["within spread"] is False]
+    # a key re-running at its own rate (per_budget) has no complete cell: named, never silently
+    # dropped from the count, since those are the keys where carrying cost most
+    unjudged = ["/".join((r["task"], r["method"], r["budget"])) for r in table.to_dict("records")
+                if r["within spread"] is None]
     seeds = ", ".join(map(str, spec.search.carry_check))
     keys = sweep.carry_keys(spec)
     return ["", "## Carrying the tuned rate to other budgets (carry.json, carry.csv)", "",
@@ -240,10 +244,12 @@ def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) ->
             + f"The check: at each other budget, on seed{'s' if len(spec.search.carry_check) > 1 else ''} "
             f"{seeds} (not reported), the carried value and its two grid neighbours; cost = the best "
             "validation of the three minus the carried value's; seed spread = the std of the test "
-            "metric over the reported seeds in that cell. "
+            "metric over the reported seeds in that cell, as the board runs it. "
             + (f"Cost within the seed spread in {int(judged.sum())} of {len(judged)} cells"
                + (": " + ", ".join("/".join(k) for k in over) + " exceed it." if over else ".")
                if len(judged) else "No cell of the grid to compare with yet.")
+            + (" Not judged yet (no complete cell): " + ", ".join(unjudged) + "."
+               if len(judged) and unjudged else "")
             + (f" {len(table)} of {len(keys)} keys checked so far." if len(table) < len(keys) else ""), "",
             table.to_markdown(index=False, floatfmt=".4g")]
 

@@ -192,6 +192,10 @@ def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_bud
     lines = "\n".join(leaderboard.carry_lines(spec, tmp_path, frame))
     assert "within the seed spread in 1 of 2 cells: cb/random/0.02 exceed it" in lines
     assert (tmp_path / "carry.csv").is_file()
+    # a cell whose seeds are not all in (re-running at its own rate, per_budget) is not judged,
+    # and the verdict says so instead of counting only the keys that could be judged
+    lines = "\n".join(leaderboard.carry_lines(spec, tmp_path, frame[frame.budget == "0.001"]))
+    assert "within the seed spread in 1 of 1 cells. Not judged yet (no complete cell): cb/random/0.02." in lines
 
 
 def test_a_carry_check_needs_the_budget_it_carries_from(tmp_path):
