@@ -229,11 +229,11 @@ def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) ->
         return []
     table.to_csv(folder / "carry.csv", index=False)
     judged = table["within spread"].dropna()
-    over = [(r["task"], r["method"], r["budget"]) for r in table.to_dict("records") if r["within spread"] is False]
+    records = table.to_dict("records")
+    over = [(r["task"], r["method"], r["budget"]) for r in records if r["within spread"] is False]
     # a key re-running at its own rate (per_budget) has no complete cell: named, never silently
     # dropped from the count, since those are the keys where carrying cost most
-    unjudged = ["/".join((r["task"], r["method"], r["budget"])) for r in table.to_dict("records")
-                if r["within spread"] is None]
+    unjudged = ["/".join((r["task"], r["method"], r["budget"])) for r in records if r["within spread"] is None]
     seeds = ", ".join(map(str, spec.search.carry_check))
     keys = sweep.carry_keys(spec)
     return ["", "## Carrying the tuned rate to other budgets (carry.json, carry.csv)", "",

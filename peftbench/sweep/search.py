@@ -145,7 +145,8 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
         log(f"search {key}: started; {len(claims.merged())} of {len(claims.pairs)} pairs tuned so far")
         try:
             entry = _tune(spec, task, method, search_budget(spec), spec_space, list(search.seeds or [spec.seeds[0]]),
-                          f"{spec.name}/search/{task}/{method}", search.widen, storage, cache, log)
+                          f"{spec.name}/search/{task}/{method}", search.widen, storage, cache, log,
+                          label=f"search {key}")
         except UsageError:
             claims.release(f"{task}/{method}")
             raise
@@ -163,13 +164,14 @@ def search_budget(spec: StudySpec) -> str:
 
 def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict, seeds: list[int],
           study_name: str, widen: int, storage, cache: ScoreCache, log,
-          known: dict | None = None) -> dict:
+          known: dict | None = None, *, label: str) -> dict:
     """One (task, method)'s search at `budget` over `spec_space` on `seeds` (the settings'
     score: their mean validation), in the Optuna study `study_name` (resumed when it exists),
     with the edge rule's extra values (`widened`); returns its search.json entry, or a
     UsageError when no trial completed. `known`: {value of the one searched setting: (seeds,
     their mean validation)} measured before (the carry check's): those seeds are not trained
-    again at that value, and the score is the mean over all of `seeds`."""
+    again at that value, and the score is the mean over all of `seeds`. `label` names the
+    phase and key in the log ("per-budget search sst2/sam/0.02")."""
     search = spec.search
     cls = registry.get(method)
     space = dict(cls.search_space()) if search.method_params else {}
@@ -229,9 +231,7 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
     studies = [study]
     for value in widened(studies, grid, widen):
         (name, choice), = value.items()
-        phase, _, what = study_name.removeprefix(f"{spec.name}/").partition("/")
-        phase = {"per-budget": "per-budget search", "carry": "carry check"}.get(phase, phase)
-        log(f"{phase} {what}: best at the grid's edge; trying {name}={choice:g}")
+        log(f"{label}: best at the grid's edge; trying {name}={choice:g}")
         # a study of its own: Optuna keeps one set of choices per parameter and study
         extra = optuna.create_study(
             study_name=f"{study_name}/widen/{name}={choice:g}",
@@ -314,7 +314,7 @@ def run_carry_check(spec: StudySpec, log=print, mirror: Path | None = None,
         grid = {name: {"choices": neighbours(choice_spec.choices, carried)}}
         try:
             entry = _tune(spec, task, method, budget, grid, list(search.carry_check),
-                          f"{spec.name}/carry/{key}", 0, storage, cache, log)
+                          f"{spec.name}/carry/{key}", 0, storage, cache, log, label=f"carry check {key}")
         except UsageError:
             claims.release(key)
             raise
@@ -360,7 +360,8 @@ def run_per_budget_search(spec: StudySpec, log=print, mirror: Path | None = None
         log(f"per-budget search {key}: {len(claims.merged())} of {len(claims.pairs)} keys tuned so far")
         try:
             entry = _tune(spec, task, method, budget, {name: {"choices": values}}, list(search.seeds),
-                          f"{spec.name}/per-budget/{key}", search.widen, storage, cache, log, known=known)
+                          f"{spec.name}/per-budget/{key}", search.widen, storage, cache, log, known=known,
+                          label=f"per-budget search {key}")
         except UsageError:
             claims.release(key)
             raise
