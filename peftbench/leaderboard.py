@@ -175,7 +175,7 @@ def devices_line(frame: pandas.DataFrame) -> str | None:
     counts = counts.sort_values(ascending=False, kind="stable")  # most cells first, ties by name
     cells = ", ".join(f"{device} ({n} cell{'s' if n > 1 else ''})" for device, n in counts.items())
     return (f"- cells ran on: {cells}" + ("; timings compare only within one device: the cost "
-                                          "table has a row per method and device" if len(counts) > 1 else ""))
+                                          "table has a row per method, task and device" if len(counts) > 1 else ""))
 
 
 def time_line(spec: sweep.StudySpec, frame: pandas.DataFrame) -> str:

@@ -155,8 +155,8 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                   "run, training steps per second, the largest peak memory of a run in MiB (peak "
                   "RSS on CPU, max allocated on CUDA), and the machine's mean 1-minute load average "
                   "around the runs (empty: not recorded): timings taken at a load above the "
-                  "machine's cores are slower than a quiet machine's; a row per method and device "
-                  "where the runs came from several devices.</p>",
+                  "machine's cores are slower than a quiet machine's; a row per method, task and "
+                  "device where the runs came from several tasks or devices.</p>",
                   table_html(folder / "cost.csv", "cost", ",.1f")]
     scripts = ""
     if frame is not None and not frame.empty:

@@ -477,8 +477,8 @@ def _cost_section(frame, out: Path) -> list[str]:
     return ["## Cost per run", "", "Mean seconds of scoring and of training (evaluation included) "
             "per run, training steps per second, and the largest peak memory of a run (MiB; peak "
             "RSS on CPU, max allocated on CUDA; scoring or training, whichever is larger); a row "
-            "per method and device, with its number of runs, where the runs came from several "
-            "devices.", "",
+            "per method, task and device, with its number of runs, where the runs came from "
+            "several tasks or devices (a step's cost depends on both).", "",
             cost.to_markdown(floatfmt=".1f"), ""]
 
 

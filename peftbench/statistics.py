@@ -26,20 +26,22 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per method: mean scoring and training seconds, mean steps/s, max peak memory (MiB), and
     the mean 1-minute load average around the runs (NaN for runs that did not record it).
 
-    Where the runs come from more than one device (a board grown on several machines: one CPU
-    ran a cell 2.6x slower per step than another), a mean over devices measures the mix, not
-    the method: the table then has a row per (method, device), with a `device` column and the
-    number of runs behind each row."""
+    A mean over runs that differ in what they cost per step measures the mix, not the method,
+    so the table splits where the runs do, with the number of runs behind each row:
+    - by task, where the runs come from several (STS-B's sentence pairs are longer than
+      SST-2's sentences: a step costs more);
+    - by device, where the runs come from several (a board grown on several machines: one CPU
+      ran a cell 2.6x slower per step than another)."""
     for column in ("steps_per_s", "peak_memory_mb", "load_1min"):
         if column not in frame:
             frame = frame.assign(**{column: np.nan})
-    several = "device" in frame and frame.device.nunique() > 1
-    g = frame.groupby(["method", "device"] if several else "method")
+    split = [c for c in ("task", "device") if c in frame and frame[c].nunique() > 1]
+    g = frame.groupby(["method", *split])
     table = pd.DataFrame({"scoring_s": g.scoring_time_s.mean(), "training_s": g.train_time_s.mean(),
                           "steps_per_s": g.steps_per_s.mean(), "peak_memory_mb": g.peak_memory_mb.max(),
                           "load_1min": g.load_1min.mean()})
-    if several:
-        table = table.assign(runs=g.size()).reset_index(level="device")
+    if split:
+        table = table.assign(runs=g.size()).reset_index(level=split)
     return table
 
 

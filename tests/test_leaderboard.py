@@ -380,10 +380,20 @@ def test_a_board_grown_on_two_machines_says_so_and_splits_its_cost_by_device():
     assert cost.loc["bitfit", "device"] == "cpu: A" and cost.loc["bitfit", "peak_memory_mb"] == 60.0
     assert leaderboard.devices_line(frame) == (
         "- cells ran on: cpu: A (4 cells), cpu: B (1 cell); timings compare only within one "
-        "device: the cost table has a row per method and device")
+        "device: the cost table has a row per method, task and device")
     one = frame[frame.device == "cpu: A"]
     assert list(statistics.cost_table(one).columns) == [
         "scoring_s", "training_s", "steps_per_s", "peak_memory_mb", "load_1min"]
     assert statistics.cost_table(one).loc["random", "training_s"] == 15.0
     assert leaderboard.devices_line(frame.assign(device="")) == "- cells ran on: not recorded (5 cells)"
+    # two tasks (STS-B's pairs cost more per step than SST-2's sentences): a row per task too
+    tasks = one.assign(task=["sst2", "stsb", "sst2", "sst2"])
+    split = statistics.cost_table(tasks)
+    assert list(split.columns) == ["task", "scoring_s", "training_s", "steps_per_s", "peak_memory_mb",
+                                   "load_1min", "runs"]
+    random = split.loc["random"].set_index("task")
+    assert random.loc["sst2", "training_s"] == 10.0 and random.loc["stsb", "training_s"] == 20.0
+    assert split.loc["bitfit", "runs"] == 2 and split.loc["bitfit", "task"] == "sst2"
+    assert list(statistics.cost_table(frame.assign(task=["sst2", "stsb"] * 2 + ["sst2"])).columns[:2]) == [
+        "task", "device"]
     assert leaderboard.devices_line(frame.drop(columns="device")) is None
