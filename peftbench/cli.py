@@ -379,7 +379,8 @@ def format_summary(s: dict) -> str:
                  f"{s['constant_test_main']:.4f} ({s['test_rows']} test rows)")
     if s.get("near_constant"):
         lines.append("WARNING: the test score is within noise of the constant predictor "
-                     "(less than max(2 std, 1/sqrt(test rows)) above it): this run did not "
+                     "(less than max(2 standard errors of the mean over seeds, 1/sqrt(test rows)) above "
+                     "it): this run did not "
                      "measurably learn")
     for seed, info in s.get("diverged_seeds", {}).items():
         lines.append(f"DIVERGED: seed {seed} at step {info['step']} (loss {info['loss']}); "

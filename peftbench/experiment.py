@@ -338,5 +338,5 @@ def summarize(config: RunConfig, task: TaskSpec, results: list[dict]) -> dict:
             summary[f"{split}_{name}_mean"] = float(values.mean()) if len(values) else float("nan")
             summary[f"{split}_{name}_std"] = float(values.std()) if len(values) else float("nan")
     summary["near_constant"] = near_constant(summary["test_main_mean"], summary["test_main_std"],
-                                             summary["constant_test_main"], summary["test_rows"])
+                                             summary["constant_test_main"], summary["test_rows"], len(ok))
     return summary

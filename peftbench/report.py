@@ -398,7 +398,8 @@ def _opening_section(frame, out: Path, title: str, header: str, ties: str) -> li
               f"better; ties: {ties}); AVG = mean of task means ± mean of task stds; † = worse "
               "than the column's best by a paired t-test over the n seeds both ran (p < 0.05; n "
               "per test in tests.csv); ≈ = within noise of the constant predictor (less than "
-              "max(2 std, 1/sqrt(test rows)) above it: the cell did not measurably learn). The "
+              "max(2 standard errors of the mean over seeds, 1/sqrt(test rows)) above it: the cell "
+              "did not measurably learn). The "
               "row 'constant predictor' is the train majority class (mean label for regression) "
               "scored on test.", ""]
     lines += [f"Note: {note}" for note in frame.attrs.get("notes", [])]
@@ -423,10 +424,13 @@ def _budget_section(frame, stats, budget: str, ties: str, out: Path) -> tuple[li
         table.worse = tests.pivot_table(index="method", columns="task", values="worse",
                                         aggfunc="any").reindex(table.mean.index).fillna(False)
     rendered = table.render()
+    seeds = rows.pivot_table(index="method", columns="task", values="seeds", sort=False)
     for method in table.mean.index:
         for task in constant.index.intersection(table.mean.columns):
-            if near_constant(table.mean.loc[method, task], table.std.loc[method, task],
-                             constant.loc[task, "metric"], int(constant.loc[task, "test_rows"])):
+            n = seeds.loc[method, task] if method in seeds.index and task in seeds.columns else np.nan
+            if np.isfinite(n) and near_constant(table.mean.loc[method, task], table.std.loc[method, task],
+                                                constant.loc[task, "metric"],
+                                                int(constant.loc[task, "test_rows"]), int(n)):
                 rendered.loc[method, task] += " ≈"
     counts = rows.groupby("method")["trainable"].mean().reindex(rendered.index)
     share = 100 * counts / frame.pretrained_entries.iloc[0]

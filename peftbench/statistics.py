@@ -373,6 +373,6 @@ def constant_cells(frame: pd.DataFrame) -> list[str]:
     out = []
     for row in cell_stats(frame).itertuples():
         if row.task in constant.index and near_constant(row.mean, row.std, constant.loc[row.task, "metric"],
-                                                        int(constant.loc[row.task, "test_rows"])):
+                                                        int(constant.loc[row.task, "test_rows"]), row.seeds):
             out.append(f"{row.task}/{row.method}/b{row.budget}")
     return sorted(out)

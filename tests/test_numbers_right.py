@@ -189,9 +189,33 @@ def test_constant_predictor_is_shown_and_flagged(tiny_model_dir, tmp_path, capsy
 def test_near_constant_rule():
     from peftbench.metrics import near_constant
 
-    assert near_constant(0.5235, 0.0217, 0.527, 277)
-    assert not near_constant(0.70, 0.01, 0.527, 277)
-    assert near_constant(0.58, 0.01, 0.527, 277)  # 0.053 < 1/sqrt(277) = 0.060
+    assert near_constant(0.5235, 0.0217, 0.527, 277, seeds=5)
+    assert not near_constant(0.70, 0.01, 0.527, 277, seeds=5)
+    assert near_constant(0.58, 0.01, 0.527, 277, seeds=5)  # 0.053 < 1/sqrt(277) = 0.060
+    assert near_constant(0.58, float("nan"), 0.527, 277, seeds=1)
+    assert not near_constant(0.70, float("nan"), 0.527, 277, seeds=1)
+
+
+def test_a_cell_whose_seeds_split_between_learning_and_collapsing_learned():
+    """The noise is the mean's (2 standard errors over seeds), not the seeds' spread: three
+    seeds at 0.80 and two collapsed to the majority class (0.51) average well above the
+    predictor (the rule before, 2 std, flagged all-methods-cpu's SST-2 Adapter, mean 0.754);
+    one learned seed among four collapsed does not lift the mean out of the noise."""
+    import scipy.stats
+
+    from peftbench.metrics import near_constant
+
+    def flagged(scores):
+        scores = np.array(scores)
+        return near_constant(scores.mean(), scores.std(), 0.51, 872, seeds=len(scores))
+
+    assert not flagged([0.80, 0.80, 0.80, 0.51, 0.51])  # mean 0.684: 2 std 0.284 > 0.174
+    assert flagged([0.80, 0.51, 0.51, 0.51, 0.51])  # mean 0.568: 2 se 0.116 > 0.058
+    # the standard error as scipy computes it (ddof=1)
+    scores = np.array([0.80, 0.51, 0.51, 0.51, 0.52])
+    se = scipy.stats.sem(scores)
+    gap = scores.mean() - 0.51
+    assert near_constant(scores.mean(), scores.std(), 0.51, 10**6, seeds=5) == (gap < 2 * se)
 
 
 # --- metrics ------------------------------------------------------------------------------------

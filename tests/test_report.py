@@ -199,3 +199,24 @@ def test_cd_diagram_is_the_same_file_whatever_the_string_hash_seed(tmp_path):
                              env=env, capture_output=True, text=True, check=True)
         digests.add(out.stdout.strip())
     assert len(digests) == 1
+
+
+def test_a_cell_is_marked_at_the_constant_predictor_by_its_mean_noise_not_its_seeds_spread(tmp_path):
+    """Table 1's ≈ and the verdict's list: a cell whose seeds split between learning and the
+    majority class learned (its mean is 2 standard errors clear of the predictor); a cell with
+    one learned seed in five did not. The rule before (2 std) marked both."""
+    scores = {"random": [0.80, 0.80, 0.80, 0.51, 0.51], "magpruning": [0.80, 0.51, 0.51, 0.51, 0.51],
+              "sam": [0.84, 0.85, 0.86, 0.85, 0.84]}
+    rows = [{"task": "sst2", "method": method, "budget": budget, "seed": seed, "metric": metric,
+             "validation": 0.5, "trainable": int(float(budget) * 1000), "pretrained_entries": 1000,
+             "constant_metric": 0.51, "test_rows": 872, "metric_name": "accuracy", "model": "default",
+             "scoring_time_s": 1.0, "train_time_s": 2.0, "run_dir": str(tmp_path / "none"), "spend": {}}
+            for budget in ("0.001", "0.005") for method, values in scores.items()
+            for seed, metric in enumerate(values)]
+    report.build_report(pd.DataFrame(rows), tmp_path)
+    table = pd.read_csv(tmp_path / "table1-b0.005.csv", index_col=0)
+    assert table.loc["magpruning", "sst2"].endswith("≈")
+    assert not table.loc["random", "sst2"].endswith("≈") and not table.loc["sam", "sst2"].endswith("≈")
+    verdict = (tmp_path / "verdict.md").read_text()
+    assert "2 cell(s) are within noise of the constant predictor" in verdict
+    assert "sst2/magpruning/b0.001, sst2/magpruning/b0.005." in verdict and "sst2/random" not in verdict
