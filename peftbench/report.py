@@ -310,7 +310,8 @@ def verdict(frame: pd.DataFrame, ranking: dict | None = None, alpha: float = 0.0
     ranking = ranking if ranking is not None else friedman_ranking(frame)
     stuck = constant_cells(frame)
     stuck_text = (f"{len(stuck)} cell(s) are within noise of the constant predictor (did not "
-                  f"measurably learn; their ranks are ties near the bottom): {', '.join(stuck[:12])}"
+                  f"measurably learn: among themselves, their order in a block's ranking is noise): "
+                  f"{', '.join(stuck[:12])}"
                   f"{' ...' if len(stuck) > 12 else ''}." if stuck else
                   "No cell is within noise of the constant predictor.")
     if ranking is None:
