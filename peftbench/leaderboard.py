@@ -259,13 +259,17 @@ def per_budget_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
     if not (spec.search and spec.search.per_budget):
         return []
     record = sweep.read_record(spec.out / sweep.PER_BUDGET)
-    table = search_table(record)
+    keys = sweep.carry_keys(spec)
+    # rows in the spec's order (task, method, budget), not the order the workers finished them
+    ordered = {**{k: record[k] for k in keys if k in record}, **record}
+    table = search_table(ordered)
     if table.empty:
         return []
-    table.to_csv(folder / "per-budget.csv")
     (name, _), = spec.search.params.items()
+    table.insert(table.columns.get_loc("chosen"), "carried",
+                 [_setting(entry["carried"]) for entry in ordered.values()])
+    table.to_csv(folder / "per-budget.csv")
     moved = [k for k, e in record.items() if not math.isclose(e["train"][name], e["carried"][name], rel_tol=1e-9)]
-    keys = sweep.carry_keys(spec)
     seeds = ", ".join(map(str, spec.search.seeds))
     return ["", "### Settings tuned at each budget (per-budget.json, per-budget.csv)", "",
             f"Each budget other than {sweep.search_budget(spec)}, for every budget-parameterised "

@@ -307,6 +307,8 @@ def test_a_board_tuned_per_budget_runs_its_grid_at_each_budgets_own_rate(tmp_pat
     readme = (board / "README.md").read_text()
     assert "Settings tuned at each budget" in readme and "per-budget search" in readme
     assert (board / "per-budget.csv").is_file() and "Settings tuned at each budget" in (board / "index.html").read_text()
+    assert pd.read_csv(board / "per-budget.csv")["carried"].tolist() == [
+        f"lr={json.loads((board / 'search.json').read_text())['cb/random']['train']['lr']:g}"]
     trained, original = [], experiment.run_experiment
     monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: trained.append(1) or original(*a, **k))
     assert main(["leaderboard", "run", "perbudget", "--output-dir", str(tmp_path / "elsewhere")]) == 0
@@ -397,3 +399,31 @@ def test_a_board_grown_on_two_machines_says_so_and_splits_its_cost_by_device():
     assert list(statistics.cost_table(frame.assign(task=["sst2", "stsb"] * 2 + ["sst2"])).columns[:2]) == [
         "task", "device"]
     assert leaderboard.devices_line(frame.drop(columns="device")) is None
+
+
+def test_the_per_budget_table_lists_keys_in_the_specs_order_with_the_carried_setting(tmp_path):
+    """Workers finish keys in any order; the table reads task by task, method by method, budget
+    by budget, and shows the carried rate beside the chosen one."""
+    from types import SimpleNamespace
+
+    from peftbench import leaderboard
+
+    spec = SimpleNamespace(out=tmp_path, tasks=["sst2", "stsb"], methods={"random": {}, "sam": {}},
+                           budgets=["0.005", "0.001", "0.02"],
+                           search=SimpleNamespace(per_budget=True, budget="0.005", params={"lr": None},
+                                                  seeds=[100, 101]))
+
+    def entry(carried, chosen):
+        return {"train": {"lr": chosen}, "method": {}, "validation": 0.8, "carried": {"lr": carried},
+                "tried": [{"params": {"lr": v}, "validation": 0.8, "state": "complete"} for v in (carried, chosen)]}
+
+    finished = ["stsb/sam/0.02", "sst2/random/0.02", "stsb/random/0.001", "sst2/sam/0.001", "sst2/random/0.001"]
+    (tmp_path / "per-budget.json").write_text(json.dumps({k: entry(0.01, 0.03 if "0.001" in k else 0.01)
+                                                          for k in finished}))
+    lines = leaderboard.per_budget_lines(spec, tmp_path)
+    table = pd.read_csv(tmp_path / "per-budget.csv", dtype={"budget": str})
+    assert ["/".join(r) for r in table[["task", "method", "budget"]].itertuples(index=False)] == [
+        "sst2/random/0.001", "sst2/random/0.02", "sst2/sam/0.001", "stsb/random/0.001", "stsb/sam/0.02"]
+    assert table.carried.tolist() == ["lr=0.01"] * 5
+    assert table.chosen.tolist() == ["lr=0.03", "lr=0.01", "lr=0.03", "lr=0.03", "lr=0.01"]
+    assert "5 of 8 keys tuned; the chosen lr differs from the carried one in 3 of them." in "\n".join(lines)
