@@ -115,8 +115,7 @@ def near_constant(mean: float, std: float, baseline: float, test_rows: int, seed
     0.63-0.83, against 0.509). Instability is the std column's to show."""
     if not np.isfinite(mean):
         return False
-    spread = std if np.isfinite(std) and seeds > 1 else 0.0
-    noise = 2 * spread / np.sqrt(seeds - 1) if seeds > 1 else 0.0
+    noise = 2 * std / np.sqrt(seeds - 1) if seeds > 1 and np.isfinite(std) else 0.0
     return bool(mean - baseline < max(noise, 1 / np.sqrt(max(test_rows, 1))))
 
 

@@ -24,7 +24,6 @@ import torch
 
 from peftbench import findings
 from peftbench.errors import UsageError
-from peftbench.metrics import near_constant
 from peftbench.record import RunRecord, analysis_row, at_budget, budget_blocks, budget_label, read_json
 from peftbench.safeload import load_pt
 from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
@@ -425,14 +424,10 @@ def _budget_section(frame, stats, budget: str, ties: str, out: Path) -> tuple[li
         table.worse = tests.pivot_table(index="method", columns="task", values="worse",
                                         aggfunc="any").reindex(table.mean.index).fillna(False)
     rendered = table.render()
-    seeds = rows.pivot_table(index="method", columns="task", values="seeds", sort=False)
-    for method in table.mean.index:
-        for task in constant.index.intersection(table.mean.columns):
-            n = seeds.loc[method, task] if method in seeds.index and task in seeds.columns else np.nan
-            if np.isfinite(n) and near_constant(table.mean.loc[method, task], table.std.loc[method, task],
-                                                constant.loc[task, "metric"],
-                                                int(constant.loc[task, "test_rows"]), int(n)):
-                rendered.loc[method, task] += " ≈"
+    stuck = set(constant_cells(frame, stats))
+    for row in rows.itertuples():
+        if f"{row.task}/{row.method}/b{row.budget}" in stuck:
+            rendered.loc[row.method, row.task] += " ≈"
     counts = rows.groupby("method")["trainable"].mean().reindex(rendered.index)
     share = 100 * counts / frame.pretrained_entries.iloc[0]
     rendered["trainable"] = [f"{int(c):,} ({s:.3f}%)" for c, s in zip(counts, share)]

@@ -366,12 +366,13 @@ def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
     return at_budget(stats, budget)
 
 
-def constant_cells(frame: pd.DataFrame) -> list[str]:
+def constant_cells(frame: pd.DataFrame, stats: pd.DataFrame | None = None) -> list[str]:
     """'task/method/bBUDGET' of every cell whose mean is within noise of the constant predictor
-    (`metrics.near_constant`): cells that did not measurably learn."""
+    (`metrics.near_constant`): cells that did not measurably learn. `stats`: the frame's
+    `cell_stats`, when the caller has them."""
     constant = constant_scores(frame)
     out = []
-    for row in cell_stats(frame).itertuples():
+    for row in (stats if stats is not None else cell_stats(frame)).itertuples():
         if row.task in constant.index and near_constant(row.mean, row.std, constant.loc[row.task, "metric"],
                                                         int(constant.loc[row.task, "test_rows"]), row.seeds):
             out.append(f"{row.task}/{row.method}/b{row.budget}")
