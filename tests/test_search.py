@@ -320,3 +320,54 @@ def test_a_per_budget_search_needs_the_carry_check_on_the_search_seeds(tmp_path)
     spec = _carry_spec(tmp_path)
     with pytest.raises(UsageError, match="has no 'search: per_budget: true'"):
         sweep.run_per_budget_search(spec, log=lambda *a: None)
+
+
+def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_trials(tmp_path, monkeypatch):
+    """Boards outlive a machine: a search stopped after two of a key's three settings keeps
+    them in the board's `search-trials.json`; on a fresh machine (the sweep folder and its
+    Optuna database gone) only the third trains, the choice and the `tried` list are the
+    uninterrupted search's, and the log's rows go once the key is recorded. A row of another
+    `peftbench.__version__` is not read back."""
+    import shutil
+
+    runs = _fake_runs(monkeypatch, peak=1e-3)
+    reference = sweep.run_search(_spec(tmp_path / "reference", seeds=[100, 101]), log=lambda *a: None)
+    board = tmp_path / "board"
+    board.mkdir()
+    spec = _spec(tmp_path, seeds=[100, 101])
+    runs.clear()
+    fake = experiment.run_experiment
+
+    def stopped_after_two(config, **kwargs):
+        if len(runs) == 2:
+            raise KeyboardInterrupt  # the sitting ends (not an Exception: Optuna lets it through)
+        return fake(config, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_experiment", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
+    log = json.loads((board / "search-trials.json").read_text())
+    assert [len(rows) for rows in log.values()] == [2] and list(log) == ["cb/random"]
+    assert not (board / "search.json").exists()
+    finished = sorted(row["params"]["lr"] for row in log["cb/random"])
+
+    shutil.rmtree(spec.out)  # another machine: only the board's committed files
+    monkeypatch.setattr(experiment, "run_experiment", fake)
+    runs.clear()
+    best = sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
+    assert len(runs) == 1 and runs[0][0] not in finished  # only the unfinished setting trained
+    entry, expected = best["cb/random"], reference["cb/random"]
+    assert entry["train"] == expected["train"] and entry["validation"] == pytest.approx(expected["validation"])
+    assert sorted((t["params"]["lr"], t["validation"]) for t in entry["tried"]) == pytest.approx(
+        sorted((t["params"]["lr"], t["validation"]) for t in expected["tried"]))
+    assert not (board / "search-trials.json").exists() and not (spec.out / "search-trials.json").exists()
+
+    # a row written by another version of peftbench trains again
+    log["cb/random"][0]["version"] = "0.0.0"
+    (board / "search-trials.json").write_text(json.dumps(log))
+    (board / "search.json").unlink()
+    shutil.rmtree(spec.out)
+    runs.clear()
+    sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
+    assert sorted(lr for lr, _ in runs) == pytest.approx(sorted([log["cb/random"][0]["params"]["lr"], runs[-1][0]]))
+    assert len(runs) == 2

@@ -7,13 +7,14 @@ import json
 import math
 import os
 import socket
+import time
 from pathlib import Path
 
 import optuna
 from filelock import FileLock
 from optuna.trial import TrialState
 
-from peftbench import experiment, registry
+from peftbench import __version__, experiment, registry
 from peftbench.cache import ScoreCache
 from peftbench.errors import UsageError
 from peftbench.experiment import RunConfig
@@ -31,7 +32,8 @@ def tried(study: optuna.Study) -> list[dict]:
         value = t.value if t.state == TrialState.COMPLETE else \
             (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
         rows.append({"params": t.params, "validation": value, "state": t.state.name.lower(),
-                     "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()})
+                     "duration_s": t.user_attrs.get("duration_s",  # a replayed trial: its first run's
+                                                    (t.datetime_complete - t.datetime_start).total_seconds())})
     return rows
 
 
@@ -81,6 +83,20 @@ def read_record(path: Path) -> dict:
     if not isinstance(best, dict) or not all(isinstance(v, dict) for v in best.values()):
         raise UsageError(f"{path} is not a search record ({{key: settings}}): restore or remove it")
     return best
+
+
+def read_trial_log(path: Path) -> dict[str, list[dict]]:
+    """A trial log ({key: [row, ...]}, `TrialLog`); {} when absent."""
+    if not path.exists():
+        return {}
+    try:
+        log = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}): restore it (a leaderboard's copy is "
+                         "committed beside its spec) or remove it to train its trials again") from None
+    if not isinstance(log, dict) or not all(isinstance(v, list) for v in log.values()):
+        raise UsageError(f"{path} is not a trial log ({{key: [trial, ...]}}): restore or remove it")
+    return log
 
 
 def _suggest(trial: optuna.Trial, name: str, spec) -> object:
@@ -146,7 +162,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
         try:
             entry = _tune(spec, task, method, search_budget(spec), spec_space, list(search.seeds or [spec.seeds[0]]),
                           f"{spec.name}/search/{task}/{method}", search.widen, storage, cache, log,
-                          label=f"search {key}")
+                          label=f"search {key}", trials=claims.trials(key))
         except UsageError:
             claims.release(f"{task}/{method}")
             raise
@@ -164,14 +180,16 @@ def search_budget(spec: StudySpec) -> str:
 
 def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict, seeds: list[int],
           study_name: str, widen: int, storage, cache: ScoreCache, log,
-          known: dict | None = None, *, label: str) -> dict:
+          known: dict | None = None, *, label: str, trials: TrialLog | None = None) -> dict:
     """One (task, method)'s search at `budget` over `spec_space` on `seeds` (the settings'
     score: their mean validation), in the Optuna study `study_name` (resumed when it exists),
     with the edge rule's extra values (`widened`); returns its search.json entry, or a
     UsageError when no trial completed. `known`: {value of the one searched setting: (seeds,
     their mean validation)} measured before (the carry check's): those seeds are not trained
     again at that value, and the score is the mean over all of `seeds`. `label` names the
-    phase and key in the log ("per-budget search sst2/sam/0.02")."""
+    phase and key in the log ("per-budget search sst2/sam/0.02"). `trials`: the key's committed
+    trial log (`TrialLog`): a setting finished in an earlier sitting, on any machine, is read
+    back from it instead of trained again, and each one finished here is added to it."""
     search = spec.search
     cls = registry.get(method)
     space = dict(cls.search_space()) if search.method_params else {}
@@ -189,6 +207,7 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
     params_space = dict(spec_space)
 
     def objective(trial: optuna.Trial) -> float:
+        started = time.monotonic()
         train = {n: _suggest(trial, n, d) for n, d in params_space.items()}
         params = {**spec.methods[method],
                   **{n: _suggest(trial, f"method.{n}", d) for n, d in space.items()}}
@@ -198,6 +217,10 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: validation {value:.4f}")
 
+        earlier = trials.finished(trial.params, seeds) if trials else None
+        if earlier is not None:  # finished in an earlier sitting: read back, not trained again
+            trial.set_user_attr("duration_s", earlier["duration_s"])
+            return earlier["validation"]
         before = _known_at(known, train)
         to_run = [s for s in seeds if s not in before[0]]
         if not to_run:
@@ -212,7 +235,10 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
                                                      on_epoch=on_epoch if len(seeds) == 1 else None)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         n_known = len(before[0])
-        return (summary["validation_main_mean"] * len(to_run) + before[1] * n_known) / (len(to_run) + n_known)
+        value = (summary["validation_main_mean"] * len(to_run) + before[1] * n_known) / (len(to_run) + n_known)
+        if trials:
+            trials.add(trial.params, seeds, value, time.monotonic() - started)
+        return value
 
     def guarded(trial: optuna.Trial) -> float:  # a failure's reason kept with its trial
         try:
@@ -314,7 +340,8 @@ def run_carry_check(spec: StudySpec, log=print, mirror: Path | None = None,
         grid = {name: {"choices": neighbours(choice_spec.choices, carried)}}
         try:
             entry = _tune(spec, task, method, budget, grid, list(search.carry_check),
-                          f"{spec.name}/carry/{key}", 0, storage, cache, log, label=f"carry check {key}")
+                          f"{spec.name}/carry/{key}", 0, storage, cache, log, label=f"carry check {key}",
+                          trials=claims.trials(key))
         except UsageError:
             claims.release(key)
             raise
@@ -361,7 +388,7 @@ def run_per_budget_search(spec: StudySpec, log=print, mirror: Path | None = None
         try:
             entry = _tune(spec, task, method, budget, {name: {"choices": values}}, list(search.seeds),
                           f"{spec.name}/per-budget/{key}", search.widen, storage, cache, log, known=known,
-                          label=f"per-budget search {key}")
+                          label=f"per-budget search {key}", trials=claims.trials(key))
         except UsageError:
             claims.release(key)
             raise
@@ -389,6 +416,35 @@ class SearchClaims:
         self.lock = FileLock(str(spec.out / f"{stem}.lock"))
         self.me = f"{socket.gethostname()}:{os.getpid()}"
         self.pairs = keys if keys is not None else [f"{t}/{m}" for t in spec.tasks for m in spec.methods]
+        self.trial_paths = [spec.out / f"{stem}-trials.json",
+                            *([mirror.with_name(f"{stem}-trials.json")] if mirror is not None else [])]
+
+    def trials(self, key: str) -> TrialLog:
+        """`key`'s trial log (`TrialLog`)."""
+        return TrialLog(self, key)
+
+    def read_trials(self) -> dict[str, list[dict]]:
+        """{key: finished trial rows} of the keys not recorded yet, the sweep folder's and the
+        board's copy merged."""
+        log: dict[str, list[dict]] = {}
+        for path in reversed(self.trial_paths):  # the board's copy first, the sweep folder's after
+            for key, rows in read_trial_log(path).items():
+                kept = log.setdefault(key, [])
+                kept += [r for r in rows if not any(r["seeds"] == k["seeds"] and _same(r["params"], k["params"])
+                                                    for k in kept)]
+        return log
+
+    def write_trials(self, log: dict[str, list[dict]]) -> None:
+        """Write the trial log (both copies; removed where no key has a row left)."""
+        log = {k: rows for k, rows in log.items() if rows}
+        for path in self.trial_paths:
+            if not log:
+                path.unlink(missing_ok=True)
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(log, indent=2))
+            tmp.replace(path)
 
     def _claims(self) -> dict[str, str]:
         try:
@@ -434,10 +490,49 @@ class SearchClaims:
         with self.lock:
             best = {**self.merged(), key: entry}
             _write_search(self.spec, best, self.mirror, self.record_name)
+            log = self.read_trials()
+            if log.pop(key, None) is not None:  # its rows are in the entry's `tried` now
+                self.write_trials(log)
             claims = self._claims()
             claims.pop(key, None)
             self._write_claims(claims)
             return best
+
+
+class TrialLog:
+    """The finished trials of one search key whose search has not finished, kept beside its
+    record (`search-trials.json`, `carry-trials.json`, `per-budget-trials.json`, in the sweep
+    folder and the board's committed copy): a key stopped mid-way (a sitting's end, a machine
+    given back) resumes on any machine from its finished settings instead of only the Optuna
+    study's database, which stays on the machine. A row counts only for the same settings, the
+    same seeds and this `peftbench.__version__`; the key's rows go when its entry is recorded
+    (its `tried` list keeps them). A pruned trial has no value to read back and runs again."""
+
+    def __init__(self, claims: SearchClaims, key: str):
+        self.claims, self.key = claims, key
+
+    def finished(self, params: dict, seeds: list[int]) -> dict | None:
+        """The row of a finished trial at `params` on `seeds`, or None."""
+        for row in self.claims.read_trials().get(self.key, []):
+            if row.get("version") == __version__ and row["seeds"] == list(seeds) and _same(row["params"], params):
+                return row
+        return None
+
+    def add(self, params: dict, seeds: list[int], validation: float, duration_s: float) -> None:
+        row = {"params": dict(params), "seeds": list(seeds), "validation": validation,
+               "duration_s": round(duration_s, 3), "version": __version__}
+        with self.claims.lock:
+            log = self.claims.read_trials()
+            log[self.key] = [r for r in log.get(self.key, []) if not (
+                r["seeds"] == row["seeds"] and _same(r["params"], params))] + [row]
+            self.claims.write_trials(log)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Two trials' settings equal (floats to 1e-9: they went through JSON)."""
+    return a.keys() == b.keys() and all(
+        math.isclose(a[k], b[k], rel_tol=1e-9) if isinstance(a[k], float) and isinstance(b[k], (int, float))
+        else a[k] == b[k] for k in a)
 
 
 def unmeasured_points(study: optuna.Study, grid: dict) -> list[dict]:
