@@ -73,30 +73,26 @@ def untuned(spec: StudySpec, best: dict) -> list[str]:
 
 def read_record(path: Path) -> dict:
     """A search record (search.json, carry.json): {key: entry}; {} when absent."""
-    if not path.exists():
-        return {}
-    try:
-        best = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path} is not valid JSON ({err}): restore it (a leaderboard's copy is "
-                         "committed beside its spec) or remove it to search again") from None
-    if not isinstance(best, dict) or not all(isinstance(v, dict) for v in best.values()):
-        raise UsageError(f"{path} is not a search record ({{key: settings}}): restore or remove it")
-    return best
+    return _read_keyed(path, dict, "a search record ({key: settings})", "search again")
 
 
 def read_trial_log(path: Path) -> dict[str, list[dict]]:
     """A trial log ({key: [row, ...]}, `TrialLog`); {} when absent."""
+    return _read_keyed(path, list, "a trial log ({key: [trial, ...]})", "train its trials again")
+
+
+def _read_keyed(path: Path, value_type: type, shape: str, remedy: str) -> dict:
+    """{key: value} JSON beside a board; {} when absent; a one-line error when cut or not `shape`."""
     if not path.exists():
         return {}
     try:
-        log = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{path} is not valid JSON ({err}): restore it (a leaderboard's copy is "
-                         "committed beside its spec) or remove it to train its trials again") from None
-    if not isinstance(log, dict) or not all(isinstance(v, list) for v in log.values()):
-        raise UsageError(f"{path} is not a trial log ({{key: [trial, ...]}}): restore or remove it")
-    return log
+                         f"committed beside its spec) or remove it to {remedy}") from None
+    if not isinstance(record, dict) or not all(isinstance(v, value_type) for v in record.values()):
+        raise UsageError(f"{path} is not {shape}: restore or remove it")
+    return record
 
 
 def _suggest(trial: optuna.Trial, name: str, spec) -> object:
