@@ -161,8 +161,8 @@ def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
     return ["", "### Settings chosen on validation (search.json, search.csv)", "",
             f"Validation main metric of each setting tried (mean over seed{'s' if len(seeds) > 1 else ''} "
             f"{', '.join(map(str, seeds))} of the search, budget {budget}, the grid's schedule); "
-            f"each (task, method) of the grid uses its chosen setting.{spent}", "",
-            table.reset_index().to_markdown(index=False, floatfmt=".4f")]
+            f"each (task, method) of the grid uses its chosen setting (blank: not tried for "
+            f"that row).{spent}", "", _tried_markdown(table)]
 
 
 def devices_line(frame: pandas.DataFrame) -> str | None:
@@ -276,8 +276,15 @@ def per_budget_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
             f"method: the carry check's three values around the carried one, widened by the edge "
             f"rule, chosen by the mean validation over seeds {seeds} (the carry check's seeds read "
             f"back from carry.json, not trained again). {len(record)} of {len(keys)} keys tuned; "
-            f"the chosen {name} differs from the carried one in {len(moved)} of them.", "",
-            table.reset_index().to_markdown(index=False, floatfmt=".4f")]
+            f"the chosen {name} differs from the carried one in {len(moved)} of them (blank: not "
+            f"tried at that budget).", "", _tried_markdown(table)]
+
+
+def _tried_markdown(table: pandas.DataFrame) -> str:
+    """A `search_table` in Markdown, a setting not tried for a row left blank (not "nan": the
+    edge rule adds values for some rows only, so most of a wide table is untried)."""
+    table = table.reset_index()
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="")
 
 
 def board_progress(spec: sweep.StudySpec, study) -> dict:
