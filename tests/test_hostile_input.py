@@ -302,7 +302,6 @@ def test_a_cut_search_json_is_one_line(capsys, tmp_path, tiny_model_dir):
         sweep.best_search_params(sweep.load_spec(path))
 
 
-
 @pytest.mark.parametrize("text, message", [
     ('{"cb/random": [{"params": {"lr"', r"search-trials.json is not valid JSON .* remove it to train its trials again"),
     ('{"cb/random": {"lr": 0.01}}', r"search-trials.json is not a trial log \(\{key: \[trial, ...\]\}\)"),
@@ -314,6 +313,7 @@ def test_a_damaged_trial_log_is_one_line_naming_the_file_and_the_way_out(tmp_pat
     (tmp_path / "search-trials.json").write_text(text)
     with pytest.raises(UsageError, match=message):
         read_trial_log(tmp_path / "search-trials.json")
+
 
 def _fake_run(folder: Path, model: str, seed: int, task_files: list[str]) -> None:
     (folder / f"seed-{seed}").mkdir(parents=True)

@@ -438,9 +438,7 @@ class SearchClaims:
                 path.unlink(missing_ok=True)
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(log, indent=2))
-            tmp.replace(path)
+            _write_json(path, log)
 
     def _claims(self) -> dict[str, str]:
         try:
@@ -598,6 +596,11 @@ def widened(studies: list, grid: dict | None, widen: int):
 def _write_search(spec: StudySpec, best: dict, mirror: Path | None = None, record: str = "search.json") -> None:
     spec.out.mkdir(parents=True, exist_ok=True)
     for path in [spec.out / record, *([mirror] if mirror else [])]:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(best, indent=2))
-        tmp.replace(path)
+        _write_json(path, best)
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write `obj` as JSON atomically (a temporary file, then a rename): a reader never sees half."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
