@@ -246,7 +246,8 @@ def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) ->
             "validation of the three minus the carried value's; seed spread = the std of the test "
             "metric over the reported seeds in that cell, as the board runs it. "
             + (f"Cost within the seed spread in {int(judged.sum())} of {len(judged)} cells"
-               + (": " + ", ".join("/".join(k) for k in over) + " exceed it." if over else ".")
+               + (f"; the other {len(over)} exceed it: " + ", ".join("/".join(k) for k in over) + "."
+                  if over else ".")
                if len(judged) else "No cell of the grid to compare with yet.")
             + (" Not judged yet (no complete cell): " + ", ".join(unjudged) + "."
                if len(judged) and unjudged else "")

@@ -190,7 +190,7 @@ def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_bud
     assert table.loc["0.02", "cost"] == pytest.approx(1.0) and not table.loc["0.02", "within spread"]
     assert table.loc["0.02", "seed spread"] == pytest.approx(pd.Series([0.60, 0.61, 0.62]).std(ddof=0))
     lines = "\n".join(leaderboard.carry_lines(spec, tmp_path, frame))
-    assert "within the seed spread in 1 of 2 cells: cb/random/0.02 exceed it" in lines
+    assert "within the seed spread in 1 of 2 cells; the other 1 exceed it: cb/random/0.02." in lines
     assert (tmp_path / "carry.csv").is_file()
     # a cell whose seeds are not all in (re-running at its own rate, per_budget) is not judged,
     # and the verdict says so instead of counting only the keys that could be judged
