@@ -12,6 +12,20 @@ from peftbench import experiment, sweep
 from peftbench.errors import UsageError
 
 
+def _rows_match(actual, expected) -> bool:
+    """Rows equal field by field, floats to pytest.approx (which refuses nested rows since pytest 9.2)."""
+    def same(a, b):
+        if isinstance(a, float) or isinstance(b, float):
+            return a == pytest.approx(b)
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+    assert len(actual) == len(expected), (actual, expected)
+    for a, b in zip(actual, expected):
+        assert same(a, b), f"{a!r} != {b!r}\n  in {actual!r}"
+    return True
+
+
 def _spec(tmp_path, **search):
     return sweep.parse_spec({
         "name": "widen", "tasks": ["cb"], "methods": ["random"], "seeds": 5,
@@ -175,7 +189,7 @@ def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_bud
     runs.clear()
     carry = sweep.run_carry_check(spec, log=lambda *a: None)
     assert sorted(carry) == ["cb/random/0.001", "cb/random/0.02"] == sorted(sweep.carry_keys(spec))
-    assert sorted((b, lr) for _, b, lr, _ in runs) == pytest.approx(
+    assert _rows_match(sorted((b, lr) for _, b, lr, _ in runs),
         [("0.001", 1e-4), ("0.001", 1e-3), ("0.001", 1e-2), ("0.02", 1e-4), ("0.02", 1e-3), ("0.02", 1e-2)])
     assert {seeds for *_, seeds in runs} == {(100,)}
     assert carry["cb/random/0.02"]["carried"] == {"lr": 1e-3} and carry["cb/random/0.02"]["train"]["lr"] == 1e-2
@@ -291,7 +305,7 @@ def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_ot
     tuned = sweep.run_per_budget_search(spec, log=said.append)
     assert sorted(tuned) == ["cb/random/0.001", "cb/random/0.02"]
     assert "per-budget search cb/random/0.02: best at the grid's edge; trying lr=0.1" in said  # which key widens
-    assert sorted(r for r in runs if r[0] == "0.02") == pytest.approx(
+    assert _rows_match(sorted(r for r in runs if r[0] == "0.02"),
         [("0.02", 1e-4, (101,)), ("0.02", 1e-3, (101,)), ("0.02", 1e-2, (101,)), ("0.02", 1e-1, (100, 101))])
     at2 = tuned["cb/random/0.02"]
     assert at2["train"]["lr"] == pytest.approx(1e-2) and at2["carried"] == {"lr": 1e-3}
@@ -358,8 +372,8 @@ def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_tri
     assert len(runs) == 1 and runs[0][0] not in finished  # only the unfinished setting trained
     entry, expected = best["cb/random"], reference["cb/random"]
     assert entry["train"] == expected["train"] and entry["validation"] == pytest.approx(expected["validation"])
-    assert sorted((t["params"]["lr"], t["validation"]) for t in entry["tried"]) == pytest.approx(
-        sorted((t["params"]["lr"], t["validation"]) for t in expected["tried"]))
+    assert _rows_match(sorted((t["params"]["lr"], t["validation"]) for t in entry["tried"]),
+                       sorted((t["params"]["lr"], t["validation"]) for t in expected["tried"]))
     assert not (board / "search-trials.json").exists() and not (spec.out / "search-trials.json").exists()
 
     # a row written by another version of peftbench trains again
