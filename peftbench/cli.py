@@ -284,9 +284,9 @@ def cmd_report(args) -> None:
     if args.html:
         from peftbench import pages
 
-        ranking = report.friedman_ranking(frame)
-        if ranking is not None:
-            plots.cd_png(ranking, out / "cd.png")
+        for ranking in report.friedman_by_budget(frame):
+            if ranking["pairwise"] is not None:
+                plots.cd_png(ranking, out / f"cd-b{ranking['budget']}.png")
         plots.spend_png(frame, out / "spend.png")
         pages.write_page(out, title, spec.description if spec else "", frame,
                          {"runs": ", ".join(args.runs)} if args.runs else {"study": spec.storage_url},

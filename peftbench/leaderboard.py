@@ -353,7 +353,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     expected, done = progress["expected"], progress["done"]
     waiting = [k for k in sweep.untuned(spec, sweep.tuned_settings(spec)) if k.count("/") == 2]
     opening = partial_lines(progress, waiting)
-    ranking = report.friedman_ranking(frame) if not frame.empty else None  # links only to plots made
+    drawn = [r for r in (report.friedman_by_budget(frame) if not frame.empty else [])
+             if r["pairwise"] is not None]  # links only to plots made
     several_budgets = not frame.empty and not report.budget_curves(frame).empty
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())
     header = "\n".join([
@@ -378,7 +379,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         *per_budget_lines(spec, folder),
         *(["", "Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
             "[interactive](pareto.html)), "
-            + ("[cd.png](cd.png) (critical-difference diagram), " if ranking is not None else "")
+            + "".join(f"[cd-b{r['budget']}.png](cd-b{r['budget']}.png) (critical-difference diagram, "
+                      f"budget {r['budget']}), " for r in drawn)
             + ("[curves.png](curves.png) (budget curves), " if several_budgets else "")
             + f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]})."]
           if not frame.empty else []),
@@ -403,8 +405,10 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     plots.pareto_png(frame, folder / "pareto.png")
     js = pages.relative(plots.write_plotly_js(root or folder), folder)
     plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)
-    if ranking is not None:
-        plots.cd_png(ranking, folder / "cd.png")
+    for stale in folder.glob("cd*.png"):  # a diagram the current evidence no longer supports goes
+        stale.unlink()
+    for r in drawn:
+        plots.cd_png(r, folder / f"cd-b{r['budget']}.png")
     middle = spec.budgets[len(spec.budgets) // 2]
     plots.spend_png(frame, folder / "spend.png", budget=middle)
     curves = report.budget_curves(frame)
@@ -413,10 +417,14 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         curves.to_csv(folder / "curves.csv", index=False)
         text += "\n".join(["", "## Budget curves", "", "[curves.png](curves.png): test metric "
                            "against trainable entries (log), mean and 95% interval per method. "
-                           "Area = the mean metric averaged over log10(trainable) across the "
-                           "method's budgets; reaches 95% = the smallest budget whose mean is at "
-                           "least 95% of full fine-tuning's (curves.csv).", "",
-                           curves.to_markdown(index=False, floatfmt=".4f"), ""])
+                           "Reaches = the smallest budget whose mean reaches 95% of full fine-tuning "
+                           "on the chance-normalised scale (constant predictor 0, full FT 1; "
+                           "target_x100 is that score); earliest / surely = the smallest budget whose "
+                           "95% interval (seeds + test set) reaches it / lies wholly above it. '<= "
+                           "0.1%': already at the smallest budget tried (censored); '> 2%': not within "
+                           "the budgets tried. Only cells that keep to their budget count "
+                           "(curves.csv).", "",
+                           curves.to_markdown(index=False, floatfmt=".2f"), ""])
         (folder / "README.md").write_text(text)
     pages.write_page(folder, f"Leaderboard {spec.name}", description, frame,
                      page_meta(spec, command, done, expected),

@@ -87,6 +87,25 @@ def prose(text: str) -> str:
     return '<div class="prose">' + MarkdownIt("commonmark", {"html": False}).render(text) + "</div>"
 
 
+ANALYSES = (
+    ("friedman.csv", "Ranking per budget (Friedman over tasks; Iman-Davenport)",
+     "Blocks = tasks (the independent units), each method's value = its mean over seeds; only the "
+     "methods that keep to the budget. 'descriptive': fewer than 5 tasks, no pairwise verdict and no "
+     "critical-difference diagram."),
+    ("ranks.csv", "Mean rank over the tasks at each budget", "1 = best; equal values are ties."),
+    ("comparisons.csv", "Against Random and full fine-tuning (pre-declared families)",
+     "Per task: difference x100 paired by seed with a 95% interval carrying seed and test-set error "
+     "(test-set part analytic, the two methods' errors taken as independent: conservative), p and p "
+     "Holm-adjusted within (budget, reference). Rows 'across N task(s)': the hierarchical model "
+     "(tasks as units, differences in test-set SE units, ROPE one SE; mu = mean effect), "
+     "Monte-Carlo draws and seed in their columns."),
+    ("best-per-budget.csv", "Which selection method is best at which budget",
+     "Among the methods that keep to the budget: best and runner-up by mean, their difference x100 "
+     "paired by seed with a 95% interval (seeds + test set); both picked after seeing the data, so "
+     "p_uncorrected is optimistic. An interval that includes 0: no single best method there."),
+)
+
+
 def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None, meta: dict[str, str],
                spec_text: str | None = None, extra_html: str = "", plotly_js: str | None = None,
                protocol: str = "") -> Path:
@@ -128,25 +147,44 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     tables = sorted(folder.glob("table1-b*.csv"))
     if tables:
         parts.append("<h2>Tables (test metric x100, mean ± std over seeds)</h2>")
-        parts.append('<p class="note">[r] = rank in the column; † = worse than the column\'s best by '
-                     "a paired t-test over seeds (p &lt; 0.05); ≈ = within noise of the constant "
-                     "predictor (did not measurably learn). Click a header to sort.</p>")
+        parts.append('<p class="note">[r] = rank in the column among the methods that keep to the '
+                     "budget; reference rows (natural count, over budget) carry no rank; † = worse "
+                     "than the column\'s best by a paired t-test over seeds, Holm-adjusted over the "
+                     "column (the best is picked after seeing the data: a mark, not a verdict); ≈ = "
+                     "within noise of the constant predictor (did not measurably learn). Every score "
+                     "and difference on this page is x100. Click a header to sort.</p>")
         for csv_path in tables:
             budget = csv_path.stem[len("table1-b"):]
-            parts += [f"<h3>Budget {html.escape(budget)} (natural-count methods included)</h3>",
+            parts += [f"<h3>Budget {html.escape(budget)} (ranked methods; reference rows unranked)</h3>",
                       table_html(csv_path)]
+    if (folder / "cells.csv").is_file():
+        parts += ["<h3>Per-task 95% intervals of each mean (seeds + test set)</h3>",
+                  '<p class="note">Seed error and test-set error together; the test-set part is '
+                  "analytic (binomial for accuracy, Fisher's z for correlations) because these cells "
+                  "store no per-example predictions; `interval` says which (x100 in the README; "
+                  "0-1 here as in cells.csv).</p>",
+                  table_html(folder / "cells.csv", "cells", ".4g")]
+    for name, heading, note in ANALYSES:
+        if (folder / name).is_file():
+            parts += [f"<h2>{heading}</h2>", f'<p class="note">{html.escape(note)}</p>',
+                      table_html(folder / name, name.removesuffix(".csv"), ".3g")]
     if (folder / "curves.csv").is_file():
-        parts += ["<h2>Budget curves: area and the budget that reaches 95% of full fine-tuning</h2>",
-                  '<p class="note">Area = the mean metric averaged over log10(trainable entries) '
-                  "across the method's budgets; reaches 95% = the smallest budget whose mean is at "
-                  "least 95% of full fine-tuning's (empty: none does). The figure is below.</p>",
+        parts += ["<h2>Budget curves: the budget that reaches 95% of full fine-tuning</h2>",
+                  '<p class="note">On the chance-normalised scale (constant predictor 0, full FT 1): '
+                  "reaches = the smallest budget whose mean gets there; earliest / surely = the "
+                  "smallest whose 95% interval (seeds + test set) reaches it / lies wholly above it; "
+                  "'&lt;= 0.1%' is censored at the smallest budget tried, '&gt; 2%' not reached within "
+                  "the budgets tried. The figure is below.</p>",
                   table_html(folder / "curves.csv", "curves", ".4g")]
     found = [(name, caption) for name, caption in FINDINGS if (folder / name).is_file()]
     if found:
         parts += ["<h2>Fu et al.'s findings at this scale</h2>",
                   '<p class="note">verdict: holds / opposite = significant at 0.05 in / against Fu '
-                  "et al.'s direction; not resolved = no significant difference at this many seeds "
-                  "and tasks. The README says how each is tested.</p>"]
+                  "et al.'s direction, per task (the tasks are the independent units); not resolved = "
+                  "no significant difference at this many seeds and tasks. The README says how each "
+                  "is tested.</p>"]
+        if (folder / "findings.md").is_file():
+            parts.append(prose((folder / "findings.md").read_text()))
         for name, caption in found:
             parts += [f"<h3>{html.escape(caption)}</h3>", table_html(folder / name, "findings", ".4g")]
     if (folder / "cost.csv").is_file():
@@ -167,10 +205,12 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                                                     div_id="pareto")
         parts += ["<h2>Accuracy vs trainable parameters</h2>", figure]
         scripts = f'<script src="{html.escape(plotly_js)}"></script>'
-    for image, caption in (("cd.png", "Critical-difference diagram (mean ranks; a bar joins the "
-                                      "methods dotted on it, which no Holm-adjusted Wilcoxon "
-                                      "test separates)"),
-                           ("curves.png", "Budget curves (mean and 95% interval over seeds)"),
+    diagrams = [(p.name, f"Critical-difference diagram, budget {p.stem[len('cd-b'):]} (mean ranks over "
+                         "tasks; a bar joins the methods dotted on it, which no Holm-adjusted Wilcoxon "
+                         "test over the tasks separates: not separated, not equal)")
+                for p in sorted(folder.glob("cd-b*.png"))]
+    for image, caption in (*diagrams,
+                           ("curves.png", "Budget curves (mean and 95% interval: seeds and test set)"),
                            ("spend.png", "Where each method spends its budget")):
         if (folder / image).is_file():
             parts += [f"<h2>{caption}</h2>", f'<img src="{image}" alt="{caption}">']

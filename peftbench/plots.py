@@ -267,9 +267,11 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
 
 
 def cd_png(ranking: dict, path: str | Path) -> Path:
-    """Critical-difference diagram (Demsar 2006) from `report.friedman_ranking`: mean ranks on
-    the axis, methods that the Holm-adjusted pairwise Wilcoxon tests cannot tell apart (alpha
-    0.05) joined by a bar, a dot on the bar at each of them."""
+    """Critical-difference diagram (Demsar 2006) of one budget from `statistics.friedman_by_budget`
+    (drawn only with enough tasks for its pairwise tests): mean ranks over tasks on the axis,
+    methods that the Holm-adjusted pairwise Wilcoxon tests over tasks cannot tell apart (alpha
+    0.05) joined by a bar, a dot on the bar at each of them. A bar says "not separated by these
+    N tasks", not "equal": its length reflects N, not the size of an effect."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,9 +295,9 @@ def cd_png(ranking: dict, path: str | Path) -> Path:
             ranks, ranking["pairwise"], ax=ax,
             color_palette={m: method_style(m)[0] for m in ranks.keys()},
             crossbar_props={"marker": "o", "markersize": 3})  # a dot per member: bars of one span differ
-    ax.set_title(f"Mean rank over {ranking['n_blocks']} (task, budget) blocks, 1 = best; "
-                 f"Friedman p = {ranking['p']:.2g}; bars: Wilcoxon-Holm p >= 0.05 over "
-                 f"{ranking['n_pairs']} (task, budget, seed) pairs", fontsize=9)
+    ax.set_title(f"Budget {ranking['budget']}: mean rank over {ranking['n_tasks']} tasks, 1 = best; "
+                 f"Iman-Davenport p = {ranking['p_iman_davenport']:.2g}; bars: Wilcoxon-Holm p >= 0.05 "
+                 f"over the {ranking['n_tasks']} tasks", fontsize=9)
     path = Path(path)
     save(fig, path, dpi=160)
     plt.close(fig)

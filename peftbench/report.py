@@ -28,23 +28,22 @@ from peftbench.record import RunRecord, analysis_row, at_budget, budget_blocks, 
 from peftbench.safeload import load_pt
 from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
     EXACT_UP_TO,
+    MIN_TASKS,
     TIES,
     Table1,
-    bayesian_against,
-    bayesian_signed_rank,
     best_per_budget,
     bootstrap_ci,
     budget_curves,
     budget_rows,
     cell_stats,
+    comparisons,
+    competing,
     constant_cells,
     constant_scores,
     cost_table,
-    friedman_ranking,
+    friedman_by_budget,
     holm,
-    natural_methods,
-    pair_values,
-    paired_matrix,
+    kept_budget,
     paired_test,
     paired_tests,
     spearman,
@@ -302,34 +301,80 @@ def to_markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
     return frame.to_markdown(floatfmt=floatfmt) if not frame.empty else "(none)"
 
 
-def verdict(frame: pd.DataFrame, ranking: dict | None = None, alpha: float = 0.05) -> str:
-    """One paragraph a reader can quote, written from the statistics: Friedman over the
-    (task, budget) blocks, which pairs the Holm-adjusted Wilcoxon tests separate ("no pair
-    differs" when none does), and the cells at the constant predictor, which weigh on ranks."""
-    ranking = ranking if ranking is not None else friedman_ranking(frame)
+def _pct(budget: str) -> str:
+    return f"{100 * float(budget):g}%"
+
+
+def verdict(frame: pd.DataFrame, rankings: list[dict] | None = None, compared: pd.DataFrame | None = None,
+            alpha: float = 0.05) -> str:
+    """One paragraph a reader can quote, written from the statistics at the strength they
+    support: per budget, Friedman over the tasks (descriptive below MIN_TASKS tasks); the
+    pre-declared comparisons against Random and full fine-tuning, per task (Holm within each
+    budget's family) and across tasks (hierarchical); the reference rows that are never
+    ranked; the cells at the constant predictor."""
+    rankings = rankings if rankings is not None else friedman_by_budget(frame)
+    compared = compared if compared is not None else comparisons(frame)
+    parts = []
+    natural = sorted(set(frame.loc[frame.budget == "natural", "method"]))
+    kept = kept_budget(frame)
+    over = sorted({f"{m} at {_pct(b)}" for (t, m, b), ok in kept.items() if not ok})
+    if natural or over:
+        parts.append("Reference rows, never ranked in a budget: "
+                     + "; ".join(filter(None, [f"natural count: {', '.join(natural)}" if natural else "",
+                                               f"over budget: {', '.join(over)}" if over else ""])) + ".")
+    for r in rankings:
+        head = (f"At {_pct(r['budget'])}, Friedman over {r['n_tasks']} task(s) (the independent units) and "
+                f"{r['n_methods']} methods: chi2 = {r['statistic']:.2f}, p = {r['p']:.2g}; Iman-Davenport "
+                f"F = {r['iman_davenport']:.2f}, p = {r['p_iman_davenport']:.2g}")
+        if r["descriptive"]:
+            head += (f": descriptive only (fewer than {MIN_TASKS} tasks), no ranking of pairs is "
+                     f"claimed; best mean rank {_ties(r['ranks'])}.")
+        else:
+            head += (": the mean ranks " + ("differ" if r["p_iman_davenport"] < alpha else "do not differ")
+                     + f" at {alpha}; best mean rank {_ties(r['ranks'])}.")
+        parts.append(head)
+    if not compared.empty:
+        per_task = compared[compared.task.str.startswith("across") == False]  # noqa: E712
+        across = compared[compared.task.str.startswith("across")]
+        for reference in dict.fromkeys(per_task.against):
+            fam = per_task[per_task.against == reference]
+            above = fam[(fam.p_holm < alpha) & (fam.difference > 0)]
+            below = fam[(fam.p_holm < alpha) & (fam.difference < 0)]
+            text = (f"Against {reference} ({len(fam)} per-task comparisons, seed and test-set error, "
+                    f"Holm within each budget): ")
+            text += (f"{len(above)} above ({_list(above)}), {len(below)} below ({_list(below)}); "
+                     f"the other {len(fam) - len(above) - len(below)} are not resolved.")
+            h = across[across.against == reference]
+            if not h.empty:
+                sure_better = h[h.p_better >= 0.95]
+                sure_worse = h[h.p_worse >= 0.95]
+                tasks = int(h.tasks.max())
+                text += (f" Across the {tasks} task(s) (hierarchical model, ROPE one test-set SE): "
+                         f"P(better) >= 0.95 for {_list(sure_better, task=False)}; P(worse) >= 0.95 for "
+                         f"{_list(sure_worse, task=False)}"
+                         + ("; with so few tasks the mean effect across tasks is weakly identified."
+                            if tasks < MIN_TASKS else "."))
+            parts.append(text)
     stuck = constant_cells(frame)
-    stuck_text = (f"{len(stuck)} cell(s) are within noise of the constant predictor (did not "
-                  f"measurably learn: among themselves, their order in a block's ranking is noise): "
-                  f"{', '.join(stuck[:12])}"
-                  f"{' ...' if len(stuck) > 12 else ''}." if stuck else
-                  "No cell is within noise of the constant predictor.")
-    if ranking is None:
-        return ("Too few (task, budget) blocks or methods for a ranking test (at least 2 blocks and "
-                f"3 methods). {stuck_text}")
-    ranks, pairwise = ranking["ranks"], ranking["pairwise"]
-    separated = []
-    for a, b in itertools.combinations(list(ranks.index), 2):  # ranks are sorted: a ranks better
-        if a in pairwise.index and b in pairwise.columns and pairwise.loc[a, b] < alpha:
-            separated.append(f"{a} over {b} (p = {pairwise.loc[a, b]:.2g})")
-    friedman = (f"Friedman's test over {ranking['n_blocks']} (task, budget) blocks gives p = "
-                f"{ranking['p']:.2g}: the methods' mean ranks "
-                + ("differ" if ranking["p"] < alpha else "do not differ") + f" at {alpha}.")
-    pairs = (f"Pairwise (Wilcoxon signed-rank over {ranking['n_pairs']} (task, budget, seed) pairs, "
-             f"Holm-adjusted): " + (f"no pair differs at {alpha}." if not separated else
-                                    f"{len(separated)} pair(s) differ at {alpha}: "
-                                    + "; ".join(separated[:15]) + (" ..." if len(separated) > 15 else "") + "."))
-    best = f"Best mean rank: {ranks.index[0]} ({ranks.iloc[0]:.2f})."
-    return " ".join([friedman, pairs, best, stuck_text])
+    parts.append(f"{len(stuck)} cell(s) are within noise of the constant predictor (did not measurably "
+                 f"learn; their order among themselves is noise): {', '.join(stuck[:12])}"
+                 f"{' ...' if len(stuck) > 12 else ''}." if stuck else
+                 "No cell is within noise of the constant predictor.")
+    return " ".join(parts)
+
+
+def _ties(ranks: pd.Series) -> str:
+    """'a (1.50)' or, when several share the best mean rank, 'a, b (tied, 1.50)'."""
+    best = ranks[np.isclose(ranks, ranks.iloc[0])]
+    return (f"{best.index[0]} ({best.iloc[0]:.2f})" if len(best) == 1
+            else f"{', '.join(best.index)} (tied, {best.iloc[0]:.2f})")
+
+
+def _list(rows: pd.DataFrame, task: bool = True, most: int = 12) -> str:
+    if rows.empty:
+        return "none"
+    names = [f"{r.method} {_pct(r.budget)}" + (f" {r.task}" if task else "") for r in rows.itertuples()]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def table_section(path: Path, table: pd.DataFrame, title: str, intro: str,
@@ -371,13 +416,12 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     lines += table_section(
         out / "best-per-budget.csv", best_per_budget(frame),
         "### Which selection method is best at which budget",
-        "Per (task, budget), among the budget-parameterised methods whose trainable count keeps "
-        "to the budget: the best by mean, the runner-up, their mean paired difference over "
-        "seeds, and the Bayesian signed-rank probabilities (ROPE one point) that the best is "
-        "better than the runner-up, practically equivalent, or worse (best-per-budget.csv). A "
-        "P(better) below 0.95 means the data do not single out one method there. over_budget "
-        "names a method whose mean trainable count exceeds the budget by more than 1% (with that "
-        "count), left out of the ranking: it did not compete at that budget.")
+        "Per (task, budget), among the methods that keep to the budget: the best by mean, the "
+        "runner-up, their difference x100 paired by seed with a 95% interval carrying seed and "
+        "test-set error, and its p (best-per-budget.csv). Both are picked after seeing the data: "
+        "the p is uncorrected and optimistic. An interval that includes 0 means the data do not "
+        "single out one method there. over_budget names a method whose mean trainable count "
+        "exceeds the budget by more than 1% (with that count), left out: it did not compete there.")
     lines += findings.section(frame, out)
     lines += _cost_section(frame, out)
     if published:
@@ -394,14 +438,16 @@ def _opening_section(frame, out: Path, title: str, header: str, ties: str) -> li
     """Title, how to read the tables, notes, the verdict (verdict.md) and the failed cells."""
     lines = [f"# {title}", "", header, ""] if header else [f"# {title}", ""]
     lines += ["Cells: test main metric x100 at the best-validation checkpoint, mean ± population "
-              "std over seeds; [r] = rank in the column (mean: higher is better; std: lower is "
-              f"better; ties: {ties}); AVG = mean of task means ± mean of task stds; † = worse "
-              "than the column's best by a paired t-test over the n seeds both ran (p < 0.05; n "
-              "per test in tests.csv); ≈ = within noise of the constant predictor (less than "
-              "max(2 standard errors of the mean over seeds, 1/sqrt(test rows)) above it: the cell "
-              "did not measurably learn). The "
-              "row 'constant predictor' is the train majority class (mean label for regression) "
-              "scored on test.", ""]
+              "std over seeds; [r] = rank in the column among the methods that keep to the budget "
+              f"(mean: higher is better; std: lower is better; ties: {ties}); reference rows "
+              "(natural-count methods, and methods whose count overshoots the budget) carry no "
+              "rank; AVG = mean of task means ± mean of task stds; † = worse than the column's best "
+              "by a paired t-test over the seeds both ran, Holm-adjusted over the column (the best "
+              "is picked after seeing the data: a mark, not a verdict; tests.csv); ≈ = within noise "
+              "of the constant predictor (less than max(2 standard errors of the mean over seeds, "
+              "1/sqrt(test rows)) above it: the cell did not measurably learn). The row 'constant "
+              "predictor' is the train majority class (mean label for regression) scored on test. "
+              "Units: every score and difference on this page is x100; probabilities are 0-1.", ""]
     lines += [f"Note: {note}" for note in frame.attrs.get("notes", [])]
     said = verdict(frame)
     (out / "verdict.md").write_text(said + "\n")
@@ -414,16 +460,20 @@ def _opening_section(frame, out: Path, title: str, header: str, ties: str) -> li
 
 
 def _budget_section(frame, stats, budget: str, ties: str, out: Path) -> tuple[list[str], pd.DataFrame]:
-    """Fu et al.'s Table 1 at one budget (table1-b<budget>.csv), with its paired tests, the
-    near-constant marks, the trainable count and the stability correlation; and the tests."""
+    """Fu et al.'s Table 1 at one budget (table1-b<budget>.csv): the methods that keep to the
+    budget ranked, natural-count and over-budget methods as unranked reference rows; the
+    paired tests against the column's best, the near-constant marks, the trainable count,
+    the per-task intervals (seeds + test set) and the stability correlation."""
     constant = constant_scores(frame)
     rows = budget_rows(stats, budget)
-    tests = paired_tests(frame, rows)
-    table = table1(rows, ties=ties)
+    ranked = set(competing(frame, budget).method)
+    tests = paired_tests(frame, rows[rows.method.isin(ranked)])
+    table = table1(rows, ties=ties, ranked=ranked)
     if not tests.empty:
         table.worse = tests.pivot_table(index="method", columns="task", values="worse",
                                         aggfunc="any").reindex(table.mean.index).fillna(False)
-    rendered = table.render()
+    order = sorted(table.mean.index, key=lambda m: (m not in ranked, m))
+    rendered = table.render().loc[order]
     stuck = set(constant_cells(frame, stats))
     for row in rows.itertuples():
         if f"{row.task}/{row.method}/b{row.budget}" in stuck:
@@ -431,44 +481,87 @@ def _budget_section(frame, stats, budget: str, ties: str, out: Path) -> tuple[li
     counts = rows.groupby("method")["trainable"].mean().reindex(rendered.index)
     share = 100 * counts / frame.pretrained_entries.iloc[0]
     rendered["trainable"] = [f"{int(c):,} ({s:.3f}%)" for c, s in zip(counts, share)]
+    rendered["row"] = ["ranked" if m in ranked else ("natural count" if m in set(frame.loc[frame.budget == "natural", "method"])
+                       else "over budget") for m in rendered.index]
     rendered.loc["constant predictor"] = {
         **{t: f"{100 * constant.loc[t, 'metric']:.2f}" if t in constant.index else "-"
-           for t in rendered.columns}, "trainable": "0"}
+           for t in rendered.columns}, "trainable": "0", "row": "reference"}
     rendered.to_csv(out / f"table1-b{budget}.csv")
-    corr = stability_correlation(table)
+    ranked_table = table1(rows[rows.method.isin(ranked)], ties=ties)
+    corr = stability_correlation(ranked_table)
     per_cell = at_budget(frame, budget).groupby(["task", "method"]).seed.nunique()
     seeds = (f"{per_cell.min()} seeds" if per_cell.min() == per_cell.max()
              else f"{per_cell.min()}-{per_cell.max()} seeds per cell")
-    return [f"## Budget {budget} (natural-count methods included), {seeds}", "",
+    intervals = rows.assign(**{c: 100 * rows[c] for c in ("mean", "ci_low", "ci_high", "se_test")})[
+        ["task", "method", "seeds", "mean", "ci_low", "ci_high", "se_test", "interval"]]
+    return [f"## Budget {budget} ({len(ranked)} methods ranked; reference rows unranked), {seeds}", "",
             rendered.to_markdown(), "",
-            f"Stability vs performance (Fu et al. Fig. 2): Spearman rho = {corr['spearman']:.4f} "
-            f"(p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
-            f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells.", ""], tests
+            f"Stability vs performance among the ranked methods (Fu et al. Fig. 2): Spearman rho = "
+            f"{corr['spearman']:.4f} (p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
+            f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells; the cells of a "
+            "task share its seeds and test set, so n overstates the independent evidence.", "",
+            f"Per-task 95% intervals of each mean (x100): seed error and test-set error together "
+            f"(`interval` says which; the test-set part is analytic, binomial for accuracy and Fisher's "
+            f"z for correlations, because these cells store no per-example predictions):", "",
+            intervals.to_markdown(index=False, floatfmt=".2f"), ""], tests
 
 
 def _ranking_section(frame, out: Path) -> list[str]:
-    """Friedman over (task, budget) blocks, Wilcoxon-Holm pairs, the Bayesian comparisons."""
-    ranking = friedman_ranking(frame)
-    if ranking is None:
-        return []
-    ranking["pairwise"].to_csv(out / "wilcoxon-holm.csv")
-    ranking["ranks"].rename("mean_rank").to_csv(out / "ranks.csv")
-    lines = ["## Ranking over all (task, budget) cells (Friedman; Wilcoxon-Holm)", "",
-             f"Friedman chi2 = {ranking['statistic']:.3f}, p = {ranking['p']:.3g} over "
-             f"{ranking['n_blocks']} blocks ({', '.join(ranking['blocks'])}) and "
-             f"{len(ranking['ranks'])} methods (Demsar 2006). Mean rank (1 = best) below. "
-             "Pairwise: two-sided Wilcoxon signed-rank tests over the "
-             f"{ranking['n_pairs']} (task, budget, seed) pairs, Holm-adjusted over all pairs "
-             "(Benavoli, Corani & Mangili 2016), in wilcoxon-holm.csv, drawn as the "
-             "critical-difference diagram cd.png (the methods dotted on one bar are not "
-             "significantly different at 0.05).", "",
-             ranking["ranks"].rename("mean rank").to_frame().to_markdown(floatfmt=".2f"), ""]
-    return lines + table_section(
-        out / "bayesian.csv", bayesian_against(frame),
-        "### Against Random and full fine-tuning (Bayesian signed-rank, ROPE 1 point)",
-        "Benavoli et al. (2017): the posterior probability that the method is better than the "
-        "reference by more than 0.01 (one point x100), practically equivalent, or worse, over "
-        "the (task, budget, seed) pairs both ran (bayesian.csv; `baycomp`).", drop=["rope"])
+    """Per budget: Friedman over the tasks with Iman-Davenport's F (descriptive below
+    MIN_TASKS tasks; pairwise Wilcoxon-Holm over tasks only from MIN_TASKS up); then the
+    pre-declared comparisons against Random and full fine-tuning (comparisons.csv)."""
+    rankings = friedman_by_budget(frame)
+    lines = []
+    for stale in out.glob("wilcoxon-holm*.csv"):  # this section's files: none left from other evidence
+        stale.unlink()
+    if rankings:
+        lines += ["## Ranking per budget (Friedman over tasks; Iman-Davenport)", "",
+                  "Blocks are the tasks, the independent units; each method's value in a task is its "
+                  "mean over seeds (seeds are repeated measurements inside a task, never blocks). Only "
+                  "the methods that keep to the budget take part. With fewer than "
+                  f"{MIN_TASKS} tasks the test and the mean ranks only describe: no pairwise verdict "
+                  "and no critical-difference diagram are drawn (Demsar 2006). Equal mean ranks are "
+                  "ties (ranks.csv).", ""]
+        table = pd.DataFrame([{"budget": r["budget"], "tasks": r["n_tasks"], "methods": r["n_methods"],
+                               "chi2": r["statistic"], "p": r["p"], "iman_davenport_F": r["iman_davenport"],
+                               "p_F": r["p_iman_davenport"],
+                               "reading": "descriptive" if r["descriptive"] else "test"} for r in rankings])
+        table.to_csv(out / "friedman.csv", index=False)
+        lines += [table.to_markdown(index=False, floatfmt=".3g"), ""]
+        ranks = pd.DataFrame({r["budget"]: r["ranks"] for r in rankings})
+        ranks.index.name = "method"
+        ranks.to_csv(out / "ranks.csv")
+        lines += ["Mean rank over the tasks at each budget (1 = best; blank: not competing there):", "",
+                  ranks.sort_values(ranks.columns[0]).to_markdown(floatfmt=".2f"), ""]
+        for r in rankings:
+            if r["pairwise"] is not None:
+                r["pairwise"].to_csv(out / f"wilcoxon-holm-b{r['budget']}.csv")
+    compared = comparisons(frame)
+    if compared.empty:
+        return lines
+    compared.to_csv(out / "comparisons.csv", index=False)
+    per_task = compared[~compared.task.str.startswith("across")]
+    across = compared[compared.task.str.startswith("across")]
+    lines += ["## Against Random and full fine-tuning (the pre-declared comparison families)", "",
+              "Fixed before any board ran, the same on every board: at each budget, each method that "
+              "keeps to it against Random at that budget and against full fine-tuning. Per task: the "
+              "difference x100 paired by seed, a 95% interval carrying seed error and test-set error "
+              "(the test-set part analytic and treating the two methods' errors as independent: "
+              "conservative), p, and p Holm-adjusted within the family (one budget, one reference).", "",
+              per_task[["budget", "against", "method", "task", "seeds", "difference", "ci_low", "ci_high",
+                        "se_seed", "se_test", "p", "p_holm"]].to_markdown(index=False, floatfmt=".3g"), ""]
+    if not across.empty:
+        h = across.iloc[0]
+        lines += ["Across tasks: a hierarchical model with the tasks as units (per-task differences "
+                  "standardised by the task's test-set SE of the reference; delta_task ~ N(mu, tau^2), "
+                  "mu flat, tau half-Cauchy(0, 1); `peftbench/uncertainty.py`). P(better / equivalent / "
+                  "worse) for mu, the mean effect, and for a new task, with the region of practical "
+                  f"equivalence = {h.rope:g} test-set SE of the task; mu in those units with its 95% "
+                  f"interval. Monte-Carlo: {int(h.draws):,} draws from seed {int(h.seed)}.", "",
+                  across[["budget", "against", "method", "task", "mu", "mu_low", "mu_high", "p_better",
+                          "p_equivalent", "p_worse", "new_task_better", "new_task_worse"]].to_markdown(
+                      index=False, floatfmt=".3g"), ""]
+    return lines
 
 
 def _cost_section(frame, out: Path) -> list[str]:

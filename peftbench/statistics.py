@@ -46,13 +46,27 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, population std and count over seeds per (task, method, budget), and a 95%
-    percentile-bootstrap confidence interval of the mean over seeds (NaN with one seed)."""
+    """Mean, population std and count over seeds per (task, method, budget), and a 95% interval
+    of the mean that carries the seeds' and the test set's error (`uncertainty.cell_interval`;
+    `interval` says which: "seeds + test (binomial)", "seeds + test (fisher-z)", or "seeds only"
+    with a percentile bootstrap where the metric has no analytic test-set SE). NaN with one seed."""
+    from peftbench import uncertainty
+
     g = frame.groupby(["task", "method", "budget"], sort=False)
     out = pd.DataFrame({"mean": g["metric"].mean(), "std": g["metric"].std(ddof=0),
                         "seeds": g["metric"].size(), "trainable": g["trainable"].mean()})
-    ci = g["metric"].apply(bootstrap_ci)
-    out["ci_low"], out["ci_high"] = [c[0] for c in ci], [c[1] for c in ci]
+    lows, highs, se_test, kinds = [], [], [], []
+    for (_, cells) in g:
+        kind = uncertainty.test_se_kind(cells.metric_name.iloc[0]) if "metric_name" in cells else None
+        n = int(cells.test_rows.iloc[0]) if "test_rows" in cells and pd.notna(cells.test_rows.iloc[0]) else 0
+        if kind is not None and n > 3:
+            found = uncertainty.cell_interval(cells.metric.to_numpy(), n, kind)
+            lows.append(found["low"]), highs.append(found["high"]), se_test.append(found["se_test"])
+            kinds.append(f"seeds + test ({kind})")
+        else:
+            low, high = bootstrap_ci(cells.metric.to_numpy())
+            lows.append(low), highs.append(high), se_test.append(np.nan), kinds.append("seeds only")
+    out["ci_low"], out["ci_high"], out["se_test"], out["interval"] = lows, highs, se_test, kinds
     return out.reset_index()
 
 
@@ -67,46 +81,52 @@ def bootstrap_ci(values, confidence: float = 0.95, seed: int = 0) -> tuple[float
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def paired_matrix(frame: pd.DataFrame) -> pd.DataFrame:
-    """Test metric per (task, budget, seed) row and method column (natural-count methods in
-    every budget), methods missing from any row dropped: the pairs every paired test reads."""
-    rows = pd.concat([at_budget(frame, b).assign(block=b) for b in budget_blocks(frame.budget)])
-    return rows.pivot_table(index=["task", "block", "seed"], columns="method", values="metric").dropna(axis=1)
-
-
 def holm(p_values: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjustment (family-wise error), via statsmodels."""
+    """Holm's step-down adjustment (family-wise error), via statsmodels; NaN stays NaN."""
     from statsmodels.stats.multitest import multipletests
 
-    return multipletests(p_values, method="holm")[1]
+    p_values = np.asarray(p_values, float)
+    out = np.full(len(p_values), np.nan)
+    known = ~np.isnan(p_values)
+    if known.any():
+        out[known] = multipletests(p_values[known], method="holm")[1]
+    return out
 
 
-def natural_methods(frame: pd.DataFrame) -> set[str]:
-    """Methods that ran at their natural count (one cell per task and seed, in every block)."""
-    return set(frame.loc[frame.budget == NATURAL, "method"])
+MIN_TASKS = 5  # Demsar (2006): with fewer data sets Friedman and a CD diagram only describe
 
 
-def pair_values(matrix: pd.DataFrame, a: str, b: str, natural: set[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The paired values of methods a and b. Two natural-count methods repeat the same pair in
-    every budget block: only the first block's rows count, so no pair is counted twice."""
-    if a in natural and b in natural:
-        first = matrix.index.get_level_values("block")[0]
-        matrix = matrix[matrix.index.get_level_values("block") == first]
-    return matrix[a].to_numpy(), matrix[b].to_numpy()
+def kept_budget(frame: pd.DataFrame, slack: float = 0.01) -> pd.Series:
+    """Per (task, method, budget) of the budget-parameterised cells: whether the mean trainable
+    count keeps to the budget (at most its entries x (1 + `slack`)). A method that overshoots
+    (ChildTuning-F redraws its mask each step: a run moves every entry) did not compete there."""
+    from peftbench.selector import Budget
+
+    cells = frame[frame.budget != NATURAL].groupby(["task", "method", "budget"]).agg(
+        trainable=("trainable", "mean"), total=("pretrained_entries", "first"))
+    allowed = [Budget.parse(b).entries(int(t)) * (1 + slack)
+               for b, t in zip(cells.index.get_level_values("budget"), cells.total)]
+    return cells.trainable <= np.array(allowed, float)
 
 
-def wilcoxon_holm(matrix: pd.DataFrame, natural: set[str] = frozenset()) -> pd.DataFrame:
+def competing(frame: pd.DataFrame, budget: str) -> pd.DataFrame:
+    """The runs that compete in a ranking at `budget`: that budget's cells that keep to it.
+    Natural-count methods and over-budget cells are reference rows, never ranked."""
+    kept = kept_budget(frame)
+    rows = frame[frame.budget == budget]
+    keys = list(zip(rows.task, rows.method, rows.budget))
+    return rows[[bool(kept.get(k, False)) for k in keys]]
+
+
+def wilcoxon_holm(matrix: pd.DataFrame) -> pd.DataFrame:
     """Pairwise two-sided Wilcoxon signed-rank p-values between the methods (columns) over the
-    paired rows, Holm-adjusted over all pairs (Benavoli, Corani & Mangili 2016: unlike
-    Nemenyi's, the verdict on A vs B does not depend on the other methods in the pool). A pair
-    whose differences are all zero has p = 1; two `natural` methods are paired once per (task,
-    seed), not once per budget block (`pair_values`)."""
+    rows (tasks: one independent value each), Holm-adjusted over all pairs (Benavoli, Corani &
+    Mangili 2016). A pair whose differences are all zero has p = 1."""
     methods = list(matrix.columns)
     pairs = list(itertools.combinations(methods, 2))
     raw = []
     for a, b in pairs:
-        x, y = pair_values(matrix, a, b, natural)
-        d = x - y
+        d = (matrix[a] - matrix[b]).to_numpy()
         raw.append(1.0 if not np.any(d != 0) else float(scipy.stats.wilcoxon(d).pvalue))
     adjusted = holm(np.array(raw)) if raw else np.array([])
     out = pd.DataFrame(np.eye(len(methods)), index=methods, columns=methods)
@@ -115,118 +135,157 @@ def wilcoxon_holm(matrix: pd.DataFrame, natural: set[str] = frozenset()) -> pd.D
     return out
 
 
-def friedman_ranking(frame: pd.DataFrame) -> dict | None:
-    """Demsar (2006): methods ranked within each block, blocks = the (task, budget) cells
-    (natural-count methods take part in every budget), value = the mean over seeds; Friedman's
-    test that all methods rank alike (scipy), and the mean rank per method (1 = best). The
-    pairwise verdicts are Wilcoxon signed-rank tests over the (task, budget, seed) pairs with
-    Holm's correction (`wilcoxon_holm`), not Nemenyi's. None with fewer than 2 blocks or 3
-    methods present in every block. Blocks of one task at several budgets are not independent
-    data sets: read the test as descriptive there."""
-    stats = cell_stats(frame)
-    budgets = budget_blocks(stats.budget)
-    blocks = pd.concat([budget_rows(stats, b).assign(block=lambda d, b=b: d.task + " @ " + b)
-                        for b in budgets])
-    matrix = blocks.pivot_table(index="block", columns="method", values="mean").dropna(axis=1)
-    if len(matrix) < 2 or matrix.shape[1] < 3:
-        return None
-    statistic, p_value = scipy.stats.friedmanchisquare(*matrix.T.to_numpy())
-    ranks = matrix.rank(axis=1, ascending=False).mean().sort_values()
-    pairs = paired_matrix(frame)[list(matrix.columns)]
-    return {"blocks": list(matrix.index), "ranks": ranks, "statistic": float(statistic),
-            "p": float(p_value), "pairwise": wilcoxon_holm(pairs, natural_methods(frame)),
-            "n_pairs": len(pairs),
-            "n_blocks": len(matrix)}
-
-
-def bayesian_signed_rank(x: np.ndarray, y: np.ndarray, rope: float, samples: int = 50_000,
-                         seed: int = 0) -> dict[str, float]:
-    """Benavoli et al. (2017)'s Bayesian signed-rank test on paired scores x, y with a region
-    of practical equivalence |x - y| <= rope: P(x better), P(equivalent), P(y better), from
-    `baycomp.SignedRankTest` (a Dirichlet process over the differences with baycomp's prior
-    pseudo-observation at 0 of weight 0.5; `samples` posterior draws from `seed`, so the
-    probabilities are the same on every machine and sitting)."""
-    from baycomp import SignedRankTest
-
-    left, rope_p, right = SignedRankTest.probs(np.asarray(y, float), np.asarray(x, float), rope=rope,
-                                              nsamples=samples, random_state=seed)
-    return {"better": float(right), "equivalent": float(rope_p), "worse": float(left)}
-
-
-def bayesian_against(frame: pd.DataFrame, references: tuple[str, ...] = ("random", "fulltuning"),
-                     rope: float = 0.01) -> pd.DataFrame:
-    """For each method against each reference present: the Bayesian signed-rank probabilities
-    over the (task, budget, seed) pairs both ran (metric on the 0-1 scale; rope 0.01 = one point
-    x100)."""
-    matrix, natural = paired_matrix(frame), natural_methods(frame)
-    rows = []
-    for reference in references:
-        if reference not in matrix.columns:
+def friedman_by_budget(frame: pd.DataFrame) -> list[dict]:
+    """Demsar (2006), one test per budget, the tasks as blocks (each method's value in a task =
+    its mean over seeds: seeds are repeated measurements, not blocks), among the methods that
+    keep to the budget on every task. Friedman's chi2 and Iman-Davenport's F (less
+    conservative), the mean ranks (1 = best), and with at least MIN_TASKS tasks the pairwise
+    Wilcoxon-Holm p-values over tasks; below that the result is `descriptive` and no pairwise
+    test or CD diagram is made. A budget with fewer than 2 tasks or 3 methods is left out."""
+    out = []
+    for budget in budget_blocks(frame.budget):
+        if budget == NATURAL:
             continue
-        for method in matrix.columns:
-            if method == reference:
+        rows = competing(frame, budget)
+        matrix = rows.groupby(["task", "method"]).metric.mean().unstack().dropna(axis=1)
+        n, k = matrix.shape
+        if n < 2 or k < 3:
+            continue
+        ranks_by_task = matrix.rank(axis=1, ascending=False)
+        if (ranks_by_task.nunique(axis=1) == 1).all():  # every method tied on every task
+            chi2, p = 0.0, 1.0
+        else:
+            chi2, p = (float(v) for v in scipy.stats.friedmanchisquare(*matrix.T.to_numpy()))
+        f = (n - 1) * chi2 / (n * (k - 1) - chi2) if n * (k - 1) > chi2 else float("inf")
+        p_f = float(scipy.stats.f.sf(f, k - 1, (k - 1) * (n - 1))) if np.isfinite(f) else 0.0
+        descriptive = n < MIN_TASKS
+        out.append({"budget": budget, "tasks": list(matrix.index), "n_tasks": n, "n_methods": k,
+                    "ranks": ranks_by_task.mean().sort_values(), "statistic": chi2, "p": p,
+                    "iman_davenport": float(f), "p_iman_davenport": p_f, "descriptive": descriptive,
+                    "pairwise": None if descriptive else wilcoxon_holm(matrix)})
+    return out
+
+
+def comparisons(frame: pd.DataFrame, references: tuple[str, ...] = ("random", "fulltuning")) -> pd.DataFrame:
+    """The pre-declared comparison families: at each budget, each method that keeps to it
+    against each reference (Random at the same budget; full fine-tuning at its natural count).
+    Per task, the difference paired by seed with seed and test-set error
+    (`uncertainty.paired_difference`), Holm-adjusted within the family (budget, reference);
+    across two or more tasks, the hierarchical model (`uncertainty.hierarchical`) on the differences
+    standardised by the task's test-set SE of the reference, ROPE one such SE. Differences x100."""
+    from peftbench import uncertainty
+
+    constant = constant_scores(frame)
+    rows = []
+    for budget in budget_blocks(frame.budget):
+        if budget == NATURAL:
+            continue
+        runs = competing(frame, budget)
+        for reference in references:
+            ref_runs = frame[(frame.method == reference)
+                             & frame.budget.isin([budget] if reference in set(runs.method) else [NATURAL])]
+            if ref_runs.empty:
                 continue
-            x, y = pair_values(matrix, method, reference, natural)
-            probs = bayesian_signed_rank(x, y, rope)
-            rows.append({"method": method, "against": reference, "pairs": len(x),
-                         "mean_difference": float((x - y).mean()),
-                         "p_better": probs["better"], "p_equivalent": probs["equivalent"],
-                         "p_worse": probs["worse"], "rope": rope})
-    return pd.DataFrame(rows)
+            family = []
+            for (method, task), cells in runs[runs.method != reference].groupby(["method", "task"]):
+                pairs = cells.merge(ref_runs[ref_runs.task == task], on="seed", suffixes=("", "_ref"))
+                if len(pairs) < 2:
+                    continue
+                n = int(constant.loc[task, "test_rows"]) if task in constant.index else 0
+                kind = uncertainty.test_se_kind(cells.metric_name.iloc[0]) if "metric_name" in cells else None
+                d = uncertainty.paired_difference(pairs.metric, pairs.metric_ref, n, kind)
+                unit = uncertainty.test_se(pairs.metric_ref.mean(), n, kind)
+                family.append({"budget": budget, "against": reference, "method": method, "task": task,
+                               "seeds": d["seeds"], "difference": 100 * d["difference"],
+                               "ci_low": 100 * d["low"], "ci_high": 100 * d["high"],
+                               "se_seed": 100 * d["se_seed"], "se_test": 100 * d["se_test"], "p": d["p"],
+                               "y": d["difference"] / unit, "s": d["se"] / unit, "unit": 100 * unit})
+            if not family:
+                continue
+            family = pd.DataFrame(family)
+            family["p_holm"] = holm(family.p.to_numpy())
+            rows.append(family)
+            for method, g in family.groupby("method"):
+                g = g[np.isfinite(g.y) & np.isfinite(g.s)]
+                if len(g) < 2:  # one task has no "across tasks"
+                    continue
+                h = uncertainty.hierarchical(g.y.to_numpy(), g.s.to_numpy())
+                rows.append(pd.DataFrame([{"budget": budget, "against": reference, "method": method,
+                                           "task": f"across {h['tasks']} task(s)", **h}]))
+    if not rows:
+        return pd.DataFrame()
+    return pd.concat(rows, ignore_index=True).drop(columns=["y", "s"])
 
 
-def best_per_budget(frame: pd.DataFrame, rope: float = 0.01, slack: float = 0.01) -> pd.DataFrame:
+def best_per_budget(frame: pd.DataFrame) -> pd.DataFrame:
     """"Which selection method is best at which budget", with its confidence: per (task,
-    budget), among the budget-parameterised methods that keep to it, the best by mean test
-    metric, the runner-up, their mean paired difference over the seeds both ran, and the
-    Bayesian signed-rank probabilities (ROPE `rope`) that the best is better, equivalent or
-    worse. Keeping to it = mean trainable entries at most the budget's (times 1 + `slack`): a
-    method whose count overshoots (ChildTuning-F redraws its mask each step, so a run moves
-    every entry) did not compete at that budget; it is named in `over_budget`, not ranked."""
-    from peftbench.selector import Budget
+    budget), among the methods that keep to it (`competing`), the best by mean test metric, the
+    runner-up, their difference paired by seed with a 95% interval carrying seed and test-set
+    error (`uncertainty.paired_difference`; x100) and its p. The two are chosen after seeing the
+    data, so the p is uncorrected and optimistic: an interval that includes 0 means the data do
+    not single out one method there. `over_budget` names the methods whose count overshoots."""
+    from peftbench import uncertainty
 
+    kept = kept_budget(frame)
+    constant = constant_scores(frame)
     rows = []
     for (task, budget), cells in frame[frame.budget != NATURAL].groupby(["task", "budget"]):
-        allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0])) * (1 + slack)
-        trainable = cells.groupby("method").trainable.mean()
-        over = trainable[trainable > allowed]
-        cells = cells[~cells.method.isin(over.index)]
+        over = [m for m in sorted(cells.method.unique()) if not kept.get((task, m, budget), True)]
+        cells = cells[~cells.method.isin(over)]
         means = cells.groupby("method").metric.mean().sort_values(ascending=False)
         if len(means) < 2:
             continue
         best, second = means.index[:2]
         pairs = cells.pivot_table(index="seed", columns="method", values="metric")[[best, second]].dropna()
-        probs = bayesian_signed_rank(pairs[best].to_numpy(), pairs[second].to_numpy(), rope)
+        n = int(constant.loc[task, "test_rows"]) if task in constant.index else 0
+        kind = uncertainty.test_se_kind(cells.metric_name.iloc[0]) if "metric_name" in cells else None
+        d = uncertainty.paired_difference(pairs[best], pairs[second], n, kind)
+        trainable = cells.groupby("method").trainable.mean()
         rows.append({"task": task, "budget": budget, "best": best, "runner_up": second,
-                     "difference": float((pairs[best] - pairs[second]).mean()), "seeds": len(pairs),
-                     "p_better": probs["better"], "p_equivalent": probs["equivalent"],
-                     "p_worse": probs["worse"],
-                     "over_budget": "; ".join(f"{m} ({t:,.0f})" for m, t in over.items())})
+                     "difference": 100 * d["difference"], "ci_low": 100 * d["low"],
+                     "ci_high": 100 * d["high"], "p_uncorrected": d["p"], "seeds": d["seeds"],
+                     "over_budget": "; ".join(f"{m} ({frame[(frame.task == task) & (frame.method == m) & (frame.budget == budget)].trainable.mean():,.0f})"
+                                              for m in over),
+                     "competing": len(trainable)})
     return pd.DataFrame(rows)
 
 
-def budget_curves(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, method) with at least two budgets: the area under its budget curve (the mean
-    test metric averaged over log10(trainable entries) between its smallest and largest budget,
-    trapezoids: a method flat at m scores m) and the smallest budget whose mean reaches 95% of
-    full fine-tuning's mean on that task (NaN when none does, or full FT did not run)."""
+def budget_curves(frame: pd.DataFrame, share: float = 0.95) -> pd.DataFrame:
+    """Per (task, method) with at least two budgets that keep to them: the smallest budget at
+    which the method reaches `share` of full fine-tuning on the chance-normalised scale
+    (constant predictor = 0, full FT's mean = 1), with a bracket from the cells' 95% intervals
+    (seeds + test set): `earliest` = the smallest budget whose interval reaches the target
+    (it may reach there), `surely` = the smallest whose interval lies wholly above it.
+    Censoring is written out: "<= 0.1%" when the smallest budget tried already reaches it,
+    "> 2%" when the largest does not. No area under the curve: methods span different
+    ranges of trainable entries (GGM's pool ends below 1%), so areas would not compare."""
     stats = cell_stats(frame)
+    kept = kept_budget(frame)
+    constant = constant_scores(frame)
     rows = []
+
+    def label(b):
+        return f"{100 * float(b):g}%"
+
     for (task, method), cells in stats[stats.budget != NATURAL].groupby(["task", "method"]):
-        cells = cells.sort_values("trainable")
-        if len(cells) < 2:
-            continue
-        x = np.log10(cells.trainable.to_numpy(float))
-        y = cells["mean"].to_numpy(float)
-        area = float(np.trapezoid(y, x) / (x[-1] - x[0])) if x[-1] > x[0] else float("nan")
+        cells = cells[[bool(kept.get((task, method, b), False)) for b in cells.budget]]
+        cells = cells.assign(b=cells.budget.astype(float)).sort_values("b")
         full = stats[(stats.task == task) & (stats.method == "fulltuning")]["mean"]
-        reach = float("nan")
-        if len(full):
-            target = 0.95 * float(full.iloc[0])
-            hit = cells[cells["mean"] >= target]
-            reach = float(min(hit.budget.astype(float))) if len(hit) else float("nan")
-        rows.append({"task": task, "method": method, "budgets": len(cells), "area": area,
-                     "reaches_95pct_full_ft_at": reach})
+        if len(cells) < 2 or not len(full) or task not in constant.index:
+            continue
+        c, f = float(constant.loc[task, "metric"]), float(full.iloc[0])
+        target = c + share * (f - c)
+
+        def first(column):
+            hit = cells[cells[column] >= target]
+            if hit.empty:
+                return f"> {label(cells.b.iloc[-1])}"
+            b = hit.b.iloc[0]
+            return f"<= {label(b)}" if b == cells.b.iloc[0] else label(b)
+
+        rows.append({"task": task, "method": method, "budgets": len(cells),
+                     "reaches": first("mean"), "earliest": first("ci_high"), "surely": first("ci_low"),
+                     "target_x100": 100 * target})
     return pd.DataFrame(rows)
 
 
@@ -260,8 +319,10 @@ class Table1:
 
 
 def table1(stats: pd.DataFrame, ties: str = "average", methods: list[str] | None = None,
-           tasks: list[str] | None = None) -> Table1:
-    """Fu et al.'s Table 1 from `cell_stats` rows of one budget (or mean/std given directly)."""
+           tasks: list[str] | None = None, ranked: set[str] | None = None) -> Table1:
+    """Fu et al.'s Table 1 from `cell_stats` rows of one budget (or mean/std given directly).
+    `ranked`: the methods that compete at the budget; the others (natural-count and over-budget
+    reference rows) are shown without ranks and take no rank from the ranked ones."""
     check_choice("ties", ties, TIES)
     mean = stats.pivot_table(index="method", columns="task", values="mean", sort=False)
     std = stats.pivot_table(index="method", columns="task", values="std", sort=False)
@@ -272,7 +333,10 @@ def table1(stats: pd.DataFrame, ties: str = "average", methods: list[str] | None
     complete = mean.notna().all(axis=1)
     mean["AVG"] = mean.mean(axis=1).where(complete)
     std["AVG"] = std.mean(axis=1).where(complete)
-    return Table1(mean, std, mean.rank(ascending=False, method=ties), std.rank(ascending=True, method=ties))
+    keep = mean.index if ranked is None else [m for m in mean.index if m in ranked]
+    mean_rank = mean.loc[keep].rank(ascending=False, method=ties).reindex(mean.index)
+    std_rank = std.loc[keep].rank(ascending=True, method=ties).reindex(std.index)
+    return Table1(mean, std, mean_rank, std_rank)
 
 
 def stability_correlation(table: Table1, with_avg: bool = False) -> dict:
@@ -335,9 +399,11 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Per task: each method against the task's best (highest mean), paired by seed: a paired
-    t-test and, with 6+ common seeds, Wilcoxon's signed-rank test (scipy), see `paired_test`.
-    `worse` = t-test p < alpha with a lower mean. Rows: task, method, best, seeds (n, the pairs
-    tested), t_p, wilcoxon_p, worse."""
+    t-test and, with 6+ common seeds, Wilcoxon's signed-rank test (scipy), see `paired_test`;
+    the t-test's p Holm-adjusted over the column's methods (`t_p_holm`). `worse` = adjusted
+    p < alpha with a lower mean. The best is chosen after seeing the data (a winner's-curse
+    selection) and the seeds share one test set: a mark, not a verdict. Rows: task, method,
+    best, seeds (n, the pairs tested), t_p, t_p_holm, wilcoxon_p, worse."""
     rows = []
     for task, stats in budget_rows.groupby("task"):
         best = stats.loc[stats["mean"].idxmax()]
@@ -348,9 +414,13 @@ def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 
             a, b = paired["metric_best"].to_numpy(), paired["metric"].to_numpy()
             t_p, w_p = paired_test(a, b) if cell.method != best.method else (np.nan, np.nan)
             rows.append({"task": task, "method": cell.method, "best": best.method, "seeds": len(a),
-                         "t_p": t_p, "wilcoxon_p": w_p,
-                         "worse": bool(t_p < alpha and b.mean() < a.mean()) if not np.isnan(t_p) else False})
-    return pd.DataFrame(rows)
+                         "t_p": t_p, "wilcoxon_p": w_p, "lower": bool(b.mean() < a.mean())})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["t_p_holm"] = np.concatenate([holm(g.t_p.to_numpy()) for _, g in out.groupby("task", sort=False)])
+    out["worse"] = (out.t_p_holm < alpha) & out.lower
+    return out.drop(columns="lower")
 
 
 def constant_scores(frame: pd.DataFrame) -> pd.DataFrame:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.stats
 
 from peftbench import findings
 
 
-def runs(cells: dict[tuple[str, str, str], list[float]]) -> pd.DataFrame:
+def runs(cells: dict[tuple[str, str, str], list[float]], test_rows: int = 1_000_000) -> pd.DataFrame:
     """{(task, method, budget): [metric per seed]} -> one row per run, as `report.load_runs`."""
-    return pd.DataFrame([{"task": t, "method": m, "budget": b, "seed": s, "metric": v, "trainable": 1}
+    return pd.DataFrame([{"task": t, "method": m, "budget": b, "seed": s, "metric": v, "trainable": 1,
+                          "pretrained_entries": 1000, "metric_name": "accuracy", "test_rows": test_rows,
+                          "constant_metric": 0.5}
                          for (t, m, b), values in cells.items() for s, v in enumerate(values)])
 
 
@@ -21,10 +24,16 @@ def test_sam_vs_random_is_a_paired_test_with_its_direction():
     sam = base + 0.01 + rng.normal(0, 0.002, 8)
     frame = runs({("sst2", "random", "0.005"): list(base), ("sst2", "sam", "0.005"): list(sam)})
     table = findings.sam_vs_random(frame)
-    row = table[table.task == "all"].iloc[0]
-    assert row.t_p == scipy.stats.ttest_rel(sam, base).pvalue
-    assert row.difference == np.mean(100 * (sam - base)) and row.verdict == "holds"
+    row = table[table.task == "sst2"].iloc[0]
+    d = sam - base  # by hand: seed SE of the paired differences and both binomial test-set SEs
+    total = np.hypot(d.std(ddof=1) / np.sqrt(8), np.hypot(*(np.sqrt(m * (1 - m) / 1e6) for m in (sam.mean(), base.mean()))))
+    df = 7 * total ** 4 / (d.std(ddof=1) / np.sqrt(8)) ** 4
+    assert row.p == pytest.approx(2 * scipy.stats.t.sf(abs(d.mean()) / total, df))
+    assert row.difference == pytest.approx(np.mean(100 * d)) and row.verdict == "holds"
     assert row.ci_low < row.difference < row.ci_high
+    # the same seeds scored on a 200-example test set: its error swamps a 1-point difference
+    assert findings.sam_vs_random(runs({("sst2", "random", "0.005"): list(base), ("sst2", "sam", "0.005"): list(sam)},
+                                       test_rows=200)).verdict.iloc[0] == "not resolved"
     # the same numbers swapped: significant against Fu et al.
     swapped = runs({("sst2", "random", "0.005"): list(sam), ("sst2", "sam", "0.005"): list(base)})
     assert findings.sam_vs_random(swapped).verdict.iloc[-1] == "opposite"
@@ -43,7 +52,8 @@ def test_stability_holds_when_full_ft_is_clearly_noisier():
         cells[("t", method, "0.005")] = list(rng.normal(0.8, 0.005, 8))
     table, summary = findings.stability_vs_full(runs(cells))
     assert len(table) == 3 and (table.ratio < 0.3).all()
-    assert summary["verdict"] == "holds" and summary["ci_high"] < 1 and summary["p"] < 0.05
+    assert summary["verdict"] == "holds on t (the only task)"
+    assert summary["per_task"]["t"]["ci_high"] < 1 and summary["per_task"]["t"]["p"] < 0.05
 
 
 def test_many_cells_sharing_one_noisy_full_ft_std_do_not_make_a_finding():
@@ -57,7 +67,7 @@ def test_many_cells_sharing_one_noisy_full_ft_std_do_not_make_a_finding():
     table, summary = findings.stability_vs_full(runs(cells))
     assert summary["stabler"] == 30
     assert scipy.stats.binomtest(30, 30).pvalue < 1e-8
-    assert summary["verdict"] == "not resolved" and summary["ci_high"] == np.inf
+    assert summary["verdict"] == "not resolved (one task)" and summary["per_task"]["t"]["ci_high"] == np.inf
 
 
 def test_stability_opposite_when_sparse_cells_are_noisier():
@@ -66,7 +76,29 @@ def test_stability_opposite_when_sparse_cells_are_noisier():
     for t in ("a", "b"):
         for method in ("random", "sam"):
             cells[(t, method, "0.005")] = list(rng.normal(0.8, 0.05, 8))
-    assert findings.stability_vs_full(runs(cells))[1]["verdict"] == "opposite"
+    assert findings.stability_vs_full(runs(cells))[1]["verdict"] == "opposite on all 2 tasks"
+
+
+def test_a_verdict_over_tasks_says_on_which_tasks_it_holds():
+    assert findings.worded({"sst2": "not resolved", "stsb": "holds"}) == "holds on stsb only (1 of 2 tasks)"
+    assert findings.worded({"a": "holds", "b": "opposite"}) == "mixed: holds on a, opposite on b (of 2 tasks)"
+    assert findings.worded({"a": "not resolved", "b": "not resolved"}) == "not resolved on any of 2 tasks"
+
+
+def test_a_rank_correlation_that_rests_on_collapsing_runs_is_said_to():
+    """Two methods whose seeds sometimes fall to the constant predictor are both the worst and
+    the least stable: they alone make rho significant; without them it is not resolved."""
+    rng = np.random.default_rng(5)
+    cells = {}
+    for t in ("a", "b", "c"):
+        for k in range(6):
+            cells[(t, f"m{k}", "0.005")] = list(0.8 + rng.normal(0, 0.01, 5))
+        cells[(t, "x1", "0.005")] = [0.8, 0.79, 0.5, 0.81, 0.5]
+        cells[(t, "x2", "0.005")] = [0.78, 0.5, 0.79, 0.5, 0.5]
+    ranks = findings.rank_correlation(runs(cells)).iloc[0]
+    assert ranks.cells == 24 and ranks.cells_without_collapsed == 18
+    assert ranks.verdict == "holds" and ranks.verdict_without_collapsed == "not resolved"
+    assert "rests on collapsing runs" in "\n".join(findings.section(runs(cells)))
 
 
 def test_rank_correlation_per_budget_and_the_published_rho_inside_or_not():
@@ -89,4 +121,4 @@ def test_section_names_each_finding_and_writes_its_tables(tmp_path):
     assert "Does SAM beat Random at 0.5%?" in text and "more stable than full fine-tuning" in text
     assert "stability rank correlate" in text
     assert {p.name for p in tmp_path.iterdir()} == {"findings-sam-random.csv", "findings-stability.csv",
-                                                    "findings-ranks.csv"}
+                                                    "findings-ranks.csv", "findings.md"}

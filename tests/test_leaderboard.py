@@ -166,17 +166,15 @@ def test_one_look_per_method_in_every_figure():
     assert plots.method_style("my-plugin") == plots.method_style("my-plugin") != plots.method_style("other")
 
 
-def test_friedman_ranking_and_critical_difference_diagram(tmp_path):
-    import scipy.stats
-
+def test_critical_difference_diagram_per_budget_from_tasks_only_with_enough_of_them(tmp_path):
     from peftbench import report
 
-    frame = _synthetic_frame()
-    ranking = report.friedman_ranking(frame)
-    matrix = report.cell_stats(frame).pivot_table(index="budget", columns="method", values="mean")
-    expected = scipy.stats.friedmanchisquare(*matrix.T.to_numpy())
-    assert ranking["p"] == pytest.approx(expected.pvalue) and ranking["n_blocks"] == 2
-    assert list(ranking["ranks"].index) == ["fish", "sam", "magpruning", "random"]
+    one_task = report.friedman_by_budget(pd.concat([_synthetic_frame(), _synthetic_frame().assign(task="rte")]))
+    assert [r["descriptive"] for r in one_task] == [True, True]  # 2 tasks: no pairwise test, no diagram
+    frame = pd.concat([_synthetic_frame().assign(task=f"t{i}", metric=lambda d, i=i: d.metric + 0.001 * i)
+                       for i in range(6)])
+    ranking = report.friedman_by_budget(frame)[0]
+    assert ranking["n_tasks"] == 6 and list(ranking["ranks"].index) == ["fish", "sam", "magpruning", "random"]
     assert plots.cd_png(ranking, tmp_path / "cd.png").stat().st_size > 0
 
 

@@ -178,8 +178,8 @@ for x, y in near:
     p.loc[x, y] = p.loc[y, x] = 0.5
 for x in names:
     p.loc[x, x] = 1.0
-ranking = {"ranks": dict(zip(names, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])), "pairwise": p,
-           "n_blocks": 6, "p": 1e-4, "n_pairs": 30}
+ranking = {"ranks": pd.Series(dict(zip(names, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]))), "pairwise": p,
+           "budget": "0.005", "n_tasks": 6, "p_iman_davenport": 1e-4}
 plots.cd_png(ranking, sys.argv[1])
 print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
 """

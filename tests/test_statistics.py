@@ -1,6 +1,6 @@
-"""The board's statistics against values computed independently: pairwise Wilcoxon with Holm
-(scipy + Holm by hand) and the Bayesian signed-rank test (its Dirichlet-process posterior
-restated in numpy)."""
+"""The board's statistics against values computed independently: Friedman and Iman-Davenport
+per budget over tasks (scipy + the formula), Wilcoxon with Holm by hand, the per-task intervals
+with test-set error by hand, the hierarchical model against scipy's quadrature."""
 from __future__ import annotations
 
 import itertools
@@ -27,102 +27,173 @@ def _frame(rng):
     return frame.drop_duplicates(["task", "method", "budget", "seed"])
 
 
-def test_wilcoxon_holm_equals_scipy_with_holm_by_hand():
-    frame = _frame(np.random.default_rng(0))
-    matrix = report.paired_matrix(frame)
-    assert len(matrix) == 2 * 2 * 5  # full FT paired with every budget's rows
-    got = report.wilcoxon_holm(matrix, {"fulltuning"})
-    pairs = list(itertools.combinations(matrix.columns, 2))
-    raw = np.array([scipy.stats.wilcoxon(matrix[a] - matrix[b]).pvalue for a, b in pairs])
+def _holm_by_hand(raw):
     order = np.argsort(raw)  # Holm: sorted p times (m - rank), running max, capped at 1
     m, adjusted, running = len(raw), np.empty_like(raw), 0.0
     for rank, i in enumerate(order):
         running = max(running, min(1.0, (m - rank) * raw[i]))
         adjusted[i] = running
-    for (a, b), p in zip(pairs, adjusted):
-        assert got.loc[a, b] == pytest.approx(p) and got.loc[b, a] == pytest.approx(p)
-    ranking = report.friedman_ranking(frame)
-    assert ranking["n_pairs"] == 20 and ranking["pairwise"].equals(got)
+    return adjusted
 
 
-def test_two_natural_count_methods_are_paired_once_per_task_and_seed():
-    """BitFit vs full FT: the same (task, seed) pair stands in every budget block; counted once."""
-    rng = np.random.default_rng(1)
-    frame = _frame(rng)
-    bitfit = frame[frame.method == "fulltuning"].assign(method="bitfit", metric=lambda d: d.metric - 0.02 + rng.normal(0, 0.005, len(d)))
-    frame = pd.concat([frame, bitfit])
-    matrix = report.paired_matrix(frame)
-    x, y = report.pair_values(matrix, "bitfit", "fulltuning", report.natural_methods(frame))
-    assert len(x) == 2 * 5  # tasks x seeds, not x budgets
-    got = report.wilcoxon_holm(matrix, report.natural_methods(frame))
-    raw = scipy.stats.wilcoxon(x - y).pvalue
-    assert got.loc["bitfit", "fulltuning"] >= raw  # Holm never lowers a p-value
-    table = report.bayesian_against(frame).set_index(["method", "against"])
-    assert table.loc[("bitfit", "fulltuning"), "pairs"] == 10 and table.loc[("sam", "random"), "pairs"] == 20
+def _tasks_frame(rng, tasks=6):
+    """`tasks` accuracy tasks (200 test rows), two budgets, 3 seeds; full FT at its natural count
+    and a ChildTuning-F that overshoots every budget."""
+    rows = []
+    for t in range(tasks):
+        for budget in ("0.001", "0.005"):
+            for seed in range(3):
+                for i, method in enumerate(["random", "sam", "fish", "fulltuning", "childtuning-f"]):
+                    natural = method == "fulltuning"
+                    rows.append({"task": f"t{t}", "method": method, "budget": "natural" if natural else budget,
+                                 "seed": seed, "metric": 0.7 + 0.01 * i + rng.normal(0, 0.01),
+                                 "trainable": 1000 if method in ("fulltuning", "childtuning-f") else float(budget) * 1000,
+                                 "pretrained_entries": 1000, "metric_name": "accuracy", "test_rows": 200,
+                                 "constant_metric": 0.5})
+    return pd.DataFrame(rows).drop_duplicates(["task", "method", "budget", "seed"])
 
 
-def _posterior_by_hand(x, y, rope, samples=20_000, seed=1):
-    """Benavoli et al. 2017, eq. for the Bayesian signed-rank test: z = differences plus one
-    prior pseudo-observation at 0 (weight 0.5); Dirichlet weights w; per sample the mass of
-    pairs (i, j) with (z_i + z_j)/2 above rope, inside, below; the winner of each sample."""
-    z = np.concatenate([[0.0], np.asarray(x) - np.asarray(y)])
-    sums = (z[:, None] + z[None, :]) / 2
-    rng = np.random.default_rng(seed)
-    wins = np.zeros(3)
-    alpha = np.ones(len(z))
-    alpha[0] = 0.5
-    for _ in range(samples // 10):
-        w = rng.dirichlet(alpha)
-        pair = np.outer(w, w)
-        masses = [pair[sums < -rope].sum(), pair[np.abs(sums) <= rope].sum(), pair[sums > rope].sum()]
-        wins[int(np.argmax(masses))] += 1
-    return wins / wins.sum()
+def test_friedman_runs_per_budget_over_tasks_with_iman_davenport_and_no_reference_rows():
+    frame = _tasks_frame(np.random.default_rng(0))
+    rankings = report.friedman_by_budget(frame)
+    assert [r["budget"] for r in rankings] == ["0.001", "0.005"]
+    for r in rankings:
+        assert set(r["ranks"].index) == {"random", "sam", "fish"}  # no natural-count, no over-budget row
+        matrix = frame[frame.budget == r["budget"]].groupby(["task", "method"]).metric.mean().unstack()[
+            list(r["ranks"].index)]
+        expected = scipy.stats.friedmanchisquare(*matrix.T.to_numpy())
+        n, k = matrix.shape
+        assert r["n_tasks"] == n == 6 and r["statistic"] == pytest.approx(expected.statistic)
+        f = (n - 1) * expected.statistic / (n * (k - 1) - expected.statistic)  # Iman & Davenport 1980
+        assert r["iman_davenport"] == pytest.approx(f)
+        assert r["p_iman_davenport"] == pytest.approx(scipy.stats.f.sf(f, k - 1, (k - 1) * (n - 1)))
+        assert not r["descriptive"]
+        raw = np.array([scipy.stats.wilcoxon(matrix[a] - matrix[b]).pvalue
+                        for a, b in itertools.combinations(matrix.columns, 2)])
+        adjusted = _holm_by_hand(raw)
+        got = r["pairwise"].loc[list(matrix.columns), list(matrix.columns)]
+        for (a, b), p in zip(itertools.combinations(matrix.columns, 2), adjusted):
+            assert got.loc[a, b] == pytest.approx(p)
 
 
-@pytest.mark.parametrize("shift", [0.02, 0.0, -0.004])
-def test_bayesian_signed_rank_matches_its_posterior_restated(shift):
-    rng = np.random.default_rng(3)
-    y = rng.normal(0.8, 0.01, 20)
-    x = y + shift + rng.normal(0, 0.005, 20)
-    got = report.bayesian_signed_rank(x, y, rope=0.01)
-    worse, equivalent, better = _posterior_by_hand(x, y, 0.01)
-    assert got["better"] == pytest.approx(better, abs=0.03)
-    assert got["equivalent"] == pytest.approx(equivalent, abs=0.03)
-    assert got["worse"] == pytest.approx(worse, abs=0.03)
-    assert sum(got.values()) == pytest.approx(1.0)
-    assert report.bayesian_signed_rank(x, y, rope=0.01) == got  # seeded: the same every time
-    table = report.bayesian_against(_frame(np.random.default_rng(0)))
-    assert set(table.against) == {"random", "fulltuning"} and (table.pairs == 20).all()
+def test_with_fewer_than_five_tasks_the_ranking_is_descriptive_and_has_no_pairwise_tests():
+    few = _tasks_frame(np.random.default_rng(0), tasks=2)
+    assert all(r["descriptive"] and r["pairwise"] is None for r in report.friedman_by_budget(few))
+    said = report.verdict(few)
+    assert "descriptive only (fewer than 5 tasks)" in said and "over 2 task(s)" in said
+    assert "natural count: fulltuning" in said and "over budget: childtuning-f at 0.1%" in said
 
 
-def test_budget_curve_area_and_the_budget_that_reaches_95_percent_of_full_ft(tmp_path):
+def test_comparisons_are_per_task_with_test_set_error_and_holm_within_each_family():
+    from peftbench import uncertainty
+
+    frame = _tasks_frame(np.random.default_rng(1), tasks=3)
+    got = report.comparisons(frame)
+    per_task = got[~got.task.str.startswith("across")]
+    assert set(per_task.method) == {"sam", "fish", "random"}  # random itself against full FT
+    assert "childtuning-f" not in set(got.method)  # over budget: not in a budget's family
+    row = per_task[(per_task.budget == "0.005") & (per_task.against == "random") & (per_task.method == "sam")
+                   & (per_task.task == "t1")].iloc[0]
+    a = frame[(frame.task == "t1") & (frame.method == "sam") & (frame.budget == "0.005")].sort_values("seed").metric.to_numpy()
+    b = frame[(frame.task == "t1") & (frame.method == "random") & (frame.budget == "0.005")].sort_values("seed").metric.to_numpy()
+    d = a - b  # by hand: seed SE of the paired differences, binomial SE of each mean, Satterthwaite df
+    se_seed, se_test = d.std(ddof=1) / np.sqrt(3), np.hypot(*(np.sqrt(m * (1 - m) / 200) for m in (a.mean(), b.mean())))
+    total = np.hypot(se_seed, se_test)
+    df = 2 * total ** 4 / se_seed ** 4
+    assert row.difference == pytest.approx(100 * d.mean()) and row.se_test == pytest.approx(100 * se_test)
+    assert row.p == pytest.approx(2 * scipy.stats.t.sf(abs(d.mean()) / total, df))
+    assert row.ci_high - row.ci_low == pytest.approx(2 * 100 * scipy.stats.t.ppf(0.975, df) * total)
+    family = per_task[(per_task.budget == "0.005") & (per_task.against == "random")]
+    assert family.p_holm.to_numpy() == pytest.approx(_holm_by_hand(family.p.to_numpy()))
+    across = got[got.task.str.startswith("across")]
+    assert set(across.task) == {"across 3 task(s)"} and (across.draws == uncertainty.DRAWS).all()
+    probs = across[["p_better", "p_equivalent", "p_worse"]].sum(axis=1)
+    assert probs.to_numpy() == pytest.approx(1.0)
+
+
+def test_cell_intervals_carry_the_test_set_as_well_as_the_seeds():
+    frame = _tasks_frame(np.random.default_rng(2), tasks=1)
+    stats = report.cell_stats(frame).set_index(["method", "budget"])
+    row = stats.loc[("sam", "0.001")]
+    values = frame[(frame.method == "sam") & (frame.budget == "0.001")].metric.to_numpy()
+    total = np.hypot(values.std(ddof=1) / np.sqrt(3), np.sqrt(values.mean() * (1 - values.mean()) / 200))
+    assert row.interval == "seeds + test (binomial)"
+    assert row.ci_high - row.ci_low > 2 * 1.96 * np.sqrt(values.mean() * (1 - values.mean()) / 200)
+    assert row.ci_high - row.ci_low < 2 * scipy.stats.t.ppf(0.975, 2) * total + 1e-12
+    unknown = frame.assign(metric_name="f1")  # no analytic test-set SE: said, seeds only
+    assert set(report.cell_stats(unknown).interval) == {"seeds only"}
+
+
+def test_a_correlation_interval_is_fishers_z_transformed_back():
+    from peftbench import uncertainty
+
+    values = np.array([0.80, 0.82, 0.81])
+    got = uncertainty.cell_interval(values, 1500, "fisher-z")
+    z = np.arctanh(values)
+    total = np.hypot(z.std(ddof=1) / np.sqrt(3), 1 / np.sqrt(1497))
+    df = 2 * total ** 4 / (z.std(ddof=1) / np.sqrt(3)) ** 4
+    half = scipy.stats.t.ppf(0.975, df) * total
+    assert (got["low"], got["high"]) == pytest.approx((np.tanh(z.mean() - half), np.tanh(z.mean() + half)))
+    assert uncertainty.test_se_kind("pearson+spearman") == "fisher-z"
+    assert uncertainty.test_se_kind("accuracy") == "binomial" and uncertainty.test_se_kind("accuracy+f1") is None
+
+
+def test_hierarchical_posterior_equals_numerical_integration():
+    """The grid posterior of tau and the draws of mu against scipy's quadrature of the same
+    model (normal likelihood, flat mu, half-Cauchy(0, 1) tau)."""
+    from scipy import integrate
+
+    from peftbench import uncertainty
+
+    y, s = np.array([2.0, -0.5, 1.2]), np.array([1.5, 1.4, 2.0])
+
+    def joint(mu, tau):
+        prior = 2 / (np.pi * (1 + tau ** 2))
+        return prior * np.prod(scipy.stats.norm.pdf(y, mu, np.sqrt(s ** 2 + tau ** 2)))
+
+    z, _ = integrate.dblquad(lambda mu, tau: joint(mu, tau), 0, np.inf, -30, 30)
+    above, _ = integrate.dblquad(lambda mu, tau: joint(mu, tau), 0, np.inf, 1.0, 30)
+    inside, _ = integrate.dblquad(lambda mu, tau: joint(mu, tau), 0, np.inf, -1.0, 1.0)
+    got = uncertainty.hierarchical(y, s, rope=1.0, draws=200_000)
+    assert got["p_better"] == pytest.approx(above / z, abs=0.006)
+    assert got["p_equivalent"] == pytest.approx(inside / z, abs=0.006)
+    mean_mu, _ = integrate.dblquad(lambda mu, tau: mu * joint(mu, tau), 0, np.inf, -30, 30)
+    assert got["mu"] == pytest.approx(mean_mu / z, abs=0.02)
+    assert uncertainty.hierarchical(y, s) == uncertainty.hierarchical(y, s)  # seeded draws
+
+
+def test_the_budget_reaching_95_percent_of_full_ft_is_chance_normalised_bracketed_and_censored(tmp_path):
     from peftbench import plots
 
-    rows = [{"task": "sst2", "method": "fulltuning", "budget": "natural", "seed": s, "metric": 0.8,
-             "trainable": 1000, "pretrained_entries": 1000} for s in range(3)]
-    for budget, metric in (("0.001", 0.6), ("0.01", 0.7), ("0.1", 0.78)):
-        rows += [{"task": "sst2", "method": "random", "budget": budget, "seed": s, "metric": metric,
-                  "trainable": float(budget) * 1000, "pretrained_entries": 1000} for s in range(3)]
-    frame = pd.DataFrame(rows)
-    curves = report.budget_curves(frame)
-    row = curves.set_index("method").loc["random"]
-    # trapezoids over log10 trainable (-> 0, 1, 2): ((0.6+0.7)/2 + (0.7+0.78)/2) / 2
-    assert row.area == pytest.approx(((0.6 + 0.7) / 2 + (0.7 + 0.78) / 2) / 2)
-    assert row.reaches_95pct_full_ft_at == 0.1  # 0.78 >= 0.76 > 0.7
-    assert "fulltuning" not in set(curves.method)  # one count: no curve
-    assert plots.curves_png(frame, tmp_path / "curves.png").stat().st_size > 0
+    def cells(method, budget, metric, trainable):
+        return [{"task": "sst2", "method": method, "budget": budget, "seed": s, "metric": metric + 0.002 * s,
+                 "trainable": trainable, "pretrained_entries": 1000, "constant_metric": 0.5, "test_rows": 872,
+                 "metric_name": "accuracy"} for s in range(3)]
+
+    rows = cells("fulltuning", "natural", 0.80, 1000)
+    for budget, metric in (("0.001", 0.6), ("0.01", 0.7), ("0.1", 0.79)):
+        rows += cells("random", budget, metric, float(budget) * 1000)
+        rows += cells("sam", budget, 0.79, float(budget) * 1000)
+    curves = report.budget_curves(pd.DataFrame(rows)).set_index("method")
+    # target on the chance-normalised scale: 0.5 + 0.95 * (0.802 - 0.5) = 0.7869 (not 0.95 * 0.802)
+    assert curves.loc["random", "target_x100"] == pytest.approx(100 * (0.5 + 0.95 * (0.802 - 0.5)))
+    assert curves.loc["random", "reaches"] == "10%" and curves.loc["random", "surely"] == "> 10%"
+    assert curves.loc["sam", "reaches"] == "<= 0.1%"  # censored at the smallest budget tried
+    assert "area" not in curves.columns and "fulltuning" not in curves.index
+    assert plots.curves_png(pd.DataFrame(rows), tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_best_per_budget_names_the_best_and_how_sure():
-    frame = _frame(np.random.default_rng(0)).assign(pretrained_entries=100_000)  # 100 = 0.1%
+    frame = _tasks_frame(np.random.default_rng(0), tasks=2)
     best = report.best_per_budget(frame).set_index(["task", "budget"])
     assert len(best) == 4 and set(best.best) <= {"random", "sam", "fish"}  # full FT has no budget
-    assert (best.over_budget == "").all()
     row = best.iloc[0]
-    cells = frame[(frame.task == best.index[0][0]) & (frame.budget == best.index[0][1])]
+    cells = frame[(frame.task == best.index[0][0]) & (frame.budget == best.index[0][1])
+                  & (frame.method != "childtuning-f")]
     means = cells.groupby("method").metric.mean().sort_values(ascending=False)
     assert (row.best, row.runner_up) == tuple(means.index[:2])
-    assert row.p_better + row.p_equivalent + row.p_worse == pytest.approx(1.0)
+    assert row.ci_low < row.difference < row.ci_high and 0 <= row.p_uncorrected <= 1
+    assert row.over_budget.startswith("childtuning-f (1,000)")
 
 
 def test_best_per_budget_leaves_out_a_method_whose_count_overshoots_the_budget():

@@ -1,0 +1,143 @@
+"""How sure a number is: test-set sampling error beside seed error, and a hierarchical model
+that combines tasks as the independent units (seeds are repeated measurements inside a task).
+
+Every seed of a cell scores the same test set, so averaging seeds shrinks the seed error but
+not the test set's: a cell's mean carries both (Dror et al. 2018; Bouthillier et al. 2021).
+Without stored per-example predictions the test-set part is analytic:
+- proportions (accuracy, exact match): binomial, sqrt(p (1 - p) / n);
+- correlations (Pearson, Spearman, their mean, MCC): Fisher's z, 1 / sqrt(n - 3) on the z
+  scale, (1 - r^2) / sqrt(n - 3) on the metric's scale by the delta method;
+- anything else (F1, macro-F1, a log-likelihood): no analytic SE; intervals say so.
+A difference between two methods on one test set treats their test-set errors as independent,
+which overstates it (the same examples make both right or wrong): conservative, and labelled.
+
+Across tasks (`hierarchical`): each task's mean difference, standardised by the task's
+test-set SE of the reference (so one unit means "what this test set can resolve" whatever the
+metric), is y_t ~ N(delta_t, s_t^2), delta_t ~ N(mu, tau^2), mu flat, tau half-Cauchy(0, 1)
+(Gelman 2006, for few groups; Benavoli et al. 2017 use the same structure with a Student
+likelihood over seeds). The posterior of tau is computed on a grid (exact up to the grid),
+mu | tau and a new task's delta are normal: draws are seeded, so every machine prints the same
+probabilities.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.stats
+
+PROPORTIONS = {"accuracy", "exact_match"}
+CORRELATIONS = {"pearson", "spearman", "mcc"}
+Z95 = 0.95
+DRAWS = 50_000
+DRAW_SEED = 0
+TAU_SCALE = 1.0  # half-Cauchy scale of the between-task spread, in test-set SE units
+GRID = 4000
+
+
+def test_se_kind(metric_name: str) -> str | None:
+    """'binomial', 'fisher-z' or None for a main metric named like 'pearson+spearman'."""
+    parts = set(str(metric_name).split("+")) if metric_name else set()
+    if parts and parts <= PROPORTIONS:
+        return "binomial"
+    if parts and parts <= CORRELATIONS:
+        return "fisher-z"
+    return None
+
+
+def test_se(value: float, n: int, kind: str | None) -> float:
+    """The test set's standard error of a score `value` on `n` examples, on the metric's scale."""
+    if kind == "binomial":
+        p = min(max(float(value), 0.0), 1.0)
+        return float(np.sqrt(p * (1 - p) / n))
+    if kind == "fisher-z" and n > 3:
+        return float((1 - min(float(value) ** 2, 1.0)) / np.sqrt(n - 3))
+    return float("nan")
+
+
+def _interval(centre: float, se_seed: float, se_test: float, seeds: int) -> tuple[float, float, float]:
+    """(half-width, total SE, df): a t interval whose df are Welch-Satterthwaite's for a seed
+    part with seeds - 1 df and a test-set part known analytically (infinite df)."""
+    total = float(np.hypot(se_seed, se_test))
+    if total == 0 or not np.isfinite(total):
+        return float("nan"), total, float("nan")
+    df = float("inf") if se_seed == 0 else (seeds - 1) * total ** 4 / se_seed ** 4
+    return float(scipy.stats.t.ppf(0.5 + Z95 / 2, df) * total), total, df
+
+
+def cell_interval(values, n: int, kind: str | None) -> dict[str, float]:
+    """95% interval of a cell's mean over seeds that carries both the seed and the test-set
+    error (for correlations on Fisher's z scale, transformed back). Keys: mean, se_seed,
+    se_test, low, high (NaN where the metric has no analytic test-set SE, or one seed)."""
+    values = np.asarray(values, float)
+    k, mean = len(values), float(values.mean())
+    se_seed = float(values.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
+    se_test = test_se(mean, n, kind)
+    out = {"mean": mean, "se_seed": se_seed, "se_test": se_test, "low": float("nan"), "high": float("nan")}
+    if k < 2 or kind is None:
+        return out
+    if kind == "fisher-z":
+        z = np.arctanh(np.clip(values, -0.999999, 0.999999))
+        half, _, _ = _interval(float(z.mean()), float(z.std(ddof=1) / np.sqrt(k)), 1 / np.sqrt(n - 3), k)
+        out["low"], out["high"] = float(np.tanh(z.mean() - half)), float(np.tanh(z.mean() + half))
+    else:
+        half, _, _ = _interval(mean, se_seed, se_test, k)
+        out["low"], out["high"] = max(0.0, mean - half), min(1.0, mean + half)
+    return out
+
+
+def paired_difference(a, b, n: int, kind: str | None) -> dict[str, float]:
+    """Method a - method b on one task, paired by seed: the mean difference, its SE from the
+    seeds (the spread of the paired differences) and from the test set (both test-set SEs,
+    as if independent: conservative), a 95% t interval (Welch-Satterthwaite df) and its
+    two-sided p. NaN p / interval where the metric has no analytic test-set SE."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d = a - b
+    k = len(d)
+    se_seed = float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
+    se_test = float(np.hypot(test_se(a.mean(), n, kind), test_se(b.mean(), n, kind)))
+    half, total, df = _interval(float(d.mean()), se_seed, se_test, k) if k > 1 else (np.nan, np.nan, np.nan)
+    p = float(2 * scipy.stats.t.sf(abs(d.mean()) / total, df)) if np.isfinite(half) else float("nan")
+    return {"difference": float(d.mean()), "seeds": k, "se_seed": se_seed, "se_test": se_test,
+            "se": total, "low": float(d.mean() - half), "high": float(d.mean() + half), "p": p}
+
+
+def tau_posterior(y, s, scale: float = TAU_SCALE, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Grid of tau and its normalised posterior weights for the normal hierarchical model with
+    mu integrated out (Gelman et al., BDA3 eq. 5.21). The grid is uniform in
+    u = (2 / pi) arctan(tau / scale), where the half-Cauchy prior is uniform: the weights are the
+    marginal likelihood alone."""
+    y, s = np.asarray(y, float), np.asarray(s, float)
+    u = (np.arange(grid) + 0.5) / grid
+    tau = scale * np.tan(np.pi / 2 * u)
+    v = s[None, :] ** 2 + tau[:, None] ** 2
+    w = 1 / v
+    mu_hat = (w * y).sum(1) / w.sum(1)
+    log_like = (-0.5 * np.log(w.sum(1)) - 0.5 * np.log(v).sum(1)
+                - 0.5 * ((y[None, :] - mu_hat[:, None]) ** 2 * w).sum(1))
+    weights = np.exp(log_like - log_like.max())
+    return tau, weights / weights.sum()
+
+
+def hierarchical(y, s, rope: float = 1.0, draws: int = DRAWS, seed: int = DRAW_SEED,
+                 scale: float = TAU_SCALE) -> dict[str, float]:
+    """Posterior probabilities that the mean effect mu across tasks, and the effect on a new
+    task, is above +rope, inside [-rope, rope], or below -rope (y, s: each task's standardised
+    difference and its SE). Also the posterior mean and 95% interval of mu, and the number of
+    tasks, draws and the draw seed."""
+    y, s = np.asarray(y, float), np.asarray(s, float)
+    tau, weights = tau_posterior(y, s, scale)
+    rng = np.random.default_rng(seed)
+    t = tau[rng.choice(len(tau), size=draws, p=weights)]
+    w = 1 / (s[None, :] ** 2 + t[:, None] ** 2)
+    mu = rng.normal((w * y).sum(1) / w.sum(1), np.sqrt(1 / w.sum(1)))
+    new = rng.normal(mu, t)
+
+    def probs(x):
+        return float(np.mean(x > rope)), float(np.mean(np.abs(x) <= rope)), float(np.mean(x < -rope))
+
+    better, equivalent, worse = probs(mu)
+    new_better, new_equivalent, new_worse = probs(new)
+    low, high = np.percentile(mu, [2.5, 97.5])
+    return {"tasks": len(y), "mu": float(mu.mean()), "mu_low": float(low), "mu_high": float(high),
+            "p_better": better, "p_equivalent": equivalent, "p_worse": worse,
+            "new_task_better": new_better, "new_task_equivalent": new_equivalent,
+            "new_task_worse": new_worse, "rope": rope, "draws": draws, "seed": seed}
