@@ -280,7 +280,8 @@ def cmd_report(args) -> None:
     ownership.claim(out, "report", is_report, "report folder")
     title = f"Report: {spec.name}" if spec else "Report"
     print(report.build_report(frame, out, title=title, published=spec.published if spec else None,
-                              cache_dir=spec.out / "scores" if spec else None, ties=args.ties))
+                              cache_dir=spec.out / "scores" if spec else None, ties=args.ties,
+                              against=spec.compare_against if spec else None))
     if args.html:
         from peftbench import pages
 

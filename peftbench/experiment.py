@@ -224,7 +224,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               # under what load the timings were taken: a busy machine's seconds are not a quiet one's
               "load": {"before": load_before, "after": machine_load(), "cores": os.cpu_count()},
               "padding": {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
-                          "model_pad_token_id": getattr(model.config, "pad_token_id", None)}}
+                          "model_pad_token_id": getattr(model.config, "pad_token_id", None)},
+              "test_predictions": out.get("test_predictions")}
     result = RunRecord.model_validate(result).model_dump(mode="json")  # the one result schema
     _write(seed_dir / "result.json", result)
     return result

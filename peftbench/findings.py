@@ -86,7 +86,11 @@ def sam_vs_random(frame: pd.DataFrame, budget: str = FU_BUDGET) -> pd.DataFrame:
     for task, g in pairs.groupby("task"):
         n = int(constant.loc[task, "test_rows"]) if task in constant.index else 0
         kind = uncertainty.test_se_kind(g.metric_name_sam.iloc[0]) if "metric_name_sam" in g else None
-        d = uncertainty.paired_difference(g.metric_sam, g.metric_random, n, kind)
+        booted = None
+        if "predictions_sam" in g:
+            booted = statistics.test_error(g.rename(columns={"predictions_sam": "predictions", "metric_name_sam": "metric_name"}),
+                                           g.rename(columns={"predictions_random": "predictions"}))
+        d = uncertainty.paired_difference(g.metric_sam, g.metric_random, n, kind, se_test=booted)
         rows.append({"task": task, "pairs": d["seeds"], "difference": 100 * d["difference"],
                      "ci_low": 100 * d["low"], "ci_high": 100 * d["high"], "p": d["p"],
                      "verdict": verdict(d["difference"], d["p"])})

@@ -401,7 +401,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
              "scores": _read_rows(folder / "score-correlation-seeds.csv")}
     text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
                                published=spec.published, cache_dir=spec.out / "scores",
-                               markdown="README.md", known=known)
+                               markdown="README.md", known=known, against=spec.compare_against)
     plots.pareto_png(frame, folder / "pareto.png")
     js = pages.relative(plots.write_plotly_js(root or folder), folder)
     plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)

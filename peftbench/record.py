@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 from peftbench.errors import UsageError
 
@@ -58,6 +58,26 @@ class ConstantPredictor(_Strict):
     test: Metrics
 
 
+class Predictions(_Strict):
+    """A seed's per-example test predictions and labels, kept with the cell so that paired
+    tests over the test examples (bootstrap, McNemar) can be run later: a class id or a score
+    per example, or for a causal-LM task one list per metric ({"exact_match": answers,
+    "answer_loglik": values}); `num_classes` for metrics that must know every class. Scores are
+    float32 values written as their shortest decimals: read them back as float32."""
+
+    predictions: list[int] | list[float] | dict[str, list]
+    labels: list[int] | list[float] | list[str]
+    num_classes: int | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self):
+        lengths = ({len(v) for v in self.predictions.values()} if isinstance(self.predictions, dict)
+                   else {len(self.predictions)})
+        if lengths != {len(self.labels)}:
+            raise ValueError(f"{sorted(lengths)} predictions for {len(self.labels)} labels")
+        return self
+
+
 class PeakMemory(_Strict):
     scoring_bytes: NonNegativeInt
     training_bytes: NonNegativeInt
@@ -100,6 +120,7 @@ class RunRecord(_Strict):
     trainable_by_tensor: dict[str, NonNegativeInt] = Field(default_factory=dict)
     load: Load | None = None
     padding: dict | None = None  # the pad token batches used (a decoder's is set: models.padding)
+    test_predictions: Predictions | None = None  # None for cells written before peftbench stored them
 
     @classmethod
     def read(cls, path: str | Path) -> "RunRecord":
@@ -155,7 +176,8 @@ def analysis_row(record: RunRecord, *, task: str, method: str, budget: str, mode
             "scoring_time_s": record.scoring_time_s, "train_time_s": record.train_time_s,
             "steps_per_s": record.steps_per_s if record.steps_per_s is not None else float("nan"),
             "load_1min": mean_load(result), "peak_memory_mb": peak_memory_mb(result),
-            "spend": dict(record.trainable_by_tensor), "run_dir": str(run_dir)}
+            "spend": dict(record.trainable_by_tensor), "run_dir": str(run_dir),
+            "predictions": result.get("test_predictions")}
 
 
 def budget_blocks(budgets) -> list[str]:

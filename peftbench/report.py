@@ -301,6 +301,9 @@ def to_markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
     return frame.to_markdown(floatfmt=floatfmt) if not frame.empty else "(none)"
 
 
+DEFAULT_AGAINST = ("random", "fulltuning")
+
+
 def _pct(budget: str) -> str:
     return f"{100 * float(budget):g}%"
 
@@ -389,7 +392,7 @@ def table_section(path: Path, table: pd.DataFrame, title: str, intro: str,
 def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftbench report",
                  header: str = "", published: dict | None = None, cache_dir: str | Path | None = None,
                  ties: str = "average", markdown: str = "report.md",
-                 known: dict[str, pd.DataFrame] | None = None) -> str:
+                 known: dict[str, pd.DataFrame] | None = None, against: list[str] | None = None) -> str:
     """Write results.csv (one row per run), cells.csv, table1-b<budget>.csv, tests.csv,
     overlap.csv, score-correlation.csv (and their per-seed rows), published.csv and `markdown`
     into `out_dir`; return the Markdown. `known`: per-seed overlap ("overlap") and score
@@ -401,18 +404,19 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     frame = frame.sort_values(["task", "method", "budget", "seed"])
     # the run folder's name, not its path on this machine (a board's runs/<name>/ holds it);
     # no trial number (a study-local id): the same cells give the same file on any machine
-    frame.drop(columns=["spend", "trial"], errors="ignore").assign(
+    frame.drop(columns=["spend", "trial", "predictions"], errors="ignore").assign(
         run_dir=[Path(p).name for p in frame.run_dir]).to_csv(out / "results.csv", index=False)
     stats = cell_stats(frame)
     stats.to_csv(out / "cells.csv", index=False)
-    lines = _opening_section(frame, out, title, header, ties)
+    compared = comparisons(frame, tuple(against) if against else DEFAULT_AGAINST)
+    lines = _opening_section(frame, out, title, header, ties, compared)
     tests_all = []
     for budget in budget_blocks(stats.budget):
         section, tests = _budget_section(frame, stats, budget, ties, out)
         lines += section
         tests_all.append(tests.assign(budget=budget))
     pd.concat(tests_all).to_csv(out / "tests.csv", index=False)
-    lines += _ranking_section(frame, out)
+    lines += _ranking_section(frame, out, compared, declared=against is not None)
     lines += table_section(
         out / "best-per-budget.csv", best_per_budget(frame),
         "### Which selection method is best at which budget",
@@ -434,7 +438,7 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     return text
 
 
-def _opening_section(frame, out: Path, title: str, header: str, ties: str) -> list[str]:
+def _opening_section(frame, out: Path, title: str, header: str, ties: str, compared: pd.DataFrame) -> list[str]:
     """Title, how to read the tables, notes, the verdict (verdict.md) and the failed cells."""
     lines = [f"# {title}", "", header, ""] if header else [f"# {title}", ""]
     lines += ["Cells: test main metric x100 at the best-validation checkpoint, mean ± population "
@@ -449,7 +453,7 @@ def _opening_section(frame, out: Path, title: str, header: str, ties: str) -> li
               "predictor' is the train majority class (mean label for regression) scored on test. "
               "Units: every score and difference on this page is x100; probabilities are 0-1.", ""]
     lines += [f"Note: {note}" for note in frame.attrs.get("notes", [])]
-    said = verdict(frame)
+    said = verdict(frame, compared=compared)
     (out / "verdict.md").write_text(said + "\n")
     lines += ["", "**Verdict.** " + said, ""]
     failed = frame.attrs.get("failed", {})
@@ -500,13 +504,13 @@ def _budget_section(frame, stats, budget: str, ties: str, out: Path) -> tuple[li
             f"{corr['spearman']:.4f} (p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
             f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells; the cells of a "
             "task share its seeds and test set, so n overstates the independent evidence.", "",
-            f"Per-task 95% intervals of each mean (x100): seed error and test-set error together "
-            f"(`interval` says which; the test-set part is analytic, binomial for accuracy and Fisher's "
-            f"z for correlations, because these cells store no per-example predictions):", "",
+            "Per-task 95% intervals of each mean (x100): seed error and test-set error together "
+            "(`interval` says which: a bootstrap over the test examples where every seed stored its "
+            "predictions, else analytic, binomial for accuracy and Fisher's z for correlations):", "",
             intervals.to_markdown(index=False, floatfmt=".2f"), ""], tests
 
 
-def _ranking_section(frame, out: Path) -> list[str]:
+def _ranking_section(frame, out: Path, compared: pd.DataFrame, declared: bool) -> list[str]:
     """Per budget: Friedman over the tasks with Iman-Davenport's F (descriptive below
     MIN_TASKS tasks; pairwise Wilcoxon-Holm over tasks only from MIN_TASKS up); then the
     pre-declared comparisons against Random and full fine-tuning (comparisons.csv)."""
@@ -536,20 +540,24 @@ def _ranking_section(frame, out: Path) -> list[str]:
         for r in rankings:
             if r["pairwise"] is not None:
                 r["pairwise"].to_csv(out / f"wilcoxon-holm-b{r['budget']}.csv")
-    compared = comparisons(frame)
     if compared.empty:
         return lines
     compared.to_csv(out / "comparisons.csv", index=False)
     per_task = compared[~compared.task.str.startswith("across")]
     across = compared[compared.task.str.startswith("across")]
-    lines += ["## Against Random and full fine-tuning (the pre-declared comparison families)", "",
-              "Fixed before any board ran, the same on every board: at each budget, each method that "
-              "keeps to it against Random at that budget and against full fine-tuning. Per task: the "
+    lines += ["## Against " + " and ".join(dict.fromkeys(compared.against)) + " (the pre-declared comparison families)", "",
+              ("Declared in this board's spec before it ran (`compare_against`): "
+                 if declared else "Not declared in this board's spec: peftbench's default family, "
+                 "fixed before any board ran: ")
+              + "at each budget, each method that keeps to it against each reference (a budgeted "
+              "reference at the same budget, a natural-count one at its count). Per task: the "
               "difference x100 paired by seed, a 95% interval carrying seed error and test-set error "
-              "(the test-set part analytic and treating the two methods' errors as independent: "
-              "conservative), p, and p Holm-adjusted within the family (one budget, one reference).", "",
+              "(`test_error`: a paired bootstrap over the test examples where every seed stored its "
+              "predictions; else analytic, treating the two methods' errors as independent, which "
+              "is conservative), p, and p Holm-adjusted within the family (one budget, one "
+              "reference).", "",
               per_task[["budget", "against", "method", "task", "seeds", "difference", "ci_low", "ci_high",
-                        "se_seed", "se_test", "p", "p_holm"]].to_markdown(index=False, floatfmt=".3g"), ""]
+                        "se_seed", "se_test", "test_error", "p", "p_holm"]].to_markdown(index=False, floatfmt=".3g"), ""]
     if not across.empty:
         h = across.iloc[0]
         lines += ["Across tasks: a hierarchical model with the tasks as units (per-task differences "

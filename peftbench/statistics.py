@@ -48,8 +48,9 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean, population std and count over seeds per (task, method, budget), and a 95% interval
     of the mean that carries the seeds' and the test set's error (`uncertainty.cell_interval`;
-    `interval` says which: "seeds + test (binomial)", "seeds + test (fisher-z)", or "seeds only"
-    with a percentile bootstrap where the metric has no analytic test-set SE). NaN with one seed."""
+    `interval` says which: "seeds + test (bootstrap)" from stored predictions, else "seeds + test
+    (binomial)" or "(fisher-z)", or "seeds only" with a percentile bootstrap where the metric has
+    no analytic test-set SE). NaN with one seed."""
     from peftbench import uncertainty
 
     g = frame.groupby(["task", "method", "budget"], sort=False)
@@ -59,7 +60,12 @@ def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
     for (_, cells) in g:
         kind = uncertainty.test_se_kind(cells.metric_name.iloc[0]) if "metric_name" in cells else None
         n = int(cells.test_rows.iloc[0]) if "test_rows" in cells and pd.notna(cells.test_rows.iloc[0]) else 0
-        if kind is not None and n > 3:
+        booted = test_error(cells) if len(cells) > 1 else None
+        if booted is not None:
+            found = uncertainty.cell_interval(cells.metric.to_numpy(), n, kind, se_test=booted)
+            lows.append(found["low"]), highs.append(found["high"]), se_test.append(found["se_test"])
+            kinds.append("seeds + test (bootstrap)")
+        elif kind is not None and n > 3:
             found = uncertainty.cell_interval(cells.metric.to_numpy(), n, kind)
             lows.append(found["low"]), highs.append(found["high"]), se_test.append(found["se_test"])
             kinds.append(f"seeds + test ({kind})")
@@ -79,6 +85,27 @@ def bootstrap_ci(values, confidence: float = 0.95, seed: int = 0) -> tuple[float
                                    method="percentile", n_resamples=2000,
                                    rng=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def stored_predictions(cells: pd.DataFrame) -> list[dict] | None:
+    """Every seed's stored test predictions (in seed order), or None if any seed has none."""
+    if "predictions" not in cells:
+        return None
+    found = list(cells.sort_values("seed").predictions)
+    return found if found and all(isinstance(p, dict) for p in found) else None
+
+
+def test_error(cells_a: pd.DataFrame, cells_b: pd.DataFrame | None = None) -> float | None:
+    """The test set's SE of a cell's seed-mean, or of the difference of two cells' seed-means
+    over the same seeds, by the paired bootstrap over test examples where every seed stored its
+    predictions; None where one did not (the caller then uses the analytic SE and says so)."""
+    from peftbench import uncertainty
+
+    a = stored_predictions(cells_a)
+    b = stored_predictions(cells_b) if cells_b is not None else None
+    if a is None or (cells_b is not None and b is None):
+        return None
+    return uncertainty.bootstrap_test_se(a, b, str(cells_a.metric_name.iloc[0]).split("+"))
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
@@ -193,12 +220,18 @@ def comparisons(frame: pd.DataFrame, references: tuple[str, ...] = ("random", "f
                     continue
                 n = int(constant.loc[task, "test_rows"]) if task in constant.index else 0
                 kind = uncertainty.test_se_kind(cells.metric_name.iloc[0]) if "metric_name" in cells else None
-                d = uncertainty.paired_difference(pairs.metric, pairs.metric_ref, n, kind)
+                booted = test_error(pairs, pairs.drop(columns="predictions").rename(
+                    columns={"predictions_ref": "predictions"})) if "predictions" in pairs else None
+                d = uncertainty.paired_difference(pairs.metric, pairs.metric_ref, n, kind, se_test=booted)
                 unit = uncertainty.test_se(pairs.metric_ref.mean(), n, kind)
+                if not np.isfinite(unit) and booted is not None:  # no analytic SE: the bootstrap's own
+                    unit = test_error(pairs.drop(columns="predictions").rename(columns={"predictions_ref": "predictions"}))
                 family.append({"budget": budget, "against": reference, "method": method, "task": task,
                                "seeds": d["seeds"], "difference": 100 * d["difference"],
                                "ci_low": 100 * d["low"], "ci_high": 100 * d["high"],
-                               "se_seed": 100 * d["se_seed"], "se_test": 100 * d["se_test"], "p": d["p"],
+                               "se_seed": 100 * d["se_seed"], "se_test": 100 * d["se_test"],
+                               "test_error": "paired bootstrap" if booted is not None else "analytic, independent",
+                               "p": d["p"],
                                "y": d["difference"] / unit, "s": d["se"] / unit, "unit": 100 * unit})
             if not family:
                 continue
@@ -239,7 +272,9 @@ def best_per_budget(frame: pd.DataFrame) -> pd.DataFrame:
         pairs = cells.pivot_table(index="seed", columns="method", values="metric")[[best, second]].dropna()
         n = int(constant.loc[task, "test_rows"]) if task in constant.index else 0
         kind = uncertainty.test_se_kind(cells.metric_name.iloc[0]) if "metric_name" in cells else None
-        d = uncertainty.paired_difference(pairs[best], pairs[second], n, kind)
+        seeds = list(pairs.index)
+        chosen = [cells[(cells.method == m) & cells.seed.isin(seeds)] for m in (best, second)]
+        d = uncertainty.paired_difference(pairs[best], pairs[second], n, kind, se_test=test_error(*chosen))
         trainable = cells.groupby("method").trainable.mean()
         rows.append({"task": task, "budget": budget, "best": best, "runner_up": second,
                      "difference": 100 * d["difference"], "ci_low": 100 * d["low"],

@@ -135,10 +135,18 @@ def make_loader(dataset, tokenizer, task, batch_size: int, shuffle: bool, seed: 
                       collate_fn=Collator(tokenizer, task))
 
 
+def _float32_text(values: np.ndarray) -> list[float]:
+    """Scores as the shortest decimals that read back as the same float32 (at most 9 digits): a
+    compact result file from which the metric is recomputed exactly (as float32)."""
+    return [float(np.format_float_positional(np.float32(v), unique=True)) for v in np.ravel(values)]
+
+
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device) -> dict:
+def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False):
+    """The split's metrics; with `keep`, also its per-example predictions and labels (a dict
+    as `record.Predictions`): (metrics, predictions)."""
     if task.kind == "causal_lm":
-        return evaluate_causal(model, loader, task, device)
+        return evaluate_causal(model, loader, task, device, keep)
     model.eval()
     preds, labels = [], []
     with torch.nn.utils.parametrize.cached(), _autocast(device):
@@ -148,11 +156,18 @@ def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device) ->
             preds.append(logits if task.kind == "regression" else logits.argmax(-1))
             labels.append(batch["labels"])
     p, y = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
-    return metrics.compute(task.metrics, task.main_metric, p, y, task.num_classes)
+    scores = metrics.compute(task.metrics, task.main_metric, p, y, task.num_classes)
+    if not keep:
+        return scores
+    regression = task.kind == "regression"
+    kept = {"predictions": _float32_text(p) if regression else [int(v) for v in p],
+            "labels": _float32_text(y) if regression else [int(v) for v in y],
+            "num_classes": task.num_classes}
+    return scores, kept
 
 
 @torch.no_grad()
-def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.device) -> dict:
+def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False):
     """A causal-LM split: `answer_loglik`, each gold answer's mean per-token log-likelihood
     given its prompt (teacher-forced, the loader's batches), and `exact_match`, the greedy
     continuation of each prompt (`task.max_new_tokens` tokens, prompts left-padded) after
@@ -181,7 +196,10 @@ def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.dev
             generated += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     predictions = {"exact_match": [task.extract_answer(text) for text in generated],
                    "answer_loglik": logliks}
-    return metrics.compute(task.metrics, task.main_metric, predictions, list(rows["gold"]))
+    scores = metrics.compute(task.metrics, task.main_metric, predictions, list(rows["gold"]))
+    if not keep:
+        return scores
+    return scores, {"predictions": predictions, "labels": [str(g) for g in rows["gold"]], "num_classes": None}
 
 
 def _overrides(selector: Selector, hook: str) -> bool:
@@ -329,7 +347,8 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     with torch.no_grad():
         for p, saved in zip(params, best_state):
             p.copy_(saved)
-    return {"validation": best_val, "test": evaluate(model, test_loader, task, device),
+    test, predictions = evaluate(model, test_loader, task, device, keep=True)
+    return {"validation": best_val, "test": test, "test_predictions": predictions,
             "best_epoch": best_epoch, **common}
 
 

@@ -3,7 +3,10 @@ that combines tasks as the independent units (seeds are repeated measurements in
 
 Every seed of a cell scores the same test set, so averaging seeds shrinks the seed error but
 not the test set's: a cell's mean carries both (Dror et al. 2018; Bouthillier et al. 2021).
-Without stored per-example predictions the test-set part is analytic:
+With every seed's per-example predictions stored (cells written since peftbench kept them), the
+test-set part is a paired bootstrap over the test examples (`bootstrap_test_se`: the same
+resampled examples for every seed of both methods, so what the two get right together cancels).
+Without them it is analytic:
 - proportions (accuracy, exact match): binomial, sqrt(p (1 - p) / n);
 - correlations (Pearson, Spearman, their mean, MCC): Fisher's z, 1 / sqrt(n - 3) on the z
   scale, (1 - r^2) / sqrt(n - 3) on the metric's scale by the delta method;
@@ -63,18 +66,20 @@ def _interval(centre: float, se_seed: float, se_test: float, seeds: int) -> tupl
     return float(scipy.stats.t.ppf(0.5 + Z95 / 2, df) * total), total, df
 
 
-def cell_interval(values, n: int, kind: str | None) -> dict[str, float]:
+def cell_interval(values, n: int, kind: str | None, se_test: float | None = None) -> dict[str, float]:
     """95% interval of a cell's mean over seeds that carries both the seed and the test-set
-    error (for correlations on Fisher's z scale, transformed back). Keys: mean, se_seed,
-    se_test, low, high (NaN where the metric has no analytic test-set SE, or one seed)."""
+    error (analytic for `kind`, correlations on Fisher's z scale transformed back; or the given
+    `se_test`, e.g. from `bootstrap_test_se`, on the metric's scale). Keys: mean, se_seed,
+    se_test, low, high (NaN where there is no test-set SE, or one seed)."""
     values = np.asarray(values, float)
     k, mean = len(values), float(values.mean())
     se_seed = float(values.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
-    se_test = test_se(mean, n, kind)
+    given = se_test is not None
+    se_test = float(se_test) if given else test_se(mean, n, kind)
     out = {"mean": mean, "se_seed": se_seed, "se_test": se_test, "low": float("nan"), "high": float("nan")}
-    if k < 2 or kind is None:
+    if k < 2 or not np.isfinite(se_test):
         return out
-    if kind == "fisher-z":
+    if kind == "fisher-z" and not given:
         z = np.arctanh(np.clip(values, -0.999999, 0.999999))
         half, _, _ = _interval(float(z.mean()), float(z.std(ddof=1) / np.sqrt(k)), 1 / np.sqrt(n - 3), k)
         out["low"], out["high"] = float(np.tanh(z.mean() - half)), float(np.tanh(z.mean() + half))
@@ -84,20 +89,75 @@ def cell_interval(values, n: int, kind: str | None) -> dict[str, float]:
     return out
 
 
-def paired_difference(a, b, n: int, kind: str | None) -> dict[str, float]:
+def paired_difference(a, b, n: int, kind: str | None, se_test: float | None = None) -> dict[str, float]:
     """Method a - method b on one task, paired by seed: the mean difference, its SE from the
-    seeds (the spread of the paired differences) and from the test set (both test-set SEs,
-    as if independent: conservative), a 95% t interval (Welch-Satterthwaite df) and its
-    two-sided p. NaN p / interval where the metric has no analytic test-set SE."""
+    seeds (the spread of the paired differences) and from the test set (`se_test` when given,
+    e.g. the paired bootstrap's; else both analytic test-set SEs as if independent:
+    conservative), a 95% t interval (Welch-Satterthwaite df) and its two-sided p. NaN p /
+    interval where there is no test-set SE."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     d = a - b
     k = len(d)
     se_seed = float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
-    se_test = float(np.hypot(test_se(a.mean(), n, kind), test_se(b.mean(), n, kind)))
+    if se_test is None:
+        se_test = float(np.hypot(test_se(a.mean(), n, kind), test_se(b.mean(), n, kind)))
     half, total, df = _interval(float(d.mean()), se_seed, se_test, k) if k > 1 else (np.nan, np.nan, np.nan)
     p = float(2 * scipy.stats.t.sf(abs(d.mean()) / total, df)) if np.isfinite(half) else float("nan")
     return {"difference": float(d.mean()), "seeds": k, "se_seed": se_seed, "se_test": se_test,
             "se": total, "low": float(d.mean() - half), "high": float(d.mean() + half), "p": p}
+
+
+BOOTSTRAP = 1000
+BOOTSTRAP_SEED = 0
+
+
+def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+    denominator = np.sqrt((xc ** 2).sum(1) * (yc ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (xc * yc).sum(1) / denominator, 0.0)
+
+
+def _resampled_main(cell: dict, main: list[str], idx: np.ndarray) -> np.ndarray:
+    """The main metric of one seed's stored predictions on each row of resampled indices
+    (draws x n): vectorised for accuracy, Pearson and Spearman, `metrics.compute` otherwise."""
+    from peftbench import metrics
+
+    p, y = cell["predictions"], cell["labels"]
+    if not isinstance(p, dict) and set(main) <= {"accuracy", "pearson", "spearman"}:
+        p, y = np.asarray(p), np.asarray(y)
+        parts = []
+        for name in main:
+            if name == "accuracy":
+                parts.append((p == y)[idx].mean(1))
+            elif name == "pearson":
+                parts.append(_rowwise_pearson(p[idx].astype(float), y[idx].astype(float)))
+            else:
+                parts.append(_rowwise_pearson(scipy.stats.rankdata(p[idx], axis=1),
+                                              scipy.stats.rankdata(y[idx], axis=1)))
+        return np.mean(parts, axis=0)
+    out = np.empty(len(idx))
+    for r, rows in enumerate(idx):
+        pick = ({k: [v[i] for i in rows] for k, v in p.items()} if isinstance(p, dict)
+                else np.asarray(p)[rows])
+        out[r] = metrics.compute(main, main, pick, np.asarray(y, dtype=object if isinstance(y[0], str) else None)[rows],
+                                 cell.get("num_classes"))["main"]
+    return out
+
+
+def bootstrap_test_se(cells_a: list[dict], cells_b: list[dict] | None, main: list[str],
+                      draws: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> float:
+    """The test set's SE of a cell's seed-mean (cells_b None) or of the difference of two
+    cells' seed-means, by a paired bootstrap over the test examples: every draw resamples the
+    examples once and scores every stored seed of both cells on them (`record.Predictions`)."""
+    n = len(cells_a[0]["labels"])
+    if any(len(c["labels"]) != n for c in [*cells_a, *(cells_b or [])]):
+        raise ValueError("the cells' stored predictions are of different test sets")
+    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
+    value = np.mean([_resampled_main(c, main, idx) for c in cells_a], axis=0)
+    if cells_b is not None:
+        value = value - np.mean([_resampled_main(c, main, idx) for c in cells_b], axis=0)
+    return float(value.std(ddof=1))
 
 
 def tau_posterior(y, s, scale: float = TAU_SCALE, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:

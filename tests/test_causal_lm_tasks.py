@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from peftbench import metrics
@@ -147,6 +149,10 @@ def test_a_causal_lm_run_end_to_end(tiny_causal_dirs, tmp_path, kind, method):
     assert 0 <= result["test"]["exact_match"] <= 1 and math.isfinite(result["test"]["answer_loglik"])
     assert result["test"]["main"] == result["test"]["exact_match"]
     assert isinstance(result["constant_predictor"]["prediction"], str)
+    kept = result["test_predictions"]  # the generated answers, kept for paired tests
+    assert len(kept["labels"]) == len(kept["predictions"]["exact_match"]) == result["constant_predictor"]["test_rows"]
+    assert np.mean([a == g for a, g in zip(kept["predictions"]["exact_match"], kept["labels"])]) == \
+        pytest.approx(result["test"]["exact_match"])
 
 
 def test_fine_tuning_raises_the_answers_likelihood(tiny_causal_dirs, tmp_path):

@@ -224,3 +224,75 @@ def test_curves_axis_keeps_a_far_constant_predictor_out_of_the_way():
     one_seed = pd.DataFrame({"mean": [0.73, 0.77], "ci_low": [np.nan, np.nan], "ci_high": [np.nan, np.nan]})
     low, high = plots.y_span(one_seed, None)  # no interval: the means bound the axis
     assert low < 0.73 and 0.77 < high < 0.8
+
+
+def test_the_paired_bootstrap_over_test_examples_against_independent_computations():
+    from peftbench import metrics, uncertainty
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 400)
+    a = np.where(rng.random(400) < 0.8, y, 1 - y)  # 80% right
+    b = np.where(rng.random(400) < 0.05, 1 - a, a)  # agrees with a on ~95% of the examples
+    cell = lambda p: {"predictions": [int(v) for v in p], "labels": [int(v) for v in y], "num_classes": 2}  # noqa: E731
+    one = uncertainty.bootstrap_test_se([cell(a)], None, ["accuracy"], draws=4000)
+    acc = (a == y).mean()
+    assert one == pytest.approx(np.sqrt(acc * (1 - acc) / 400), rel=0.1)  # binomial, by hand
+    paired = uncertainty.bootstrap_test_se([cell(a)], [cell(b)], ["accuracy"], draws=4000)
+    independent = np.hypot(*(np.sqrt(m * (1 - m) / 400) for m in ((a == y).mean(), (b == y).mean())))
+    assert paired < independent / 2  # what both get right together cancels
+    assert uncertainty.bootstrap_test_se([cell(a)], [cell(a)], ["accuracy"]) == 0
+    # the vectorised Pearson / Spearman path equals metrics.compute on the same resamples
+    x, t = rng.normal(size=300), rng.normal(size=300)
+    reg = {"predictions": list(x + t), "labels": list(t), "num_classes": None}
+    idx = rng.integers(0, 300, size=(5, 300))
+    fast = uncertainty._resampled_main(reg, ["pearson", "spearman"], idx)
+    slow = [metrics.compute(["pearson", "spearman"], ["pearson", "spearman"], (x + t)[i], t[i])["main"] for i in idx]
+    assert fast == pytest.approx(slow)
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_model_dir, tmp_path, task):
+    """End to end on real task data: each seed's result keeps its per-example test predictions,
+    which reproduce its test metric; a report over such runs takes the test-set error from the
+    paired bootstrap, not the analytic formula."""
+    import json
+
+    from peftbench import metrics
+    from peftbench.data import load_task
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.trainer import TrainConfig
+
+    for method in ("random", "magpruning"):
+        config = RunConfig(method=method, task=task, budget="0.01", model=tiny_model_dir, limit=24, seeds=[0, 1],
+                           train=TrainConfig(epochs=1, batch_size=8, max_length=32, lr=1e-2),
+                           output_dir=str(tmp_path / "runs"))
+        _, run_dir = run_experiment(config, progress=False)
+    spec = load_task(task)
+    result = json.loads((run_dir / "seed-1" / "result.json").read_text())
+    kept = result["test_predictions"]
+    again = metrics.compute(spec.main_metric, spec.main_metric, np.array(kept["predictions"], dtype=np.float32 if task == "stsb" else None),
+                            np.array(kept["labels"], dtype=np.float32 if task == "stsb" else None), kept["num_classes"])["main"]
+    assert again == pytest.approx(result["test"]["main"], abs=1e-6) and len(kept["labels"]) == result[
+        "constant_predictor"]["test_rows"]
+    frame = report.load_runs([tmp_path / "runs"])
+    assert set(report.cell_stats(frame).interval) == {"seeds + test (bootstrap)"}
+    compared = report.comparisons(frame)
+    assert set(compared.test_error.dropna()) == {"paired bootstrap"}
+    assert not (tmp_path / "out").exists()
+    report.build_report(frame, tmp_path / "out")
+    assert "predictions" not in pd.read_csv(tmp_path / "out" / "results.csv").columns
+
+
+def test_a_declared_comparison_family_is_used_and_said_and_an_unknown_reference_refused(tmp_path):
+    from peftbench import sweep
+    from peftbench.errors import UsageError
+
+    frame = _tasks_frame(np.random.default_rng(3), tasks=2).assign(run_dir=str(tmp_path / "none"), model="default",
+                                                                   scoring_time_s=1.0, train_time_s=2.0)
+    text = report.build_report(frame, tmp_path / "declared", against=["sam"])
+    assert "Declared in this board's spec before it ran (`compare_against`)" in text
+    compared = pd.read_csv(tmp_path / "declared" / "comparisons.csv")
+    assert set(compared.against) == {"sam"}
+    assert "Not declared in this board's spec" in report.build_report(frame, tmp_path / "default")
+    with pytest.raises(UsageError, match="compare_against: 'lora' is not in 'methods'"):
+        sweep.parse_spec({"name": "x", "tasks": ["sst2"], "methods": {"random": {}}, "compare_against": ["lora"]})

@@ -222,6 +222,9 @@ class StudySpec(BaseModel):
     description: StrictStr = ""
     protocol: StrictStr = ""  # Markdown: how the protocol was chosen and what was cut (board README)
     machine: StrictStr = ""
+    # the pre-declared comparison families (report `comparisons`): each method against each of
+    # these at every budget, Holm within (budget, reference); None: not declared in the spec
+    compare_against: list[StrictStr] | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -236,6 +239,9 @@ class StudySpec(BaseModel):
             registry.create(name, **params)  # unknown method or bad parameter: a clear error now
         for task in self.tasks:
             load_task(task)
+        for name in self.compare_against or []:
+            if name not in self.methods:
+                raise ValueError(f"compare_against: {name!r} is not in 'methods' ({sorted(self.methods)})")
         for name, values in self.method_train.items():
             if name not in self.methods:
                 raise ValueError(f"method_train.{name}: {name!r} is not in 'methods' ({sorted(self.methods)})")
