@@ -16,10 +16,13 @@ to match to the last digit. Masks and score caches stay in the sweep folder (meg
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+
+from peftbench.errors import UsageError
 
 CELL_FILE = "cell.json"
 
@@ -78,8 +81,9 @@ def commit_cell(board: Path, attrs: dict, duration_s: float) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     seed = attrs["seed"]
     config = json.loads((source / "config.json").read_text())
-    if config.get("task_spec"):  # no path of this machine in a committed file
-        config["task_spec"] = portable_path(config["task_spec"])
+    for key in ("task_spec", "output_dir"):  # no path of this machine in a committed file
+        if config.get(key):
+            config[key] = portable_path(config[key])
     _write_json(target / "config.json", config)
     shutil.copyfile(source / f"seed-{seed}" / "result.json", target / f"seed-{seed}-result.json")
     _write_json(target / CELL_FILE, {
@@ -101,17 +105,103 @@ def portable_path(path: str) -> str:
         return Path(path).name
 
 
+class DamagedCell(UsageError):
+    """A committed cell whose files disagree with each other or with their fingerprint."""
+
+
+def _damaged(folder: Path, what: str) -> DamagedCell:
+    return DamagedCell(f"committed cell {folder}: {what}: restore the folder from git "
+                       "(`git checkout -- <folder>`) or remove it to re-run the cell")
+
+
+def _read_object(path: Path, folder: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _damaged(folder, f"{path.name} cannot be read ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise _damaged(folder, f"{path.name} is not a JSON object")
+    return value
+
+
+def seal(folder: Path) -> CommittedCell:
+    """Read one committed cell and check that it is one sealed unit, or raise `DamagedCell`
+    naming the file: cell.json's fields typed and its cell key their own; its fingerprint the
+    digest of its recorded configuration; config.json (what `verify` re-runs) the same run as
+    that configuration; the result a valid `RunRecord` of the same seed, its test metric finite
+    unless the cell is recorded as failed. A hand-edited config or a copied, relabelled cell
+    fails here instead of being read as the spec's cell."""
+    from peftbench.fingerprint import digest
+    from peftbench.record import RunRecord
+    from peftbench.trainer import NUMERICALLY_NEUTRAL
+
+    record = _read_object(folder / CELL_FILE, folder)
+    kinds = {"cell": str, "task": str, "method": str, "budget": (str, int, float), "seed": int,
+             "fingerprint": str, "config": dict}
+    for key, kind in kinds.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            raise _damaged(folder, f"{CELL_FILE} has no valid {key!r}")
+    budget, seed = str(record["budget"]), record["seed"]
+    if record["cell"] != f"{record['task']}/{record['method']}/b{budget}/s{seed}":
+        raise _damaged(folder, f"{CELL_FILE} names cell {record['cell']!r} but holds "
+                               f"{record['task']}/{record['method']}/b{budget}/s{seed}")
+    config = record["config"]
+    if digest(config) != record["fingerprint"]:
+        raise _damaged(folder, f"{CELL_FILE}'s fingerprint is not the digest of its configuration")
+    run = _read_object(folder / "config.json", folder)
+    train = {k: v for k, v in (run.get("train") or {}).items() if k not in NUMERICALLY_NEUTRAL}
+    expected = {"method": record["method"], "budget": budget, "seeds": [seed],
+                "model": config.get("model_name"), "method_params": config.get("method_params"),
+                "train": config.get("train"), "limit": config.get("limit"), "device": config.get("device"),
+                "task_files": config.get("task_files")}
+    found = {"method": run.get("method"), "budget": str(run.get("budget")), "seeds": run.get("seeds"),
+             "model": run.get("model"), "method_params": run.get("method_params"), "train": train,
+             "limit": run.get("limit"), "device": run.get("device"), "task_files": run.get("task_files")}
+    if budget == "natural":  # a natural-count method ran at a nominal budget its count ignores
+        expected.pop("budget"), found.pop("budget")
+    if "task_files" not in run:  # a config.json written before it recorded them
+        expected.pop("task_files"), found.pop("task_files")
+    expected["task"], found["task"] = record["task"], Path(str(run.get("task"))).stem
+    differ = [k for k in expected if expected[k] != found[k]]
+    if differ:
+        k = differ[0]
+        raise _damaged(folder, f"config.json's {k} ({found[k]!r}) is not the fingerprinted configuration's "
+                               f"({expected[k]!r})")
+    result_path = folder / f"seed-{seed}-result.json"
+    if not result_path.is_file():
+        raise _damaged(folder, f"{result_path.name} is missing")
+    try:
+        result = RunRecord.read(result_path)
+    except UsageError as err:
+        raise _damaged(folder, str(err).replace(str(result_path), result_path.name)) from None
+    if result.seed != seed:
+        raise _damaged(folder, f"{result_path.name} holds seed {result.seed}, the cell is seed {seed}")
+    main = result.test.get("main", float("nan"))
+    if not record.get("failure") and not (isinstance(main, (int, float)) and math.isfinite(main)):
+        raise _damaged(folder, f"{result_path.name}'s test metric is {main!r} but the cell is not recorded as failed")
+    return CommittedCell(folder, record["cell"], record["task"], record["method"], budget, seed,
+                         record["fingerprint"], record)
+
+
 def committed_cells(board: Path) -> list[CommittedCell]:
-    """Every committed cell with a `cell.json` (cells committed before it existed have none
-    and cannot be matched to a spec: they are re-run)."""
-    out = []
+    """Every committed cell with a `cell.json`, each checked by `seal` (one damaged cell stops
+    the command with a line naming it); two folders holding the same cell with the same
+    fingerprint are refused by name (a copy would count one run twice). Folders without a
+    `cell.json` cannot be matched to a spec: their cells are re-run."""
+    out, seen = [], {}
+    if (board / "runs").is_symlink():  # rewriting would prune another board's cells through it
+        raise _damaged(board / "runs", "it is a symbolic link; a board's runs/ is a plain folder")
     for path in sorted((board / "runs").glob(f"*/{CELL_FILE}")):
-        record = json.loads(path.read_text())
-        if not (path.parent / f"seed-{record['seed']}-result.json").is_file():
-            continue
-        out.append(CommittedCell(path.parent, record["cell"], record["task"], record["method"],
-                                 str(record["budget"]), int(record["seed"]), record["fingerprint"],
-                                 record))
+        if path.is_symlink() or path.parent.is_symlink():
+            raise _damaged(path.parent, "it is a symbolic link; a committed cell is a plain folder")
+        cell = seal(path.parent)
+        key = (cell.cell, cell.fingerprint)
+        if key in seen:
+            raise DamagedCell(f"committed cells {seen[key]} and {cell.folder} are the same cell "
+                              f"({cell.cell}) with the same settings: keep one (a copy would count "
+                              "one run twice)")
+        seen[key] = cell.folder
+        out.append(cell)
     return out
 
 

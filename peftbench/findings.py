@@ -247,17 +247,21 @@ def section(frame: pd.DataFrame, out_dir=None) -> list[str]:
                         f"{f['ci_high']:.2f}, p = {f['p']:.2g}: {f['verdict']})" for t, f in summary["per_task"].items())
         headlines.append(
             f"**2. Are sparse methods more stable than full fine-tuning?** {summary['verdict']}"
-            + (f"; {summary['tasks']} task(s): the direction, not its strength, is what this shows"
-               if summary["tasks"] < statistics.MIN_TASKS else "")
+            + (f"; over {summary['tasks']} task(s) the direction, not its strength, is what this shows"
+               if summary["tasks"] < statistics.MIN_TASKS and not summary["verdict"].startswith("not resolved") else "")
             + f". Per task, std / std(full FT) over its cells ({summary['cells']} cells in all; the "
             f"cells of a task share full FT's one std over {int(stability.seeds.max())} seeds): {per}. "
             f"Brown-Forsythe per cell, Holm-adjusted over {summary['cells']}: "
             f"{summary['significant_stabler']} significantly stabler, {summary['significant_less_stable']} "
             "significantly less stable. Fu et al.: sparse methods are stabler (their Table 1 std ranks).")
     if not ranks.empty:
-        per = "; ".join(f"{float(r.budget) * 100:g}%: rho = {r.spearman:.2f} (p = {r.p:.2g}, {r.cells} cells; "
-                        f"without collapsed cells {r.spearman_without_collapsed:.2f}, p = {r.p_without_collapsed:.2g}, "
-                        f"{r.cells_without_collapsed} cells)" for r in ranks.itertuples())
+        def one(rho, p, cells):
+            return (f"rho = {rho:.2f} (p = {p:.2g}, {cells} cells)" if np.isfinite(rho)
+                    else f"no correlation to test ({cells} cells: too few, or a constant rank)")
+
+        per = "; ".join(f"{float(r.budget) * 100:g}%: {one(r.spearman, r.p, r.cells)}, without collapsed cells "
+                        f"{one(r.spearman_without_collapsed, r.p_without_collapsed, r.cells_without_collapsed)}"
+                        for r in ranks.itertuples())
         robust = (ranks.verdict == "holds") & (ranks.verdict_without_collapsed != "holds")
         said = worded(dict(zip(ranks.budget.map(lambda b: f"{float(b) * 100:g}%"), ranks.verdict))).replace("tasks", "budgets").replace("(one task)", "(one budget)").replace("the only task", "the only budget")
         headlines.append(

@@ -35,6 +35,7 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
     assert len([p for p in committed if p.endswith("result.json")]) == len(results)
     page = (board / "index.html").read_text()
     assert all(f'href="{p}"' in page for p in committed)
+    assert not any(str(tmp_path) in p.read_text() for p in (board / "runs").rglob("*.json"))  # no path of this machine
     result = json.loads(next((board / "runs").rglob("*result.json")).read_text())
     assert result["peak_memory"]["training_bytes"] > 0 and result["steps_per_s"] > 0
     capsys.readouterr()
