@@ -157,13 +157,13 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
             budget = csv_path.stem[len("table1-b"):]
             parts += [f"<h3>Budget {html.escape(budget)} (ranked methods; reference rows unranked)</h3>",
                       table_html(csv_path)]
-    if (folder / "cells.csv").is_file():
-        parts += ["<h3>Per-task 95% intervals of each mean (seeds + test set)</h3>",
-                  '<p class="note">Seed error and test-set error together; the test-set part is '
-                  "analytic (binomial for accuracy, Fisher's z for correlations) because these cells "
-                  "store no per-example predictions; `interval` says which (x100 in the README; "
-                  "0-1 here as in cells.csv).</p>",
-                  table_html(folder / "cells.csv", "cells", ".4g")]
+    if (folder / "intervals.csv").is_file():
+        parts += ["<h3>Per-task 95% intervals of each mean (seeds + test set, x100)</h3>",
+                  '<p class="note">Seed error and test-set error together: `interval` says how the '
+                  "test-set part was found (a bootstrap over the test examples where every seed "
+                  "stored its predictions, else analytic: binomial for accuracy, Fisher's z for "
+                  "correlations).</p>",
+                  table_html(folder / "intervals.csv", "intervals", ".4g")]
     for name, heading, note in ANALYSES:
         if (folder / name).is_file():
             parts += [f"<h2>{heading}</h2>", f'<p class="note">{html.escape(note)}</p>',

@@ -408,6 +408,9 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         run_dir=[Path(p).name for p in frame.run_dir]).to_csv(out / "results.csv", index=False)
     stats = cell_stats(frame)
     stats.to_csv(out / "cells.csv", index=False)
+    stats.assign(**{c: 100 * stats[c] for c in ("mean", "std", "ci_low", "ci_high", "se_test")})[
+        ["task", "method", "budget", "seeds", "mean", "std", "ci_low", "ci_high", "se_test", "interval"]
+    ].to_csv(out / "intervals.csv", index=False)  # the page's table, x100 as every score shown
     compared = comparisons(frame, tuple(against) if against else DEFAULT_AGAINST)
     lines = _opening_section(frame, out, title, header, ties, compared)
     tests_all = []
