@@ -103,6 +103,12 @@ ANALYSES = (
      "Among the methods that keep to the budget: best and runner-up by mean, their difference x100 "
      "paired by seed with a 95% interval (seeds + test set); both picked after seeing the data, so "
      "p_uncorrected is optimistic. An interval that includes 0: no single best method there."),
+    ("published.csv", "Against the published numbers",
+     "Each of our budgets against the published column separately (never pooled), x100."),
+    ("overlap.csv", "Do methods pick the same entries? (Jaccard of the masks, mean over seeds)",
+     "Per task, budget and pair of methods; natural-count methods at their own count."),
+    ("score-correlation.csv", "Rank correlation of importance scores (same sampled entries)",
+     "Spearman and Kendall between two methods' scores, mean over seeds."),
 )
 
 
@@ -165,7 +171,7 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                   "correlations).</p>",
                   table_html(folder / "intervals.csv", "intervals", ".4g")]
     for name, heading, note in ANALYSES:
-        if (folder / name).is_file():
+        if (folder / name).is_file() and (folder / name).read_text().strip():  # an empty analysis: no section
             parts += [f"<h2>{heading}</h2>", f'<p class="note">{html.escape(note)}</p>',
                       table_html(folder / name, name.removesuffix(".csv"), ".3g")]
     if (folder / "curves.csv").is_file():

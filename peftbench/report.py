@@ -560,7 +560,11 @@ def _ranking_section(frame, out: Path, compared: pd.DataFrame, declared: bool) -
               "is conservative), p, and p Holm-adjusted within the family (one budget, one "
               "reference).", "",
               per_task[["budget", "against", "method", "task", "seeds", "difference", "ci_low", "ci_high",
-                        "se_seed", "se_test", "test_error", "p", "p_holm"]].to_markdown(index=False, floatfmt=".3g"), ""]
+                        "se_seed", "se_test", "test_error", "p", "p_holm", "mcnemar_p"]].to_markdown(
+                  index=False, floatfmt=".3g"), "",
+              "mcnemar_p (accuracy tasks whose seeds stored their predictions): McNemar's exact test "
+              "on the test examples the two classify differently, summed over the paired seeds: "
+              "test-set evidence alone, uncorrected (empty where predictions were not stored).", ""]
     if not across.empty:
         h = across.iloc[0]
         lines += ["Across tasks: a hierarchical model with the tasks as units (per-task differences "
@@ -589,9 +593,10 @@ def _cost_section(frame, out: Path) -> list[str]:
 def _published_section(stats, published: dict, out: Path) -> list[str]:
     theirs = parse_published(published)
     both, taus = compare_published(stats, theirs)
+    both = both.assign(**{c: 100 * both[c] for c in ("mean", "std", "mean_published", "difference") if c in both})
     both.to_csv(out / "published.csv", index=False)
     return ["## Against the published numbers", "",
-            "Each of our budgets against the published column separately (never pooled):", "",
+            "Each of our budgets against the published column separately (never pooled), x100:", "",
             to_markdown(both[["compared_at", "task", "method", "budget", "mean", "mean_published",
                               "difference"]].set_index(["compared_at", "task", "method"])), "",
             "Kendall's tau between our ranking and theirs, per task and budget (n = methods):", "",

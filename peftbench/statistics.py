@@ -226,12 +226,16 @@ def comparisons(frame: pd.DataFrame, references: tuple[str, ...] = ("random", "f
                 unit = uncertainty.test_se(pairs.metric_ref.mean(), n, kind)
                 if not np.isfinite(unit) and booted is not None:  # no analytic SE: the bootstrap's own
                     unit = test_error(pairs.drop(columns="predictions").rename(columns={"predictions_ref": "predictions"}))
+                mcnemar_p = np.nan
+                if booted is not None and str(cells.metric_name.iloc[0]) == "accuracy":
+                    mcnemar_p = uncertainty.mcnemar(stored_predictions(pairs), stored_predictions(
+                        pairs.drop(columns="predictions").rename(columns={"predictions_ref": "predictions"})))["p"]
                 family.append({"budget": budget, "against": reference, "method": method, "task": task,
                                "seeds": d["seeds"], "difference": 100 * d["difference"],
                                "ci_low": 100 * d["low"], "ci_high": 100 * d["high"],
                                "se_seed": 100 * d["se_seed"], "se_test": 100 * d["se_test"],
                                "test_error": "paired bootstrap" if booted is not None else "analytic, independent",
-                               "p": d["p"],
+                               "p": d["p"], "mcnemar_p": mcnemar_p,
                                "y": d["difference"] / unit, "s": d["se"] / unit, "unit": 100 * unit})
             if not family:
                 continue

@@ -160,6 +160,23 @@ def bootstrap_test_se(cells_a: list[dict], cells_b: list[dict] | None, main: lis
     return float(value.std(ddof=1))
 
 
+def mcnemar(cells_a: list[dict], cells_b: list[dict]) -> dict[str, float]:
+    """McNemar's test of two classifiers on the same test examples, seed by seed as strata:
+    the discordant examples (a right and b wrong: `a_only`; the reverse: `b_only`) summed over
+    the paired seeds, then the exact binomial test (statsmodels) on them. Test-set evidence
+    only: the seeds' own spread is in `paired_difference`'s interval, not here."""
+    from statsmodels.stats.contingency_tables import mcnemar as test
+
+    a_only = b_only = 0
+    for a, b in zip(cells_a, cells_b):
+        y = np.asarray(a["labels"])
+        right_a, right_b = np.asarray(a["predictions"]) == y, np.asarray(b["predictions"]) == y
+        a_only += int((right_a & ~right_b).sum())
+        b_only += int((~right_a & right_b).sum())
+    p = float(test([[0, a_only], [b_only, 0]], exact=True).pvalue) if a_only + b_only else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p": p}
+
+
 def tau_posterior(y, s, scale: float = TAU_SCALE, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:
     """Grid of tau and its normalised posterior weights for the normal hierarchical model with
     mu integrated out (Gelman et al., BDA3 eq. 5.21). The grid is uniform in

@@ -241,6 +241,10 @@ def test_the_paired_bootstrap_over_test_examples_against_independent_computation
     independent = np.hypot(*(np.sqrt(m * (1 - m) / 400) for m in ((a == y).mean(), (b == y).mean())))
     assert paired < independent / 2  # what both get right together cancels
     assert uncertainty.bootstrap_test_se([cell(a)], [cell(a)], ["accuracy"]) == 0
+    found = uncertainty.mcnemar([cell(a), cell(b)], [cell(b), cell(a)])  # two seeds as strata
+    a_only, b_only = int(((a == y) & (b != y)).sum()), int(((a != y) & (b == y)).sum())
+    assert (found["a_only"], found["b_only"]) == (a_only + b_only, b_only + a_only)
+    assert found["p"] == pytest.approx(scipy.stats.binomtest(a_only + b_only, 2 * (a_only + b_only)).pvalue)
     # the vectorised Pearson / Spearman path equals metrics.compute on the same resamples
     x, t = rng.normal(size=300), rng.normal(size=300)
     reg = {"predictions": list(x + t), "labels": list(t), "num_classes": None}
@@ -278,6 +282,8 @@ def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_m
     assert set(report.cell_stats(frame).interval) == {"seeds + test (bootstrap)"}
     compared = report.comparisons(frame)
     assert set(compared.test_error.dropna()) == {"paired bootstrap"}
+    per_task = compared[~compared.task.str.startswith("across")]
+    assert per_task.mcnemar_p.notna().all() == (task == "rte")  # classification only
     assert not (tmp_path / "out").exists()
     report.build_report(frame, tmp_path / "out")
     assert "predictions" not in pd.read_csv(tmp_path / "out" / "results.csv").columns
