@@ -478,11 +478,74 @@ def _thread_fault(args) -> None:
     print(f"peftbench: warning: {fault} (in {getattr(args.thread, 'name', 'a thread')})", file=sys.stderr)
 
 
+class _GuardedOutput:
+    """Standard output that never stops the command: a reader gone (`| head -1`: a broken
+    pipe) or a full device (`> /dev/full`) drops the rest of the output, and the command's work
+    (cells, commits) goes on; `failure` says what happened. Characters the stream's encoding
+    cannot write (PYTHONIOENCODING=ascii) are escaped, not an error."""
+
+    def __init__(self, stream):
+        self.stream, self.failure = stream, None
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+    def _guard(self, call, *args):
+        if self.failure is not None:
+            return None
+        try:
+            return call(*args)
+        except (BrokenPipeError, ConnectionResetError) as err:
+            self.failure = ("broken pipe", err)
+        except OSError as err:
+            self.failure = (err.strerror or type(err).__name__, err)
+        except UnicodeEncodeError as err:  # a stream that cannot be reconfigured
+            return call(*[a.encode("ascii", "backslashreplace").decode("ascii") for a in args]) \
+                if args else None
+        if self.failure is not None:
+            try:  # Python flushes stdout again at exit: give it somewhere harmless to go
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+        return None
+
+    def write(self, text):
+        return self._guard(self.stream.write, text)
+
+    def flush(self):
+        return self._guard(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     import threading
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threading.excepthook = _thread_fault
+    guarded = _GuardedOutput(sys.stdout)
+    sys.stdout = guarded
+    if hasattr(sys.stderr, "reconfigure"):  # one-line errors must print whatever the encoding
+        try:
+            sys.stderr.reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):
+            pass
+    try:
+        code = _dispatch(argv)
+        guarded.flush()
+    finally:
+        sys.stdout = guarded.stream
+    if guarded.failure is not None and guarded.failure[0] != "broken pipe":
+        print(f"peftbench: error: standard output failed ({guarded.failure[0]}): the rest of the "
+              "output was dropped; the command's work itself finished", file=sys.stderr)
+        return code or 1
+    return code
+
+
+def _dispatch(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a bad option (one line, see Parser.error)

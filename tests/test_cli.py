@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import os
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,42 @@ def test_help_shows_every_default_and_no_stray_markup(capsys):
                             ("--max-length", "128"), ("--budget", "0.005"), ("--output-dir", "runs")):
         assert f"(default: {default})" in text.split(option, 2)[-1].split("--", 1)[0], option
     assert "--max-steps" in text and "epochs x batches" in text
+
+
+def _cli(*args, env=None, **kwargs):
+    import subprocess
+    import sys as _sys
+
+    return subprocess.run([_sys.executable, "-m", "peftbench", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300, **kwargs)
+
+
+def test_output_to_a_closed_pipe_is_silent_and_exits_0():
+    import subprocess
+    import sys as _sys
+
+    proc = subprocess.Popen([_sys.executable, "-m", "peftbench", "leaderboard", "show", "quickstart-sst2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()  # `| head -1`: read one line, then the reader goes away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_output_to_a_full_device_is_one_line_and_exit_1():
+    import subprocess
+    import sys as _sys
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([_sys.executable, "-m", "peftbench", "methods"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("peftbench: error: standard output failed (No space left on device)")
+
+
+def test_output_in_an_ascii_locale_escapes_what_it_cannot_encode():
+    proc = _cli("leaderboard", "show", "quickstart-sst2", env={"PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+    assert "\\xb1" in proc.stdout  # the ± of mean ± std, escaped
