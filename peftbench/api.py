@@ -9,6 +9,8 @@ the author's own pytest) checks it. This module only gathers names: nothing here
 """
 from __future__ import annotations
 
+import math
+
 import contextlib
 from typing import Iterator
 
@@ -27,11 +29,15 @@ __all__ = ["Batches", "Budget", "Decay", "Fraction", "NonNegativeFloat", "Positi
 
 
 @contextlib.contextmanager
-def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int) -> Iterator[tuple]:
+def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int,
+                    lr: float | None = None) -> Iterator[tuple]:
     """A scoring phase that trains, undone on exit: yields (optimizer, scheduler) built with the
     run's own recipe (AdamW over every pre-trained parameter, weight decay exempting biases and
-    LayerNorm as the trainer does, linear warm-up and decay over `steps`, the run's lr; clip
-    with `data.train.max_grad_norm` yourself). On exit, even after an error, every parameter
+    LayerNorm as the trainer does, linear warm-up and decay over `steps`; clip with
+    `data.train.max_grad_norm` yourself) at `lr`, or the run's lr when None. A phase that needs
+    its own rate (LT-SFT's full fine-tuning at a full-FT rate while the sparse run trains at
+    another) takes it as a method parameter and passes it here: the parameter is in the run's
+    record and the score cache's key; the run's settings read here key the cache too. On exit, even after an error, every parameter
     and buffer is back to its value, `requires_grad` flags and train/eval mode are restored:
     the model scored is the model trained next (the runner checks this bit for bit)."""
     from transformers import get_linear_schedule_with_warmup
@@ -49,7 +55,9 @@ def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int) -> It
         p.requires_grad_(True)
     groups = [{"params": [p for n, p in params.items() if not decay_exempt(n)], "weight_decay": data.train.weight_decay},
               {"params": [p for n, p in params.items() if decay_exempt(n)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=data.train.lr)
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UsageError(f"scoring_session(lr={lr!r}): give a positive finite learning rate, or None for the run's")
+    optimizer = torch.optim.AdamW(groups, lr=data.train.lr if lr is None else float(lr))
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(data.train.warmup_ratio, steps), steps)
     model.train()
     try:

@@ -40,12 +40,24 @@ def score_key(method: str, params: dict, model: str, task_files: list[str], seed
     return digest(payload), {**payload, "method": method, "model_name": model}
 
 
-ENTRY = re.compile(r"^[0-9a-f]{64}\.pt(\.lock)?$|^(score-)?tmp[^/]*\.tmp$|^score-[^/]*\.tmp$")
+ENTRY = re.compile(r"^[0-9a-f]{64}\.(pt|reads\.json)(\.lock)?$|^(score-)?tmp[^/]*\.tmp$|^score-[^/]*\.tmp$")
+
+
+def refined_key(key: str, read: dict) -> str:
+    """The entry's key: `key`, or with the training settings the scoring read (name -> value)."""
+    return digest({"key": key, "read": read}) if read else key
 
 
 def looks_like_cache(folder: Path) -> bool:
     """Every file is a cache entry, its lock or a temporary file (a cache from before markers)."""
     return all(p.is_file() and ENTRY.match(p.name) for p in folder.iterdir() if p.name != MARKER)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="score-", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 class ScoreCache:
@@ -71,21 +83,37 @@ class ScoreCache:
                   "recomputing it", file=sys.stderr)
             return None
 
-    def get_or_compute(self, key: str, compute: Callable[[], object],
-                       about: dict | None = None) -> tuple[object, float, bool]:
-        """(scores, seconds the scoring took when it ran, whether it came from the cache).
-        A cached entry reports the scoring time measured when it was computed; `about` (what
-        the key is made of) is stored beside the scores for `peftbench cache list`."""
-        path = self.path(key)
-        with FileLock(str(path) + ".lock"):
+    def get_or_compute(self, key: str, compute: Callable[[], object], about: dict | None = None,
+                       settings=None) -> tuple[object, float, bool, str]:
+        """(scores, seconds the scoring took when it ran, whether it came from the cache, the
+        entry's key). A cached entry reports the scoring time measured when it was computed;
+        `about` (what the key is made of) is stored beside the scores for `peftbench cache list`.
+
+        `settings` (`scoring.RecordedSettings`): the training settings scoring may read. The
+        entry is keyed on `key` plus the values of the settings it read, which are noted per key
+        in `<key>.reads.json` (a union over the times it was computed): the next lookup keys on
+        those settings' current values, so a setting scoring reads can never bring back a score
+        made at another value, and one it does not read costs no recomputation."""
+        with FileLock(str(self.path(key)) + ".lock"):
+            reads_path = self.root / f"{key}.reads.json"
+            noted = self._noted(reads_path) if settings is not None else []
+            values = settings.values() if settings is not None else {}
+            full = refined_key(key, {n: values[n] for n in noted})
+            path = self.path(full)
             entry = self._read(path) if path.exists() else None
             if entry is not None:
                 self.hits += 1
-                return entry["scores"], entry["seconds"], True
+                return entry["scores"], entry["seconds"], True, full
             self.misses += 1
             start = time.perf_counter()
             scores = compute()
             seconds = time.perf_counter() - start
+            if settings is not None:
+                noted = sorted(set(noted) | settings.read)
+                full = refined_key(key, {n: values[n] for n in noted})
+                path = self.path(full)
+                about = {**(about or {}), "settings_read": {n: values[n] for n in noted}}
+                _write_text(reads_path, json.dumps(noted))
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix="score-", suffix=".tmp")
             os.close(fd)
             try:
@@ -97,7 +125,16 @@ class ScoreCache:
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-            return scores, seconds, False
+            return scores, seconds, False, full
+
+    def _noted(self, path: Path) -> list[str]:
+        """The settings a key's scoring read before ([] when never computed, or unreadable:
+        then the scoring runs and notes them again)."""
+        try:
+            noted = json.loads(path.read_text()) if path.is_file() else []
+        except (OSError, ValueError):
+            return []
+        return [n for n in noted if isinstance(n, str)] if isinstance(noted, list) else []
 
     def entries(self) -> list[dict]:
         """One row per cached file: key, size, what it scores, when it was made."""

@@ -38,7 +38,7 @@ from peftbench.models import (
     pretrained_size,
     uses_lm_head,
 )
-from peftbench.scoring import ScoringData
+from peftbench.scoring import RecordedSettings, ScoringData
 from peftbench.selector import Budget, check_scores, validate_selection
 from peftbench.sparse import count_trainable, effective_selection, trainable_entries
 from peftbench.trainer import TrainConfig, make_loader, pick_device, set_seed, train
@@ -169,8 +169,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     data = None
     if selector.needs_data:
         model.to(device)
-        data = ScoringData(make_loader(tokenized["train"], tokenizer, task,
-                                       config.train.batch_size, True, seed), task, device, config.train)
+        data = ScoringData(make_loader(tokenized["train"], tokenizer, task, config.train.batch_size, True, seed),
+                           task, device, RecordedSettings(config.train))
     cache_key, cached = None, False  # a cached entry reports the time its scoring took
     if score_cache is None:
         scores = checked_score(selector, config.method, model, data)
@@ -181,8 +181,9 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
             task.data_files(), seed,
             {"batch_size": config.train.batch_size, "max_length": config.train.max_length,
              "limit": config.limit, "device": device.type, "dtype": compute_dtype(device)})
-        scores, score_time, cached = score_cache.get_or_compute(
-            cache_key, lambda: checked_score(selector, config.method, model, data), about)
+        scores, score_time, cached, cache_key = score_cache.get_or_compute(
+            cache_key, lambda: checked_score(selector, config.method, model, data), about,
+            settings=data.train if data is not None else None)
     start = time.perf_counter()
     selection = selector.select(model, scores, k, generator)
     validate_selection(config.method, selection, numels, selector.budget_bound(k))

@@ -41,27 +41,34 @@ def _load(ep: EntryPoint) -> MethodInfo:
     package = ep.dist.name if ep.dist is not None else "?"
     try:
         cls = ep.load()
-    except Exception as err:  # a broken plugin must not break the others
-        return MethodInfo(ep.name, package, ep.value, None, f"{type(err).__name__}: {err}")
+    except BaseException as err:  # noqa: BLE001  a plugin that raises, exits or interrupts at import
+        # fails alone: it must not stop the built-ins or pass for the user's Ctrl-C
+        return MethodInfo(ep.name, package, ep.value, None, f"{type(err).__name__} at import: {err}")
     if not (isinstance(cls, type) and issubclass(cls, Selector)):
         return MethodInfo(ep.name, package, ep.value, None, f"{ep.value} is not a Selector subclass")
     return MethodInfo(ep.name, package, ep.value, cls, None)
 
 
-def methods() -> dict[str, MethodInfo]:
-    """Every registered method by name, loaded (or with its load error), sorted by name."""
-    found, claims = {}, {}
+def _claims() -> dict[str, list[EntryPoint]]:
+    """The registered entry points by method name (nothing loaded)."""
+    claims = {}
     for ep in entry_points(group=GROUP):
         claims.setdefault(ep.name, []).append(ep)
-    for name, eps in claims.items():
-        if len({(ep.value, _package(ep)) for ep in eps}) > 1:  # no winner: either could be meant
-            who = "; ".join(f"{ep.value} in package {_package(ep)}" for ep in eps)
-            found[name] = MethodInfo(name, ", ".join(_package(ep) for ep in eps), eps[0].value, None,
-                                     f"the name {name!r} is registered more than once ({who}): "
-                                     "uninstall one, or rename its entry point")
-        else:
-            found[name] = _load(eps[0])
-    return dict(sorted(found.items()))
+    return claims
+
+
+def _info(name: str, eps: list[EntryPoint]) -> MethodInfo:
+    if len({(ep.value, _package(ep)) for ep in eps}) > 1:  # no winner: either could be meant
+        who = "; ".join(f"{ep.value} in package {_package(ep)}" for ep in eps)
+        return MethodInfo(name, ", ".join(_package(ep) for ep in eps), eps[0].value, None,
+                          f"the name {name!r} is registered more than once ({who}): "
+                          "uninstall one, or rename its entry point")
+    return _load(eps[0])
+
+
+def methods() -> dict[str, MethodInfo]:
+    """Every registered method by name, loaded (or with its load error), sorted by name."""
+    return dict(sorted((name, _info(name, eps)) for name, eps in _claims().items()))
 
 
 def _package(ep: EntryPoint) -> str:
@@ -69,13 +76,15 @@ def _package(ep: EntryPoint) -> str:
 
 
 def get(name: str) -> type[Selector]:
-    """The Selector class registered as `name`; a UsageError naming the allowed names if none."""
-    available = methods()
-    info = available.get(name.lower())
+    """The Selector class registered as `name`; a UsageError naming the allowed names if none.
+    Only that method's module is imported (lazily, as lm-eval's registry): another plugin that
+    is broken, slow or exits at import cannot stop or delay it."""
+    available = _claims()
+    info = _info(name.lower(), available[name.lower()]) if name.lower() in available else None
     if info is None:
         hint = difflib.get_close_matches(name.lower(), available, n=1)
         raise UsageError(f"unknown method {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                         + f": allowed {', '.join(available)}")
+                         + f": allowed {', '.join(sorted(available))}")
     if info.selector_class is None:
         if "registered more than once" in (info.error or ""):
             raise UsageError(f"method {name!r}: {info.error}")

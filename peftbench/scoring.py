@@ -21,6 +21,30 @@ from peftbench.models import pretrained_parameters
 from peftbench.trainer import TrainConfig, _autocast, forward, loss_fn
 
 
+class RecordedSettings:
+    """The run's training settings as `score` sees them: every setting read is noted in
+    `read`, so the score cache keys an entry on exactly the settings its scoring read
+    (`cache.ScoreCache.get_or_compute`): a scoring phase at the run's lr is scored again when
+    the lr changes; a score that reads none is shared across rates."""
+
+    def __init__(self, settings: TrainConfig):
+        object.__setattr__(self, "_settings", settings)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, name: str):
+        value = getattr(self._settings, name)
+        self.read.add(name)
+        return value
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the run's training settings are read-only in score() (tried to set {name!r})")
+
+    def values(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self._settings)
+
+
 @dataclass
 class ScoringData:
     """What a selector's `score` may read.
@@ -35,7 +59,7 @@ class ScoringData:
     loader: DataLoader
     task: TaskSpec
     device: torch.device
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig | RecordedSettings = field(default_factory=TrainConfig)
 
     def batches(self):
         """One pass over the training batches, moved to `device`."""

@@ -142,7 +142,7 @@ def test_the_score_cache_recomputes_a_crafted_entry_instead_of_running_it(tmp_pa
     cache = ScoreCache(tmp_path / "scores")
     flag = tmp_path / "pwned"
     _crafted(cache.path("d" * 64), flag)
-    scores, _, cached = cache.get_or_compute("d" * 64, lambda: {"w": torch.zeros(3)})
+    scores, _, cached, _ = cache.get_or_compute("d" * 64, lambda: {"w": torch.zeros(3)})
     assert not cached and torch.equal(scores["w"], torch.zeros(3)) and not flag.exists()
 
 

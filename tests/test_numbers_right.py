@@ -92,7 +92,7 @@ def test_corrupted_cache_file_is_recomputed(tmp_path):
     cache = ScoreCache(tmp_path)
     cache.get_or_compute("k", lambda: {"w": torch.ones(3)})
     cache.path("k").write_bytes(b"truncated")
-    scores, _, cached = cache.get_or_compute("k", lambda: {"w": torch.zeros(3)})
+    scores, _, cached, _ = cache.get_or_compute("k", lambda: {"w": torch.zeros(3)})
     assert not cached and torch.equal(scores["w"], torch.zeros(3))
     assert cache.get_or_compute("k", lambda: None)[2]  # rewritten whole
 
