@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, PositiveInt, PrivateAttr, StrictBool,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, StrictBool,
                       StrictInt, StrictStr, ValidationError, field_validator, model_validator)
 
 from peftbench import yamlio
@@ -76,6 +76,9 @@ def mark_wsc_spans(row: dict) -> dict:
 
 
 PREPROCESSORS = {"mark_wsc_spans": mark_wsc_spans}
+
+
+MAX_NEW_TOKENS = 1024  # a generated answer longer than this is not an answer to extract
 
 
 def _render(template: str, row: dict) -> str:
@@ -158,7 +161,7 @@ class TaskSpec(BaseModel):
     prompt: str | None = None
     answer: str | None = None
     extract: str | None = None
-    max_new_tokens: PositiveInt = 32
+    max_new_tokens: Annotated[int, Field(gt=0, le=MAX_NEW_TOKENS)] = 32
     _path: Path = PrivateAttr(default=Path("."))
 
     @model_validator(mode="after")
@@ -393,11 +396,18 @@ def template_fields(template: str) -> list[str]:
     if "{" not in template and "}" not in template:
         return [template]
     try:
-        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        parts = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
+                 if field is not None]
     except ValueError as err:
         raise ValueError(f"template {template!r} is broken ({err}); write fields as {{name}}") from None
+    names = [field for field, _, _ in parts]
     if any(not n or not n.isidentifier() for n in names):
         raise ValueError(f"template {template!r} has an empty or unnamed field; write fields as {{name}}")
+    shaped = [f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+              for field, spec, conversion in parts if spec or conversion]
+    if shaped:  # '{text:>400000000}' pads every row to 400 MB: a template only places fields
+        raise ValueError(f"template {template!r} formats a field ({shaped[0]}): write fields as "
+                         "plain {name}, without a format spec or conversion")
     return names
 
 

@@ -18,8 +18,16 @@ class DuplicateKeyError(yaml.MarkedYAMLError):
     pass
 
 
+class TooLargeError(yaml.MarkedYAMLError):
+    pass
+
+
+MAX_EXPANDED = 100_000  # values a spec may hold once its aliases are expanded
+
+
 class SpecLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats and duplicate keys refused."""
+    """SafeLoader with YAML 1.2 floats and duplicate keys refused (`load` also bounds how large
+    the document is once its aliases are expanded)."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -48,9 +56,39 @@ for first in "-+0123456789":
     SpecLoader.yaml_implicit_resolvers[first] = ints + [r for r in resolvers if r[0] != "tag:yaml.org,2002:int"]
 
 
+def _expanded(node, memo: dict) -> int:
+    """How many values `node` stands for with every alias expanded (an alias is the same node
+    object again, so a few lines of nested aliases can stand for billions: "billion laughs")."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a node that contains itself counts once here; the constructor refuses it
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded(k, memo) + _expanded(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
 def load(text: str):
-    """Parse YAML text with `SpecLoader`; raises yaml.YAMLError (with marks) on bad input."""
-    return yaml.load(text, Loader=SpecLoader)
+    """Parse YAML text with `SpecLoader`; raises yaml.YAMLError (with marks) on bad input, and
+    on a document that stands for more than MAX_EXPANDED values once its aliases are expanded
+    (which would take minutes and gigabytes to print or compare)."""
+    loader = SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded(node, {})
+        if size > MAX_EXPANDED:
+            raise TooLargeError("while expanding aliases", None,
+                                    f"the document stands for {size:,} values once its aliases (*name) are "
+                                    f"expanded; at most {MAX_EXPANDED:,}", node.start_mark)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def where(err: yaml.YAMLError, path) -> str:

@@ -3,6 +3,7 @@ or one row of a table, named as in the issue."""
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -215,6 +216,14 @@ TASK_CASES = {
         train.read_bytes().replace(b"a", b"\xff", 1)), "train.jsonl:1: not UTF-8 text (byte 0xff)"),
     "invalid UTF-8 in the task YAML": ("rte", lambda spec, train: spec.write_bytes(
         spec.read_bytes().replace(b"Recognising", b"Recogn\xe9sing", 1)), "not UTF-8 text (byte 0xe9)"),
+    # bounded work: small input that would cost minutes or gigabytes
+    "a YAML alias bomb": ("rte", lambda spec, train: spec.write_text(spec.read_text().replace(
+        "name: rte", "name: rte\nlaughs: " + "".join(f"\n  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else 'x'}]"
+                                                   for i in range(9)), 1)),
+        "once its aliases (*name) are expanded; at most 100,000"),
+    "a template that pads each row to 400 MB": ("rte", _replace("text: [premise, hypothesis]",
+                                                                 "text: ['{premise:>400000000}', hypothesis]"),
+                                                "formats a field ({premise:>400000000})"),
 }
 
 
@@ -527,3 +536,26 @@ def test_diffpruning_on_a_one_step_run_says_to_train_longer(tiny_model_dir, tmp_
                        limit=8, output_dir=str(tmp_path))
     with pytest.raises(UsageError, match="needs at least 2 training steps"):
         run_experiment(config, progress=False)
+
+
+@pytest.mark.parametrize("seeds, expected", [(10 ** 9, "give a count from 1 to 1000"),
+                                             (list(range(1001)), "1001 seeds; at most 1000")])
+def test_a_study_of_a_billion_seeds_is_refused_before_building_it(seeds, expected):
+    from peftbench import sweep
+    from peftbench.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        sweep.parse_spec({"name": "x", "tasks": ["rte"], "methods": {"random": {}}, "seeds": seeds})
+
+
+def test_a_causal_task_generating_a_hundred_thousand_tokens_is_refused(tmp_path):
+    from peftbench.data import load_task
+    from peftbench.errors import UsageError
+
+    spec = (Path(experiment.__file__).resolve().parents[1] / "tasks" / "arith.yaml").read_text()
+    data = Path(experiment.__file__).resolve().parents[1] / "tasks" / "data"
+    path = tmp_path / "arith.yaml"
+    path.write_text(spec.replace("max_new_tokens: 16", "max_new_tokens: 100000").replace(
+        "data/arith/", f"{data}/arith/"))
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        load_task(str(path))

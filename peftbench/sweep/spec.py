@@ -171,12 +171,17 @@ def _budgets(value):
     return parsed
 
 
+MAX_SEEDS = 1000  # a board of more seeds per cell is a typo, not a plan (and a list that size)
+
+
 def _seeds(value):
-    """`seeds: N` as seeds 0 .. N-1 (N > 0); a list as given, each seed once."""
+    """`seeds: N` as seeds 0 .. N-1 (0 < N <= MAX_SEEDS); a list as given, each seed once."""
     if type(value) is int:
-        if value < 1:
-            raise ValueError(f"seeds {value}: give a positive count or a list of seeds")
+        if not 0 < value <= MAX_SEEDS:
+            raise ValueError(f"seeds {value}: give a count from 1 to {MAX_SEEDS} or a list of seeds")
         return list(range(value))
+    if isinstance(value, list) and len(value) > MAX_SEEDS:
+        raise ValueError(f"seeds: {len(value)} seeds; at most {MAX_SEEDS}")
     if isinstance(value, list) and len(set(map(str, value))) < len(value):
         raise ValueError(f"seeds {value} repeat a seed")
     return value
