@@ -46,6 +46,7 @@ from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stat
     kept_budget,
     paired_test,
     paired_tests,
+    selection_checks,
     spearman,
     stability_correlation,
     table1,
@@ -358,6 +359,14 @@ def verdict(frame: pd.DataFrame, rankings: list[dict] | None = None, compared: p
                          + ("; with so few tasks the mean effect across tasks is weakly identified."
                             if tasks < MIN_TASKS else "."))
             parts.append(text)
+    checks = selection_checks(frame)
+    for check, what in (("concentrated", "put more than half their selection in one tensor outside the repeated "
+                                          "blocks (they measure that tensor)"),
+                         ("underspent", "trained less than half their budget")):
+        found = checks[checks.check == check] if not checks.empty else checks
+        if not found.empty:
+            parts.append(f"{len(found)} cell(s) {what}: " + ", ".join(
+                f"{r.task}/{r.method}/b{r.budget}" for r in found.itertuples()) + ".")
     stuck = constant_cells(frame)
     parts.append(f"{len(stuck)} cell(s) are within noise of the constant predictor (did not measurably "
                  f"learn; their order among themselves is noise): {', '.join(stuck[:12])}"
@@ -419,6 +428,14 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         lines += section
         tests_all.append(tests.assign(budget=budget))
     pd.concat(tests_all).to_csv(out / "tests.csv", index=False)
+    lines += table_section(
+        out / "selection-checks.csv", selection_checks(frame),
+        "### Cells that do not measure the method as budgeted (selection checks)",
+        "From each seed's trained entries per tensor (the head apart), mean over seeds: "
+        "'concentrated' = one tensor outside the repeated blocks holds more than half of the "
+        "selection and more than twice its share of the model (the cell measures that tensor); "
+        "'underspent' = the method trained less than half its budget (the cell measures a smaller "
+        "budget than its column). Read these cells' ranks with that in mind (selection-checks.csv).")
     lines += _ranking_section(frame, out, compared, declared=against is not None)
     lines += table_section(
         out / "best-per-budget.csv", best_per_budget(frame),

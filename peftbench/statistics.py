@@ -8,6 +8,7 @@ Conventions are report's (metric x100 when shown, population std, ranks by mean 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -460,6 +461,59 @@ def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 
     out["t_p_holm"] = np.concatenate([holm(g.t_p.to_numpy()) for _, g in out.groupby("task", sort=False)])
     out["worse"] = (out.t_p_holm < alpha) & out.lower
     return out.drop(columns="lower")
+
+
+BLOCK = re.compile(r"\.(layer|layers|h|block|blocks)\.\d+\.")  # a tensor inside the repeated blocks
+
+
+def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5) -> pd.DataFrame:
+    """Cells whose selection does not measure the method as budgeted, one row per finding:
+    - `concentrated`: one pre-trained tensor outside the repeated blocks (embeddings, a pooler,
+      a final norm) holds more than `share` of the trained entries (mean over seeds), and more
+      than twice its own share of the model (a per-tensor Random puts 52% in MiniLM's word
+      embeddings because they are 52% of the model: that is proportion, not concentration). The
+      cell measures that tensor (all-methods-cpu's FISH put 88% of its 0.1% in an untrained
+      pooler of 0.65% of the entries). A tensor's size is read from a run of the task that
+      trained every entry (full fine-tuning); without one, `share` alone decides, and the
+      detail says so;
+    - `underspent`: a budgeted method trained less than `spent` of its budget (mean over seeds):
+      the cell measures a smaller budget than its column says.
+    From each seed's `trainable_by_tensor` (the head apart); empty where runs do not record it."""
+    from peftbench.selector import Budget
+
+    rows = []
+    if "spend" not in frame:
+        return pd.DataFrame(rows)
+    sizes = {}
+    for task, runs in frame.groupby("task"):
+        whole = runs[runs.trainable >= runs.pretrained_entries]
+        spend = next((s for s in whole.spend if isinstance(s, dict)), None)
+        if spend:
+            sizes[task] = {t: c / float(whole.pretrained_entries.iloc[0]) for t, c in spend.items()}
+    for (task, method, budget), cells in frame.groupby(["task", "method", "budget"]):
+        shares = {}
+        for spend, trained in zip(cells.spend, cells.trainable):
+            if not isinstance(spend, dict) or not trained:
+                continue
+            for tensor, count in spend.items():
+                if not BLOCK.search(tensor):
+                    shares[tensor] = shares.get(tensor, 0.0) + count / trained / len(cells)
+        if shares:
+            tensor, top = max(shares.items(), key=lambda kv: kv[1])
+            size = sizes.get(task, {}).get(tensor)
+            if top > share and (size is None or top > 2 * size):
+                rows.append({"task": task, "method": method, "budget": budget, "check": "concentrated",
+                             "detail": f"{tensor} holds {100 * top:.0f}% of the trained entries"
+                                       + (f" ({100 * size:.2f}% of the model's)" if size is not None
+                                          else " (its size unknown: no full fine-tuning run of the task)")})
+        if budget != NATURAL:
+            allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0]))
+            used = float(cells.trainable.mean()) / allowed if allowed else np.nan
+            if used < spent:
+                rows.append({"task": task, "method": method, "budget": budget, "check": "underspent",
+                             "detail": f"trains {100 * used:.0f}% of its budget ({cells.trainable.mean():,.0f} "
+                                       f"of {allowed:,} entries)"})
+    return pd.DataFrame(rows)
 
 
 def constant_scores(frame: pd.DataFrame) -> pd.DataFrame:

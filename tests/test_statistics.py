@@ -302,3 +302,28 @@ def test_a_declared_comparison_family_is_used_and_said_and_an_unknown_reference_
     assert "Not declared in this board's spec" in report.build_report(frame, tmp_path / "default")
     with pytest.raises(UsageError, match="compare_against: 'lora' is not in 'methods'"):
         sweep.parse_spec({"name": "x", "tasks": ["sst2"], "methods": {"random": {}}, "compare_against": ["lora"]})
+
+
+def test_selection_checks_flag_a_concentrated_or_underspent_cell_but_not_a_proportional_one():
+    """Full FT gives the tensors' sizes: the word embeddings are 52% of the model, so a
+    per-tensor Random spending 52% there is proportion; 87% of a 0.1% budget in a pooler of
+    0.65% is concentration; a method training a fifth of its budget is underspent."""
+    sizes = {"bert.embeddings.word_embeddings.weight": 520, "bert.pooler.dense.weight": 7,
+             "bert.encoder.layer.0.attention.self.query.weight": 473}
+
+    def run(method, budget, spend):
+        return {"task": "stsb", "method": method, "budget": budget, "seed": 0, "spend": spend,
+                "trainable": sum(spend.values()), "pretrained_entries": 1000}
+
+    frame = pd.DataFrame([
+        run("fulltuning", "natural", sizes),
+        run("random", "0.1", {"bert.embeddings.word_embeddings.weight": 52,
+                              "bert.encoder.layer.0.attention.self.query.weight": 48}),
+        run("fish", "0.1", {"bert.pooler.dense.weight": 7, "bert.encoder.layer.0.attention.self.query.weight": 1}),
+        run("adapeft", "0.1", {"bert.encoder.layer.0.attention.self.query.weight": 20})])
+    found = report.selection_checks(frame).set_index(["method", "check"])
+    assert set(found.index) == {("fish", "concentrated"), ("adapeft", "underspent"), ("fish", "underspent")}
+    assert "bert.pooler.dense.weight holds 88%" in found.loc[("fish", "concentrated"), "detail"]
+    said = report.verdict(frame.assign(metric=0.5, metric_name="pearson+spearman", test_rows=100,
+                                       constant_metric=0.0))
+    assert "1 cell(s) put more than half their selection in one tensor" in said and "stsb/fish/b0.1" in said
