@@ -83,6 +83,9 @@ METHOD_STYLE: dict[str, tuple[str, str, str]] = {  # method: (colour, marker, li
     "ggm": ("#D55E00", "H", "--"),
     "shira": ("#F0E442", "<", "--"),
     "supertuning": ("#000000", "s", "--"),
+    "snip": ("#0072B2", "o", "-"),
+    "synflow": ("#E69F00", "^", "-"),
+    "grasp": ("#009E73", "D", "-"),
 }
 DODGE = 0.12  # log10 units over which methods at the same x are spread (x 0.87 .. x 1.15)
 
