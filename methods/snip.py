@@ -13,12 +13,21 @@ BLOCK_LINEAR = re.compile(r"\.(layer|layers|h|block|blocks)\.\d+\..*\.weight$")
 
 
 def block_linear_weights(model) -> set[str]:
-    """Names of the weights of the `nn.Linear` modules inside the repeated blocks: SPEFT's
-    candidates (its `target_modules`, the attention and feed-forward projections)."""
-    prefix = model.base_model_prefix + "."
-    return {f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.startswith(prefix)
-            and BLOCK_LINEAR.search(f"{name}.weight")}
+    """Names of the weights of the linear layers (`nn.Linear`, GPT-2's `Conv1D`) inside the
+    repeated blocks: SPEFT's candidates (its `target_modules`, the attention and feed-forward
+    projections). A model without one is refused by name."""
+    from transformers.pytorch_utils import Conv1D
+
+    from peftbench.api import UsageError, pretrained_parameters
+
+    pretrained = set(pretrained_parameters(model))
+    found = {f"{name}.weight" for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D)) and f"{name}.weight" in pretrained
+             and BLOCK_LINEAR.search(f"{name}.weight")}
+    if not found:
+        raise UsageError(f"{type(model).__name__} has no linear layer inside repeated blocks "
+                         "(layer.N / layers.N / h.N / block.N): these salience selectors score those weights")
+    return found
 
 
 @contextlib.contextmanager

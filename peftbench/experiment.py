@@ -13,6 +13,7 @@ Run directory layout (all JSON, written as soon as each piece exists):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -185,17 +186,19 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
             cache_key, lambda: checked_score(selector, config.method, model, data), about,
             settings=data.train if data is not None else None)
     start = time.perf_counter()
-    selection = selector.select(model, scores, k, generator)
-    validate_selection(config.method, selection, numels, selector.budget_bound(k))
+    theta0 = state_digests(model)  # the pre-trained model the method may not move outside its count
+    selection = checked_select(selector, config.method, model, scores, k, generator)
+    selected = validate_selection(config.method, selection, numels, selector.budget_bound(k))
     select_time = time.perf_counter() - start
     scoring_peak = memory.peak(device, memory_reset)  # scoring and selection
     model = selector.apply(model, selection)
     if not any(p.requires_grad for p in model.parameters()):  # e.g. BitFit on a model without biases
         raise UsageError(f"method {config.method!r} leaves nothing to train on {config.model!r} "
                          "(it selected no entry and the model has no new head): choose another method")
+    check_applied(config.method, model, set(pretrained), head_names, selector.budget_bound(k))
     _write(seed_dir / "selection.json", {
         "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
-        selection.count(numels), "counts_before_training": count_trainable(model, set(pretrained), head_names),
+        selected, "counts_before_training": count_trainable(model, set(pretrained), head_names),
         "scoring_time_s": score_time, "selection_time_s": select_time, "score_cache_key": cache_key,
         "scores_from_cache": cached,
         "per_tensor": {n: [c, numels[n]] for n, c in selection.per_tensor(numels).items()},
@@ -203,6 +206,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
 
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
                 seed_dir, progress, on_epoch)
+    check_frozen(config.method, model, set(pretrained), theta0)
     # measured after training: what can differ now (DiffPruning's projected mask, not its plan)
     counts = count_trainable(model, set(pretrained), head_names)
     trained = effective_selection(model, set(pretrained), head_names)
@@ -277,19 +281,81 @@ def state_digests(model) -> dict[str, str]:
     return out
 
 
-def checked_score(selector, method: str, model, data):
-    """`selector.score`, then a check that it left every parameter and buffer as it found them:
-    the model scored is the model trained next, so a `score` that moved weights (say, a short
-    fine-tuning it forgot to undo) would be trained from there while its count says otherwise."""
-    before = state_digests(model)
-    scores = selector.score(model, data)
-    check_scores(method, scores)
+def hooks(model) -> int:
+    """How many hooks the model's modules and parameters carry: a hook left by score() or
+    select() would change every forward (and backward) of training and evaluation."""
+    found = 0
+    for module in model.modules():
+        found += sum(len(getattr(module, kind, {}) or {}) for kind in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+    found += sum(len(p._backward_hooks or {}) for p in model.parameters() if hasattr(p, "_backward_hooks"))
+    return found
+
+
+def _unchanged(method: str, phase: str, model, before: dict, hooks_before: int) -> None:
     moved = [n for n, d in state_digests(model).items() if before.get(n) != d]
     if moved:
-        raise UsageError(f"method {method!r} changed the model in score() ({len(moved)} tensors, "
-                         f"e.g. {moved[0]}): score must leave every parameter and buffer at its "
-                         "pre-trained value (the Selector contract); restore them before returning")
+        raise UsageError(f"method {method!r} changed the model in {phase}() ({len(moved)} tensors, "
+                         f"e.g. {moved[0]}): {phase} must leave every parameter and buffer at its "
+                         "pre-trained value (the Selector contract); a scoring phase that trains goes "
+                         "through peftbench.api.scoring_session, which restores them")
+    left = hooks(model) - hooks_before
+    if left:
+        raise UsageError(f"method {method!r} left {left} hook(s) on the model in {phase}(): every hook "
+                         "registered while scoring or selecting must be removed before returning "
+                         "(handle.remove()); training and evaluation would run through it")
+
+
+def checked_score(selector, method: str, model, data):
+    """`selector.score`, then a check that it left every parameter and buffer as it found them
+    and no hook behind: the model scored is the model trained next, so a `score` that moved
+    weights (say, a short fine-tuning it forgot to undo) would be trained from there while its
+    count says otherwise."""
+    before, hooked = state_digests(model), hooks(model)
+    scores = selector.score(model, data)
+    check_scores(method, scores)
+    _unchanged(method, "score", model, before, hooked)
     return scores
+
+
+def checked_select(selector, method: str, model, scores, k: int, generator):
+    """`selector.select`, held to what `checked_score` holds score to."""
+    before, hooked = state_digests(model), hooks(model)
+    selection = selector.select(model, scores, k, generator)
+    _unchanged(method, "select", model, before, hooked)
+    return selection
+
+
+def check_applied(method: str, model, pretrained: set[str], head: set[str], bound: int | None) -> None:
+    """After apply(): the entries that can now change, counted from the model (what trains and
+    what parametrisations declare, `sparse.count_trainable`), never from the method's own
+    account, within the budget."""
+    counts = count_trainable(model, pretrained, head)
+    if bound is not None and counts["trainable"] > bound:
+        raise UsageError(f"method {method!r} made {counts['trainable']:,} entries trainable in apply() "
+                         f"({counts['encoder']:,} pre-trained, {counts['new']:,} new), over the budget of "
+                         f"{bound:,}: apply must train what select chose (the Selector contract)")
+
+
+def check_frozen(method: str, model, pretrained: set[str], theta0: dict[str, str]) -> None:
+    """After training: every pre-trained tensor that is frozen (a parameter that does not train,
+    the frozen original under a sparse delta, peft's frozen base weight) is bit-identical to its
+    pre-trained value. A hook that moved one (an `after_step` writing weights, weight decay on
+    frozen entries) fails the run instead of training entries its count does not hold."""
+    from peftbench.sparse import canonical_name
+
+    moved = []
+    for name, param in model.named_parameters():
+        tensor = canonical_name(name)
+        if param.requires_grad or tensor not in pretrained or tensor not in theta0:
+            continue
+        raw = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if hashlib.sha256(raw.numpy().tobytes()).hexdigest() != theta0[tensor]:
+            moved.append(tensor)
+    if moved:
+        raise UsageError(f"method {method!r} moved {len(moved)} frozen pre-trained tensor(s) during training "
+                         f"(e.g. {moved[0]}): a frozen entry must stay bit-identical to its pre-trained "
+                         "value (the Selector contract); train it through the selection instead")
 
 
 def compute_dtype(device: torch.device) -> str:

@@ -191,7 +191,7 @@ def validate_selection(method: str, selection: "Selection", numels: dict[str, in
         if len(torch.unique(idx)) != len(idx):
             refuse(f"partial[{name!r}] repeats indices ({len(idx) - len(torch.unique(idx))} "
                    "repeated): each entry counts once")
-    count = selection.count(numels)
+    count = Selection.count(selection, numels)  # counted here, not by an override of count()
     if budget is not None and count > budget:
         refuse(f"{count} entries selected, over the budget of {budget}")
     return count
