@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftbench import memory, registry
+from peftbench import forgetting, memory, registry
 from peftbench.cache import ScoreCache, score_key
 from peftbench.data import TaskSpec, load_task, tokenize
 from peftbench.errors import UsageError
@@ -156,6 +156,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     model, tokenizer = load_model(config.model, task.num_labels, lm_head)
     head_init = init_head(model, task, splits["train"]["label"] if task.kind == "regression" else [])  # before scoring
     tokenized = tokenize(task, tokenizer, splits, config.train.max_length, lm_head)
+    retained_before = _retention_before(config.model, model, tokenizer, lm_head)
     pretrained = pretrained_parameters(model)
     numels = {n: p.numel() for n, p in pretrained.items()}
     head_names = set(head_parameters(model))
@@ -207,6 +208,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
                 seed_dir, progress, on_epoch)
     check_frozen(config.method, model, set(pretrained), theta0)
+    retained = forgetting.record(retained_before, forgetting.retention(model, tokenizer, next(model.parameters()).device,
+                                                                       causal=lm_head))
     # measured after training: what can differ now (DiffPruning's projected mask, not its plan)
     counts = count_trainable(model, set(pretrained), head_names)
     trained = effective_selection(model, set(pretrained), head_names)
@@ -230,7 +233,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               "load": {"before": load_before, "after": machine_load(), "cores": os.cpu_count()},
               "padding": {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
                           "model_pad_token_id": getattr(model.config, "pad_token_id", None)},
-              "test_predictions": out.get("test_predictions")}
+              "test_predictions": out.get("test_predictions"), "forgetting": retained}
     result = RunRecord.model_validate(result).model_dump(mode="json")  # the one result schema
     _write(seed_dir / "result.json", result)
     return result
@@ -279,6 +282,20 @@ def state_digests(model) -> dict[str, str]:
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         out[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
     return out
+
+
+_BEFORE: dict[tuple, float | None] = {}
+
+
+def _retention_before(model_name: str, model, tokenizer, causal: bool) -> float | None:
+    """The probe on the pre-trained model, once per process and model (the same for every
+    method and seed: the head it does not read is the only difference)."""
+    from peftbench.fingerprint import model_fingerprint
+
+    key = (model_fingerprint(model_name), causal)
+    if key not in _BEFORE:
+        _BEFORE[key] = forgetting.retention(model, tokenizer, torch.device("cpu"), causal=causal)
+    return _BEFORE[key]
 
 
 def hooks(model) -> int:

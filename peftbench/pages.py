@@ -103,6 +103,8 @@ ANALYSES = (
      "Among the methods that keep to the budget: best and runner-up by mean, their difference x100 "
      "paired by seed with a 95% interval (seeds + test set); both picked after seeing the data, so "
      "p_uncorrected is optimistic. An interval that includes 0: no single best method there."),
+    ("forgetting.csv", "What each run forgets (representation retention on SICK-R TRIAL, x100)",
+     "After training and its change from the pre-trained model's, mean and std over seeds."),
     ("selection-checks.csv", "Cells that do not measure the method as budgeted (selection checks)",
      "concentrated: one tensor outside the repeated blocks holds more than half of the selection and more "
      "than twice its share of the model; underspent: the method trained less than half its budget."),

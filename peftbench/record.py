@@ -78,6 +78,15 @@ class Predictions(_Strict):
         return self
 
 
+class Forgetting(_Strict):
+    """Representation retention on the probe (`peftbench.forgetting`): before and after training."""
+
+    probe: str
+    before: float
+    after: float
+    change: float
+
+
 class PeakMemory(_Strict):
     scoring_bytes: NonNegativeInt
     training_bytes: NonNegativeInt
@@ -121,6 +130,7 @@ class RunRecord(_Strict):
     load: Load | None = None
     padding: dict | None = None  # the pad token batches used (a decoder's is set: models.padding)
     test_predictions: Predictions | None = None  # None for cells written before peftbench stored them
+    forgetting: Forgetting | None = None  # None: not measured (a causal LM; cells written before)
 
     @classmethod
     def read(cls, path: str | Path) -> "RunRecord":
@@ -177,7 +187,9 @@ def analysis_row(record: RunRecord, *, task: str, method: str, budget: str, mode
             "steps_per_s": record.steps_per_s if record.steps_per_s is not None else float("nan"),
             "load_1min": mean_load(result), "peak_memory_mb": peak_memory_mb(result),
             "spend": dict(record.trainable_by_tensor), "run_dir": str(run_dir),
-            "predictions": result.get("test_predictions")}
+            "predictions": result.get("test_predictions"),
+            "retention_after": record.forgetting.after if record.forgetting else float("nan"),
+            "retention_change": record.forgetting.change if record.forgetting else float("nan")}
 
 
 def budget_blocks(budgets) -> list[str]:

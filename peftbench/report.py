@@ -45,6 +45,7 @@ from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stat
     holm,
     kept_budget,
     paired_test,
+    forgetting_table,
     paired_tests,
     selection_checks,
     spearman,
@@ -428,6 +429,13 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         lines += section
         tests_all.append(tests.assign(budget=budget))
     pd.concat(tests_all).to_csv(out / "tests.csv", index=False)
+    lines += table_section(
+        out / "forgetting.csv", forgetting_table(frame),
+        "### What each run forgets (representation retention on SICK-R TRIAL)",
+        "Spearman x100 of the probe's 495 pairs (cosine of mean-pooled last hidden states against "
+        "the gold relatedness) after training, and its change from the pre-trained model's, mean ± "
+        "std over seeds (`peftbench/forgetting.py`; cells written before runs measured it have "
+        "none). A larger drop: the selection moved the representation further (forgetting.csv).")
     lines += table_section(
         out / "selection-checks.csv", selection_checks(frame),
         "### Cells that do not measure the method as budgeted (selection checks)",

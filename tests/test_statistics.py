@@ -287,6 +287,8 @@ def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_m
     assert not (tmp_path / "out").exists()
     report.build_report(frame, tmp_path / "out")
     assert "predictions" not in pd.read_csv(tmp_path / "out" / "results.csv").columns
+    forgot = pd.read_csv(tmp_path / "out" / "forgetting.csv")  # every run measured what it forgets
+    assert len(forgot) == 2 and (forgot.seeds == 2).all()
 
 
 def test_a_declared_comparison_family_is_used_and_said_and_an_unknown_reference_refused(tmp_path):
