@@ -51,7 +51,8 @@ class SNIP(Selector):
     averaged over `batches` batches, dropout off (the model as loaded is in eval mode when
     SPEFT scores it), over the weights of the linear layers inside the transformer blocks
     (SPEFT's `target_modules`: embeddings, norms, biases and a pooler are never chosen);
-    global top-k (`scope="global"`, SPEFT's `--sparse_global_topk`) or per tensor.
+    global top-k (`scope="global"`, SPEFT's `--sparse_global_topk`) or per tensor; a budget
+    larger than those weights takes them all (<= budget, as SynFlow and GraSP).
 
     Reference: 0-ml/speft `model/sparse_peft.py`, `compute_gradient_based_scores` with
     `saliency` = |w * s|. SPEFT's `Taylor-FO` scores (w * s)^2: the same order, so the same
@@ -76,4 +77,5 @@ class SNIP(Selector):
                 for n in sorted(block_linear_weights(model))}
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        return top_k(scores, budget, self.scope, generator)
+        pool = sum(s.numel() for s in scores.values())  # a budget past the pool takes all of it
+        return top_k(scores, min(budget, pool), self.scope, generator)

@@ -92,4 +92,5 @@ class SynFlow(Selector):
         return scores
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        return top_k(scores, budget, self.scope, generator)
+        pool = sum(s.numel() for s in scores.values())  # a budget past the pool takes all of it
+        return top_k(scores, min(budget, pool), self.scope, generator)

@@ -196,7 +196,6 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     if not any(p.requires_grad for p in model.parameters()):  # e.g. BitFit on a model without biases
         raise UsageError(f"method {config.method!r} leaves nothing to train on {config.model!r} "
                          "(it selected no entry and the model has no new head): choose another method")
-    check_applied(config.method, model, set(pretrained), head_names, selector.budget_bound(k))
     _write(seed_dir / "selection.json", {
         "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
         selected, "counts_before_training": count_trainable(model, set(pretrained), head_names),
@@ -208,6 +207,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
                 seed_dir, progress, on_epoch)
     check_frozen(config.method, model, set(pretrained), theta0)
+    check_count(config.method, model, set(pretrained), head_names, selector.budget_bound(k))
     retained = forgetting.record(retained_before, forgetting.retention(model, tokenizer, next(model.parameters()).device,
                                                                        causal=lm_head))
     # measured after training: what can differ now (DiffPruning's projected mask, not its plan)
@@ -343,13 +343,14 @@ def checked_select(selector, method: str, model, scores, k: int, generator):
     return selection
 
 
-def check_applied(method: str, model, pretrained: set[str], head: set[str], bound: int | None) -> None:
-    """After apply(): the entries that can now change, counted from the model (what trains and
-    what parametrisations declare, `sparse.count_trainable`), never from the method's own
-    account, within the budget."""
+def check_count(method: str, model, pretrained: set[str], head: set[str], bound: int | None) -> None:
+    """After training: the entries that can differ from the pre-trained model, counted from the
+    model (what trains and what parametrisations declare, `sparse.count_trainable`), never from
+    the method's own account, within the budget. Checked on the trained model, not after
+    apply(): DiffPruning trains every entry until its projection, by design."""
     counts = count_trainable(model, pretrained, head)
     if bound is not None and counts["trainable"] > bound:
-        raise UsageError(f"method {method!r} made {counts['trainable']:,} entries trainable in apply() "
+        raise UsageError(f"method {method!r} left {counts['trainable']:,} entries trainable after training "
                          f"({counts['encoder']:,} pre-trained, {counts['new']:,} new), over the budget of "
                          f"{bound:,}: apply must train what select chose (the Selector contract)")
 

@@ -59,7 +59,7 @@ PLUGIN = textwrap.dedent('''
 ''')
 CASES = {
     "count() that says 0 for a selection of everything": ("counts-zero", "over the budget"),
-    "apply() that unfreezes everything": ("unfreezes-all", "entries trainable in apply()"),
+    "apply() that unfreezes everything": ("unfreezes-all", "entries trainable after training"),
     "select() that zeroes the word embeddings": ("zeroes-in-select", "changed the model in select()"),
     "after_step() that moves a frozen weight": ("moves-frozen", "moved 1 frozen pre-trained tensor"),
     "score() that leaves a forward hook": ("hook-in-score", "left 1 hook(s) on the model in score()"),
