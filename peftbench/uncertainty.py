@@ -118,12 +118,53 @@ def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, (xc * yc).sum(1) / denominator, 0.0)
 
 
+CONFUSION = {"accuracy", "f1", "macro_f1", "mcc"}
+
+
+def _confusion_metrics(p: np.ndarray, y: np.ndarray, idx: np.ndarray, classes: int, main: list[str]) -> np.ndarray:
+    """Accuracy, F1 of class 1, macro-F1 over all `classes` (a class absent from both counts
+    0) and multi-class MCC on every resample at once, from per-draw confusion counts: the same
+    definitions as `metrics` (scikit-learn's), tested against it."""
+    draws = idx.shape[0]
+    codes = y[idx] * classes + p[idx] + (np.arange(draws) * classes * classes)[:, None]
+    m = np.bincount(codes.ravel(), minlength=draws * classes * classes).reshape(draws, classes, classes)
+    m = m.astype(float)
+    n = m.sum((1, 2))
+    tp = np.diagonal(m, axis1=1, axis2=2)
+    true, pred = m.sum(2), m.sum(1)
+
+    def f1(t, fp, fn):
+        denominator = 2 * t + fp + fn
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denominator > 0, 2 * t / denominator, 0.0)
+
+    parts = []
+    for name in main:
+        if name == "accuracy":
+            parts.append(tp.sum(1) / n)
+        elif name == "f1":
+            parts.append(f1(m[:, 1, 1], m[:, 0, 1], m[:, 1, 0]))
+        elif name == "macro_f1":
+            parts.append(f1(tp, pred - tp, true - tp).mean(1))
+        else:  # mcc
+            covariance = tp.sum(1) * n - (true * pred).sum(1)
+            denominator = np.sqrt((n ** 2 - (pred ** 2).sum(1)) * (n ** 2 - (true ** 2).sum(1)))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                parts.append(np.where(denominator > 0, covariance / denominator, 0.0))
+    return np.mean(parts, axis=0)
+
+
 def _resampled_main(cell: dict, main: list[str], idx: np.ndarray) -> np.ndarray:
     """The main metric of one seed's stored predictions on each row of resampled indices
-    (draws x n): vectorised for accuracy, Pearson and Spearman, `metrics.compute` otherwise."""
+    (draws x n): vectorised for accuracy, F1, macro-F1, MCC, Pearson and Spearman,
+    `metrics.compute` otherwise."""
     from peftbench import metrics
 
     p, y = cell["predictions"], cell["labels"]
+    if not isinstance(p, dict) and set(main) <= CONFUSION and all(isinstance(v, int) for v in [*p[:1], *y[:1]]):
+        p, y = np.asarray(p, dtype=np.int64), np.asarray(y, dtype=np.int64)
+        classes = int(cell.get("num_classes") or max(p.max(), y.max()) + 1)
+        return _confusion_metrics(p, y, idx, classes, main)
     if not isinstance(p, dict) and set(main) <= {"accuracy", "pearson", "spearman"}:
         p, y = np.asarray(p), np.asarray(y)
         parts = []

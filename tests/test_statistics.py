@@ -329,3 +329,24 @@ def test_selection_checks_flag_a_concentrated_or_underspent_cell_but_not_a_propo
     said = report.verdict(frame.assign(metric=0.5, metric_name="pearson+spearman", test_rows=100,
                                        constant_metric=0.0))
     assert "1 cell(s) put more than half their selection in one tensor" in said and "stsb/fish/b0.1" in said
+
+
+@pytest.mark.parametrize("classes, main", [(3, ["accuracy", "macro_f1"]), (3, ["mcc"]), (2, ["accuracy", "f1"]),
+                                           (2, ["mcc"]), (2, ["macro_f1"])])
+def test_the_bootstraps_confusion_metrics_equal_metrics_compute_on_every_resample(classes, main):
+    """The vectorised accuracy / F1 / macro-F1 / MCC of the bootstrap against scikit-learn's,
+    draw by draw, a draw holding a single class included."""
+    import warnings
+
+    from peftbench import metrics, uncertainty
+
+    rng = np.random.default_rng(classes)
+    y = rng.integers(0, classes, 56)
+    p = np.where(rng.random(56) < 0.6, y, rng.integers(0, classes, 56))
+    cell = {"predictions": [int(v) for v in p], "labels": [int(v) for v in y], "num_classes": classes}
+    idx = rng.integers(0, 56, size=(40, 56))
+    idx[0] = np.where(y == 0)[0][0]  # one example, repeated: one class only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slow = [metrics.compute(main, main, p[i], y[i], classes)["main"] for i in idx]
+    assert uncertainty._resampled_main(cell, main, idx) == pytest.approx(slow, abs=1e-12)
