@@ -188,7 +188,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
             settings=data.train if data is not None else None)
     start = time.perf_counter()
     theta0 = state_digests(model)  # the pre-trained model the method may not move outside its count
-    selection = checked_select(selector, config.method, model, scores, k, generator)
+    selection = checked_select(selector, config.method, model, scores, k, generator, theta0)
     selected = validate_selection(config.method, selection, numels, selector.budget_bound(k))
     select_time = time.perf_counter() - start
     scoring_peak = memory.peak(device, memory_reset)  # scoring and selection
@@ -335,9 +335,10 @@ def checked_score(selector, method: str, model, data):
     return scores
 
 
-def checked_select(selector, method: str, model, scores, k: int, generator):
-    """`selector.select`, held to what `checked_score` holds score to."""
-    before, hooked = state_digests(model), hooks(model)
+def checked_select(selector, method: str, model, scores, k: int, generator, before: dict[str, str]):
+    """`selector.select`, held to what `checked_score` holds score to; `before`: the model's
+    `state_digests` just before (the run's theta0, taken once)."""
+    hooked = hooks(model)
     selection = selector.select(model, scores, k, generator)
     _unchanged(method, "select", model, before, hooked)
     return selection

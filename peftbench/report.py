@@ -422,7 +422,8 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         ["task", "method", "budget", "seeds", "mean", "std", "ci_low", "ci_high", "se_test", "interval"]
     ].to_csv(out / "intervals.csv", index=False)  # the page's table, x100 as every score shown
     compared = comparisons(frame, tuple(against) if against else DEFAULT_AGAINST)
-    lines = _opening_section(frame, out, title, header, ties, compared)
+    rankings = friedman_by_budget(frame)
+    lines = _opening_section(frame, out, title, header, ties, compared, rankings)
     tests_all = []
     for budget in budget_blocks(stats.budget):
         section, tests = _budget_section(frame, stats, budget, ties, out)
@@ -444,7 +445,7 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         "selection and more than twice its share of the model (the cell measures that tensor); "
         "'underspent' = the method trained less than half its budget (the cell measures a smaller "
         "budget than its column). Read these cells' ranks with that in mind (selection-checks.csv).")
-    lines += _ranking_section(frame, out, compared, declared=against is not None)
+    lines += _ranking_section(frame, out, rankings, compared, declared=against is not None)
     lines += table_section(
         out / "best-per-budget.csv", best_per_budget(frame),
         "### Which selection method is best at which budget",
@@ -466,7 +467,8 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     return text
 
 
-def _opening_section(frame, out: Path, title: str, header: str, ties: str, compared: pd.DataFrame) -> list[str]:
+def _opening_section(frame, out: Path, title: str, header: str, ties: str, compared: pd.DataFrame,
+                     rankings: list[dict]) -> list[str]:
     """Title, how to read the tables, notes, the verdict (verdict.md) and the failed cells."""
     lines = [f"# {title}", "", header, ""] if header else [f"# {title}", ""]
     lines += ["Cells: test main metric x100 at the best-validation checkpoint, mean ± population "
@@ -481,7 +483,7 @@ def _opening_section(frame, out: Path, title: str, header: str, ties: str, compa
               "predictor' is the train majority class (mean label for regression) scored on test. "
               "Units: every score and difference on this page is x100; probabilities are 0-1.", ""]
     lines += [f"Note: {note}" for note in frame.attrs.get("notes", [])]
-    said = verdict(frame, compared=compared)
+    said = verdict(frame, rankings=rankings, compared=compared)
     (out / "verdict.md").write_text(said + "\n")
     lines += ["", "**Verdict.** " + said, ""]
     failed = frame.attrs.get("failed", {})
@@ -538,11 +540,10 @@ def _budget_section(frame, stats, budget: str, ties: str, out: Path) -> tuple[li
             intervals.to_markdown(index=False, floatfmt=".2f"), ""], tests
 
 
-def _ranking_section(frame, out: Path, compared: pd.DataFrame, declared: bool) -> list[str]:
+def _ranking_section(frame, out: Path, rankings: list[dict], compared: pd.DataFrame, declared: bool) -> list[str]:
     """Per budget: Friedman over the tasks with Iman-Davenport's F (descriptive below
     MIN_TASKS tasks; pairwise Wilcoxon-Holm over tasks only from MIN_TASKS up); then the
     pre-declared comparisons against Random and full fine-tuning (comparisons.csv)."""
-    rankings = friedman_by_budget(frame)
     lines = []
     for stale in out.glob("wilcoxon-holm*.csv"):  # this section's files: none left from other evidence
         stale.unlink()
