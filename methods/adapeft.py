@@ -1,57 +1,101 @@
-"""AdaPEFT (Xu & Bu, arXiv 2505.12579): Hessian-informed subset selection as a 0-1 knapsack.
+"""AdaPEFT (Xu & Bu, arXiv 2505.12579): whole PEFT families chosen by a knapsack on their
+predicted loss decrease.
 
-peftbench interpretation: the paper's text beyond the abstract was not available; the
-formulas below follow the abstract and the reviewers' summary (methods-research.md 1.13).
+The paper (abstract, introduction and reviews: methods-research.md 1.13): the candidate groups
+are PEFT families (LoRA, prompt tuning, linear probing, LayerNorm tuning, BitFit); a group's
+value is its predicted loss decrease, from a short probe along the optimiser's update with
+GeN-style forward fits (the loss along the update fitted by a quadratic, kept only when its
+curvature is positive and the fit is good), averaged over checkpoints; a 0-1 knapsack, read off
+its Pareto front over budgets, chooses the groups. Where the text is not available, the choices
+below are ours, in formulas:
 
-Groups. Parameters are partitioned into groups G_1..G_K: `groups="tensor"` (every encoder
-tensor), `"module"` (one group per module kind across layers, e.g. all `attention.self.query.weight`
-tensors), or `"layer_module"` (per layer and module: tensors with the same name up to the
-parameter suffix).
+Candidates (`families`). For each module kind m of the blocks (query, key, value, attention
+output, feed-forward in and out: `peftbench.architectures`), LoRA of rank r in `ranks` on every
+block's m: new parameters, cost sum over blocks of r (d_in + d_out); a kind takes at most one
+rank (a multiple-choice class). BitFit: the biases of those Linear layers (pre-trained entries).
+LayerNorm: every LayerNorm weight and bias of the encoder (pre-trained entries). Linear probing is
+the head, which every method trains; prompt tuning is not a candidate (not implemented).
 
-Value. With g the mean training gradient at theta0 and h an estimate of the Hessian diagonal,
-a step of size eta along -g_k on group k alone changes the loss by
-    dL_k(eta) ~= -eta b_k + eta^2 a_k / 2,  b_k = g_k . g_k,  a_k = g_k . diag(h) g_k,
-so the best step decreases the loss by v_k = b_k^2 / (2 a_k) (the authors' "G^T g squared over
-2 g^T H g"). Groups with a_k <= 0 (no positive curvature along the step) get v_k = 0, as the
-authors discard fits with g^T H g <= 0.
+Probe. A copy of the model with LoRA of the largest rank on every kind, BitFit, LayerNorm and
+the head trainable runs `probe_steps` AdamW steps at the run's lr (linear warm-up at the run's
+ratio, then constant) on the run's training batches, dropout on. At `checkpoints` evenly spaced
+steps each candidate's direction is its accumulated update: for LoRA of rank r the best rank-r
+approximation (SVD) of each block's B A (the rank-r family's reachable update), for BitFit and
+LayerNorm the change of their entries.
 
-Curvature, `hessian=`:
-- "exact" (default): a_k = g_k^T H g_k exactly, by one Hessian-vector product per group and
-  batch (H averaged over the scoring batches, g their mean gradient, found in a first pass).
-  Why the default: a diagonal estimate throws away the off-diagonal terms that make g^T H g
-  positive; on a tiny BERT, Hutchinson with one z per batch gave 13 of 23 module groups
-  a_k <= 0 (value 0), while the exact products were positive for all 23. Cost: groups x batches
-  double-backward passes.
-- "hutchinson": a_k = g_k . diag(h) g_k with h = E_z[z * (H z)], Rademacher z (one z per
-  scoring batch, by double back-propagation; exact for a diagonal H);
-- "fisher": the same with h the mean squared batch gradient.
+Value. On the first `fit_batches` training batches (evaluation mode), the loss with one
+candidate's direction alone, scaled by eta in ETAS, on the pre-trained encoder with the head at
+its probe value, is fitted by L(eta) = c - b eta + a eta^2 / 2 (least squares). A fit counts
+when a > 0, b > 0 and R^2 >= `min_r2`; its value is then b^2 / (2 a), the decrease at the best
+step. A candidate's value is the mean over checkpoints, a failed fit counting 0 (the paper
+discards such fits).
 
-Knapsack. Maximise sum v_k x_k subject to sum |G_k| x_k <= budget. `pareto_front` computes the
-exact front of (trainable parameters, predicted loss decrease) over all subsets by
-Nemhauser-Ullmann dynamic programming (merge and prune dominated points group by group); any
-budget's exact knapsack optimum is read off it. If the front grows past `max_front` points, it
-switches to the greedy front (groups in order of decreasing value per parameter, taking
-prefixes), the documented approximation, which the paper's "incremental Pareto front" also uses.
-
-Scores. `score` returns each entry's per-parameter influence v_k / |G_k| (so a group's
-entries sum to v_k); `select` rebuilds the groups from them, so a budget sweep reuses one
-scoring pass.
+Knapsack. Maximise the summed value under summed cost <= budget, at most one option per
+class. `pareto_front` computes the exact front of (cost, value) over all choices by
+Nemhauser-Ullmann dynamic programming, class by class; past `max_front` points it switches to
+the greedy front (options by value per parameter, one per class), the approximation the paper's
+"incremental Pareto front" also makes. Spent / budget is in the selection's notes; the board
+flags a cell that spends less than half its budget (`statistics.selection_checks`).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch import nn
 
-from peftbench.errors import check_choice
-from peftbench.scoring import count_batches, differentiable_parameters
-from peftbench.selector import Batches, PositiveInt, Selection, Selector
+from peftbench.models import head_parameters, pretrained_parameters
+from peftbench.scoring import ScoringData
+from peftbench.selector import Fraction, PositiveInt, Selection, Selector
+from peftbench.sparse import canonical_name
 
-GROUPINGS = ("tensor", "module", "layer_module")
-HESSIANS = ("exact", "hutchinson", "fisher")
+ETAS = (0.0, 0.5, 1.0, 1.5, 2.0)  # step scales the loss is fitted at, along a candidate's update
+
+
+@dataclass(frozen=True)
+class Family:
+    """One candidate: `kind` lora / bitfit / layernorm; `klass` groups the options of which at
+    most one is chosen (a LoRA kind's ranks); `targets` the modules (LoRA) or tensors it trains."""
+
+    name: str
+    klass: str
+    kind: str
+    rank: int
+    targets: tuple[str, ...]
+    cost: int
+
+
+def families(model: nn.Module, ranks: tuple[int, ...]) -> list[Family]:
+    """The candidates of `model`, in a fixed order (module docstring)."""
+    from peftbench.architectures import block_modules, layout
+
+    names = layout(model)
+    suffixes = [*names.qkv, names.attention_out, *names.ffn_in, names.ffn_out]
+    params = pretrained_parameters(model)
+    out, biases = [], []
+    for suffix in suffixes:
+        modules = tuple(block_modules(model, [suffix]))
+        size = sum(sum(model.get_submodule(m).weight.shape) for m in modules)  # d_in + d_out (Linear, Conv1D)
+        for r in ranks:
+            out.append(Family(f"lora:{suffix}:r{r}", f"lora:{suffix}", "lora", r, modules, r * size))
+        biases += [f"{m}.bias" for m in modules if f"{m}.bias" in params]
+    if biases:
+        out.append(Family("bitfit", "bitfit", "bitfit", 0, tuple(biases), sum(params[n].numel() for n in biases)))
+    norms = tuple(n for n, _ in _layernorm_parameters(model) if n in params)
+    if norms:
+        out.append(Family("layernorm", "layernorm", "layernorm", 0, norms, sum(params[n].numel() for n in norms)))
+    return out
+
+
+def _layernorm_parameters(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm")):
+            for p, param in module.named_parameters(recurse=False):
+                yield f"{name}.{p}", param
 
 
 @dataclass
@@ -61,35 +105,46 @@ class FrontPoint:
     items: tuple[int, ...]
 
 
-def pareto_front(values: list[float], weights: list[int], max_front: int = 200_000) -> tuple[list[FrontPoint], bool]:
-    """Non-dominated (weight, value) subsets, sorted by weight, and whether it is exact.
+def _prune(points: list[FrontPoint]) -> list[FrontPoint]:
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p.weight, -p.value)):
+        if p.value > best:
+            front.append(p)
+            best = p.value
+    return front
 
-    A point is kept iff no other subset has weight <= and value >= with one strict; the front
-    is therefore monotone: weights and values both strictly increase along it.
-    """
+
+def pareto_front(values: list[float], weights: list[int], classes: list[str] | None = None,
+                 max_front: int = 200_000) -> tuple[list[FrontPoint], bool]:
+    """Non-dominated (weight, value) choices of items, at most one per class (each item its own
+    class by default), sorted by weight, and whether it is exact. A point is kept iff no other
+    choice has weight <= and value >= with one strict: weights and values strictly increase."""
+    classes = classes if classes is not None else [str(i) for i in range(len(values))]
+    by_class: dict[str, list[int]] = {}
+    for i, c in enumerate(classes):
+        if values[i] > 0:  # never worth its weight otherwise
+            by_class.setdefault(c, []).append(i)
     front = [FrontPoint(0, 0.0, ())]
-    for i, (v, w) in enumerate(zip(values, weights)):
-        if v <= 0:
-            continue  # never worth its weight
-        merged = sorted(front + [FrontPoint(p.weight + w, p.value + v, p.items + (i,)) for p in front],
-                        key=lambda p: (p.weight, -p.value))
-        front, best = [], -1.0
-        for p in merged:
-            if p.value > best:
-                front.append(p)
-                best = p.value
+    for members in by_class.values():
+        front = _prune(front + [FrontPoint(p.weight + weights[i], p.value + values[i], p.items + (i,))
+                                for p in front for i in members])
         if len(front) > max_front:
-            return greedy_front(values, weights), False
+            return greedy_front(values, weights, classes), False
     return front, True
 
 
-def greedy_front(values: list[float], weights: list[int]) -> list[FrontPoint]:
-    """Prefixes of the groups sorted by value per parameter (the approximation for large K)."""
+def greedy_front(values: list[float], weights: list[int], classes: list[str] | None = None) -> list[FrontPoint]:
+    """Prefixes of the items by value per parameter, skipping an item whose class is taken
+    (the approximation for large instances)."""
+    classes = classes if classes is not None else [str(i) for i in range(len(values))]
     order = sorted((i for i, v in enumerate(values) if v > 0), key=lambda i: -values[i] / weights[i])
-    front, weight, value = [FrontPoint(0, 0.0, ())], 0, 0.0
-    for n, i in enumerate(order):
-        weight, value = weight + weights[i], value + values[i]
-        front.append(FrontPoint(weight, value, tuple(order[:n + 1])))
+    front, weight, value, items, taken = [FrontPoint(0, 0.0, ())], 0, 0.0, (), set()
+    for i in order:
+        if classes[i] in taken:
+            continue
+        taken.add(classes[i])
+        weight, value, items = weight + weights[i], value + values[i], items + (i,)
+        front.append(FrontPoint(weight, value, items))
     return front
 
 
@@ -98,147 +153,185 @@ def best_under(front: list[FrontPoint], capacity: int) -> FrontPoint:
     return max((p for p in front if p.weight <= capacity), key=lambda p: p.value)
 
 
-def brute_force_knapsack(values, weights, capacity) -> float:
-    """Exhaustive optimum, for tests on small instances."""
+def brute_force_knapsack(values, weights, capacity, classes=None) -> float:
+    """Exhaustive optimum (at most one item per class), for tests on small instances."""
+    classes = classes if classes is not None else [str(i) for i in range(len(values))]
+    groups = list(dict.fromkeys(classes))
+    options = [[None] + [i for i, c in enumerate(classes) if c == g] for g in groups]
     best = 0.0
-    for mask in itertools.product((0, 1), repeat=len(values)):
-        if sum(w for w, x in zip(weights, mask) if x) <= capacity:
-            best = max(best, sum(v for v, x in zip(values, mask) if x))
+    for pick in itertools.product(*options):
+        chosen = [i for i in pick if i is not None]
+        if sum(weights[i] for i in chosen) <= capacity:
+            best = max(best, sum(values[i] for i in chosen))
     return best
 
 
-def hutchinson_diagonal(loss: torch.Tensor, params: list[torch.Tensor], samples: int,
-                        generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(gradient, Hessian-diagonal estimate) of `loss`: E_z[z * (H z)] over `samples` Rademacher
-    draws of z, by double back-propagation. Exact for a diagonal Hessian (z * z = 1)."""
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    diag = [torch.zeros_like(p) for p in params]
-    for i in range(samples):
-        zs = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p) for p in params]
-        hz = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=i < samples - 1)
-        for d, z, h in zip(diag, zs, hz):
-            d += z * h / samples
-    return [g.detach() for g in grads], diag
+def quadratic_value(etas, losses, min_r2: float) -> tuple[float, float]:
+    """(value, R^2) of the GeN-style fit L(eta) = c - b eta + a eta^2 / 2: b^2 / (2 a) when the
+    curvature a and the slope b are positive and R^2 >= `min_r2`, else 0."""
+    x, y = np.asarray(etas, float), np.asarray(losses, float)
+    if not np.all(np.isfinite(y)):
+        return 0.0, float("nan")
+    design = np.stack([np.ones_like(x), -x, x * x / 2], axis=1)
+    (c, b, a), *_ = np.linalg.lstsq(design, y, rcond=None)
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float(((y - design @ np.array([c, b, a])) ** 2).sum()) / total if total > 0 else 0.0
+    return (float(b * b / (2 * a)) if a > 0 and b > 0 and r2 >= min_r2 else 0.0), r2
 
 
-def group_curvature(loss: torch.Tensor, params: list[torch.Tensor], direction: list[torch.Tensor],
-                    group_of: list[int], groups: int) -> list[float]:
-    """Exact d_k^T H d_k per group k, d_k = `direction` on group k's tensors and 0 elsewhere:
-    one Hessian-vector product (double back-propagation) per group."""
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    out = []
-    for k in range(groups):
-        members = [i for i, g in enumerate(group_of) if g == k]
-        hv = torch.autograd.grad([grads[i] for i in members], [params[i] for i in members],
-                                 grad_outputs=[direction[i] for i in members],
-                                 retain_graph=k < groups - 1)
-        out.append(float(sum((direction[i] * h).sum() for i, h in zip(members, hv))))
-    return out
+def _lora_config(chosen: dict[str, int], block: str):
+    """peft's LoraConfig for LoRA of rank `chosen[suffix]` on each block's `suffix` (scaling 1:
+    alpha = r, as `methods/lora.py`)."""
+    from peft import LoraConfig
 
-
-def group_key(name: str, grouping: str, block: str = r"layer\.\d+") -> str:
-    """The group of tensor `name`. "module": the block index replaced by `*` (`block`: the
-    architecture's block pattern, `peftbench.architectures`: BERT's `layer.3.`, GPT-2's `h.3.`,
-    Llama's `layers.3.`), so a module kind's tensors across blocks form one group."""
-    if grouping == "tensor":
-        return name
-    if grouping == "module":
-        return re.sub(rf"(^|\.)({block})\.", lambda m: m.group(1) + re.sub(r"\d+", "*", m.group(2)) + ".", name)
-    return name.rsplit(".", 1)[0]  # layer_module: a module's weight and bias together
+    patterns = {rf"{block}\.{re.escape(s)}": r for s, r in chosen.items()}
+    top = max(chosen.values())
+    return LoraConfig(r=top, lora_alpha=top, lora_dropout=0.0, bias="none",
+                      target_modules=rf".*\.({'|'.join(patterns)})", rank_pattern=patterns, alpha_pattern=patterns)
 
 
 class AdaPEFT(Selector):
-    """Hessian-informed knapsack over parameter groups (see the module docstring)."""
+    """PEFT families chosen by a knapsack on their probed loss decrease (module docstring)."""
 
-    description = "groups chosen by a knapsack on 2nd-order predicted loss decrease (AdaPEFT, our reading)"
+    description = "PEFT families (LoRA ranks, BitFit, LayerNorm) chosen by a knapsack on probed loss decrease (AdaPEFT, our reading)"
     needs_data = True
 
-    def __init__(self, groups: str = "module", hessian: str = "exact", batches: Batches = 20,
+    def __init__(self, ranks: tuple[PositiveInt, ...] = (1, 2, 4, 8), probe_steps: PositiveInt = 30,
+                 checkpoints: PositiveInt = 2, fit_batches: PositiveInt = 2, min_r2: Fraction = 0.9,
                  max_front: PositiveInt = 200_000):
-        self.groups = check_choice("groups", groups, GROUPINGS)
-        self.hessian = check_choice("hessian", hessian, HESSIANS)
-        self.batches = batches
+        self.ranks = tuple(sorted(set(ranks)))
+        self.probe_steps = probe_steps
+        self.checkpoints = checkpoints
+        self.fit_batches = fit_batches
+        self.min_r2 = min_r2
         self.max_front = max_front
 
     @classmethod
     def search_space(cls) -> dict:
-        from optuna.distributions import CategoricalDistribution
+        from optuna.distributions import FloatDistribution, IntDistribution
 
-        return {"groups": CategoricalDistribution(GROUPINGS), "hessian": CategoricalDistribution(HESSIANS)}
+        return {"probe_steps": IntDistribution(10, 100), "min_r2": FloatDistribution(0.5, 0.99)}
 
-    def score(self, model, data) -> dict[str, torch.Tensor]:
-        names, tensors = differentiable_parameters(model)
-        n = count_batches(data, self.batches)
-        block = self._block(model)
-        keys = {name: group_key(name, self.groups, block) for name in names}
-        order = list(dict.fromkeys(keys.values()))
-        group_of = [order.index(keys[name]) for name in names]
-        g = [torch.zeros_like(p) for p in tensors]
-        h = [torch.zeros_like(p) for p in tensors]
-        generator = torch.Generator().manual_seed(0)
-        was_training = model.training
-        model.eval()  # a deterministic loss: the same function for gradient and curvature
-        batches = list(itertools.islice(itertools.cycle(data.batches()), n))
-        for batch in batches:
-            if self.hessian == "hutchinson":  # one z per batch; averaging over batches
-                # the fused attention kernels have no double backward: use the math kernel
-                with sdpa_kernel([SDPBackend.MATH]):
-                    grads, diag = hutchinson_diagonal(data.loss(model, batch), tensors, 1, generator)
-                for acc, x in zip(h, diag):
-                    acc += x / n
-            else:
-                grads = torch.autograd.grad(data.loss(model, batch), tensors)
-                if self.hessian == "fisher":
-                    for acc, x in zip(h, grads):
-                        acc += x.square() / n
-            for acc, x in zip(g, grads):
-                acc += x / n
-        b, a, size = {}, {}, {}
-        for name, gi, hi in zip(names, g, h):
-            k = keys[name]
-            b[k] = b.get(k, 0.0) + float(gi.square().sum())
-            a[k] = a.get(k, 0.0) + float((hi * gi.square()).sum())
-            size[k] = size.get(k, 0) + gi.numel()
-        if self.hessian == "exact":  # second pass: g_k^T H g_k with the mean gradient g
-            a = dict.fromkeys(order, 0.0)
-            for batch in batches:
-                with sdpa_kernel([SDPBackend.MATH]):
-                    curv = group_curvature(data.loss(model, batch), tensors, g, group_of, len(order))
-                for k, value in zip(order, curv):
-                    a[k] += value / n
-        model.train(was_training)
-        value = {k: b[k] ** 2 / (2 * a[k]) if a[k] > 0 else 0.0 for k in b}
-        return {name: torch.full(p.shape, value[keys[name]] / size[keys[name]])
-                for name, p in zip(names, tensors)}
+    def score(self, model, data: ScoringData) -> dict[str, torch.Tensor]:
+        """Per candidate (the order of `families`): value, cost, and the mean R^2 of its fits."""
+        from peft import inject_adapter_in_model
 
-    def _block(self, model) -> str:
-        """The block pattern the "module" grouping collapses (any for the other groupings)."""
-        if self.groups != "module":
-            return r"layer\.\d+"
         from peftbench.architectures import layout
 
-        return layout(model).block
+        cands = families(model, self.ranks)
+        lora_kinds = {f.targets: f.klass.split(":", 1)[1] for f in cands if f.kind == "lora"}
+        entries = [n for f in cands if f.kind != "lora" for n in f.targets]
+        evaluator = copy.deepcopy(model).eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            probe = inject_adapter_in_model(
+                _lora_config({k: max(self.ranks) for k in lora_kinds.values()}, layout(model).block),
+                copy.deepcopy(model))
+            for name, p in probe.named_parameters():
+                p.requires_grad_("lora_" in name)
+            trainable = [p for n, p in probe.named_parameters() if "lora_" in n]
+            own = {canonical_name(n): p for n, p in probe.named_parameters()}
+            for name in [*entries, *head_parameters(model)]:
+                own[name].requires_grad_(True)
+                trainable.append(own[name])
+            checks = self._probe(probe, trainable, data, cands, evaluator, model)
+        values = np.mean([c[0] for c in checks], axis=0)
+        r2 = np.nanmean([c[1] for c in checks], axis=0) if checks else np.zeros(len(cands))
+        return {"family.value": torch.tensor(values, dtype=torch.float64),
+                "family.cost": torch.tensor([f.cost for f in cands]),
+                "family.r2": torch.tensor(r2, dtype=torch.float64)}
 
-    def front(self, scores: dict[str, torch.Tensor], block: str = r"layer\.\d+") -> tuple[list[str], list[FrontPoint], bool]:
-        """(group keys, Pareto front over the groups, exact?) from the per-entry scores."""
-        keys: dict[str, list[str]] = {}
-        for name in scores:
-            keys.setdefault(group_key(name, self.groups, block), []).append(name)
-        groups = list(keys)
-        values = [sum(float(scores[n].sum()) for n in keys[k]) for k in groups]
-        weights = [sum(scores[n].numel() for n in keys[k]) for k in groups]
-        front, exact = pareto_front(values, weights, self.max_front)
-        return groups, front, exact
+    def _probe(self, probe, params, data, cands, evaluator, model) -> list[tuple[list, list]]:
+        """Train the probe; at each checkpoint fit every candidate (module docstring)."""
+        lr = float(data.train.lr)
+        warm = int(np.ceil(data.train.warmup_ratio * self.probe_steps))
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
+        at = {round(self.probe_steps * (i + 1) / self.checkpoints) for i in range(self.checkpoints)}
+        fit = list(itertools.islice(data.batches(), self.fit_batches))
+        stream = itertools.cycle(data.batches())
+        probe.train()
+        out = []
+        for step in range(1, self.probe_steps + 1):
+            loss = data.loss(probe, next(stream))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, data.train.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step in at:
+                out.append(self._fits(probe, evaluator, model, data, fit, cands))
+        return out
+
+    @torch.no_grad()
+    def _fits(self, probe, evaluator, model, data, fit, cands) -> tuple[list, list]:
+        """(value, R^2) per candidate at the probe's current state."""
+        original = dict(model.named_parameters())
+        target = dict(evaluator.named_parameters())
+        trained = {canonical_name(n): p for n, p in probe.named_parameters()}
+        for name in head_parameters(model):  # the head at its probe value, as every method trains it
+            target[name].copy_(trained[name])
+
+        def loss() -> float:
+            return float(np.mean([float(data.loss(evaluator, b)) for b in fit]))
+
+        base = loss()
+        values, r2s = [], []
+        for cand in cands:
+            deltas = self._directions(cand, probe, original, trained)
+            losses = [base]
+            for eta in ETAS[1:]:
+                for name, d in deltas.items():
+                    target[name].copy_(original[name] + eta * d)
+                losses.append(loss())
+            for name in deltas:
+                target[name].copy_(original[name])
+            value, r2 = quadratic_value(ETAS, losses, self.min_r2)
+            values.append(value)
+            r2s.append(r2)
+        return values, r2s
+
+    @staticmethod
+    def _directions(cand: Family, probe, original, trained) -> dict[str, torch.Tensor]:
+        """The candidate's accumulated update, as changes of pre-trained tensors."""
+        if cand.kind != "lora":
+            return {n: trained[n] - original[n] for n in cand.targets}
+        out = {}
+        for module in cand.targets:
+            layer = probe.get_submodule(module)
+            delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+            u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+            r = cand.rank
+            low = ((u[:, :r] * s[:r]) @ vh[:r]).to(delta.dtype)
+            out[f"{module}.weight"] = low if low.shape == original[f"{module}.weight"].shape else low.T  # Conv1D: (in, out)
+        return out
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        block = self._block(model)
-        groups, front, exact = self.front(scores, block)
+        cands = families(model, self.ranks)
+        values = [float(v) for v in scores["family.value"]]
+        costs = [int(c) for c in scores["family.cost"]]
+        front, exact = pareto_front(values, costs, [f.klass for f in cands], self.max_front)
         point = best_under(front, budget)
-        members = {}
-        for name in scores:
-            members.setdefault(group_key(name, self.groups, block), []).append(name)
-        chosen = {n for i in point.items for n in members[groups[i]]}
-        return Selection(full=chosen, notes={
-            "front_exact": exact, "front_points": len(front),
-            "predicted_loss_decrease": point.value, "groups_chosen": [groups[i] for i in point.items],
+        chosen = [cands[i] for i in point.items]
+        self._lora = {f.klass.split(":", 1)[1]: f.rank for f in chosen if f.kind == "lora"}
+        full = {n for f in chosen if f.kind != "lora" for n in f.targets}
+        return Selection(full=full, notes={
+            "front_exact": exact, "front_points": len(front), "predicted_loss_decrease": point.value,
+            "families_chosen": [f.name for f in chosen], "spent": point.weight, "budget": budget,
+            "spent_share": point.weight / budget if budget else None,
+            "values": {f.name: v for f, v in zip(cands, values)},
+            "r2": {f.name: float(r) for f, r in zip(cands, scores["family.r2"])},
             "front": [[p.weight, p.value] for p in front][:1000]})
+
+    def apply(self, model, selection: Selection):
+        from peft import inject_adapter_in_model
+
+        from peftbench.architectures import layout
+
+        model = super().apply(model, selection)  # BitFit / LayerNorm entries and the head
+        if self._lora:
+            head = set(head_parameters(model))
+            model = inject_adapter_in_model(_lora_config(self._lora, layout(model).block), model)
+            for name, p in model.named_parameters():  # peft leaves only its adapters trainable
+                p.requires_grad_("lora_" in name or canonical_name(name) in selection.full | head)
+        return model

@@ -9,5 +9,5 @@ imports) -> `registry` (entry points) -> `data` (task specs) + `models` (encoder
 """
 from peftbench.selector import Budget, Selection, Selector, apportion, top_k
 
-__version__ = "0.3.0"  # bump with any change that can move a number (it keys a study's cells)
+__version__ = "0.4.0"  # bump with any change that can move a number (it keys a study's cells)
 __all__ = ["Budget", "Selection", "Selector", "apportion", "top_k"]

@@ -34,7 +34,7 @@ def selection_cost(seed: int = 0) -> dict:
     ggm = importlib.import_module(registry.get("ggm").__module__)
     adapeft = importlib.import_module(registry.get("adapeft").__module__)
     enumerate_nodes, solve_ggm = ggm.enumerate_nodes, ggm.solve_ggm
-    group_key, pareto_front = adapeft.group_key, adapeft.pareto_front
+    families, pareto_front = adapeft.families, adapeft.pareto_front
 
     torch.manual_seed(seed)
     model = RobertaForSequenceClassification(RobertaConfig())
@@ -52,16 +52,10 @@ def selection_cost(seed: int = 0) -> dict:
     out = {"layout": "roberta-base", "entries": n_entries, "tensors": len(params),
            "ggm": {"nodes": len(nodes), "bias_nodes": len(bias_nodes), "svd_s": svd_s,
                    "bcd_s": bcd_s, "bcd_iterations": len(history) - 1}}
-    out["adapeft"] = {}
-    for grouping in ("module", "layer_module", "tensor"):
-        sizes = {}
-        for name, p in params.items():
-            key = group_key(name, grouping)
-            sizes[key] = sizes.get(key, 0) + p.numel()
-        values = list(rng.lognormal(0, 2, size=len(sizes)))
-        (front, exact), seconds = _timed(lambda: pareto_front(values, list(sizes.values())))
-        out["adapeft"][grouping] = {"groups": len(sizes), "front_points": len(front),
-                                    "exact": exact, "seconds": seconds}
+    cands = families(model, (1, 2, 4, 8))  # the PEFT families: LoRA ranks per kind, BitFit, LayerNorm
+    values = list(rng.lognormal(0, 2, size=len(cands)))
+    (front, exact), seconds = _timed(lambda: pareto_front(values, [f.cost for f in cands], [f.klass for f in cands]))
+    out["adapeft"] = {"families": len(cands), "front_points": len(front), "exact": exact, "seconds": seconds}
     scores = {n: p.detach().abs() for n, p in params.items()}
     _, topk_s = _timed(lambda: top_k(scores, math.floor(0.005 * n_entries), "global", torch.Generator()))
     out["global_top_k_p0.005_s"] = topk_s

@@ -205,6 +205,37 @@ def committed_cells(board: Path) -> list[CommittedCell]:
     return out
 
 
+def accept_frozen(spec, board: Path) -> tuple[int, list[str]]:
+    """On a frozen board (`frozen:` in its spec): accept each committed cell whose recorded
+    configuration is this spec's cell under the current settings in everything but the code,
+    whose code is the version the spec names, and whose fingerprint is that configuration's
+    digest; the accepted fingerprints become the cells' own (`Fingerprints.of`). Returns (how
+    many accepted, the keys refused with why): a cell edited, or made with other settings or
+    another version, is not read back."""
+    from peftbench import sweep
+    from peftbench.fingerprint import digest
+
+    prints = sweep.Fingerprints(spec)
+    accepted, refused = {}, []
+    for cell in committed_cells(board):
+        current = prints.cells.get(cell.cell)
+        if current is None:
+            continue
+        recorded = cell.record["config"]
+        code = recorded.get("code") if isinstance(recorded.get("code"), dict) else {}
+        if digest(recorded) != cell.fingerprint:
+            refused.append(f"{cell.cell} (its config.json is not the configuration its fingerprint names)")
+        elif code.get("peftbench") != spec.frozen.version:
+            refused.append(f"{cell.cell} (made with peftbench {code.get('peftbench')}, the spec says "
+                           f"{spec.frozen.version})")
+        elif {**prints.config(current), "code": code} != recorded:
+            refused.append(f"{cell.cell} (made with other settings than the spec's)")
+        else:
+            accepted[cell.cell] = cell.fingerprint
+    spec._accepted = accepted
+    return len(accepted), refused
+
+
 def import_committed(study, spec, board: Path, log=print) -> int:
     """Add every committed cell whose fingerprint is the spec's for that cell, and that the
     study does not hold yet, as a COMPLETE trial read from its files; returns how many. A

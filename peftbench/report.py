@@ -415,7 +415,9 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     # the run folder's name, not its path on this machine (a board's runs/<name>/ holds it);
     # no trial number (a study-local id): the same cells give the same file on any machine
     frame.drop(columns=["spend", "trial", "predictions"], errors="ignore").assign(
-        run_dir=[Path(p).name for p in frame.run_dir]).to_csv(out / "results.csv", index=False)
+        run_dir=[Path(p).name for p in frame.run_dir],
+        **({"health": ["; ".join(h) if isinstance(h, list) else "" for h in frame.health]}
+           if "health" in frame else {})).to_csv(out / "results.csv", index=False)
     stats = cell_stats(frame)
     stats.to_csv(out / "cells.csv", index=False)
     stats.assign(**{c: 100 * stats[c] for c in ("mean", "std", "ci_low", "ci_high", "se_test")})[

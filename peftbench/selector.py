@@ -24,7 +24,11 @@ up to four phases, each optional except `select`:
    `begin_training(model, total_steps)` runs once before the first step (refuse a schedule the
    method cannot honour there); `checkpoint_ready(step)` says whether the model after `step`
    steps is the method's final form (False: that epoch's validation cannot pick the checkpoint
-   that is tested, e.g. DiffPruning before its projection).
+   that is tested, e.g. DiffPruning before its projection). `phases(total_steps)` names the
+   steps after which the method changes form: the learning-rate schedule (warm-up, then linear
+   decay) restarts there and validation is measured on both sides (the run's `phases`);
+   `learning_rates(model, lr, phase)` gives parameters a rate other than the run's in a phase
+   (DiffPruning's gates and its dense phase); `training_record()` returns what the method reports about its own run (its health).
 
 Caching: `score`'s return value is cached on disk by a sweep and handed to `select` in later
 runs without `score` being called again, so everything `select`, `apply` and the hooks need
@@ -337,4 +341,13 @@ class Selector:
         return None
 
     def after_step(self, model: "nn.Module", step: int) -> None:
+        return None
+
+    def phases(self, total_steps: int) -> list[int]:
+        return []
+
+    def learning_rates(self, model: "nn.Module", lr: float, phase: int) -> dict[str, float]:
+        return {}
+
+    def training_record(self) -> dict | None:
         return None

@@ -126,7 +126,8 @@ MIN_TASKS = 5  # Demsar (2006): with fewer data sets Friedman and a CD diagram o
 
 def kept_budget(frame: pd.DataFrame, slack: float = 0.01) -> pd.Series:
     """Per (task, method, budget) of the budget-parameterised cells: whether the mean trainable
-    count keeps to the budget (at most its entries x (1 + `slack`)). A method that overshoots
+    count keeps to the budget (at most its entries x (1 + `slack`)) and no seed ran outside the
+    method's design range (a "pool exhausted" health flag). A method that overshoots
     (ChildTuning-F redraws its mask each step: a run moves every entry) did not compete there."""
     from peftbench.selector import Budget
 
@@ -134,7 +135,13 @@ def kept_budget(frame: pd.DataFrame, slack: float = 0.01) -> pd.Series:
         trainable=("trainable", "mean"), total=("pretrained_entries", "first"))
     allowed = [Budget.parse(b).entries(int(t)) * (1 + slack)
                for b, t in zip(cells.index.get_level_values("budget"), cells.total)]
-    return cells.trainable <= np.array(allowed, float)
+    kept = cells.trainable <= np.array(allowed, float)
+    if "health" in frame:  # outside the method's design range (GGM's pool exhausted): not the method
+        outside = frame[frame.budget != NATURAL].assign(outside=[
+            any(str(f).startswith("pool exhausted") for f in (h if isinstance(h, list) else []))
+            for h in frame.loc[frame.budget != NATURAL, "health"]]).groupby(["task", "method", "budget"]).outside.any()
+        kept &= ~outside.reindex(kept.index, fill_value=False)
+    return kept
 
 
 def competing(frame: pd.DataFrame, budget: str) -> pd.DataFrame:
@@ -490,7 +497,9 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
       trained every entry (full fine-tuning); without one, `share` alone decides, and the
       detail says so;
     - `underspent`: a budgeted method trained less than `spent` of its budget (mean over seeds):
-      the cell measures a smaller budget than its column says.
+      the cell measures a smaller budget than its column says;
+    - `protocol-limited`: seeds whose run says it did not work as designed (`record.health_flags`:
+      DiffPruning's mask did not learn, or it was projected from a collapsed model).
     From each seed's `trainable_by_tensor` (the head apart); empty where runs do not record it."""
     from peftbench.selector import Budget
 
@@ -519,6 +528,11 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
                              "detail": f"{tensor} holds {100 * top:.0f}% of the trained entries"
                                        + (f" ({100 * size:.2f}% of the model's)" if size is not None
                                           else " (its size unknown: no full fine-tuning run of the task)")})
+        flagged = [(seed, flags) for seed, flags in zip(cells.seed, cells.get("health", [None] * len(cells))) if flags]
+        if flagged:
+            rows.append({"task": task, "method": method, "budget": budget, "check": "protocol-limited",
+                         "detail": f"{len(flagged)} of {len(cells)} seeds: "
+                                   + "; ".join(f"seed {s}: {', '.join(f)}" for s, f in flagged)})
         if budget != NATURAL:
             allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0]))
             used = float(cells.trainable.mean()) / allowed if allowed else np.nan

@@ -129,6 +129,56 @@ def warmup_steps(ratio: float, steps: int) -> int:
     return min(math.ceil(ratio * steps), max(steps - 1, 0))
 
 
+def optimizer_and_schedule(model, selector: Selector, decay: list, no_decay: list, config: TrainConfig,
+                           edges: list[int]):
+    """AdamW and its schedule. Groups: with and without weight decay, each split by the rates
+    the method gives its parameters in each phase (`Selector.learning_rates`; the run's lr for
+    the rest). Schedule: linear warm-up then linear decay to 0 within each phase
+    [edges[i], edges[i+1]), times the group's rate in that phase. One phase and no rates is HF's
+    `get_linear_schedule_with_warmup`; a method that changes form mid-run (`Selector.phases`)
+    starts its next phase with its own warm-up, as DiffPruning's authors fine-tune the fixed
+    mask after the projection."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    named = {id(p): n for n, p in model.named_parameters()}
+    spans = [(a, b, warmup_steps(config.warmup_ratio, b - a)) for a, b in zip(edges, edges[1:])]
+    per_phase = [selector.learning_rates(model, config.lr, i) for i in range(len(spans))]
+    for rates in per_phase:
+        unknown = set(rates) - set(named.values())
+        bad = {n: r for n, r in rates.items() if not (math.isfinite(r) and r > 0)}
+        if unknown or bad:
+            raise UsageError(f"{type(selector).__name__}.learning_rates: "
+                             + (f"names parameters the model does not have: {sorted(unknown)[:3]}" if unknown
+                                else f"rates must be positive and finite: {dict(list(bad.items())[:3])}"))
+    groups, keys = [], []
+    for members, wd in ((decay, config.weight_decay), (no_decay, 0.0)):
+        by_rates: dict[tuple, list] = {}
+        for p in members:
+            name = named.get(id(p))
+            by_rates.setdefault(tuple(float(r.get(name, config.lr)) for r in per_phase), []).append(p)
+        for key, ps in by_rates.items():
+            groups.append({"params": ps, "weight_decay": wd, "lr": key[0]})
+            keys.append(key)
+    optimizer = torch.optim.AdamW(groups or [{"params": []}], lr=config.lr)
+
+    def phase(step: int) -> int:
+        return next((i for i, (_, b, _) in enumerate(spans) if step < b), len(spans) - 1)
+
+    def factor(step: int) -> float:
+        a, b, warm = spans[phase(step)]
+        local, length = step - a, b - a
+        if local < warm:
+            return float(local) / float(max(1, warm))
+        return max(0.0, float(length - local) / float(max(1, length - warm)))
+
+    def lam(key: tuple):
+        return lambda step: factor(step) * (key[phase(step)] / key[0])
+
+    scheduler = LambdaLR(optimizer, [lam(k) for k in keys] or [factor])
+    scheduler.factor = factor  # the run's own rate is config.lr * factor(step)
+    return optimizer, scheduler
+
+
 def make_loader(dataset, tokenizer, task, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
@@ -245,21 +295,18 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay, no_decay, deltas = decay_plan(model)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     train_loader = make_loader(splits["train"], tokenizer, task, config.batch_size, True, seed)
     val_loader = make_loader(splits["validation"], tokenizer, task, config.eval_batch_size, False, seed)
     test_loader = make_loader(splits["test"], tokenizer, task, config.eval_batch_size, False, seed)
     steps = config.epochs * len(train_loader)
     if config.max_steps:
         steps = min(steps, config.max_steps)
-    from transformers import get_linear_schedule_with_warmup
-
-    # HF's linear warm-up starts at rate 0; it is held to steps - 1 so at least one step runs at
-    # the full rate (ceil(0.1 * 1) = 1 would train a one-step run at rate 0: any lr, same model)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(config.warmup_ratio, steps), steps)
     params = [p for _, p in trainable]
     selector.begin_training(model, steps)
+    boundaries = sorted({b for b in selector.phases(steps) if 0 < b < steps})
+    optimizer, scheduler = optimizer_and_schedule(model, selector, decay, no_decay, config,
+                                                  [0, *boundaries, steps])
+    phases = []
     extra_loss = _overrides(selector, "loss_term")
     after_backward = _overrides(selector, "after_backward")
     before_step = _overrides(selector, "before_step")
@@ -291,14 +338,20 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             if before_step:
                 selector.before_step(model, step)
             if decay_deltas:  # the sparse entries' decay towards 0 (see peftbench.sparse)
-                amount = scheduler.get_last_lr()[0] * config.weight_decay
+                amount = config.lr * scheduler.factor(scheduler.last_epoch) * config.weight_decay
                 for delta in decay_deltas:
                     delta.decay_(amount)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if step + 1 in boundaries:  # validation on both sides of the method's change of form
+                before = evaluate(model, val_loader, task, device)
             if after_step:
                 selector.after_step(model, step)
+            if step + 1 in boundaries:
+                phases.append({"step": step + 1, "validation_before": before,
+                               "validation_after": evaluate(model, val_loader, task, device)})
+                model.train()
             step += 1
             losses.append(loss.detach())
             if step % 10 == 0:
@@ -334,7 +387,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             break
     bar.close()
     train_time = time.perf_counter() - start
-    common = {"steps": step, "train_time_s": train_time, "step_time_s": step_time,
+    common = {"steps": step, "train_time_s": train_time, "step_time_s": step_time, "phases": phases,
               "steps_per_s": step / step_time if step_time > 0 else float("nan"),
               "peak_memory": memory.peak(device, memory_reset), "config": asdict(config)}
     if diverged is not None:

@@ -118,3 +118,52 @@ def test_two_local_workers_build_a_board_and_commit_every_cell(tmp_path, tiny_mo
     cores = len(os.sched_getaffinity(0))
     assert {c["machine"]["threads"] for c in cells} == {max(1, cores // 2)}  # a core share each
     assert len(pd.read_csv(board / "results.csv")) == 4
+
+
+def test_a_frozen_board_reads_back_its_own_cells_after_the_code_changed_and_runs_nothing(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A version bump stales every committed cell; `frozen:` keeps a board made before it
+    readable: cells proven to be its spec's (settings equal but for the code, the code the
+    version named, the fingerprint its config's digest) read back; run and verify refuse; a cell
+    whose configuration was edited is left out, by name."""
+    import peftbench
+
+    board = _board(tmp_path, tiny_model_dir, seeds=1)
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    assert main(["leaderboard", "run", "store"]) == 0
+    before = pd.read_csv(board / "results.csv")
+    made_with = peftbench.__version__
+    monkeypatch.setattr(peftbench, "__version__", made_with + ".post-change")
+    shutil.rmtree(tmp_path / "sweep")
+    assert main(["leaderboard", "report", "store"]) == 0  # not frozen: its cells are stale now
+    assert "No (task, method, budget) group is complete yet" in (board / "README.md").read_text()
+
+    spec = yaml.safe_load((board / "spec.yaml").read_text())
+    spec["frozen"] = {"version": made_with, "reason": "before a change of the methods", "see": "next"}
+    (board / "spec.yaml").write_text(yaml.safe_dump(spec))
+    shutil.rmtree(tmp_path / "sweep")
+    assert main(["leaderboard", "report", "store"]) == 0
+    after = pd.read_csv(board / "results.csv")
+    pd.testing.assert_series_equal(after.metric, before.metric)
+    readme = (board / "README.md").read_text()
+    assert f"made with peftbench {made_with}; before a change of the methods" in readme
+    assert "[next](../next/)" in readme and "leaderboard report store" in readme
+    capsys.readouterr()
+    assert main(["leaderboard", "run", "store"]) == 2
+    assert "is frozen" in capsys.readouterr().err
+    assert main(["leaderboard", "verify", "store"]) == 2
+
+    from peftbench.fingerprint import digest
+
+    config = next((board / "runs").glob("*magpruning*/config.json"))
+    edited = json.loads(config.read_text())
+    edited["train"]["lr"] = 0.5  # another setting, consistent in every file of the cell
+    config.write_text(json.dumps(edited))
+    cell = json.loads((config.parent / "cell.json").read_text())
+    cell["config"]["train"]["lr"] = 0.5
+    cell["fingerprint"] = digest(cell["config"])
+    (config.parent / "cell.json").write_text(json.dumps(cell))
+    capsys.readouterr()
+    assert main(["leaderboard", "report", "store"]) == 0
+    assert "made with other settings than the spec's" in capsys.readouterr().err
+    assert len(pd.read_csv(board / "results.csv")) == 1

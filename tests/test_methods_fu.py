@@ -1,5 +1,6 @@
 """Fu et al.'s method set: each method's defining property, on a tiny model and real RTE rows."""
 import math
+import shutil
 
 import pytest
 import torch
@@ -151,9 +152,10 @@ def test_lora_counts_and_leaves_base_weights_identical(tiny_model_dir, rte, tmp_
     model = lora.apply(model, lora.select(model, None, 0, torch.Generator()))
     counts = count_trainable(model, set(params), set(head_parameters(model)))
     # hidden 32, intermediate 64, 2 layers: q,k,v,attn-out 4 x 4(32+32), intermediate 4(32+64),
+    # the head: the classifier and the untrained pooler (32 x 32 + 32),
     # output 4(64+32)
-    assert counts == {"encoder": 0, "new": 2 * (4 * 4 * 64 + 2 * 4 * 96), "head": 66,
-                      "trainable": 2 * (4 * 4 * 64 + 2 * 4 * 96), "total": 2 * (4 * 4 * 64 + 2 * 4 * 96) + 66}
+    assert counts == {"encoder": 0, "new": 2 * (4 * 4 * 64 + 2 * 4 * 96), "head": 66 + 32 * 32 + 32,
+                      "trainable": 2 * (4 * 4 * 64 + 2 * 4 * 96), "total": 2 * (4 * 4 * 64 + 2 * 4 * 96) + 66 + 32 * 32 + 32}
     train(model, lora, task, tokenize(task, tokenizer, splits, 64), tokenizer,
           TrainConfig(epochs=1, batch_size=4, lr=1e-2, max_steps=3), seed=0, device=CPU,
           run_dir=tmp_path, progress=False)
@@ -282,3 +284,101 @@ def test_fish_uses_each_row_once_when_asked_for_more_examples_than_rows(tiny_mod
     exact = registry.create("fish", num_samples=10).score(model, scoring())
     for name in exact:
         torch.testing.assert_close(many[name], exact[name])
+
+
+def test_diffpruning_guo_recipe_rates_restart_and_magnitude_projection(tiny_model_dir, rte, tmp_path):
+    """Guo et al.'s options: alpha at its own rate, w at a dense-phase rate that gives way to the
+    run's rate at the projection, the schedule's warm-up restarting there, and a global
+    magnitude projection of the learned delta; the health record and validation on both sides."""
+    from peftbench.trainer import optimizer_and_schedule
+    from peftbench.sparse import decay_plan
+
+    task, splits = rte
+    model, tokenizer = load_model(tiny_model_dir, 2)
+    method = registry.create("diffpruning", burnin=4, alpha_init=5.0, stretch=1.5, alpha_lr=0.1,
+                             w_lr=1e-5, projection="magnitude", scope="global")
+    model = method.apply(model, method.select(model, None, 300, torch.Generator().manual_seed(0)))
+    gate = next(iter(method._gates.values()))
+    assert torch.all(gate.alpha == 5.0)
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e-2, max_steps=10, warmup_ratio=0.25)
+    decay, no_decay, _ = decay_plan(model)
+    optimizer, scheduler = optimizer_and_schedule(model, method, decay, no_decay, config, [0, 4, 10])
+
+    def rate(param):
+        return next(g["lr"] for g in optimizer.param_groups if any(p is param for p in g["params"]))
+
+    head = next(iter(head_parameters(model).values()))
+    seen = []
+    for step in range(10):
+        seen.append((rate(gate.alpha), rate(gate.w), rate(head)))
+        optimizer.step()
+        scheduler.step()
+    # phase 1: steps 0-3, warm-up ceil(0.25 * 4) = 1; phase 2: steps 4-9, warm-up ceil(1.5) = 2
+    assert seen[0] == (0.0, 0.0, 0.0) and seen[4] == (0.0, 0.0, 0.0)
+    assert seen[1] == pytest.approx((0.1, 1e-5, 1e-2))
+    assert seen[5] == pytest.approx((0.05, 0.5e-2, 0.5e-2))  # half-way through the new warm-up
+    assert seen[6] == pytest.approx((0.1, 1e-2, 1e-2))
+
+    with torch.no_grad():  # a learned delta to project: global top-300 of |z * w|
+        for g in method._gates.values():
+            g.w.copy_(torch.randn(g.w.shape, generator=torch.Generator().manual_seed(g.w.numel())))
+    delta = {n: (g.noise_free() * g.w).detach().abs() for n, g in method._gates.items()}
+    expected = top_k(delta, 300, "global", torch.Generator().manual_seed(0))
+    method.after_step(model, 3)
+    for name, g in method._gates.items():
+        assert torch.equal(g.mask.bool(), expected.mask(name, g.mask.shape))
+    record = method.training_record()
+    assert record["projection"] == "magnitude" and 0 < record["delta_kept"] < 1
+    assert record["spearman_alpha_final_initial"] == 1.0  # alpha never moved: constant ranks
+
+    fresh, _ = load_model(tiny_model_dir, 2)
+    method = registry.create("diffpruning", burnin=3, alpha_lr=1e-9)  # the gates cannot move
+    fresh = method.apply(fresh, method.select(fresh, None, 300, torch.Generator().manual_seed(0)))
+    out = train(fresh, method, task, tokenize(task, tokenizer, splits, 64), tokenizer,
+                TrainConfig(epochs=1, batch_size=4, lr=1e-2, max_steps=6), seed=0, device=CPU,
+                run_dir=tmp_path, progress=False)
+    assert [p["step"] for p in out["phases"]] == [3]
+    assert {"validation_before", "validation_after"} <= set(out["phases"][0])
+    assert method.training_record()["flags"] == ["mask did not learn (Spearman(|alpha_T|, |alpha_0|) > 0.5)"]
+
+
+def test_one_phase_schedule_is_hfs_linear_warmup():
+    from transformers import get_linear_schedule_with_warmup
+
+    from peftbench.selector import Selector
+    from peftbench.trainer import optimizer_and_schedule
+
+    net = nn.Linear(3, 2)
+    config = TrainConfig(lr=3e-3, warmup_ratio=0.1, weight_decay=0.01)
+    ours, schedule = optimizer_and_schedule(net, Selector(), [net.weight], [net.bias], config, [0, 37])
+    hf_opt = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(1))]}], lr=3e-3)
+    hf = get_linear_schedule_with_warmup(hf_opt, 4, 37)
+    for _ in range(37):
+        assert [g["lr"] for g in ours.param_groups] == [hf_opt.param_groups[0]["lr"]] * 2
+        ours.step(), schedule.step(), hf_opt.step(), hf.step()
+
+
+def test_a_pooler_the_checkpoint_did_not_train_is_head_for_every_method(tiny_model_dir, tmp_path):
+    """The evidence (bias exactly 0; or missing from the checkpoint) moves the pooler out of
+    the budgeted encoder into the head; a trained pooler stays pre-trained."""
+    from safetensors.torch import load_file, save_file
+
+    from peftbench.models import pretrained_size, untrained_pre_head
+
+    model, _ = load_model(tiny_model_dir, 2)
+    assert model.peftbench_untrained == {"bert.pooler.dense": "bias exactly 0 in all 32 entries"}
+    assert "bert.pooler.dense.weight" in head_parameters(model)
+    assert not any("pooler" in n for n in pretrained_parameters(model))
+    assert pretrained_size(tiny_model_dir, 2)[0] == sum(p.numel() for p in pretrained_parameters(model).values())
+    assert untrained_pre_head(model, {"bert.pooler.dense.weight"}) == {
+        "bert.pooler.dense": "missing from the checkpoint (bert.pooler.dense.weight)"}
+
+    trained = tmp_path / "trained-pooler"
+    shutil.copytree(tiny_model_dir, trained)
+    weights = load_file(trained / "model.safetensors")
+    key = next(k for k in weights if k.endswith("pooler.dense.bias"))
+    weights[key] = torch.full_like(weights[key], 0.01)
+    save_file(weights, trained / "model.safetensors", metadata={"format": "pt"})
+    model, _ = load_model(str(trained), 2)
+    assert model.peftbench_untrained == {}
+    assert "bert.pooler.dense.weight" in pretrained_parameters(model)

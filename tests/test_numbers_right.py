@@ -18,7 +18,7 @@ from peftbench.trainer import TrainConfig
 # light scoring so every data-reading method runs in seconds on the tiny model
 LIGHT = {"sam": {"burnin": 3}, "fish": {"num_samples": 4}, "childtuning-d": {"batches": 2},
          "ggm": {"batches": 2, "rank": 2, "important": 4, "max_iter": 5},
-         "adapeft": {"batches": 2}, "spectral": {"batches": 2, "neighbours": 3}}
+         "adapeft": {"probe_steps": 4, "fit_batches": 1}, "spectral": {"batches": 2, "neighbours": 3}}
 
 
 def _config(model, tmp_path, method, **extra):

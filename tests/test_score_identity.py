@@ -13,7 +13,7 @@ from peftbench import registry
 
 PLUGIN = textwrap.dedent('''
     import torch
-    from peftbench.api import Selector, top_k, scoring_session
+    from peftbench.api import Selector, pretrained_parameters, scoring_session, top_k
 
     class ReadsLr(Selector):
         """Scores with a short fine-tuning phase at the run's rate (reads data.train.lr)."""
@@ -23,8 +23,7 @@ PLUGIN = textwrap.dedent('''
             with scoring_session(model, data, steps=1) as (optimizer, scheduler):
                 pass
             scale = data.train.lr
-            return {n: p.detach().abs() * scale for n, p in model.named_parameters()
-                    if n.startswith(model.base_model_prefix + ".")}
+            return {n: p.detach().abs() * scale for n, p in pretrained_parameters(model).items()}
 
         def select(self, model, scores, budget, generator):
             return top_k(scores, budget, "global", generator)
@@ -38,15 +37,13 @@ PLUGIN = textwrap.dedent('''
         def score(self, model, data):
             with scoring_session(model, data, steps=1, lr=self.score_lr):
                 pass
-            return {n: p.detach().abs() for n, p in model.named_parameters()
-                    if n.startswith(model.base_model_prefix + ".")}
+            return {n: p.detach().abs() for n, p in pretrained_parameters(model).items()}
 
     class Plain(ReadsLr):
         """Reads no training setting."""
 
         def score(self, model, data):
-            return {n: p.detach().abs() for n, p in model.named_parameters()
-                    if n.startswith(model.base_model_prefix + ".")}
+            return {n: p.detach().abs() for n, p in pretrained_parameters(model).items()}
 ''')
 
 

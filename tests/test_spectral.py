@@ -68,7 +68,7 @@ def _prepared(tiny_model_dir, **params):
 
 
 def test_allpass_gradient_filter_is_the_identity(tiny_model_dir):
-    method, model, _, _ = _prepared(tiny_model_dir, filter="allpass")
+    method, model, _, _ = _prepared(tiny_model_dir, filter="allpass", train_filter=True)
     grads = []
     for t, _ in method._trainable:
         if t is not None:
@@ -92,3 +92,20 @@ def test_selection_is_exact_and_regulariser_matches_formula(tiny_model_dir):
     s = torch.stack([torch.tensor(0.0) if t is None else torch.tensor(0.01) for t, _ in method._trainable])
     expected = 2.0 * s @ torch.tensor(method.laplacian_, dtype=torch.float32) @ s
     torch.testing.assert_close(method.loss_term(model, 0), expected, rtol=1e-4, atol=1e-9)
+
+
+def test_by_default_it_trains_its_selection_like_any_subset(tiny_model_dir):
+    """The training-time parts measured inert are off by default: no loss term, gradients
+    untouched by the (low-pass) filter; with `train_filter` the same gradients are rescaled."""
+    method, model, _, _ = _prepared(tiny_model_dir)
+    assert method.loss_term(model, 0) is None
+    grads = []
+    for t, _ in method._trainable:
+        if t is not None:
+            t.grad = torch.randn_like(t)
+            grads.append(t.grad.clone())
+    method.after_backward(model, 0)
+    assert all(torch.equal(t.grad, g) for (t, _), g in zip([x for x in method._trainable if x[0] is not None], grads))
+    method.train_filter = True
+    method.after_backward(model, 0)
+    assert not all(torch.equal(t.grad, g) for (t, _), g in zip([x for x in method._trainable if x[0] is not None], grads))

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     NonNegativeInt,
     PositiveInt,
+    PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -84,6 +85,16 @@ class _Range(BaseModel):
 class _Choices(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     choices: list[StrictBool | StrictInt | StrictFloat | StrictStr] = PydanticField(min_length=1)
+
+
+class FrozenSpec(BaseModel):
+    """The `frozen:` section of a board whose cells were made by code that has since changed:
+    read back from its committed cells as they are, never run again (`leaderboard.frozen_cells`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    version: StrictStr = PydanticField(min_length=1)  # the peftbench version its cells were made with
+    reason: StrictStr = PydanticField(min_length=1)  # what changed since, in a sentence
+    see: StrictStr | None = None  # the board that supersedes it
 
 
 class SearchSpec(BaseModel):
@@ -230,6 +241,9 @@ class StudySpec(BaseModel):
     # the pre-declared comparison families (report `comparisons`): each method against each of
     # these at every budget, Holm within (budget, reference); None: not declared in the spec
     compare_against: list[StrictStr] | None = None
+    frozen: FrozenSpec | None = None
+    # frozen boards: cell key -> the committed fingerprint proven to be this spec's (set on load)
+    _accepted: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -46,6 +46,10 @@ class Fingerprints:
         return self._entry(cell)[0]
 
     def of(self, cell: Cell) -> str:
+        """The cell's fingerprint under the current code; on a frozen board, the committed one
+        proven to be this spec's cell (`cellstore.accept_frozen`)."""
+        if self.spec.frozen is not None:
+            return self.spec._accepted.get(cell.key, "")
         return self._entry(cell)[1]
 
     def current(self, trial) -> bool:
