@@ -172,7 +172,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     if selector.needs_data:
         model.to(device)
         data = ScoringData(make_loader(tokenized["train"], tokenizer, task, config.train.batch_size, True, seed),
-                           task, device, RecordedSettings(config.train))
+                           task, device, RecordedSettings(config.train), progress=progress)
     cache_key, cached = None, False  # a cached entry reports the time its scoring took
     if score_cache is None:
         scores = checked_score(selector, config.method, model, data)
@@ -325,13 +325,26 @@ def _unchanged(method: str, phase: str, model, before: dict, hooks_before: int) 
                          "(handle.remove()); training and evaluation would run through it")
 
 
+def call_score(selector, method: str, model, data):
+    """`selector.score(model, data)`; a method that reads its data without `needs_data` (the
+    runner then hands it None) is told to set it, instead of an AttributeError on None."""
+    try:
+        return selector.score(model, data)
+    except AttributeError as err:
+        if data is None and "'NoneType' object has no attribute" in str(err):
+            raise UsageError(f"method {method!r}: score() read its training data ({err}), but the "
+                             "class does not set needs_data = True, so it got None: set "
+                             "needs_data = True on the class") from None
+        raise
+
+
 def checked_score(selector, method: str, model, data):
     """`selector.score`, then a check that it left every parameter and buffer as it found them
     and no hook behind: the model scored is the model trained next, so a `score` that moved
     weights (say, a short fine-tuning it forgot to undo) would be trained from there while its
     count says otherwise."""
     before, hooked = state_digests(model), hooks(model)
-    scores = selector.score(model, data)
+    scores = call_score(selector, method, model, data)
     check_scores(method, scores)
     _unchanged(method, "score", model, before, hooked)
     return scores

@@ -28,6 +28,7 @@ from peftbench.record import RunRecord, analysis_row, at_budget, budget_blocks, 
 from peftbench.safeload import load_pt
 from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
     EXACT_UP_TO,
+    MIN_RANK_CELLS,
     MIN_TASKS,
     TIES,
     Table1,
@@ -532,10 +533,14 @@ def _budget_section(frame, stats, budget: str, ties: str, out: Path) -> tuple[li
         ["task", "method", "seeds", "mean", "ci_low", "ci_high", "se_test", "interval"]]
     return [f"## Budget {budget} ({len(ranked)} methods ranked; reference rows unranked), {seeds}", "",
             rendered.to_markdown(), "",
-            f"Stability vs performance among the ranked methods (Fu et al. Fig. 2): Spearman rho = "
-            f"{corr['spearman']:.4f} (p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
-            f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells; the cells of a "
-            "task share its seeds and test set, so n overstates the independent evidence.", "",
+            (f"Stability vs performance among the ranked methods (Fu et al. Fig. 2): Spearman rho = "
+             f"{corr['spearman']:.4f} (p = {corr['spearman_p']:.3g}), Kendall tau = {corr['kendall']:.4f} "
+             f"(p = {corr['kendall_p']:.3g}) over n = {corr['n']} (method, task) cells; the cells of a "
+             "task share its seeds and test set, so n overstates the independent evidence."
+             if np.isfinite(corr["spearman"]) else
+             f"Stability vs performance among the ranked methods (Fu et al. Fig. 2): not computed over "
+             f"n = {corr['n']} (method, task) cells (fewer than {MIN_RANK_CELLS}, where a rank "
+             "correlation cannot reach p < 0.05, or a constant rank)."), "",
             "Per-task 95% intervals of each mean (x100): seed error and test-set error together "
             "(`interval` says which: a bootstrap over the test examples where every seed stored its "
             "predictions, else analytic, binomial for accuracy and Fisher's z for correlations):", "",

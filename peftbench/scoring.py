@@ -60,10 +60,14 @@ class ScoringData:
     task: TaskSpec
     device: torch.device
     train: TrainConfig | RecordedSettings = field(default_factory=TrainConfig)
+    progress: bool = False  # a progress bar per pass (a long scoring phase does not look hung)
 
     def batches(self):
         """One pass over the training batches, moved to `device`."""
-        for batch in self.loader:
+        from tqdm.auto import tqdm
+
+        for batch in tqdm(self.loader, desc="scoring", disable=not self.progress, leave=False,
+                          dynamic_ncols=True):
             yield {k: v.to(self.device) for k, v in batch.items()}
 
     def loss(self, model, batch: dict) -> torch.Tensor:

@@ -83,6 +83,11 @@ def validate_params(cls: type, method: str, params: dict) -> dict:
     accepted = [n for n, p in signature.parameters.items() if n != "self" and p.kind not in
                 (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    required = [n for n in accepted if signature.parameters[n].default is inspect.Parameter.empty]
+    if required:
+        raise UsageError(f"method {method!r}: __init__ argument {required[0]!r} has no default; give "
+                         "every argument a default (a method is built by name with keyword "
+                         "overrides, as a scikit-learn estimator)")
     listing = ", ".join(f"{n}={signature.parameters[n].default!r}" for n in accepted) or "none"
     out = {}
     for name, value in params.items():
@@ -96,7 +101,9 @@ def validate_params(cls: type, method: str, params: dict) -> dict:
         except ValidationError as err:
             problem = err.errors()[0]
             message = problem["msg"]
-            if problem["type"] == "literal_error":
+            if hints[name] == Batches:
+                message = "give a positive integer (scoring batches) or 'epoch' (one pass over the training set)"
+            elif problem["type"] == "literal_error":
                 allowed = problem["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
                 message = f"{name} {value!r} is unknown: allowed {allowed}"
             raise UsageError(f"method {method!r} parameter {name}={value!r}: {message} "

@@ -388,12 +388,13 @@ def table1(stats: pd.DataFrame, ties: str = "average", methods: list[str] | None
 
 def stability_correlation(table: Table1, with_avg: bool = False) -> dict:
     """Spearman (and Kendall) between stability ranks and performance ranks over every
-    (method, column) cell, as Fu et al.'s Figure 2; also returns n, the number of cells."""
+    (method, column) cell, as Fu et al.'s Figure 2; also returns n, the number of cells. NaN
+    with fewer than `MIN_RANK_CELLS` cells or a constant rank."""
     cols = list(table.mean.columns) if with_avg else [c for c in table.mean.columns if c != "AVG"]
     s = table.std_rank[cols].to_numpy().ravel()
     p = table.mean_rank[cols].to_numpy().ravel()
     keep = ~(np.isnan(s) | np.isnan(p))
-    if len(np.unique(s[keep])) < 2 or len(np.unique(p[keep])) < 2:  # undefined: a constant rank
+    if keep.sum() < MIN_RANK_CELLS or len(np.unique(s[keep])) < 2 or len(np.unique(p[keep])) < 2:
         return {"spearman": np.nan, "spearman_p": np.nan, "kendall": np.nan, "kendall_p": np.nan,
                 "n": int(keep.sum()), "columns": cols}
     rho, p_value = spearman(s[keep], p[keep])
@@ -402,6 +403,9 @@ def stability_correlation(table: Table1, with_avg: bool = False) -> dict:
             "kendall_p": float(tau_p), "n": int(keep.sum()), "columns": cols}
 
 
+# below this many cells a rank correlation cannot reach p < 0.05 (exact two-sided p at n = 4,
+# rho = 1: 2/24 = 0.083), so none is computed: "rho = -1 (p = 1) over n = 2" says nothing
+MIN_RANK_CELLS = 5
 EXACT_UP_TO = 8  # n! orderings of one sample against the other: 40,320 at n = 8
 
 

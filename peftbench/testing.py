@@ -130,7 +130,9 @@ class _Setup:
         return self.cls(**validate_params(self.cls, self.method, self.params))
 
     def score(self):
-        return self.selector.score(self.model, self.scoring)
+        from peftbench.experiment import call_score
+
+        return call_score(self.selector, self.method, self.model, self.scoring)
 
     def select(self, selector, scores, seed: int = 0):
         return selector.select(self.model, scores, self.budget, torch.Generator().manual_seed(seed))
@@ -194,7 +196,9 @@ def check_score_leaves_model_unchanged(s: _Setup) -> str:
     before = state_digests(s.model)
     s.score()
     moved = [n for n, d in state_digests(s.model).items() if before[n] != d]
-    assert not moved, f"score() changed {len(moved)} tensors, e.g. {moved[0]}"
+    assert not moved, (f"score() changed {len(moved)} tensors, e.g. {moved[0]}: a scoring phase that "
+                       "trains must restore the model; run it inside peftbench.api.scoring_session("
+                       "model, data, ...), which restores every parameter and buffer")
     return "all parameters and buffers bit-identical"
 
 

@@ -220,3 +220,13 @@ def test_a_cell_is_marked_at_the_constant_predictor_by_its_mean_noise_not_its_se
     verdict = (tmp_path / "verdict.md").read_text()
     assert "2 cell(s) are within noise of the constant predictor" in verdict
     assert "sst2/magpruning/b0.001, sst2/magpruning/b0.005." in verdict and "sst2/random" not in verdict
+
+
+def test_no_rank_correlation_over_too_few_cells(fu_published):
+    """Below five cells a rank correlation cannot reach p < 0.05: none is given as if it said
+    something ("rho = -1.0000 (p = 1) over n = 2"); from five cells it is."""
+    cells = fu_published[fu_published.task == "cb"]
+    two = report.stability_correlation(report.table1(cells[cells.method.isin(["sam", "random"])]))
+    assert two["n"] == 2 and np.isnan(two["spearman"])
+    five = report.stability_correlation(report.table1(cells[cells.method.isin(cells.method.unique()[:5])]))
+    assert five["n"] == 5 and np.isfinite(five["spearman"])
