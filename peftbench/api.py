@@ -30,7 +30,7 @@ __all__ = ["Batches", "Budget", "Decay", "Fraction", "NonNegativeFloat", "Positi
 
 @contextlib.contextmanager
 def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int,
-                    lr: float | None = None) -> Iterator[tuple]:
+                    lr: float | None = None, train_head: bool = False) -> Iterator[tuple]:
     """A scoring phase that trains, undone on exit: yields (optimizer, scheduler) built with the
     run's own recipe (AdamW over every pre-trained parameter, weight decay exempting biases and
     LayerNorm as the trainer does, linear warm-up and decay over `steps`; clip with
@@ -39,7 +39,9 @@ def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int,
     another) takes it as a method parameter and passes it here: the parameter is in the run's
     record and the score cache's key; the run's settings read here key the cache too. On exit, even after an error, every parameter
     and buffer is back to its value, `requires_grad` flags and train/eval mode are restored:
-    the model scored is the model trained next (the runner checks this bit for bit)."""
+    the model scored is the model trained next (the runner checks this bit for bit).
+    `train_head`: the task head trains in the phase too (restored on exit like the rest), for a
+    phase whose loss should not be read through an untrained head."""
     from transformers import get_linear_schedule_with_warmup
 
     from peftbench.sparse import decay_exempt
@@ -50,7 +52,11 @@ def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int,
     saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {n: m.training for n, m in model.named_modules()}
-    params = pretrained_parameters(model)
+    params = dict(pretrained_parameters(model))
+    if train_head:
+        from peftbench.models import head_parameters
+
+        params.update(head_parameters(model))
     for p in params.values():
         p.requires_grad_(True)
     groups = [{"params": [p for n, p in params.items() if not decay_exempt(n)], "weight_decay": data.train.weight_decay},

@@ -145,15 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="run or show a leaderboard from leaderboards/")
     board.add_argument("action", choices=["run", "show", "list", "verify", "work", "search", "carry",
-                                          "per-budget", "report"],
+                                          "per-budget", "report", "join"],
                        help="run: search, grid, carry check, report (resumes from the committed cells); "
                        "search: the search alone (a worker: several split the untuned pairs); carry: "
                        "the carry check alone (a worker, as search); per-budget: the per-budget search "
                        "alone (search: per_budget; a worker, as search); show: "
                        "print the committed README; verify: re-run committed cells and compare; "
                        "work: the grid alone (a worker, or a second machine on a shared study); report: "
-                       "rewrite the board from its committed cells without training")
+                       "rewrite the board from its committed cells without training; join: add METHOD "
+                       "to a built board and run only its search and cells under the board's rules")
     board.add_argument("name", nargs="?", help="a folder name in leaderboards/ (or a path)")
+    board.add_argument("method", nargs="?", help="join: the method to add (an installed name)")
+    board.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="join: a hyper-parameter of the joining method (repeatable)")
     _study_options(board)
     board.add_argument("--restart-changed", action="store_true",
                        help="run: cells this machine's study ran with other settings (say, a method's "
@@ -330,6 +334,11 @@ def cmd_leaderboard(args) -> int | None:
         return code
     elif args.action == "report":
         print(leaderboard.refresh(args.name, storage=args.storage, output_dir=args.output_dir))
+    elif args.action == "join":
+        if not args.method:
+            raise UsageError(f"peftbench leaderboard join {args.name} needs a METHOD (see `peftbench methods`)")
+        print(leaderboard.join(args.name, args.method, _parse_params(args.param), workers=args.workers,
+                               storage=args.storage, output_dir=args.output_dir))
     elif args.action == "search":
         leaderboard.search(args.name, storage=args.storage, output_dir=args.output_dir)
     elif args.action == "carry":

@@ -374,6 +374,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         + ("" if done == expected else " (partial: run the command again to finish)"),
         time_line(spec, frame),
         *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
+        *joined_lines(spec),
         *settings_lines(spec, folder),
         *search_lines(spec, folder),
         *carry_lines(spec, folder, frame),
@@ -434,6 +435,81 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     if root is not None:
         pages.write_index(root)
     return text
+
+
+def joined_lines(spec: sweep.StudySpec) -> list[str]:
+    """The protocol's amendment for each method joined after the board was built."""
+    if not spec.joined:
+        return []
+    return ["", "### Joined after the board was built", "",
+            *[f"- {j.method}" + (f" ({', '.join(f'{k}={v}' for k, v in j.params.items())})" if j.params else "")
+              + f": joined on {j.date} with peftbench {j.peftbench} (`peftbench leaderboard join`), under "
+              "the protocol above: its own search, carry check and per-budget search where the board has "
+              "them, the board's seeds, budgets and training." for j in spec.joined]]
+
+
+def join_cost(spec: sweep.StudySpec, folder: Path, method: str) -> tuple[int, int, float | None]:
+    """(search runs, grid cells, median seconds of the board's committed cells) that joining
+    `method` adds: what `join` projects its cost from."""
+    import statistics as stats
+
+    budgeted = registry.get(method).uses_budget
+    search = spec.search
+    runs = 0
+    if search:
+        runs = search.trials * len(search.seeds or [spec.seeds[0]])
+        if search.per_budget and budgeted:
+            others = len(spec.budgets) - 1
+            runs += 3 * others * (len(search.carry_check or []) + 1)
+    runs *= len(spec.tasks)
+    cells = len(spec.tasks) * (len(spec.budgets) if budgeted else 1) * len(spec.seeds)
+    durations = [float(c.record.get("duration_s") or 0) for c in cellstore.committed_cells(folder)]
+    durations = [d for d in durations if d > 0]
+    return runs, cells, (stats.median(durations) if durations else None)
+
+
+def join(name: str, method: str, params: dict, workers: int | None = None, storage: str | None = None,
+         output_dir: str | None = None, log=print) -> str:
+    """Add `method` to a built board and run only what it needs under the board's rules: the
+    spec gains a `joined:` entry (appended, the file's text and comments kept), then `run`
+    searches its keys, runs its cells (each committed as it finishes) and re-renders every
+    statistic. Prints the projected cost before and the measured wall time after."""
+    import time
+    from datetime import date
+
+    import peftbench
+    from peftbench import yamlio
+
+    folder = find(name)
+    path = folder / "spec.yaml"
+    spec = sweep.load_spec(path, storage=storage, output_dir=output_dir)
+    if spec.frozen is not None:
+        _prepare(folder, spec)  # refuses, saying why
+    key = method.lower()
+    if key in spec.methods:
+        raise UsageError(f"method {key!r} is already on board {name!r}: `peftbench leaderboard run {name}` "
+                         "finishes its cells")
+    registry.create(key, **params)  # unknown method or bad parameter: one line now
+    text = path.read_text()
+    entry = yamlio.dump_flow({"method": key, "params": params, "date": date.today().isoformat(),
+                              "peftbench": peftbench.__version__})
+    joined = text.rstrip("\n") + ("\n" if "\njoined:" in text else "\njoined:\n") + f"- {entry}\n"
+    path.write_text(joined)
+    try:
+        sweep.load_spec(path, storage=storage, output_dir=output_dir)
+    except UsageError:
+        path.write_text(text)
+        raise
+    runs, cells, median = join_cost(spec, folder, key)
+    share = max(1, workers or 1)
+    projected = (f"about {(runs + cells) * median / share / 3600:.1f} h on {share} worker(s) "
+                 f"(median committed cell {median:.0f} s)" if median else "no committed cell to project from")
+    log(f"joining {key} to {name}: {runs} search run(s) and {cells} cell(s); projected {projected}")
+    start = time.perf_counter()
+    out = run(name, storage=storage, output_dir=output_dir, workers=workers)
+    log(f"joined {key} to {name} in {(time.perf_counter() - start) / 3600:.2f} h wall "
+        f"({runs} search run(s), {cells} cell(s) projected)")
+    return out
 
 
 def frozen_lines(spec: sweep.StudySpec) -> list[str]:

@@ -96,3 +96,9 @@ def where(err: yaml.YAMLError, path) -> str:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     return f"{path}:{mark.line + 1}: {problem}" if mark else f"{path}: {problem}"
+
+
+def dump_flow(obj) -> str:
+    """`obj` as one line of flow-style YAML (a list item appended to a spec by hand keeps the
+    rest of the file, comments included, as it was)."""
+    return yaml.safe_dump(obj, default_flow_style=True, sort_keys=False, width=10**9).strip()

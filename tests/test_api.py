@@ -30,14 +30,15 @@ def test_scoring_session_trains_then_restores_everything(tiny_model):
     before, flags = state_digests(model), {n: p.requires_grad for n, p in model.named_parameters()}
     moved = False
     try:
-        with api.scoring_session(model, scoring, steps=2) as (optimizer, scheduler):
+        with api.scoring_session(model, scoring, steps=2, train_head=True) as (optimizer, scheduler):
             assert model.training
             for batch in scoring.batches():
                 scoring.loss(model, batch).backward()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            moved = state_digests(model) != before
+            now = state_digests(model)
+            moved = now != before and now["classifier.weight"] != before["classifier.weight"]  # the head trained
             raise RuntimeError("a scoring bug")
     except RuntimeError:
         pass

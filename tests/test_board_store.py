@@ -167,3 +167,34 @@ def test_a_frozen_board_reads_back_its_own_cells_after_the_code_changed_and_runs
     assert main(["leaderboard", "report", "store"]) == 0
     assert "made with other settings than the spec's" in capsys.readouterr().err
     assert len(pd.read_csv(board / "results.csv")) == 1
+
+
+def test_join_adds_a_method_to_a_built_board_and_runs_only_its_cells(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`leaderboard join NAME METHOD --param k=v`: the spec gains a `joined:` entry (its text and
+    comments kept), only the method's cells train, the board's statistics are re-rendered with
+    it, the projected cost is printed before and the measured time after; a second join of the
+    same method, an unknown method and a bad parameter are refused, the spec unchanged."""
+    board = _board(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    spec_path = board / "spec.yaml"
+    spec_path.write_text("# the board's own comment\n" + spec_path.read_text())
+    assert main(["leaderboard", "run", "store"]) == 0
+    calls, original = [], experiment.run_experiment
+    monkeypatch.setattr(experiment, "run_experiment", lambda c, *a, **k: calls.append(c.method) or original(c, *a, **k))
+    capsys.readouterr()
+    assert main(["leaderboard", "join", "store", "random", "--param", "scope=global"]) == 0
+    out = capsys.readouterr().out
+    assert calls == ["random", "random"]
+    assert "joining random to store: 0 search run(s) and 2 cell(s); projected about" in out
+    assert "joined random to store in" in out
+    text = spec_path.read_text()
+    assert text.startswith("# the board's own comment\n")
+    spec = yaml.safe_load(text)
+    assert spec["joined"][0]["method"] == "random" and spec["joined"][0]["params"] == {"scope": "global"}
+    results = pd.read_csv(board / "results.csv")
+    assert sorted(results.method.unique()) == ["bitfit", "magpruning", "random"]
+    assert "### Joined after the board was built" in (board / "README.md").read_text()
+    before = spec_path.read_text()
+    for argv in (["random"], ["nonsense"], ["sam", "--param", "burnin=abc"]):
+        assert main(["leaderboard", "join", "store", *argv]) == 2
+    assert spec_path.read_text() == before

@@ -97,6 +97,17 @@ class FrozenSpec(BaseModel):
     see: StrictStr | None = None  # the board that supersedes it
 
 
+class JoinedMethod(BaseModel):
+    """A `joined:` entry: a method added to a built board (`peftbench leaderboard join`), run
+    under the board's rules; it is one of `methods` from then on."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    method: StrictStr = PydanticField(min_length=1)
+    params: dict[StrictStr, Any] = {}
+    date: StrictStr
+    peftbench: StrictStr
+
+
 class SearchSpec(BaseModel):
     """The `search:` section: what to tune per (task, method), how, on which seeds."""
 
@@ -242,6 +253,7 @@ class StudySpec(BaseModel):
     # these at every budget, Holm within (budget, reference); None: not declared in the spec
     compare_against: list[StrictStr] | None = None
     frozen: FrozenSpec | None = None
+    joined: list[JoinedMethod] = []  # methods added after the board was built, in order
     # frozen boards: cell key -> the committed fingerprint proven to be this spec's (set on load)
     _accepted: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -254,6 +266,10 @@ class StudySpec(BaseModel):
                              f"heartbeat_interval {self.heartbeat_interval}")
         from peftbench.data import load_task
 
+        for entry in self.joined:
+            if entry.method in self.methods:
+                raise ValueError(f"joined: {entry.method!r} is already one of the board's methods")
+            self.methods[entry.method] = dict(entry.params)
         for name, params in self.methods.items():
             registry.create(name, **params)  # unknown method or bad parameter: a clear error now
         for task in self.tasks:
