@@ -404,6 +404,13 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
                                published=spec.published, cache_dir=spec.out / "scores",
                                markdown="README.md", known=known, against=spec.compare_against)
+    side = before_after(spec, folder)
+    if side is not None:
+        text += "\n".join(["", f"## Before and after ({spec.before})", "",
+                           f"The same (task, method, budget) cells on [{spec.before}](../{spec.before}/) "
+                           "(mean and std over seeds x100, and the trainable count) and here "
+                           "(before-after.csv):", "", side.to_markdown(index=False, floatfmt=".2f"), ""])
+        (folder / "README.md").write_text(text)
     plots.pareto_png(frame, folder / "pareto.png")
     js = pages.relative(plots.write_plotly_js(root or folder), folder)
     plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)
@@ -435,6 +442,29 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     if root is not None:
         pages.write_index(root)
     return text
+
+
+def before_after(spec: sweep.StudySpec, folder: Path) -> pandas.DataFrame | None:
+    """This board's cells beside the same cells of the board its spec names `before:` (read
+    from that board's committed cells.csv), written to before-after.csv; None without one."""
+    if not spec.before:
+        return None
+    earlier = folder.parent / spec.before / "cells.csv"
+    if not earlier.is_file():
+        raise UsageError(f"before: board {spec.before!r} has no cells.csv beside its spec ({earlier}): "
+                         "name a board that has been reported")
+    keys = ["task", "method", "budget"]
+    cols = keys + ["mean", "std", "seeds", "trainable"]
+    old = pandas.read_csv(earlier, dtype={"budget": str})[cols]
+    new = pandas.read_csv(folder / "cells.csv", dtype={"budget": str})[cols]
+    side = old.merge(new, on=keys, suffixes=("_before", "_after"))
+    for c in ("mean", "std"):
+        side[f"{c}_before"], side[f"{c}_after"] = 100 * side[f"{c}_before"], 100 * side[f"{c}_after"]
+    side["difference"] = side.mean_after - side.mean_before
+    side = side[keys + ["mean_before", "std_before", "mean_after", "std_after", "difference",
+                        "seeds_before", "seeds_after", "trainable_before", "trainable_after"]]
+    side.to_csv(folder / "before-after.csv", index=False)
+    return side
 
 
 def joined_lines(spec: sweep.StudySpec) -> list[str]:

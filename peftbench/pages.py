@@ -107,7 +107,11 @@ ANALYSES = (
      "After training and its change from the pre-trained model's, mean and std over seeds."),
     ("selection-checks.csv", "Cells that do not measure the method as budgeted (selection checks)",
      "concentrated: one tensor outside the repeated blocks holds more than half of the selection and more "
-     "than twice its share of the model; underspent: the method trained less than half its budget."),
+     "than twice its share of the model; underspent: the method trained less than half its budget; "
+     "protocol-limited: seeds whose run says it did not work as designed (health flags)."),
+    ("before-after.csv", "Before and after: the same cells on the board this one follows (x100)",
+     "Mean and std over seeds of each (task, method, budget) here and on the earlier board (its spec's "
+     "`before:`), their difference, and the trainable count each trained."),
     ("published.csv", "Against the published numbers",
      "Each of our budgets against the published column separately (never pooled), x100."),
     ("overlap.csv", "Do methods pick the same entries? (Jaccard of the masks, mean over seeds)",

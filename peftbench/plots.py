@@ -255,7 +255,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
         ax.scatter(front.trainable * front.method.map(shift), 100 * front["mean"], s=160,
                    facecolors="none", edgecolors="black", zorder=5)
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (log scale; head excluded)")
+        ax.set_xlabel("trainable parameters (log scale; head excluded; equal counts dodged x0.87-x1.15)")
         ax.set_ylabel(metric_axis(frame, task))
         ax.set_title(f"{task.upper()}: {_subtitle(frame[frame.task == task])}", fontsize=10)
         ax.grid(alpha=0.3, which="both")

@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pandas as pd
+import pytest
 import yaml
 
 from peftbench import experiment
@@ -198,3 +199,22 @@ def test_join_adds_a_method_to_a_built_board_and_runs_only_its_cells(tmp_path, t
     for argv in (["random"], ["nonsense"], ["sam", "--param", "burnin=abc"]):
         assert main(["leaderboard", "join", "store", *argv]) == 2
     assert spec_path.read_text() == before
+
+
+def test_before_after_sets_each_cell_beside_the_earlier_boards(tmp_path):
+    from types import SimpleNamespace
+
+    from peftbench.leaderboard import before_after
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    row = {"task": "stsb", "method": "fish", "budget": "0.001", "seeds": 5}
+    pd.DataFrame([{**row, "mean": 0.50, "std": 0.10, "trainable": 22713},
+                  {**row, "method": "sam", "mean": 0.8, "std": 0.0, "trainable": 1}]).to_csv(tmp_path / "old" / "cells.csv")
+    pd.DataFrame([{**row, "mean": 0.80, "std": 0.01, "trainable": 22565}]).to_csv(tmp_path / "new" / "cells.csv")
+    side = before_after(SimpleNamespace(before="old"), tmp_path / "new")
+    assert len(side) == 1 and side.difference.iloc[0] == pytest.approx(30.0)
+    assert (tmp_path / "new" / "before-after.csv").is_file()
+    assert before_after(SimpleNamespace(before=None), tmp_path / "new") is None
+    with pytest.raises(Exception, match="has no cells.csv"):
+        before_after(SimpleNamespace(before="absent"), tmp_path / "new")

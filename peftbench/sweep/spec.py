@@ -253,6 +253,9 @@ class StudySpec(BaseModel):
     # these at every budget, Holm within (budget, reference); None: not declared in the spec
     compare_against: list[StrictStr] | None = None
     frozen: FrozenSpec | None = None
+    # a board whose committed cells.csv this one's means are set beside, cell by cell (the same
+    # rows before a change of the code: `before-after.csv`)
+    before: StrictStr | None = None
     joined: list[JoinedMethod] = []  # methods added after the board was built, in order
     # frozen boards: cell key -> the committed fingerprint proven to be this spec's (set on load)
     _accepted: dict[str, str] = PrivateAttr(default_factory=dict)
