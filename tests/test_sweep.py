@@ -288,3 +288,35 @@ def test_uses_heartbeat_says_what_open_storage_built(tmp_path, tiny_model_dir):
         built = sweep.open_storage(spec)
         has = hasattr(built, "get_heartbeat_interval") and bool(built.get_heartbeat_interval())
         assert sweep.uses_heartbeat(spec) == has == expected
+
+
+def test_sigterm_to_a_sweep_with_workers_ends_the_workers(tmp_path, tiny_model_dir):
+    """A scheduler's `kill PID` (SIGTERM) on `sweep --workers 2` reaches the workers: none is
+    left training, orphaned, after the parent is gone."""
+    import signal
+    import time
+
+    spec_path = write_spec(tmp_path, tiny_model_dir, seeds=30, train={"epochs": 1, "max_steps": 50})
+    parent = subprocess.Popen([sys.executable, "-m", "peftbench", "sweep", str(spec_path), "--workers", "2"],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+
+    def children() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    deadline = time.time() + 120
+    while len(children()) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    workers = children()
+    assert len(workers) == 2, "the workers did not start"
+    time.sleep(3)
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=60)
+    deadline = time.time() + 30
+    alive = workers
+    while alive and time.time() < deadline:
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and
+                 open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+        time.sleep(0.5)
+    assert not alive, f"workers {alive} outlived the SIGTERM'd sweep"

@@ -47,11 +47,30 @@ def spawn_workers(argv: list[str], workers: int, log=print, command: tuple[str, 
     log(f"starting {workers} worker(s) of `peftbench {' '.join(command)}`: "
         + "; ".join(" ".join(f"{k}={v}" for k, v in env.items() if k != "MKL_NUM_THREADS")
                     for env in environments))
+    import signal
+
     procs = [subprocess.Popen([sys.executable, "-m", "peftbench", *command, *argv],
                               env={**os.environ, **env}) for env in environments]
+
+    def forward(signum, frame):  # SIGTERM to the parent (a scheduler, `kill`): the workers stop too
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward) if threading_main() else None
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         codes = [p.wait() for p in procs]  # each worker got the Ctrl-C and saves its state
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return max(codes)
+
+
+def threading_main() -> bool:
+    """Signal handlers can only be set from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
