@@ -319,4 +319,6 @@ def test_sigterm_to_a_sweep_with_workers_ends_the_workers(tmp_path, tiny_model_d
         alive = [p for p in workers if os.path.exists(f"/proc/{p}") and
                  open(f"/proc/{p}/stat").read().split()[2] != "Z"]
         time.sleep(0.5)
+    for pid in alive:  # never leave them running after a failure
+        os.kill(pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived the SIGTERM'd sweep"
