@@ -12,6 +12,8 @@ packages, never a silent replacement.
 """
 from __future__ import annotations
 
+import re
+
 import difflib
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -57,7 +59,14 @@ def _claims() -> dict[str, list[EntryPoint]]:
     return claims
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a method's name becomes part of run folder names
+
+
 def _info(name: str, eps: list[EntryPoint]) -> MethodInfo:
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        return MethodInfo(name, _package(eps[0]), eps[0].value, None,
+                          f"the entry-point name {name!r} is not file-safe (letters, digits, "
+                          "'.', '_', '-'; it names run folders): rename the entry point")
     if len({(ep.value, _package(ep)) for ep in eps}) > 1:  # no winner: either could be meant
         who = "; ".join(f"{ep.value} in package {_package(ep)}" for ep in eps)
         return MethodInfo(name, ", ".join(_package(ep) for ep in eps), eps[0].value, None,

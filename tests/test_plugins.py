@@ -310,3 +310,22 @@ def test_status_and_report_say_which_cells_a_code_edit_left_stale(plugin_site, t
     report = _cli(plugin_site, "report", str(spec))
     assert report.returncode == 2 and "no finished trial" in report.stderr
     assert "1 stale: method code changed: " in report.stderr
+
+
+def test_a_plugin_name_that_is_not_file_safe_fails_by_name(monkeypatch):
+    """A method's name becomes part of its run folder's name: `../x` would place runs outside
+    --output-dir. Such an entry point is reported as broken, never loaded or run."""
+    from importlib.metadata import EntryPoint
+
+    from peftbench import registry
+    from peftbench.errors import UsageError
+
+    real = registry.entry_points
+    bad = [EntryPoint("../escape", "peftbench.methods.random_mask:RandomMask", registry.GROUP),
+           EntryPoint("a/b", "peftbench.methods.random_mask:RandomMask", registry.GROUP)]
+    monkeypatch.setattr(registry, "entry_points", lambda group: [*real(group=group), *bad])
+    listed = registry.methods()
+    assert "not file-safe" in listed["../escape"].error and "not file-safe" in listed["a/b"].error
+    assert listed["random"].error is None
+    with pytest.raises(UsageError, match="not file-safe"):
+        registry.get("../escape")
