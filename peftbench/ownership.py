@@ -20,10 +20,21 @@ from peftbench.errors import UsageError
 MARKER = ".peftbench"
 
 
+MARKER_MAX_BYTES = 4096
+
+
 def kind_of(folder: Path) -> str | None:
-    """The kind in `folder`'s marker, or None (no marker, or one that cannot be read)."""
+    """The kind in `folder`'s marker, or None (no marker, or one that cannot be read). Only a
+    small regular file is read: a marker that is a FIFO would block the read, a symlink to
+    /dev/zero would fill memory, and a symlink could name a file peftbench did not write."""
+    import stat
+
+    path = Path(folder) / MARKER
     try:
-        return json.loads((Path(folder) / MARKER).read_text()).get("kind")
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MARKER_MAX_BYTES:
+            return None
+        return json.loads(path.read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -559,3 +559,31 @@ def test_a_causal_task_generating_a_hundred_thousand_tokens_is_refused(tmp_path)
         "data/arith/", f"{data}/arith/"))
     with pytest.raises(UsageError, match="max_new_tokens"):
         load_task(str(path))
+
+
+@pytest.mark.parametrize("make", ["fifo", "symlink-to-dev-zero", "symlink-to-a-marker", "huge"])
+def test_a_marker_that_is_not_a_small_regular_file_is_not_read(tmp_path, make):
+    """A `.peftbench` marker is read only as a small regular file: a FIFO would block, a link to
+    /dev/zero would eat memory, a link could lend another folder's ownership."""
+    import os
+
+    from peftbench import ownership
+    from peftbench.errors import UsageError
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    marker = folder / ownership.MARKER
+    if make == "fifo":
+        os.mkfifo(marker)
+    elif make == "symlink-to-dev-zero":
+        marker.symlink_to("/dev/zero")
+    elif make == "symlink-to-a-marker":
+        real = tmp_path / "real"
+        real.mkdir()
+        (real / ownership.MARKER).write_text('{"kind": "sweep"}')
+        marker.symlink_to(real / ownership.MARKER)
+    else:
+        marker.write_text('{"kind": "sweep", "pad": "' + "x" * 10_000 + '"}')
+    assert ownership.kind_of(folder) is None
+    with pytest.raises(UsageError, match="holds files peftbench did not write"):
+        ownership.check(folder, "sweep", None, "output folder")
