@@ -78,6 +78,7 @@ def mark_wsc_spans(row: dict) -> dict:
 PREPROCESSORS = {"mark_wsc_spans": mark_wsc_spans}
 
 
+REGRESSION_LIMIT = 1e6  # a regression label beyond this is a unit error, not a score
 MAX_NEW_TOKENS = 1024  # a generated answer longer than this is not an answer to extract
 
 
@@ -306,8 +307,17 @@ class TaskSpec(BaseModel):
         if missing:
             raise UsageError(f"task {self.name!r}: {where}: no field(s) {missing} (named in "
                              f"{self.path}); the fields there are {columns}")
-        if self.kind == "causal_lm":
-            return  # no label: the answer template is the target
+        if self.kind == "causal_lm":  # no label: the answer template is the target
+            if self.extract is not None and not self.extract_answer(self.answer_text(row)):
+                raise UsageError(f"task {self.name!r}: {where}: extract {self.extract!r} finds no answer "
+                                 f"in the gold answer {self.answer_text(row)[:80]!r}: every generation "
+                                 "would score as equal to it ('' == ''); fix the pattern")
+            return
+        if self.kind == "multiple_choice":
+            empty = [i for i, c in enumerate(self.choices) if not _render(c, row).strip()]
+            if empty:
+                raise UsageError(f"task {self.name!r}: {where}: choice {empty[0]} is empty (an empty "
+                                 "continuation has log-likelihood 0 and always wins on a decoder)")
         try:
             self.label_id(row["label"])
         except UsageError as err:
@@ -324,20 +334,21 @@ class TaskSpec(BaseModel):
         if self.kind == "regression":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UsageError(f"task {self.name!r}: regression label {value!r} is not a number")
-            if not math.isfinite(value):
+            if not math.isfinite(value) or abs(value) > REGRESSION_LIMIT:
                 raise UsageError(f"task {self.name!r}: regression label {value!r} is not a finite "
-                                 "number")
+                                 f"number within +-{REGRESSION_LIMIT:g} (squared errors of larger "
+                                 "labels overflow float32: rescale the labels)")
             return float(value)
         if self.kind == "multiple_choice":
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(self.choices):
                 raise UsageError(f"task {self.name!r}: multiple-choice label {value!r} is not a "
                                  f"choice index: allowed 0..{len(self.choices) - 1}")
             return value
-        try:
-            return self.labels.index(value)
-        except ValueError:
-            raise UsageError(f"task {self.name!r}: label {value!r} is not in the spec's labels "
-                             f"{self.labels}") from None
+        for index, label in enumerate(self.labels):  # 1 == True in Python: the type must match too
+            if type(label) is type(value) and label == value:
+                return index
+        raise UsageError(f"task {self.name!r}: label {value!r} is not in the spec's labels "
+                         f"{self.labels}")
 
     def inputs(self, row: dict) -> list[str]:
         """The one or two texts fed to the tokenizer for a classification/regression row."""
@@ -367,6 +378,18 @@ class TaskSpec(BaseModel):
     def _preprocess(cls, value):
         if value is not None and value not in PREPROCESSORS:
             raise ValueError(f"preprocessor {value!r} is unknown: allowed {', '.join(PREPROCESSORS)}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value):
+        if value is not None:
+            kinds = {type(v).__name__ for v in value}
+            if len(kinds) > 1:
+                raise ValueError(f"labels {value} mix {' and '.join(sorted(kinds))}: give labels of one "
+                                 "type (1 and true are equal in Python, so they would be one class)")
+            if len(set(value)) < len(value):
+                raise ValueError(f"labels {value} repeat a label")
         return value
 
     @field_validator("extract")
@@ -513,6 +536,9 @@ def encode_causal(task: TaskSpec, tokenizer, row: dict, max_length: int) -> dict
         answer = answer + [tokenizer.eos_token_id]
     ids = (prompt + answer)[:max_length]
     labels = ([-100] * len(prompt) + answer)[:max_length]
+    if len(prompt) >= max_length:
+        raise UsageError(f"task {task.name!r}: a prompt of {len(prompt)} tokens leaves no room for its "
+                         f"answer within max_length {max_length}: raise max_length (or shorten the prompt)")
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
             "prompt_length": min(len(prompt), max_length),
             "gold": task.extract_answer(task.answer_text(row))}

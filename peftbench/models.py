@@ -172,13 +172,12 @@ def uses_lm_head(model: str, kind: str) -> bool:
     model: GPT-2, Llama, Qwen2, Mistral), whose choices are scored by their log-likelihoods as
     lm-evaluation-harness scores them. An encoder (BERT-style) keeps its one-output head per
     (context, choice) pair, as AutoModelForMultipleChoice does."""
-    if kind == "causal_lm":
-        return True
-    if kind != "multiple_choice":
+    if kind not in ("causal_lm", "multiple_choice"):
         return False
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
         MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
     )
 
@@ -187,6 +186,12 @@ def uses_lm_head(model: str, kind: str) -> bool:
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model!r}: {first}") from None
+    if kind == "causal_lm":
+        if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # pre-trained bidirectionally
+            raise UsageError(f"a causal_lm task needs a causal language model; {model!r} is a {model_type} "
+                             "encoder (pre-trained with masked-LM), whose LM head would be trained from "
+                             "a bidirectional model: use a decoder (GPT-2, Llama, Qwen, ...)")
+        return True
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
 
 

@@ -240,7 +240,7 @@ def test_multiple_choice_reads_a_decoders_lm_head_and_an_encoders_new_head(tiny_
     assert uses_lm_head(tiny_causal_dirs["gpt2"], "multiple_choice")
     assert not uses_lm_head(tiny_model_dir, "multiple_choice")  # BERT: a head per choice
     assert not uses_lm_head(tiny_causal_dirs["llama"], "classification")  # a new head, last token
-    assert uses_lm_head(tiny_model_dir, "causal_lm")
+    assert uses_lm_head(tiny_causal_dirs["gpt2"], "causal_lm")  # an encoder is refused (below)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -322,3 +322,29 @@ def test_a_decoder_run_on_cuda_with_bf16_autocast_and_gradient_checkpointing(tin
     assert all(math.isfinite(v) for v in result["test"].values()) and result["trainable"]["head"] == 0
     if method == "random":
         assert result["trainable"]["encoder"] == int(0.01 * result["pretrained_entries"])
+
+
+def test_an_extract_that_finds_no_gold_answer_is_refused_at_load(tmp_path):
+    """'' == '' would score every generation as correct: the pattern must find the gold answer."""
+    task = load_task(_task(tmp_path, extract="ANSWER: (\\d+)"))
+    with pytest.raises(UsageError, match="finds no answer in the gold answer"):
+        task.load_splits()
+
+
+def test_a_causal_lm_task_on_an_encoder_is_refused(tiny_model_dir):
+    from peftbench.models import uses_lm_head
+
+    with pytest.raises(UsageError, match="needs a causal language model.*bert encoder"):
+        uses_lm_head(tiny_model_dir, "causal_lm")
+
+
+def test_a_prompt_that_leaves_no_room_for_its_answer_is_refused(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from peftbench.data import encode_causal
+
+    task = load_task(str(ARITH))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = task.load_splits(limit=1)["train"][0]
+    with pytest.raises(UsageError, match="leaves no room for its answer within max_length 4"):
+        encode_causal(task, tokenizer, row, 4)

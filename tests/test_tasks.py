@@ -105,3 +105,50 @@ def test_sst2_test_is_glue_dev_and_shares_no_text_with_training():
     test = set(splits["test"]["text"])
     assert not test & (set(splits["train"]["text"]) | set(splits["validation"]["text"]))
     assert sum(v == "1" for v in splits["test"]["label"]) == 444  # GLUE dev: 444 positive of 872
+
+
+def _classification(tmp_path, labels, rows, kind="classification", **extra):
+    import json
+
+    import yaml
+
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"name": "t", "kind": kind, "data": {"files": {s: f"{s}.jsonl" for s in ("train", "validation", "test")}},
+            "metrics": ["accuracy"] if kind != "regression" else ["pearson"], **extra}
+    if labels is not None:
+        spec["labels"] = labels
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    return str(tmp_path / "t.yaml")
+
+
+def test_labels_of_mixed_types_are_refused(tmp_path):
+    """1 == True in Python: labels [1, true] would be one class."""
+    from peftbench.data import load_task
+    from peftbench.errors import UsageError
+
+    with pytest.raises(UsageError, match="mix bool and int"):
+        load_task(_classification(tmp_path, [1, True], [{"text": "a", "label": 1}], text=["text"]))
+    task = load_task(_classification(tmp_path, [0, 1], [{"text": "a", "label": 1}], text=["text"]))
+    with pytest.raises(UsageError, match="label True is not in the spec's labels"):
+        task.label_id(True)
+
+
+def test_regression_labels_beyond_a_sane_range_are_refused(tmp_path):
+    from peftbench.data import load_task
+    from peftbench.errors import UsageError
+
+    task = load_task(_classification(tmp_path, None, [{"text": "a", "label": 1.7e308}], kind="regression",
+                                     text=["text"]))
+    with pytest.raises(UsageError, match="within \\+-1e\\+06"):
+        task.load_splits()
+
+
+def test_an_empty_multiple_choice_option_is_refused(tmp_path):
+    from peftbench.data import load_task
+    from peftbench.errors import UsageError
+
+    task = load_task(_classification(tmp_path, None, [{"q": "x", "a": "yes", "b": "", "label": 0}],
+                                     kind="multiple_choice", context="q", choices=["a", "b"]))
+    with pytest.raises(UsageError, match="choice 1 is empty"):
+        task.load_splits()
