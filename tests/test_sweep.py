@@ -322,3 +322,26 @@ def test_sigterm_to_a_sweep_with_workers_ends_the_workers(tmp_path, tiny_model_d
     for pid in alive:  # never leave them running after a failure
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived the SIGTERM'd sweep"
+
+
+def test_a_cell_past_its_time_limit_fails_for_good_and_the_sweep_goes_on(tmp_path, tiny_model_dir, monkeypatch):
+    """A hung `select` (its heartbeat keeps the trial alive) is ended at the spec's
+    cell_time_limit, recorded as failed for good with the reason; the other cells run."""
+    import time
+
+    from peftbench.methods.magpruning import MagPruning
+
+    def hang(self, model, scores, budget, generator):
+        time.sleep(600)
+
+    monkeypatch.setattr(MagPruning, "select", hang)
+    spec_path = write_spec(tmp_path, tiny_model_dir, seeds=1, budgets=[0.01], cell_time_limit=3)
+    start = time.perf_counter()
+    sweep.run_grid(sweep.load_spec(spec_path), progress=False, log=lambda *a: None)
+    assert time.perf_counter() - start < 120
+    _, trials = study_trials(spec_path)
+    by_method = {t.user_attrs["method"]: t for t in trials if "method" in t.user_attrs}
+    assert by_method["random"].state == TrialState.COMPLETE
+    failed = by_method["magpruning"]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["final_failure"]
+    assert "time limit of 3 s" in failed.user_attrs["failure"]

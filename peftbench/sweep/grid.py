@@ -2,12 +2,13 @@
 works until nothing is left."""
 from __future__ import annotations
 
+
 import json
 import os
 import socket
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,6 +105,34 @@ def result_attrs(result: dict, config: RunConfig, run_dir: Path) -> dict:
             "train_config": asdict(config.train), "method_params": config.method_params}
 
 
+class CellTimedOut(Exception):
+    """A cell that ran past the spec's `cell_time_limit`."""
+
+
+@contextmanager
+def time_limit(seconds: int | None):
+    """Raise `CellTimedOut` in the main thread after `seconds` (SIGALRM); no limit when None or
+    off the main thread (signals reach only it)."""
+    import signal
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CellTimedOut(f"the cell ran past its time limit of {seconds} s (the spec's "
+                           "cell_time_limit): ended as failed")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class CellFailed(Exception):
     """A cell that failed for a reason the same settings would repeat (it diverged)."""
 
@@ -133,7 +162,12 @@ class GridObjective:
         expected = self.prints.config(cell)["task_files"]
         self._same_data(trial, cell, expected, lambda: cell_config(config)["task_files"])
         try:
-            summary, run_dir = experiment.run_experiment(config, progress=self.progress, score_cache=self.cache)
+            with time_limit(self.spec.cell_time_limit):
+                summary, run_dir = experiment.run_experiment(config, progress=self.progress, score_cache=self.cache)
+        except CellTimedOut as err:
+            trial.set_user_attr("failure", str(err))
+            trial.set_user_attr("final_failure", True)  # the same settings would hang again
+            raise CellFailed(str(err)) from None
         except Exception as err:
             trial.set_user_attr("failure", f"{type(err).__name__}: {err}".splitlines()[0][:500])
             raise

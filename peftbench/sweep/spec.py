@@ -241,6 +241,9 @@ class StudySpec(BaseModel):
     device: StrictStr = "auto"
     storage: StrictStr | None = None  # default: sqlite:///<output_dir>/study.db
     output_dir: StrictStr | None = None  # default: sweeps/<name>
+    # seconds a cell may run before it is ended as failed for good (a hung score or select would
+    # otherwise hold a worker forever: its heartbeat keeps the trial alive); None: no limit
+    cell_time_limit: PositiveInt | None = None
     heartbeat_interval: PositiveInt = 30
     grace_period: PositiveInt = 120
     search: SearchSpec | None = None
