@@ -55,7 +55,8 @@ BUDGET_FRACTION = 0.01  # of a tiny model whose embeddings hold most entries: 1%
 BUILTIN_CHECK_PARAMS = {
     "sam": {"burnin": 2}, "fish": {"num_samples": 4}, "childtuning-d": {"batches": 2},
     "diffpruning": {"burnin": 2}, "ggm": {"rank": 2, "batches": 4, "important": 3, "max_iter": 10},
-    "adapeft": {"probe_steps": 4, "fit_batches": 1}, "spectral": {"batches": 3, "neighbours": 3}, "lora": {"r": 2}, "shira": {"r": 2},
+    "adapeft": {"probe_steps": 4, "fit_batches": 1},
+    "peft-sized": {"options": {"num_subspaces": 2, "subspace_rank": 1}}, "spectral": {"batches": 3, "neighbours": 3}, "lora": {"r": 2}, "shira": {"r": 2},
     "snip": {"batches": 2}, "grasp": {"batches": 2},
 }
 # checks a built-in fails by design, with the reason (as scikit-learn's _xfail_checks)
