@@ -350,3 +350,37 @@ def test_the_bootstraps_confusion_metrics_equal_metrics_compute_on_every_resampl
         warnings.simplefilter("ignore")
         slow = [metrics.compute(main, main, p[i], y[i], classes)["main"] for i in idx]
     assert uncertainty._resampled_main(cell, main, idx) == pytest.approx(slow, abs=1e-12)
+
+
+def test_health_flags_are_a_selection_check_and_an_exhausted_pool_is_not_ranked():
+    """A seed whose run says it did not work as designed (DiffPruning projected from a
+    collapsed model; GGM's pool exhausted) is listed as protocol-limited; a cell outside the
+    method's design range (pool exhausted) is a reference row, not ranked."""
+    from peftbench.statistics import competing, kept_budget
+
+    def run(method, seed, health):
+        return {"task": "stsb", "method": method, "budget": "0.02", "seed": seed, "spend": {},
+                "trainable": 10, "pretrained_entries": 1000, "health": health}
+
+    frame = pd.DataFrame([run("diffpruning", 0, []), run("diffpruning", 1, ["validation before step 75 at the "
+                                                                            "constant predictor (0.01 <= 0.02)"]),
+                          run("ggm", 0, ["pool exhausted (budget 20 > a third of the pool's 30 entries)"]),
+                          run("ggm", 1, []), run("random", 0, []), run("random", 1, [])])
+    found = report.selection_checks(frame).set_index(["method", "check"])
+    assert "1 of 2 seeds: seed 1: validation before step 75" in found.loc[("diffpruning", "protocol-limited"), "detail"]
+    assert ("ggm", "protocol-limited") in found.index
+    kept = kept_budget(frame)
+    assert not kept[("stsb", "ggm", "0.02")] and kept[("stsb", "diffpruning", "0.02")]
+    assert set(competing(frame, "0.02").method) == {"diffpruning", "random"}
+
+
+def test_health_flags_of_a_run_record():
+    """The run's own flags and a change of form reached from a model at the constant predictor."""
+    from peftbench.record import RunRecord, health_flags
+
+    record = RunRecord.model_construct(
+        method_record={"flags": ["mask did not learn"]},
+        phases=[{"step": 75, "validation_before": {"main": 0.01}, "validation_after": {"main": 0.2}}],
+        constant_predictor=type("C", (), {"validation": {"main": 0.02}})())
+    assert health_flags(record) == ["mask did not learn",
+                                    "validation before step 75 at the constant predictor (0.010 <= 0.020)"]
