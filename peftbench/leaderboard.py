@@ -50,6 +50,14 @@ def find(name: str) -> Path:
         root = leaderboards_root()
         known = sorted(p.name for p in root.iterdir() if (p / "spec.yaml").is_file()) if root.is_dir() else []
         raise UsageError(f"leaderboard {name!r} not found (no {folder / 'spec.yaml'}); known: {known}")
+    linked = [p for p in [folder, *folder.iterdir(), *((folder / "runs").iterdir() if (folder / "runs").is_dir()
+                                                       and not (folder / "runs").is_symlink() else [])]
+              if p.is_symlink()]
+    if linked:  # git carries symlinks: a board's files must be its own, or a rewrite writes (and
+        # deletes) through them into another board or any file the link names
+        raise UsageError(f"board {name!r}: {linked[0]} is a symbolic link (to {os.readlink(linked[0])}); "
+                         "peftbench writes and deletes inside a board folder, so every file and folder "
+                         "there must be a real one: replace the link with a copy")
     return folder
 
 

@@ -218,3 +218,26 @@ def test_before_after_sets_each_cell_beside_the_earlier_boards(tmp_path):
     assert before_after(SimpleNamespace(before=None), tmp_path / "new") is None
     with pytest.raises(Exception, match="has no cells.csv"):
         before_after(SimpleNamespace(before="absent"), tmp_path / "new")
+
+
+@pytest.mark.parametrize("link", ["runs", "README.md", "board"])
+def test_a_board_with_a_symbolic_link_is_refused_before_anything_is_written(tmp_path, tiny_model_dir,
+                                                                             monkeypatch, link):
+    """A board's runs/ linked to another board's (report would prune the other's cells), its
+    README.md linked to a file of the user's, or the board folder itself a link: refused, the
+    link's target untouched."""
+    board = _board(tmp_path, tiny_model_dir, seeds=1)
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    if link == "runs":
+        (board / "runs").symlink_to(other, target_is_directory=True)
+    elif link == "README.md":
+        (board / "README.md").symlink_to(other / "keep.txt")
+    else:
+        shutil.move(str(board), str(tmp_path / "real-board"))
+        board.symlink_to(tmp_path / "real-board", target_is_directory=True)
+    for argv in (["report", "store"], ["run", "store"], ["verify", "store"]):
+        assert main(["leaderboard", *argv]) == 2
+    assert (other / "keep.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["keep.txt"]
