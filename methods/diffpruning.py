@@ -84,7 +84,8 @@ class DiffPruning(Selector):
 
     Health (`training_record`, the run's `method_record`): Spearman(|alpha_T|, |alpha_0|) over a
     fixed sample of entries (how far the gates moved from their start: near 1 = the mask is its
-    initialisation), the share of the learned delta sum (z w)^2 the mask keeps, and `flags`:
+    initialisation; None when every gate starts equal, as with `alpha_init`), the share of the
+    learned delta sum (z w)^2 the mask keeps, and `flags`:
     "mask did not learn" when that Spearman is above 0.5 (projection by |alpha|). Validation on
     both sides of the projection is the run's `phases`; the board flags a cell whose validation
     before the projection is at the constant predictor.
@@ -191,7 +192,7 @@ class DiffPruning(Selector):
             gate.alpha.grad = None
         moved = _spearman(self._alpha0, self._flat_sample(lambda g: g.alpha.detach().abs()))
         flags = ["mask did not learn (Spearman(|alpha_T|, |alpha_0|) > 0.5)"] \
-            if self.projection == "alpha" and moved > 0.5 else []
+            if self.projection == "alpha" and moved is not None and moved > 0.5 else []
         self._record = {"projection_step": self.burnin, "projection": self.projection,
                         "spearman_alpha_final_initial": moved,
                         "delta_kept": kept / total if total > 0 else None, "flags": flags}
@@ -211,8 +212,12 @@ def _sample_indices(total: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(total, (SAMPLE,), generator=torch.Generator().manual_seed(total))
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rho; None when the initial gates are all equal (Guo's alpha_init: no ranking
+    to keep), 1.0 when they were not and the final ones are (a change that erased them)."""
     from scipy.stats import spearmanr
 
+    if bool((a == a[0]).all()):
+        return None
     value = spearmanr(a.numpy(), b.numpy()).statistic
-    return float(value) if value == value else 1.0  # constant ranks: the gates did not move
+    return float(value) if value == value else 1.0
