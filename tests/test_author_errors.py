@@ -63,3 +63,19 @@ def test_a_bad_batches_value_names_epoch():
     with pytest.raises(UsageError, match="give a positive integer .* or 'epoch'"):
         validate_params(TakesBatches, "takes-batches", {"steps": "abc"})
     assert validate_params(TakesBatches, "takes-batches", {"steps": "epoch"}) == {"steps": "epoch"}
+
+
+def test_the_readmes_scoring_phase_example_passes_the_conformance_suite(tiny_model_dir):
+    """The LT-SFT block of the README's author guide, run as written."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    from peftbench.testing import check_method
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(   # lt_sft\.py\n.*?)   ```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(textwrap.dedent(block), "lt_sft.py", "exec"), namespace)
+    outcomes = check_method(namespace["LTSFT"], {"steps": 2}, tiny_model_dir)
+    assert all(o.ok for o in outcomes), [(o.check, o.detail) for o in outcomes if not o.ok]
