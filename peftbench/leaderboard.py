@@ -428,6 +428,11 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
         plots.cd_png(r, folder / f"cd-b{r['budget']}.png")
     middle = spec.budgets[len(spec.budgets) // 2]
     plots.spend_png(frame, folder / "spend.png", budget=middle)
+    if plots.retention_png(frame, folder / "retention.png") is not None:
+        text += "\n".join(["", "## Accuracy against retention", "",
+                           "[retention.png](retention.png): each cell's mean test metric against its "
+                           "mean retention change on the forgetting probe (forgetting.csv).", ""])
+        (folder / "README.md").write_text(text)
     curves = report.budget_curves(frame)
     if not curves.empty:  # several budgets: the accuracy-vs-budget question, as curves
         plots.curves_png(frame, folder / "curves.png")

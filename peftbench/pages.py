@@ -226,7 +226,8 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
                 for p in sorted(folder.glob("cd-b*.png"))]
     for image, caption in (*diagrams,
                            ("curves.png", "Budget curves (mean and 95% interval: seeds and test set)"),
-                           ("spend.png", "Where each method spends its budget")):
+                           ("spend.png", "Where each method spends its budget"),
+                           ("retention.png", "Accuracy against retention (the forgetting probe)")):
         if (folder / image).is_file():
             parts += [f"<h2>{caption}</h2>", f'<img src="{image}" alt="{caption}">']
     failed = frame.attrs.get("failed", {}) if frame is not None else {}

@@ -464,3 +464,42 @@ def spend_png(frame: pd.DataFrame, path: str | Path, budget: str | None = None) 
     save(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def retention_png(frame: pd.DataFrame, path: str | Path) -> Path | None:
+    """Accuracy against what a run kept (#46): per task, each (method, budget) cell's mean test
+    metric against its mean retention change on the forgetting probe (x100, 0 = the pre-trained
+    model's), with the seed std as error bars; None when no run measured retention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftbench.statistics import forgetting_table
+
+    kept = forgetting_table(frame)
+    if kept.empty:
+        return None
+    scores = frame.groupby(["task", "method", "budget"]).metric.agg(["mean", "std"]).reset_index()
+    cells = kept.merge(scores, on=["task", "method", "budget"])
+    tasks = sorted(cells.task.unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    style = styles(sorted(cells.method.unique()))
+    for ax, task in zip(axes[0], tasks):
+        for method, g in cells[cells.task == task].groupby("method"):
+            color, marker, _ = style[method]
+            ax.errorbar(g.change, 100 * g["mean"], xerr=g.change_std, yerr=100 * g["std"].fillna(0),
+                        fmt=marker, color=color, label=method, capsize=2, alpha=0.85)
+            for row in g.itertuples():
+                ax.annotate(str(row.budget), (row.change, 100 * row.mean), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.axvline(0, color="grey", lw=0.6, ls=":")
+        ax.set_title(task)
+        ax.set_xlabel("retention change on the probe (x100; 0 = pre-trained)")
+        ax.set_ylabel("test metric (x100)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Accuracy against what each cell kept (mean and std over seeds; labels: budget)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

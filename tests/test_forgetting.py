@@ -48,3 +48,17 @@ def test_full_fine_tuning_moves_the_representation_more_than_a_handful_of_entrie
         changes[method] = record["change"]
     assert abs(changes["fulltuning"]) > 10 * abs(changes["random"])
     assert np.isfinite(list(changes.values())).all()
+
+
+def test_the_accuracy_vs_retention_figure_is_drawn_from_the_cells_that_measured_it(tmp_path):
+    import pandas as pd
+
+    from peftbench import plots
+
+    rows = [{"task": t, "method": m, "budget": "0.005", "seed": s, "metric": 0.8 - 0.01 * s,
+             "retention_after": 0.8, "retention_change": -0.01 * (i + 1)}
+            for t in ("sst2", "stsb") for i, m in enumerate(("random", "fulltuning")) for s in range(3)]
+    assert plots.retention_png(pd.DataFrame(rows), tmp_path / "r.png") == tmp_path / "r.png"
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    unmeasured = pd.DataFrame(rows).assign(retention_change=float("nan"))
+    assert plots.retention_png(unmeasured, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
