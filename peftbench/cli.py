@@ -299,15 +299,26 @@ def cmd_report(args) -> None:
     print(f"\nwritten to {out}/ (report.md and CSVs{', index.html' if args.html else ''})")
 
 
+PLOT_FILES = {"pareto.png", "pareto.pdf", "pareto.svg", "pareto.html", "plotly.min.js", "spend.png", ".peftbench"}
+
+
 def cmd_plot(args) -> None:
     from pathlib import Path
 
     from peftbench import plots, sweep
 
+    from peftbench import ownership
+
     spec = _load_spec(args)
+    out = Path(args.out) if args.out else None
+    if out is not None:  # a folder of yours is refused before any work; the sweep folder is ours
+        ownership.check(out, "plots", lambda f: all(p.name in PLOT_FILES for p in f.iterdir()), "plot folder")
     frame = sweep.finished_frame(spec)
-    out = Path(args.out or spec.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out is None:
+        out = spec.out
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        ownership.claim(out, "plots", lambda f: all(p.name in PLOT_FILES for p in f.iterdir()), "plot folder")
     if args.what == "pareto":
         plots.write_plotly_js(out)
         paths = [*plots.pareto_png(frame, out / "pareto.png"), plots.pareto_html(frame, out / "pareto.html")]

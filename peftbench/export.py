@@ -231,7 +231,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, seed: int | None = None
     from peftbench.safeload import load_pt
     from peftbench.trainer import set_seed
 
+    from peftbench import ownership
+
     run_dir = Path(run_dir)
+    out_dir = Path(out_dir)
+    if (out_dir / "spec.yaml").exists() or (out_dir / "cell.json").exists():
+        raise UsageError(f"export folder {out_dir} is a board's or a cell's folder: give another folder")
+    ownership.check(out_dir, "adapter", lambda f: (f / MANIFEST).is_file(), "export folder")  # never over your files
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"{run_dir} is not a run directory (no config.json): give a folder "
                          "written by `peftbench run` or a sweep's runs/<cell>")
@@ -263,4 +269,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path, seed: int | None = None
         from safetensors.torch import load_file
 
         trained = load_file(str(run_dir / f"seed-{seed}" / TRAINED))
-    return export_selection(model, selection, Path(out_dir), trained)
+    ownership.claim(out_dir, "adapter", lambda f: (f / MANIFEST).is_file(), "export folder")
+    return export_selection(model, selection, out_dir, trained)

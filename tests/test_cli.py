@@ -222,3 +222,28 @@ def test_output_in_an_ascii_locale_escapes_what_it_cannot_encode():
     proc = _cli("leaderboard", "show", "quickstart-sst2", env={"PYTHONIOENCODING": "ascii"})
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-500:]
     assert "\\xb1" in proc.stdout  # the ± of mean ± std, escaped
+
+
+def test_plot_out_refuses_a_folder_of_the_users(tmp_path, capsys, tiny_model_dir):
+    """`plot pareto --out DIR` over a folder holding the user's own pareto.png: refused before
+    any work, the file untouched; an empty or new folder is taken and marked."""
+    import yaml
+
+    from peftbench.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "p", "model": tiny_model_dir, "tasks": ["rte"], "methods": {"random": {}},
+                                    "budgets": [0.01], "seeds": 1, "limit": 16, "train": {"epochs": 1, "max_steps": 1},
+                                    "output_dir": str(tmp_path / "out")}))
+    assert main(["sweep", str(spec)]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pareto.png").write_bytes(b"my figure")
+    (mine / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["plot", "pareto", str(spec), "--out", str(mine)]) == 2
+    assert "holds files peftbench did not write" in capsys.readouterr().err
+    assert (mine / "pareto.png").read_bytes() == b"my figure"
+    assert main(["plot", "pareto", str(spec), "--out", str(tmp_path / "figures")]) == 0
+    assert (tmp_path / "figures" / "pareto.png").is_file() and (tmp_path / "figures" / ".peftbench").is_file()
+    assert main(["plot", "pareto", str(spec), "--out", str(tmp_path / "figures")]) == 0  # ours: taken again

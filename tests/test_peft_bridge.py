@@ -172,6 +172,19 @@ def test_export_cli_on_a_run_and_its_bad_input(tmp_path, capsys, tiny_model_dir)
                                                    str(tmp_path / "x"))
     assert "no finished seed 7" in one_line_error(capsys, "export", str(run_dir), "--seed", "7",
                                                   "--to", "peft", str(tmp_path / "x"))
+    # the same folder again is ours (its manifest); a folder of the user's is refused, untouched
+    assert main(["export", str(run_dir), "--to", "peft", str(tmp_path / "adapter")]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "adapter_config.json").write_text("{}")
+    assert "holds files peftbench did not write" in one_line_error(capsys, "export", str(run_dir), "--to", "peft",
+                                                                  str(mine))
+    assert (mine / "adapter_config.json").read_text() == "{}" and len(list(mine.iterdir())) == 1
+    board = tmp_path / "board"
+    board.mkdir()
+    (board / "spec.yaml").write_text("name: b\n")
+    assert "a board's or a cell's folder" in one_line_error(capsys, "export", str(run_dir), "--to", "peft", str(board))
+    assert sorted(p.name for p in board.iterdir()) == ["spec.yaml"]
 
 
 def test_bench_races_peft_shira_on_peftbench_mask(tiny_model_dir):
