@@ -329,3 +329,30 @@ def test_a_plugin_name_that_is_not_file_safe_fails_by_name(monkeypatch):
     assert listed["random"].error is None
     with pytest.raises(UsageError, match="not file-safe"):
         registry.get("../escape")
+
+
+def test_an_installed_plugin_joins_a_committed_board_in_one_command(plugin_site, tiny_model_dir, tmp_path):
+    """The method author's last step: `leaderboard join BOARD METHOD` puts an installed plugin's
+    row on a board that was built and committed without it; only its cells train."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    board = tmp_path / "boards" / "tiny"
+    board.mkdir(parents=True)
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "tiny", "model": tiny_model_dir, "tasks": ["rte"], "methods": {"magpruning": {}}, "budgets": [0.01],
+        "seeds": 1, "limit": 16, "train": {"epochs": 1, "max_steps": 2}, "output_dir": str(tmp_path / "sweep")}))
+    env_board = {"PEFTBENCH_LEADERBOARDS": str(tmp_path / "boards")}
+    os.environ.update(env_board)
+    try:
+        assert _cli(plugin_site, "leaderboard", "run", "tiny").returncode == 0
+        joined = _cli(plugin_site, "leaderboard", "join", "tiny", "layernorm")
+    finally:
+        os.environ.pop("PEFTBENCH_LEADERBOARDS")
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    assert "joining layernorm to tiny" in joined.stdout and "joined layernorm to tiny in" in joined.stdout
+    cells = sorted(json.loads(p.read_text())["cell"] for p in (board / "runs").glob("*/cell.json"))
+    assert cells == ["rte/layernorm/b0.01/s0", "rte/magpruning/b0.01/s0"]  # the toy plugin uses the budget
+    assert set(pd.read_csv(board / "results.csv").method) == {"magpruning", "layernorm"}
