@@ -28,10 +28,13 @@ LayerNorm the change of their entries.
 Value. On the first `fit_batches` training batches (one by default: the same batch at every
 step size, so the curve is the direction's, not the batches'; evaluation mode), the loss with one
 candidate's direction alone, scaled by eta in ETAS, on the pre-trained encoder with the head at
-its probe value, is fitted by L(eta) = c - b eta + a eta^2 / 2 (least squares). A fit counts
-when a > 0, b > 0 and R^2 >= `min_r2`; its value is then b^2 / (2 a), the decrease at the best
-step. A candidate's value is the mean over checkpoints, a failed fit counting 0 (the paper
-discards such fits).
+its probe value, is fitted by L(eta) = c - b eta + a eta^2 / 2 (least squares). A fit below
+R^2 `min_r2` is discarded (0, as the paper discards bad fits); with a > 0 and b > 0 the value is
+the fitted decrease at the best step within the range, b^2 / (2 a) inside it. Our reading where
+the paper is silent: a fit without positive curvature whose loss still falls (measured on
+STS-B: the key and value LoRAs fall concavely up to eta = 2) is valued by the decrease observed
+in the range, a lower bound, instead of 0, which left most of a 2% budget unspent. A
+candidate's value is the mean over checkpoints.
 
 Knapsack. Maximise the summed value under summed cost <= budget, at most one option per
 class. `pareto_front` computes the exact front of (cost, value) over all choices by
@@ -170,8 +173,12 @@ def brute_force_knapsack(values, weights, capacity, classes=None) -> float:
 
 
 def quadratic_value(etas, losses, min_r2: float) -> tuple[float, float]:
-    """(value, R^2) of the GeN-style fit L(eta) = c - b eta + a eta^2 / 2: b^2 / (2 a) when the
-    curvature a and the slope b are positive and R^2 >= `min_r2`, else 0."""
+    """(value, R^2) of the GeN-style fit L(eta) = c - b eta + a eta^2 / 2 over the step sizes
+    probed. A fit below `min_r2` is discarded (value 0). With positive curvature and slope, the
+    value is the fitted decrease at the fitted best step, the step held within the range probed
+    (b^2 / (2 a) when b / a is inside it). Without positive curvature, a loss that still falls is
+    a direction that helps beyond the range: its value is the decrease observed within the range
+    (a lower bound), and 0 when it does not fall."""
     x, y = np.asarray(etas, float), np.asarray(losses, float)
     if not np.all(np.isfinite(y)):
         return 0.0, float("nan")
@@ -179,7 +186,13 @@ def quadratic_value(etas, losses, min_r2: float) -> tuple[float, float]:
     (c, b, a), *_ = np.linalg.lstsq(design, y, rcond=None)
     total = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(((y - design @ np.array([c, b, a])) ** 2).sum()) / total if total > 0 else 0.0
-    return (float(b * b / (2 * a)) if a > 0 and b > 0 and r2 >= min_r2 else 0.0), r2
+    if r2 < min_r2:
+        return 0.0, r2
+    if a > 0 and b > 0:
+        step = min(b / a, float(x.max()))
+        return float(b * step - a * step * step / 2), r2
+    drop = float(y[x == 0].min() - y.min()) if np.any(x == 0) else 0.0
+    return max(drop, 0.0), r2
 
 
 def _lora_config(chosen: dict[str, int], block: str):

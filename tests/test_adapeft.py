@@ -54,8 +54,11 @@ def test_quadratic_fit_value_and_its_gates():
     loss = 2.0 - 1.5 * etas + 2.0 * etas ** 2 / 2  # b = 1.5, a = 2: value b^2 / 2a
     value, r2 = quadratic_value(etas, loss, 0.9)
     assert value == pytest.approx(1.5 ** 2 / 4) and r2 == pytest.approx(1.0)
-    assert quadratic_value(etas, 2.0 - 1.5 * etas - 0.3 * etas ** 2, 0.9)[0] == 0.0  # no positive curvature
+    falls = 2.0 - 1.5 * etas - 0.3 * etas ** 2  # no positive curvature, the loss still falls
+    assert quadratic_value(etas, falls, 0.9)[0] == pytest.approx(1.5 * 2 + 0.3 * 4)  # what the range gave
     assert quadratic_value(etas, 2.0 + 1.5 * etas + etas ** 2, 0.9)[0] == 0.0  # the loss rises
+    far = 2.0 - 1.5 * etas + 0.2 * etas ** 2 / 2  # its best step (7.5) beyond the range: held at 2
+    assert quadratic_value(etas, far, 0.9)[0] == pytest.approx(1.5 * 2 - 0.2 * 4 / 2)
     noisy = loss + np.array([0.0, 0.6, -0.6, 0.6, -0.6])
     value, r2 = quadratic_value(etas, noisy, 0.9)
     assert r2 < 0.9 and value == 0.0  # a poor fit is discarded
