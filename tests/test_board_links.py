@@ -86,3 +86,17 @@ def test_a_page_keeps_its_title_when_the_board_has_carry_and_per_budget_tables(t
     page = (tmp_path / "index.html").read_text()
     assert "<title>Leaderboard demo</title>" in page and "<h1>Leaderboard demo</h1>" in page
     assert "<h3>Settings tuned at each budget</h3>" in page
+
+
+def test_the_index_lists_every_board_even_one_whose_spec_this_code_cannot_run(tmp_path):
+    """A board spec with an unknown method or a key newer than the running code must not stop
+    another board's report at its last step (the index)."""
+    from peftbench.pages import write_index
+
+    for name, text in (("good", "name: good\ndescription: A good board\n"),
+                       ("newer", "name: newer\ndescription: From newer code\nmethods: {nonesuch: {}}\nfuture_key: 1\n"),
+                       ("broken", "name: [unclosed\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.yaml").write_text(text)
+    page = write_index(tmp_path).read_text()
+    assert "A good board" in page and "From newer code" in page and "cannot be read" in page
