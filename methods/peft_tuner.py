@@ -65,8 +65,8 @@ def inject(model, config):
     before = {id(p) for p in model.parameters()}
     try:
         model = inject_adapter_in_model(config, model)
-    except ValueError as err:  # peft: no module matched the targets
-        raise UsageError(f"peft's {type(config).__name__} found nothing to adapt in this model: "
+    except (ValueError, TypeError) as err:  # peft: no module matched, or a layer type it does not wrap
+        raise UsageError(f"peft's {type(config).__name__} cannot adapt this model: "
                          f"{str(err).splitlines()[0][:300]}") from None
     for p in model.parameters():  # what peft added (and left trainable) trains; nothing pre-trained
         p.requires_grad_(id(p) not in before and p.requires_grad)

@@ -388,8 +388,6 @@ class TaskSpec(BaseModel):
             if len(kinds) > 1:
                 raise ValueError(f"labels {value} mix {' and '.join(sorted(kinds))}: give labels of one "
                                  "type (1 and true are equal in Python, so they would be one class)")
-            if len(set(value)) < len(value):
-                raise ValueError(f"labels {value} repeat a label")
         return value
 
     @field_validator("extract")

@@ -57,7 +57,8 @@ def find(name: str) -> Path:
         # deletes) through them into another board or any file the link names
         raise UsageError(f"board {name!r}: {linked[0]} is a symbolic link (to {os.readlink(linked[0])}); "
                          "peftbench writes and deletes inside a board folder, so every file and folder "
-                         "there must be a real one: replace the link with a copy")
+                         "there (committed cells included) must be a real one: restore a copy in place "
+                         "of the link")
     return folder
 
 

@@ -86,6 +86,8 @@ METHOD_STYLE: dict[str, tuple[str, str, str]] = {  # method: (colour, marker, li
     "snip": ("#0072B2", "o", "-"),
     "synflow": ("#E69F00", "^", "-"),
     "grasp": ("#009E73", "D", "-"),
+    "peft": ("#56B4E9", "o", ":"),
+    "peft-sized": ("#CC79A7", "s", ":"),
 }
 DODGE = 0.12  # log10 units over which methods at the same x are spread (x 0.87 .. x 1.15)
 

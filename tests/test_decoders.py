@@ -97,7 +97,8 @@ def test_ggm_finds_each_architectures_query_key_value(decoder_dir, tmp_path):
 
 # what a built-in cannot do on an architecture, with the reason (checked to fail as declared)
 DECODER_REFUSALS = {("gpt2", "shira"): "peft's SHiRA wraps nn.Linear layers only",
-                    ("gpt2", "supertuning"): "peft's Super-Tuning wraps nn.Linear layers only"}
+                    ("gpt2", "supertuning"): "peft's Super-Tuning wraps nn.Linear layers only",
+                    ("gpt2", "peft-sized"): "peft's AdamssConfig cannot adapt this model"}
 
 
 def test_every_builtin_passes_the_conformance_suite_on_each_decoder(decoder_dir):
