@@ -67,17 +67,22 @@ def _prepared(tiny_model_dir, **params):
     return method, method.apply(model, selection), selection, scores
 
 
-def test_allpass_gradient_filter_is_the_identity(tiny_model_dir):
-    method, model, _, _ = _prepared(tiny_model_dir, filter="allpass", train_filter=True)
-    grads = []
+def _random_grads(method) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(trainable tensor, a copy of the random gradient just given it) per trained node."""
+    pairs = []
     for t, _ in method._trainable:
         if t is not None:
             t.grad = torch.randn_like(t)
-            grads.append(t.grad.clone())
+            pairs.append((t, t.grad.clone()))
+    return pairs
+
+
+def test_allpass_gradient_filter_is_the_identity(tiny_model_dir):
+    method, model, _, _ = _prepared(tiny_model_dir, filter="allpass", train_filter=True)
+    pairs = _random_grads(method)
     method.after_backward(model, 0)
-    after = [t.grad for t, _ in method._trainable if t is not None]
-    for a, b in zip(after, grads):
-        torch.testing.assert_close(a, b)
+    for t, given in pairs:
+        torch.testing.assert_close(t.grad, given)
 
 
 def test_selection_is_exact_and_regulariser_matches_formula(tiny_model_dir):
@@ -99,13 +104,9 @@ def test_by_default_it_trains_its_selection_like_any_subset(tiny_model_dir):
     untouched by the (low-pass) filter; with `train_filter` the same gradients are rescaled."""
     method, model, _, _ = _prepared(tiny_model_dir)
     assert method.loss_term(model, 0) is None
-    grads = []
-    for t, _ in method._trainable:
-        if t is not None:
-            t.grad = torch.randn_like(t)
-            grads.append(t.grad.clone())
+    pairs = _random_grads(method)
     method.after_backward(model, 0)
-    assert all(torch.equal(t.grad, g) for (t, _), g in zip([x for x in method._trainable if x[0] is not None], grads))
+    assert all(torch.equal(t.grad, given) for t, given in pairs)
     method.train_filter = True
     method.after_backward(model, 0)
-    assert not all(torch.equal(t.grad, g) for (t, _), g in zip([x for x in method._trainable if x[0] is not None], grads))
+    assert not all(torch.equal(t.grad, given) for t, given in pairs)
