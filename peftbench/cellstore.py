@@ -74,10 +74,39 @@ def commit_cell(board: Path, attrs: dict, duration_s: float) -> Path:
     """Copy a finished cell's config and result from its run directory (`attrs["run_dir"]`)
     into `board/runs/<run>/` with its `cell.json`; returns that folder. Called as each cell
     finishes, so a sitting that stops after N cells leaves N cells ready to commit."""
+    from filelock import FileLock
+
     source = Path(attrs["run_dir"])
     target = board / "runs" / source.name
     if source.resolve() == target.resolve():
         return target  # read back from the board itself: already there
+    (board / "runs").mkdir(parents=True, exist_ok=True)
+    import hashlib
+    import tempfile
+
+    # local workers of other studies may commit the same cell; the lock lives outside the board
+    # (nothing but cells is written there)
+    lock = Path(tempfile.gettempdir()) / f"peftbench-board-{hashlib.sha256(str(board.resolve()).encode()).hexdigest()[:16]}.lock"
+    with FileLock(str(lock)):
+        twin = _committed_twin(board, attrs["cell"], attrs["fingerprint"])
+        if twin is not None:  # one folder per cell and settings: a second would count one run twice
+            return twin
+        return _commit(source, target, attrs, duration_s)
+
+
+def _committed_twin(board: Path, cell: str, fingerprint: str) -> Path | None:
+    """A folder of `board` that already holds `cell` with the same settings, or None."""
+    for folder in (board / "runs").iterdir():
+        try:
+            record = json.loads((folder / CELL_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("cell") == cell and record.get("fingerprint") == fingerprint:
+            return folder
+    return None
+
+
+def _commit(source: Path, target: Path, attrs: dict, duration_s: float) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     seed = attrs["seed"]
     config = json.loads((source / "config.json").read_text())

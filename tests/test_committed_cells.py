@@ -153,3 +153,21 @@ def test_verify_calls_nan_reproduced_only_when_both_runs_gave_nan(tmp_path, monk
     text, _ = leaderboard.verify(str(board), names=[cell["cell"]], log=lambda *a: None)
     assert text.endswith(f"reproduced {exact} of 1 committed cells exactly") or \
         f"reproduced {exact} of 1 committed cells exactly;" in text
+
+
+def test_a_cell_committed_twice_with_the_same_settings_keeps_one_folder(tmp_path):
+    """Two `leaderboard work` processes on different output folders (two studies) both finish
+    a cell: the board keeps one folder for it, not two (a second would count one run twice and
+    make the board unreadable)."""
+    board = tmp_path / "board"
+    shutil.copytree(BOARD, board)
+    folder = _first(board)
+    cell = json.loads((folder / "cell.json").read_text())
+    other = tmp_path / "other-study" / "runs" / "fulltuning-sst2-b1-29990101-000000-000000"
+    (other / f"seed-{cell['seed']}").mkdir(parents=True)
+    shutil.copy(folder / "config.json", other / "config.json")
+    shutil.copy(folder / f"seed-{cell['seed']}-result.json", other / f"seed-{cell['seed']}" / "result.json")
+    before = sorted(p.name for p in (board / "runs").iterdir())
+    kept = cellstore.commit_cell(board, {**cell, "run_dir": str(other)}, 1.0)
+    assert kept == folder and sorted(p.name for p in (board / "runs").iterdir()) == before
+    assert len(cellstore.committed_cells(board)) == len(before)
