@@ -10,6 +10,7 @@ import pytest
 
 from peftbench import experiment, sweep
 from peftbench.errors import UsageError
+from peftbench.sweep.search import method_study
 
 
 def _rows_match(actual, expected) -> bool:
@@ -231,7 +232,8 @@ def test_a_grid_point_whose_trial_was_cut_off_is_measured_before_the_search_choo
 
     spec = _spec(tmp_path)
     grid = spec.search.params["lr"].choices
-    study = optuna.create_study(study_name=f"{spec.name}/search/cb/random", storage=open_storage(spec),
+    study = optuna.create_study(study_name=method_study(f"{spec.name}/search/cb/random", "random"),
+                                storage=open_storage(spec),
                                 direction="maximize",
                                 sampler=optuna.samplers.GridSampler({"lr": grid}, seed=spec.search.seed))
     cut = study.ask()  # the killed worker's trial: running, never to end
@@ -341,7 +343,7 @@ def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_tri
     them in the board's `search-trials.json`; on a fresh machine (the sweep folder and its
     Optuna database gone) only the third trains, the choice and the `tried` list are the
     uninterrupted search's, and the log's rows go once the key is recorded. A row of another
-    `peftbench.__version__` is not read back."""
+    `peftbench.__version__` or another source of the method is not read back."""
     import shutil
 
     runs = _fake_runs(monkeypatch, peak=1e-3)
@@ -385,3 +387,46 @@ def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_tri
     sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
     stale = log["cb/random"][0]["params"]["lr"]
     assert len(runs) == 2 and sum(math.isclose(lr, stale) for lr, _ in runs) == 1  # it and the unfinished one
+
+    # a row the method's code did not make (its source changed since, or a row from before the
+    # digest was recorded) trains again: a search trial goes stale with the method, as a cell does
+    for code in ("0" * 64, None):
+        rows = json.loads(json.dumps(log))
+        rows["cb/random"][0]["version"] = rows["cb/random"][1]["version"]  # the first row counts again
+        if code is None:
+            del rows["cb/random"][1]["code"]
+        else:
+            rows["cb/random"][1]["code"] = code
+        (board / "search-trials.json").write_text(json.dumps(rows))
+        (board / "search.json").unlink()
+        shutil.rmtree(spec.out)
+        runs.clear()
+        sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
+        other = rows["cb/random"][1]["params"]["lr"]
+        assert len(runs) == 2 and sum(math.isclose(lr, other) for lr, _ in runs) == 1
+
+
+def test_a_changed_method_is_searched_again_in_a_study_of_its_own(tmp_path, monkeypatch):
+    """The search study of a key is named by its method's source: with search.json gone, the
+    same code reads its finished trials back from the database (at most one setting trains again:
+    an exhausted grid sampler proposes one more point before the trial cap stops it), a changed
+    method (another source digest) trains every setting again instead of counting the old
+    code's trials."""
+    from peftbench import fingerprint
+
+    runs = _fake_runs(monkeypatch, peak=1e-3)
+    spec = _spec(tmp_path, seeds=[100, 101])
+    sweep.run_search(spec, log=lambda *a: None)
+    assert len(runs) == 3
+    (spec.out / "search.json").unlink()
+    runs.clear()
+    sweep.run_search(spec, log=lambda *a: None)
+    assert len(runs) <= 1
+
+    real = fingerprint.code_identity
+    monkeypatch.setattr(fingerprint, "code_identity",
+                        lambda method, strict=True: {**real(method, strict), "source": "f" * 64})
+    (spec.out / "search.json").unlink()
+    runs.clear()
+    sweep.run_search(spec, log=lambda *a: None)
+    assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2])

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from peftbench import sweep
 from peftbench.errors import UsageError
+from peftbench.sweep.search import method_study
 
 
 def write_spec(tmp_path: Path, model: str, **extra) -> Path:
@@ -165,7 +166,7 @@ def test_search_samples_learning_rates_and_records_the_best(tmp_path, tiny_model
     spec = sweep.load_spec(spec_path)
     best = sweep.run_search(spec, log=lambda *a: None)
     assert 1e-5 <= best["rte/random"]["train"]["lr"] <= 1e-2
-    study = optuna.load_study(study_name="t/search/rte/random", storage=spec.storage_url)
+    study = optuna.load_study(study_name=method_study("t/search/rte/random", "random"), storage=spec.storage_url)
     assert len(study.trials) == 3 and len({t.params["lr"] for t in study.trials}) == 3
     assert all(len(t.intermediate_values) >= 1 for t in study.trials)  # pruner sees each epoch
     # the grid then trains with the searched learning rate
@@ -274,7 +275,7 @@ def test_search_over_choices_tries_each_choice_once(tmp_path, tiny_model_dir):
     spec = sweep.load_spec(spec_path)
     best = sweep.run_search(spec, log=lambda *a: None)
     assert best["rte/random"]["trials"] == 2 and best["rte/random"]["train"]["lr"] in (1.0e-3, 1.0e-2)
-    study = optuna.load_study(study_name="t/search/rte/random", storage=spec.storage_url)
+    study = optuna.load_study(study_name=method_study("t/search/rte/random", "random"), storage=spec.storage_url)
     assert sorted(t.params["lr"] for t in study.trials) == [1.0e-3, 1.0e-2]
     assert json.loads((spec.out / "search.json").read_text()) == best
 

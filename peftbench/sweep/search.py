@@ -37,6 +37,15 @@ def tried(study: optuna.Study) -> list[dict]:
     return rows
 
 
+def method_study(name: str, method: str) -> str:
+    """The Optuna study of a search key, named by its method's source as well (`@` and the
+    digest's first 12 characters): trials a changed method made stay in their own study, so a
+    resumed search never counts them as this code's (its trial log checks the same digest)."""
+    from peftbench.fingerprint import code_identity
+
+    return f"{name}@{code_identity(method, strict=False)['source'][:12]}"
+
+
 def _add_tried(entry: dict, storage, study_name: str) -> None:
     try:
         entry["tried"] = tried(optuna.load_study(study_name=study_name, storage=storage))
@@ -198,6 +207,7 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
     else:
         sampler = optuna.samplers.TPESampler(seed=search.seed)
         n_trials = search.trials
+    study_name = method_study(study_name, method)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                 load_if_exists=True, pruner=pruner, sampler=sampler)
     params_space = dict(spec_space)
@@ -499,22 +509,28 @@ class TrialLog:
     folder and the board's committed copy): a key stopped mid-way (a sitting's end, a machine
     given back) resumes on any machine from its finished settings instead of only the Optuna
     study's database, which stays on the machine. A row counts only for the same settings, the
-    same seeds and this `peftbench.__version__`; the key's rows go when its entry is recorded
-    (its `tried` list keeps them). A pruned trial has no value to read back and runs again."""
+    same seeds, this `peftbench.__version__` and the method's source as it is now (`code`: the
+    digest that keys its cells; a row without one cannot show which code made it and runs
+    again); the key's rows go when its entry is recorded (its `tried` list keeps them). A pruned
+    trial has no value to read back and runs again."""
 
     def __init__(self, claims: SearchClaims, key: str):
+        from peftbench.fingerprint import code_identity
+
         self.claims, self.key = claims, key
+        self.code = code_identity(key.split("/")[1], strict=False)["source"]
 
     def finished(self, params: dict, seeds: list[int]) -> dict | None:
         """The row of a finished trial at `params` on `seeds`, or None."""
         for row in self.claims.read_trials().get(self.key, []):
-            if row.get("version") == __version__ and row["seeds"] == list(seeds) and _same(row["params"], params):
+            if (row.get("version") == __version__ and row.get("code") == self.code and row["seeds"] == list(seeds)
+                    and _same(row["params"], params)):
                 return row
         return None
 
     def add(self, params: dict, seeds: list[int], validation: float, duration_s: float) -> None:
         row = {"params": dict(params), "seeds": list(seeds), "validation": validation,
-               "duration_s": round(duration_s, 3), "version": __version__}
+               "duration_s": round(duration_s, 3), "version": __version__, "code": self.code}
         with self.claims.lock:
             log = self.claims.read_trials()
             log[self.key] = [r for r in log.get(self.key, []) if not (
