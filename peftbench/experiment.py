@@ -208,8 +208,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
                 seed_dir, progress, on_epoch)
     check_frozen(config.method, model, set(pretrained), theta0)
     check_count(config.method, model, set(pretrained), head_names, selector.budget_bound(k))
-    retained = forgetting.record(retained_before, forgetting.retention(model, tokenizer, next(model.parameters()).device,
-                                                                       causal=lm_head))
+    retained = forgetting.record(retained_before, forgetting.retention(
+        model, tokenizer, next(model.parameters()).device, causal=lm_head), causal=lm_head)
     # measured after training: what can differ now (DiffPruning's projected mask, not its plan)
     counts = count_trainable(model, set(pretrained), head_names)
     trained = effective_selection(model, set(pretrained), head_names)
@@ -289,7 +289,7 @@ def state_digests(model) -> dict[str, str]:
 _BEFORE: dict[tuple, float | None] = {}
 
 
-def _retention_before(model_name: str, model, tokenizer, causal: bool) -> float | None:
+def _retention_before(model_name: str, model, tokenizer, causal: bool) -> float:
     """The probe on the pre-trained model, once per process and model (the same for every
     method and seed: the head it does not read is the only difference)."""
     from peftbench.fingerprint import model_fingerprint

@@ -9,8 +9,14 @@ enough to score at the end of every run, and its pairs are everyday sentences un
 STS-B's. Statistic: Spearman between the pairs' cosine similarity of mean-pooled last hidden
 states (padding left out) and the gold relatedness, as MTEB scores STS.
 
-Not measured (None, said in the run's record): a causal language model, whose forgetting is its
-held-out next-token loss (a probe of its own, not built yet).
+A causal language model trained through its LM head is scored instead by its held-out
+next-token loss on the same probe's sentences (the 990 sentences of its pairs, in sorted order):
+mean cross-entropy per predicted token, each sentence on its own row (no padding inside a
+sequence), labels shifted by one token as the model's own loss shifts them, "before" on the
+base model as loaded (peft's method_comparison, after its PR #3419 fixed both). Everyday
+captions, no board's task and unlike any task's prompts: what the model knew of plain English.
+Higher is worse, so its `change` (after - before) is positive when the run forgot; the record
+says which statistic it holds.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import scipy.stats
 import torch
 
 PROBE = "sick-r-trial"
+STATISTICS = {False: "spearman", True: "next_token_loss"}  # keyed by `causal`
 PROBE_FILE = Path(__file__).resolve().parents[1] / "tasks" / "data" / "probe" / f"{PROBE}.jsonl"
 
 
@@ -45,17 +52,40 @@ def _embed(model, tokenizer, sentences, device, batch_size: int, max_length: int
     return torch.cat(out)
 
 
+@torch.no_grad()
+def next_token_loss(model, tokenizer, sentences, device, batch_size: int, max_length: int) -> float:
+    """Mean cross-entropy per predicted token of `sentences` under a causal LM: position t
+    predicts token t + 1; padding (on the right, whatever the tokenizer's side) is no label."""
+    rows = [ids for ids in tokenizer(list(sentences), truncation=True, max_length=max_length)["input_ids"]
+            if len(ids) > 1]
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((labels != -100).sum())
+    return total / count
+
+
 def retention(model, tokenizer, device, causal: bool = False, batch_size: int = 64,
-              max_length: int = 128) -> float | None:
-    """The probe's Spearman for `model` as it is now (eval mode, restored after); None for a
-    causal language model."""
-    if causal:
-        return None
+              max_length: int = 128) -> float:
+    """The probe's statistic for `model` as it is now (eval mode, restored after): Spearman of
+    mean-pooled cosine against relatedness for an encoder, held-out next-token loss for a causal
+    LM trained through its LM head (`causal`)."""
     a, b, gold = probe_pairs()
     was_training = model.training
     model.eval()
     try:
         with torch.nn.utils.parametrize.cached():
+            if causal:
+                return next_token_loss(model, tokenizer, sorted(set(a + b)), device, batch_size, max_length)
             ea = _embed(model, tokenizer, a, device, batch_size, max_length)
             eb = _embed(model, tokenizer, b, device, batch_size, max_length)
     finally:
@@ -64,8 +94,8 @@ def retention(model, tokenizer, device, causal: bool = False, batch_size: int = 
     return float(scipy.stats.spearmanr(cosine, np.asarray(gold)).statistic)
 
 
-def record(before: float | None, after: float | None) -> dict | None:
-    """The run's `forgetting` entry: the probe, its score before and after, and the change."""
-    if before is None or after is None:
-        return None
-    return {"probe": PROBE, "before": before, "after": after, "change": after - before}
+def record(before: float, after: float, causal: bool = False) -> dict:
+    """The run's `forgetting` entry: the probe, its statistic, the score before and after, and
+    the change (after - before)."""
+    return {"probe": PROBE, "statistic": STATISTICS[causal], "before": before, "after": after,
+            "change": after - before}

@@ -497,7 +497,9 @@ def retention_png(frame: pd.DataFrame, path: str | Path) -> Path | None:
                             xytext=(3, 3), textcoords="offset points")
         ax.axvline(0, color="grey", lw=0.6, ls=":")
         ax.set_title(task)
-        ax.set_xlabel("retention change on the probe (x100; 0 = pre-trained)")
+        kinds = set(cells[cells.task == task].statistic)
+        ax.set_xlabel("held-out next-token loss change (nats; 0 = pre-trained)" if kinds == {"next_token_loss"}
+                      else "retention change on the probe (x100; 0 = pre-trained)")
         ax.set_ylabel("test metric (x100)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle("Accuracy against what each cell kept (mean and std over seeds; labels: budget)", fontsize=10)

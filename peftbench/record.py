@@ -79,9 +79,11 @@ class Predictions(_Strict):
 
 
 class Forgetting(_Strict):
-    """Representation retention on the probe (`peftbench.forgetting`): before and after training."""
+    """What a run kept, on the probe (`peftbench.forgetting`): its statistic before and after
+    training (an encoder's Spearman, higher is better; a causal LM's next-token loss, lower is)."""
 
     probe: str
+    statistic: Literal["spearman", "next_token_loss"] = "spearman"
     before: float
     after: float
     change: float
@@ -194,6 +196,7 @@ def analysis_row(record: RunRecord, *, task: str, method: str, budget: str, mode
             "predictions": result.get("test_predictions"),
             "retention_after": record.forgetting.after if record.forgetting else float("nan"),
             "retention_change": record.forgetting.change if record.forgetting else float("nan"),
+            "retention_statistic": record.forgetting.statistic if record.forgetting else None,
             "health": health_flags(record)}
 
 

@@ -436,10 +436,12 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     lines += table_section(
         out / "forgetting.csv", forgetting_table(frame),
         "### What each run forgets (representation retention on SICK-R TRIAL)",
-        "Spearman x100 of the probe's 495 pairs (cosine of mean-pooled last hidden states against "
-        "the gold relatedness) after training, and its change from the pre-trained model's, mean ± "
-        "std over seeds (`peftbench/forgetting.py`; cells written before runs measured it have "
-        "none). A larger drop: the selection moved the representation further (forgetting.csv).")
+        "`spearman`: Spearman x100 of the probe's 495 pairs (cosine of mean-pooled last hidden "
+        "states against the gold relatedness); `next_token_loss` (a causal LM): held-out "
+        "next-token loss in nats on the probe's sentences. After training, and the change from the "
+        "pre-trained model's, mean ± std over seeds (`peftbench/forgetting.py`; cells written "
+        "before runs measured it have none). A larger Spearman drop or loss rise: the selection "
+        "moved the model further (forgetting.csv).")
     lines += table_section(
         out / "selection-checks.csv", selection_checks(frame),
         "### Cells that do not measure the method as budgeted (selection checks)",

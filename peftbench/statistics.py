@@ -475,16 +475,21 @@ def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 
 
 
 def forgetting_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, method, budget): representation retention after training on the probe
-    (`peftbench.forgetting`, x100) and its change from the pre-trained model's (mean and
+    """Per (task, method, budget): the forgetting probe's statistic after training
+    (`peftbench.forgetting`: an encoder's Spearman x100, higher is better; a causal LM's held-out
+    next-token loss in nats, lower is) and its change from the pre-trained model's (mean and
     population std over the seeds that measured it). Empty when no run measured it."""
     if "retention_change" not in frame or frame.retention_change.isna().all():
         return pd.DataFrame()
     measured = frame.dropna(subset=["retention_change"])
-    g = measured.groupby(["task", "method", "budget"], sort=True)
-    return pd.DataFrame({"seeds": g.size(), "after": 100 * g.retention_after.mean(),
-                         "change": 100 * g.retention_change.mean(),
-                         "change_std": 100 * g.retention_change.std(ddof=0)}).reset_index()
+    statistic = (measured.retention_statistic.fillna("spearman") if "retention_statistic" in measured
+                 else pd.Series("spearman", index=measured.index))
+    scale = np.where(statistic == "spearman", 100.0, 1.0)
+    measured = measured.assign(statistic=statistic, after=measured.retention_after * scale,
+                               change=measured.retention_change * scale)
+    g = measured.groupby(["task", "method", "budget", "statistic"], sort=True)
+    return pd.DataFrame({"seeds": g.size(), "after": g.after.mean(), "change": g.change.mean(),
+                         "change_std": g.change.std(ddof=0)}).reset_index()
 
 
 BLOCK = re.compile(r"\.(layer|layers|h|block|blocks)\.\d+\.")  # a tensor inside the repeated blocks

@@ -348,3 +348,42 @@ def test_a_prompt_that_leaves_no_room_for_its_answer_is_refused(tiny_model_dir):
     row = task.load_splits(limit=1)["train"][0]
     with pytest.raises(UsageError, match="leaves no room for its answer within max_length 4"):
         encode_causal(task, tokenizer, row, 4)
+
+
+def test_a_causal_lm_forgets_by_its_held_out_next_token_loss(tiny_causal_dirs, tmp_path):
+    """The probe equals the model's own shifted loss sentence by sentence (HF shifts labels
+    itself), "before" is the base model, and full fine-tuning at a high rate moves it more than a
+    handful of entries."""
+    import json
+
+    import torch
+
+    from peftbench import forgetting
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.models import load_model
+    from peftbench.trainer import TrainConfig
+
+    model, tokenizer = load_model(tiny_causal_dirs["gpt2"], 1, causal=True)
+    a, b, _ = forgetting.probe_pairs()
+    sentences = sorted(set(a + b))
+    total = count = 0
+    with torch.no_grad():
+        for s in sentences:
+            ids = torch.tensor([tokenizer(s, truncation=True, max_length=128)["input_ids"]])
+            if ids.shape[1] > 1:
+                total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+                count += ids.shape[1] - 1
+    base = forgetting.retention(model, tokenizer, torch.device("cpu"), causal=True)
+    assert base == pytest.approx(total / count, rel=1e-5)
+
+    changes = {}
+    for method, budget in (("fulltuning", "1"), ("random", "0.00001")):
+        config = RunConfig(method=method, task=str(ARITH), budget=budget, model=tiny_causal_dirs["gpt2"], limit=32,
+                           train=TrainConfig(epochs=1, batch_size=8, max_length=48, lr=3e-2, max_steps=6),
+                           output_dir=str(tmp_path / method))
+        _, run_dir = run_experiment(config, progress=False)
+        record = json.loads((run_dir / "seed-0" / "result.json").read_text())["forgetting"]
+        assert record["statistic"] == "next_token_loss" and record["before"] == pytest.approx(base)
+        assert record["change"] == pytest.approx(record["after"] - record["before"])
+        changes[method] = record["change"]
+    assert abs(changes["fulltuning"]) > 10 * abs(changes["random"])
