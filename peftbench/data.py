@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
+import regex
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, StrictBool,
                       StrictInt, StrictStr, ValidationError, field_validator, model_validator)
@@ -80,6 +81,7 @@ PREPROCESSORS = {"mark_wsc_spans": mark_wsc_spans}
 
 REGRESSION_LIMIT = 1e6  # a regression label beyond this is a unit error, not a score
 MAX_NEW_TOKENS = 1024  # a generated answer longer than this is not an answer to extract
+EXTRACT_TIMEOUT_S = 1.0  # one `extract` search on one answer: a backtracking blow-up ends here, by name
 
 
 def _render(template: str, row: dict) -> str:
@@ -297,7 +299,12 @@ class TaskSpec(BaseModel):
         when it does not match; without `extract`, the stripped text."""
         if self.extract is None:
             return text.strip()
-        found = re.search(self.extract, text)
+        try:  # the `regex` engine (re-compatible syntax), because it can bound a search's time
+            found = regex.search(self.extract, text, timeout=EXTRACT_TIMEOUT_S)
+        except TimeoutError:
+            raise UsageError(f"task {self.name!r}: extract {self.extract!r} ran over {EXTRACT_TIMEOUT_S:g} s on "
+                             f"a {len(text)}-character answer ({text[:40]!r}...): the pattern backtracks "
+                             "catastrophically (nested or overlapping repeats such as (a|aa)+); simplify it") from None
         if found is None:
             return ""
         return (found.group(1) if found.re.groups else found.group(0)).strip()
@@ -395,8 +402,8 @@ class TaskSpec(BaseModel):
     def _extract(cls, value):
         if value is not None:
             try:
-                pattern = re.compile(value)
-            except re.error as err:
+                pattern = regex.compile(value)
+            except regex.error as err:
                 raise ValueError(f"extract {value!r} is not a regular expression ({err})") from None
             if pattern.groups > 1:
                 raise ValueError(f"extract {value!r} has {pattern.groups} groups: give at most one "

@@ -387,3 +387,18 @@ def test_a_causal_lm_forgets_by_its_held_out_next_token_loss(tiny_causal_dirs, t
         assert record["change"] == pytest.approx(record["after"] - record["before"])
         changes[method] = record["change"]
     assert abs(changes["fulltuning"]) > 10 * abs(changes["random"])
+
+
+def test_a_catastrophic_extract_pattern_ends_by_name_within_its_time_bound():
+    """`(a|aa)+$` on 40 a's and a b backtracks for hours under Python's re; the bounded engine
+    stops it and names the pattern."""
+    import time
+
+    from peftbench.data import EXTRACT_TIMEOUT_S
+
+    task = load_task(str(ARITH)).model_copy(update={"extract": r"(a|aa)+$"})
+    assert task.extract_answer("aaaa") == "a"  # an ordinary answer: the first group, as before
+    started = time.monotonic()
+    with pytest.raises(UsageError, match=r"extract '\(a\|aa\)\+\$' ran over .* catastrophically"):
+        task.extract_answer("a" * 40 + "b")
+    assert time.monotonic() - started < 10 * EXTRACT_TIMEOUT_S + 5
