@@ -218,6 +218,7 @@ def cmd_sweep(args) -> int | None:
         print(f"results: peftbench report {args.spec}" + (f" --storage {args.storage}" if args.storage else ""))
         return code or None
     elif args.enqueue_only:
+        sweep.claim_out(spec)  # its lock (and a default SQLite study) are written there
         added = sweep.enqueue_missing(sweep.open_study(spec), spec, restart_changed=args.restart_changed)
         print(f"{added} cells queued in {spec.storage_url}")
     else:

@@ -587,3 +587,39 @@ def test_a_marker_that_is_not_a_small_regular_file_is_not_read(tmp_path, make):
     assert ownership.kind_of(folder) is None
     with pytest.raises(UsageError, match="holds files peftbench did not write"):
         ownership.check(folder, "sweep", None, "output folder")
+
+
+@pytest.mark.parametrize("target", ["app-sqlite", "not-sqlite", "foreign-journal"])
+def test_a_storage_file_that_is_not_optunas_is_refused_untouched(capsys, tmp_path, tiny_model_dir, target):
+    """`storage:` naming an application's SQLite database, a file that is not SQLite, or a log
+    that is not an Optuna journal: refused by name before Optuna writes its tables or records."""
+    import sqlite3
+
+    path = tmp_path / ("app.log" if target == "foreign-journal" else "app.db")
+    if target == "app-sqlite":
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE invoices (id INTEGER)")
+    else:
+        path.write_text("2026-12-06 server started\n")
+    before = path.read_bytes()
+    url = f"journal:{path}" if target == "foreign-journal" else f"sqlite:///{path}"
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "t", "model": tiny_model_dir, "tasks": ["rte"],
+                                         "methods": {"random": {}}, "budgets": [0.01], "seeds": 1, "limit": 8,
+                                         "output_dir": str(tmp_path / "out"), "storage": url}))
+    expected = {"app-sqlite": "tables that are not an Optuna study's (e.g. 'invoices')",
+                "not-sqlite": "is not a SQLite database", "foreign-journal": "is not an Optuna journal"}[target]
+    assert expected in one_line_error(capsys, "sweep", str(spec_path), "--enqueue-only")
+    assert path.read_bytes() == before
+
+
+def test_enqueue_only_into_a_folder_of_someone_elses_files_is_refused(capsys, tmp_path, tiny_model_dir):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "t", "model": tiny_model_dir, "tasks": ["rte"],
+                                         "methods": {"random": {}}, "budgets": [0.01], "seeds": 1, "limit": 8,
+                                         "output_dir": str(tmp_path / "mine")}))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    assert "holds files peftbench did not write (e.g. 'notes.txt')" in one_line_error(
+        capsys, "sweep", str(spec_path), "--enqueue-only")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]

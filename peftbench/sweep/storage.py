@@ -3,10 +3,11 @@ itself, read-only opening for status and reports, reclaiming the trials of dead 
 and the sweep's output folder."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import warnings
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import optuna
@@ -37,6 +38,7 @@ def open_storage(spec: StudySpec):
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url[len("journal:"):])
+        _check_not_foreign(path, url)
         _check_journal_end(path, url)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +46,7 @@ def open_storage(spec: StudySpec):
         except OSError as err:
             raise UsageError(f"storage {url!r}: cannot open the journal file: {err.strerror or err}") from None
     if url.startswith("sqlite:///"):
+        _check_not_foreign(Path(url[len("sqlite:///"):]), url)
         try:
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -67,6 +70,50 @@ def open_storage(spec: StudySpec):
     except (SQLAlchemyError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot open storage {url!r}: {first[:300]}") from None
+
+
+OPTUNA_TABLES = {"studies", "trials", "version_info"}  # present in every Optuna RDB schema
+
+
+def _check_not_foreign(path: Path, url: str) -> None:
+    """A storage file that exists must be Optuna's before anything is written to it: a SQLite
+    database with tables but not Optuna's (an application's), a file that is not SQLite at all,
+    or a journal whose first line is not an Optuna journal record would otherwise get Optuna's
+    tables or records written into it. Read-only; an empty or missing file is free to take."""
+    import sqlite3
+    import stat
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise UsageError(f"storage {url!r}: cannot read {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"storage {url!r}: {path} is not a regular file")
+    if st.st_size == 0:
+        return
+    if url.startswith("journal:"):
+        with open(path, "rb") as handle:
+            first = handle.readline(1 << 20)
+        try:
+            record = json.loads(first)
+            ours = isinstance(record, dict) and "op_code" in record
+        except ValueError:
+            ours = False
+        if not ours:
+            raise UsageError(f"storage {url!r}: {path} is not an Optuna journal (its first line is not a "
+                             "journal record): give a new file, so nothing of yours is written into")
+        return
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as err:
+        raise UsageError(f"storage {url!r}: {path} is not a SQLite database ({err}): give a new file") from None
+    if tables and not OPTUNA_TABLES <= tables:
+        raise UsageError(f"storage {url!r}: {path} is a SQLite database with tables that are not an Optuna "
+                         f"study's (e.g. {sorted(tables)[0]!r}): give a new file, so Optuna's tables are not "
+                         "created inside someone else's database")
 
 
 def _check_journal_end(path: Path, url: str) -> None:
