@@ -55,14 +55,27 @@ def test_quadratic_fit_value_and_its_gates():
     value, r2 = quadratic_value(etas, loss, 0.9)
     assert value == pytest.approx(1.5 ** 2 / 4) and r2 == pytest.approx(1.0)
     falls = 2.0 - 1.5 * etas - 0.3 * etas ** 2  # no positive curvature, the loss still falls
-    assert quadratic_value(etas, falls, 0.9)[0] == pytest.approx(1.5 * 2 + 0.3 * 4)  # what the range gave
+    top = etas.max()
+    assert quadratic_value(etas, falls, 0.9)[0] == pytest.approx(1.5 * top + 0.3 * top ** 2)  # what the range gave
     assert quadratic_value(etas, 2.0 + 1.5 * etas + etas ** 2, 0.9)[0] == 0.0  # the loss rises
-    far = 2.0 - 1.5 * etas + 0.2 * etas ** 2 / 2  # its best step (7.5) beyond the range: held at 2
-    assert quadratic_value(etas, far, 0.9)[0] == pytest.approx(1.5 * 2 - 0.2 * 4 / 2)
-    noisy = loss + np.array([0.0, 0.6, -0.6, 0.6, -0.6])
+    far = 2.0 - 1.5 * etas + 0.2 * etas ** 2 / 2  # its best step (7.5) beyond the range: held at its end
+    assert quadratic_value(etas, far, 0.9)[0] == pytest.approx(1.5 * top - 0.2 * top ** 2 / 2)
+    noisy = loss + 0.6 * (-1.0) ** np.arange(len(etas))  # a zigzag no quadratic follows
     value, r2 = quadratic_value(etas, noisy, 0.9)
     assert r2 < 0.9 and value == 0.0  # a poor fit is discarded
     assert quadratic_value(etas, noisy, 0.0)[0] > 0
+
+
+def test_fits_stay_within_the_step_the_probe_took():
+    """GeN's quadratic is local: a direction whose loss falls smoothly up to the step taken and
+    leaves the quadratic regime beyond it (a cliff, then a drop: what the feed-forward LoRAs did
+    on STS-B) keeps its value; fitted over scales up to 2 its R^2 failed and it was valued 0."""
+    def along(eta):
+        return 1.0 - 0.1 * eta - 0.05 * eta ** 2 if eta <= 1 else {1.5: 3.0, 2.0: 1.2}[eta]
+
+    assert 0 in ETAS and max(ETAS) == 1.0 and len(ETAS) >= 4
+    value, r2 = quadratic_value(ETAS, [along(e) for e in ETAS], 0.9)
+    assert r2 > 0.99 and value == pytest.approx(0.15)
 
 
 def _scoring(tiny_model_dir, lr=1e-2):
