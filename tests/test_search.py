@@ -430,3 +430,30 @@ def test_a_changed_method_is_searched_again_in_a_study_of_its_own(tmp_path, monk
     runs.clear()
     sweep.run_search(spec, log=lambda *a: None)
     assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2])
+
+
+def test_a_search_entry_made_by_other_code_of_its_method_is_searched_again(tmp_path, monkeypatch):
+    """search.json records the method's source digest with each entry: the grid and the search
+    take an entry only while the method is the code that made it; an entry without a digest
+    (recorded before entries carried one) is kept."""
+    from peftbench import fingerprint
+
+    runs = _fake_runs(monkeypatch, peak=1e-3)
+    spec = _spec(tmp_path, seeds=[100, 101])
+    best = sweep.run_search(spec, log=lambda *a: None)
+    assert best["cb/random"]["code"] == fingerprint.code_identity("random", strict=False)["source"]
+    assert sweep.search.tuned_settings(spec).keys() == {"cb/random"}
+
+    record = json.loads((spec.out / "search.json").read_text())
+    legacy = {k: {n: v for n, v in e.items() if n != "code"} for k, e in record.items()}
+    (spec.out / "search.json").write_text(json.dumps(legacy))
+    assert sweep.search.tuned_settings(spec).keys() == {"cb/random"}  # no digest: kept
+
+    (spec.out / "search.json").write_text(json.dumps(record))
+    real = fingerprint.code_identity
+    monkeypatch.setattr(fingerprint, "code_identity",
+                        lambda method, strict=True: {**real(method, strict), "source": "e" * 64})
+    assert sweep.search.tuned_settings(spec) == {}  # the grid waits for a new search
+    runs.clear()
+    again = sweep.run_search(spec, log=lambda *a: None)
+    assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2]) and again["cb/random"]["code"] == "e" * 64

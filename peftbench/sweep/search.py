@@ -41,16 +41,16 @@ def method_study(name: str, method: str) -> str:
     """The Optuna study of a search key, named by its method's source as well (`@` and the
     digest's first 12 characters): trials a changed method made stay in their own study, so a
     resumed search never counts them as this code's (its trial log checks the same digest)."""
-    from peftbench.fingerprint import code_identity
-
-    return f"{name}@{code_identity(method, strict=False)['source'][:12]}"
+    return f"{name}@{method_code(f'-/{method}')[:12]}"
 
 
-def _add_tried(entry: dict, storage, study_name: str) -> None:
-    try:
-        entry["tried"] = tried(optuna.load_study(study_name=study_name, storage=storage))
-    except KeyError:  # the study is elsewhere (search.json came from the repository)
-        pass
+def _add_tried(entry: dict, storage, study_name: str, method: str) -> None:
+    for name in (method_study(study_name, method), study_name):  # named by the code, or from before
+        try:
+            entry["tried"] = tried(optuna.load_study(study_name=name, storage=storage))
+            return
+        except KeyError:  # the study is elsewhere (search.json came from the repository)
+            pass
 
 
 def best_search_params(spec: StudySpec) -> dict:
@@ -81,8 +81,33 @@ def untuned(spec: StudySpec, best: dict) -> list[str]:
 
 
 def read_record(path: Path) -> dict:
-    """A search record (search.json, carry.json): {key: entry}; {} when absent."""
-    return _read_keyed(path, dict, "a search record ({key: settings})", "search again")
+    """A search record (search.json, carry.json, per-budget.json): {key: entry}; {} when absent.
+    Only the entries the method's code as it is now made (`current_entries`)."""
+    return current_entries(_read_keyed(path, dict, "a search record ({key: settings})", "search again"))
+
+
+def method_code(key: str) -> str:
+    """The source digest of a search key's method (`task/method[/budget]`): what keys its cells,
+    its search entries and its trial-log rows."""
+    from peftbench.fingerprint import code_identity
+
+    return code_identity(key.split("/")[1], strict=False)["source"]
+
+
+def current_entries(record: dict) -> dict:
+    """`record` without the entries another source of their method made (their `code` differs):
+    such a key is searched again, as its cells run again. An entry without `code` (recorded
+    before entries carried it) is kept; so is one of a method not installed here."""
+    out = {}
+    for key, entry in record.items():
+        code = entry.get("code") if isinstance(entry, dict) else None
+        try:
+            if code is not None and code != method_code(key):
+                continue
+        except (UsageError, KeyError):
+            pass
+        out[key] = entry
+    return out
 
 
 def read_trial_log(path: Path) -> dict[str, list[dict]]:
@@ -156,7 +181,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
             + ", ".join(best))
     for key, entry in best.items():
         if "tried" not in entry:  # written before "tried" was recorded
-            _add_tried(entry, storage, f"{spec.name}/search/{key}")
+            _add_tried(entry, storage, f"{spec.name}/search/{key}", key.split("/")[1])
             updated[key] = entry
     if updated:
         with claims.lock:
@@ -469,7 +494,7 @@ class SearchClaims:
         """search.json as on disk, with the board's copy merged in (never an entry lost)."""
         best = {}
         if self.mirror is not None and self.mirror.is_file():
-            best.update(json.loads(self.mirror.read_text()))
+            best.update(current_entries(json.loads(self.mirror.read_text())))
         best.update(read_record(self.spec.out / self.record_name))
         return best
 
@@ -491,6 +516,7 @@ class SearchClaims:
             self._write_claims(claims)
 
     def record(self, key: str, entry: dict) -> dict:
+        entry = {**entry, "code": method_code(key)}
         with self.lock:
             best = {**self.merged(), key: entry}
             _write_search(self.spec, best, self.mirror, self.record_name)
@@ -515,10 +541,8 @@ class TrialLog:
     trial has no value to read back and runs again."""
 
     def __init__(self, claims: SearchClaims, key: str):
-        from peftbench.fingerprint import code_identity
-
         self.claims, self.key = claims, key
-        self.code = code_identity(key.split("/")[1], strict=False)["source"]
+        self.code = method_code(key)
 
     def finished(self, params: dict, seeds: list[int]) -> dict | None:
         """The row of a finished trial at `params` on `seeds`, or None."""
