@@ -242,8 +242,8 @@ def cmd_cache(args) -> None:
         args.spec = args.where
         where = _load_spec(args).out / "scores"
     if not where.is_dir():
-        raise UsageError(f"score cache folder {where} does not exist: give a study spec or a "
-                         "scores folder")
+        raise UsageError(f"score cache folder {where} " + ("is a file, not a folder" if where.exists() else
+                                                           "does not exist") + ": give a study spec or a scores folder")
     cache = ScoreCache(where, create=False)  # refuses a folder that is not a score cache
     if args.action == "clear":
         print(f"removed {cache.clear()} cached score files from {where}")

@@ -177,6 +177,8 @@ SPEC_CASES = [
     ({"search": {"params": {"lr": {"low": 1e-2, "high": 1e-5}}}}, "low 0.01 is above high 1e-05"),
     ({"storage": "mongodb://x"}, "unknown scheme"),
     ({"storage": "postgresql://nobody@127.0.0.1:9/none"}, "cannot open storage"),
+    ({"tasks": ["rte", "rte"]}, "name the task(s) ['rte'] more than once"),
+    ({"name": "../escape"}, "name '../escape' is not file-safe"),
 ]
 
 
@@ -185,6 +187,14 @@ def test_bad_study_specs(capsys, tmp_path, tiny_model_dir, change, expected):
     msg = one_line_error(capsys, "sweep", str(_spec(tmp_path, tiny_model_dir, **change)))
     assert expected in msg
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_folder_where_a_spec_or_a_cache_is_expected_is_named_as_what_it_is(capsys, tmp_path):
+    (tmp_path / "runs").mkdir()
+    assert "is a folder, not a spec YAML (to read run directories: peftbench report --runs" in one_line_error(
+        capsys, "report", str(tmp_path / "runs"))
+    (tmp_path / "scores").write_text("x")
+    assert "is a file, not a folder" in one_line_error(capsys, "cache", "list", str(tmp_path / "scores"))
 
 
 def test_duplicated_method_key_is_refused(capsys, tmp_path, tiny_model_dir):

@@ -55,6 +55,9 @@ class Cell:
 def load_spec(path: str | Path, **overrides) -> StudySpec:
     """Read and check a study spec; `overrides` (not None) replace top-level keys."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"study spec {path} is a folder, not a spec YAML (to read run directories: "
+                         f"peftbench report --runs {path})")
     if not path.is_file():
         raise UsageError(f"study spec {path} does not exist")
     try:
@@ -278,8 +281,15 @@ class StudySpec(BaseModel):
             self.methods[entry.method] = dict(entry.params)
         for name, params in self.methods.items():
             registry.create(name, **params)  # unknown method or bad parameter: a clear error now
-        for task in self.tasks:
-            load_task(task)
+        from peftbench.data import SAFE_NAME
+
+        if not SAFE_NAME.fullmatch(self.name):  # it names sweeps/<name> and Optuna's studies
+            raise ValueError(f"name {self.name!r} is not file-safe: use letters, digits, '.', '_' and '-', "
+                             "starting with a letter or digit")
+        names = [load_task(task).name for task in self.tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # one task twice would queue every cell of it twice
+            raise ValueError(f"tasks {self.tasks} name the task(s) {repeated} more than once")
         for name in self.compare_against or []:
             if name not in self.methods:
                 raise ValueError(f"compare_against: {name!r} is not in 'methods' ({sorted(self.methods)})")
