@@ -59,8 +59,6 @@ BUILTIN_CHECK_PARAMS = {
     "peft-sized": {"options": {"num_subspaces": 2, "subspace_rank": 1}}, "spectral": {"batches": 3, "neighbours": 3}, "lora": {"r": 2}, "shira": {"r": 2},
     "snip": {"batches": 2}, "grasp": {"batches": 2},
 }
-# checks a built-in fails by design, with the reason (as scikit-learn's _xfail_checks)
-BUILTIN_EXPECTED_FAILURES: dict[str, dict[str, str]] = {}
 
 
 @dataclass
@@ -328,8 +326,7 @@ def check_method(method, params: dict | None = None, model_dir: str | None = Non
     if params is None and isinstance(method, str):
         params = BUILTIN_CHECK_PARAMS.get(method.lower(), {})
     _, cls, _, _ = method_spec(method, params)
-    expected = {**cls.expected_check_failures, **BUILTIN_EXPECTED_FAILURES.get(str(method).lower(), {}),
-                **(expected_failures or {})}
+    expected = {**cls.expected_check_failures, **(expected_failures or {})}
     return [run_check(method, name, params, model_dir, expected) for name in CHECKS]
 
 

@@ -5,14 +5,12 @@ import pytest
 import torch
 
 from peftbench import registry
-from peftbench.testing import (BUILTIN_CHECK_PARAMS, BUILTIN_EXPECTED_FAILURES,
-                               parametrize_with_checks, run_check)
+from peftbench.testing import BUILTIN_CHECK_PARAMS, parametrize_with_checks, run_check
 
 METHODS = sorted(registry.methods())
 
 
-@parametrize_with_checks([(name, BUILTIN_CHECK_PARAMS.get(name, {})) for name in METHODS],
-                         expected_failures=BUILTIN_EXPECTED_FAILURES)
+@parametrize_with_checks([(name, BUILTIN_CHECK_PARAMS.get(name, {})) for name in METHODS])
 def test_builtin_method_conforms(check):
     check()
 

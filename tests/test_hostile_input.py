@@ -1,5 +1,5 @@
-"""Hostile input, round 3 (issue #22): nothing lost, nothing executed. Each case is one test
-or one row of a table, named as in the issue."""
+"""Hostile input: a crafted file, folder, storage or spec is refused by name before anything is
+written, lost or executed. Each case is one test or one row of a table, named by what it does."""
 from __future__ import annotations
 
 import json
