@@ -81,6 +81,11 @@ STEP_VARIANTS = {
     "sparse-global-linear": ("random", {"scope": "global"}, "peftbench-linear"),
     "shira-global-linear": ("random", {"scope": "global"}, "peft-shira"),
 }
+BF16 = "+bf16"  # a variant's name + this: the same step under CPU/CUDA autocast to bfloat16 (opt-in)
+
+
+def known_variant(variant: str) -> bool:
+    return variant.removesuffix(BF16) in STEP_VARIANTS
 
 
 def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
@@ -90,7 +95,8 @@ def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
     from peftbench import export, registry
     from peftbench.models import load_model, pretrained_parameters
 
-    method, params, engine = STEP_VARIANTS[variant]
+    autocast = variant.endswith(BF16)  # forward and loss in bfloat16 where the hardware has it
+    method, params, engine = STEP_VARIANTS[variant.removesuffix(BF16)]
     device = torch.device(device)
     model, tokenizer = load_model(model_id, 2)
     if method is None:  # the floor
@@ -116,7 +122,8 @@ def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
     labels = torch.randint(0, 2, (batch_size,), generator=generator).to(device)
 
     def one_step():
-        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.float(), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

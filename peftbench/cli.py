@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive_int, default=2,
                        help="for `step`: interleaved rounds (each variant in a fresh process per round)")
     bench.add_argument("--variants", default=None, metavar="A,B",
-                       help="for `step`: a subset of the variants (default all)")
+                       help="for `step`: a subset of the variants (default all); a name + '+bf16' "
+                            "times the same step under bfloat16 autocast")
     bench.add_argument("--device", default="cpu", help="for `step`: cpu or cuda")
 
     sweep = sub.add_parser("sweep", help="run a study spec (YAML) as an Optuna study; resumable, "
@@ -418,9 +419,10 @@ def cmd_bench(args) -> None:
         out = bench.selection_cost()
     else:
         variants = args.variants.split(",") if args.variants else list(bench.STEP_VARIANTS)
-        unknown = sorted(set(variants) - set(bench.STEP_VARIANTS))
+        unknown = sorted(v for v in variants if not bench.known_variant(v))
         if unknown:
-            raise UsageError(f"bench step: unknown variants {unknown}; allowed: {list(bench.STEP_VARIANTS)}")
+            raise UsageError(f"bench step: unknown variants {unknown}; allowed: {list(bench.STEP_VARIANTS)}, "
+                             f"each also with {bench.BF16!r} (bfloat16 autocast)")
         out = bench.step_cost(args.model, variants, steps=args.steps, rounds=args.rounds,
                               device=str(pick_device(args.device)),
                               progress=lambda line: print(line, file=sys.stderr))

@@ -91,6 +91,27 @@ def test_bench_step_reports_ratios_and_state_grows_with_trainable_count(tiny_mod
     assert all(0 < v["step_memory_growth_bytes"] < v["peak_memory_bytes"] for v in out.values())
 
 
+def test_a_bf16_variant_runs_the_same_step_under_autocast(tiny_model_dir, capsys):
+    """`+bf16` after a variant's name times its step with the forward in bfloat16 (autocast):
+    the logits come out in bfloat16 (fp32 without it); a name that is not a variant is refused
+    by name."""
+    import torch
+
+    from peftbench.bench import prepare_step
+    from peftbench.cli import main
+
+    dtypes = {}
+    for variant in ("random-global", "random-global+bf16"):
+        one_step, model = prepare_step(variant, tiny_model_dir, batch_size=2, length=16)
+        captured = []
+        model.register_forward_hook(lambda m, i, out: captured.append(out.logits.dtype))
+        one_step()
+        dtypes[variant] = captured[0]
+    assert dtypes == {"random-global": torch.float32, "random-global+bf16": torch.bfloat16}
+    assert main(["bench", "step", "--model", tiny_model_dir, "--variants", "random-global+bf32"]) == 2
+    assert "unknown variants ['random-global+bf32']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["random", "lora"])
 def test_gradient_checkpointing_saves_memory_not_numbers(tiny_model_dir, tmp_path, method):
     """Recomputing activations in the backward gives the same run (CPU, same seed) through the
