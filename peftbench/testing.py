@@ -129,12 +129,25 @@ class _Setup:
         return self.cls(**validate_params(self.cls, self.method, self.params))
 
     def score(self):
-        from peftbench.experiment import call_score
+        """The runner's own `checked_score`: no weight moved, no hook left, scores well-formed."""
+        from peftbench.errors import UsageError
+        from peftbench.experiment import checked_score
 
-        return call_score(self.selector, self.method, self.model, self.scoring)
+        try:
+            return checked_score(self.selector, self.method, self.model, self.scoring)
+        except UsageError as err:
+            raise AssertionError(str(err)) from None
 
     def select(self, selector, scores, seed: int = 0):
-        return selector.select(self.model, scores, self.budget, torch.Generator().manual_seed(seed))
+        """The runner's own `checked_select` (no weight moved, no hook left)."""
+        from peftbench.errors import UsageError
+        from peftbench.experiment import checked_select, state_digests
+
+        try:
+            return checked_select(selector, self.method, self.model, scores, self.budget,
+                                  torch.Generator().manual_seed(seed), state_digests(self.model))
+        except UsageError as err:
+            raise AssertionError(str(err)) from None
 
 
 def method_spec(method, params: dict | None = None) -> tuple[str, type, dict, dict]:
@@ -190,15 +203,8 @@ def check_init_stores_params(s: _Setup) -> str:
 
 
 def check_score_leaves_model_unchanged(s: _Setup) -> str:
-    from peftbench.experiment import state_digests
-
-    before = state_digests(s.model)
-    s.score()
-    moved = [n for n, d in state_digests(s.model).items() if before[n] != d]
-    assert not moved, (f"score() changed {len(moved)} tensors, e.g. {moved[0]}: a scoring phase that "
-                       "trains must restore the model; run it inside peftbench.api.scoring_session("
-                       "model, data, ...), which restores every parameter and buffer")
-    return "all parameters and buffers bit-identical"
+    s.score()  # the runner's checks: every parameter and buffer as it was, no hook left
+    return "all parameters and buffers bit-identical, no hook left"
 
 
 def check_scores_have_parameter_shapes(s: _Setup) -> str:
@@ -265,6 +271,13 @@ def check_training_keeps_frozen_entries(s: _Setup) -> str:
               TrainConfig(epochs=1, batch_size=4, lr=1e-2, weight_decay=0.1, warmup_ratio=0.0,
                           max_steps=4), seed=0, device=pick_device("cpu"), run_dir=Path(run_dir),
               progress=False)
+    from peftbench.errors import UsageError
+    from peftbench.experiment import check_count
+
+    try:  # the runner's count after training: what can differ from theta0, within the budget
+        check_count(s.method, model, set(s.pretrained), s.head_names, s.selector.budget_bound(s.budget))
+    except UsageError as err:
+        raise AssertionError(str(err)) from None
     counts = count_trainable(model, set(s.pretrained), s.head_names)
     spend = {}
     for name, kind, count in trainable_entries(model, set(s.pretrained), s.head_names):

@@ -31,6 +31,8 @@ headname = "toy_plugin:HeadName"
 nanscores = "toy_plugin:NaNScores"
 random = "toy_plugin:LayerNormOnly"
 stepsalias = "toy_plugin:StepsAlias"
+unfreezes = "toy_plugin:Unfreezes"
+leaveshook = "toy_plugin:LeavesHook"
 """
 
 MODULE = '''
@@ -58,6 +60,24 @@ class MovesWeights(LayerNormOnly):
         with torch.no_grad():
             for p in pretrained_parameters(model).values():
                 p.add_(0.01)
+        return None
+
+
+class Unfreezes(LayerNormOnly):
+    """Selects within its budget, then apply() unfreezes the whole model."""
+
+    def apply(self, model, selection):
+        model = super().apply(model, selection)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+
+class LeavesHook(LayerNormOnly):
+    """score() leaves a forward hook on the model (it would act in every later forward)."""
+
+    def score(self, model, data):
+        model.register_forward_hook(lambda module, args, out: out)
         return None
 
 
@@ -177,7 +197,8 @@ def test_check_method_passes_a_good_plugin_and_fails_one_that_moves_weights(plug
     assert "layernorm: 7 of 7 checks passed" in good.stdout
     bad = _cli(plugin_site, "check-method", "mover")
     assert bad.returncode == 1
-    assert re.search(r"^FAIL\s+score_leaves_model_unchanged\s+score\(\) changed", bad.stdout, re.M)
+    assert re.search(r"^FAIL\s+score_leaves_model_unchanged\s+method 'mover' changed the model in score\(\)",
+                     bad.stdout, re.M)
 
 
 def test_the_runner_refuses_a_plugin_whose_score_moves_weights(plugin_site, tiny_model_dir, tmp_path):
@@ -187,13 +208,15 @@ def test_the_runner_refuses_a_plugin_whose_score_moves_weights(plugin_site, tiny
     assert "method 'mover' changed the model in score()" in proc.stderr
 
 
-HOSTILE_SELECTIONS = {
-    "everything": "entries selected, over the budget of",
-    "boolmask": "is a 1-D torch.bool tensor: give a 1-D integer tensor of flat indices",
-    "repeats": "repeats indices",
-    "outofrange": "outside 0..",
-    "headname": "are not pre-trained encoder parameters, e.g. 'classifier.bias'",
-    "nanscores": "NaN value(s)",
+HOSTILE_SELECTIONS = {  # method: (the check-method check that fails, the words both say)
+    "everything": ("select_within_budget", "entries selected, over the budget of"),
+    "boolmask": ("select_within_budget", "is a 1-D torch.bool tensor: give a 1-D integer tensor of flat indices"),
+    "repeats": ("select_within_budget", "repeats indices"),
+    "outofrange": ("select_within_budget", "outside 0.."),
+    "headname": ("select_within_budget", "are not pre-trained encoder parameters, e.g. 'classifier.bias'"),
+    "nanscores": ("select_within_budget", "NaN value(s)"),
+    "unfreezes": ("training_keeps_frozen_entries", "entries trainable after training"),
+    "leaveshook": ("score_leaves_model_unchanged", "left 1 hook(s) on the model in score()"),
 }
 
 
@@ -238,16 +261,16 @@ def _cli_script(site: Path, script: str, *args):
 @pytest.mark.parametrize("method", sorted(HOSTILE_SELECTIONS))
 def test_the_runner_and_check_method_refuse_the_same_bad_selections(hostile_outcomes, method):
     """One validator for both: `run` refuses with one line naming the method and the rule
-    (nothing trained), and `check-method` fails select_within_budget with the same words."""
+    (no result written), and `check-method` fails the matching check with the same words."""
     outcomes, folder = hostile_outcomes
     got = outcomes[method]
+    check, words = HOSTILE_SELECTIONS[method]
     assert got["run"] == 2 and "Traceback" not in got["stderr"], got["stderr"]
     line, = got["stderr"].strip().splitlines()
-    assert f"method {method!r}" in line and HOSTILE_SELECTIONS[method] in line
-    assert not list((folder / method).glob("*/seed-*/result.json"))  # nothing trained
+    assert f"method {method!r}" in line and words in line
+    assert not list((folder / method).glob("*/seed-*/result.json"))  # no result recorded
     assert got["check"] == 1
-    assert re.search(r"^FAIL\s+select_within_budget\s+.*" + re.escape(HOSTILE_SELECTIONS[method]),
-                     got["stdout"], re.M), got["stdout"]
+    assert re.search(rf"^FAIL\s+{check}\s+.*" + re.escape(words), got["stdout"], re.M), got["stdout"]
 
 
 def test_a_name_registered_twice_is_an_error_naming_both_packages(plugin_site):
