@@ -186,6 +186,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         scores, score_time, cached, cache_key = score_cache.get_or_compute(
             cache_key, lambda: checked_score(selector, config.method, model, data), about,
             settings=data.train if data is not None else None)
+        if cached:  # read back from a file: held to what a fresh score is held to
+            check_scores(config.method, scores)
     start = time.perf_counter()
     theta0 = state_digests(model)  # the pre-trained model the method may not move outside its count
     selection = checked_select(selector, config.method, model, scores, k, generator, theta0)

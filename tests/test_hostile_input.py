@@ -623,3 +623,26 @@ def test_enqueue_only_into_a_folder_of_someone_elses_files_is_refused(capsys, tm
     assert "holds files peftbench did not write (e.g. 'notes.txt')" in one_line_error(
         capsys, "sweep", str(spec_path), "--enqueue-only")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+def test_scores_read_back_from_the_cache_are_checked_as_fresh_ones_are(tmp_path, tiny_model_dir):
+    """A cache entry whose scores hold a NaN (a damaged or hand-edited file) is refused by name,
+    as a score() returning it is, instead of selecting from it."""
+    from peftbench.cache import ScoreCache
+    from peftbench.errors import UsageError
+    from peftbench.experiment import RunConfig, run_experiment
+    from peftbench.safeload import load_pt
+    from peftbench.trainer import TrainConfig
+
+    config = RunConfig(method="sam", task="rte", budget="0.01", model=tiny_model_dir, limit=8,
+                       method_params={"burnin": 2}, train=TrainConfig(epochs=1, batch_size=4, max_length=32, max_steps=1),
+                       output_dir=str(tmp_path / "runs"))
+    cache = ScoreCache(tmp_path / "scores")
+    run_experiment(config, progress=False, score_cache=cache)
+    (entry,) = [p for p in (tmp_path / "scores").rglob("*.pt")]
+    saved = load_pt(entry)
+    name = next(iter(saved["scores"]))
+    saved["scores"][name].view(-1)[0] = float("nan")
+    torch.save(saved, entry)
+    with pytest.raises(UsageError, match="NaN"):
+        run_experiment(config, progress=False, score_cache=ScoreCache(tmp_path / "scores"))
