@@ -138,6 +138,19 @@ class RunRecord(_Strict):
     phases: list[dict] | None = None  # validation on both sides of each change of form (Selector.phases)
     method_record: dict | None = None  # what the method reports about its own run (Selector.training_record)
 
+    @model_validator(mode="after")
+    def _counts_add_up(self):
+        """Counts a run can have made: pre-trained entries trained within the model's, the
+        budget within them, the trainable total their sum (a hand-edited 10**15 is refused)."""
+        t = self.trainable
+        if t.encoder > self.pretrained_entries or self.budget_entries > self.pretrained_entries:
+            raise ValueError(f"{t.encoder:,} encoder entries trained (budget {self.budget_entries:,}) of "
+                             f"{self.pretrained_entries:,} pre-trained: more than the model has")
+        if t.trainable != t.encoder + t.new or t.total != t.trainable + t.head:
+            raise ValueError(f"trainable {t.trainable:,} / total {t.total:,} are not encoder {t.encoder:,} "
+                             f"+ new {t.new:,} (+ head {t.head:,})")
+        return self
+
     @classmethod
     def read(cls, path: str | Path) -> "RunRecord":
         """The record in `path`, or a one-line UsageError naming the file and what is wrong."""

@@ -61,6 +61,15 @@ def _nan(board):
     (folder / f"seed-{seed}-result.json").write_text(json.dumps(data))
 
 
+def _count_beyond_the_model(board):
+    folder = _first(board)
+    path = next(folder.glob("seed-*-result.json"))
+    data = json.loads(path.read_text())
+    data["trainable"].update(encoder=10**15, trainable=10**15 + data["trainable"]["new"],
+                             total=10**15 + data["trainable"]["new"] + data["trainable"]["head"])
+    path.write_text(json.dumps(data))
+
+
 def _cut(board):
     path = _first(board) / "cell.json"
     path.write_text(path.read_text()[:40])
@@ -102,6 +111,7 @@ CASES = {
     "a copy relabelled as another seed": (_relabelled_copy, "holds seed"),
     "the same cell committed twice": (_duplicate, "are the same cell"),
     "a NaN test metric not recorded as failed": (_nan, "test metric is nan"),
+    "a trained count beyond the model's entries": (_count_beyond_the_model, "more than the model has"),
     "cell.json cut": (_cut, "cell.json cannot be read"),
     "cell.json a list": (_a_list, "cell.json is not a JSON object"),
     "cell.json without fingerprint": (_no_fingerprint, "has no valid 'fingerprint'"),
