@@ -59,6 +59,12 @@ def find(name: str) -> Path:
                          "peftbench writes and deletes inside a board folder, so every file and folder "
                          "there (committed cells included) must be a real one: restore a copy in place "
                          "of the link")
+    foreign = [f for f, head in (("README.md", "# Leaderboard "), ("index.html", "<!DOCTYPE html><html><head>"))
+               if (folder / f).is_file() and not (folder / f).read_text(errors="replace").startswith(head)]
+    if foreign:  # peftbench rewrites both: a user's files of those names in a folder holding a spec stay theirs
+        raise UsageError(f"board {name!r}: {folder / foreign[0]} was not written by peftbench (a board's "
+                         f"{foreign[0]} is, and every board command rewrites it): move your file, or give "
+                         "the spec its own folder")
     return folder
 
 

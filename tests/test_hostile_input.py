@@ -76,6 +76,23 @@ def test_a_board_given_as_a_path_never_writes_the_folder_above_it(tmp_path, monk
     assert leaderboard.shared_root(repository / "quickstart-sst2") == repository  # marked
 
 
+@pytest.mark.parametrize("mine", ["README.md", "index.html"])
+@pytest.mark.parametrize("command", ["run", "report"])
+def test_a_spec_in_a_folder_of_the_users_files_never_overwrites_them(capsys, tmp_path, tiny_model_dir, mine,
+                                                                      command):
+    """`leaderboard run ./myproject`: a folder holding a spec beside the user's own README.md or
+    index.html (files every board command rewrites) is refused, the files untouched."""
+    project = tmp_path / "myproject"
+    project.mkdir()
+    (project / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "p", "model": tiny_model_dir, "tasks": ["rte"], "methods": {"random": {}}, "budgets": [0.01],
+        "seeds": 1, "limit": 8, "train": {"epochs": 1}, "output_dir": str(tmp_path / "out")}))
+    (project / mine).write_text("my own notes\n")
+    assert f"{mine} was not written by peftbench" in one_line_error(capsys, "leaderboard", command, str(project))
+    assert (project / mine).read_text() == "my own notes\n" and sorted(p.name for p in project.iterdir()) == [
+        mine, "spec.yaml"]
+
+
 def _journal_spec(tmp_path, model):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({
