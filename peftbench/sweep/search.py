@@ -41,7 +41,7 @@ def method_study(name: str, method: str) -> str:
     """The Optuna study of a search key, named by its method's source as well (`@` and the
     digest's first 12 characters): trials a changed method made stay in their own study, so a
     resumed search never counts them as this code's (its trial log checks the same digest)."""
-    return f"{name}@{method_code(f'-/{method}')[:12]}"
+    return f"{name}@{method_code(method)[:12]}"
 
 
 def _add_tried(entry: dict, storage, study_name: str, method: str) -> None:
@@ -86,12 +86,12 @@ def read_record(path: Path) -> dict:
     return current_entries(_read_keyed(path, dict, "a search record ({key: settings})", "search again"))
 
 
-def method_code(key: str) -> str:
-    """The source digest of a search key's method (`task/method[/budget]`): what keys its cells,
-    its search entries and its trial-log rows."""
+def method_code(method: str) -> str:
+    """The source digest of `method`: what keys its cells, its search entries and its trial-log
+    rows (a search key `task/method[/budget]` names its method second)."""
     from peftbench.fingerprint import code_identity
 
-    return code_identity(key.split("/")[1], strict=False)["source"]
+    return code_identity(method, strict=False)["source"]
 
 
 def current_entries(record: dict) -> dict:
@@ -102,7 +102,7 @@ def current_entries(record: dict) -> dict:
     for key, entry in record.items():
         code = entry.get("code") if isinstance(entry, dict) else None
         try:
-            if code is not None and code != method_code(key):
+            if code is not None and code != method_code(key.split("/")[1]):
                 continue
         except (UsageError, KeyError):
             pass
@@ -516,7 +516,7 @@ class SearchClaims:
             self._write_claims(claims)
 
     def record(self, key: str, entry: dict) -> dict:
-        entry = {**entry, "code": method_code(key)}
+        entry = {**entry, "code": method_code(key.split("/")[1])}
         with self.lock:
             best = {**self.merged(), key: entry}
             _write_search(self.spec, best, self.mirror, self.record_name)
@@ -542,7 +542,7 @@ class TrialLog:
 
     def __init__(self, claims: SearchClaims, key: str):
         self.claims, self.key = claims, key
-        self.code = method_code(key)
+        self.code = method_code(key.split("/")[1])
 
     def finished(self, params: dict, seeds: list[int]) -> dict | None:
         """The row of a finished trial at `params` on `seeds`, or None."""
