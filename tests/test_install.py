@@ -69,3 +69,13 @@ def test_the_running_install_is_the_pinned_one(name):
     assert installed.split("+")[0] == pinned, (
         f"{name} {installed} is installed, constraints.txt pins {pinned}: "
         "pip install -c constraints.txt -e \".[test]\"")
+
+
+def test_the_package_version_is_peftbench_version():
+    """One version: the installed distribution's is `peftbench.__version__` (it keys a study's
+    cells), read by setuptools from the source, never a second number in pyproject.toml."""
+    import peftbench
+
+    assert "version" not in PYPROJECT["project"] and "version" in PYPROJECT["project"]["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "peftbench.__version__"}
+    assert peftbench.__version__.count(".") == 2
