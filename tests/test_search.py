@@ -378,32 +378,31 @@ def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_tri
                        sorted((t["params"]["lr"], t["validation"]) for t in expected["tried"]))
     assert not (board / "search-trials.json").exists() and not (spec.out / "search-trials.json").exists()
 
-    # a row written by another version of peftbench trains again
-    log["cb/random"][0]["version"] = "0.0.0"
-    (board / "search-trials.json").write_text(json.dumps(log))
-    (board / "search.json").unlink()
-    shutil.rmtree(spec.out)
-    runs.clear()
-    sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
-    stale = log["cb/random"][0]["params"]["lr"]
-    assert len(runs) == 2 and sum(math.isclose(lr, stale) for lr, _ in runs) == 1  # it and the unfinished one
-
-    # a row the method's code did not make (its source changed since, or a row from before the
-    # digest was recorded) trains again: a search trial goes stale with the method, as a cell does
-    for code in ("0" * 64, None):
-        rows = json.loads(json.dumps(log))
-        rows["cb/random"][0]["version"] = rows["cb/random"][1]["version"]  # the first row counts again
-        if code is None:
-            del rows["cb/random"][1]["code"]
-        else:
-            rows["cb/random"][1]["code"] = code
+    def resume_from(rows: dict) -> list[float]:
+        """A fresh machine holding only the board's search-trials.json `rows`: the rates trained."""
         (board / "search-trials.json").write_text(json.dumps(rows))
         (board / "search.json").unlink()
         shutil.rmtree(spec.out)
         runs.clear()
         sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
-        other = rows["cb/random"][1]["params"]["lr"]
-        assert len(runs) == 2 and sum(math.isclose(lr, other) for lr, _ in runs) == 1
+        return [lr for lr, _ in runs]
+
+    # a row written by another version of peftbench trains again
+    stale = json.loads(json.dumps(log))
+    stale["cb/random"][0]["version"] = "0.0.0"
+    trained = resume_from(stale)
+    assert len(trained) == 2 and sum(math.isclose(lr, stale["cb/random"][0]["params"]["lr"]) for lr in trained) == 1
+
+    # a row the method's code did not make (its source changed since, or a row from before the
+    # digest was recorded) trains again: a search trial goes stale with the method, as a cell does
+    for code in ("0" * 64, None):
+        rows = json.loads(json.dumps(log))
+        if code is None:
+            del rows["cb/random"][1]["code"]
+        else:
+            rows["cb/random"][1]["code"] = code
+        trained = resume_from(rows)
+        assert len(trained) == 2 and sum(math.isclose(lr, rows["cb/random"][1]["params"]["lr"]) for lr in trained) == 1
 
 
 def test_a_changed_method_is_searched_again_in_a_study_of_its_own(tmp_path, monkeypatch):
