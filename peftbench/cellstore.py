@@ -162,7 +162,7 @@ def seal(folder: Path) -> CommittedCell:
     fails here instead of being read as the spec's cell."""
     from peftbench.fingerprint import digest
     from peftbench.record import RunRecord
-    from peftbench.trainer import NUMERICALLY_NEUTRAL
+    from peftbench.trainer import fingerprinted
 
     record = _read_object(folder / CELL_FILE, folder)
     kinds = {"cell": str, "task": str, "method": str, "budget": (str, int, float), "seed": int,
@@ -178,7 +178,7 @@ def seal(folder: Path) -> CommittedCell:
     if digest(config) != record["fingerprint"]:
         raise _damaged(folder, f"{CELL_FILE}'s fingerprint is not the digest of its configuration")
     run = _read_object(folder / "config.json", folder)
-    train = {k: v for k, v in (run.get("train") or {}).items() if k not in NUMERICALLY_NEUTRAL}
+    train = fingerprinted(run.get("train") or {})
     expected = {"method": record["method"], "budget": budget, "seeds": [seed],
                 "model": config.get("model_name"), "method_params": config.get("method_params"),
                 "train": config.get("train"), "limit": config.get("limit"), "device": config.get("device"),

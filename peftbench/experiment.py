@@ -182,7 +182,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
             config.method, params, config.model,
             task.data_files(), seed,
             {"batch_size": config.train.batch_size, "max_length": config.train.max_length,
-             "limit": config.limit, "device": device.type, "dtype": compute_dtype(device)})
+             "limit": config.limit, "device": device.type,
+             "dtype": compute_dtype(device, config.train.bf16)})
         scores, score_time, cached, cache_key = score_cache.get_or_compute(
             cache_key, lambda: checked_score(selector, config.method, model, data), about,
             settings=data.train if data is not None else None)
@@ -394,9 +395,10 @@ def check_frozen(method: str, model, pretrained: set[str], theta0: dict[str, str
                          "value (the Selector contract); train it through the selection instead")
 
 
-def compute_dtype(device: torch.device) -> str:
-    """Master weights are float32 everywhere; CUDA computes under bfloat16 autocast."""
-    return "bfloat16-autocast" if device.type == "cuda" else "float32"
+def compute_dtype(device: torch.device, bf16: bool = False) -> str:
+    """Master weights are float32 everywhere; CUDA computes under bfloat16 autocast, a CPU with
+    the `bf16` setting too."""
+    return "bfloat16-autocast" if device.type == "cuda" or bf16 else "float32"
 
 
 def _save_atomic(obj, path: Path) -> None:

@@ -72,8 +72,8 @@ class ScoringData:
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The task's training loss on `batch` (cross-entropy, or MSE for regression), computed
-        as the trainer computes it (bf16 autocast on CUDA)."""
-        with _autocast(self.device):
+        as the trainer computes it (bf16 autocast on CUDA, and on CPU with the run's `bf16`)."""
+        with _autocast(self.device, self.train.bf16):
             return loss_fn(forward(model, batch, self.task), batch["labels"], self.task)
 
 

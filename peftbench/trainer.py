@@ -12,7 +12,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -46,10 +46,27 @@ class TrainConfig:
     # recompute activations in the backward instead of keeping them (transformers'
     # gradient_checkpointing_enable, non-reentrant): less memory for large models, same numbers
     gradient_checkpointing: bool = False
+    # compute under bfloat16 autocast on CPU as well (CUDA always does; master weights stay
+    # float32): a faster step where the CPU has bf16 arithmetic, and other numbers, so a board
+    # that wants it declares it in its spec's `train:`
+    bf16: bool = False
+    # "length": evaluation batches made of rows of similar length (less padding, fewer tokens;
+    # the predictions are put back in the split's order). Padding changes the last bits of a
+    # row's logits, so this too is a declared setting, not a silent speed-up
+    eval_order: Literal["given", "length"] = "given"
 
 
 #: settings that cannot change a number: a cell's fingerprint leaves them out (`sweep.cell_config`)
 NUMERICALLY_NEUTRAL = ("gradient_checkpointing",)
+#: settings added after cells were committed: at these values they are left out of a cell's
+#: fingerprint, so a cell fingerprinted before the setting existed stays current
+OMITTED_AT = {"bf16": False, "eval_order": "given"}
+
+
+def fingerprinted(train: dict) -> dict:
+    """The training settings that enter a cell's fingerprint (`train`: TrainConfig's fields)."""
+    return {k: v for k, v in train.items()
+            if k not in NUMERICALLY_NEUTRAL and not (k in OMITTED_AT and v == OMITTED_AT[k])}
 
 
 def train_config(values: dict, where: str = "train", base: TrainConfig | None = None) -> TrainConfig:
@@ -85,8 +102,43 @@ def pick_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def _autocast(device: torch.device, bf16: bool = False):
+    """bfloat16 autocast on CUDA always, on CPU with the `bf16` setting; float32 otherwise."""
+    if device.type == "cuda" or bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _eval_batches(loader: DataLoader, by_length: bool):
+    """(row indices, collated batch) over a split: the loader's own batches, or with `by_length`
+    batches of rows sorted by token count (stable), so little of each batch is padding."""
+    if not by_length:
+        start = 0
+        for batch in loader:
+            n = len(batch["labels"]) if "labels" in batch else len(batch["input_ids"])
+            yield list(range(start, start + n)), batch
+            start += n
+        return
+    rows = loader.dataset
+    lengths = [_row_length(rows[i]["input_ids"]) for i in range(len(rows))]
+    order = sorted(range(len(rows)), key=lengths.__getitem__)
+    for start in range(0, len(order), loader.batch_size):
+        chunk = order[start:start + loader.batch_size]
+        yield chunk, loader.collate_fn([rows[i] for i in chunk])
+
+
+def _row_length(ids) -> int:
+    return max((len(x) for x in ids), default=0) if ids and isinstance(ids[0], list) else len(ids)
+
+
+def _in_split_order(parts: list, indices: list[int]):
+    """The rows' outputs (concatenated in evaluation order) put back in the split's order."""
+    out = torch.cat(parts)
+    if indices == list(range(len(indices))):
+        return out
+    restored = torch.empty_like(out)
+    restored[torch.tensor(indices)] = out
+    return restored
 
 
 def forward(model, batch: dict, task: TaskSpec) -> torch.Tensor:
@@ -192,20 +244,24 @@ def _float32_text(values: np.ndarray) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False):
+def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False,
+             config: TrainConfig | None = None):
     """The split's metrics; with `keep`, also its per-example predictions and labels (a dict
-    as `record.Predictions`): (metrics, predictions)."""
+    as `record.Predictions`), in the split's order: (metrics, predictions). `config`: the run's
+    `bf16` and `eval_order` settings (defaults when None)."""
+    config = config or TrainConfig()
     if task.kind == "causal_lm":
-        return evaluate_causal(model, loader, task, device, keep)
+        return evaluate_causal(model, loader, task, device, keep, config)
     model.eval()
-    preds, labels = [], []
-    with torch.nn.utils.parametrize.cached(), _autocast(device):
-        for batch in loader:
+    preds, labels, seen = [], [], []
+    with torch.nn.utils.parametrize.cached(), _autocast(device, config.bf16):
+        for indices, batch in _eval_batches(loader, config.eval_order == "length"):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = forward(model, batch, task).float()
-            preds.append(logits if task.kind == "regression" else logits.argmax(-1))
-            labels.append(batch["labels"])
-    p, y = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+            preds.append((logits if task.kind == "regression" else logits.argmax(-1)).cpu())
+            labels.append(batch["labels"].cpu())
+            seen += indices
+    p, y = _in_split_order(preds, seen).numpy(), _in_split_order(labels, seen).numpy()
     scores = metrics.compute(task.metrics, task.main_metric, p, y, task.num_classes)
     if not keep:
         return scores
@@ -217,7 +273,8 @@ def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device, ke
 
 
 @torch.no_grad()
-def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False):
+def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False,
+                    config: TrainConfig | None = None):
     """A causal-LM split: `answer_loglik`, each gold answer's mean per-token log-likelihood
     given its prompt (teacher-forced, the loader's batches), and `exact_match`, the greedy
     continuation of each prompt (`task.max_new_tokens` tokens, prompts left-padded) after
@@ -226,24 +283,32 @@ def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.dev
     collate = loader.collate_fn
     tokenizer = collate.tokenizer
     rows = loader.dataset
-    logliks, generated = [], []
-    with torch.nn.utils.parametrize.cached(), _autocast(device):
+    config = config or TrainConfig()
+    order = list(range(len(rows)))
+    if config.eval_order == "length":
+        order.sort(key=lambda i: len(rows[i]["input_ids"]))
+    logliks, generated = [None] * len(rows), [None] * len(rows)
+    with torch.nn.utils.parametrize.cached(), _autocast(device, config.bf16):
         for start in range(0, len(rows), loader.batch_size):
-            chunk = [rows[i] for i in range(start, min(start + loader.batch_size, len(rows)))]
+            indices = order[start:start + loader.batch_size]
+            chunk = [rows[i] for i in indices]
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
             logits = forward(model, batch, task).float()
             logp = torch.log_softmax(logits[:, :-1], -1)
             target = batch["labels"][:, 1:]
             mask = target != -100
             picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            logliks += (picked.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+            for i, value in zip(indices, (picked.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()):
+                logliks[i] = value
             prompts = [{"input_ids": r["input_ids"][:r["prompt_length"]],
                         "attention_mask": r["attention_mask"][:r["prompt_length"]]} for r in chunk]
             enc = {k: v.to(device) for k, v in
                    tokenizer.pad(prompts, return_tensors="pt", padding_side="left").items()}
             out = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-            generated += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(indices, texts):
+                generated[i] = text
     predictions = {"exact_match": [task.extract_answer(text) for text in generated],
                    "answer_loglik": logliks}
     scores = metrics.compute(task.metrics, task.main_metric, predictions, list(rows["gold"]))
@@ -326,7 +391,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             if step >= steps:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with _autocast(device):
+            with _autocast(device, config.bf16):
                 loss = loss_fn(forward(model, batch, task), batch["labels"], task)
                 if extra_loss:
                     term = selector.loss_term(model, step)
@@ -345,12 +410,12 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if step + 1 in boundaries:  # validation on both sides of the method's change of form
-                before = evaluate(model, val_loader, task, device)
+                before = evaluate(model, val_loader, task, device, config=config)
             if after_step:
                 selector.after_step(model, step)
             if step + 1 in boundaries:
                 phases.append({"step": step + 1, "validation_before": before,
-                               "validation_after": evaluate(model, val_loader, task, device)})
+                               "validation_after": evaluate(model, val_loader, task, device, config=config)})
                 model.train()
             step += 1
             losses.append(loss.detach())
@@ -369,7 +434,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
                 fh.write(json.dumps({"epoch": epoch + 1, "step": step, "diverged": diverged,
                                      "step_losses": step_losses}) + "\n")
             break
-        val = evaluate(model, val_loader, task, device)
+        val = evaluate(model, val_loader, task, device, config=config)
         ready = selector.checkpoint_ready(step)
         record = {"epoch": epoch + 1, "step": step,
                   "train_loss": float(np.mean(step_losses)) if losses else float("nan"),
@@ -400,7 +465,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     with torch.no_grad():
         for p, saved in zip(params, best_state):
             p.copy_(saved)
-    test, predictions = evaluate(model, test_loader, task, device, keep=True)
+    test, predictions = evaluate(model, test_loader, task, device, keep=True, config=config)
     return {"validation": best_val, "test": test, "test_predictions": predictions,
             "best_epoch": best_epoch, **common}
 

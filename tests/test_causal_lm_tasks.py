@@ -402,3 +402,24 @@ def test_a_catastrophic_extract_pattern_ends_by_name_within_its_time_bound():
     with pytest.raises(UsageError, match=r"extract '\(a\|aa\)\+\$' ran over .* catastrophically"):
         task.extract_answer("a" * 40 + "b")
     assert time.monotonic() - started < 10 * EXTRACT_TIMEOUT_S + 5
+
+
+def test_length_ordered_evaluation_of_a_causal_lm_keeps_the_splits_order(tiny_causal_dirs):
+    """`eval_order: length` on a causal-LM split: the answers' log-likelihoods and the greedy
+    answers come back row by row as the given order's (to float rounding)."""
+    import torch
+
+    from peftbench.data import tokenize
+    from peftbench.models import load_model
+    from peftbench.trainer import TrainConfig, evaluate, make_loader
+
+    task = load_task(str(ARITH))
+    model, tokenizer = load_model(tiny_causal_dirs["gpt2"], 1, causal=True)
+    data = tokenize(task, tokenizer, task.load_splits(limit=24), 64, lm_head=True)
+    loader = make_loader(data["validation"], tokenizer, task, 8, False, 0)
+    kept = {order: evaluate(model, loader, task, torch.device("cpu"), keep=True,
+                            config=TrainConfig(eval_order=order))[1] for order in ("given", "length")}
+    assert kept["given"]["labels"] == kept["length"]["labels"]
+    assert kept["given"]["predictions"]["answer_loglik"] == pytest.approx(
+        kept["length"]["predictions"]["answer_loglik"], abs=1e-4)
+    assert None not in kept["length"]["predictions"]["exact_match"]

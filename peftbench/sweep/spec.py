@@ -32,7 +32,7 @@ from peftbench.experiment import RunConfig
 from peftbench.fingerprint import code_identity, model_fingerprint
 from peftbench.record import NATURAL
 from peftbench.selector import Budget
-from peftbench.trainer import NUMERICALLY_NEUTRAL, TrainConfig, train_config
+from peftbench.trainer import TrainConfig, fingerprinted, train_config
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
@@ -352,7 +352,7 @@ def cell_config(config: RunConfig) -> dict:
 
     return {"model": model_fingerprint(config.model), "model_name": config.model,
             "task_files": load_task(config.task).digests(),
-            "train": {k: v for k, v in asdict(config.train).items() if k not in NUMERICALLY_NEUTRAL},
+            "train": fingerprinted(asdict(config.train)),
             "method_params": config.method_params,
             "code": code_identity(config.method, strict=False), "limit": config.limit,
             "device": config.device}
