@@ -87,15 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write each seed's trained values (trained.safetensors), which "
                      "`peftbench export` puts in the adapter")
 
-    bench = sub.add_parser("bench", help="measure selection and step cost; prints JSON")
-    bench.add_argument("what", choices=["selection", "step"])
-    bench.add_argument("--model", default="default", help="for `step`: the model to time")
+    bench = sub.add_parser("bench", help="measure selection, step and cell cost, or replay a board's "
+                           "tuning under cheaper rules; prints JSON")
+    bench.add_argument("what", choices=["selection", "step", "cells", "tuning"],
+                       help="cells: real cells per hour under each declared setting (one 1-thread "
+                       "worker per cell, as a board runs them); tuning: cheaper tuning rules replayed "
+                       "on a board's committed search records")
+    bench.add_argument("--cells", default=None, metavar="T/M/B/LR/S,...",
+                       help="for `cells`: the cells, one worker each (default: "
+                       "stsb/random/0.005/0.01/0,sst2/childtuning-d/0.005/0.001/0)")
+    bench.add_argument("--board", default="all-methods-cpu", help="for `tuning`: the board replayed")
+    bench.add_argument("--model", default="default", help="for `step` and `cells`: the model")
     bench.add_argument("--steps", type=_positive_int, default=4, help="for `step`: timed steps per run")
     bench.add_argument("--rounds", type=_positive_int, default=2,
-                       help="for `step`: interleaved rounds (each variant in a fresh process per round)")
+                       help="for `step` and `cells`: interleaved rounds (each variant in fresh processes per round)")
     bench.add_argument("--variants", default=None, metavar="A,B",
                        help="for `step`: a subset of the variants (default all); a name + '+bf16' "
-                            "times the same step under bfloat16 autocast")
+                            "times the same step under bfloat16 autocast; for `cells`: of fp32, "
+                            "length, bf16, bf16+length (the first is the baseline)")
     bench.add_argument("--device", default="cpu", help="for `step`: cpu or cuda")
 
     sweep = sub.add_parser("sweep", help="run a study spec (YAML) as an Optuna study; resumable, "
@@ -417,6 +426,16 @@ def cmd_bench(args) -> None:
 
     if args.what == "selection":
         out = bench.selection_cost()
+    elif args.what in ("cells", "tuning"):
+        from peftbench import cost
+
+        if args.what == "tuning":
+            out = cost.tuning_rules(args.board)
+        else:
+            out = cost.cells_per_hour(
+                tuple(args.cells.split(",")) if args.cells else cost.DEFAULT_CELLS,
+                tuple(args.variants.split(",")) if args.variants else tuple(cost.CELL_VARIANTS),
+                rounds=args.rounds, model=args.model, progress=lambda line: print(line, file=sys.stderr))
     else:
         variants = args.variants.split(",") if args.variants else list(bench.STEP_VARIANTS)
         unknown = sorted(v for v in variants if not bench.known_variant(v))

@@ -90,3 +90,40 @@ def test_a_bad_setting_is_refused_by_name():
         train_config({"eval_order": "random"})
     with pytest.raises(UsageError, match="bf16"):
         train_config({"bf16": "yes"})
+
+
+def test_bench_cells_times_real_cells_per_setting_against_the_first(tiny_model_dir):
+    """`bench cells`: each variant's cells in their own worker processes, the wall time split
+    into its parts, cells per hour and each metric against the baseline of the same run."""
+    from peftbench.cost import cells_per_hour
+
+    out = cells_per_hour(("rte/random/0.01/0.01/0",), ("fp32", "bf16+length"), model=tiny_model_dir, limit=16)
+    base, fast = out["variants"]["fp32"], out["variants"]["bf16+length"]
+    assert base["vs_fp32"] == 1.0 and fast["vs_fp32"] > 0
+    cell = fast["cells"]["rte/random/0.01/0.01/0"]
+    assert cell["wall_s"] >= cell["scoring_s"] + cell["step_loop_s"] + cell["evaluation_s"] - 1e-6
+    assert "test_minus_fp32" in cell and base["cells"]["rte/random/0.01/0.01/0"]["test_minus_fp32"] == 0
+
+
+def test_bench_tuning_replays_the_committed_per_budget_search():
+    """On all-methods-cpu's committed records: successive halving over seeds keeps the two-seed
+    rule's rate on every key; the one-seed rule's misses are listed by key."""
+    from peftbench.cost import tuning_rules
+
+    out = tuning_rules("all-methods-cpu")
+    assert out["summary"]["keys"] == 44
+    assert out["summary"]["halving"]["same_rate"] == 44
+    one = out["summary"]["one_seed"]
+    assert one["same_rate"] < 44 and set(one["not_within"]) <= {
+        f"{k['task']}/{k['method']}/{k['budget']}" for k in out["keys"] if not k["one_seed_same"]}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "cells", "--cells", "stsb/random/0.005"], "give task/method/budget/lr/seed"),
+    (["bench", "cells", "--variants", "fp16"], "unknown variants ['fp16']"),
+    (["bench", "tuning", "--board", "quickstart-sst2"], "no carry.json"),
+])
+def test_bench_cells_and_tuning_refuse_bad_input_by_name(capsys, argv, expected):
+    from conftest import one_line_error
+
+    assert expected in one_line_error(capsys, *argv)
