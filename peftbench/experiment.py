@@ -156,7 +156,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     model, tokenizer = load_model(config.model, task.num_labels, lm_head)
     head_init = init_head(model, task, splits["train"]["label"] if task.kind == "regression" else [])  # before scoring
     tokenized = tokenize(task, tokenizer, splits, config.train.max_length, lm_head)
-    retained_before = _retention_before(config.model, model, tokenizer, lm_head)
+    retained_before = _retention_before(config.model, model, tokenizer, lm_head, config.train)
     pretrained = pretrained_parameters(model)
     numels = {n: p.numel() for n, p in pretrained.items()}
     head_names = set(head_parameters(model))
@@ -212,7 +212,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     check_frozen(config.method, model, set(pretrained), theta0)
     check_count(config.method, model, set(pretrained), head_names, selector.budget_bound(k))
     retained = forgetting.record(retained_before, forgetting.retention(
-        model, tokenizer, next(model.parameters()).device, causal=lm_head), causal=lm_head)
+        model, tokenizer, next(model.parameters()).device, causal=lm_head, **_probe_settings(config.train)),
+        causal=lm_head)
     # measured after training: what can differ now (DiffPruning's projected mask, not its plan)
     counts = count_trainable(model, set(pretrained), head_names)
     trained = effective_selection(model, set(pretrained), head_names)
@@ -292,14 +293,20 @@ def state_digests(model) -> dict[str, str]:
 _BEFORE: dict[tuple, float | None] = {}
 
 
-def _retention_before(model_name: str, model, tokenizer, causal: bool) -> float:
-    """The probe on the pre-trained model, once per process and model (the same for every
-    method and seed: the head it does not read is the only difference)."""
+def _probe_settings(train: TrainConfig) -> dict:
+    """The run's declared evaluation settings, as the forgetting probe takes them."""
+    return {"bf16": train.bf16, "by_length": train.eval_order == "length"}
+
+
+def _retention_before(model_name: str, model, tokenizer, causal: bool, train: TrainConfig) -> float:
+    """The probe on the pre-trained model, once per process, model and evaluation settings (the
+    same for every method and seed: the head it does not read is the only difference)."""
     from peftbench.fingerprint import model_fingerprint
 
-    key = (model_fingerprint(model_name), causal)
+    settings = _probe_settings(train)
+    key = (model_fingerprint(model_name), causal, *settings.values())
     if key not in _BEFORE:
-        _BEFORE[key] = forgetting.retention(model, tokenizer, torch.device("cpu"), causal=causal)
+        _BEFORE[key] = forgetting.retention(model, tokenizer, torch.device("cpu"), causal=causal, **settings)
     return _BEFORE[key]
 
 

@@ -40,24 +40,41 @@ def probe_pairs() -> tuple[tuple[str, ...], tuple[str, ...], tuple[float, ...]]:
             tuple(float(r["relatedness"]) for r in rows))
 
 
+def _order(tokenizer, sentences, by_length: bool, max_length: int) -> list[int]:
+    """The order the sentences are batched in: as given, or by token count (less padding)."""
+    if not by_length:
+        return list(range(len(sentences)))
+    lengths = [len(ids) for ids in tokenizer(list(sentences), truncation=True, max_length=max_length)["input_ids"]]
+    return sorted(range(len(sentences)), key=lengths.__getitem__)
+
+
 @torch.no_grad()
-def _embed(model, tokenizer, sentences, device, batch_size: int, max_length: int) -> torch.Tensor:
+def _embed(model, tokenizer, sentences, device, batch_size: int, max_length: int,
+           by_length: bool = False) -> torch.Tensor:
+    order = _order(tokenizer, sentences, by_length, max_length)
     out = []
-    for start in range(0, len(sentences), batch_size):
-        enc = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt").to(device)
+    for start in range(0, len(order), batch_size):
+        chunk = [sentences[i] for i in order[start:start + batch_size]]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
         hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
-    return torch.cat(out)
+    embedded = torch.cat(out)
+    restored = torch.empty_like(embedded)
+    restored[torch.tensor(order)] = embedded
+    return restored
 
 
 @torch.no_grad()
-def next_token_loss(model, tokenizer, sentences, device, batch_size: int, max_length: int) -> float:
+def next_token_loss(model, tokenizer, sentences, device, batch_size: int, max_length: int,
+                    by_length: bool = False) -> float:
     """Mean cross-entropy per predicted token of `sentences` under a causal LM: position t
     predicts token t + 1; padding (on the right, whatever the tokenizer's side) is no label."""
     rows = [ids for ids in tokenizer(list(sentences), truncation=True, max_length=max_length)["input_ids"]
             if len(ids) > 1]
+    if by_length:
+        rows.sort(key=len)
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -75,19 +92,22 @@ def next_token_loss(model, tokenizer, sentences, device, batch_size: int, max_le
 
 
 def retention(model, tokenizer, device, causal: bool = False, batch_size: int = 64,
-              max_length: int = 128) -> float:
+              max_length: int = 128, bf16: bool = False, by_length: bool = False) -> float:
     """The probe's statistic for `model` as it is now (eval mode, restored after): Spearman of
     mean-pooled cosine against relatedness for an encoder, held-out next-token loss for a causal
-    LM trained through its LM head (`causal`)."""
+    LM trained through its LM head (`causal`). `bf16` and `by_length`: the run's declared
+    `bf16` and `eval_order: length` settings (bfloat16 autocast; batches by token count)."""
     a, b, gold = probe_pairs()
     was_training = model.training
     model.eval()
     try:
-        with torch.nn.utils.parametrize.cached():
+        with torch.nn.utils.parametrize.cached(), \
+                torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             if causal:
-                return next_token_loss(model, tokenizer, sorted(set(a + b)), device, batch_size, max_length)
-            ea = _embed(model, tokenizer, a, device, batch_size, max_length)
-            eb = _embed(model, tokenizer, b, device, batch_size, max_length)
+                return next_token_loss(model, tokenizer, sorted(set(a + b)), device, batch_size,
+                                       max_length, by_length)
+            ea = _embed(model, tokenizer, a, device, batch_size, max_length, by_length)
+            eb = _embed(model, tokenizer, b, device, batch_size, max_length, by_length)
     finally:
         model.train(was_training)
     cosine = torch.nn.functional.cosine_similarity(ea, eb).numpy()

@@ -127,3 +127,16 @@ def test_bench_cells_and_tuning_refuse_bad_input_by_name(capsys, argv, expected)
     from conftest import one_line_error
 
     assert expected in one_line_error(capsys, *argv)
+
+
+def test_the_forgetting_probe_follows_the_declared_settings(tiny_model):
+    """The probe by length gives the given order's statistic (to float rounding); under bf16
+    another one, close to it."""
+    from peftbench import forgetting
+
+    model, tokenizer = tiny_model
+    cpu = torch.device("cpu")
+    given = forgetting.retention(model, tokenizer, cpu)
+    assert forgetting.retention(model, tokenizer, cpu, by_length=True) == pytest.approx(given, abs=1e-4)
+    half = forgetting.retention(model, tokenizer, cpu, bf16=True, by_length=True)
+    assert half != given and half == pytest.approx(given, abs=0.05)
