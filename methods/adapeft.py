@@ -61,10 +61,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.scoring import ScoringData
-from peftbench.selector import Fraction, PositiveInt, Selection, Selector
-from peftbench.sparse import canonical_name
+from peftbench.api import (
+    Fraction, PositiveInt, ScoringData, Selection, Selector, canonical_name, head_parameters,
+    pretrained_parameters)
 
 ETAS = (0.0, 1 / 3, 2 / 3, 1.0)  # step scales the loss is fitted at, along a candidate's update
 
@@ -84,7 +83,7 @@ class Family:
 
 def families(model: nn.Module, ranks: tuple[int, ...]) -> list[Family]:
     """The candidates of `model`, in a fixed order (module docstring)."""
-    from peftbench.architectures import block_modules, layout
+    from peftbench.api import block_modules, layout
 
     names = layout(model)
     suffixes = [*names.qkv, names.attention_out, *names.ffn_in, names.ffn_out]
@@ -239,7 +238,7 @@ class AdaPEFT(Selector):
         """Per candidate (the order of `families`): value, cost, and the mean R^2 of its fits."""
         from peft import inject_adapter_in_model
 
-        from peftbench.architectures import layout
+        from peftbench.api import layout
 
         cands = families(model, self.ranks)
         lora_kinds = {f.targets: f.klass.split(":", 1)[1] for f in cands if f.kind == "lora"}
@@ -349,7 +348,7 @@ class AdaPEFT(Selector):
     def apply(self, model, selection: Selection):
         from peft import inject_adapter_in_model
 
-        from peftbench.architectures import layout
+        from peftbench.api import layout
 
         model = super().apply(model, selection)  # BitFit / LayerNorm entries and the head
         if self._lora:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftbench.errors import check_choice
-from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.selector import PositiveInt, Selection, Selector
+from peftbench.api import (
+    PositiveInt, Selection, Selector, check_choice, head_parameters, pretrained_parameters)
 
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -81,8 +80,8 @@ class Adapter(Selector):
     def apply(self, model, selection: Selection):
         import re
 
-        from peftbench.architectures import layout
-        from peftbench.errors import UsageError
+        from peftbench.api import layout
+        from peftbench.api import UsageError
 
         names = layout(model)  # the architecture's module names (refused if unknown)
         model = super().apply(model, selection)

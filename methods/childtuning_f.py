@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.models import pretrained_parameters
-from peftbench.selector import Fraction, Selection, Selector
+from peftbench.api import Fraction, Selection, Selector, pretrained_parameters
 
 
 class ChildTuningF(Selector):
@@ -35,7 +34,7 @@ class ChildTuningF(Selector):
         total = sum(p.numel() for p in params.values())
         self.keep = self.p if self.p is not None else budget / total
         if not 0 < self.keep <= 1:
-            from peftbench.errors import UsageError
+            from peftbench.api import UsageError
 
             raise UsageError(f"ChildTuning-F keep probability {self.keep} is outside (0, 1]")
         self._generator = generator

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from peftbench.models import pretrained_parameters
-from peftbench.selector import (NonNegativeFloat, PositiveFloat, PositiveInt, Scope, Selection,
-                                Selector, check_scope, top_k)
+from peftbench.api import (
+    NonNegativeFloat, PositiveFloat, PositiveInt, Scope, Selection, Selector, check_scope,
+    pretrained_parameters, top_k)
 
 
 class HardConcreteDelta(nn.Module):
@@ -115,7 +115,7 @@ class DiffPruning(Selector):
         return Selection(notes={"projection_step": self.burnin, "projection": self.projection})
 
     def apply(self, model, selection: Selection):
-        from peftbench.selector import apportion
+        from peftbench.api import apportion
 
         params = pretrained_parameters(model)
         quotas = apportion(self._budget, {n: p.numel() for n, p in params.items()})
@@ -140,7 +140,7 @@ class DiffPruning(Selector):
 
     def begin_training(self, model, total_steps: int) -> None:
         if self.burnin >= total_steps:
-            from peftbench.errors import UsageError
+            from peftbench.api import UsageError
 
             if total_steps < 2:  # no burn-in of at least one step fits before a projection
                 raise UsageError(f"diffpruning needs at least 2 training steps (a burn-in, then the "

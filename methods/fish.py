@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.models import pretrained_parameters
-from peftbench.selector import PositiveInt, Scope, Selection, Selector, check_scope, top_k
+from peftbench.api import (
+    PositiveInt, Scope, Selection, Selector, check_scope, pretrained_parameters, top_k)
 
 
 class FISH(Selector):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.models import pretrained_parameters
-from peftbench.selector import Selection, Selector
+from peftbench.api import Selection, Selector, pretrained_parameters
 
 
 class FullTuning(Selector):

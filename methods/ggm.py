@@ -55,11 +55,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from peftbench.errors import check_choice
-from peftbench.models import pretrained_parameters
-from peftbench.scoring import count_batches
-from peftbench.selector import (Batches, Decay, NonNegativeFloat, PositiveFloat, PositiveInt,
-                                Selection, Selector)
+from peftbench.api import (
+    Batches, Decay, NonNegativeFloat, PositiveFloat, PositiveInt, Selection, Selector,
+    check_choice, count_batches, pretrained_parameters)
 
 SURROGATES = ("l1", "log", "etp", "lp")
 
@@ -151,7 +149,7 @@ def targets(model) -> tuple:
     attention.self.query.weight ... output.dense.bias; Llama has no biases)."""
     import re
 
-    from peftbench.architectures import layout
+    from peftbench.api import layout
 
     names = layout(model)
     weights = tuple(f"{q}.weight" for q in names.qkv)

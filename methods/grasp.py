@@ -6,9 +6,10 @@ import itertools
 
 import torch
 
-from peftbench.api import Batches, PositiveFloat, Scope, Selection, Selector, check_scope, count_batches, top_k
+from peftbench.api import (
+    Batches, PositiveFloat, Scope, Selection, Selector, check_scope, count_batches, forward,
+    loss_fn, top_k)
 from peftbench.methods.snip import block_linear_weights, eager_attention
-from peftbench.trainer import forward, loss_fn
 
 
 class GraSP(Selector):

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.selector import Decay, PositiveFloat, PositiveInt, Selection, Selector
+from peftbench.api import (
+    Decay, PositiveFloat, PositiveInt, Selection, Selector, head_parameters,
+    pretrained_parameters)
 
 
 def fu_targets(model) -> list[str]:
@@ -12,7 +13,7 @@ def fu_targets(model) -> list[str]:
     attention output, feed-forward input(s) and output of every block (BERT: attention.self.query
     ... output.dense; GPT-2: the fused c_attn, c_proj, c_fc, c_proj; Llama: q/k/v/o_proj,
     gate/up/down_proj); never the pooler or the head (`peftbench.architectures`)."""
-    from peftbench.architectures import layout
+    from peftbench.api import layout
 
     names = layout(model)
     return [*names.qkv, names.attention_out, *names.ffn_in, names.ffn_out]
@@ -51,7 +52,7 @@ class LoRA(Selector):
     def apply(self, model, selection: Selection):
         from peft import LoraConfig, inject_adapter_in_model
 
-        from peftbench.architectures import layout
+        from peftbench.api import layout
 
         targets = self._targets(model)
         pattern = rf".*\.{layout(model).block}\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
@@ -62,7 +63,7 @@ class LoRA(Selector):
         try:
             model = inject_adapter_in_model(config, model)
         except ValueError as err:  # peft: no module matched the targets
-            from peftbench.errors import UsageError
+            from peftbench.api import UsageError
 
             raise UsageError(f"lora targets {targets} match no module of the model "
                              f"({str(err).splitlines()[0][:200]}); name Linear modules inside "

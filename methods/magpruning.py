@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.models import pretrained_parameters
-from peftbench.selector import Scope, Selection, Selector, check_scope, top_k
+from peftbench.api import Scope, Selection, Selector, check_scope, pretrained_parameters, top_k
 
 
 class MagPruning(Selector):

@@ -5,9 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from peftbench.errors import check_choice
-from peftbench.models import pretrained_parameters
-from peftbench.selector import Decay, Selection, Selector
+from peftbench.api import Decay, Selection, Selector, check_choice, pretrained_parameters
 
 MODES = ("train", "eval")
 
@@ -53,7 +51,7 @@ class MixOut(Selector):
     uses_budget = False
 
     def __init__(self, p: Decay = 0.7, mode: str = "train"):
-        from peftbench.errors import UsageError
+        from peftbench.api import UsageError
 
         if not 0 <= p < 1:
             raise UsageError(f"MixOut p={p} is outside [0, 1)")

@@ -43,7 +43,7 @@ def config_for(model, name: str, options: dict):
     """`build_config`, with LN tuning's targets filled from the model (peft has no table for
     BERT-style models): every normalisation layer of the encoder, by its leaf name."""
     if name == "LNTuningConfig" and "target_modules" not in options:
-        from peftbench.models import pretrained_parameters
+        from peftbench.api import pretrained_parameters
 
         prefix = model.base_model_prefix + "."
         names = {n.rsplit(".", 1)[0] for n in pretrained_parameters(model)}
@@ -58,7 +58,7 @@ def inject(model, config):
     """The tuner injected in place: only its parameters and the task head train."""
     from peft import inject_adapter_in_model
 
-    from peftbench.models import head_parameters, pretrained_parameters
+    from peftbench.api import head_parameters, pretrained_parameters
 
     for p in pretrained_parameters(model).values():
         p.requires_grad_(False)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.scoring import accumulate_gradients, count_batches
-from peftbench.selector import (Batches, PositiveFloat, Scope, Selection, Selector, check_scope,
-                                top_k)
+from peftbench.api import (
+    Batches, PositiveFloat, Scope, Selection, Selector, accumulate_gradients, check_scope,
+    count_batches, top_k)
 
 
 class SAM(Selector):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.peftsparse import inject, linear_targets
-from peftbench.selector import PositiveInt, Selection, Selector
+from peftbench.api import PositiveInt, Selection, Selector, inject, linear_targets
 
 
 class SHiRA(Selector):
@@ -30,7 +29,7 @@ class SHiRA(Selector):
         self.targets = targets
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        from peftbench.errors import UsageError
+        from peftbench.api import UsageError
 
         selection = Selection(notes={"r": self.r})
         for name in _target_modules(model, self.targets):

@@ -6,8 +6,8 @@ import re
 
 import torch
 
-from peftbench.api import Batches, Scope, Selection, Selector, check_scope, count_batches, top_k
-from peftbench.scoring import accumulate_gradients
+from peftbench.api import (
+    Batches, Scope, Selection, Selector, accumulate_gradients, check_scope, count_batches, top_k)
 
 BLOCK_LINEAR = re.compile(r"\.(layer|layers|h|block|blocks)\.\d+\..*\.weight$")
 

@@ -49,11 +49,9 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from peftbench.errors import check_choice
-from peftbench.models import pretrained_parameters
-from peftbench.scoring import count_batches, differentiable_parameters
-from peftbench.selector import (Batches, Fraction, NonNegativeFloat, PositiveInt, Selection,
-                                Selector, top_k)
+from peftbench.api import (
+    Batches, Fraction, NonNegativeFloat, PositiveInt, Selection, Selector, check_choice,
+    count_batches, differentiable_parameters, pretrained_parameters, top_k)
 
 FILTERS = ("tikhonov", "ideal", "allpass")
 GRAPH_KEYS = ("graph.laplacian", "graph.filter")  # non-entry items of the scores dict
@@ -145,7 +143,7 @@ class SpectralGraph(Selector):
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
         if scores is None or GRAPH_KEYS[0] not in scores:
-            from peftbench.errors import UsageError
+            from peftbench.api import UsageError
 
             raise UsageError("spectral needs its scoring pass (score) before select")
         self.nodes_, _ = differentiable_parameters(model)

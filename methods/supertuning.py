@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.peftsparse import inject, linear_targets, sparse_layers
-from peftbench.selector import Selection, Selector
+from peftbench.api import Selection, Selector, inject, linear_targets, sparse_layers
 
 
 class SuperTuning(Selector):
@@ -32,7 +31,7 @@ class SuperTuning(Selector):
         self.targets = targets
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        from peftbench.errors import UsageError
+        from peftbench.api import UsageError
 
         names = _target_modules(model, self.targets)
         total = sum(model.get_submodule(n).weight.numel() for n in names)

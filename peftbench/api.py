@@ -5,7 +5,8 @@
 A method is a `Selector` subclass (see `peftbench.selector` for the contract) registered as an
 entry point; `peftbench check-method NAME` (or `peftbench.testing.parametrize_with_checks` in
 the author's own pytest) checks it. This module only gathers names: nothing here is new except
-`scoring_session`, for methods that fine-tune while scoring (LT-SFT, DiffPruning-style).
+`scoring_session`, for methods that fine-tune while scoring (LT-SFT, DiffPruning-style). The
+built-in methods import from here alone, as a plugin would.
 """
 from __future__ import annotations
 
@@ -17,15 +18,21 @@ from typing import Iterator
 import torch
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 
+from peftbench.architectures import block_modules, layout
 from peftbench.errors import UsageError, check_choice
-from peftbench.models import pretrained_parameters
-from peftbench.scoring import ScoringData, count_batches
+from peftbench.models import head_parameters, pretrained_parameters
+from peftbench.peftsparse import inject, linear_targets, sparse_layers
+from peftbench.scoring import ScoringData, accumulate_gradients, count_batches, differentiable_parameters
 from peftbench.selector import (Batches, Budget, Decay, Fraction, Scope, Selection, Selector, apportion,
                                 check_scope, top_k)
+from peftbench.sparse import canonical_name
+from peftbench.trainer import forward, loss_fn
 
 __all__ = ["Batches", "Budget", "Decay", "Fraction", "NonNegativeFloat", "PositiveFloat", "PositiveInt",
-           "Scope", "ScoringData", "Selection", "Selector", "UsageError", "apportion", "check_choice",
-           "check_scope", "count_batches", "pretrained_parameters", "scoring_session", "top_k"]
+           "Scope", "ScoringData", "Selection", "Selector", "UsageError", "accumulate_gradients", "apportion",
+           "block_modules", "canonical_name", "check_choice", "check_scope", "count_batches",
+           "differentiable_parameters", "forward", "head_parameters", "inject", "layout", "linear_targets",
+           "loss_fn", "pretrained_parameters", "scoring_session", "sparse_layers", "top_k"]
 
 
 @contextlib.contextmanager

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="run or show a leaderboard from leaderboards/")
     board.add_argument("action", choices=["run", "show", "list", "verify", "work", "search", "carry",
-                                          "per-budget", "report", "join"],
+                                          "per-budget", "report", "join", "rekey"],
                        help="run: search, grid, carry check, report (resumes from the committed cells); "
                        "search: the search alone (a worker: several split the untuned pairs); carry: "
                        "the carry check alone (a worker, as search); per-budget: the per-budget search "
@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "print the committed README; verify: re-run committed cells and compare; "
                        "work: the grid alone (a worker, or a second machine on a shared study); report: "
                        "rewrite the board from its committed cells without training; join: add METHOD "
-                       "to a built board and run only its search and cells under the board's rules")
+                       "to a built board and run only its search and cells under the board's rules; "
+                       "rekey: carry the committed cells and search records across a method-file edit "
+                       "proven not to move a number (imports, comments, layout), since --since REV")
     board.add_argument("name", nargs="?", help="a folder name in leaderboards/ (or a path)")
     board.add_argument("method", nargs="?", help="join: the method to add (an installed name)")
     board.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--seed", type=int, default=0, help="verify: the seed that chooses the cells")
     board.add_argument("--cell", action="append", default=[], metavar="TASK/METHOD/bBUDGET/sSEED",
                        help="verify: re-run this committed cell (repeatable; overrides --cells)")
+    board.add_argument("--since", default=None, metavar="REV",
+                       help="rekey: the git revision whose method files made the committed records")
 
     export = sub.add_parser("export", help="write a run's selection as a peft adapter (SHiRA) to "
                             "train it in your own pipeline")
@@ -354,6 +358,13 @@ def cmd_leaderboard(args) -> int | None:
         table, code = leaderboard.verify(args.name, cells=args.cells, seed=args.seed, names=args.cell)
         print(table)
         return code
+    elif args.action == "rekey":
+        from peftbench.rekey import rekey
+
+        if not args.since:
+            raise UsageError("peftbench leaderboard rekey needs --since REV: the git revision whose "
+                             "method files made the committed cells (e.g. HEAD~1)")
+        rekey(args.name, args.since)
     elif args.action == "report":
         print(leaderboard.refresh(args.name, storage=args.storage, output_dir=args.output_dir))
     elif args.action == "join":
