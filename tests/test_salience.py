@@ -110,3 +110,31 @@ def test_grasp_is_theta_times_an_independent_hessian_gradient_product(tiny_model
     _, hg = torch.func.jvp(lambda c: torch.func.grad(loss)(c, second), (theta,), (g,))  # H g, batch 2
     for n in names:
         torch.testing.assert_close(scores[n], params[n] * hg[n], rtol=1e-4, atol=1e-10)
+
+
+def test_skeletonization_is_minus_theta_times_the_summed_gradient_and_chooses_otherwise(tiny_model_dir, rte):
+    """Skeletonization scores -theta * g, g summed by hand as for SNIP: its magnitude is SNIP's
+    score, its sign puts entries whose removal would lower the loss last, so at a small budget
+    the two masks differ."""
+    model, data = _setup(tiny_model_dir, rte)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    skeleton = registry.create("skeletonization", batches=3).score(model, data)
+    assert _unchanged(model, before)
+    snip = registry.create("snip", batches=3).score(model, data)
+    model.eval()
+    params = dict(model.named_parameters())
+    names = sorted(block_linear_weights(model))
+    summed = {n: torch.zeros_like(params[n]) for n in names}
+    for batch in itertools.islice(data.batches(), 3):
+        grads = torch.autograd.grad(loss_fn(forward(model, batch, data.task), batch["labels"], data.task),
+                                    [params[n] for n in names])
+        for n, g in zip(names, grads):
+            summed[n] += g
+    assert sorted(skeleton) == names
+    for n in names:
+        torch.testing.assert_close(skeleton[n], -(params[n].detach() * summed[n]), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(skeleton[n].abs(), snip[n], rtol=1e-6, atol=0)
+    assert any((s < 0).any() for s in skeleton.values())  # entries whose removal lowers the loss
+    a = top_k(skeleton, 100, "global", torch.Generator().manual_seed(0))
+    b = top_k(snip, 100, "global", torch.Generator().manual_seed(0))
+    assert {n: i.tolist() for n, i in a.partial.items()} != {n: i.tolist() for n, i in b.partial.items()}
