@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from peftbench.api import Batches, Scope, Selection, Selector, accumulate_gradients, check_scope, count_batches, top_k
-from peftbench.methods.snip import block_linear_weights
+from peftbench.api import accumulate_gradients, count_batches
+from peftbench.methods.snip import SNIP, block_linear_weights
 
 
-class Skeletonization(Selector):
+class Skeletonization(SNIP):
     """Train the entries of largest -theta * g: the first-order estimate of how much the training
     loss rises when the entry is removed (set to 0), L(theta with theta_i = 0) - L(theta) ~
     -theta_i g_i, Mozer & Smolensky's relevance linearised. Signed, unlike SNIP's |theta * g|: an
     entry whose removal would lower the loss scores below zero and is chosen last, so the two
     masks differ wherever theta * g is positive. The gradient, the candidates (the weights of the
-    linear layers inside the transformer blocks), dropout off and the budget rule are SNIP's.
+    linear layers inside the transformer blocks), dropout off, the parameters and the budget rule
+    are SNIP's (a subclass).
 
     Reference: 0-ml/speft `model/sparse_peft.py`, `compute_gradient_based_scores` with
     `skeletonization` = -w * s (s the gradient averaged over the scoring batches; the average
@@ -21,18 +22,9 @@ class Skeletonization(Selector):
     """
 
     description = "largest -theta * grad at theta0 over block linear weights (skeletonization, as SPEFT)"
-    needs_data = True
-
-    def __init__(self, batches: Batches = 64, scope: Scope = "global"):
-        self.batches = batches
-        self.scope = check_scope(scope)
 
     def score(self, model, data) -> dict[str, torch.Tensor]:
         summed = accumulate_gradients(model, data, count_batches(data, self.batches),
                                       transform=lambda g: g, train_mode=False)
         params = dict(model.named_parameters())
         return {n: (-params[n].detach().float() * summed[n]).cpu() for n in sorted(block_linear_weights(model))}
-
-    def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
-        pool = sum(s.numel() for s in scores.values())  # a budget past the pool takes all of it
-        return top_k(scores, min(budget, pool), self.scope, generator)
