@@ -86,6 +86,7 @@ METHOD_STYLE: dict[str, tuple[str, str, str]] = {  # method: (colour, marker, li
     "snip": ("#0072B2", "o", "-"),
     "synflow": ("#E69F00", "^", "-"),
     "grasp": ("#009E73", "D", "-"),
+    "skeletonization": ("#D55E00", "o", ":"),
     "peft": ("#56B4E9", "o", ":"),
     "peft-sized": ("#CC79A7", "s", ":"),
 }
