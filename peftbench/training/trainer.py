@@ -5,7 +5,6 @@ state and memory grows with the trainable count (see `peftbench.sparse`). The st
 minimum: forward, loss, backward, clip, step, and the selector's hooks only if it has any.
 """
 from __future__ import annotations
-
 import json
 import math
 import time
@@ -13,7 +12,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Annotated, Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,66 +20,10 @@ from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, Positi
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-
 from peftbench import metrics
 from peftbench.data import Collator, TaskSpec
 from peftbench.errors import UsageError
 from peftbench.selector import Selector
-
-
-@pydantic_dataclass(config=ConfigDict(strict=True, allow_inf_nan=False))
-class TrainConfig:
-    """Training settings, validated on construction (strict types, finite positive values):
-    build one from user input with `train_config`, which names the bad key."""
-
-    epochs: PositiveInt = 3
-    batch_size: PositiveInt = 16
-    eval_batch_size: PositiveInt = 64
-    lr: PositiveFloat = 1e-4  # Fu et al.'s learning rate, for every method
-    weight_decay: NonNegativeFloat = 0.01  # not on biases and LayerNorm, as Fu et al.
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    max_grad_norm: PositiveFloat = 1.0
-    max_length: PositiveInt = 128
-    max_steps: PositiveInt | None = None  # stop early (quick runs, tests)
-    # recompute activations in the backward instead of keeping them (transformers'
-    # gradient_checkpointing_enable, non-reentrant): less memory for large models, same numbers
-    gradient_checkpointing: bool = False
-    # compute under bfloat16 autocast on CPU as well (CUDA always does; master weights stay
-    # float32): a faster step where the CPU has bf16 arithmetic, and other numbers, so a board
-    # that wants it declares it in its spec's `train:`
-    bf16: bool = False
-    # "length": evaluation batches made of rows of similar length (less padding, fewer tokens;
-    # the predictions are put back in the split's order). Padding changes the last bits of a
-    # row's logits, so this too is a declared setting, not a silent speed-up
-    eval_order: Literal["given", "length"] = "given"
-
-
-#: settings that cannot change a number: a cell's fingerprint leaves them out (`sweep.cell_config`)
-NUMERICALLY_NEUTRAL = ("gradient_checkpointing",)
-#: settings added after cells were committed: at these values they are left out of a cell's
-#: fingerprint, so a cell fingerprinted before the setting existed stays current
-OMITTED_AT = {"bf16": False, "eval_order": "given"}
-
-
-def fingerprinted(train: dict) -> dict:
-    """The training settings that enter a cell's fingerprint (`train`: TrainConfig's fields)."""
-    return {k: v for k, v in train.items()
-            if k not in NUMERICALLY_NEUTRAL and not (k in OMITTED_AT and v == OMITTED_AT[k])}
-
-
-def train_config(values: dict, where: str = "train", base: TrainConfig | None = None) -> TrainConfig:
-    """A TrainConfig from user values (over `base`'s), or a UsageError naming the key, the
-    value, what was wrong and the allowed settings."""
-    allowed = [f.name for f in fields(TrainConfig)]
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise UsageError(f"{where}: unknown train settings {unknown}; allowed: {sorted(allowed)}")
-    try:
-        return TrainConfig(**{**(asdict(base) if base else {}), **values})
-    except ValidationError as err:
-        problem = err.errors()[0]
-        key = ".".join(str(x) for x in problem["loc"])
-        raise UsageError(f"{where}.{key} = {problem.get('input')!r}: {problem['msg']}") from None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -100,80 +42,6 @@ def pick_device(device: str = "auto") -> torch.device:
         raise UsageError(f"device {device!r} does not exist: this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s)")
     return resolved
-
-
-def _autocast(device: torch.device, bf16: bool = False):
-    """bfloat16 autocast on CUDA always, on CPU with the `bf16` setting; float32 otherwise."""
-    if device.type == "cuda" or bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _eval_batches(loader: DataLoader, by_length: bool):
-    """(row indices, collated batch) over a split: the loader's own batches, or with `by_length`
-    batches of rows sorted by token count (stable), so little of each batch is padding."""
-    if not by_length:
-        start = 0
-        for batch in loader:
-            n = len(batch["labels"]) if "labels" in batch else len(batch["input_ids"])
-            yield list(range(start, start + n)), batch
-            start += n
-        return
-    rows = loader.dataset
-    lengths = [_row_length(rows[i]["input_ids"]) for i in range(len(rows))]
-    order = sorted(range(len(rows)), key=lengths.__getitem__)
-    for start in range(0, len(order), loader.batch_size):
-        chunk = order[start:start + loader.batch_size]
-        yield chunk, loader.collate_fn([rows[i] for i in chunk])
-
-
-def _row_length(ids) -> int:
-    return max((len(x) for x in ids), default=0) if ids and isinstance(ids[0], list) else len(ids)
-
-
-def _in_split_order(parts: list, indices: list[int]):
-    """The rows' outputs (concatenated in evaluation order) put back in the split's order."""
-    out = torch.cat(parts)
-    if indices == list(range(len(indices))):
-        return out
-    restored = torch.empty_like(out)
-    restored[torch.tensor(indices)] = out
-    return restored
-
-
-def forward(model, batch: dict, task: TaskSpec) -> torch.Tensor:
-    """Logits: [B, classes], [B] for regression, [B, choices] for multiple choice (read by a
-    decoder's LM head: each choice's summed token log-likelihood, `choice_logliks`)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "choice_labels")}
-    if "choice_labels" in batch:
-        targets = batch["choice_labels"]
-        inputs = {k: v.flatten(0, 1) for k, v in inputs.items()}
-        return choice_logliks(model(**inputs).logits, targets.flatten(0, 1)).view(targets.shape[:2])
-    if task.kind == "multiple_choice":
-        shape = inputs["input_ids"].shape[:2]
-        inputs = {k: v.flatten(0, 1) for k, v in inputs.items()}
-        return model(**inputs).logits.view(shape)
-    logits = model(**inputs).logits
-    return logits.squeeze(-1) if task.kind == "regression" else logits
-
-
-def choice_logliks(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[N] summed log-likelihood of each sequence's target tokens (`targets`: -100 elsewhere),
-    each predicted from the position before it (lm-evaluation-harness's loglikelihood). As the
-    choices' logits, their cross-entropy trains the model to rank the right choice first, the
-    discriminative loss that matches how the choice is then picked (argmax)."""
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(),
-                          ignore_index=-100, reduction="none")
-    return -nll.view(targets.shape[0], -1).sum(-1)
-
-
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: TaskSpec) -> torch.Tensor:
-    if task.kind == "regression":
-        return F.mse_loss(logits.float(), labels)
-    if task.kind == "causal_lm":  # next-token cross-entropy on the answer tokens (-100 elsewhere)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=-100)
-    return F.cross_entropy(logits.float(), labels)
 
 
 def warmup_steps(ratio: float, steps: int) -> int:
@@ -235,86 +103,6 @@ def make_loader(dataset, tokenizer, task, batch_size: int, shuffle: bool, seed: 
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=Collator(tokenizer, task))
-
-
-def _float32_text(values: np.ndarray) -> list[float]:
-    """Scores as the shortest decimals that read back as the same float32 (at most 9 digits): a
-    compact result file from which the metric is recomputed exactly (as float32)."""
-    return [float(np.format_float_positional(np.float32(v), unique=True)) for v in np.ravel(values)]
-
-
-@torch.no_grad()
-def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False,
-             config: TrainConfig | None = None):
-    """The split's metrics; with `keep`, also its per-example predictions and labels (a dict
-    as `record.Predictions`), in the split's order: (metrics, predictions). `config`: the run's
-    `bf16` and `eval_order` settings (defaults when None)."""
-    config = config or TrainConfig()
-    if task.kind == "causal_lm":
-        return evaluate_causal(model, loader, task, device, keep, config)
-    model.eval()
-    preds, labels, seen = [], [], []
-    with torch.nn.utils.parametrize.cached(), _autocast(device, config.bf16):
-        for indices, batch in _eval_batches(loader, config.eval_order == "length"):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = forward(model, batch, task).float()
-            preds.append((logits if task.kind == "regression" else logits.argmax(-1)).cpu())
-            labels.append(batch["labels"].cpu())
-            seen += indices
-    p, y = _in_split_order(preds, seen).numpy(), _in_split_order(labels, seen).numpy()
-    scores = metrics.compute(task.metrics, task.main_metric, p, y, task.num_classes)
-    if not keep:
-        return scores
-    regression = task.kind == "regression"
-    kept = {"predictions": _float32_text(p) if regression else [int(v) for v in p],
-            "labels": _float32_text(y) if regression else [int(v) for v in y],
-            "num_classes": task.num_classes}
-    return scores, kept
-
-
-@torch.no_grad()
-def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False,
-                    config: TrainConfig | None = None):
-    """A causal-LM split: `answer_loglik`, each gold answer's mean per-token log-likelihood
-    given its prompt (teacher-forced, the loader's batches), and `exact_match`, the greedy
-    continuation of each prompt (`task.max_new_tokens` tokens, prompts left-padded) after
-    `task.extract_answer` against the extracted gold answer."""
-    model.eval()
-    collate = loader.collate_fn
-    tokenizer = collate.tokenizer
-    rows = loader.dataset
-    config = config or TrainConfig()
-    order = list(range(len(rows)))
-    if config.eval_order == "length":
-        order.sort(key=lambda i: len(rows[i]["input_ids"]))
-    logliks, generated = [None] * len(rows), [None] * len(rows)
-    with torch.nn.utils.parametrize.cached(), _autocast(device, config.bf16):
-        for start in range(0, len(rows), loader.batch_size):
-            indices = order[start:start + loader.batch_size]
-            chunk = [rows[i] for i in indices]
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            logits = forward(model, batch, task).float()
-            logp = torch.log_softmax(logits[:, :-1], -1)
-            target = batch["labels"][:, 1:]
-            mask = target != -100
-            picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            for i, value in zip(indices, (picked.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()):
-                logliks[i] = value
-            prompts = [{"input_ids": r["input_ids"][:r["prompt_length"]],
-                        "attention_mask": r["attention_mask"][:r["prompt_length"]]} for r in chunk]
-            enc = {k: v.to(device) for k, v in
-                   tokenizer.pad(prompts, return_tensors="pt", padding_side="left").items()}
-            out = model.generate(**enc, max_new_tokens=task.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for i, text in zip(indices, texts):
-                generated[i] = text
-    predictions = {"exact_match": [task.extract_answer(text) for text in generated],
-                   "answer_loglik": logliks}
-    scores = metrics.compute(task.metrics, task.main_metric, predictions, list(rows["gold"]))
-    if not keep:
-        return scores
-    return scores, {"predictions": predictions, "labels": [str(g) for g in rows["gold"]], "num_classes": None}
 
 
 def _overrides(selector: Selector, hook: str) -> bool:

@@ -6,7 +6,6 @@ study's cells (`peftbench.sweep`) key on these fingerprints instead, so a change
 miss (or a refused spec), never a silent reuse.
 """
 from __future__ import annotations
-
 import hashlib
 import inspect
 import json
@@ -15,29 +14,10 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+
 # peftbench modules on the path from (model, data, selection) to a number: a change in one of
 # them can change results, so their source is part of every method's code identity.
 RESULT_PATH = ("data", "experiment", "metrics", "models", "scoring", "selector", "sparse", "trainer")
-
-
-def digest(obj) -> str:
-    """SHA-256 of a JSON-serialisable object (keys sorted)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@lru_cache(maxsize=4096)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes; memoised per (path, size, mtime) so a sweep hashes each once."""
-    st = os.stat(path)
-    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def model_fingerprint(model: str) -> str:

@@ -4,7 +4,6 @@ A spec names its data files (relative to the YAML file) or a hub dataset, how to
 model's input text, the label mapping and the metrics. Loading goes through `datasets`.
 """
 from __future__ import annotations
-
 import json
 import math
 import os
@@ -13,94 +12,35 @@ import string
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
-
 import regex
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, StrictBool,
                       StrictInt, StrictStr, ValidationError, field_validator, model_validator)
-
 from peftbench import yamlio
 from peftbench.errors import UsageError, schema_problem
 from peftbench.metrics import BINARY, METRIC_KINDS, METRICS
 
+
 KINDS = ("classification", "regression", "multiple_choice", "causal_lm")
+
+
 SPLITS = ("train", "validation", "test")
+
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # task names become folder names
 
 
-def task_dirs() -> list[Path]:
-    """Built-in specs first, then folders in $PEFTBENCH_TASKS_PATH (os.pathsep-separated)."""
-    builtin = Path(str(resources.files("peftbench.tasks")))  # the repo's tasks/ folder
-    extra = [Path(p) for p in os.environ.get("PEFTBENCH_TASKS_PATH", "").split(os.pathsep) if p]
-    return [builtin, *extra]
-
-
-def available_tasks() -> dict[str, Path]:
-    found = {}
-    for folder in task_dirs():
-        for path in sorted(folder.glob("*.yaml")):
-            found.setdefault(path.stem, path)
-    return found
-
-
-# -- preprocessors a spec may name (`preprocess:`), for formats a template cannot express ----
-def _norm(word: str) -> str:
-    return word.strip(".,;:!?\"'()").lower().removesuffix("'s")
-
-
-def wsc_span_start(words: list[str], index: int, span: list[str]) -> int:
-    """Where `span` starts in `words`: SuperGLUE's word index, moved to the nearest place where
-    the span's words actually stand (compared without case, punctuation or "'s"). A few indices
-    in the data are off (one span of 'it' points at 'use'); without this the marks would wrap
-    the wrong words. If the words stand nowhere, the index is kept."""
-    target = [_norm(w) for w in span]
-    places = [j for j in range(len(words) - len(span) + 1)
-              if [_norm(w) for w in words[j:j + len(span)]] == target]
-    return min(places, key=lambda j: (abs(j - index), j)) if places else index
-
-
-def mark_wsc_spans(row: dict) -> dict:
-    """WSC: mark the candidate noun phrase with * * and the pronoun with # #, by word index
-    (SuperGLUE span indices count whitespace-separated words; `wsc_span_start` corrects the few
-    that are off), as in the span-marking input format of T5 / SuperGLUE baselines; the pair
-    becomes a single marked sentence. Words are split on any whitespace (one span holds a
-    newline)."""
-    words = row["text"].split()
-    t = row["target"]
-    spans = []
-    for key, mark in (("span1", "*"), ("span2", "#")):
-        span = t[f"{key}_text"].split()
-        spans.append((wsc_span_start(words, t[f"{key}_index"], span), len(span), mark))
-    for start, length, mark in sorted(spans, reverse=True):  # right to left so indices stay valid
-        words[start:start + length] = [mark, *words[start:start + length], mark]
-    return {**row, "text": " ".join(words)}
-
-
-PREPROCESSORS = {"mark_wsc_spans": mark_wsc_spans}
-
-
 REGRESSION_LIMIT = 1e6  # a regression label beyond this is a unit error, not a score
+
+
 MAX_NEW_TOKENS = 1024  # a generated answer longer than this is not an answer to extract
+
+
 EXTRACT_TIMEOUT_S = 1.0  # one `extract` search on one answer: a backtracking blow-up ends here, by name
 
 
 def _render(template: str, row: dict) -> str:
     return template.format(**row) if "{" in template else str(row[template])
-
-
-def load_task(name_or_path: str) -> TaskSpec:
-    """A task by name (a YAML file in a task folder) or by the path of a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise UsageError(f"task file {name_or_path} does not exist")
-    else:
-        tasks = available_tasks()
-        if name_or_path.lower() not in tasks:
-            raise UsageError(f"unknown task {name_or_path!r}: allowed {', '.join(tasks)} "
-                             "or the path of a task YAML file")
-        path = tasks[name_or_path.lower()]
-    return parse_task(path)
 
 
 class _Files(BaseModel):
@@ -437,175 +377,3 @@ def template_fields(template: str) -> list[str]:
         raise ValueError(f"template {template!r} formats a field ({shaped[0]}): write fields as "
                          "plain {name}, without a format spec or conversion")
     return names
-
-
-def parse_task(path: Path) -> TaskSpec:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
-        raise UsageError(f"malformed task YAML {path}:{line}: not UTF-8 text (byte "
-                         f"{path.read_bytes()[err.start]:#04x}); save the file as UTF-8") from None
-    try:
-        node = yaml.compose(text)
-        raw = yamlio.load(text)
-    except yaml.YAMLError as err:
-        raise UsageError(f"malformed task YAML {yamlio.where(err, path)}") from None
-
-    def fail(key: str, message: str):
-        raise UsageError(f"malformed task YAML {path}:{_line_of(node, key)}: {message}")
-
-    if not isinstance(raw, dict):
-        raise UsageError(f"malformed task YAML {path}:1: expected a mapping of keys to values")
-    try:
-        spec = TaskSpec.model_validate(raw)
-    except ValidationError as err:
-        fail(*schema_problem(err, raw, TaskSpec))
-    spec._path = path
-    kind = spec.kind
-    if kind == "classification" and not spec.labels:
-        fail("kind", "a classification task needs 'labels' (file values in class-id order)")
-    if kind == "multiple_choice" and not (spec.context and spec.choices):
-        fail("kind", "a multiple_choice task needs 'context' and 'choices'")
-    if kind in ("classification", "regression") and not spec.text:
-        fail("kind", "a classification or regression task needs 'text' (one or two fields)")
-    if kind == "causal_lm" and not (spec.prompt and spec.answer):
-        fail("kind", "a causal_lm task needs 'prompt' and 'answer' (templates of the row's fields)")
-    if kind != "causal_lm" and (spec.prompt or spec.answer or spec.extract):
-        fail("prompt" if spec.prompt else "answer" if spec.answer else "extract",
-             f"'prompt', 'answer' and 'extract' belong to a causal_lm task, not a {kind} one")
-    for metric in spec.metrics:
-        if kind not in METRIC_KINDS[metric]:
-            allowed = [m for m, kinds in METRIC_KINDS.items() if kind in kinds]
-            fail("metrics", f"metric {metric!r} cannot score a {kind} task: allowed {', '.join(allowed)}")
-        classes = len(spec.labels or []) if kind == "classification" else len(spec.choices)
-        if metric in BINARY and classes != 2:
-            fail("metrics", f"metric {metric!r} needs two classes (class 1 positive), the task has "
-                            f"{classes}: use macro_f1")
-    outside = [m for m in spec.main_metric if m not in spec.metrics]
-    if outside:
-        fail("main_metric", f"main_metric {outside[0]!r} is not in metrics {spec.metrics}: list it there too")
-    if kind != "multiple_choice" and len(spec.text) > 2:
-        fail("text", f"text names {len(spec.text)} fields; a classification or regression input is "
-                     "one text or a pair: join the others in a template, e.g. '{a} {b}'")
-    if spec.labels is not None and len(set(map(repr, spec.labels))) != len(spec.labels):
-        twice = next(l for l in spec.labels if spec.labels.count(l) > 1)
-        fail("labels", f"label {twice!r} is listed twice: each class once (a repeat would add a "
-                       "class no row can have)")
-    if not SAFE_NAME.fullmatch(spec.name) or ".." in spec.name:
-        fail("name", f"name {spec.name!r} is not file-safe: letters, digits, '.', '_', '-' (it "
-                     "names run folders)")
-    return spec
-
-
-def _line_of(node, key: str) -> int:
-    """1-based line of top-level `key` in a composed YAML mapping (1 if absent)."""
-    for key_node, _ in getattr(node, "value", []) or []:
-        if getattr(key_node, "value", None) == key:
-            return key_node.start_mark.line + 1
-    return 1
-
-
-# -- tokenisation ----------------------------------------------------------------------------
-def tokenize(task: TaskSpec, tokenizer, splits, max_length: int, lm_head: bool = False):
-    """Token ids and a `labels` column for every split (multiple choice: one row per choice).
-    `lm_head` (`models.uses_lm_head`): a multiple-choice task read by a decoder's LM head, each
-    choice a continuation of the context (`encode_choices`)."""
-
-    def encode(row):
-        if task.kind == "causal_lm":
-            return encode_causal(task, tokenizer, row, max_length)
-        if task.kind == "multiple_choice" and lm_head:
-            return encode_choices(task, tokenizer, row, max_length)
-        if task.kind == "multiple_choice":
-            pairs = task.choice_inputs(row)
-            enc = tokenizer([c for c, _ in pairs], [x for _, x in pairs],
-                            truncation=True, max_length=max_length)
-        else:
-            enc = tokenizer(*task.inputs(row), truncation=True, max_length=max_length)
-        enc["labels"] = task.label_id(row["label"])
-        return dict(enc)
-
-    columns = splits["train"].column_names
-    return splits.map(encode, remove_columns=columns, desc=f"tokenize {task.name}")
-
-
-def encode_causal(task: TaskSpec, tokenizer, row: dict, max_length: int) -> dict:
-    """A causal-LM row: the prompt's tokens then the answer's (and EOS when the tokenizer has
-    one), `labels` = -100 on the prompt (the loss is on answer tokens only), `prompt_length` and
-    the extracted gold answer `gold` for evaluation. Truncated to `max_length` from the answer's
-    end, so the prompt survives when it fits."""
-    prompt = tokenizer(task.prompt_text(row))["input_ids"]
-    answer = tokenizer(task.answer_text(row), add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer = answer + [tokenizer.eos_token_id]
-    ids = (prompt + answer)[:max_length]
-    labels = ([-100] * len(prompt) + answer)[:max_length]
-    if len(prompt) >= max_length:
-        raise UsageError(f"task {task.name!r}: a prompt of {len(prompt)} tokens leaves no room for its "
-                         f"answer within max_length {max_length}: raise max_length (or shorten the prompt)")
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
-            "prompt_length": min(len(prompt), max_length),
-            "gold": task.extract_answer(task.answer_text(row))}
-
-
-def encode_choices(task: TaskSpec, tokenizer, row: dict, max_length: int) -> dict:
-    """A multiple-choice row for a decoder, as lm-evaluation-harness builds it: per choice, the
-    context's tokens then the choice's (" " + choice, its target delimiter; no end-of-sequence
-    token), `choice_labels` = the choice's tokens (-100 on the context), so a choice's score is
-    the sum of its tokens' log-likelihoods given the context. Too long a sequence loses context
-    tokens from the left, never the choice's."""
-    context = tokenizer(_render(task.context, row))["input_ids"]
-    ids, targets = [], []
-    for choice in task.choices:
-        continuation = tokenizer(" " + _render(choice, row), add_special_tokens=False)["input_ids"]
-        keep = context[max(0, len(context) + len(continuation) - max_length):]
-        ids.append((keep + continuation)[-max_length:])
-        targets.append(([-100] * len(keep) + continuation)[-max_length:])
-    return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "choice_labels": targets,
-            "labels": task.label_id(row["label"])}
-
-
-def _pad_right(tokenizer, feats: list[dict], targets: list[list[int]]):
-    """(`tokenizer.pad` on the right whatever the tokenizer's default (Llama's pads on the
-    left), the token targets padded with -100 to the same length)."""
-    import torch
-
-    batch = dict(tokenizer.pad(feats, return_tensors="pt", padding_side="right"))
-    padded = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
-    for i, t in enumerate(targets):
-        padded[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-    return batch, padded
-
-
-class Collator:
-    """Pads a batch with the tokenizer; multiple choice is padded flat, then shaped [B, C, L]."""
-
-    def __init__(self, tokenizer, task: TaskSpec):
-        self.tokenizer, self.task = tokenizer, task
-
-    def __call__(self, rows: list[dict]):
-        import torch
-
-        if self.task.kind == "causal_lm":  # right-padded; labels padded with -100 (no loss)
-            feats = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows]
-            batch, labels = _pad_right(self.tokenizer, feats, [r["labels"] for r in rows])
-            return {**batch, "labels": labels}
-        labels = torch.tensor([r["labels"] for r in rows],
-                              dtype=torch.float if self.task.kind == "regression" else torch.long)
-        if rows and "choice_labels" in rows[0]:  # choices read by a decoder's LM head: [B, C, L]
-            n = len(self.task.choices)
-            flat = [{"input_ids": r["input_ids"][i], "attention_mask": r["attention_mask"][i]}
-                    for r in rows for i in range(n)]
-            batch, targets = _pad_right(self.tokenizer, flat, [r["choice_labels"][i] for r in rows for i in range(n)])
-            batch["choice_labels"] = targets
-            return {**{k: v.view(len(rows), n, -1) for k, v in batch.items()}, "labels": labels}
-        feats = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
-        if self.task.kind != "multiple_choice":
-            batch = self.tokenizer.pad(feats, return_tensors="pt")
-        else:
-            n = len(self.task.choices)
-            flat = [{k: v[i] for k, v in f.items()} for f in feats for i in range(n)]
-            batch = {k: v.view(len(rows), n, -1)
-                     for k, v in self.tokenizer.pad(flat, return_tensors="pt").items()}
-        return {**batch, "labels": labels}

@@ -6,44 +6,15 @@ tests, budget curves, cost. Everything here returns numbers or frames and format
 Conventions are report's (metric x100 when shown, population std, ranks by mean / by std).
 """
 from __future__ import annotations
-
 import itertools
 import re
 from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import scipy.stats
-
 from peftbench.errors import check_choice
 from peftbench.metrics import near_constant
 from peftbench.record import NATURAL, at_budget, budget_blocks
-
-
-TIES = ("average", "min", "max", "dense", "ordinal")
-
-
-def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean scoring and training seconds, mean steps/s, max peak memory (MiB), and
-    the mean 1-minute load average around the runs (NaN for runs that did not record it).
-
-    A mean over runs that differ in what they cost per step measures the mix, not the method,
-    so the table splits where the runs do, with the number of runs behind each row:
-    - by task, where the runs come from several (STS-B's sentence pairs are longer than
-      SST-2's sentences: a step costs more);
-    - by device, where the runs come from several (a board grown on several machines: one CPU
-      ran a cell 2.6x slower per step than another)."""
-    for column in ("steps_per_s", "peak_memory_mb", "load_1min"):
-        if column not in frame:
-            frame = frame.assign(**{column: np.nan})
-    split = [c for c in ("task", "device") if c in frame and frame[c].nunique() > 1]
-    g = frame.groupby(["method", *split])
-    table = pd.DataFrame({"scoring_s": g.scoring_time_s.mean(), "training_s": g.train_time_s.mean(),
-                          "steps_per_s": g.steps_per_s.mean(), "peak_memory_mb": g.peak_memory_mb.max(),
-                          "load_1min": g.load_1min.mean()})
-    if split:
-        table = table.assign(runs=g.size()).reset_index(level=split)
-    return table
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
@@ -151,54 +122,6 @@ def competing(frame: pd.DataFrame, budget: str) -> pd.DataFrame:
     rows = frame[frame.budget == budget]
     keys = list(zip(rows.task, rows.method, rows.budget))
     return rows[[bool(kept.get(k, False)) for k in keys]]
-
-
-def wilcoxon_holm(matrix: pd.DataFrame) -> pd.DataFrame:
-    """Pairwise two-sided Wilcoxon signed-rank p-values between the methods (columns) over the
-    rows (tasks: one independent value each), Holm-adjusted over all pairs (Benavoli, Corani &
-    Mangili 2016). A pair whose differences are all zero has p = 1."""
-    methods = list(matrix.columns)
-    pairs = list(itertools.combinations(methods, 2))
-    raw = []
-    for a, b in pairs:
-        d = (matrix[a] - matrix[b]).to_numpy()
-        raw.append(1.0 if not np.any(d != 0) else float(scipy.stats.wilcoxon(d).pvalue))
-    adjusted = holm(np.array(raw)) if raw else np.array([])
-    out = pd.DataFrame(np.eye(len(methods)), index=methods, columns=methods)
-    for (a, b), p in zip(pairs, adjusted):
-        out.loc[a, b] = out.loc[b, a] = p
-    return out
-
-
-def friedman_by_budget(frame: pd.DataFrame) -> list[dict]:
-    """Demsar (2006), one test per budget, the tasks as blocks (each method's value in a task =
-    its mean over seeds: seeds are repeated measurements, not blocks), among the methods that
-    keep to the budget on every task. Friedman's chi2 and Iman-Davenport's F (less
-    conservative), the mean ranks (1 = best), and with at least MIN_TASKS tasks the pairwise
-    Wilcoxon-Holm p-values over tasks; below that the result is `descriptive` and no pairwise
-    test or CD diagram is made. A budget with fewer than 2 tasks or 3 methods is left out."""
-    out = []
-    for budget in budget_blocks(frame.budget):
-        if budget == NATURAL:
-            continue
-        rows = competing(frame, budget)
-        matrix = rows.groupby(["task", "method"]).metric.mean().unstack().dropna(axis=1)
-        n, k = matrix.shape
-        if n < 2 or k < 3:
-            continue
-        ranks_by_task = matrix.rank(axis=1, ascending=False)
-        if (ranks_by_task.nunique(axis=1) == 1).all():  # every method tied on every task
-            chi2, p = 0.0, 1.0
-        else:
-            chi2, p = (float(v) for v in scipy.stats.friedmanchisquare(*matrix.T.to_numpy()))
-        f = (n - 1) * chi2 / (n * (k - 1) - chi2) if n * (k - 1) > chi2 else float("inf")
-        p_f = float(scipy.stats.f.sf(f, k - 1, (k - 1) * (n - 1))) if np.isfinite(f) else 0.0
-        descriptive = n < MIN_TASKS
-        out.append({"budget": budget, "tasks": list(matrix.index), "n_tasks": n, "n_methods": k,
-                    "ranks": ranks_by_task.mean().sort_values(), "statistic": chi2, "p": p,
-                    "iman_davenport": float(f), "p_iman_davenport": p_f, "descriptive": descriptive,
-                    "pairwise": None if descriptive else wilcoxon_holm(matrix)})
-    return out
 
 
 def comparisons(frame: pd.DataFrame, references: tuple[str, ...] = ("random", "fulltuning")) -> pd.DataFrame:
@@ -336,104 +259,6 @@ def budget_curves(frame: pd.DataFrame, share: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@dataclass
-class Table1:
-    """Methods x columns (tasks + AVG): means, stds and their ranks per column."""
-
-    mean: pd.DataFrame
-    std: pd.DataFrame
-    mean_rank: pd.DataFrame
-    std_rank: pd.DataFrame
-    worse: pd.DataFrame | None = None  # True where a paired test says: worse than the column's best
-
-    def render(self, scale: float = 100.0, top: int | None = None) -> pd.DataFrame:
-        """Cells 'mean[r]±std[r]' as Fu et al. print them; `top=3` shows only ranks 1-3."""
-        def tag(rank):
-            return "" if pd.isna(rank) or (top and rank > top) else f"[{rank:g}]"
-
-        out = pd.DataFrame(index=self.mean.index, columns=self.mean.columns, dtype=object)
-        for method in self.mean.index:
-            for col in self.mean.columns:
-                m, s = self.mean.loc[method, col], self.std.loc[method, col]
-                if pd.isna(m):
-                    out.loc[method, col] = "-"
-                    continue
-                mark = "†" if self.worse is not None and col in self.worse and \
-                    bool(self.worse.loc[method, col]) else ""
-                out.loc[method, col] = (f"{m * scale:.2f}{tag(self.mean_rank.loc[method, col])}"
-                                        f"±{s * scale:.2f}{tag(self.std_rank.loc[method, col])}{mark}")
-        return out
-
-
-def table1(stats: pd.DataFrame, ties: str = "average", methods: list[str] | None = None,
-           tasks: list[str] | None = None, ranked: set[str] | None = None) -> Table1:
-    """Fu et al.'s Table 1 from `cell_stats` rows of one budget (or mean/std given directly).
-    `ranked`: the methods that compete at the budget; the others (natural-count and over-budget
-    reference rows) are shown without ranks and take no rank from the ranked ones."""
-    check_choice("ties", ties, TIES)
-    mean = stats.pivot_table(index="method", columns="task", values="mean", sort=False)
-    std = stats.pivot_table(index="method", columns="task", values="std", sort=False)
-    if methods:
-        mean, std = mean.reindex(methods), std.reindex(methods)
-    if tasks:
-        mean, std = mean[tasks], std[tasks]
-    complete = mean.notna().all(axis=1)
-    mean["AVG"] = mean.mean(axis=1).where(complete)
-    std["AVG"] = std.mean(axis=1).where(complete)
-    keep = mean.index if ranked is None else [m for m in mean.index if m in ranked]
-    mean_rank = mean.loc[keep].rank(ascending=False, method=ties).reindex(mean.index)
-    std_rank = std.loc[keep].rank(ascending=True, method=ties).reindex(std.index)
-    return Table1(mean, std, mean_rank, std_rank)
-
-
-def stability_correlation(table: Table1, with_avg: bool = False) -> dict:
-    """Spearman (and Kendall) between stability ranks and performance ranks over every
-    (method, column) cell, as Fu et al.'s Figure 2; also returns n, the number of cells. NaN
-    with fewer than `MIN_RANK_CELLS` cells or a constant rank."""
-    cols = list(table.mean.columns) if with_avg else [c for c in table.mean.columns if c != "AVG"]
-    s = table.std_rank[cols].to_numpy().ravel()
-    p = table.mean_rank[cols].to_numpy().ravel()
-    keep = ~(np.isnan(s) | np.isnan(p))
-    if keep.sum() < MIN_RANK_CELLS or len(np.unique(s[keep])) < 2 or len(np.unique(p[keep])) < 2:
-        return {"spearman": np.nan, "spearman_p": np.nan, "kendall": np.nan, "kendall_p": np.nan,
-                "n": int(keep.sum()), "columns": cols}
-    rho, p_value = spearman(s[keep], p[keep])
-    tau, tau_p = scipy.stats.kendalltau(s[keep], p[keep])  # exact for small n without ties
-    return {"spearman": float(rho), "spearman_p": float(p_value), "kendall": float(tau),
-            "kendall_p": float(tau_p), "n": int(keep.sum()), "columns": cols}
-
-
-# below this many cells a rank correlation cannot reach p < 0.05 (exact two-sided p at n = 4,
-# rho = 1: 2/24 = 0.083), so none is computed: "rho = -1 (p = 1) over n = 2" says nothing
-MIN_RANK_CELLS = 5
-EXACT_UP_TO = 8  # n! orderings of one sample against the other: 40,320 at n = 8
-
-
-def spearman(x, y) -> tuple[float, float]:
-    """Spearman's rho and its two-sided p: exact, over all n! orderings of y against x, for
-    n <= 8 (scipy's t-approximation says p = 0 for rho = -1 at n = 4; the exact p is 2/24 =
-    0.083), scipy's approximation above that.
-
-    Why one sample is permuted: scipy's "pairings" test of two samples enumerates (n!)^2
-    orderings (each distinct pairing n! times): at n = 8 that is 1.6e9, which took 21 GiB and
-    was killed on the 2-core machine, and n = 7 ran for minutes. Permuting y's ranks alone, with
-    rho as the Pearson correlation of average ranks (Spearman's definition, ties included),
-    gives the same null distribution n! times smaller, vectorised."""
-    rho, p_value = scipy.stats.spearmanr(x, y)
-    if len(x) <= EXACT_UP_TO:
-        rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
-        xc = rx - rx.mean()
-
-        def rank_correlation(b, axis=-1):
-            bc = b - b.mean(axis=axis, keepdims=True)
-            return (bc * xc).sum(axis=axis) / np.sqrt((xc ** 2).sum() * (bc ** 2).sum(axis=axis))
-
-        result = scipy.stats.permutation_test((ry,), rank_correlation, permutation_type="pairings",
-                                              vectorized=True, n_resamples=np.inf, alternative="two-sided")
-        p_value = result.pvalue
-    return float(rho), float(p_value)
-
-
 def paired_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(t-test p, Wilcoxon p) of paired samples, NaN where no test applies: fewer than 2 pairs;
     differences that are all equal (identical samples, or a constant shift: the t statistic is
@@ -474,105 +299,6 @@ def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 
     return out.drop(columns="lower")
 
 
-def forgetting_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, method, budget): the forgetting probe's statistic after training
-    (`peftbench.forgetting`: an encoder's Spearman x100, higher is better; a causal LM's held-out
-    next-token loss in nats, lower is) and its change from the pre-trained model's (mean and
-    population std over the seeds that measured it). Empty when no run measured it."""
-    if "retention_change" not in frame or frame.retention_change.isna().all():
-        return pd.DataFrame()
-    measured = frame.dropna(subset=["retention_change"])
-    statistic = (measured.retention_statistic.fillna("spearman") if "retention_statistic" in measured
-                 else pd.Series("spearman", index=measured.index))
-    scale = np.where(statistic == "spearman", 100.0, 1.0)
-    measured = measured.assign(statistic=statistic, after=measured.retention_after * scale,
-                               change=measured.retention_change * scale)
-    g = measured.groupby(["task", "method", "budget", "statistic"], sort=True)
-    return pd.DataFrame({"seeds": g.size(), "after": g.after.mean(), "change": g.change.mean(),
-                         "change_std": g.change.std(ddof=0)}).reset_index()
-
-
-BLOCK = re.compile(r"\.(layer|layers|h|block|blocks)\.\d+\.")  # a tensor inside the repeated blocks
-
-
-def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5) -> pd.DataFrame:
-    """Cells whose selection does not measure the method as budgeted, one row per finding:
-    - `concentrated`: one pre-trained tensor outside the repeated blocks (embeddings, a pooler,
-      a final norm) holds more than `share` of the trained entries (mean over seeds), and more
-      than twice its own share of the model (a per-tensor Random puts 52% in MiniLM's word
-      embeddings because they are 52% of the model: that is proportion, not concentration). The
-      cell measures that tensor (all-methods-cpu's FISH put 88% of its 0.1% in an untrained
-      pooler of 0.65% of the entries). A tensor's size is read from a run of the task that
-      trained every entry (full fine-tuning); without one, `share` alone decides, and the
-      detail says so;
-    - `underspent`: a budgeted method trained less than `spent` of its budget (mean over seeds):
-      the cell measures a smaller budget than its column says;
-    - `protocol-limited`: seeds whose run says it did not work as designed (`record.health_flags`:
-      DiffPruning's mask did not learn, or it was projected from a collapsed model).
-    From each seed's `trainable_by_tensor` (the head apart); empty where runs do not record it."""
-    from peftbench.selector import Budget
-
-    rows = []
-    if "spend" not in frame:
-        return pd.DataFrame(rows)
-    sizes = {}
-    for task, runs in frame.groupby("task"):
-        whole = runs[runs.trainable >= runs.pretrained_entries]
-        spend = next((s for s in whole.spend if isinstance(s, dict)), None)
-        if spend:
-            sizes[task] = {t: c / float(whole.pretrained_entries.iloc[0]) for t, c in spend.items()}
-    for (task, method, budget), cells in frame.groupby(["task", "method", "budget"]):
-        shares = {}
-        for spend, trained in zip(cells.spend, cells.trainable):
-            if not isinstance(spend, dict) or not trained:
-                continue
-            for tensor, count in spend.items():
-                if not BLOCK.search(tensor):
-                    shares[tensor] = shares.get(tensor, 0.0) + count / trained / len(cells)
-        if shares:
-            tensor, top = max(shares.items(), key=lambda kv: kv[1])
-            size = sizes.get(task, {}).get(tensor)
-            if top > share and (size is None or top > 2 * size):
-                rows.append({"task": task, "method": method, "budget": budget, "check": "concentrated",
-                             "detail": f"{tensor} holds {100 * top:.0f}% of the trained entries"
-                                       + (f" ({100 * size:.2f}% of the model's)" if size is not None
-                                          else " (its size unknown: no full fine-tuning run of the task)")})
-        flagged = [(seed, flags) for seed, flags in zip(cells.seed, cells.get("health", [None] * len(cells))) if flags]
-        if flagged:
-            rows.append({"task": task, "method": method, "budget": budget, "check": "protocol-limited",
-                         "detail": f"{len(flagged)} of {len(cells)} seeds: "
-                                   + "; ".join(f"seed {s}: {', '.join(f)}" for s, f in flagged)})
-        if budget != NATURAL:
-            allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0]))
-            used = float(cells.trainable.mean()) / allowed if allowed else np.nan
-            if used < spent:
-                rows.append({"task": task, "method": method, "budget": budget, "check": "underspent",
-                             "detail": f"trains {100 * used:.0f}% of its budget ({cells.trainable.mean():,.0f} "
-                                       f"of {allowed:,} entries)"})
-    return pd.DataFrame(rows)
-
-
-def constant_scores(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per task: the constant predictor's test score and the test rows (from the runs)."""
-    if "constant_metric" not in frame:
-        return pd.DataFrame(columns=["metric", "test_rows"])
-    g = frame.dropna(subset=["constant_metric"]).groupby("task")
-    return pd.DataFrame({"metric": g.constant_metric.first(), "test_rows": g.test_rows.first()})
-
-
 def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
     """Cells of one budget plus the natural-count methods, as Fu et al. mix them in Table 1."""
     return at_budget(stats, budget)
-
-
-def constant_cells(frame: pd.DataFrame, stats: pd.DataFrame | None = None) -> list[str]:
-    """'task/method/bBUDGET' of every cell whose mean is within noise of the constant predictor
-    (`metrics.near_constant`): cells that did not measurably learn. `stats`: the frame's
-    `cell_stats`, when the caller has them."""
-    constant = constant_scores(frame)
-    out = []
-    for row in (stats if stats is not None else cell_stats(frame)).itertuples():
-        if row.task in constant.index and near_constant(row.mean, row.std, constant.loc[row.task, "metric"],
-                                                        int(constant.loc[row.task, "test_rows"]), row.seeds):
-            out.append(f"{row.task}/{row.method}/b{row.budget}")
-    return sorted(out)

@@ -1,0 +1,189 @@
+"""Leaderboards: a folder in `leaderboards/` holding a study spec (+ published numbers) and the
+results generated from it, committed beside it.
+
+    leaderboards/<name>/spec.yaml       the study spec (`peftbench.sweep`), `published:` optional
+    leaderboards/<name>/README.md       generated: command, machine, tables (the report)
+    leaderboards/<name>/*.csv           generated: results, cells, table1-b*, tests, overlap, ...
+    leaderboards/<name>/pareto.png/html generated: accuracy vs trainable parameters
+    leaderboards/<name>/spend.png       generated: where each method spends its budget
+
+`peftbench leaderboard run NAME` runs (or resumes) the sweep, then writes the report and plots;
+`peftbench leaderboard show NAME` prints the committed README.
+"""
+from __future__ import annotations
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+import pandas
+import torch
+from peftbench import cellstore, ownership, pages, plots, registry, report, statistics, sweep
+from peftbench.errors import UsageError
+from peftbench.record import NATURAL
+
+
+def commit_cells(spec: sweep.StudySpec, folder: Path, study) -> dict[tuple, dict[str, str]]:
+    """Commit every finished cell of the spec (its config, result and `cell.json`, a few kB;
+    masks and metrics logs stay in the sweep folder) into `folder/runs/`, remove committed
+    cells of other settings, and return {(task, method, budget, seed): {name: path relative to
+    folder}} for the page's links."""
+    from optuna.trial import TrialState
+
+    prints = sweep.Fingerprints(spec)
+    links, keep = {}, set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        a = t.user_attrs
+        if "run_dir" not in a or not prints.current(t) or (
+                t.state == TrialState.FAIL and not a.get("final_failure")):
+            continue
+        target = cellstore.commit_cell(folder, a, _duration(t))
+        keep.add(target.resolve())
+        links[(a["task"], a["method"], a["budget"], a["seed"])] = {
+            "config.json": (target / "config.json").relative_to(folder).as_posix(),
+            "result.json": (target / f"seed-{a['seed']}-result.json").relative_to(folder).as_posix(),
+            "cell.json": (target / cellstore.CELL_FILE).relative_to(folder).as_posix()}
+    cellstore.prune_stale(folder, keep, set(prints.cells))
+    return links
+
+
+def _read_rows(path: Path) -> pandas.DataFrame | None:
+    """A committed per-seed CSV (overlap, score correlation) or None (absent or empty)."""
+    try:
+        return pandas.read_csv(path, dtype={"budget": str, "fingerprint_a": str, "fingerprint_b": str})
+    except (FileNotFoundError, pandas.errors.EmptyDataError):
+        return None
+
+
+def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
+    """Commit the finished cells, then report + plots for the complete groups into `folder`;
+    returns the Markdown."""
+    study = sweep.open_study(spec)
+    links = commit_cells(spec, folder, study)
+    progress = board_progress(spec, study)
+    pandas.DataFrame(progress["rows"]).to_csv(folder / "progress.csv", index=False)
+    frame = sweep.trials_frame(study, sweep.Fingerprints(spec))  # empty before the first cell
+    ran_on = devices_line(frame)  # every finished cell, complete group or not
+    if not frame.empty:
+        keys = list(zip(frame.task, frame.method, frame.budget))
+        frame = frame[[k in progress["complete"] for k in keys]]
+    frame.attrs["failed"] = sweep.failed_cells(study, spec)
+    expected, done = progress["expected"], progress["done"]
+    waiting = [k for k in sweep.untuned(spec, sweep.tuned_settings(spec)) if k.count("/") == 2]
+    opening = frozen_lines(spec) + partial_lines(progress, waiting)
+    drawn = [r for r in (report.friedman_by_budget(frame) if not frame.empty else [])
+             if r["pairwise"] is not None]  # links only to plots made
+    several_budgets = not frame.empty and not report.budget_curves(frame).empty
+    train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())
+    header = "\n".join([
+        *opening, spec.description, "",
+        f"- command: `{command}`",
+        f"- machine: {machine()}" + (f" (spec says: {spec.machine})" if spec.machine else ""),
+        *([ran_on] if ran_on else []),
+        f"- model: `{spec.model}`; tasks: {', '.join(spec.tasks)}; seeds: {spec.seeds}; "
+        f"budgets: {', '.join(spec.budgets)}",
+        f"- training: {train}",
+        *[f"- training for {m}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+          for m, values in spec.method_train.items()],
+        "- method settings: " + "; ".join(f"{m} {p}" if p else m for m, p in spec.methods.items()),
+        *[f"- not the paper's variant: {m}: {note}" for m, note in spec.method_notes.items()],
+        f"- cells finished: {done} of {expected}"
+        + ("" if done == expected else " (partial: run the command again to finish)"),
+        time_line(spec, frame),
+        *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
+        *joined_lines(spec),
+        *settings_lines(spec, folder),
+        *search_lines(spec, folder),
+        *carry_lines(spec, folder, frame),
+        *per_budget_lines(spec, folder),
+        *(["", "Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
+            "[interactive](pareto.html)), "
+            + "".join(f"[cd-b{r['budget']}.png](cd-b{r['budget']}.png) (critical-difference diagram, "
+                      f"budget {r['budget']}), " for r in drawn)
+            + ("[curves.png](curves.png) (budget curves), " if several_budgets else "")
+            + f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]})."]
+          if not frame.empty else []),
+    ])
+    root = shared_root(folder)  # None: a board elsewhere writes inside its own folder only
+    description = (opening[0] + "\n\n" if opening else "") + spec.description
+    if frame.empty:
+        text = "\n".join([f"# Leaderboard {spec.name}", "", header, "",
+                          "No (task, method, budget) group is complete yet: no statistics."])
+        (folder / "README.md").write_text(text + "\n")
+        pages.write_page(folder, f"Leaderboard {spec.name}", description, None,
+                         page_meta(spec, command, done, expected),
+                         spec_text=(folder / "spec.yaml").read_text(), protocol=spec.protocol)
+        if root is not None:
+            pages.write_index(root)
+        return text
+    known = {"overlap": _read_rows(folder / "overlap-seeds.csv"),
+             "scores": _read_rows(folder / "score-correlation-seeds.csv")}
+    text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
+                               published=spec.published, cache_dir=spec.out / "scores",
+                               markdown="README.md", known=known, against=spec.compare_against)
+    side = before_after(spec, folder)
+    if side is not None:
+        text += "\n".join(["", f"## Before and after ({spec.before})", "",
+                           f"The same (task, method, budget) cells on [{spec.before}](../{spec.before}/) "
+                           "(mean and std over seeds x100, and the trainable count) and here "
+                           "(before-after.csv):", "", side.to_markdown(index=False, floatfmt=".2f"), ""])
+        (folder / "README.md").write_text(text)
+    plots.pareto_png(frame, folder / "pareto.png")
+    js = pages.relative(plots.write_plotly_js(root or folder), folder)
+    plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)
+    for stale in folder.glob("cd*.png"):  # a diagram the current evidence no longer supports goes
+        stale.unlink()
+    for r in drawn:
+        plots.cd_png(r, folder / f"cd-b{r['budget']}.png")
+    middle = spec.budgets[len(spec.budgets) // 2]
+    plots.spend_png(frame, folder / "spend.png", budget=middle)
+    if plots.retention_png(frame, folder / "retention.png") is not None:
+        text += "\n".join(["", "## Accuracy against retention", "",
+                           "[retention.png](retention.png): each cell's mean test metric against its "
+                           "mean retention change on the forgetting probe (forgetting.csv).", ""])
+        (folder / "README.md").write_text(text)
+    curves = report.budget_curves(frame)
+    if not curves.empty:  # several budgets: the accuracy-vs-budget question, as curves
+        plots.curves_png(frame, folder / "curves.png")
+        curves.to_csv(folder / "curves.csv", index=False)
+        text += "\n".join(["", "## Budget curves", "", "[curves.png](curves.png): test metric "
+                           "against trainable entries (log), mean and 95% interval per method. "
+                           "Reaches = the smallest budget whose mean reaches 95% of full fine-tuning "
+                           "on the chance-normalised scale (constant predictor 0, full FT 1; "
+                           "target_x100 is that score); earliest / surely = the smallest budget whose "
+                           "95% interval (seeds + test set) reaches it / lies wholly above it. '<= "
+                           "0.1%': already at the smallest budget tried (censored); '> 2%': not within "
+                           "the budgets tried. Only cells that keep to their budget count "
+                           "(curves.csv).", "",
+                           curves.to_markdown(index=False, floatfmt=".2f"), ""])
+        (folder / "README.md").write_text(text)
+    pages.write_page(folder, f"Leaderboard {spec.name}", description, frame,
+                     page_meta(spec, command, done, expected),
+                     spec_text=(folder / "spec.yaml").read_text(), plotly_js=js,
+                     extra_html=pages.runs_html(frame, links), protocol=spec.protocol)
+    if root is not None:
+        pages.write_index(root)
+    return text
+
+
+def before_after(spec: sweep.StudySpec, folder: Path) -> pandas.DataFrame | None:
+    """This board's cells beside the same cells of the board its spec names `before:` (read
+    from that board's committed cells.csv), written to before-after.csv; None without one."""
+    if not spec.before:
+        return None
+    earlier = folder.parent / spec.before / "cells.csv"
+    if not earlier.is_file():
+        raise UsageError(f"before: board {spec.before!r} has no cells.csv beside its spec ({earlier}): "
+                         "name a board that has been reported")
+    keys = ["task", "method", "budget"]
+    cols = keys + ["mean", "std", "seeds", "trainable"]
+    old = pandas.read_csv(earlier, dtype={"budget": str})[cols]
+    new = pandas.read_csv(folder / "cells.csv", dtype={"budget": str})[cols]
+    side = old.merge(new, on=keys, suffixes=("_before", "_after"))
+    for c in ("mean", "std"):
+        side[f"{c}_before"], side[f"{c}_after"] = 100 * side[f"{c}_before"], 100 * side[f"{c}_after"]
+    side["difference"] = side.mean_after - side.mean_before
+    side = side[keys + ["mean_before", "std_before", "mean_after", "std_after", "difference",
+                        "seeds_before", "seeds_after", "trainable_before", "trainable_after"]]
+    side.to_csv(folder / "before-after.csv", index=False)
+    return side

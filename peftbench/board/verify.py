@@ -1,0 +1,123 @@
+"""TODO"""
+from __future__ import annotations
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+import pandas
+import torch
+from peftbench import cellstore, ownership, pages, plots, registry, report, statistics, sweep
+from peftbench.errors import UsageError
+from peftbench.record import NATURAL
+
+
+def published_only(spec: sweep.StudySpec, folder: Path | None = None) -> str:
+    """Their table re-ranked by `report.table1` (ties=min, as they print), their stability
+    correlation recomputed from it, and a pointer to the command that produces ours. With a
+    `folder`, the table is also written there as table1-bpublished.csv and the board's page."""
+    cells = report.parse_published(spec.published)
+    cells = cells[cells.task != "AVG"].assign(budget="published")
+    table = report.table1(cells, ties="min", tasks=[t for t in spec.tasks if t in set(cells.task)])
+    corr = report.stability_correlation(table)
+    if folder is not None:
+        table.render(top=3).to_csv(folder / "table1-bpublished.csv")
+        pages.write_page(folder, f"Leaderboard {spec.name}: published numbers only", spec.description,
+                         None, {"status": f"no results of ours yet: peftbench leaderboard run {spec.name}",
+                                "machine needed": spec.machine,
+                                **{f"not the paper's variant: {m}": n for m, n in spec.method_notes.items()}},
+                         spec_text=(folder / "spec.yaml").read_text())
+        if shared_root(folder) is not None:
+            pages.write_index(folder.parent)
+    return "\n".join([
+        f"# Leaderboard {spec.name}: published numbers only", "", spec.description, "",
+        f"No results of ours yet: `peftbench leaderboard run {spec.name}` (machine: {spec.machine}).", "",
+        "Their numbers, ranked by peftbench's report code (ties = min, ranks 1-3 shown, as printed):", "",
+        table.render(top=3).to_markdown(), "",
+        *([f"Rows that peftbench does not run as their variant (`{spec.name}` spec):", ""]
+          + [f"- {m}: {note}" for m, note in spec.method_notes.items()] + [""] if spec.method_notes else []),
+        f"Stability vs performance from this table: Spearman rho = {corr['spearman']:.4f} "
+        f"(p = {corr['spearman_p']:.2g}, n = {corr['n']}); they report rho = 0.4356 (p = 0.000014), "
+        "computed on data not published (see methods-research.md 2.1.4)."])
+
+
+def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None = None,
+           log=print) -> tuple[str, int]:
+    """Re-run committed cells on this machine, in a scratch folder (the committed files are
+    only read), and compare: returns (the table and a closing line, exit code). The code is 1
+    when a cell whose machine fingerprint (torch, transformers, device, threads) matches the
+    committed one gives another test metric: on the same software and CPU a cell is expected to
+    reproduce to the last digit. Elsewhere the difference is reported, never hidden."""
+    import random
+    import tempfile
+
+    from peftbench.experiment import run_experiment
+    from peftbench.fingerprint import machine_fingerprint
+    from peftbench.trainer import pick_device
+
+    folder = find(name)
+    frozen = sweep.load_spec(folder / "spec.yaml").frozen
+    if frozen is not None:
+        raise UsageError(f"board {name!r} is frozen: made with peftbench {frozen.version} ({frozen.reason}); "
+                         "this code would not reproduce its cells: verify them from a checkout of "
+                         f"peftbench {frozen.version}")
+    committed = cellstore.committed_cells(folder)
+    if not committed:
+        raise UsageError(f"leaderboard {name!r} has no committed cells with a cell.json under "
+                         f"{folder / 'runs'}: run `peftbench leaderboard run {name}` first")
+    by_key = {c.cell: c for c in committed}
+    if names:
+        unknown = [n for n in names if n not in by_key]
+        if unknown:
+            raise UsageError(f"--cell {unknown[0]!r} is not a committed cell of {name!r}; e.g. "
+                             f"{', '.join(sorted(by_key)[:3])} (task/method/b<budget>/s<seed>)")
+        chosen = [by_key[n] for n in names]
+    elif cells == "all":
+        chosen = committed
+    else:
+        try:
+            k = int(cells)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise UsageError(f"--cells {cells!r}: give a positive number of cells or 'all'")
+        chosen = sorted(random.Random(seed).sample(committed, min(k, len(committed))),
+                        key=lambda c: c.cell)
+    rows, mismatched = [], 0
+    with tempfile.TemporaryDirectory(prefix=f"verify-{folder.name}-") as scratch:
+        for i, cell in enumerate(chosen, 1):
+            run = cell.run_config(output_dir=scratch)
+            log(f"[{i}/{len(chosen)}] re-running {cell.cell}")
+            summary, _ = run_experiment(run, progress=False)
+            here = machine_fingerprint(str(pick_device(run.device)))
+            there = cell.record.get("machine", {})
+            differs = sorted(k for k in here if there.get(k) != here[k])
+            before, after = cell.result["test"]["main"], summary["test_main_mean"]
+            same = before == after or (before != before and after != after)  # NaN: diverged both times
+            if not same and not differs:
+                mismatched += 1
+            rows.append({"cell": cell.cell, "task": cell.task, "method": cell.method,
+                         "budget": cell.budget, "committed": before, "re-run": after,
+                         "difference": after - before,
+                         "machine": "same" if not differs else "differs: " + ", ".join(
+                             f"{k} {there.get(k)} -> {here[k]}" for k in differs)})
+    # NaN reproduces only NaN (a cell that diverged both times); a committed NaN is never "exact"
+    exact = sum(r["difference"] == 0 or (r["committed"] != r["committed"] and r["re-run"] != r["re-run"])
+                for r in rows)
+    frame = pandas.DataFrame(rows)
+    table = frame.drop(columns=["task", "method", "budget"]).to_markdown(index=False, floatfmt=".10g")
+    # the comparison itself, from the numbers just trained: test main metric x100 per method
+    summary = frame.groupby(["task", "budget", "method"]).agg(
+        seeds=("re-run", "size"), re_run_mean=("re-run", "mean"), re_run_std=("re-run", lambda v: v.std(ddof=0)),
+        committed_mean=("committed", "mean"))
+    comparison = (100 * summary[["re_run_mean", "re_run_std", "committed_mean"]]).join(summary.seeds) \
+        .sort_values("re_run_mean", ascending=False).rename(columns={
+            "re_run_mean": "re-run mean x100", "re_run_std": "re-run std x100",
+            "committed_mean": "committed mean x100"})
+    table = ("Re-run on this machine, test main metric (mean and population std over the seeds "
+             "re-run):\n\n" + comparison.reset_index().to_markdown(index=False, floatfmt=".2f")
+             + "\n\nEvery cell re-run against its committed number:\n\n" + table)
+    closing = (f"reproduced {exact} of {len(rows)} committed cells exactly"
+               + (f"; {mismatched} differ on a machine that matches the committed fingerprint"
+                  if mismatched else ""))
+    return table + "\n\n" + closing, 1 if mismatched else 0
