@@ -67,7 +67,7 @@ def test_no_committed_board_file_holds_a_path_of_the_machine_that_wrote_it():
 def test_a_page_renders_its_intro_as_markdown_not_as_raw_asterisks(tmp_path):
     """A partial board's intro opens with "**Partial board: k of n cells.**": the page shows it
     in bold, not with its asterisks, and escapes any HTML in a spec's description."""
-    from peftbench import pages
+    from peftbench.rendering import pages
 
     pages.write_page(tmp_path, "board", "**Partial board: 0 of 3 cells.** Five <b>methods</b>.", None,
                      {"command": "none"})
@@ -78,7 +78,7 @@ def test_a_page_renders_its_intro_as_markdown_not_as_raw_asterisks(tmp_path):
 
 def test_a_page_keeps_its_title_when_the_board_has_carry_and_per_budget_tables(tmp_path):
     """The browser tab and the bookmarks name the board, not the last section drawn."""
-    from peftbench import pages
+    from peftbench.rendering import pages
 
     for name in ("carry.csv", "per-budget.csv"):
         (tmp_path / name).write_text("task,method,budget,lr\nsst2,random,0.001,0.01\n")
@@ -91,7 +91,7 @@ def test_a_page_keeps_its_title_when_the_board_has_carry_and_per_budget_tables(t
 def test_the_index_lists_every_board_even_one_whose_spec_this_code_cannot_run(tmp_path):
     """A board spec with an unknown method or a key newer than the running code must not stop
     another board's report at its last step (the index)."""
-    from peftbench.pages import write_index
+    from peftbench.rendering.pages import write_index
 
     for name, text in (("good", "name: good\ndescription: A good board\n"),
                        ("newer", "name: newer\ndescription: From newer code\nmethods: {nonesuch: {}}\nfuture_key: 1\n"),

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from peftbench import experiment
-from peftbench.cli import main
+from peftbench.cli.main import main
+from peftbench.training import experiment
 
 
 def _board(tmp_path, tiny_model_dir, seeds=2):
@@ -154,7 +154,7 @@ def test_a_frozen_board_reads_back_its_own_cells_after_the_code_changed_and_runs
     assert "is frozen" in capsys.readouterr().err
     assert main(["leaderboard", "verify", "store"]) == 2
 
-    from peftbench.fingerprint import digest
+    from peftbench.core.files import digest
 
     config = next((board / "runs").glob("*magpruning*/config.json"))
     edited = json.loads(config.read_text())
@@ -204,7 +204,7 @@ def test_join_adds_a_method_to_a_built_board_and_runs_only_its_cells(tmp_path, t
 def test_before_after_sets_each_cell_beside_the_earlier_boards(tmp_path):
     from types import SimpleNamespace
 
-    from peftbench.leaderboard import before_after
+    from peftbench.board.results import before_after
 
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()

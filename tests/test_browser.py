@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from peftbench import pages, plots, report
+from peftbench.rendering import interactive, pages, report
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
@@ -78,7 +78,7 @@ def test_a_generated_page_draws_every_cell_and_every_row(tmp_path):
     report.build_report(frame, tmp_path)
     pages.write_page(tmp_path, "test board", "intro", frame, {"command": "none"},
                      protocol="Cut: 1 task of 7 & 3 methods, for time.")
-    assert (tmp_path / plots.PLOTLY_JS).is_file()
+    assert (tmp_path / interactive.PLOTLY_JS).is_file()
     assert {p.name for p in tmp_path.glob("findings-*.csv")} == {"findings-sam-random.csv", "findings-ranks.csv"}
     check_page(tmp_path)
     assert "Cut: 1 task of 7 &amp; 3 methods, for time." in (tmp_path / "index.html").read_text()

@@ -1,14 +1,17 @@
 """The command line: listings, an end-to-end run, and every bad-input case (exit 2, one line)."""
 import json
+import os
 import subprocess
 import sys
-import os
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_task
-from peftbench.cli import main
+
+from peftbench.analysis import checks
+from peftbench.analysis import frame as analysis_frame
+from peftbench.cli.main import main
+from peftbench.rendering import interactive
 
 
 def run_cli(capsys, *argv):
@@ -53,12 +56,11 @@ def test_run_end_to_end_on_real_rte(capsys, tiny_model_dir, tmp_path):
     seeds = [json.loads((run_dir / f"seed-{i}" / "result.json").read_text())["peak_memory"] for i in (0, 1)]
     assert summary["peak_memory_mb"] == max(max(p["scoring_bytes"], p["training_bytes"]) for p in seeds) / 2**20
     assert "steps/s" in out and "peak MiB" in out
-    from peftbench import plots, report
 
-    frame = report.load_runs([run_dir])
+    frame = analysis_frame.load_runs([run_dir])
     assert frame.peak_memory_mb.gt(50).all() and frame.steps_per_s.gt(0).all()
-    assert report.cost_table(frame).loc["random", "peak_memory_mb"] == frame.peak_memory_mb.max()
-    hover = plots.pareto_figure(frame).data[0]
+    assert checks.cost_table(frame).loc["random", "peak_memory_mb"] == frame.peak_memory_mb.max()
+    hover = interactive.pareto_figure(frame).data[0]
     assert "peak memory" in hover.hovertemplate and hover.customdata[0][5] == frame.peak_memory_mb.max()
 
 
@@ -66,7 +68,7 @@ def test_peak_memory_is_reset_between_stretches():
     """One sweep process runs many cells: each cell's peak must be its own, not the process's."""
     import torch
 
-    from peftbench import memory
+    from peftbench.training import memory
 
     big = torch.ones(64 * 2**20)  # 256 MiB, touched
     spike = memory.peak("cpu")["bytes"]
@@ -172,7 +174,7 @@ def test_process_exit_code_is_2_without_traceback():
 
 
 def test_help_shows_every_default_and_no_stray_markup(capsys):
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
@@ -229,7 +231,7 @@ def test_plot_out_refuses_a_folder_of_the_users(tmp_path, capsys, tiny_model_dir
     any work, the file untouched; an empty or new folder is taken and marked."""
     import yaml
 
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"name": "p", "model": tiny_model_dir, "tasks": ["rte"], "methods": {"random": {}},

@@ -16,7 +16,7 @@ def test_the_docs_site_builds_strict_and_its_reference_is_generated(tmp_path):
     cli = (site / "reference" / "cli.html").read_text()
     for command in ("run", "sweep", "leaderboard", "bench", "check-method"):
         assert f"peftbench {command}" in cli, command
-    from peftbench import registry
+    from peftbench.contract import registry
 
     methods = (site / "reference" / "methods.html").read_text()
     assert all(name in methods for name in registry.methods())

@@ -1,4 +1,4 @@
-"""Fu et al.'s findings tested on a board's runs (`peftbench.findings`): verdicts follow the
+"""Fu et al.'s findings tested on a board's runs (`peftbench.analysis.findings`): verdicts follow the
 data, in either direction, and a shared full-FT reference is not counted as many samples."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from peftbench import findings
+from peftbench.analysis import findings
 
 
 def runs(cells: dict[tuple[str, str, str], list[float]], test_rows: int = 1_000_000) -> pd.DataFrame:

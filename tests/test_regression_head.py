@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from peftbench import registry
-from peftbench.data import load_task, tokenize
-from peftbench.errors import UsageError
-from peftbench.models import init_head, load_model, output_layer, pretrained_parameters
-from peftbench.trainer import TrainConfig, forward, make_loader, pick_device, train
+from peftbench.contract import registry
+from peftbench.contract.settings import TrainConfig
+from peftbench.core.errors import UsageError
+from peftbench.data.encode import tokenize
+from peftbench.data.tasks import load_task
+from peftbench.modeling.compute import forward
+from peftbench.modeling.models import init_head, load_model, output_layer, pretrained_parameters
+from peftbench.training.trainer import make_loader, pick_device, train
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from peftbench import registry
+from peftbench.contract import registry
 
 PLUGIN = textwrap.dedent('''
     import torch
@@ -64,9 +64,9 @@ def plugins(tmp_path, monkeypatch):
 
 
 def _run(method, lr, tmp_path, model):
-    from peftbench.cache import ScoreCache
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.training.cache import ScoreCache
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(method=method, task="rte", budget="0.01", model=model, limit=16,
                        train=TrainConfig(epochs=1, batch_size=8, max_length=32, lr=lr, max_steps=2),
@@ -89,7 +89,7 @@ def test_a_score_is_reused_only_at_the_settings_its_scoring_read(plugins, tmp_pa
 
 
 def test_a_plugin_that_exits_or_interrupts_at_import_fails_alone(plugins):
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     assert registry.get("random").__name__ == "RandomMask"  # the others do not load
     listed = registry.methods()

@@ -1,14 +1,15 @@
-"""TODO"""
+"""Cells that do not measure the method as budgeted (concentrated, underspent, protocol-limited), forgetting and cost tables."""
+
 from __future__ import annotations
-import itertools
+
 import re
-from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
-import scipy.stats
-from peftbench.errors import check_choice
-from peftbench.metrics import near_constant
-from peftbench.record import NATURAL, at_budget, budget_blocks
+
+from peftbench.analysis.statistics import cell_stats, constant_scores
+from peftbench.data.metrics import near_constant
+from peftbench.training.record import NATURAL
 
 
 def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -36,7 +37,7 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def forgetting_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (task, method, budget): the forgetting probe's statistic after training
-    (`peftbench.forgetting`: an encoder's Spearman x100, higher is better; a causal LM's held-out
+    (`peftbench.training.forgetting`: an encoder's Spearman x100, higher is better; a causal LM's held-out
     next-token loss in nats, lower is) and its change from the pre-trained model's (mean and
     population std over the seeds that measured it). Empty when no run measured it."""
     if "retention_change" not in frame or frame.retention_change.isna().all():
@@ -70,7 +71,7 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
     - `protocol-limited`: seeds whose run says it did not work as designed (`record.health_flags`:
       DiffPruning's mask did not learn, or it was projected from a collapsed model).
     From each seed's `trainable_by_tensor` (the head apart); empty where runs do not record it."""
-    from peftbench.selector import Budget
+    from peftbench.contract.selector import Budget
 
     rows = []
     if "spend" not in frame:
@@ -110,14 +111,6 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
                              "detail": f"trains {100 * used:.0f}% of its budget ({cells.trainable.mean():,.0f} "
                                        f"of {allowed:,} entries)"})
     return pd.DataFrame(rows)
-
-
-def constant_scores(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per task: the constant predictor's test score and the test rows (from the runs)."""
-    if "constant_metric" not in frame:
-        return pd.DataFrame(columns=["metric", "test_rows"])
-    g = frame.dropna(subset=["constant_metric"]).groupby("task")
-    return pd.DataFrame({"metric": g.constant_metric.first(), "test_rows": g.test_rows.first()})
 
 
 def constant_cells(frame: pd.DataFrame, stats: pd.DataFrame | None = None) -> list[str]:

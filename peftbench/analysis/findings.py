@@ -23,6 +23,7 @@ Why these tests:
   inside it), and the same without the cells where a seed collapsed (`collapsed_cells`): a
   correlation that rests on collapsing runs is said to.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,9 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from peftbench import statistics
-from peftbench.record import budget_blocks
+from peftbench.analysis import checks, statistics
+from peftbench.analysis import ranks as analysis_ranks
+from peftbench.training.record import budget_blocks
 
 ALPHA = 0.05
 FU_RHO = 0.4356
@@ -74,14 +76,14 @@ def worded(verdicts: dict[str, str]) -> str:
 def sam_vs_random(frame: pd.DataFrame, budget: str = FU_BUDGET) -> pd.DataFrame:
     """Rows per task: n pairs, mean difference SAM - Random (x100), its 95% interval with seed
     and test-set error, p, verdict. Empty if either method or the budget is missing."""
-    from peftbench import uncertainty
+    from peftbench.analysis import uncertainty
 
     cells = frame[frame.budget == budget]
     sam, random = cells[cells.method == "sam"], cells[cells.method == "random"]
     pairs = sam.merge(random, on=["task", "seed"], suffixes=("_sam", "_random"))
     if pairs.empty:
         return pd.DataFrame()
-    constant = statistics.constant_scores(frame)
+    constant = checks.constant_scores(frame)
     rows = []
     for task, g in pairs.groupby("task"):
         n = int(constant.loc[task, "test_rows"]) if task in constant.index else 0
@@ -162,7 +164,7 @@ def collapsed_cells(frame: pd.DataFrame) -> set[tuple[str, str, str]]:
     """(task, method, budget) cells with a seed that collapsed: closer to the constant
     predictor's score than to the cell's best seed. Such a seed makes a cell's std large and its
     mean low at once, so it alone can tie stability to performance."""
-    constant = statistics.constant_scores(frame)
+    constant = checks.constant_scores(frame)
     out = set()
     for (task, method, budget), g in frame.groupby(["task", "method", "budget"]):
         if task not in constant.index:
@@ -174,7 +176,7 @@ def collapsed_cells(frame: pd.DataFrame) -> set[tuple[str, str, str]]:
 
 
 def _spearman_with_interval(x: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> dict:
-    rho, p = statistics.spearman(x, y) if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0 else (np.nan, np.nan)
+    rho, p = analysis_ranks.spearman(x, y) if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0 else (np.nan, np.nan)
     low = high = np.nan
     if len(x) >= 4 and np.isfinite(rho):
         rng = np.random.default_rng(seed)
@@ -203,7 +205,7 @@ def rank_correlation(frame: pd.DataFrame, resamples: int = 2000, seed: int = 0) 
         out = {"budget": budget}
         for suffix, subset in (("", cells), ("_without_collapsed", cells[[
                 (t, m, b) not in collapsed for t, m, b in zip(cells.task, cells.method, cells.budget)]])):
-            table = statistics.table1(subset)
+            table = analysis_ranks.table1(subset)
             cols = [c for c in table.mean.columns if c != "AVG"]
             x, y = table.std_rank[cols].to_numpy().ravel(), table.mean_rank[cols].to_numpy().ravel()
             keep = ~(np.isnan(x) | np.isnan(y))
@@ -277,7 +279,7 @@ def section(frame: pd.DataFrame, out_dir=None) -> list[str]:
               "Verdicts are worded from per-task tests (the tasks are the independent units): 'holds' / "
               "'opposite' = significant at 0.05 in / against Fu et al.'s direction, on the tasks named; "
               "'not resolved' = no significant difference at this many seeds and tasks (which is not "
-              "evidence that there is none). Tests are described in `peftbench/findings.py`.", ""]
+              "evidence that there is none). Tests are described in `peftbench/analysis/findings.py`.", ""]
     if headlines and not sam.empty:
         lines += [headlines.pop(0), "",
                   sam.to_markdown(index=False, floatfmt=("", ".0f", "+.2f", "+.2f", "+.2f", ".3g", "")), ""]

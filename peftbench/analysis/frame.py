@@ -1,45 +1,15 @@
-"""TODO"""
+"""The analysis frame from run folders: one row per finished seed, re-runs counted once, one model and dataset per task."""
+
 from __future__ import annotations
+
 import functools
-import itertools
 import json
-import re
 from pathlib import Path
-import numpy as np
+
 import pandas as pd
-import scipy.stats
-import torch
-from peftbench import findings
-from peftbench.errors import UsageError
-from peftbench.record import RunRecord, analysis_row, at_budget, budget_blocks, budget_label, read_json
-from peftbench.safeload import load_pt
-from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
-    EXACT_UP_TO,
-    MIN_RANK_CELLS,
-    MIN_TASKS,
-    TIES,
-    Table1,
-    best_per_budget,
-    bootstrap_ci,
-    budget_curves,
-    budget_rows,
-    cell_stats,
-    comparisons,
-    competing,
-    constant_cells,
-    constant_scores,
-    cost_table,
-    friedman_by_budget,
-    holm,
-    kept_budget,
-    paired_test,
-    forgetting_table,
-    paired_tests,
-    selection_checks,
-    spearman,
-    stability_correlation,
-    table1,
-    wilcoxon_holm)
+
+from peftbench.core.errors import UsageError
+from peftbench.training.record import RunRecord, analysis_row, budget_label, read_json
 
 
 def _one_setting(frame: pd.DataFrame) -> None:
@@ -64,7 +34,7 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
     the newest run directory's result is kept, so a re-run never adds seeds. Seeds that
     diverged are not rows; they are listed in `frame.attrs["failed"]`, and what was left out
     in `frame.attrs["notes"]`."""
-    from peftbench.experiment import INCOMPLETE
+    from peftbench.training.experiment import INCOMPLETE
 
     rows, failed, notes = [], {}, []
     incomplete = sorted(str(p.parent) for f in folders for p in Path(f).glob(f"**/{INCOMPLETE}"))
@@ -109,7 +79,7 @@ def load_runs(folders: list[str | Path]) -> pd.DataFrame:
 @functools.lru_cache(maxsize=None)
 def _metric_name(task: str) -> str:
     """'accuracy+macro_f1' for a task name or spec path ('' if the spec is gone)."""
-    from peftbench.data import load_task
+    from peftbench.data.tasks import load_task
 
     try:
         return "+".join(load_task(task).main_metric)

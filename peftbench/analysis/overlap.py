@@ -1,45 +1,18 @@
-"""TODO"""
+"""Do methods choose the same entries? Jaccard of the masks and rank correlation of the scores, per seed."""
+
 from __future__ import annotations
-import functools
+
 import itertools
 import json
-import re
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import scipy.stats
 import torch
-from peftbench import findings
-from peftbench.errors import UsageError
-from peftbench.record import RunRecord, analysis_row, at_budget, budget_blocks, budget_label, read_json
-from peftbench.safeload import load_pt
-from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
-    EXACT_UP_TO,
-    MIN_RANK_CELLS,
-    MIN_TASKS,
-    TIES,
-    Table1,
-    best_per_budget,
-    bootstrap_ci,
-    budget_curves,
-    budget_rows,
-    cell_stats,
-    comparisons,
-    competing,
-    constant_cells,
-    constant_scores,
-    cost_table,
-    friedman_by_budget,
-    holm,
-    kept_budget,
-    paired_test,
-    forgetting_table,
-    paired_tests,
-    selection_checks,
-    spearman,
-    stability_correlation,
-    table1,
-    wilcoxon_holm)
+
+from peftbench.core.safeload import load_pt
+from peftbench.training.record import at_budget, budget_blocks
 
 
 def _mask(run_dir: str, seed: int):

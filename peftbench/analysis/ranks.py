@@ -1,15 +1,17 @@
-"""TODO"""
+"""Ranks: Fu et al.'s Table 1, stability against performance, Friedman per budget over tasks with Wilcoxon-Holm pairs."""
+
 from __future__ import annotations
+
 import itertools
-import re
 from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import scipy.stats
-from peftbench.errors import check_choice
-from peftbench.metrics import near_constant
-from peftbench.record import NATURAL, at_budget, budget_blocks
 
+from peftbench.analysis.statistics import MIN_TASKS, competing, holm
+from peftbench.core.errors import check_choice
+from peftbench.training.record import NATURAL, budget_blocks
 
 TIES = ("average", "min", "max", "dense", "ordinal")
 

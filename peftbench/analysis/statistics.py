@@ -2,19 +2,17 @@
 Fu et al.'s Table 1 and its stability correlation, paired tests, the Friedman ranking with
 Holm-adjusted Wilcoxon pairs (Demsar 2006; Benavoli, Corani & Mangili 2016), Bayesian signed-rank
 tests, budget curves, cost. Everything here returns numbers or frames and formats no text:
-`peftbench.report` renders them, `peftbench.findings` tests Fu et al.'s claims with them.
+`peftbench.rendering.report` renders them, `peftbench.analysis.findings` tests Fu et al.'s claims with them.
 Conventions are report's (metric x100 when shown, population std, ranks by mean / by std).
 """
+
 from __future__ import annotations
-import itertools
-import re
-from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import scipy.stats
-from peftbench.errors import check_choice
-from peftbench.metrics import near_constant
-from peftbench.record import NATURAL, at_budget, budget_blocks
+
+from peftbench.training.record import NATURAL, at_budget, budget_blocks
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
@@ -23,7 +21,7 @@ def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
     `interval` says which: "seeds + test (bootstrap)" from stored predictions, else "seeds + test
     (binomial)" or "(fisher-z)", or "seeds only" with a percentile bootstrap where the metric has
     no analytic test-set SE). NaN with one seed."""
-    from peftbench import uncertainty
+    from peftbench.analysis import uncertainty
 
     g = frame.groupby(["task", "method", "budget"], sort=False)
     out = pd.DataFrame({"mean": g["metric"].mean(), "std": g["metric"].std(ddof=0),
@@ -71,7 +69,7 @@ def test_error(cells_a: pd.DataFrame, cells_b: pd.DataFrame | None = None) -> fl
     """The test set's SE of a cell's seed-mean, or of the difference of two cells' seed-means
     over the same seeds, by the paired bootstrap over test examples where every seed stored its
     predictions; None where one did not (the caller then uses the analytic SE and says so)."""
-    from peftbench import uncertainty
+    from peftbench.analysis import uncertainty
 
     a = stored_predictions(cells_a)
     b = stored_predictions(cells_b) if cells_b is not None else None
@@ -100,7 +98,7 @@ def kept_budget(frame: pd.DataFrame, slack: float = 0.01) -> pd.Series:
     count keeps to the budget (at most its entries x (1 + `slack`)) and no seed ran outside the
     method's design range (a "pool exhausted" health flag). A method that overshoots
     (ChildTuning-F redraws its mask each step: a run moves every entry) did not compete there."""
-    from peftbench.selector import Budget
+    from peftbench.contract.selector import Budget
 
     cells = frame[frame.budget != NATURAL].groupby(["task", "method", "budget"]).agg(
         trainable=("trainable", "mean"), total=("pretrained_entries", "first"))
@@ -131,7 +129,7 @@ def comparisons(frame: pd.DataFrame, references: tuple[str, ...] = ("random", "f
     (`uncertainty.paired_difference`), Holm-adjusted within the family (budget, reference);
     across two or more tasks, the hierarchical model (`uncertainty.hierarchical`) on the differences
     standardised by the task's test-set SE of the reference, ROPE one such SE. Differences x100."""
-    from peftbench import uncertainty
+    from peftbench.analysis import uncertainty
 
     constant = constant_scores(frame)
     rows = []
@@ -192,7 +190,7 @@ def best_per_budget(frame: pd.DataFrame) -> pd.DataFrame:
     error (`uncertainty.paired_difference`; x100) and its p. The two are chosen after seeing the
     data, so the p is uncorrected and optimistic: an interval that includes 0 means the data do
     not single out one method there. `over_budget` names the methods whose count overshoots."""
-    from peftbench import uncertainty
+    from peftbench.analysis import uncertainty
 
     kept = kept_budget(frame)
     constant = constant_scores(frame)
@@ -302,3 +300,11 @@ def paired_tests(frame: pd.DataFrame, budget_rows: pd.DataFrame, alpha: float = 
 def budget_rows(stats: pd.DataFrame, budget: str) -> pd.DataFrame:
     """Cells of one budget plus the natural-count methods, as Fu et al. mix them in Table 1."""
     return at_budget(stats, budget)
+
+
+def constant_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per task: the constant predictor's test score and the test rows (from the runs)."""
+    if "constant_metric" not in frame:
+        return pd.DataFrame(columns=["metric", "test_rows"])
+    g = frame.dropna(subset=["constant_metric"]).groupby("task")
+    return pd.DataFrame({"metric": g.constant_metric.first(), "test_rows": g.test_rows.first()})

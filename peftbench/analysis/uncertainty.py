@@ -22,6 +22,7 @@ likelihood over seeds). The posterior of tau is computed on a grid (exact up to 
 mu | tau and a new task's delta are normal: draws are seeded, so every machine prints the same
 probabilities.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -158,7 +159,7 @@ def _resampled_main(cell: dict, main: list[str], idx: np.ndarray) -> np.ndarray:
     """The main metric of one seed's stored predictions on each row of resampled indices
     (draws x n): vectorised for accuracy, F1, macro-F1, MCC, Pearson and Spearman,
     `metrics.compute` otherwise."""
-    from peftbench import metrics
+    from peftbench.data import metrics
 
     p, y = cell["predictions"], cell["labels"]
     if not isinstance(p, dict) and set(main) <= CONFUSION and all(isinstance(v, int) for v in [*p[:1], *y[:1]]):

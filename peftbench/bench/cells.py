@@ -5,6 +5,7 @@ board's projected CPU hours from those figures (`bench project`).
 Every figure is measured in one run against a baseline in the same run (never an absolute
 threshold: machines differ), or read from committed files.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
 
 #: train settings of each variant `bench cells` times, over the board's schedule
 CELL_VARIANTS = {
@@ -50,8 +51,8 @@ def run_cell(cell: str, variant: str, out: str, model: str = "default", limit: i
     """One real cell under `variant` in this process: its wall time split into scoring, the
     training loop, evaluation (validation, test) and the rest (loading, tokenising, the
     forgetting probe, checks, writing); and its validation and test metrics."""
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import train_config
+    from peftbench.contract.settings import train_config
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     c = parse_cell(cell)
     config = RunConfig(method=c["method"], task=c["task"], budget=c["budget"], seeds=[c["seed"]],
@@ -92,7 +93,7 @@ def cells_per_hour(cells=DEFAULT_CELLS, variants=tuple(CELL_VARIANTS), rounds: i
         for variant in variants:
             with tempfile.TemporaryDirectory() as out:
                 procs = [subprocess.Popen(
-                    [sys.executable, "-c", "import json, sys; from peftbench.cost import run_cell; "
+                    [sys.executable, "-c", "import json, sys; from peftbench.bench.cells import run_cell; "
                      f"print(json.dumps(run_cell({cell!r}, {variant!r}, {out!r}, {model!r}, {limit!r})))"],
                     env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     for cell, env in zip(cells, environments)]
@@ -142,7 +143,7 @@ def tuning_rules(board: str) -> dict:
     three use those three only."""
     import pandas as pd
 
-    from peftbench.leaderboard import find
+    from peftbench.board.paths import find
 
     folder = find(board)
     try:

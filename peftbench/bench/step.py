@@ -3,6 +3,7 @@
 Figures are ratios against a baseline measured in the same run (full fine-tuning for steps),
 never absolute thresholds: machines differ.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,13 +22,13 @@ def _timed(fn):
 def selection_cost(seed: int = 0) -> dict:
     """GGM (SVD + BCD) and AdaPEFT (knapsack front) on a roberta-base-sized layout with random
     weights; global top-k at p = 0.005 over all entries as a reference point."""
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
     import importlib
 
-    from peftbench import registry
-    from peftbench.models import pretrained_parameters
-    from peftbench.selector import top_k
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from peftbench.contract import registry
+    from peftbench.contract.selector import top_k
+    from peftbench.modeling.models import pretrained_parameters
 
     # the methods' own solvers, reached through the registry (whatever is registered under the
     # name is what is timed), never by importing a method module directly
@@ -92,8 +93,9 @@ def prepare_step(variant: str, model_id: str = "default", budget: float = 0.005,
                  batch_size: int = 16, length: int = 128, device: str = "cpu"):
     """(one_step, model) for a variant of `STEP_VARIANTS` on random tokens; `one_step()` does
     forward, loss, backward, AdamW step and zero_grad as the trainer does."""
-    from peftbench import export, registry
-    from peftbench.models import load_model, pretrained_parameters
+    from peftbench.contract import registry
+    from peftbench.modeling.models import load_model, pretrained_parameters
+    from peftbench.training import export
 
     autocast = variant.endswith(BF16)  # forward and loss in bfloat16 where the hardware has it
     method, params, engine = STEP_VARIANTS[variant.removesuffix(BF16)]
@@ -142,7 +144,7 @@ def _time_variant(variant: str, model_id: str, steps: int, device: str, batch_si
     which leaves out what selection left behind."""
     import gc
 
-    from peftbench import memory
+    from peftbench.training import memory
 
     one_step, model = prepare_step(variant, model_id, batch_size=batch_size, length=length,
                                    device=device)
@@ -175,7 +177,7 @@ def step_cost(model_id: str = "default", variants=tuple(STEP_VARIANTS), steps: i
     per_round = {v: [] for v in variants}
     for r in range(rounds):
         for variant in variants:
-            code = ("import json, sys; from peftbench.bench import _time_variant; "
+            code = ("import json, sys; from peftbench.bench.step import _time_variant; "
                     f"print(json.dumps(_time_variant({variant!r}, {model_id!r}, {steps}, {device!r}, "
                     f"{batch_size}, {length})))")
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

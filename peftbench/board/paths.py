@@ -1,15 +1,15 @@
-"""TODO"""
+"""Where boards live: the leaderboards folder, a board by name, and the machine line a board prints."""
+
 from __future__ import annotations
-import math
+
 import os
 import platform
-import sys
 from pathlib import Path
-import pandas
+
 import torch
-from peftbench import cellstore, ownership, pages, plots, registry, report, statistics, sweep
-from peftbench.errors import UsageError
-from peftbench.record import NATURAL
+
+from peftbench.core import ownership
+from peftbench.core.errors import UsageError
 
 
 def leaderboards_root() -> Path:
@@ -17,7 +17,7 @@ def leaderboards_root() -> Path:
     if os.environ.get("PEFTBENCH_LEADERBOARDS"):
         return Path(os.environ["PEFTBENCH_LEADERBOARDS"])
     here = Path("leaderboards")
-    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "leaderboards"
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "leaderboards"
 
 
 def shared_root(folder: Path) -> Path | None:

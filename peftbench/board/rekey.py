@@ -5,13 +5,14 @@ to the file stales them. Some edits provably cannot change what the method compu
 module's syntax tree with its import statements taken out is unchanged (comments and layout are
 not in the tree; docstrings and every other statement are), and each name an import statement
 binds, in every scope, is bound to the very same object as before (say `top_k`, now imported
-from `peftbench.api`, which re-exports `peftbench.selector.top_k`). For a method whose edit
+from `peftbench.api`, which re-exports `peftbench.contract.selector.top_k`). For a method whose edit
 passes both checks, `rekey` rewrites the key of every committed cell and search record the old
 file made (and the cells' fingerprints in the board's tables, where values measured from masks
 are kept by fingerprint) and appends the proof to the board's `rekeyed.json`; any other difference is refused,
 naming it, and nothing is written. The old file is read from git (`git show REV:path`, read
 only) and must hash to the digest its cells recorded.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,7 +24,9 @@ import subprocess
 from datetime import date
 from pathlib import Path
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
+from peftbench.core.files import write_json
+from peftbench.sweep import spec
 
 RECORDS = ("search.json", "carry.json", "per-budget.json")
 TRIAL_LOGS = ("search-trials.json", "carry-trials.json", "per-budget-trials.json")
@@ -120,22 +123,18 @@ def _old_source(path: Path, rev: str) -> bytes:
     return done.stdout
 
 
-def _write(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + ("\n" if path.suffix == ".json" else ""))
-    tmp.replace(path)
-
-
 def rekey(name: str, since: str, log=print) -> dict:
     """Re-key board `name`'s cells and search records of every method whose file changed since
     `since` by an edit `prove_same_code` accepts; returns {method: proof}. Refuses (writing
     nothing) when any changed method's edit is not provably neutral."""
-    from peftbench import cellstore, registry, sweep
-    from peftbench.fingerprint import code_identity, digest
-    from peftbench.leaderboard import find
+    from peftbench.board.paths import find
+    from peftbench.contract import registry
+    from peftbench.core.files import digest
+    from peftbench.sweep import cellstore
+    from peftbench.training.identity import code_identity
 
     folder = find(name)
-    if sweep.load_spec(folder / "spec.yaml").frozen is not None:
+    if spec.load_spec(folder / "spec.yaml").frozen is not None:
         raise UsageError(f"board {name!r} is frozen: its cells are read back as the version it names, never re-keyed")
     cells = cellstore.committed_cells(folder)
     records = {f: json.loads((folder / f).read_text()) for f in RECORDS + TRIAL_LOGS if (folder / f).is_file()}
@@ -180,7 +179,7 @@ def rekey(name: str, since: str, log=print) -> dict:
         if config["code"]["source"] in renames and cell.method in proofs:
             config["code"]["source"] = renames[config["code"]["source"]]
             fingerprints[cell.fingerprint] = digest(config)
-            _write(cell.folder / cellstore.CELL_FILE, {**cell.record, "config": config, "fingerprint": digest(config)})
+            write_json(cell.folder / cellstore.CELL_FILE, {**cell.record, "config": config, "fingerprint": digest(config)}, newline=True)
             rewritten["cells"] += 1
     for table in sorted(folder.glob("*.csv")):  # values kept by cell fingerprint (mask overlap, score
         text = table.read_text()                 # correlation: measured where the masks were)
@@ -201,10 +200,10 @@ def rekey(name: str, since: str, log=print) -> dict:
                     changed = True
                     rewritten["search records"] += 1
         if changed:
-            _write(folder / file, record)
+            write_json(folder / file, record, newline=True)
     kept = json.loads((folder / PROOFS).read_text()) if (folder / PROOFS).is_file() else []
     kept.append({"date": date.today().isoformat(), "methods": proofs, "rewritten": rewritten})
-    _write(folder / PROOFS, kept)
+    write_json(folder / PROOFS, kept, newline=True)
     for method, proof in proofs.items():
         log(f"{name}: {method} ({proof['file']} {proof['from'][:12]} -> {proof['to'][:12]}): {proof['proof']}")
     log(f"{name}: re-keyed {rewritten['cells']} cells, {rewritten['search records']} search records and "

@@ -10,34 +10,51 @@ results generated from it, committed beside it.
 `peftbench leaderboard run NAME` runs (or resumes) the sweep, then writes the report and plots;
 `peftbench leaderboard show NAME` prints the committed README.
 """
+
 from __future__ import annotations
-import math
-import os
-import platform
-import sys
+
 from pathlib import Path
+
 import pandas
-import torch
-from peftbench import cellstore, ownership, pages, plots, registry, report, statistics, sweep
-from peftbench.errors import UsageError
-from peftbench.record import NATURAL
+
+from peftbench.analysis import ranks
+from peftbench.analysis import statistics as analysis_statistics
+from peftbench.board.paths import machine, shared_root
+from peftbench.board.tables import (
+    trial_duration,
+    board_progress,
+    carry_lines,
+    devices_line,
+    frozen_lines,
+    joined_lines,
+    page_meta,
+    partial_lines,
+    per_budget_lines,
+    search_lines,
+    settings_lines,
+    time_line,
+)
+from peftbench.core.errors import UsageError
+from peftbench.rendering import interactive, pages, plots, report
+from peftbench.sweep import cellstore, search, state, storage
+from peftbench.sweep import spec as sweep_spec
 
 
-def commit_cells(spec: sweep.StudySpec, folder: Path, study) -> dict[tuple, dict[str, str]]:
+def commit_cells(spec: sweep_spec.StudySpec, folder: Path, study) -> dict[tuple, dict[str, str]]:
     """Commit every finished cell of the spec (its config, result and `cell.json`, a few kB;
     masks and metrics logs stay in the sweep folder) into `folder/runs/`, remove committed
     cells of other settings, and return {(task, method, budget, seed): {name: path relative to
     folder}} for the page's links."""
     from optuna.trial import TrialState
 
-    prints = sweep.Fingerprints(spec)
+    prints = state.Fingerprints(spec)
     links, keep = {}, set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         a = t.user_attrs
         if "run_dir" not in a or not prints.current(t) or (
                 t.state == TrialState.FAIL and not a.get("final_failure")):
             continue
-        target = cellstore.commit_cell(folder, a, _duration(t))
+        target = cellstore.commit_cell(folder, a, trial_duration(t))
         keep.add(target.resolve())
         links[(a["task"], a["method"], a["budget"], a["seed"])] = {
             "config.json": (target / "config.json").relative_to(folder).as_posix(),
@@ -55,25 +72,25 @@ def _read_rows(path: Path) -> pandas.DataFrame | None:
         return None
 
 
-def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
+def write_results(spec: sweep_spec.StudySpec, folder: Path, command: str) -> str:
     """Commit the finished cells, then report + plots for the complete groups into `folder`;
     returns the Markdown."""
-    study = sweep.open_study(spec)
+    study = storage.open_study(spec)
     links = commit_cells(spec, folder, study)
     progress = board_progress(spec, study)
     pandas.DataFrame(progress["rows"]).to_csv(folder / "progress.csv", index=False)
-    frame = sweep.trials_frame(study, sweep.Fingerprints(spec))  # empty before the first cell
+    frame = state.trials_frame(study, state.Fingerprints(spec))  # empty before the first cell
     ran_on = devices_line(frame)  # every finished cell, complete group or not
     if not frame.empty:
         keys = list(zip(frame.task, frame.method, frame.budget))
         frame = frame[[k in progress["complete"] for k in keys]]
-    frame.attrs["failed"] = sweep.failed_cells(study, spec)
+    frame.attrs["failed"] = state.failed_cells(study, spec)
     expected, done = progress["expected"], progress["done"]
-    waiting = [k for k in sweep.untuned(spec, sweep.tuned_settings(spec)) if k.count("/") == 2]
+    waiting = [k for k in search.untuned(spec, search.tuned_settings(spec)) if k.count("/") == 2]
     opening = frozen_lines(spec) + partial_lines(progress, waiting)
-    drawn = [r for r in (report.friedman_by_budget(frame) if not frame.empty else [])
+    drawn = [r for r in (ranks.friedman_by_budget(frame) if not frame.empty else [])
              if r["pairwise"] is not None]  # links only to plots made
-    several_budgets = not frame.empty and not report.budget_curves(frame).empty
+    several_budgets = not frame.empty and not analysis_statistics.budget_curves(frame).empty
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())
     header = "\n".join([
         *opening, spec.description, "",
@@ -129,8 +146,8 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
                            "(before-after.csv):", "", side.to_markdown(index=False, floatfmt=".2f"), ""])
         (folder / "README.md").write_text(text)
     plots.pareto_png(frame, folder / "pareto.png")
-    js = pages.relative(plots.write_plotly_js(root or folder), folder)
-    plots.pareto_html(frame, folder / "pareto.html", plotly_js=js)
+    js = pages.relative(interactive.write_plotly_js(root or folder), folder)
+    interactive.pareto_html(frame, folder / "pareto.html", plotly_js=js)
     for stale in folder.glob("cd*.png"):  # a diagram the current evidence no longer supports goes
         stale.unlink()
     for r in drawn:
@@ -142,7 +159,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
                            "[retention.png](retention.png): each cell's mean test metric against its "
                            "mean retention change on the forgetting probe (forgetting.csv).", ""])
         (folder / "README.md").write_text(text)
-    curves = report.budget_curves(frame)
+    curves = analysis_statistics.budget_curves(frame)
     if not curves.empty:  # several budgets: the accuracy-vs-budget question, as curves
         plots.curves_png(frame, folder / "curves.png")
         curves.to_csv(folder / "curves.csv", index=False)
@@ -166,7 +183,7 @@ def write_results(spec: sweep.StudySpec, folder: Path, command: str) -> str:
     return text
 
 
-def before_after(spec: sweep.StudySpec, folder: Path) -> pandas.DataFrame | None:
+def before_after(spec: sweep_spec.StudySpec, folder: Path) -> pandas.DataFrame | None:
     """This board's cells beside the same cells of the board its spec names `before:` (read
     from that board's committed cells.csv), written to before-after.csv; None without one."""
     if not spec.before:

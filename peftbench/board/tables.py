@@ -1,18 +1,22 @@
-"""TODO"""
+"""A board's protocol tables and lines: settings, search, carry check, per-budget search, progress, timing."""
+
 from __future__ import annotations
+
 import math
-import os
-import platform
-import sys
 from pathlib import Path
+
 import pandas
-import torch
-from peftbench import cellstore, ownership, pages, plots, registry, report, statistics, sweep
-from peftbench.errors import UsageError
-from peftbench.record import NATURAL
+
+from peftbench.analysis import statistics
+from peftbench.board.paths import machine
+from peftbench.contract import registry
+from peftbench.sweep import budgets, state
+from peftbench.sweep import search as sweep_search
+from peftbench.sweep import spec as sweep_spec
+from peftbench.training.record import NATURAL
 
 
-def _duration(trial) -> float:
+def trial_duration(trial) -> float:
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
@@ -45,17 +49,17 @@ def search_table(best: dict) -> pandas.DataFrame:
     return pandas.DataFrame(rows).set_index(index)[[*columns, "chosen", "validation"]]
 
 
-def settings_table(spec: sweep.StudySpec) -> pandas.DataFrame:
+def settings_table(spec: sweep_spec.StudySpec) -> pandas.DataFrame:
     """What each (task, method) of the grid runs at: its learning rate, the method settings and
     the source of each (the search's choice, or the spec), from the cells' own run configs."""
-    best = sweep.tuned_settings(spec)
+    best = sweep_search.tuned_settings(spec)
     per_budget = bool(spec.search and spec.search.per_budget)
     rows = []
     for task in spec.tasks:
         for method in spec.methods:
             uses = registry.get(method).uses_budget
             for budget in (spec.budgets if uses and per_budget else [spec.budgets[0] if uses else NATURAL]):
-                config = sweep.cell_run_config(spec, sweep.Cell(task, method, budget, spec.seeds[0]), best)
+                config = sweep_spec.cell_run_config(spec, sweep_spec.Cell(task, method, budget, spec.seeds[0]), best)
                 own = best.get(f"{task}/{method}/{budget}")
                 tuned = own or best.get(f"{task}/{method}")
                 rows.append({"task": task, "method": method, **({"budget": budget} if per_budget else {}),
@@ -65,7 +69,7 @@ def settings_table(spec: sweep.StudySpec) -> pandas.DataFrame:
     return pandas.DataFrame(rows).set_index("task")
 
 
-def settings_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
+def settings_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
     """settings.csv and its Markdown section: the settings every method of the board ran at."""
     table = settings_table(spec)
     table.to_csv(folder / "settings.csv")
@@ -73,16 +77,16 @@ def settings_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
             table.reset_index().to_markdown(index=False, floatfmt=".4g")]
 
 
-def search_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
+def search_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
     """The search's table (search.csv and Markdown lines), when the spec searched."""
-    table = search_table(sweep.best_search_params(spec)) if spec.search else pandas.DataFrame()
+    table = search_table(sweep_search.best_search_params(spec)) if spec.search else pandas.DataFrame()
     if table.empty:
         return []
     table.to_csv(folder / "search.csv")
     search = spec.search
     budget = search.budget or spec.budgets[0]
     seeds = search.seeds or [spec.seeds[0]]
-    best = sweep.best_search_params(spec)
+    best = sweep_search.best_search_params(spec)
     seconds = [t.get("duration_s") for entry in best.values() for t in entry.get("tried", [])]
     timed = [x for x in seconds if x is not None]
     spent = (f" Search time: {sum(timed) / 3600:.2f} h over {len(timed)} settings tried"
@@ -108,18 +112,18 @@ def devices_line(frame: pandas.DataFrame) -> str | None:
                                           "table has a row per method, task and device" if len(counts) > 1 else ""))
 
 
-def time_line(spec: sweep.StudySpec, frame: pandas.DataFrame) -> str:
+def time_line(spec: sweep_spec.StudySpec, frame: pandas.DataFrame) -> str:
     """The board's cost in one line: the wall time of every trial, summed, for the search
     (search.json), the grid's cells, the carry check (carry.json) and the per-budget search
     (per-budget.json; its trials' time is that of the seeds it trained). Workers run trials side
     by side, so the elapsed time is this sum over the number of workers, roughly."""
     def hours(record: str) -> float:
-        entries = sweep.read_record(spec.out / record).values() if spec.search else []
+        entries = sweep_search.read_record(spec.out / record).values() if spec.search else []
         return sum(t.get("duration_s") or 0.0 for e in entries for t in e.get("tried", [])) / 3600
 
     parts = {"search": hours("search.json"),
              "grid": frame.duration_s.sum() / 3600 if not frame.empty else 0.0,
-             "carry check": hours("carry.json"), "per-budget search": hours(sweep.PER_BUDGET)}
+             "carry check": hours("carry.json"), "per-budget search": hours(sweep_search.PER_BUDGET)}
     shown = {k: v for k, v in parts.items() if v or k == "grid"}
     return ("- wall time of the trials, summed (trials of parallel workers overlap; scoring cached "
             "across budgets): " + " + ".join(f"{k} {v:.2f} h" for k, v in shown.items())
@@ -127,13 +131,13 @@ def time_line(spec: sweep.StudySpec, frame: pandas.DataFrame) -> str:
             + ("" if not frame.empty else " (no complete group of the grid yet)"))
 
 
-def carry_table(spec: sweep.StudySpec, frame: pandas.DataFrame) -> pandas.DataFrame:
+def carry_table(spec: sweep_spec.StudySpec, frame: pandas.DataFrame) -> pandas.DataFrame:
     """carry.json against the grid: per (task, method, budget), the carried setting's validation
     on the check's seeds, the best of it and its two neighbours, `cost` = how much validation
     the carried value gives up against that best (0 when it is the best), and the cell's seed
     spread (std of the test metric over the reported seeds, NaN before its cells are in);
     `within spread` says whether the cost is at most the spread."""
-    entries = sweep.read_record(spec.out / "carry.json")
+    entries = sweep_search.read_record(spec.out / "carry.json")
     stats = statistics.cell_stats(frame).set_index(["task", "method", "budget"]) if not frame.empty else None
     rows = []
     for key, entry in entries.items():
@@ -150,7 +154,7 @@ def carry_table(spec: sweep.StudySpec, frame: pandas.DataFrame) -> pandas.DataFr
     return pandas.DataFrame(rows)
 
 
-def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) -> list[str]:
+def carry_lines(spec: sweep_spec.StudySpec, folder: Path, frame: pandas.DataFrame) -> list[str]:
     """carry.csv and its Markdown section, when the spec has a carry check with results."""
     if not (spec.search and spec.search.carry_check):
         return []
@@ -165,12 +169,12 @@ def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) ->
     # dropped from the count, since those are the keys where carrying cost most
     unjudged = ["/".join((r["task"], r["method"], r["budget"])) for r in records if r["within spread"] is None]
     seeds = ", ".join(map(str, spec.search.carry_check))
-    keys = sweep.carry_keys(spec)
+    keys = budgets.carry_keys(spec)
     return ["", "## Carrying the tuned rate to other budgets (carry.json, carry.csv)", "",
-            (f"What carrying the setting tuned at budget {sweep.search_budget(spec)} to the other budgets "
+            (f"What carrying the setting tuned at budget {sweep_search.search_budget(spec)} to the other budgets "
              "would cost (the per-budget search below tunes each budget instead, from these runs). "
              if spec.search.per_budget else
-             f"The setting tuned at budget {sweep.search_budget(spec)} is carried to the other budgets. ")
+             f"The setting tuned at budget {sweep_search.search_budget(spec)} is carried to the other budgets. ")
             + f"The check: at each other budget, on seed{'s' if len(spec.search.carry_check) > 1 else ''} "
             f"{seeds} (not reported), the carried value and its two grid neighbours; cost = the best "
             "validation of the three minus the carried value's; seed spread = the std of the test "
@@ -185,12 +189,12 @@ def carry_lines(spec: sweep.StudySpec, folder: Path, frame: pandas.DataFrame) ->
             table.to_markdown(index=False, floatfmt=".4g")]
 
 
-def per_budget_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
+def per_budget_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
     """per-budget.csv and its Markdown section, when the spec tunes each budget on its own."""
     if not (spec.search and spec.search.per_budget):
         return []
-    record = sweep.read_record(spec.out / sweep.PER_BUDGET)
-    keys = sweep.carry_keys(spec)
+    record = sweep_search.read_record(spec.out / sweep_search.PER_BUDGET)
+    keys = budgets.carry_keys(spec)
     # rows in the spec's order (task, method, budget), not the order the workers finished them
     ordered = {**{k: record[k] for k in keys if k in record}, **record}
     table = search_table(ordered)
@@ -203,7 +207,7 @@ def per_budget_lines(spec: sweep.StudySpec, folder: Path) -> list[str]:
     moved = [k for k, e in record.items() if not math.isclose(e["train"][name], e["carried"][name], rel_tol=1e-9)]
     seeds = ", ".join(map(str, spec.search.seeds))
     return ["", "### Settings tuned at each budget (per-budget.json, per-budget.csv)", "",
-            f"Each budget other than {sweep.search_budget(spec)}, for every budget-parameterised "
+            f"Each budget other than {sweep_search.search_budget(spec)}, for every budget-parameterised "
             f"method: the carry check's three values around the carried one, widened by the edge "
             f"rule, chosen by the mean validation over seeds {seeds} (the carry check's seeds read "
             f"back from carry.json, not trained again). {len(record)} of {len(keys)} keys tuned; "
@@ -218,14 +222,14 @@ def _tried_markdown(table: pandas.DataFrame) -> str:
     return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="")
 
 
-def board_progress(spec: sweep.StudySpec, study) -> dict:
+def board_progress(spec: sweep_spec.StudySpec, study) -> dict:
     """Which cells are in: every cell's state, the settled ones (done, or failed for good), the
     complete (task, method, budget) groups (every seed settled) and the missing cells by group."""
-    states = sweep.cell_states(study, sweep.Fingerprints(spec))
+    states = state.cell_states(study, state.Fingerprints(spec))
     settled = {k for k, v in states.items()
                if v["state"] == "done" or (v["state"] == "failed" and v.get("final"))}
     groups: dict[tuple, list] = {}
-    for cell in sweep.cells(spec):
+    for cell in sweep_spec.cells(spec):
         groups.setdefault((cell.task, cell.method, cell.budget), []).append(cell)
     complete = {g for g, members in groups.items() if all(c.key in settled for c in members)}
     missing = {g: [c.seed for c in members if c.key not in settled]
@@ -259,7 +263,7 @@ def partial_lines(progress: dict, waiting: list[str] = ()) -> list[str]:
             "", *[f"- {line}" for line in missing], "", *tuning]
 
 
-def joined_lines(spec: sweep.StudySpec) -> list[str]:
+def joined_lines(spec: sweep_spec.StudySpec) -> list[str]:
     """The protocol's amendment for each method joined after the board was built."""
     if not spec.joined:
         return []
@@ -270,7 +274,7 @@ def joined_lines(spec: sweep.StudySpec) -> list[str]:
               "them, the board's seeds, budgets and training." for j in spec.joined]]
 
 
-def frozen_lines(spec: sweep.StudySpec) -> list[str]:
+def frozen_lines(spec: sweep_spec.StudySpec) -> list[str]:
     """The first lines of a frozen board: which code made it, what changed, where to look now."""
     if spec.frozen is None:
         return []
@@ -280,7 +284,7 @@ def frozen_lines(spec: sweep.StudySpec) -> list[str]:
             f"committed cells, and not run again.{see}", ""]
 
 
-def page_meta(spec: sweep.StudySpec, command: str, done: int, expected: int) -> dict[str, str]:
+def page_meta(spec: sweep_spec.StudySpec, command: str, done: int, expected: int) -> dict[str, str]:
     return {"command": command, "machine": machine() + (f" (spec says: {spec.machine})" if spec.machine else ""),
             "model": spec.model, "tasks": ", ".join(spec.tasks), "seeds": str(spec.seeds),
             "budgets": ", ".join(spec.budgets),

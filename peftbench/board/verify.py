@@ -1,25 +1,27 @@
-"""TODO"""
+"""Checking a committed board: re-running sampled cells (`leaderboard verify`) and the published-numbers-only board."""
+
 from __future__ import annotations
-import math
-import os
-import platform
-import sys
+
 from pathlib import Path
+
 import pandas
-import torch
-from peftbench import cellstore, ownership, pages, plots, registry, report, statistics, sweep
-from peftbench.errors import UsageError
-from peftbench.record import NATURAL
+
+from peftbench.analysis import published, ranks
+from peftbench.board.paths import find, shared_root
+from peftbench.core.errors import UsageError
+from peftbench.rendering import pages
+from peftbench.sweep import cellstore
+from peftbench.sweep import spec as sweep_spec
 
 
-def published_only(spec: sweep.StudySpec, folder: Path | None = None) -> str:
-    """Their table re-ranked by `report.table1` (ties=min, as they print), their stability
+def published_only(spec: sweep_spec.StudySpec, folder: Path | None = None) -> str:
+    """Their table re-ranked by `ranks.table1` (ties=min, as they print), their stability
     correlation recomputed from it, and a pointer to the command that produces ours. With a
     `folder`, the table is also written there as table1-bpublished.csv and the board's page."""
-    cells = report.parse_published(spec.published)
+    cells = published.parse_published(spec.published)
     cells = cells[cells.task != "AVG"].assign(budget="published")
-    table = report.table1(cells, ties="min", tasks=[t for t in spec.tasks if t in set(cells.task)])
-    corr = report.stability_correlation(table)
+    table = ranks.table1(cells, ties="min", tasks=[t for t in spec.tasks if t in set(cells.task)])
+    corr = ranks.stability_correlation(table)
     if folder is not None:
         table.render(top=3).to_csv(folder / "table1-bpublished.csv")
         pages.write_page(folder, f"Leaderboard {spec.name}: published numbers only", spec.description,
@@ -51,12 +53,12 @@ def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None =
     import random
     import tempfile
 
-    from peftbench.experiment import run_experiment
-    from peftbench.fingerprint import machine_fingerprint
-    from peftbench.trainer import pick_device
+    from peftbench.training.experiment import run_experiment
+    from peftbench.training.identity import machine_fingerprint
+    from peftbench.training.trainer import pick_device
 
     folder = find(name)
-    frozen = sweep.load_spec(folder / "spec.yaml").frozen
+    frozen = sweep_spec.load_spec(folder / "spec.yaml").frozen
     if frozen is not None:
         raise UsageError(f"board {name!r} is frozen: made with peftbench {frozen.version} ({frozen.reason}); "
                          "this code would not reproduce its cells: verify them from a checkout of "

@@ -1,41 +1,48 @@
 """`peftbench` command line: run, sweep, status, report, plot, leaderboard, bench, export, ..."""
+
 from __future__ import annotations
-import argparse
+
 import json
-import os
 import sys
-from peftbench.errors import UsageError
+
+from peftbench.analysis import frame as analysis_frame
+from peftbench.analysis import ranks
+from peftbench.board import paths as board_paths
+from peftbench.board import phases, verify
+from peftbench.cli.parser import parse_params
+from peftbench.core.errors import UsageError
+from peftbench.rendering import interactive
+from peftbench.sweep import grid, search, state, storage
 
 
 def _load_spec(args):
-    from peftbench.sweep import load_spec
+    from peftbench.sweep.spec import load_spec
 
     return load_spec(args.spec, storage=args.storage, output_dir=args.output_dir)
 
 
 def cmd_sweep(args) -> int | None:
-    from peftbench import sweep
 
     spec = _load_spec(args)
     if args.search:
-        sweep.run_search(spec)
+        search.run_search(spec)
     elif args.workers:
         shared = [args.spec, *(["--storage", args.storage] if args.storage else []),
                   *(["--output-dir", args.output_dir] if args.output_dir else []),
                   *(["--no-cache"] if args.no_cache else [])]
-        code = sweep.run_workers(spec, shared, args.workers, restart_changed=args.restart_changed)
-        study = sweep.open_study(spec)
-        print(sweep.progress_line(study, sweep.Fingerprints(spec)))
+        code = grid.run_workers(spec, shared, args.workers, restart_changed=args.restart_changed)
+        study = storage.open_study(spec)
+        print(state.progress_line(study, state.Fingerprints(spec)))
         print(f"results: peftbench report {args.spec}" + (f" --storage {args.storage}" if args.storage else ""))
         return code or None
     elif args.enqueue_only:
-        sweep.claim_out(spec)  # its lock (and a default SQLite study) are written there
-        added = sweep.enqueue_missing(sweep.open_study(spec), spec, restart_changed=args.restart_changed)
+        storage.claim_out(spec)  # its lock (and a default SQLite study) are written there
+        added = grid.enqueue_missing(storage.open_study(spec), spec, restart_changed=args.restart_changed)
         print(f"{added} cells queued in {spec.storage_url}")
     else:
-        study = sweep.run_grid(spec, use_cache=not args.no_cache, restart_changed=args.restart_changed)
+        study = grid.run_grid(spec, use_cache=not args.no_cache, restart_changed=args.restart_changed)
         print(f"results: peftbench report {args.spec}" + (f" --storage {args.storage}" if args.storage else ""))
-        failed = sweep.failed_cells(study, spec)
+        failed = state.failed_cells(study, spec)
         if failed:
             print(f"peftbench: {len(failed)} cell(s) failed:", file=sys.stderr)
             for cell, reason in sorted(failed.items()):
@@ -46,7 +53,7 @@ def cmd_sweep(args) -> int | None:
 def cmd_cache(args) -> None:
     from pathlib import Path
 
-    from peftbench.cache import ScoreCache
+    from peftbench.training.cache import ScoreCache
 
     where = Path(args.where)
     if where.suffix in (".yaml", ".yml"):
@@ -68,16 +75,16 @@ def cmd_cache(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from peftbench import sweep
 
     spec = _load_spec(args)
-    sweep.watch(spec, every=args.watch or 10.0, once=args.watch is None)
+    state.watch(spec, every=args.watch or 10.0, once=args.watch is None)
 
 
 def cmd_report(args) -> None:
     from pathlib import Path
 
-    from peftbench import ownership, plots, report, sweep
+    from peftbench.core import ownership
+    from peftbench.rendering import plots, report
 
     def is_report(folder):  # a report from before markers (a board's folder has no report.md)
         return (folder / "report.md").is_file() and not (folder / "spec.yaml").exists()
@@ -88,9 +95,9 @@ def cmd_report(args) -> None:
     out = Path(args.out or (spec.out / "report" if spec else Path(args.runs[0]) / "report" if args.runs else "report"))
     ownership.check(out, "report", is_report, "report folder")  # before any work: never over a file of yours
     if args.runs:
-        frame = report.load_runs(args.runs)
+        frame = analysis_frame.load_runs(args.runs)
     elif args.spec:
-        frame = sweep.finished_frame(spec)
+        frame = state.finished_frame(spec)
     else:
         raise UsageError("give a study spec or --runs DIR ...")
     ownership.claim(out, "report", is_report, "report folder")
@@ -99,9 +106,9 @@ def cmd_report(args) -> None:
                               cache_dir=spec.out / "scores" if spec else None, ties=args.ties,
                               against=spec.compare_against if spec else None))
     if args.html:
-        from peftbench import pages
+        from peftbench.rendering import pages
 
-        for ranking in report.friedman_by_budget(frame):
+        for ranking in ranks.friedman_by_budget(frame):
             if ranking["pairwise"] is not None:
                 plots.cd_png(ranking, out / f"cd-b{ranking['budget']}.png")
         plots.spend_png(frame, out / "spend.png")
@@ -117,78 +124,76 @@ PLOT_FILES = {"pareto.png", "pareto.pdf", "pareto.svg", "pareto.html", "plotly.m
 def cmd_plot(args) -> None:
     from pathlib import Path
 
-    from peftbench import plots, sweep
-
-    from peftbench import ownership
+    from peftbench.core import ownership
+    from peftbench.rendering import plots
 
     spec = _load_spec(args)
     out = Path(args.out) if args.out else None
     if out is not None:  # a folder of yours is refused before any work; the sweep folder is ours
         ownership.check(out, "plots", lambda f: all(p.name in PLOT_FILES for p in f.iterdir()), "plot folder")
-    frame = sweep.finished_frame(spec)
+    frame = state.finished_frame(spec)
     if out is None:
         out = spec.out
         out.mkdir(parents=True, exist_ok=True)
     else:
         ownership.claim(out, "plots", lambda f: all(p.name in PLOT_FILES for p in f.iterdir()), "plot folder")
     if args.what == "pareto":
-        plots.write_plotly_js(out)
-        paths = [*plots.pareto_png(frame, out / "pareto.png"), plots.pareto_html(frame, out / "pareto.html")]
+        interactive.write_plotly_js(out)
+        paths = [*plots.pareto_png(frame, out / "pareto.png"), interactive.pareto_html(frame, out / "pareto.html")]
     else:
         paths = [plots.spend_png(frame, out / "spend.png", budget=args.budget)]
     print("\n".join(str(p) for p in paths))
 
 
 def cmd_leaderboard(args) -> int | None:
-    from peftbench import leaderboard
 
     if args.action == "list":
-        root = leaderboard.leaderboards_root()
+        root = board_paths.leaderboards_root()
         for folder in sorted(p for p in root.iterdir() if (p / "spec.yaml").is_file()):
             print(f"{folder.name:24s} {'results' if (folder / 'README.md').exists() else 'no results yet'}")
         return
     if not args.name:
         raise UsageError(f"peftbench leaderboard {args.action} needs a NAME (see `peftbench leaderboard list`)")
     if args.action == "show":
-        print(leaderboard.show(args.name))
+        print(phases.show(args.name))
     elif args.action == "verify":
-        table, code = leaderboard.verify(args.name, cells=args.cells, seed=args.seed, names=args.cell)
+        table, code = verify.verify(args.name, cells=args.cells, seed=args.seed, names=args.cell)
         print(table)
         return code
     elif args.action == "rekey":
-        from peftbench.rekey import rekey
+        from peftbench.board.rekey import rekey
 
         if not args.since:
             raise UsageError("peftbench leaderboard rekey needs --since REV: the git revision whose "
                              "method files made the committed cells (e.g. HEAD~1)")
         rekey(args.name, args.since)
     elif args.action == "report":
-        print(leaderboard.refresh(args.name, storage=args.storage, output_dir=args.output_dir))
+        print(phases.refresh(args.name, storage=args.storage, output_dir=args.output_dir))
     elif args.action == "join":
         if not args.method:
             raise UsageError(f"peftbench leaderboard join {args.name} needs a METHOD (see `peftbench methods`)")
-        print(leaderboard.join(args.name, args.method, _parse_params(args.param), workers=args.workers,
+        print(phases.join(args.name, args.method, parse_params(args.param), workers=args.workers,
                                storage=args.storage, output_dir=args.output_dir))
     elif args.action == "search":
-        leaderboard.search(args.name, storage=args.storage, output_dir=args.output_dir)
+        phases.search(args.name, storage=args.storage, output_dir=args.output_dir)
     elif args.action == "carry":
-        leaderboard.carry(args.name, storage=args.storage, output_dir=args.output_dir)
+        phases.carry(args.name, storage=args.storage, output_dir=args.output_dir)
     elif args.action == "per-budget":
-        leaderboard.per_budget(args.name, storage=args.storage, output_dir=args.output_dir)
+        phases.per_budget(args.name, storage=args.storage, output_dir=args.output_dir)
     elif args.action == "work":
-        return 1 if leaderboard.work(args.name, storage=args.storage, output_dir=args.output_dir) else 0
+        return 1 if phases.work(args.name, storage=args.storage, output_dir=args.output_dir) else 0
     else:
-        print(leaderboard.run(args.name, storage=args.storage, output_dir=args.output_dir,
+        print(phases.run(args.name, storage=args.storage, output_dir=args.output_dir,
                               workers=args.workers, restart_changed=args.restart_changed))
 
 
 def cmd_run(args) -> None:
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import train_config
+    from peftbench.contract.settings import train_config
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(
         method=args.method, task=args.task, budget=args.budget, seeds=list(range(args.seeds)),
-        model=args.model, device=args.device, method_params=_parse_params(args.param),
+        model=args.model, device=args.device, method_params=parse_params(args.param),
         train=train_config({"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                             "max_length": args.max_length, "max_steps": args.max_steps,
                             "gradient_checkpointing": args.gradient_checkpointing}, "run options"),
@@ -229,13 +234,13 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_bench(args) -> None:
-    from peftbench import bench
-    from peftbench.trainer import pick_device
+    from peftbench.bench import step as bench
+    from peftbench.training.trainer import pick_device
 
     if args.what == "selection":
         out = bench.selection_cost()
     elif args.what in ("cells", "tuning"):
-        from peftbench import cost
+        from peftbench.bench import cells as cost
 
         if args.what == "tuning":
             out = cost.tuning_rules(args.board)
@@ -257,16 +262,16 @@ def cmd_bench(args) -> None:
 
 
 def cmd_check_method(args) -> int:
+    import datasets
     from transformers.utils import logging
 
-    from peftbench import registry, testing
-
-    import datasets
+    from peftbench import testing
+    from peftbench.contract import registry
 
     logging.disable_progress_bar()
     datasets.disable_progress_bars()
     registry.get(args.name)  # an unknown or broken method: one line, exit 2
-    params = _parse_params(args.param) if args.param else None
+    params = parse_params(args.param) if args.param else None
     if params is not None:
         registry.create(args.name, **params)  # a bad --param: one line, exit 2, not a FAIL per check
     outcomes = testing.check_method(args.name, params)
@@ -283,7 +288,7 @@ def cmd_check_method(args) -> int:
 
 
 def cmd_tasks(args) -> None:
-    from peftbench.data import available_tasks, parse_task
+    from peftbench.data.tasks import available_tasks, parse_task
 
     for name, path in available_tasks().items():
         try:
@@ -294,7 +299,7 @@ def cmd_tasks(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from peftbench.export import export_run
+    from peftbench.training.export import export_run
 
     report = export_run(args.run_dir, args.out_dir, args.seed)
     print(report.summary())
@@ -302,11 +307,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_methods(args) -> None:
-    from peftbench.registry import methods
+    from peftbench.contract.registry import methods
 
     for name, info in methods().items():
         print(f"{name:14s} {info.package:18s} {info.description}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

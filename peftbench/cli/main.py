@@ -1,11 +1,26 @@
-"""TODO"""
+"""The `peftbench` entry point: dispatch, and what an interrupt, a broken pipe or a storage fault leaves behind."""
+
 from __future__ import annotations
-import argparse
-import json
+
 import os
 import sys
-from peftbench.errors import UsageError
 
+from peftbench.cli.commands import (
+    cmd_bench,
+    cmd_cache,
+    cmd_check_method,
+    cmd_export,
+    cmd_leaderboard,
+    cmd_methods,
+    cmd_plot,
+    cmd_report,
+    cmd_run,
+    cmd_status,
+    cmd_sweep,
+    cmd_tasks,
+)
+from peftbench.cli.parser import build_parser
+from peftbench.core.errors import UsageError
 
 INTERRUPTED = {  # what an interrupt leaves behind, per command (said exactly, see README)
     "run": "the run directory is marked INCOMPLETE (reports skip it) and keeps the finished "

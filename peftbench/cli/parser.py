@@ -1,13 +1,14 @@
-"""TODO"""
+"""The command line's parser: every command, option and its help (the CLI reference is generated from it)."""
+
 from __future__ import annotations
+
 import argparse
 import json
-import os
-import sys
-from peftbench.errors import UsageError
+
+from peftbench.core.errors import UsageError
 
 
-def _parse_params(items: list[str]) -> dict:
+def parse_params(items: list[str]) -> dict:
     """--param key=value (value parsed as JSON when it can be: numbers, true/false, lists)."""
     params = {}
     for item in items:

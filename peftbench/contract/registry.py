@@ -10,16 +10,16 @@ A plugin that fails to import is reported by name with its error; the others sti
 registered twice (a plugin reusing a built-in's name, or two plugins) is an error naming both
 packages, never a silent replacement.
 """
+
 from __future__ import annotations
 
-import re
-
 import difflib
+import re
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
-from peftbench.errors import UsageError
-from peftbench.selector import Selector, resolve_params, validate_params
+from peftbench.contract.selector import Selector, resolve_params, validate_params
+from peftbench.core.errors import UsageError
 
 GROUP = "peftbench.methods"
 

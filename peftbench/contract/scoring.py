@@ -4,8 +4,9 @@ score with (SAM, ChildTuning-D, FISH): the helpers a method author uses, in one 
 Scoring never updates the model: gradients are read, accumulated and zeroed; no optimizer or
 scheduler exists here. Accumulators live on the model's device in float32. A `score` that
 does fine-tune (LT-SFT's short full fine-tuning, say) must restore every parameter and buffer
-before returning: the runner checks (see `peftbench.selector`).
+before returning: the runner checks (see `peftbench.contract.selector`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,9 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from peftbench.data import TaskSpec
-from peftbench.models import pretrained_parameters
-from peftbench.trainer import TrainConfig, _autocast, forward, loss_fn
+from peftbench.contract.settings import TrainConfig
+from peftbench.data.spec import TaskSpec
+from peftbench.modeling.compute import autocast, forward, loss_fn
+from peftbench.modeling.models import pretrained_parameters
 
 
 class RecordedSettings:
@@ -73,7 +75,7 @@ class ScoringData:
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The task's training loss on `batch` (cross-entropy, or MSE for regression), computed
         as the trainer computes it (bf16 autocast on CUDA, and on CPU with the run's `bf16`)."""
-        with _autocast(self.device, self.train.bf16):
+        with autocast(self.device, self.train.bf16):
             return loss_fn(forward(model, batch, self.task), batch["labels"], self.task)
 
 
@@ -83,7 +85,7 @@ def count_batches(data: ScoringData, batches: int | str) -> int:
         return len(data.loader)
     if isinstance(batches, int) and batches > 0:
         return batches
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     raise UsageError(f"batches={batches!r}: give a positive integer or 'epoch'")
 

@@ -13,7 +13,7 @@ up to four phases, each optional except `select`:
                               scores once and thresholds many times.
 2. `select(model, scores, budget)` -> a `Selection` of pre-trained entries, at `budget` entries.
 3. `apply(model, selection)` -> the model to train. The default freezes every pre-trained entry
-                              outside the selection *by construction* (see `peftbench.sparse`),
+                              outside the selection *by construction* (see `peftbench.modeling.sparse`),
                               so frozen entries stay bit-identical and hold no optimizer state.
                               Re-parametrisations (LoRA, adapters, principal components) override
                               it and add new parameters.
@@ -43,8 +43,9 @@ below (`PositiveInt`, `Batches`, `Fraction`, ...) or any pydantic-understood ann
 
 Budget: the number of *pre-trained* entries (the encoder, i.e. `model.base_model`) that may
 differ from their pre-trained values. The task head is new, trained by every method, and is
-counted separately (see `peftbench.sparse.count_trainable`); it is not part of the budget.
+counted separately (see `peftbench.modeling.sparse.count_trainable`); it is not part of the budget.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -54,16 +55,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import torch
-from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, TypeAdapter,
-                      ValidationError)
+from pydantic import (
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+)
 
-from peftbench.errors import UsageError, check_choice
-from peftbench.selection import Selection
+from peftbench.core.errors import UsageError, check_choice
+from peftbench.modeling.selection import Selection
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from peftbench.scoring import ScoringData
+    from peftbench.contract.scoring import ScoringData
 
 Scope = Literal["tensor", "global"]
 SCOPES = ("tensor", "global")
@@ -180,7 +188,7 @@ def validate_selection(method: str, selection: "Selection", numels: dict[str, in
                          "(the Selector contract, see `peftbench check-method`)")
 
     if not isinstance(selection, Selection):
-        refuse(f"select() must return a peftbench.selector.Selection, not {type(selection).__name__}")
+        refuse(f"select() must return a peftbench.modeling.selection.Selection, not {type(selection).__name__}")
     outside = sorted(n for n in [*selection.full, *selection.partial] if n not in numels)
     if outside:
         refuse(f"{len(outside)} name(s) are not pre-trained encoder parameters, e.g. {outside[0]!r}")
@@ -321,7 +329,7 @@ class Selector:
 
     def apply(self, model: "nn.Module", selection: Selection) -> "nn.Module":
         """Make exactly the selection (plus the task head) trainable; frozen = bit-identical."""
-        from peftbench.sparse import apply_selection
+        from peftbench.modeling.sparse import apply_selection
 
         return apply_selection(model, selection)
 

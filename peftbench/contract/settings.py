@@ -1,24 +1,15 @@
-"""TODO"""
+"""The run's training settings (`TrainConfig`): one typed record, read by the trainer and by
+a method's `score`; which settings enter a cell's fingerprint at their defaults."""
+
 from __future__ import annotations
-import json
-import math
-import time
-from contextlib import nullcontext
+
 from dataclasses import asdict, fields
-from pathlib import Path
 from typing import Annotated, Literal
-import numpy as np
-import torch
-import torch.nn.functional as F
-from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
-                      ValidationError)
+
+from pydantic import ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from peftbench import metrics
-from peftbench.data import Collator, TaskSpec
-from peftbench.errors import UsageError
-from peftbench.selector import Selector
+
+from peftbench.core.errors import UsageError
 
 
 @pydantic_dataclass(config=ConfigDict(strict=True, allow_inf_nan=False))

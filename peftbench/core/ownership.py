@@ -8,6 +8,7 @@ files do not look like that kind's (`adopt`, for folders written before markers 
 refused with one line, before anything is written. So `cache clear ~/checkpoints` deletes
 nothing, and a board given as a path never rewrites the `index.html` of the folder above it.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
 
 MARKER = ".peftbench"
 

@@ -5,13 +5,14 @@ user points `cache list` or `report` at could run a command. Everything peftbenc
 `.pt` (score-cache entries, saved masks) is tensors, numbers, strings, lists and dicts, which
 `weights_only=True` reads; anything else is refused as unreadable, never executed.
 """
+
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 from typing import IO
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
 
 
 class UnsafeFile(UsageError):
@@ -21,7 +22,6 @@ class UnsafeFile(UsageError):
 def load_pt(source: str | Path | IO[bytes]):
     """The tensors and plain containers in `source`; `UnsafeFile` for anything else."""
     import torch
-
     from torch.torch_version import TorchVersion  # a str subclass, in caches written before 0.4
 
     try:

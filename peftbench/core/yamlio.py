@@ -5,6 +5,7 @@
 - `1e-3` is a float, as in YAML 1.2 and JSON (PyYAML follows YAML 1.1, which needs `1.0e-3` and
   reads `1e-3` as the *string* '1e-3', which a strict schema then refuses).
 """
+
 from __future__ import annotations
 
 import re

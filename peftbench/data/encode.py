@@ -1,20 +1,9 @@
-"""TODO"""
+"""Rows to batches: tokenising a task's splits, encoding choices and causal targets, the collator."""
+
 from __future__ import annotations
-import json
-import math
-import os
-import re
-import string
-from importlib import resources
-from pathlib import Path
-from typing import Annotated
-import regex
-import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, StrictBool,
-                      StrictInt, StrictStr, ValidationError, field_validator, model_validator)
-from peftbench import yamlio
-from peftbench.errors import UsageError, schema_problem
-from peftbench.metrics import BINARY, METRIC_KINDS, METRICS
+
+from peftbench.core.errors import UsageError
+from peftbench.data.spec import TaskSpec, render
 
 
 # -- tokenisation ----------------------------------------------------------------------------
@@ -66,10 +55,10 @@ def encode_choices(task: TaskSpec, tokenizer, row: dict, max_length: int) -> dic
     token), `choice_labels` = the choice's tokens (-100 on the context), so a choice's score is
     the sum of its tokens' log-likelihoods given the context. Too long a sequence loses context
     tokens from the left, never the choice's."""
-    context = tokenizer(_render(task.context, row))["input_ids"]
+    context = tokenizer(render(task.context, row))["input_ids"]
     ids, targets = [], []
     for choice in task.choices:
-        continuation = tokenizer(" " + _render(choice, row), add_special_tokens=False)["input_ids"]
+        continuation = tokenizer(" " + render(choice, row), add_special_tokens=False)["input_ids"]
         keep = context[max(0, len(context) + len(continuation) - max_length):]
         ids.append((keep + continuation)[-max_length:])
         targets.append(([-100] * len(keep) + continuation)[-max_length:])

@@ -8,11 +8,17 @@ the task's classes, a class absent from both labels and predictions counting 0, 
 `average="macro"` averages only the classes present, which on Fu et al.'s CB validation file
 (no 'contradiction' row) inflates the score and changes which checkpoint wins.
 """
+
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
+
+from peftbench.core.plugins import PluginTable
 
 
 def _varies(p) -> bool:
@@ -30,28 +36,40 @@ def _spearman(p, y):
     return float(stats.spearmanr(p, y)[0]) if _varies(p) and _varies(y) else 0.0
 
 
-METRICS = {
-    "accuracy": lambda p, y: float(skm.accuracy_score(y, p)),
-    "f1": lambda p, y: float(skm.f1_score(y, p, pos_label=1, zero_division=0)),
-    "macro_f1": lambda p, y, classes: float(skm.f1_score(y, p, labels=list(range(classes)),
-                                                          average="macro", zero_division=0)),
-    "mcc": lambda p, y: float(skm.matthews_corrcoef(y, p)),
-    "pearson": _pearson,
-    "spearman": _spearman,
-    # causal_lm: predictions are the extracted generated answers, labels the extracted gold ones
-    "exact_match": lambda p, y: float(np.mean([str(a) == str(b) for a, b in zip(p, y)])),
-    # causal_lm: predictions are each answer's mean per-token log-likelihood (labels unused)
-    "answer_loglik": lambda p, y: float(np.mean(p)),
-}
-
-
-NEEDS_CLASSES = {"macro_f1"}  # metrics that must know every class, present or not
 _LABELS = ("classification", "multiple_choice")
-# the task kinds each metric can score (a task file naming another is refused when it loads)
-METRIC_KINDS = {"accuracy": _LABELS, "f1": _LABELS, "macro_f1": _LABELS, "mcc": _LABELS,
-                "pearson": ("regression",), "spearman": ("regression",),
-                "exact_match": ("causal_lm",), "answer_loglik": ("causal_lm",)}
-BINARY = {"f1"}  # positive class 1: two classes only
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: how it scores predictions against labels, the task kinds it can score (a
+    task file naming it for another kind is refused when it loads), and how it reads."""
+
+    name: str
+    score: Callable  # (predictions, labels) -> float, or (predictions, labels, classes)
+    kinds: tuple[str, ...]
+    display: str
+    needs_classes: bool = False  # must know every class, present or not (macro-F1)
+    binary: bool = False  # positive class 1: two classes only
+
+
+BUILTIN = [
+    Metric("accuracy", lambda p, y: float(skm.accuracy_score(y, p)), _LABELS, "accuracy"),
+    Metric("f1", lambda p, y: float(skm.f1_score(y, p, pos_label=1, zero_division=0)), _LABELS, "F1",
+           binary=True),
+    Metric("macro_f1", lambda p, y, classes: float(skm.f1_score(y, p, labels=list(range(classes)),
+                                                                 average="macro", zero_division=0)),
+           _LABELS, "macro-F1", needs_classes=True),
+    Metric("mcc", lambda p, y: float(skm.matthews_corrcoef(y, p)), _LABELS, "MCC"),
+    Metric("pearson", _pearson, ("regression",), "Pearson r"),
+    Metric("spearman", _spearman, ("regression",), "Spearman rho"),
+    # causal_lm: predictions are the extracted generated answers, labels the extracted gold ones
+    Metric("exact_match", lambda p, y: float(np.mean([str(a) == str(b) for a, b in zip(p, y)])),
+           ("causal_lm",), "exact match"),
+    # causal_lm: predictions are each answer's mean per-token log-likelihood (labels unused)
+    Metric("answer_loglik", lambda p, y: float(np.mean(p)), ("causal_lm",), "answer log-likelihood"),
+]
+# Third-party metrics: `[project.entry-points."peftbench.metrics"] name = "package.module:METRIC"`.
+REGISTRY: PluginTable[Metric] = PluginTable("peftbench.metrics", "metric", Metric, BUILTIN)
 
 
 def compute(names: list[str], main: list[str], predictions: np.ndarray, labels: np.ndarray,
@@ -60,14 +78,15 @@ def compute(names: list[str], main: list[str], predictions: np.ndarray, labels: 
     metric: MRPC (acc+F1)/2, STS-B (Pearson+Spearman)/2, CB (acc+macro-F1)/2)."""
     out = {}
     for name in names:
+        metric = REGISTRY.get(name)
         if isinstance(predictions, dict):  # one prediction array per metric (causal_lm)
-            out[name] = METRICS[name](predictions[name], labels)
-        elif name in NEEDS_CLASSES:
+            out[name] = metric.score(predictions[name], labels)
+        elif metric.needs_classes:
             if num_classes is None:
                 raise ValueError(f"metric {name} needs the number of classes")
-            out[name] = METRICS[name](predictions, labels, num_classes)
+            out[name] = metric.score(predictions, labels, num_classes)
         else:
-            out[name] = METRICS[name](predictions, labels)
+            out[name] = metric.score(predictions, labels)
     out["main"] = float(np.mean([out[m] for m in main]))
     return out
 
@@ -119,12 +138,8 @@ def near_constant(mean: float, std: float, baseline: float, test_rows: int, seed
     return bool(mean - baseline < max(noise, 1 / np.sqrt(max(test_rows, 1))))
 
 
-DISPLAY = {"accuracy": "accuracy", "f1": "F1", "macro_f1": "macro-F1", "mcc": "MCC",
-           "pearson": "Pearson r", "spearman": "Spearman rho"}
-
-
 def metric_label(main: list[str] | str) -> str:
     """How a main metric reads: 'accuracy', '(accuracy + macro-F1)/2' (a mean, never a sum)."""
     names = main.split("+") if isinstance(main, str) else list(main)
-    shown = [DISPLAY.get(n, n) for n in names]
+    shown = [REGISTRY.get(n).display if n in REGISTRY else n for n in names]
     return shown[0] if len(shown) == 1 else f"({' + '.join(shown)})/{len(shown)}"

@@ -1,23 +1,23 @@
-"""TODO"""
+"""Row preprocessors a task names (`preprocess:`), for formats a template cannot express: one
+record each, built-ins here, third-party ones by entry point (`peftbench.preprocessors`)."""
+
 from __future__ import annotations
-import json
-import math
-import os
-import re
-import string
-from importlib import resources
-from pathlib import Path
-from typing import Annotated
-import regex
-import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, StrictBool,
-                      StrictInt, StrictStr, ValidationError, field_validator, model_validator)
-from peftbench import yamlio
-from peftbench.errors import UsageError, schema_problem
-from peftbench.metrics import BINARY, METRIC_KINDS, METRICS
+
+from dataclasses import dataclass
+from typing import Callable
+
+from peftbench.core.plugins import PluginTable
 
 
-# -- preprocessors a spec may name (`preprocess:`), for formats a template cannot express ----
+@dataclass(frozen=True)
+class Preprocessor:
+    """A function from one row (a dict) to the row the task's templates read."""
+
+    name: str
+    apply: Callable[[dict], dict]
+    description: str
+
+
 def _norm(word: str) -> str:
     return word.strip(".,;:!?\"'()").lower().removesuffix("'s")
 
@@ -50,4 +50,6 @@ def mark_wsc_spans(row: dict) -> dict:
     return {**row, "text": " ".join(words)}
 
 
-PREPROCESSORS = {"mark_wsc_spans": mark_wsc_spans}
+# Third-party: `[project.entry-points."peftbench.preprocessors"] name = "package.module:PREPROCESSOR"`.
+REGISTRY: PluginTable[Preprocessor] = PluginTable("peftbench.preprocessors", "preprocessor", Preprocessor, [
+    Preprocessor("mark_wsc_spans", mark_wsc_spans, "WSC: the candidate span marked * *, the pronoun # #")])

@@ -3,23 +3,33 @@
 A spec names its data files (relative to the YAML file) or a hub dataset, how to build the
 model's input text, the label mapping and the metrics. Loading goes through `datasets`.
 """
+
 from __future__ import annotations
+
 import json
 import math
 import os
 import re
 import string
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
-import regex
-import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, StrictBool,
-                      StrictInt, StrictStr, ValidationError, field_validator, model_validator)
-from peftbench import yamlio
-from peftbench.errors import UsageError, schema_problem
-from peftbench.metrics import BINARY, METRIC_KINDS, METRICS
 
+import regex
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+from peftbench.core.errors import UsageError
+from peftbench.data import metrics, preprocessors
 
 KINDS = ("classification", "regression", "multiple_choice", "causal_lm")
 
@@ -39,7 +49,7 @@ MAX_NEW_TOKENS = 1024  # a generated answer longer than this is not an answer to
 EXTRACT_TIMEOUT_S = 1.0  # one `extract` search on one answer: a backtracking blow-up ends here, by name
 
 
-def _render(template: str, row: dict) -> str:
+def render(template: str, row: dict) -> str:
     return template.format(**row) if "{" in template else str(row[template])
 
 
@@ -146,7 +156,7 @@ class TaskSpec(BaseModel):
     def digests(self) -> list[str]:
         """SHA-256 of each of `data_files()` (what a run records and a cell is fingerprinted
         by); a missing data file is a one-line error naming its split."""
-        from peftbench.fingerprint import file_digest
+        from peftbench.core.files import file_digest
 
         for split, name in sorted(self.files.items()):
             if not (self.path.parent / name).is_file():
@@ -182,7 +192,7 @@ class TaskSpec(BaseModel):
                 raise UsageError(f"task {self.name!r}: cannot read its data files: {first}") from None
         if self.preprocess:
             try:
-                raw = raw.map(PREPROCESSORS[self.preprocess])
+                raw = raw.map(preprocessors.REGISTRY.get(self.preprocess).apply)
             except KeyError as err:
                 raise UsageError(f"task {self.name!r}: preprocessor {self.preprocess!r} needs field "
                                  f"{err.args[0]!r}, which the rows lack (named in {self.path})") from None
@@ -229,10 +239,10 @@ class TaskSpec(BaseModel):
         return ["label", *dict.fromkeys(f for t in templates for f in template_fields(t))]
 
     def prompt_text(self, row: dict) -> str:
-        return _render(self.prompt, row)
+        return render(self.prompt, row)
 
     def answer_text(self, row: dict) -> str:
-        return _render(self.answer, row)
+        return render(self.answer, row)
 
     def extract_answer(self, text: str) -> str:
         """What exact match compares: `extract`'s first group (or whole match) in `text`, ''
@@ -261,7 +271,7 @@ class TaskSpec(BaseModel):
                                  "would score as equal to it ('' == ''); fix the pattern")
             return
         if self.kind == "multiple_choice":
-            empty = [i for i, c in enumerate(self.choices) if not _render(c, row).strip()]
+            empty = [i for i, c in enumerate(self.choices) if not render(c, row).strip()]
             if empty:
                 raise UsageError(f"task {self.name!r}: {where}: choice {empty[0]} is empty (an empty "
                                  "continuation has log-likelihood 0 and always wins on a decoder)")
@@ -299,11 +309,11 @@ class TaskSpec(BaseModel):
 
     def inputs(self, row: dict) -> list[str]:
         """The one or two texts fed to the tokenizer for a classification/regression row."""
-        return [_render(t, row) for t in self.text]
+        return [render(t, row) for t in self.text]
 
     def choice_inputs(self, row: dict) -> list[tuple[str, str]]:
         """(context, choice) pairs of a multiple-choice row."""
-        return [(_render(self.context, row), _render(c, row)) for c in self.choices]
+        return [(render(self.context, row), render(c, row)) for c in self.choices]
 
     @field_validator("kind")
     @classmethod
@@ -316,15 +326,16 @@ class TaskSpec(BaseModel):
     @classmethod
     def _metrics(cls, value):
         for m in value or []:
-            if m not in METRICS:
-                raise ValueError(f"metric {m!r} is unknown: allowed {', '.join(METRICS)}")
+            if m not in metrics.REGISTRY:
+                raise ValueError(f"metric {m!r} is unknown: allowed {', '.join(metrics.REGISTRY.names())}")
         return value
 
     @field_validator("preprocess")
     @classmethod
     def _preprocess(cls, value):
-        if value is not None and value not in PREPROCESSORS:
-            raise ValueError(f"preprocessor {value!r} is unknown: allowed {', '.join(PREPROCESSORS)}")
+        if value is not None and value not in preprocessors.REGISTRY:
+            raise ValueError(f"preprocessor {value!r} is unknown: allowed "
+                             f"{', '.join(preprocessors.REGISTRY.names())}")
         return value
 
     @field_validator("labels")

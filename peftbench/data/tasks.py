@@ -1,20 +1,18 @@
-"""TODO"""
+"""Finding and reading task files: the built-in tasks, a task by name or path, parse errors with line numbers."""
+
 from __future__ import annotations
-import json
-import math
+
 import os
-import re
-import string
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
-import regex
+
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, StrictBool,
-                      StrictInt, StrictStr, ValidationError, field_validator, model_validator)
-from peftbench import yamlio
-from peftbench.errors import UsageError, schema_problem
-from peftbench.metrics import BINARY, METRIC_KINDS, METRICS
+from pydantic import ValidationError
+
+from peftbench.core import yamlio
+from peftbench.core.errors import UsageError, schema_problem
+from peftbench.data.metrics import REGISTRY as METRICS
+from peftbench.data.spec import SAFE_NAME, TaskSpec
 
 
 def task_dirs() -> list[Path]:
@@ -83,11 +81,11 @@ def parse_task(path: Path) -> TaskSpec:
         fail("prompt" if spec.prompt else "answer" if spec.answer else "extract",
              f"'prompt', 'answer' and 'extract' belong to a causal_lm task, not a {kind} one")
     for metric in spec.metrics:
-        if kind not in METRIC_KINDS[metric]:
-            allowed = [m for m, kinds in METRIC_KINDS.items() if kind in kinds]
+        if kind not in METRICS.get(metric).kinds:
+            allowed = [m for m in METRICS.names() if kind in METRICS.get(m).kinds]
             fail("metrics", f"metric {metric!r} cannot score a {kind} task: allowed {', '.join(allowed)}")
         classes = len(spec.labels or []) if kind == "classification" else len(spec.choices)
-        if metric in BINARY and classes != 2:
+        if METRICS.get(metric).binary and classes != 2:
             fail("metrics", f"metric {metric!r} needs two classes (class 1 positive), the task has "
                             f"{classes}: use macro_f1")
     outside = [m for m in spec.main_metric if m not in spec.metrics]

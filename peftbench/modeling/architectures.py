@@ -7,11 +7,12 @@ attention output projection; `ffn_in`: the feed-forward input projection(s); `ff
 output projection. An architecture not in the table is refused with the known ones named,
 never silently matched to nothing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def layout(model) -> Layout:
     architectures."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in LAYOUTS:
-        raise UsageError(f"architecture {kind!r} has no module layout in peftbench.architectures "
+        raise UsageError(f"architecture {kind!r} has no module layout in peftbench.modeling.architectures "
                          f"(known: {', '.join(sorted(LAYOUTS))}): a method that names modules "
                          "cannot place itself; add the architecture's names there")
     return LAYOUTS[kind]

@@ -1,27 +1,16 @@
-"""TODO"""
+"""The forward pass and the loss of a batch, as training and scoring both compute them (autocast included)."""
+
 from __future__ import annotations
-import json
-import math
-import time
+
 from contextlib import nullcontext
-from dataclasses import asdict, fields
-from pathlib import Path
-from typing import Annotated, Literal
-import numpy as np
+
 import torch
 import torch.nn.functional as F
-from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
-                      ValidationError)
-from pydantic.dataclasses import dataclass as pydantic_dataclass
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from peftbench import metrics
-from peftbench.data import Collator, TaskSpec
-from peftbench.errors import UsageError
-from peftbench.selector import Selector
+
+from peftbench.data.spec import TaskSpec
 
 
-def _autocast(device: torch.device, bf16: bool = False):
+def autocast(device: torch.device, bf16: bool = False):
     """bfloat16 autocast on CUDA always, on CPU with the `bf16` setting; float32 otherwise."""
     if device.type == "cuda" or bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)

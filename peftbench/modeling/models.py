@@ -6,6 +6,7 @@ The default model is sentence-transformers/all-MiniLM-L6-v2 as shipped inside th
 time) is everything outside `model.base_model`, plus any pre-head layer the checkpoint did not
 train (`untrained_pre_head`); the rest is "pre-trained" and budgeted.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
 
 DEFAULT_MODEL = "default"
 # a local model folder needs one of these, or its tokenizer would be built from nothing

@@ -4,10 +4,11 @@ peft's SHiRA and Super-Tuning layers hold a vector of trainable values at fixed 
 frozen weight (`shira_weight` at `shira_indices` [2, k]; `supertuning_values` at flat
 `supertuning_indices`). `sparse_layers` reads them so that a peft-built method is counted by the
 one rule (its k entries are pre-trained entries that change, counted under the weight's name,
-not "new" parameters) and decayed by it (W0[i] + v towards 0, as `peftbench.sparse`);
+not "new" parameters) and decayed by it (W0[i] + v towards 0, as `peftbench.modeling.sparse`);
 `linear_targets` and `inject` are what the methods built on them (`shira`, `supertuning`)
-share. The other direction, a selection written as a peft adapter, is `peftbench.export`.
+share. The other direction, a selection written as a peft adapter, is `peftbench.training.export`.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -37,7 +38,7 @@ def sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, torch.T
 
 class EntryDecay:
     """Decoupled weight decay of a peft layer's entries' values W0[i] + v towards 0 (the one
-    rule of `peftbench.sparse`; AdamW's own decay would pull v towards 0, i.e. W0)."""
+    rule of `peftbench.modeling.sparse`; AdamW's own decay would pull v towards 0, i.e. W0)."""
 
     def __init__(self, values: nn.Parameter, base_values: torch.Tensor):
         self.values, self.base_values = values, base_values
@@ -69,8 +70,8 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
 def linear_targets(model: nn.Module, suffixes: list[str], tuner: str) -> list[str]:
     """Full names of the `suffixes` modules of every block (`architectures.block_modules`), or
     a UsageError when one is not an nn.Linear (the only layer peft's sparse tuners wrap)."""
-    from peftbench.architectures import block_modules
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
+    from peftbench.modeling.architectures import block_modules
 
     names = block_modules(model, list(suffixes))
     other = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
@@ -85,7 +86,7 @@ def inject(model: nn.Module, config, prefix: str) -> nn.Module:
     parameters (names containing `prefix`) and the task head train."""
     from peft import inject_adapter_in_model
 
-    from peftbench.models import head_parameters, pretrained_parameters
+    from peftbench.modeling.models import head_parameters, pretrained_parameters
 
     for p in pretrained_parameters(model).values():
         p.requires_grad_(False)

@@ -1,5 +1,6 @@
 """`Selection`: which pre-trained entries train. Its own module so that `selector` (the
 contract) and `sparse` (the training engine) both use it without importing each other."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

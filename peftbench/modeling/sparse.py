@@ -30,6 +30,7 @@ sampled product (gY^T X) at the (row, col) pairs, by `torch.sparse.sampled_addmm
 parametrisation stays registered (names, counts, `module.weight`, the optimizer parameter are as
 before) and remains the path for every other module (biases, LayerNorm, ...).
 """
+
 from __future__ import annotations
 
 import types
@@ -40,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.selection import Selection
+from peftbench.modeling.models import head_parameters, pretrained_parameters
+from peftbench.modeling.selection import Selection
 
 
 class SparseDelta(nn.Module):
@@ -264,7 +265,7 @@ def apply_selection(model: nn.Module, selection: Selection) -> nn.Module:
 
 def effective_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The tensor the forward pass uses for parameter `name` (its pre-apply name)."""
-    from peftbench.peftsparse import effective_weight as peft_weight
+    from peftbench.modeling.peftsparse import effective_weight as peft_weight
 
     module, attr = _owner(model, name)
     if attr == "weight" and (weight := peft_weight(module)) is not None:
@@ -298,7 +299,7 @@ def decay_exempt(name: str) -> bool:
 def decay_plan(model: nn.Module) -> tuple[list, list, list[SparseDelta]]:
     """(AdamW parameters with decay, AdamW parameters without, sparse deltas the trainer decays
     itself): the one weight-decay rule of the module docstring."""
-    from peftbench import peftsparse
+    from peftbench.modeling import peftsparse
 
     decay, no_decay, deltas = [], [], []
     delta_values = peftsparse.decays(model)  # peft's SHiRA / Super-Tuning values: the same rule
@@ -321,7 +322,7 @@ def trainable_entries(model: nn.Module, pretrained_names: set[str], head_names: 
     """Yield (name, kind, count) for everything that trains: kind is `encoder` (pre-trained
     entries that may differ: whole tensors, or what a parametrisation module declares with
     `entries_changed()`, under its tensor's pre-trained name), `new` or `head`."""
-    from peftbench.peftsparse import sparse_layers
+    from peftbench.modeling.peftsparse import sparse_layers
 
     counted = set()
     for name, module in model.named_modules():
@@ -350,7 +351,7 @@ def effective_selection(model: nn.Module, pretrained_names: set[str],
     parametrisation its `changed_indices()` (a sparse delta's k entries, DiffPruning's projected
     mask). New parameters (LoRA, adapters) select no pre-trained entries. Measured with the same
     walk as `count_trainable`, so the mask's size is the encoder count."""
-    from peftbench.peftsparse import sparse_layers
+    from peftbench.modeling.peftsparse import sparse_layers
 
     selection = Selection()
     for name, module in model.named_modules():

@@ -1,12 +1,13 @@
-"""TODO"""
+"""The interactive Pareto figure (plotly), served offline with its script written beside the page."""
+
 from __future__ import annotations
-import hashlib
-import re
+
 from pathlib import Path
-from unittest import mock
+
 import numpy as np
 import pandas as pd
-from peftbench.record import NATURAL, at_budget
+
+from peftbench.rendering.styles import task_cells, constant_score, subtitle, dodge, metric_axis, pareto_points, styles
 
 
 def pareto_figure(frame: pd.DataFrame):
@@ -19,7 +20,7 @@ def pareto_figure(frame: pd.DataFrame):
     methods = sorted(frame.method.unique())
     style, shift = styles(methods), dodge(methods)  # dodged as in the PNG: equal counts stay apart
     fig = make_subplots(rows=1, cols=len(tasks),
-                        subplot_titles=[f"{t.upper()}: {_subtitle(frame[frame.task == t])}" for t in tasks])
+                        subplot_titles=[f"{t.upper()}: {subtitle(frame[frame.task == t])}" for t in tasks])
     shown: set[str] = set()  # legend groups named already: each once, in whichever panel first has it
 
     def first(group: str) -> bool:
@@ -28,7 +29,7 @@ def pareto_figure(frame: pd.DataFrame):
         return new
 
     for col, task in enumerate(tasks, start=1):
-        cells = _cells(frame, task)
+        cells = task_cells(frame, task)
         for method in sorted(cells.method.unique()):
             c = cells[cells.method == method].sort_values("trainable")
             colour, marker, line = style[method]
@@ -46,7 +47,7 @@ def pareto_figure(frame: pd.DataFrame):
                               "<br>scoring %{customdata[3]:.1f} s, training %{customdata[4]:.1f} s"
                               "<br>peak memory %{customdata[5]:,.0f} MiB"
                               "<extra></extra>"), row=1, col=col)
-        baseline = _constant(frame, task)
+        baseline = constant_score(frame, task)
         if baseline is not None:
             fig.add_trace(go.Scatter(
                 x=[cells.trainable.min(), cells.trainable.max()], y=[100 * baseline] * 2, mode="lines",

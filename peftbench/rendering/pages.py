@@ -1,7 +1,7 @@
 """Leaderboards people browse: one self-contained HTML page per leaderboard (or report).
 
 Offline-first: the page loads plotly.js from a file written once beside the pages
-(`plots.write_plotly_js`), no remote script, font or stylesheet. Each page holds: the Table-1
+(`interactive.write_plotly_js`), no remote script, font or stylesheet. Each page holds: the Table-1
 tables per budget, read from the same `table1-b<budget>.csv` files the report wrote (so page and
 CSV cannot disagree), sortable by column, with the constant-predictor row and the report's marks
 († worse than the best by a paired test, ≈ within noise of the constant predictor); the
@@ -11,6 +11,7 @@ steps/s, peak memory, from cost.csv), also in the Pareto hover. A leaderboard co
 config.json, result.json and cell.json under `runs/` (`leaderboard.commit_cells`) and its page lists
 every cell with links to them. `leaderboards/index.html` lists every board.
 """
+
 from __future__ import annotations
 
 import html
@@ -18,6 +19,8 @@ import os
 from pathlib import Path
 
 import pandas as pd
+
+from peftbench.rendering import interactive
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
@@ -128,7 +131,6 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     findings-*.csv, cd.png, spend.png) and the Pareto figure of `frame`; `plotly_js` is the path
     of plotly.min.js relative to the page (written beside it when None); `protocol`, the spec's
     text on how the protocol was chosen and what was cut."""
-    from peftbench import plots
 
     folder = Path(folder)
     parts = [f"<h1>{html.escape(title)}</h1>", prose(intro), "<ul>"]  # "**Partial board: ...**" is Markdown
@@ -214,9 +216,9 @@ def write_page(folder: Path, title: str, intro: str, frame: pd.DataFrame | None,
     scripts = ""
     if frame is not None and not frame.empty:
         if plotly_js is None:
-            plots.write_plotly_js(folder)
-            plotly_js = plots.PLOTLY_JS
-        figure = plots.pareto_figure(frame).to_html(full_html=False, include_plotlyjs=False,
+            interactive.write_plotly_js(folder)
+            plotly_js = interactive.PLOTLY_JS
+        figure = interactive.pareto_figure(frame).to_html(full_html=False, include_plotlyjs=False,
                                                     div_id="pareto")
         parts += ["<h2>Accuracy vs trainable parameters</h2>", figure]
         scripts = f'<script src="{html.escape(plotly_js)}"></script>'
@@ -274,7 +276,7 @@ def write_index(root: Path) -> Path:
     """`root/index.html`: every leaderboard folder (one with a spec.yaml), linked, with its
     description. Only the description is read from each spec, never validated: one board's
     spec (an unknown method, a key newer than this code) must not stop another board's report."""
-    from peftbench import yamlio
+    from peftbench.core import yamlio
 
     items = []
     for folder in sorted(p for p in Path(root).iterdir() if (p / "spec.yaml").is_file()):

@@ -3,14 +3,30 @@
 PNGs come from matplotlib (no browser needed); the interactive version is plotly HTML
 (`write_html` needs no Kaleido/Chrome, unlike plotly's PNG export).
 """
+
 from __future__ import annotations
-import hashlib
+
 import re
 from pathlib import Path
 from unittest import mock
+
 import numpy as np
 import pandas as pd
-from peftbench.record import NATURAL, at_budget
+
+from peftbench.rendering.styles import (
+    task_cells,
+    constant_score,
+    subtitle,
+    dodge,
+    legend_beside,
+    method_style,
+    metric_axis,
+    pareto_points,
+    save,
+    styles,
+    y_span,
+)
+from peftbench.training.record import NATURAL, at_budget
 
 
 def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -23,7 +39,7 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peftbench.statistics import cell_stats
+    from peftbench.analysis.statistics import cell_stats
 
     stats = cell_stats(frame)
     tasks = sorted(stats.task.unique())
@@ -49,7 +65,7 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
             ax.plot(c.trainable, 100 * c["mean"], color=colour, marker=marker, ms=6, mec="black",
                     mew=0.4, lw=1.3, ls=line, label=method)
             ax.fill_between(c.trainable, 100 * c.ci_low, 100 * c.ci_high, color=colour, alpha=0.15)
-        baseline = _constant(frame, task)
+        baseline = constant_score(frame, task)
         low, high = y_span(cells, baseline)
         if baseline is not None and low <= baseline:
             ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
@@ -62,7 +78,7 @@ def curves_png(frame: pd.DataFrame, path: str | Path) -> Path:
         ax.set_xlabel("trainable entries (log scale; head excluded)")
         ax.set_ylabel(metric_axis(frame, task).replace("mean ± std over seeds",
                                                        "mean, 95% interval over seeds"))
-        ax.set_title(f"{task.upper()}: {_subtitle(frame[frame.task == task])}", fontsize=10)
+        ax.set_title(f"{task.upper()}: {subtitle(frame[frame.task == task])}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     legend_beside(axes[0])
     fig.tight_layout()
@@ -83,14 +99,14 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peftbench.selector import Budget
+    from peftbench.contract.selector import Budget
 
     tasks = sorted(frame.task.unique())
     methods = sorted(frame.method.unique())
     style = styles(methods)
     fig, axes = plt.subplots(1, len(tasks), figsize=(8 * len(tasks), 6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        cells = _cells(frame, task)
+        cells = task_cells(frame, task)
         entries = frame.loc[frame.task == task, "pretrained_entries"].iloc[0]
         for budget in sorted({b for b in cells.budget if b != NATURAL}, key=float):
             x = Budget.parse(budget).entries(int(entries))
@@ -106,7 +122,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
             ax.errorbar(c.trainable * shift[method], 100 * c["mean"], yerr=100 * c["std"], label=method,
                         color=colour, marker=marker, capsize=3, lw=1.2, ms=6, mec="black", mew=0.4,
                         ls=line)
-        baseline = _constant(frame, task)
+        baseline = constant_score(frame, task)
         if baseline is not None:
             ax.axhline(100 * baseline, color="grey", ls=":", lw=1.2, label="constant predictor")
         front = pareto_points(cells)
@@ -117,7 +133,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale; head excluded; equal counts dodged x0.87-x1.15)")
         ax.set_ylabel(metric_axis(frame, task))
-        ax.set_title(f"{task.upper()}: {_subtitle(frame[frame.task == task])}", fontsize=10)
+        ax.set_title(f"{task.upper()}: {subtitle(frame[frame.task == task])}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     legend_beside(axes[0])
     fig.tight_layout()
@@ -250,7 +266,7 @@ def retention_png(frame: pd.DataFrame, path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peftbench.statistics import forgetting_table
+    from peftbench.analysis.checks import forgetting_table
 
     kept = forgetting_table(frame)
     if kept.empty:

@@ -9,47 +9,41 @@ directories (`load_runs`). Conventions, as Fu et al. (see ../shared/design, meth
   ascending (stabler = better); `ties="average"` by default, `"min"` reproduces Fu's brackets;
 - AVG column = mean of the task means, +- the mean of the task stds.
 """
+
 from __future__ import annotations
-import functools
-import itertools
-import json
-import re
+
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
-import scipy.stats
-import torch
-from peftbench import findings
-from peftbench.errors import UsageError
-from peftbench.record import RunRecord, analysis_row, at_budget, budget_blocks, budget_label, read_json
-from peftbench.safeload import load_pt
-from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
-    EXACT_UP_TO,
-    MIN_RANK_CELLS,
+
+from peftbench.analysis import findings
+from peftbench.analysis.checks import (
+    constant_cells,
+    constant_scores,
+    cost_table,
+    forgetting_table,
+    selection_checks,
+)
+from peftbench.analysis.overlap import (
+    mask_overlap,
+    mask_overlap_seeds,
+    score_correlation,
+    score_correlation_seeds,
+)
+from peftbench.analysis.published import compare_published, parse_published
+from peftbench.analysis.ranks import MIN_RANK_CELLS, friedman_by_budget, stability_correlation, table1
+from peftbench.analysis.statistics import (
     MIN_TASKS,
-    TIES,
-    Table1,
     best_per_budget,
-    bootstrap_ci,
-    budget_curves,
     budget_rows,
     cell_stats,
     comparisons,
     competing,
-    constant_cells,
-    constant_scores,
-    cost_table,
-    friedman_by_budget,
-    holm,
-    kept_budget,
-    paired_test,
-    forgetting_table,
     paired_tests,
-    selection_checks,
-    spearman,
-    stability_correlation,
-    table1,
-    wilcoxon_holm)
+)
+from peftbench.rendering.verdict import DEFAULT_AGAINST, verdict
+from peftbench.training.record import at_budget, budget_blocks
 
 
 def to_markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
@@ -104,7 +98,7 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
         "`spearman`: Spearman x100 of the probe's 495 pairs (cosine of mean-pooled last hidden "
         "states against the gold relatedness); `next_token_loss` (a causal LM): held-out "
         "next-token loss in nats on the probe's sentences. After training, and the change from the "
-        "pre-trained model's, mean ± std over seeds (`peftbench/forgetting.py`; cells written "
+        "pre-trained model's, mean ± std over seeds (`peftbench/training/forgetting.py`; cells written "
         "before runs measured it have none). A larger Spearman drop or loss rise: the selection "
         "moved the model further (forgetting.csv).")
     lines += table_section(
@@ -269,7 +263,7 @@ def _ranking_section(frame, out: Path, rankings: list[dict], compared: pd.DataFr
         h = across.iloc[0]
         lines += ["Across tasks: a hierarchical model with the tasks as units (per-task differences "
                   "standardised by the task's test-set SE of the reference; delta_task ~ N(mu, tau^2), "
-                  "mu flat, tau half-Cauchy(0, 1); `peftbench/uncertainty.py`). P(better / equivalent / "
+                  "mu flat, tau half-Cauchy(0, 1); `peftbench/analysis/uncertainty.py`). P(better / equivalent / "
                   "worse) for mu, the mean effect, and for a new task, with the region of practical "
                   f"equivalence = {h.rope:g} test-set SE of the task; mu in those units with its 95% "
                   f"interval. Monte-Carlo: {int(h.draws):,} draws from seed {int(h.seed)}.", "",

@@ -1,12 +1,14 @@
-"""TODO"""
+"""One look per method (colour, marker, line) in every figure, and the axes helpers the figures share."""
+
 from __future__ import annotations
+
 import hashlib
-import re
 from pathlib import Path
-from unittest import mock
+
 import numpy as np
 import pandas as pd
-from peftbench.record import NATURAL, at_budget
+
+from peftbench.training.record import NATURAL
 
 
 def pareto_points(points: pd.DataFrame) -> pd.DataFrame:
@@ -32,7 +34,7 @@ def save(fig, path: Path, dpi: int) -> None:
         fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata=metadata)
 
 
-def _cells(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+def task_cells(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     g = frame[frame.task == task].groupby(["method", "budget"])
     return pd.DataFrame({"mean": g.metric.mean(), "std": g.metric.std(ddof=0),
                          "trainable": g.trainable.mean(), "seeds": g.metric.size(),
@@ -42,7 +44,7 @@ def _cells(frame: pd.DataFrame, task: str) -> pd.DataFrame:
                          }).reset_index()
 
 
-def _constant(frame: pd.DataFrame, task: str) -> float | None:
+def constant_score(frame: pd.DataFrame, task: str) -> float | None:
     """The task's constant-predictor test score, if the runs recorded it."""
     if "constant_metric" not in frame:
         return None
@@ -115,7 +117,7 @@ def dodge(methods: list[str]) -> dict[str, float]:
     return {m: 10 ** (DODGE * (i / (n - 1) - 0.5)) if n > 1 else 1.0 for i, m in enumerate(methods)}
 
 
-def _subtitle(frame: pd.DataFrame) -> str:
+def subtitle(frame: pd.DataFrame) -> str:
     names = sorted({str(m) for m in frame.get("model", pd.Series(dtype=str)) if m})
     model = ", ".join("all-MiniLM-L6-v2 (default)" if m == "default" else m for m in names) or "model ?"
     seeds = frame.groupby(["task", "method", "budget"]).seed.nunique()
@@ -128,7 +130,7 @@ def _subtitle(frame: pd.DataFrame) -> str:
 
 def metric_axis(frame: pd.DataFrame, task: str) -> str:
     """'CB: (accuracy + macro-F1)/2 x 100 (test, mean ± std over seeds)'."""
-    from peftbench.metrics import metric_label
+    from peftbench.data.metrics import metric_label
 
     names = frame.loc[frame.task == task, "metric_name"].dropna().unique() if "metric_name" in frame else []
     label = metric_label(names[0]) if len(names) and names[0] else "test metric"

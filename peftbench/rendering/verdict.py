@@ -1,46 +1,13 @@
-"""TODO"""
+"""The board's verdict in words, from the pre-declared comparisons and the rankings, no stronger than its tests."""
+
 from __future__ import annotations
-import functools
-import itertools
-import json
-import re
-from pathlib import Path
+
 import numpy as np
 import pandas as pd
-import scipy.stats
-import torch
-from peftbench import findings
-from peftbench.errors import UsageError
-from peftbench.record import RunRecord, analysis_row, at_budget, budget_blocks, budget_label, read_json
-from peftbench.safeload import load_pt
-from peftbench.statistics import (  # noqa: F401  (re-exported: report.cell_stats etc.)
-    EXACT_UP_TO,
-    MIN_RANK_CELLS,
-    MIN_TASKS,
-    TIES,
-    Table1,
-    best_per_budget,
-    bootstrap_ci,
-    budget_curves,
-    budget_rows,
-    cell_stats,
-    comparisons,
-    competing,
-    constant_cells,
-    constant_scores,
-    cost_table,
-    friedman_by_budget,
-    holm,
-    kept_budget,
-    paired_test,
-    forgetting_table,
-    paired_tests,
-    selection_checks,
-    spearman,
-    stability_correlation,
-    table1,
-    wilcoxon_holm)
 
+from peftbench.analysis.checks import constant_cells, selection_checks
+from peftbench.analysis.ranks import friedman_by_budget
+from peftbench.analysis.statistics import MIN_TASKS, comparisons, kept_budget
 
 DEFAULT_AGAINST = ("random", "fulltuning")
 

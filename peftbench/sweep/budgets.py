@@ -1,42 +1,17 @@
-"""TODO"""
+"""Other budgets than the search's: the carry check (is the tuned rate still best?) and the per-budget search."""
+
 from __future__ import annotations
-import itertools
-import json
+
 import math
-import os
-import socket
-import time
 from pathlib import Path
-import optuna
-from filelock import FileLock
-from optuna.trial import TrialState
-from peftbench import __version__, experiment, registry
-from peftbench.cache import ScoreCache
-from peftbench.errors import UsageError
-from peftbench.experiment import RunConfig
-from peftbench.selector import Budget
-from peftbench.sweep.spec import StudySpec, method_train
-from peftbench.sweep.storage import _alive, claim_out, open_storage
-from peftbench.trainer import train_config
 
-
-def _known_at(known: dict | None, train: dict) -> tuple[list[int], float]:
-    """The seeds measured before at this trial's value of the one searched setting, and their
-    mean validation; ([], 0.0) when none."""
-    if known and len(train) == 1:
-        (value,) = train.values()
-        for at, measured in known.items():
-            if isinstance(value, (int, float)) and math.isclose(at, value, rel_tol=1e-9):
-                return measured
-    return [], 0.0
-
-
-def carry_keys(spec: StudySpec) -> list[str]:
-    """The carry check's keys, `task/method/budget`: every budget-parameterised method at every
-    budget of the spec other than the one the search tunes at."""
-    tuned_at = search_budget(spec)
-    return [f"{t}/{m}/{b}" for t in spec.tasks for m in spec.methods if registry.get(m).uses_budget
-            for b in spec.budgets if b != tuned_at]
+from peftbench.core.errors import UsageError
+from peftbench.sweep.claims import SearchClaims
+from peftbench.sweep.records import PER_BUDGET, carry_keys
+from peftbench.sweep.search import tune
+from peftbench.sweep.spec import StudySpec
+from peftbench.sweep.storage import claim_out, open_storage
+from peftbench.training.cache import ScoreCache
 
 
 def neighbours(choices: list[float], value: float) -> list[float]:
@@ -75,7 +50,7 @@ def run_carry_check(spec: StudySpec, log=print, mirror: Path | None = None,
         carried = best[f"{task}/{method}"]["train"][name]
         grid = {name: {"choices": neighbours(choice_spec.choices, carried)}}
         try:
-            entry = _tune(spec, task, method, budget, grid, list(search.carry_check),
+            entry = tune(spec, task, method, budget, grid, list(search.carry_check),
                           f"{spec.name}/carry/{key}", 0, storage, cache, log, label=f"carry check {key}",
                           trials=claims.trials(key))
         except UsageError:
@@ -122,7 +97,7 @@ def run_per_budget_search(spec: StudySpec, log=print, mirror: Path | None = None
                  for t in checked["tried"] if t["state"] == "complete" and t["validation"] is not None}
         log(f"per-budget search {key}: {len(claims.merged())} of {len(claims.pairs)} keys tuned so far")
         try:
-            entry = _tune(spec, task, method, budget, {name: {"choices": values}}, list(search.seeds),
+            entry = tune(spec, task, method, budget, {name: {"choices": values}}, list(search.seeds),
                           f"{spec.name}/per-budget/{key}", search.widen, storage, cache, log, known=known,
                           label=f"per-budget search {key}", trials=claims.trials(key))
         except UsageError:

@@ -6,13 +6,14 @@ sittings and machines and any committed number can be re-derived (`leaderboard v
     runs/<run>/seed-<s>-result.json  its result (validation/test metrics, counts, cost)
     runs/<run>/cell.json             {cell, fingerprint, config, machine, duration_s}
 
-`cell.json` carries the cell's configuration fingerprint (`sweep.Fingerprints`: model weights,
+`cell.json` carries the cell's configuration fingerprint (`state.Fingerprints`: model weights,
 task files, training settings after the search, method parameters, code version): a committed
 cell counts as done for a spec exactly when the spec's cell has the same fingerprint, so a
 changed spec or `peftbench.__version__` re-runs the cells it changes and never mixes them with
 old ones. `machine` (torch, transformers, device, threads) says whether a re-run can be expected
 to match to the last digit. Masks and score caches stay in the sweep folder (megabytes a cell).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
+from peftbench.core.files import write_json
+from peftbench.sweep import grid, state
 
 CELL_FILE = "cell.json"
 
@@ -47,14 +50,14 @@ class CommittedCell:
     @property
     def result(self) -> dict:
         """The committed result, checked against `RunRecord` (a damaged file is one line)."""
-        from peftbench.record import RunRecord
+        from peftbench.training.record import RunRecord
 
         return RunRecord.read(self.folder / f"seed-{self.seed}-result.json").model_dump(mode="json")
 
     def run_config(self, output_dir: str = "runs"):
         """The run that produced this cell, from its committed config.json."""
-        from peftbench.experiment import RunConfig
-        from peftbench.trainer import train_config
+        from peftbench.contract.settings import train_config
+        from peftbench.training.experiment import RunConfig
 
         config = self.config
         return RunConfig(method=config["method"], task=config["task"], budget=config["budget"],
@@ -62,12 +65,6 @@ class CommittedCell:
                          method_params=config["method_params"],
                          train=train_config(config["train"], f"{self.folder}/config.json"),
                          limit=config.get("limit"), output_dir=output_dir)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
 
 
 def commit_cell(board: Path, attrs: dict, duration_s: float) -> Path:
@@ -113,9 +110,9 @@ def _commit(source: Path, target: Path, attrs: dict, duration_s: float) -> Path:
     for key in ("task_spec", "output_dir"):  # no path of this machine in a committed file
         if config.get(key):
             config[key] = portable_path(config[key])
-    _write_json(target / "config.json", config)
+    write_json(target / "config.json", config)
     shutil.copyfile(source / f"seed-{seed}" / "result.json", target / f"seed-{seed}-result.json")
-    _write_json(target / CELL_FILE, {
+    write_json(target / CELL_FILE, {
         "cell": attrs["cell"], "task": attrs["task"], "method": attrs["method"],
         "budget": attrs["budget"], "seed": seed, "fingerprint": attrs["fingerprint"],
         "config": attrs.get("config", {}), "machine": attrs.get("machine", {}),
@@ -127,7 +124,7 @@ def _commit(source: Path, target: Path, attrs: dict, duration_s: float) -> Path:
 def portable_path(path: str) -> str:
     """`path` relative to the repository (tasks/sst2.yaml) when it lies inside it, else its
     file name: a committed file never names a folder of the machine that wrote it."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         return Path(path).resolve().relative_to(root).as_posix()
     except ValueError:
@@ -160,9 +157,9 @@ def seal(folder: Path) -> CommittedCell:
     that configuration; the result a valid `RunRecord` of the same seed, its test metric finite
     unless the cell is recorded as failed. A hand-edited config or a copied, relabelled cell
     fails here instead of being read as the spec's cell."""
-    from peftbench.fingerprint import digest
-    from peftbench.record import RunRecord
-    from peftbench.trainer import fingerprinted
+    from peftbench.contract.settings import fingerprinted
+    from peftbench.core.files import digest
+    from peftbench.training.record import RunRecord
 
     record = _read_object(folder / CELL_FILE, folder)
     kinds = {"cell": str, "task": str, "method": str, "budget": (str, int, float), "seed": int,
@@ -241,10 +238,9 @@ def accept_frozen(spec, board: Path) -> tuple[int, list[str]]:
     digest; the accepted fingerprints become the cells' own (`Fingerprints.of`). Returns (how
     many accepted, the keys refused with why): a cell edited, or made with other settings or
     another version, is not read back."""
-    from peftbench import sweep
-    from peftbench.fingerprint import digest
+    from peftbench.core.files import digest
 
-    prints = sweep.Fingerprints(spec)
+    prints = state.Fingerprints(spec)
     accepted, refused = {}, []
     for cell in committed_cells(board):
         current = prints.cells.get(cell.cell)
@@ -272,9 +268,7 @@ def import_committed(study, spec, board: Path, log=print) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from peftbench import sweep
-
-    prints = sweep.Fingerprints(spec)
+    prints = state.Fingerprints(spec)
     held = {(t.user_attrs.get("cell"), t.user_attrs.get("fingerprint"))
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
             if t.state == TrialState.COMPLETE or t.user_attrs.get("final_failure")}
@@ -289,7 +283,7 @@ def import_committed(study, spec, board: Path, log=print) -> int:
         run = cell.run_config()
         result = cell.result
         attrs = {**current.attrs(), "fingerprint": cell.fingerprint, "config": cell.record["config"],
-                 **sweep.result_attrs(result, run, cell.folder), "committed": True,
+                 **grid.result_attrs(result, run, cell.folder), "committed": True,
                  "machine": cell.record.get("machine", {})}
         failure = cell.record.get("failure")
         if failure:  # failed for good (diverged): the same settings would fail again

@@ -1,23 +1,25 @@
-"""TODO"""
+"""Search work shared between workers and machines: claims per key, the trial log, and the edge rule's widened grid."""
+
 from __future__ import annotations
+
 import itertools
 import json
 import math
 import os
 import socket
-import time
 from pathlib import Path
+
 import optuna
 from filelock import FileLock
 from optuna.trial import TrialState
-from peftbench import __version__, experiment, registry
-from peftbench.cache import ScoreCache
-from peftbench.errors import UsageError
-from peftbench.experiment import RunConfig
-from peftbench.selector import Budget
-from peftbench.sweep.spec import StudySpec, method_train
-from peftbench.sweep.storage import _alive, claim_out, open_storage
-from peftbench.trainer import train_config
+
+from peftbench import __version__
+from peftbench.core.errors import UsageError
+from peftbench.core.files import write_json
+from peftbench.sweep.records import current_entries, method_code, read_record, read_trial_log
+from peftbench.sweep.records import write_search
+from peftbench.sweep.spec import StudySpec
+from peftbench.sweep.storage import pid_alive
 
 
 class SearchClaims:
@@ -63,7 +65,7 @@ class SearchClaims:
                 path.unlink(missing_ok=True)
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_json(path, log)
+            write_json(path, log)
 
     def _claims(self) -> dict[str, str]:
         try:
@@ -73,12 +75,7 @@ class SearchClaims:
         host = socket.gethostname()
         return {k: v for k, v in claims.items()
                 if not (v.rpartition(":")[0] == host and v.rpartition(":")[2].isdigit()
-                        and not _alive(int(v.rpartition(":")[2])))}
-
-    def _write_claims(self, claims: dict[str, str]) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(claims, indent=2))
-        tmp.replace(self.path)
+                        and not pid_alive(int(v.rpartition(":")[2])))}
 
     def merged(self) -> dict:
         """search.json as on disk, with the board's copy merged in (never an entry lost)."""
@@ -95,7 +92,7 @@ class SearchClaims:
             for key in self.pairs:
                 if key not in best and claims.get(key, self.me) == self.me:
                     claims[key] = self.me
-                    self._write_claims(claims)
+                    write_json(self.path, claims)
                     return key
         return None
 
@@ -103,19 +100,19 @@ class SearchClaims:
         with self.lock:
             claims = self._claims()
             claims.pop(key, None)
-            self._write_claims(claims)
+            write_json(self.path, claims)
 
     def record(self, key: str, entry: dict) -> dict:
         entry = {**entry, "code": method_code(key.split("/")[1])}
         with self.lock:
             best = {**self.merged(), key: entry}
-            _write_search(self.spec, best, self.mirror, self.record_name)
+            write_search(self.spec, best, self.mirror, self.record_name)
             log = self.read_trials()
             if log.pop(key, None) is not None:  # its rows are in the entry's `tried` now
                 self.write_trials(log)
             claims = self._claims()
             claims.pop(key, None)
-            self._write_claims(claims)
+            write_json(self.path, claims)
             return best
 
 

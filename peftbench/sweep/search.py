@@ -1,129 +1,32 @@
 """The search over training hyper-parameters, per (task, method): a grid of choices or TPE, median
 pruning, edge widening, pairs split between workers; its best settings in `search.json`."""
+
 from __future__ import annotations
-import itertools
-import json
+
 import math
-import os
-import socket
 import time
 from pathlib import Path
+
 import optuna
-from filelock import FileLock
 from optuna.trial import TrialState
-from peftbench import __version__, experiment, registry
-from peftbench.cache import ScoreCache
-from peftbench.errors import UsageError
-from peftbench.experiment import RunConfig
-from peftbench.selector import Budget
+
+from peftbench.contract import registry
+from peftbench.contract.settings import train_config
+from peftbench.core.errors import UsageError
+from peftbench.sweep.claims import SearchClaims, TrialLog, measure_cut_off_points, widened
+from peftbench.sweep.records import (
+    add_tried,
+    write_search,
+    best_search_params,
+    method_study,
+    search_budget,
+    tried,
+)
 from peftbench.sweep.spec import StudySpec, method_train
-from peftbench.sweep.storage import _alive, claim_out, open_storage
-from peftbench.trainer import train_config
-
-
-def tried(study: optuna.Study) -> list[dict]:
-    """Every finished search trial: its settings, validation score (a pruned trial's last
-    report) and state, so the board shows how each setting was chosen, not only the winner."""
-    rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        value = t.value if t.state == TrialState.COMPLETE else \
-            (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
-        rows.append({"params": t.params, "validation": value, "state": t.state.name.lower(),
-                     "duration_s": t.user_attrs.get("duration_s",  # a replayed trial: its first run's
-                                                    (t.datetime_complete - t.datetime_start).total_seconds())})
-    return rows
-
-
-def method_study(name: str, method: str) -> str:
-    """The Optuna study of a search key, named by its method's source as well (`@` and the
-    digest's first 12 characters): trials a changed method made stay in their own study, so a
-    resumed search never counts them as this code's (its trial log checks the same digest)."""
-    return f"{name}@{method_code(method)[:12]}"
-
-
-def _add_tried(entry: dict, storage, study_name: str, method: str) -> None:
-    for name in (method_study(study_name, method), study_name):  # named by the code, or from before
-        try:
-            entry["tried"] = tried(optuna.load_study(study_name=name, storage=storage))
-            return
-        except KeyError:  # the study is elsewhere (search.json came from the repository)
-            pass
-
-
-def best_search_params(spec: StudySpec) -> dict:
-    """search.json's {task/method: settings}; {} before any search; a one-line error when cut."""
-    return read_record(spec.out / "search.json")
-
-
-PER_BUDGET = "per-budget.json"
-
-
-def tuned_settings(spec: StudySpec) -> dict:
-    """Every tuned setting the grid runs at: search.json's {task/method: entry}, and with
-    `search.per_budget` the per-budget search's {task/method/budget: entry} (per-budget.json),
-    which `cell_run_config` takes before the (task, method) one."""
-    best = best_search_params(spec)
-    if spec.search and spec.search.per_budget:
-        best.update(read_record(spec.out / PER_BUDGET))
-    return best
-
-
-def untuned(spec: StudySpec, best: dict) -> list[str]:
-    """The search keys the grid waits for: (task, method) pairs not in search.json and, with
-    `search.per_budget`, (task, method, budget) keys not in per-budget.json yet."""
-    if not spec.search:
-        return []
-    pairs = [f"{t}/{m}" for t in spec.tasks for m in spec.methods]
-    return [k for k in pairs + (carry_keys(spec) if spec.search.per_budget else []) if k not in best]
-
-
-def read_record(path: Path) -> dict:
-    """A search record (search.json, carry.json, per-budget.json): {key: entry}; {} when absent.
-    Only the entries the method's code as it is now made (`current_entries`)."""
-    return current_entries(_read_keyed(path, dict, "a search record ({key: settings})", "search again"))
-
-
-def method_code(method: str) -> str:
-    """The source digest of `method`: what keys its cells, its search entries and its trial-log
-    rows (a search key `task/method[/budget]` names its method second)."""
-    from peftbench.fingerprint import code_identity
-
-    return code_identity(method, strict=False)["source"]
-
-
-def current_entries(record: dict) -> dict:
-    """`record` without the entries another source of their method made (their `code` differs):
-    such a key is searched again, as its cells run again. An entry without `code` (recorded
-    before entries carried it) is kept; so is one of a method not installed here."""
-    out = {}
-    for key, entry in record.items():
-        code = entry.get("code") if isinstance(entry, dict) else None
-        try:
-            if code is not None and code != method_code(key.split("/")[1]):
-                continue
-        except (UsageError, KeyError):
-            pass
-        out[key] = entry
-    return out
-
-
-def read_trial_log(path: Path) -> dict[str, list[dict]]:
-    """A trial log ({key: [row, ...]}, `TrialLog`); {} when absent."""
-    return _read_keyed(path, list, "a trial log ({key: [trial, ...]})", "train its trials again")
-
-
-def _read_keyed(path: Path, value_type: type, shape: str, remedy: str) -> dict:
-    """{key: value} JSON beside a board; {} when absent; a one-line error when cut or not `shape`."""
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path} is not valid JSON ({err}): restore it (a leaderboard's copy is "
-                         f"committed beside its spec) or remove it to {remedy}") from None
-    if not isinstance(record, dict) or not all(isinstance(v, value_type) for v in record.values()):
-        raise UsageError(f"{path} is not {shape}: restore or remove it")
-    return record
+from peftbench.sweep.storage import claim_out, open_storage
+from peftbench.training import experiment
+from peftbench.training.cache import ScoreCache
+from peftbench.training.experiment import RunConfig
 
 
 def _suggest(trial: optuna.Trial, name: str, spec) -> object:
@@ -178,16 +81,16 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
             + ", ".join(best))
     for key, entry in best.items():
         if "tried" not in entry:  # written before "tried" was recorded
-            _add_tried(entry, storage, f"{spec.name}/search/{key}", key.split("/")[1])
+            add_tried(entry, storage, f"{spec.name}/search/{key}", key.split("/")[1])
             updated[key] = entry
     if updated:
         with claims.lock:
-            _write_search(spec, {**claims.merged(), **updated}, mirror)
+            write_search(spec, {**claims.merged(), **updated}, mirror)
     while (key := claims.next()) is not None:  # several workers split the pairs between them
         task, method = key.split("/", 1)
         log(f"search {key}: started; {len(claims.merged())} of {len(claims.pairs)} pairs tuned so far")
         try:
-            entry = _tune(spec, task, method, search_budget(spec), spec_space, list(search.seeds or [spec.seeds[0]]),
+            entry = tune(spec, task, method, search_budget(spec), spec_space, list(search.seeds or [spec.seeds[0]]),
                           f"{spec.name}/search/{task}/{method}", search.widen, storage, cache, log,
                           label=f"search {key}", trials=claims.trials(key))
         except UsageError:
@@ -199,13 +102,7 @@ def run_search(spec: StudySpec, log=print, mirror: Path | None = None) -> dict:
     return claims.merged()
 
 
-def search_budget(spec: StudySpec) -> str:
-    """The budget the search tunes at: `search.budget`, else the spec's first budget."""
-    budget = spec.search.budget
-    return str(Budget.parse(budget)) if budget is not None else spec.budgets[0]
-
-
-def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict, seeds: list[int],
+def tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict, seeds: list[int],
           study_name: str, widen: int, storage, cache: ScoreCache, log,
           known: dict | None = None, *, label: str, trials: TrialLog | None = None) -> dict:
     """One (task, method)'s search at `budget` over `spec_space` on `seeds` (the settings'
@@ -312,14 +209,12 @@ def _tune(spec: StudySpec, task: str, method: str, budget: str, spec_space: dict
             "tried": [row for st in studies for row in tried(st)], "seeds": seeds}
 
 
-def _write_search(spec: StudySpec, best: dict, mirror: Path | None = None, record: str = "search.json") -> None:
-    spec.out.mkdir(parents=True, exist_ok=True)
-    for path in [spec.out / record, *([mirror] if mirror else [])]:
-        _write_json(path, best)
-
-
-def _write_json(path: Path, obj) -> None:
-    """Write `obj` as JSON atomically (a temporary file, then a rename): a reader never sees half."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+def _known_at(known: dict | None, train: dict) -> tuple[list[int], float]:
+    """The seeds measured before at this trial's value of the one searched setting, and their
+    mean validation; ([], 0.0) when none."""
+    if known and len(train) == 1:
+        (value,) = train.values()
+        for at, measured in known.items():
+            if isinstance(value, (int, float)) and math.isclose(at, value, rel_tol=1e-9):
+                return measured
+    return [], 0.0

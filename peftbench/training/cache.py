@@ -4,20 +4,19 @@ A method's scores depend on the method's code and hyper-parameters, the model's 
 task's data, the seed, the scoring-relevant training settings, the device type and dtype and
 the library versions; never on the budget (the budget enters in `select`). So a sweep over
 budgets scores once per such input and every other budget reads the file. The key is a SHA-256
-of all of them (`score_key`, with identities from `peftbench.fingerprint`): a checkpoint saved
+of all of them (`score_key`, with identities from `peftbench.training.identity`): a checkpoint saved
 again at the same path, an edited method or another torch is a miss, never a silent reuse.
 
 Concurrent workers are safe: the first to take the key's file lock computes and writes the file
 atomically (temporary file + `os.replace`); the others wait on the lock and then read it. A file
 that cannot be read back (truncated by a full disk, say) is recomputed, with a warning.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,9 +24,10 @@ from typing import Callable
 import torch
 from filelock import FileLock
 
-from peftbench.ownership import MARKER, claim, require
-from peftbench.safeload import load_pt
-from peftbench.fingerprint import code_identity, digest, environment, file_digest, model_fingerprint
+from peftbench.core.files import digest, file_digest, write_atomic
+from peftbench.core.ownership import MARKER, claim, require
+from peftbench.core.safeload import load_pt
+from peftbench.training.identity import code_identity, environment, model_fingerprint
 
 
 def score_key(method: str, params: dict, model: str, task_files: list[str], seed: int,
@@ -53,17 +53,10 @@ def looks_like_cache(folder: Path) -> bool:
     return all(p.is_file() and ENTRY.match(p.name) for p in folder.iterdir() if p.name != MARKER)
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="score-", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 class ScoreCache:
     """A folder of `<key>.pt` files; `hits` / `misses` count this process's lookups.
 
-    `create`: the folder is made (and marked, `peftbench.ownership`) if missing, as a sweep
+    `create`: the folder is made (and marked, `peftbench.core.ownership`) if missing, as a sweep
     does; False (`cache list` / `clear` on a folder the user names): it must already be a
     score cache, and nothing is written to find out."""
 
@@ -113,18 +106,11 @@ class ScoreCache:
                 full = refined_key(key, {n: values[n] for n in noted})
                 path = self.path(full)
                 about = {**(about or {}), "settings_read": {n: values[n] for n in noted}}
-                _write_text(reads_path, json.dumps(noted))
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix="score-", suffix=".tmp")
-            os.close(fd)
-            try:
-                # `about` as plain JSON types: the entry must load with weights_only=True
-                torch.save({"scores": scores, "seconds": seconds,
-                            "about": json.loads(json.dumps(about or {}, default=str)),
-                            "created": time.time()}, tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+                write_atomic(reads_path, json.dumps(noted), prefix="score-")
+            # `about` as plain JSON types: the entry must load with weights_only=True
+            entry = {"scores": scores, "seconds": seconds,
+                     "about": json.loads(json.dumps(about or {}, default=str)), "created": time.time()}
+            write_atomic(path, lambda tmp: torch.save(entry, tmp), prefix="score-")
             return scores, seconds, False, full
 
     def _noted(self, path: Path) -> list[str]:

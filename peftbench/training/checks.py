@@ -1,33 +1,15 @@
-"""TODO"""
+"""The runner's checks around a method's calls: `score` and `select` must leave the model as they
+found it, the trainable count must keep to the budget, frozen entries must stay at theta0."""
+
 from __future__ import annotations
+
 import hashlib
-import json
-import os
-import platform
-import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from pathlib import Path
-import numpy as np
+
 import torch
-from peftbench import forgetting, memory, registry
-from peftbench.cache import ScoreCache, score_key
-from peftbench.data import TaskSpec, load_task, tokenize
-from peftbench.errors import UsageError
-from peftbench.metrics import constant_predictor, near_constant
-from peftbench.record import RunRecord
-from peftbench.models import (
-    head_parameters,
-    init_head,
-    load_model,
-    pretrained_parameters,
-    pretrained_size,
-    uses_lm_head,
-)
-from peftbench.scoring import RecordedSettings, ScoringData
-from peftbench.selector import Budget, check_scores, validate_selection
-from peftbench.sparse import count_trainable, effective_selection, trainable_entries
-from peftbench.trainer import TrainConfig, make_loader, pick_device, set_seed, train
+
+from peftbench.contract.selector import check_scores
+from peftbench.core.errors import UsageError
+from peftbench.modeling.sparse import count_trainable
 
 
 def state_digests(model) -> dict[str, str]:
@@ -118,7 +100,7 @@ def check_frozen(method: str, model, pretrained: set[str], theta0: dict[str, str
     the frozen original under a sparse delta, peft's frozen base weight) is bit-identical to its
     pre-trained value. A hook that moved one (an `after_step` writing weights, weight decay on
     frozen entries) fails the run instead of training entries its count does not hold."""
-    from peftbench.sparse import canonical_name
+    from peftbench.modeling.sparse import canonical_name
 
     moved = []
     for name, param in model.named_parameters():

@@ -1,24 +1,16 @@
-"""TODO"""
+"""Evaluation: the main metric of a split at a checkpoint, for classification, regression,
+multiple choice and causal LM, in the split's order or in batches of similar length."""
+
 from __future__ import annotations
-import json
-import math
-import time
-from contextlib import nullcontext
-from dataclasses import asdict, fields
-from pathlib import Path
-from typing import Annotated, Literal
+
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
-                      ValidationError)
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from peftbench import metrics
-from peftbench.data import Collator, TaskSpec
-from peftbench.errors import UsageError
-from peftbench.selector import Selector
+
+from peftbench.contract.settings import TrainConfig
+from peftbench.data import metrics
+from peftbench.data.spec import TaskSpec
+from peftbench.modeling.compute import autocast, forward
 
 
 def _eval_batches(loader: DataLoader, by_length: bool):
@@ -70,7 +62,7 @@ def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device, ke
         return evaluate_causal(model, loader, task, device, keep, config)
     model.eval()
     preds, labels, seen = [], [], []
-    with torch.nn.utils.parametrize.cached(), _autocast(device, config.bf16):
+    with torch.nn.utils.parametrize.cached(), autocast(device, config.bf16):
         for indices, batch in _eval_batches(loader, config.eval_order == "length"):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = forward(model, batch, task).float()
@@ -104,7 +96,7 @@ def evaluate_causal(model, loader: DataLoader, task: TaskSpec, device: torch.dev
     if config.eval_order == "length":
         order.sort(key=lambda i: len(rows[i]["input_ids"]))
     logliks, generated = [None] * len(rows), [None] * len(rows)
-    with torch.nn.utils.parametrize.cached(), _autocast(device, config.bf16):
+    with torch.nn.utils.parametrize.cached(), autocast(device, config.bf16):
         for start in range(0, len(rows), loader.batch_size):
             indices = order[start:start + loader.batch_size]
             chunk = [rows[i] for i in indices]

@@ -11,24 +11,30 @@ Run directory layout (all JSON, written as soon as each piece exists):
         seed-<s>/result.json     final validation/test metrics, trainable counts, times
         summary.json           mean and std over seeds
 """
+
 from __future__ import annotations
-import hashlib
-import json
+
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+
 import numpy as np
 import torch
-from peftbench import forgetting, memory, registry
-from peftbench.cache import ScoreCache, score_key
-from peftbench.data import TaskSpec, load_task, tokenize
-from peftbench.errors import UsageError
-from peftbench.metrics import constant_predictor, near_constant
-from peftbench.record import RunRecord
-from peftbench.models import (
+
+from peftbench.contract import registry
+from peftbench.contract.scoring import RecordedSettings, ScoringData
+from peftbench.contract.selector import Budget, check_scores, validate_selection
+from peftbench.contract.settings import TrainConfig
+from peftbench.core.errors import UsageError
+from peftbench.core.files import write_atomic, write_json
+from peftbench.data.encode import tokenize
+from peftbench.data.metrics import constant_predictor, near_constant
+from peftbench.data.spec import TaskSpec
+from peftbench.data.tasks import load_task
+from peftbench.modeling.models import (
     head_parameters,
     init_head,
     load_model,
@@ -36,10 +42,12 @@ from peftbench.models import (
     pretrained_size,
     uses_lm_head,
 )
-from peftbench.scoring import RecordedSettings, ScoringData
-from peftbench.selector import Budget, check_scores, validate_selection
-from peftbench.sparse import count_trainable, effective_selection, trainable_entries
-from peftbench.trainer import TrainConfig, make_loader, pick_device, set_seed, train
+from peftbench.modeling.sparse import count_trainable, effective_selection, trainable_entries
+from peftbench.training import forgetting, memory
+from peftbench.training.cache import ScoreCache, score_key
+from peftbench.training.checks import check_count, check_frozen, checked_score, checked_select, state_digests
+from peftbench.training.record import RunRecord
+from peftbench.training.trainer import make_loader, pick_device, set_seed, train
 
 
 @dataclass
@@ -57,16 +65,6 @@ class RunConfig:
     save_trained: bool = False  # also write each seed's trained values (`peftbench export` carries them)
 
 
-def _write(path: Path, obj) -> None:
-    """JSON through a temporary file: a crash or a full disk never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 INCOMPLETE = "INCOMPLETE"  # marker file of a run directory that stopped early (reports skip it)
 
 
@@ -74,7 +72,7 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
                    on_epoch=None) -> tuple[dict, Path]:
     """Run every seed; returns (summary, run directory). Inputs are checked before any work.
 
-    With a `score_cache`, scores are read from / written to it (see `peftbench.cache`);
+    With a `score_cache`, scores are read from / written to it (see `peftbench.training.cache`);
     `on_epoch` is passed to the trainer (a sweep's pruner)."""
     selector_cls = registry.get(config.method)
     registry.create(config.method, **config.method_params)  # fail fast on bad parameters
@@ -104,7 +102,7 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
     try:
         run_dir.mkdir(parents=True)
         (run_dir / INCOMPLETE).write_text("running\n")
-        _write(run_dir / "config.json", {
+        write_json(run_dir / "config.json", {
             **asdict(config), "task_spec": str(task.path), "task_files": data_digests,
             "selector": selector_cls.__module__ + "." + selector_cls.__name__,
             "method_distribution": selector_distribution(config.method),
@@ -120,7 +118,7 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
                                      run_dir / f"seed-{seed}", progress, score_cache, on_epoch))
         summary = summarize(config, task, results)
         summary["wall_time_s"] = time.perf_counter() - start
-        _write(run_dir / "summary.json", summary)
+        write_json(run_dir / "summary.json", summary)
     except BaseException as err:  # Ctrl-C, a full disk, a crash: say so in the folder, then go on
         reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
         try:
@@ -137,7 +135,7 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
 
 def selector_distribution(method: str) -> dict:
     """The distribution (package) a method comes from and its version, for config.json."""
-    from peftbench.fingerprint import distribution_version
+    from peftbench.training.identity import distribution_version
 
     package = registry.methods()[method.lower()].package
     return {"name": package, "version": distribution_version(package)}
@@ -196,7 +194,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     if not any(p.requires_grad for p in model.parameters()):  # e.g. BitFit on a model without biases
         raise UsageError(f"method {config.method!r} leaves nothing to train on {config.model!r} "
                          "(it selected no entry and the model has no new head): choose another method")
-    _write(seed_dir / "selection.json", {
+    write_json(seed_dir / "selection.json", {
         "budget_entries": k, "pretrained_entries": n_pretrained, "selected_entries":
         selected, "counts_before_training": count_trainable(model, set(pretrained), head_names),
         "scoring_time_s": score_time, "selection_time_s": select_time, "score_cache_key": cache_key,
@@ -214,9 +212,9 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     # measured after training: what can differ now (DiffPruning's projected mask, not its plan)
     counts = count_trainable(model, set(pretrained), head_names)
     trained = effective_selection(model, set(pretrained), head_names)
-    _save_atomic({"full": sorted(trained.full),
-                  "partial": {n: idx.to(torch.int32) for n, idx in trained.partial.items()}},
-                 seed_dir / "mask.pt")
+    mask = {"full": sorted(trained.full),
+            "partial": {n: idx.to(torch.int32) for n, idx in trained.partial.items()}}
+    write_atomic(seed_dir / "mask.pt", lambda tmp: torch.save(mask, tmp))
     if config.save_trained:
         save_trained(model, trained, head_names, seed_dir / TRAINED)
     result = {"seed": seed, "validation": out["validation"], "test": out["test"],
@@ -238,7 +236,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
               "untrained_as_head": dict(getattr(model, "peftbench_untrained", None) or {}),
               "phases": out.get("phases") or None, "method_record": selector.training_record()}
     result = RunRecord.model_validate(result).model_dump(mode="json")  # the one result schema
-    _write(seed_dir / "result.json", result)
+    write_json(seed_dir / "result.json", result)
     return result
 
 
@@ -252,7 +250,7 @@ def save_trained(model, trained, head_names: set[str], path: Path) -> None:
     `peftbench export` puts them in the adapter, so the run's fine-tuned model loads through peft."""
     from safetensors.torch import save_file
 
-    from peftbench.sparse import effective_weight
+    from peftbench.modeling.sparse import effective_weight
 
     tensors = {}
     for name in sorted(trained.full):
@@ -262,9 +260,7 @@ def save_trained(model, trained, head_names: set[str], path: Path) -> None:
         tensors[f"encoder/{name}"] = flat[indices.to(flat.device)].float().cpu().contiguous()
     for name in sorted(head_names):
         tensors[f"head/{name}"] = model.get_parameter(name).detach().float().cpu().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def machine_load() -> float | None:
@@ -286,7 +282,7 @@ def _probe_settings(train: TrainConfig) -> dict:
 def _retention_before(model_name: str, model, tokenizer, causal: bool, train: TrainConfig) -> float:
     """The probe on the pre-trained model, once per process, model and evaluation settings (the
     same for every method and seed: the head it does not read is the only difference)."""
-    from peftbench.fingerprint import model_fingerprint
+    from peftbench.training.identity import model_fingerprint
 
     settings = _probe_settings(train)
     key = (model_fingerprint(model_name), causal, *settings.values())
@@ -299,16 +295,6 @@ def compute_dtype(device: torch.device, bf16: bool = False) -> str:
     """Master weights are float32 everywhere; CUDA computes under bfloat16 autocast, a CPU with
     the `bf16` setting too."""
     return "bfloat16-autocast" if device.type == "cuda" or bf16 else "float32"
-
-
-def _save_atomic(obj, path: Path) -> None:
-    """torch.save through a temporary file, so a full disk never leaves a truncated file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def trainable_by_tensor(model, pretrained_names: set[str], head_names: set[str]) -> dict[str, int]:

@@ -17,8 +17,9 @@ What SHiRA cannot express (peft's SHiRA wraps `nn.Linear` only): entries of bias
 weights, embeddings, GPT-2's Conv1D. The export lists them with their count and share of the
 selection; they are never dropped silently. Weight decay: an optimizer's decoupled decay pulls
 SHiRA's values towards 0, i.e. the entries towards W0, where peftbench pulls the entries'
-values W0[i] + v towards 0 (`peftbench.sparse`); train with no decay on them to match.
+values W0[i] + v towards 0 (`peftbench.modeling.sparse`); train with no decay on them to match.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftbench.errors import UsageError
-from peftbench.selection import Selection
+from peftbench.core.errors import UsageError
+from peftbench.modeling.selection import Selection
 
 MANIFEST = "peftbench_export.json"
 
@@ -71,8 +72,8 @@ class ExportReport:
                          f"{len(self.left_out)} tensors:")
             lines += [f"  {name}: {count}" for name, count in sorted(self.left_out.items())]
         lines.append("load: " + ("PeftModel.from_pretrained(base_model, DIR) or "
-                                 "peftbench.export.load(base_model, DIR)" if self.from_pretrained
-                                 else "peftbench.export.load(base_model, DIR) (the layers' "
+                                 "peftbench.training.export.load(base_model, DIR)" if self.from_pretrained
+                                 else "peftbench.training.export.load(base_model, DIR) (the layers' "
                                  "counts differ; peft's SHiRA config holds one r)"))
         return "\n".join(lines)
 
@@ -80,7 +81,7 @@ class ExportReport:
 def _head_modules(model: nn.Module) -> list[str]:
     """The modules that hold the task head (peft's modules_to_save): the top-level modules
     outside the encoder, and the pre-head layers that count as head (`untrained_pre_head`)."""
-    from peftbench.models import head_parameters
+    from peftbench.modeling.models import head_parameters
 
     prefix = model.base_model_prefix
     return sorted({name.rpartition(".")[0] if name.startswith(prefix + ".") else name.split(".")[0]
@@ -94,7 +95,7 @@ def shira_model(model: nn.Module, selection: Selection, trained: dict | None = N
     `trained.safetensors`, `experiment.save_trained`) the run's trained entries and head."""
     from peft import ShiraConfig, get_peft_model
 
-    from peftbench.models import pretrained_parameters
+    from peftbench.modeling.models import pretrained_parameters
 
     params = pretrained_parameters(model)
     linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
@@ -224,14 +225,13 @@ def load(base_model: nn.Module, adapter_dir: str | Path, is_trainable: bool = Tr
 def export_run(run_dir: str | Path, out_dir: str | Path, seed: int | None = None) -> ExportReport:
     """`peftbench export RUN_DIR --to peft OUT_DIR`: the mask a run trained (its seed's
     `mask.pt`, the entries that could change), on the run's model, as a SHiRA adapter."""
-    from peftbench.data import load_task
-    from peftbench.experiment import TRAINED
-    from peftbench.models import load_model, pretrained_parameters, uses_lm_head
-    from peftbench.record import read_json
-    from peftbench.safeload import load_pt
-    from peftbench.trainer import set_seed
-
-    from peftbench import ownership
+    from peftbench.core import ownership
+    from peftbench.core.safeload import load_pt
+    from peftbench.data.tasks import load_task
+    from peftbench.modeling.models import load_model, pretrained_parameters, uses_lm_head
+    from peftbench.training.experiment import TRAINED
+    from peftbench.training.record import read_json
+    from peftbench.training.trainer import set_seed
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir)

@@ -18,11 +18,12 @@ captions, no board's task and unlike any task's prompts: what the model knew of 
 Higher is worse, so its `change` (after - before) is positive when the run forgot; the record
 says which statistic it holds.
 """
+
 from __future__ import annotations
 
 import json
 from functools import lru_cache
-from pathlib import Path
+from importlib import resources
 
 import numpy as np
 import scipy.stats
@@ -30,7 +31,7 @@ import torch
 
 PROBE = "sick-r-trial"
 STATISTICS = {False: "spearman", True: "next_token_loss"}  # keyed by `causal`
-PROBE_FILE = Path(__file__).resolve().parents[1] / "tasks" / "data" / "probe" / f"{PROBE}.jsonl"
+PROBE_FILE = resources.files("peftbench.tasks") / "data" / "probe" / f"{PROBE}.jsonl"  # installed with the tasks
 
 
 @lru_cache(maxsize=1)

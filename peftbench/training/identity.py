@@ -1,29 +1,30 @@
 """Identities of what determines a result: the model's weights, a method's code, the software.
 
 A name is not an identity: a checkpoint saved again at the same path, or a method edited in
-place, keeps its name and changes its results. The score cache (`peftbench.cache`) and a
+place, keeps its name and changes its results. The score cache (`peftbench.training.cache`) and a
 study's cells (`peftbench.sweep`) key on these fingerprints instead, so a changed input is a
 miss (or a refused spec), never a silent reuse.
 """
+
 from __future__ import annotations
-import hashlib
+
 import inspect
-import json
-import os
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from peftbench.core.files import digest, file_digest
 
-# peftbench modules on the path from (model, data, selection) to a number: a change in one of
-# them can change results, so their source is part of every method's code identity.
-RESULT_PATH = ("data", "experiment", "metrics", "models", "scoring", "selector", "sparse", "trainer")
+# peftbench's code on the path from (model, data, selection) to a number, as packages and files:
+# a change in one of them can change results, so its source is part of every method's code identity.
+RESULT_PATH = ("data", "modeling", "contract", "training/trainer.py", "training/evaluation.py",
+               "training/experiment.py")
 
 
 def model_fingerprint(model: str) -> str:
     """The content of a model: every file of a local folder hashed (weights, config,
     tokenizer); for a hub id, the id at the commit the local hub cache resolves to."""
-    from peftbench.models import resolve_model_path
+    from peftbench.modeling.models import resolve_model_path
 
     path = Path(resolve_model_path(model))
     if path.is_dir():
@@ -52,7 +53,7 @@ def code_identity(method: str, strict: bool = True) -> dict:
     study's cells, so that a change that cannot move a number, such as input validation, does
     not strand a finished study: bump `peftbench.__version__` with any change that can)."""
     import peftbench
-    from peftbench import registry
+    from peftbench.contract import registry
 
     info = registry.methods()[method.lower()]
     cls = registry.get(method)
@@ -100,7 +101,8 @@ def peftbench_identity() -> str:
 
     root = Path(peftbench.__file__).parent
     return digest({"version": peftbench.__version__,
-                   **{m: file_digest(root / f"{m}.py") for m in RESULT_PATH}})
+                   **{str(f.relative_to(root)): file_digest(f) for part in RESULT_PATH
+                      for f in (sorted((root / part).rglob("*.py")) if (root / part).is_dir() else [root / part])}})
 
 
 def environment() -> dict:

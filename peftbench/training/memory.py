@@ -5,6 +5,7 @@ selects before it trains, would report the largest peak so far. On Linux the pea
 writing 5 to /proc/self/clear_refs; where that is not possible (macOS, some sandboxes) the
 figure is the process peak since start and `peak()` says so with `since_reset: False`.
 """
+
 from __future__ import annotations
 
 import resource

@@ -5,6 +5,7 @@ A file that does not fit is refused with one line naming it and the field, never
 Fields added after a board's cells were written are optional (None), so committed cells of
 earlier versions still read back; nothing here changes a number.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
+from peftbench.core.files import write_atomic
 
 Metrics = dict[str, float]  # metric name -> value, with "main" (the task's main metric)
 
@@ -79,7 +81,7 @@ class Predictions(_Strict):
 
 
 class Forgetting(_Strict):
-    """What a run kept, on the probe (`peftbench.forgetting`): its statistic before and after
+    """What a run kept, on the probe (`peftbench.training.forgetting`): its statistic before and after
     training (an encoder's Spearman, higher is better; a causal LM's next-token loss, lower is)."""
 
     probe: str
@@ -164,13 +166,7 @@ class RunRecord(_Strict):
 
     def write(self, path: str | Path) -> None:
         """As `result.json` (through a temporary file: a full disk never leaves half a file)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2))
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, json.dumps(self.model_dump(mode="json"), indent=2))
 
 
 NATURAL = "natural"  # the budget label of a method with a natural count (`uses_budget = False`)
@@ -179,7 +175,7 @@ NATURAL = "natural"  # the budget label of a method with a natural count (`uses_
 def budget_label(method: str, budget: str) -> str:
     """A cell's budget as analyses see it: NATURAL for a method that does not use its budget
     (its count is its own), else the budget as given. The one place "natural" is decided."""
-    from peftbench import registry
+    from peftbench.contract import registry
 
     try:
         natural = not registry.get(method).uses_budget
@@ -192,7 +188,7 @@ def analysis_row(record: RunRecord, *, task: str, method: str, budget: str, mode
                  metric_name: str, run_dir: str) -> dict:
     """One seed as a row of the analysis frame: the one builder, for runs read from a study's
     trials and from run folders alike (`sweep.trials_frame`, `report.load_runs`)."""
-    from peftbench.memory import mean_load, peak_memory_mb
+    from peftbench.training.memory import mean_load, peak_memory_mb
 
     result = record.model_dump(mode="json")
     return {"task": task, "method": method, "budget": budget, "seed": record.seed,

@@ -1,29 +1,30 @@
 """Fine-tuning under a selection: AdamW, linear warm-up/decay, gradient clipping, seeded.
 
 Only parameters with `requires_grad` reach the optimizer, so frozen entries hold no optimizer
-state and memory grows with the trainable count (see `peftbench.sparse`). The step does the
+state and memory grows with the trainable count (see `peftbench.modeling.sparse`). The step does the
 minimum: forward, loss, backward, clip, step, and the selector's hooks only if it has any.
 """
+
 from __future__ import annotations
+
 import json
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Literal
+
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
-                      ValidationError)
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from peftbench import metrics
-from peftbench.data import Collator, TaskSpec
-from peftbench.errors import UsageError
-from peftbench.selector import Selector
+
+from peftbench.contract.selector import Selector
+from peftbench.contract.settings import TrainConfig
+from peftbench.core.errors import UsageError
+from peftbench.data.encode import Collator
+from peftbench.data.spec import TaskSpec
+from peftbench.modeling.compute import autocast, forward, loss_fn
+from peftbench.training.evaluation import evaluate
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -133,11 +134,11 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     nothing already measured.
 
     Cost, returned beside the metrics: `train_time_s` (evaluation included), `steps_per_s` (the
-    training loop alone) and `peak_memory` of this call (`peftbench.memory`: peak RSS on CPU,
+    training loop alone) and `peak_memory` of this call (`peftbench.training.memory`: peak RSS on CPU,
     max allocated on CUDA, the model and evaluation included).
     """
-    from peftbench import memory
-    from peftbench.sparse import decay_plan
+    from peftbench.modeling.sparse import decay_plan
+    from peftbench.training import memory
 
     memory_reset = memory.reset_peak(device)
     set_seed(seed)
@@ -179,7 +180,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             if step >= steps:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with _autocast(device, config.bf16):
+            with autocast(device, config.bf16):
                 loss = loss_fn(forward(model, batch, task), batch["labels"], task)
                 if extra_loss:
                     term = selector.loss_term(model, step)
@@ -190,7 +191,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             if before_step:
                 selector.before_step(model, step)
-            if decay_deltas:  # the sparse entries' decay towards 0 (see peftbench.sparse)
+            if decay_deltas:  # the sparse entries' decay towards 0 (see peftbench.modeling.sparse)
                 amount = config.lr * scheduler.factor(scheduler.last_epoch) * config.weight_decay
                 for delta in decay_deltas:
                     delta.decay_(amount)
