@@ -17,6 +17,7 @@ from peftbench.board import paths
 from peftbench.cli import main as cli_main
 from peftbench.cli.main import main
 from peftbench.sweep import grid, search, storage
+from peftbench.sweep import records as sweep_records
 from peftbench.sweep import spec as sweep_spec
 from peftbench.training import experiment
 
@@ -69,7 +70,6 @@ def test_a_cache_from_before_markers_is_still_recognised(tmp_path):
 
 
 def test_a_board_given_as_a_path_never_writes_the_folder_above_it(tmp_path, monkeypatch):
-    from peftbench.board import results as leaderboard
 
     monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
     users = tmp_path / "some" / "path"
@@ -77,7 +77,7 @@ def test_a_board_given_as_a_path_never_writes_the_folder_above_it(tmp_path, monk
     assert paths.shared_root(users / "board") is None
     (tmp_path / "boards" / "b").mkdir(parents=True)
     assert paths.shared_root(tmp_path / "boards" / "b") == (tmp_path / "boards").resolve()
-    repository = Path(leaderboard.__file__).resolve().parents[1] / "leaderboards"
+    repository = Path(__file__).resolve().parents[1] / "leaderboards"
     assert paths.shared_root(repository / "quickstart-sst2") == repository  # marked
 
 
@@ -326,7 +326,7 @@ def test_a_cut_search_json_is_one_line(capsys, tmp_path, tiny_model_dir):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "search.json").write_text('{"rte/random": {"train": {"lr"')
     with pytest.raises(UsageError, match="search.json is not valid JSON"):
-        search.best_search_params(sweep_spec.load_spec(path))
+        sweep_records.best_search_params(sweep_spec.load_spec(path))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -564,8 +564,8 @@ def test_a_causal_task_generating_a_hundred_thousand_tokens_is_refused(tmp_path)
     from peftbench.core.errors import UsageError
     from peftbench.data.tasks import load_task
 
-    spec = (Path(experiment.__file__).resolve().parents[1] / "tasks" / "arith.yaml").read_text()
-    data = Path(experiment.__file__).resolve().parents[1] / "tasks" / "data"
+    spec = (Path(__file__).resolve().parents[1] / "tasks" / "arith.yaml").read_text()
+    data = Path(__file__).resolve().parents[1] / "tasks" / "data"
     path = tmp_path / "arith.yaml"
     path.write_text(spec.replace("max_new_tokens: 16", "max_new_tokens: 100000").replace(
         "data/arith/", f"{data}/arith/"))

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from peftbench import sweep
 from peftbench.board import tables
 from peftbench.core.errors import UsageError
 from peftbench.sweep import budgets, search, state, storage
 from peftbench.sweep import grid as sweep_grid
+from peftbench.sweep import records as sweep_records
 from peftbench.sweep import spec as sweep_spec
 from peftbench.sweep.search import method_study
 from peftbench.training import experiment
@@ -87,7 +87,7 @@ def test_a_resumed_search_says_how_many_pairs_are_tuned_in_one_line(tmp_path, mo
     assert started == [f"search {k}: started; {i} of 4 pairs tuned so far"
                        for i, k in enumerate(["cb/random", "cb/bitfit", "rte/random", "rte/bitfit"])]
     (tmp_path / "sweep" / "search.json").write_text(
-        json.dumps({k: v for k, v in search.best_search_params(spec).items() if k != "rte/bitfit"}))
+        json.dumps({k: v for k, v in sweep_records.best_search_params(spec).items() if k != "rte/bitfit"}))
     lines.clear()
     search.run_search(spec, log=lines.append)
     assert lines[0].startswith("search: 3 of 4 (task, method) pairs tuned already in ")
@@ -193,7 +193,7 @@ def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_bud
     search.run_search(spec, log=lambda *a: None)
     runs.clear()
     carry = budgets.run_carry_check(spec, log=lambda *a: None)
-    assert sorted(carry) == ["cb/random/0.001", "cb/random/0.02"] == sorted(budgets.carry_keys(spec))
+    assert sorted(carry) == ["cb/random/0.001", "cb/random/0.02"] == sorted(sweep_records.carry_keys(spec))
     assert _rows_match(sorted((b, lr) for _, b, lr, _ in runs),
         [("0.001", 1e-4), ("0.001", 1e-3), ("0.001", 1e-2), ("0.02", 1e-4), ("0.02", 1e-3), ("0.02", 1e-2)])
     assert {seeds for *_, seeds in runs} == {(100,)}
@@ -321,7 +321,7 @@ def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_ot
     runs.clear()
     assert budgets.run_per_budget_search(spec, log=lambda *a: None) == tuned and not runs  # resumes
 
-    best = search.tuned_settings(spec)
+    best = sweep_records.tuned_settings(spec)
     lrs = {b: sweep_spec.cell_run_config(spec, sweep_spec.Cell("cb", "random", b, 0), best).train.lr
            for b in ("0.001", "0.005", "0.02")}
     assert lrs == pytest.approx({"0.001": 1e-3, "0.005": 1e-3, "0.02": 1e-2})
@@ -445,18 +445,18 @@ def test_a_search_entry_made_by_other_code_of_its_method_is_searched_again(tmp_p
     spec = _spec(tmp_path, seeds=[100, 101])
     best = search.run_search(spec, log=lambda *a: None)
     assert best["cb/random"]["code"] == fingerprint.code_identity("random", strict=False)["source"]
-    assert sweep.search.tuned_settings(spec).keys() == {"cb/random"}
+    assert sweep_records.tuned_settings(spec).keys() == {"cb/random"}
 
     record = json.loads((spec.out / "search.json").read_text())
     legacy = {k: {n: v for n, v in e.items() if n != "code"} for k, e in record.items()}
     (spec.out / "search.json").write_text(json.dumps(legacy))
-    assert sweep.search.tuned_settings(spec).keys() == {"cb/random"}  # no digest: kept
+    assert sweep_records.tuned_settings(spec).keys() == {"cb/random"}  # no digest: kept
 
     (spec.out / "search.json").write_text(json.dumps(record))
     real = fingerprint.code_identity
     monkeypatch.setattr(fingerprint, "code_identity",
                         lambda method, strict=True: {**real(method, strict), "source": "e" * 64})
-    assert sweep.search.tuned_settings(spec) == {}  # the grid waits for a new search
+    assert sweep_records.tuned_settings(spec) == {}  # the grid waits for a new search
     runs.clear()
     again = search.run_search(spec, log=lambda *a: None)
     assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2]) and again["cb/random"]["code"] == "e" * 64

@@ -12,6 +12,7 @@ from peftbench.board.verify import published_only
 from peftbench.contract import registry
 from peftbench.core.errors import UsageError
 from peftbench.sweep import budgets, cellstore, grid, state
+from peftbench.sweep import records as sweep_records
 from peftbench.sweep import search as sweep_search
 from peftbench.sweep import spec as sweep_spec
 from peftbench.sweep import storage as sweep_storage
@@ -99,7 +100,7 @@ def _prepare(folder: Path, spec: sweep_spec.StudySpec, trains: bool = True) -> N
             print(f"board {spec.name}: {len(refused)} committed cell(s) not read back: "
                   + "; ".join(refused[:5]) + (" ..." if len(refused) > 5 else ""), file=sys.stderr)
 
-    for record in ("search.json", "carry.json", sweep_search.PER_BUDGET):
+    for record in ("search.json", "carry.json", sweep_records.PER_BUDGET):
         committed, working = folder / record, spec.out / record
         if committed.is_file():
             sweep_storage.claim_out(spec)  # the sweep folder is peftbench's before anything is copied there
@@ -130,7 +131,7 @@ def per_budget(name: str, storage: str | None = None, output_dir: str | None = N
     folder = find(name)
     spec = sweep_spec.load_spec(folder / "spec.yaml", storage=storage, output_dir=output_dir)
     _prepare(folder, spec)
-    return budgets.run_per_budget_search(spec, mirror=folder / sweep_search.PER_BUDGET, carry_mirror=folder / "carry.json",
+    return budgets.run_per_budget_search(spec, mirror=folder / sweep_records.PER_BUDGET, carry_mirror=folder / "carry.json",
                                        search_mirror=folder / "search.json")
 
 
@@ -191,8 +192,8 @@ def run(name: str, storage: str | None = None, output_dir: str | None = None,
 
     if search and search.per_budget:  # each budget tuned from the carry check, before the grid
         carry_check()
-        phase("per-budget", "per-budget search", sweep_search.PER_BUDGET, lambda: budgets.run_per_budget_search(
-            spec, mirror=folder / sweep_search.PER_BUDGET, carry_mirror=folder / "carry.json",
+        phase("per-budget", "per-budget search", sweep_records.PER_BUDGET, lambda: budgets.run_per_budget_search(
+            spec, mirror=folder / sweep_records.PER_BUDGET, carry_mirror=folder / "carry.json",
             search_mirror=folder / "search.json"))
     study = sweep_storage.open_study(spec)
     cellstore.import_committed(study, spec, folder)

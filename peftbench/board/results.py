@@ -21,7 +21,6 @@ from peftbench.analysis import ranks
 from peftbench.analysis import statistics as analysis_statistics
 from peftbench.board.paths import machine, shared_root
 from peftbench.board.tables import (
-    trial_duration,
     board_progress,
     carry_lines,
     devices_line,
@@ -33,10 +32,12 @@ from peftbench.board.tables import (
     search_lines,
     settings_lines,
     time_line,
+    trial_duration,
 )
 from peftbench.core.errors import UsageError
 from peftbench.rendering import interactive, pages, plots, report
-from peftbench.sweep import cellstore, search, state, storage
+from peftbench.sweep import cellstore, state, storage
+from peftbench.sweep import records as sweep_records
 from peftbench.sweep import spec as sweep_spec
 
 
@@ -86,7 +87,7 @@ def write_results(spec: sweep_spec.StudySpec, folder: Path, command: str) -> str
         frame = frame[[k in progress["complete"] for k in keys]]
     frame.attrs["failed"] = state.failed_cells(study, spec)
     expected, done = progress["expected"], progress["done"]
-    waiting = [k for k in search.untuned(spec, search.tuned_settings(spec)) if k.count("/") == 2]
+    waiting = [k for k in sweep_records.untuned(spec, sweep_records.tuned_settings(spec)) if k.count("/") == 2]
     opening = frozen_lines(spec) + partial_lines(progress, waiting)
     drawn = [r for r in (ranks.friedman_by_budget(frame) if not frame.empty else [])
              if r["pairwise"] is not None]  # links only to plots made

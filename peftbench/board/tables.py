@@ -10,9 +10,9 @@ import pandas
 from peftbench.analysis import statistics
 from peftbench.board.paths import machine
 from peftbench.contract import registry
-from peftbench.sweep import budgets, state
-from peftbench.sweep import search as sweep_search
+from peftbench.sweep import records as sweep_records
 from peftbench.sweep import spec as sweep_spec
+from peftbench.sweep import state
 from peftbench.training.record import NATURAL
 
 
@@ -52,7 +52,7 @@ def search_table(best: dict) -> pandas.DataFrame:
 def settings_table(spec: sweep_spec.StudySpec) -> pandas.DataFrame:
     """What each (task, method) of the grid runs at: its learning rate, the method settings and
     the source of each (the search's choice, or the spec), from the cells' own run configs."""
-    best = sweep_search.tuned_settings(spec)
+    best = sweep_records.tuned_settings(spec)
     per_budget = bool(spec.search and spec.search.per_budget)
     rows = []
     for task in spec.tasks:
@@ -79,14 +79,14 @@ def settings_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
 
 def search_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
     """The search's table (search.csv and Markdown lines), when the spec searched."""
-    table = search_table(sweep_search.best_search_params(spec)) if spec.search else pandas.DataFrame()
+    table = search_table(sweep_records.best_search_params(spec)) if spec.search else pandas.DataFrame()
     if table.empty:
         return []
     table.to_csv(folder / "search.csv")
     search = spec.search
     budget = search.budget or spec.budgets[0]
     seeds = search.seeds or [spec.seeds[0]]
-    best = sweep_search.best_search_params(spec)
+    best = sweep_records.best_search_params(spec)
     seconds = [t.get("duration_s") for entry in best.values() for t in entry.get("tried", [])]
     timed = [x for x in seconds if x is not None]
     spent = (f" Search time: {sum(timed) / 3600:.2f} h over {len(timed)} settings tried"
@@ -118,12 +118,12 @@ def time_line(spec: sweep_spec.StudySpec, frame: pandas.DataFrame) -> str:
     (per-budget.json; its trials' time is that of the seeds it trained). Workers run trials side
     by side, so the elapsed time is this sum over the number of workers, roughly."""
     def hours(record: str) -> float:
-        entries = sweep_search.read_record(spec.out / record).values() if spec.search else []
+        entries = sweep_records.read_record(spec.out / record).values() if spec.search else []
         return sum(t.get("duration_s") or 0.0 for e in entries for t in e.get("tried", [])) / 3600
 
     parts = {"search": hours("search.json"),
              "grid": frame.duration_s.sum() / 3600 if not frame.empty else 0.0,
-             "carry check": hours("carry.json"), "per-budget search": hours(sweep_search.PER_BUDGET)}
+             "carry check": hours("carry.json"), "per-budget search": hours(sweep_records.PER_BUDGET)}
     shown = {k: v for k, v in parts.items() if v or k == "grid"}
     return ("- wall time of the trials, summed (trials of parallel workers overlap; scoring cached "
             "across budgets): " + " + ".join(f"{k} {v:.2f} h" for k, v in shown.items())
@@ -137,7 +137,7 @@ def carry_table(spec: sweep_spec.StudySpec, frame: pandas.DataFrame) -> pandas.D
     the carried value gives up against that best (0 when it is the best), and the cell's seed
     spread (std of the test metric over the reported seeds, NaN before its cells are in);
     `within spread` says whether the cost is at most the spread."""
-    entries = sweep_search.read_record(spec.out / "carry.json")
+    entries = sweep_records.read_record(spec.out / "carry.json")
     stats = statistics.cell_stats(frame).set_index(["task", "method", "budget"]) if not frame.empty else None
     rows = []
     for key, entry in entries.items():
@@ -169,12 +169,12 @@ def carry_lines(spec: sweep_spec.StudySpec, folder: Path, frame: pandas.DataFram
     # dropped from the count, since those are the keys where carrying cost most
     unjudged = ["/".join((r["task"], r["method"], r["budget"])) for r in records if r["within spread"] is None]
     seeds = ", ".join(map(str, spec.search.carry_check))
-    keys = budgets.carry_keys(spec)
+    keys = sweep_records.carry_keys(spec)
     return ["", "## Carrying the tuned rate to other budgets (carry.json, carry.csv)", "",
-            (f"What carrying the setting tuned at budget {sweep_search.search_budget(spec)} to the other budgets "
+            (f"What carrying the setting tuned at budget {sweep_records.search_budget(spec)} to the other budgets "
              "would cost (the per-budget search below tunes each budget instead, from these runs). "
              if spec.search.per_budget else
-             f"The setting tuned at budget {sweep_search.search_budget(spec)} is carried to the other budgets. ")
+             f"The setting tuned at budget {sweep_records.search_budget(spec)} is carried to the other budgets. ")
             + f"The check: at each other budget, on seed{'s' if len(spec.search.carry_check) > 1 else ''} "
             f"{seeds} (not reported), the carried value and its two grid neighbours; cost = the best "
             "validation of the three minus the carried value's; seed spread = the std of the test "
@@ -193,8 +193,8 @@ def per_budget_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
     """per-budget.csv and its Markdown section, when the spec tunes each budget on its own."""
     if not (spec.search and spec.search.per_budget):
         return []
-    record = sweep_search.read_record(spec.out / sweep_search.PER_BUDGET)
-    keys = budgets.carry_keys(spec)
+    record = sweep_records.read_record(spec.out / sweep_records.PER_BUDGET)
+    keys = sweep_records.carry_keys(spec)
     # rows in the spec's order (task, method, budget), not the order the workers finished them
     ordered = {**{k: record[k] for k in keys if k in record}, **record}
     table = search_table(ordered)
@@ -207,7 +207,7 @@ def per_budget_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
     moved = [k for k, e in record.items() if not math.isclose(e["train"][name], e["carried"][name], rel_tol=1e-9)]
     seeds = ", ".join(map(str, spec.search.seeds))
     return ["", "### Settings tuned at each budget (per-budget.json, per-budget.csv)", "",
-            f"Each budget other than {sweep_search.search_budget(spec)}, for every budget-parameterised "
+            f"Each budget other than {sweep_records.search_budget(spec)}, for every budget-parameterised "
             f"method: the carry check's three values around the carried one, widened by the edge "
             f"rule, chosen by the mean validation over seeds {seeds} (the carry check's seeds read "
             f"back from carry.json, not trained again). {len(record)} of {len(keys)} keys tuned; "

@@ -1,4 +1,4 @@
-"""`peftbench` command line: run, sweep, status, report, plot, leaderboard, bench, export, ..."""
+"""What each `peftbench` command does, one `cmd_*` function per command (the parser names them)."""
 
 from __future__ import annotations
 

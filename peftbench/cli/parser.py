@@ -22,6 +22,9 @@ def parse_params(items: list[str]) -> dict:
     return params
 
 
+DESCRIPTION = "peftbench command line: run, sweep, status, report, plot, leaderboard, bench, export, ..."
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -56,7 +59,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="peftbench", description=__doc__.split("\n")[0].replace("`", ""))
+    parser = Parser(prog="peftbench", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="fine-tune one method on one task over seeds")

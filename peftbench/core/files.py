@@ -38,13 +38,13 @@ def file_digest(path: str | Path) -> str:
 
 
 def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None],
-                 prefix: str = "tmp") -> Path:
+                 prefix: str | None = None) -> Path:
     """Write `content` (text, bytes, or a function that writes a given path, e.g. torch.save)
     to `path` through a temporary file in the same folder, then rename it into place.
-    `prefix` names the temporary file (a folder whose files are checked by name, such as
-    the score cache, says which temporary names are its own)."""
+    The temporary file is `<name>.<random>.tmp`, or `<prefix><random>.tmp` (a folder whose
+    files are checked by name, such as the score cache, says which temporary names are its own)."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or f"{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from peftbench.rendering.styles import task_cells, constant_score, subtitle, dodge, metric_axis, pareto_points, styles
+from peftbench.rendering.styles import (
+    constant_score,
+    dodge,
+    metric_axis,
+    pareto_points,
+    styles,
+    subtitle,
+    task_cells,
+)
 
 
 def pareto_figure(frame: pd.DataFrame):

@@ -14,9 +14,7 @@ import numpy as np
 import pandas as pd
 
 from peftbench.rendering.styles import (
-    task_cells,
     constant_score,
-    subtitle,
     dodge,
     legend_beside,
     method_style,
@@ -24,6 +22,8 @@ from peftbench.rendering.styles import (
     pareto_points,
     save,
     styles,
+    subtitle,
+    task_cells,
     y_span,
 )
 from peftbench.training.record import NATURAL, at_budget

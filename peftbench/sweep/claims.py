@@ -16,8 +16,7 @@ from optuna.trial import TrialState
 from peftbench import __version__
 from peftbench.core.errors import UsageError
 from peftbench.core.files import write_json
-from peftbench.sweep.records import current_entries, method_code, read_record, read_trial_log
-from peftbench.sweep.records import write_search
+from peftbench.sweep.records import current_entries, method_code, read_record, read_trial_log, write_search
 from peftbench.sweep.spec import StudySpec
 from peftbench.sweep.storage import pid_alive
 

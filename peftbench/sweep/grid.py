@@ -20,7 +20,7 @@ from peftbench.core.errors import UsageError
 from peftbench.data.metrics import metric_label
 from peftbench.sweep.records import untuned
 from peftbench.sweep.spec import Cell, StudySpec, cell_config, cell_run_config, cells, config_difference
-from peftbench.sweep.state import Fingerprints, settled, progress_line
+from peftbench.sweep.state import Fingerprints, progress_line, settled
 from peftbench.sweep.storage import claim_out, counts, open_study, reclaim_dead_local_trials, uses_heartbeat
 from peftbench.sweep.workers import spawn_workers, torch_threads
 from peftbench.training import experiment

@@ -16,11 +16,11 @@ from peftbench.core.errors import UsageError
 from peftbench.sweep.claims import SearchClaims, TrialLog, measure_cut_off_points, widened
 from peftbench.sweep.records import (
     add_tried,
-    write_search,
     best_search_params,
     method_study,
     search_budget,
     tried,
+    write_search,
 )
 from peftbench.sweep.spec import StudySpec, method_train
 from peftbench.sweep.storage import claim_out, open_storage
