@@ -22,8 +22,8 @@ The checks:
 - `score_leaves_model_unchanged`: every parameter and buffer is bit-identical after `score`;
 - `scores_have_parameter_shapes`: entry-shaped scores (keys that name parameters) have those
   parameters' shapes;
-- `select_within_budget`: the runner's own checks (`selector.check_scores`,
-  `selector.validate_selection`): no NaN score; names of encoder parameters, 1-D integer,
+- `select_within_budget`: the runner's own checks (`contract.selector.check_scores`,
+  `contract.selector.validate_selection`): no NaN score; names of encoder parameters, 1-D integer,
   in-range, unrepeated indices; a count at most the budget (for `uses_budget` methods whose
   budget is not `budget_in_expectation`), exactly the budget where `budget_exact = True`;
 - `select_is_deterministic`: two selections under the same seed are equal;

@@ -100,6 +100,7 @@ def _scoring(tiny_model_dir, lr=1e-2):
                               pick_device("cpu"), TrainConfig(lr=lr))
 
 
+@pytest.mark.slow
 def test_families_are_peft_families_with_their_costs(tiny_model_dir):
     model, _ = _scoring(tiny_model_dir)
     found = {f.name: f for f in families(model, (1, 4))}

@@ -108,6 +108,7 @@ RUN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, expected", RUN_CASES, ids=[" ".join(c[0]) for c in RUN_CASES])
 def test_bad_run_options(capsys, tmp_path, tiny_model_dir, extra, expected):
     msg = one_line_error(capsys, *run_args(tiny_model_dir, tmp_path / "runs", *extra))
@@ -126,6 +127,7 @@ def test_output_dir_that_is_a_file_or_not_writable(capsys, tmp_path, tiny_model_
         assert "must be a writable folder" in one_line_error(capsys, *run_args(tiny_model_dir, locked))
 
 
+@pytest.mark.slow
 def test_disk_full_marks_the_run_incomplete(capsys, tmp_path, tiny_model_dir, monkeypatch):
     """A failing write (ENOSPC) mid-run: one line, the directory marked INCOMPLETE, no
     truncated mask.pt, and reports skip it."""
@@ -259,6 +261,7 @@ def _interrupt_when(proc, ready, timeout=120):
     return proc.communicate(timeout=120)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_run_says_what_happens_and_marks_the_directory(tmp_path, tiny_model_dir):
     out = tmp_path / "runs"
     proc = _launch(run_args(tiny_model_dir, out, "--seeds", "3", "--epochs", "30", "--limit", "32"))
@@ -269,6 +272,7 @@ def test_ctrl_c_during_run_says_what_happens_and_marks_the_directory(tmp_path, t
     assert (run_dir / "INCOMPLETE").read_text().startswith("interrupted")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_sweep_prints_one_line_and_resumes(tmp_path, tiny_model_dir):
 
     path = _spec(tmp_path, tiny_model_dir, train={"epochs": 30}, limit=32, seeds=2)

@@ -62,6 +62,7 @@ def assert_titles_fit(dom: str) -> None:
         assert float(x) >= float(size), f"y title {html.unescape(text)!r} starts outside the figure (x={x})"
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_a_generated_page_draws_every_cell_and_every_row(tmp_path):
     rows = []
@@ -84,6 +85,7 @@ def test_a_generated_page_draws_every_cell_and_every_row(tmp_path):
     assert "Cut: 1 task of 7 &amp; 3 methods, for time." in (tmp_path / "index.html").read_text()
 
 
+@pytest.mark.slow
 @needs_chromium
 @pytest.mark.parametrize("board", sorted(p.name for p in BOARDS.iterdir() if (p / "index.html").is_file()))
 def test_committed_leaderboard_pages_render_offline(board):

@@ -124,6 +124,7 @@ def test_the_loss_is_on_answer_tokens_only(tiny_causal_dirs, side):
         .replace(" ", "").endswith(rows[0]["gold"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", ["random", "lora"])
 def test_a_causal_lm_run_end_to_end(tiny_causal_dirs, tmp_path, kind, method):
@@ -156,6 +157,7 @@ def test_a_causal_lm_run_end_to_end(tiny_causal_dirs, tmp_path, kind, method):
         pytest.approx(result["test"]["exact_match"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_raises_the_answers_likelihood(tiny_causal_dirs, tmp_path):
     """Full fine-tuning on the answers makes them more likely than at the start (lr 0)."""
     from peftbench.contract.settings import TrainConfig
@@ -171,6 +173,7 @@ def test_fine_tuning_raises_the_answers_likelihood(tiny_causal_dirs, tmp_path):
     assert logliks[1] > logliks[0] + 0.5  # measured: -10.22 -> -9.28 nats per answer token
 
 
+@pytest.mark.slow
 def test_a_sweep_and_its_report_on_a_causal_lm_task(tiny_causal_dirs, tmp_path):
     """The same sweeps and reports: a grid over two methods and two seeds on tiny Llama."""
     import yaml
@@ -274,6 +277,7 @@ def test_a_choices_score_is_its_tokens_log_likelihood_given_the_context(tiny_cau
                 assert scores[i, c].item() == pytest.approx(by_hand, abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random", "fish"])
 def test_a_multiple_choice_run_on_a_decoder_end_to_end(tiny_causal_dirs, tmp_path, method):
     """COPA (real data) on tiny GPT-2, scored by the choices' log-likelihoods: no head is added,
@@ -352,6 +356,7 @@ def test_a_prompt_that_leaves_no_room_for_its_answer_is_refused(tiny_model_dir):
         encode_causal(task, tokenizer, row, 4)
 
 
+@pytest.mark.slow
 def test_a_causal_lm_forgets_by_its_held_out_next_token_loss(tiny_causal_dirs, tmp_path):
     """The probe equals the model's own shifted loss sentence by sentence (HF shifts labels
     itself), "before" is the base model, and full fine-tuning at a high rate moves it more than a

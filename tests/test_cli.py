@@ -34,6 +34,7 @@ def test_tasks_lists_the_seven(capsys):
     assert {l.split()[0] for l in out.splitlines()} >= {"cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"}
 
 
+@pytest.mark.slow
 def test_run_end_to_end_on_real_rte(capsys, tiny_model_dir, tmp_path):
     code, out, err = run_cli(capsys, "run", "--method", "random", "--task", "rte", "--budget",
                              "0.01", "--seeds", "2", "--model", tiny_model_dir, "--epochs", "1",
@@ -166,6 +167,7 @@ def test_bad_method_parameter(capsys):
     assert "scope 'rows' is unknown: allowed tensor, global" in msg
 
 
+@pytest.mark.slow
 def test_process_exit_code_is_2_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "peftbench", "run", "--method", "nope",
                            "--task", "rte"], capture_output=True, text=True)
@@ -195,6 +197,7 @@ def _cli(*args, env=None, **kwargs):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_output_to_a_closed_pipe_is_silent_and_exits_0():
     import subprocess
     import sys as _sys
@@ -207,6 +210,7 @@ def test_output_to_a_closed_pipe_is_silent_and_exits_0():
     assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "Exception ignored" not in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
 def test_output_to_a_full_device_is_one_line_and_exit_1():
     import subprocess
@@ -220,12 +224,14 @@ def test_output_to_a_full_device_is_one_line_and_exit_1():
     assert lines[0].startswith("peftbench: error: standard output failed (No space left on device)")
 
 
+@pytest.mark.slow
 def test_output_in_an_ascii_locale_escapes_what_it_cannot_encode():
     proc = _cli("leaderboard", "show", "quickstart-sst2", env={"PYTHONIOENCODING": "ascii"})
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-500:]
     assert "\\xb1" in proc.stdout  # the ± of mean ± std, escaped
 
 
+@pytest.mark.slow
 def test_plot_out_refuses_a_folder_of_the_users(tmp_path, capsys, tiny_model_dir):
     """`plot pareto --out DIR` over a folder holding the user's own pareto.png: refused before
     any work, the file untouched; an empty or new folder is taken and marked."""

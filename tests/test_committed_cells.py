@@ -1,4 +1,4 @@
-"""A committed cell is a sealed unit (`cellstore.seal`): its files must agree with each other and
+"""A committed cell is a sealed unit (`sweep.cellstore.seal`): its files must agree with each other and
 with its fingerprint before any command reads it. Each damage below is one a pull request or a
 hand edit can carry; each is refused in one line naming the folder, before anything is written."""
 from __future__ import annotations

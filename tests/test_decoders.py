@@ -116,6 +116,7 @@ def _builtins() -> list[str]:
     return sorted(name for name, info in registry.methods().items() if info.package == "peftbench")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", _builtins())
 def test_every_builtin_passes_the_conformance_suite_on_each_decoder(decoder_dir, method):
     """The public conformance suite (`peftbench.testing`) for every built-in on tiny GPT-2,
@@ -146,6 +147,7 @@ def test_bench_step_floor_runs_on_a_decoder(decoder_dir):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["score.weight"]
 
 
+@pytest.mark.slow
 def test_a_sweep_and_its_report_on_a_decoder_classifier(tiny_model_dir, tmp_path):
     """The same sweeps and reports on a decoder sequence classifier (tiny Llama): a grid of two
     methods x two seeds on RTE (real data), then the report's table of cells."""

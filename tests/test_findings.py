@@ -11,7 +11,7 @@ from peftbench.analysis import findings
 
 
 def runs(cells: dict[tuple[str, str, str], list[float]], test_rows: int = 1_000_000) -> pd.DataFrame:
-    """{(task, method, budget): [metric per seed]} -> one row per run, as `report.load_runs`."""
+    """{(task, method, budget): [metric per seed]} -> one row per run, as `analysis.frame.load_runs`."""
     return pd.DataFrame([{"task": t, "method": m, "budget": b, "seed": s, "metric": v, "trainable": 1,
                           "pretrained_entries": 1000, "metric_name": "accuracy", "test_rows": test_rows,
                           "constant_metric": 0.5}
@@ -85,6 +85,7 @@ def test_a_verdict_over_tasks_says_on_which_tasks_it_holds():
     assert findings.worded({"a": "not resolved", "b": "not resolved"}) == "not resolved on any of 2 tasks"
 
 
+@pytest.mark.slow
 def test_a_rank_correlation_that_rests_on_collapsing_runs_is_said_to():
     """Two methods whose seeds sometimes fall to the constant predictor are both the worst and
     the least stable: they alone make rho significant; without them it is not resolved."""

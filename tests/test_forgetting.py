@@ -10,6 +10,7 @@ import scipy.stats
 import torch
 
 
+@pytest.mark.slow
 def test_the_probe_on_the_default_model_equals_mean_pooled_cosine_by_hand():
     from transformers import AutoModel, AutoTokenizer
 

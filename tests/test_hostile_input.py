@@ -290,6 +290,7 @@ def test_unsupported_devices_are_refused(capsys, tmp_path, tiny_model_dir, devic
     assert f"device {device!r}" in msg and "allowed auto, cpu" in msg or "not available" in msg
 
 
+@pytest.mark.slow
 def test_task_data_edited_during_a_sweep_is_not_recorded_under_the_old_fingerprint(tmp_path, tiny_model_dir,
                                                                                     monkeypatch):
 

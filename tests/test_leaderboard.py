@@ -16,6 +16,7 @@ from peftbench.rendering import interactive, plots, styles
 from peftbench.sweep import spec as sweep_spec
 
 
+@pytest.mark.slow
 def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path, tiny_model_dir,
                                                                         monkeypatch, capsys):
     board = tmp_path / "boards" / "tiny"
@@ -60,6 +61,7 @@ def test_pareto_points_are_the_non_dominated_ones():
     assert front.index.tolist() == [0, 4]  # 1 (same mean, more params) and 2, 3 are dominated
 
 
+@pytest.mark.slow
 def test_report_from_run_directories_and_status_and_bad_inputs(tmp_path, tiny_model_dir, capsys, monkeypatch):
     for method in ("random", "magpruning"):
         assert main(["run", "--method", method, "--task", "cb", "--budget", "0.01", "--seeds", "2",
@@ -209,6 +211,7 @@ def test_exact_spearman_p_at_eight_cells_orders_one_sample_only():
     assert rho == pytest.approx(observed) and p == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, tiny_model_dir, monkeypatch):
     """`leaderboard run` searches first when the spec has `search:`, commits search.json beside
     the spec, trains the grid at the tuned values, and a second run (another machine: no sweep
@@ -263,6 +266,7 @@ def _tuned_board(tmp_path, tiny_model_dir, monkeypatch, name: str, reported: int
     return board
 
 
+@pytest.mark.slow
 def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_path, tiny_model_dir, monkeypatch):
     """`search: carry_check` (issue #21): after the grid, the carried rate and its neighbours at
     the other budget, on the check's own seed; carry.json is committed beside search.json, read
@@ -285,6 +289,7 @@ def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_pat
     assert trained == [] and json.loads((board / "carry.json").read_text()) == carry
 
 
+@pytest.mark.slow
 def test_a_board_tuned_per_budget_runs_its_grid_at_each_budgets_own_rate(tmp_path, tiny_model_dir, monkeypatch):
     """`search: per_budget` (issue #21): search, carry check, per-budget search, then the grid;
     per-budget.json is committed, each budget's cells run at its own rate, the README shows the
@@ -341,6 +346,7 @@ def test_report_on_a_published_only_board_keeps_its_published_page(tmp_path):
     assert not (board / "progress.csv").exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_the_board_says_its_search_grid_and_carry_check_time(tmp_path):
     """Issue #21 asks the README for the total sweep time and the search time: every trial's
     wall time, summed per phase, from the committed records and cells."""
@@ -396,6 +402,7 @@ def test_a_board_grown_on_two_machines_says_so_and_splits_its_cost_by_device():
     assert tables.devices_line(frame.drop(columns="device")) is None
 
 
+@pytest.mark.slow
 def test_the_per_budget_table_lists_keys_in_the_specs_order_with_the_carried_setting(tmp_path):
     """Workers finish keys in any order; the table reads task by task, method by method, budget
     by budget, and shows the carried rate beside the chosen one."""

@@ -37,6 +37,7 @@ def _outcome(run_dir: Path) -> tuple:
     return losses, result["test"], result["validation"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(n for n, i in registry.methods().items()
                                           if i.selector_class and i.selector_class.needs_data))
 def test_training_is_bit_identical_without_cache_on_a_miss_and_on_a_hit(tiny_model_dir, tmp_path, method):
@@ -135,6 +136,7 @@ def test_diffpruning_tested_model_is_a_validated_projected_one(tiny_model_dir, t
         == result["budget_entries"]
 
 
+@pytest.mark.slow
 def test_every_method_saves_its_effective_trained_mask(tiny_model_dir, tmp_path):
     """mask.pt is written after training from what can differ: DiffPruning's projected mask,
     ChildTuning-F / MixOut / FullTuning the whole encoder, LoRA nothing pre-trained."""
@@ -155,6 +157,7 @@ def test_every_method_saves_its_effective_trained_mask(tiny_model_dir, tmp_path)
 
 # --- divergence and the constant predictor ----------------------------------------------------
 
+@pytest.mark.slow
 def test_diverged_run_is_recorded_not_reported_as_a_result(tiny_model_dir, tmp_path, capsys):
     from peftbench.cli.main import main
 
@@ -170,6 +173,7 @@ def test_diverged_run_is_recorded_not_reported_as_a_result(tiny_model_dir, tmp_p
     assert math.isnan(summary["test_main_mean"]) and "0" in summary["diverged_seeds"]
 
 
+@pytest.mark.slow
 def test_constant_predictor_is_shown_and_flagged(tiny_model_dir, tmp_path, capsys):
     from peftbench.cli.main import main
     from peftbench.data.metrics import constant_predictor

@@ -156,6 +156,7 @@ def test_supertuning_refuses_a_budget_above_its_layers(tiny_model):
         registry.create("supertuning").select(model, None, 10**7, torch.Generator())
 
 
+@pytest.mark.slow
 def test_export_cli_on_a_run_and_its_bad_input(tmp_path, capsys, tiny_model_dir):
     from conftest import one_line_error
 
@@ -189,6 +190,7 @@ def test_export_cli_on_a_run_and_its_bad_input(tmp_path, capsys, tiny_model_dir)
     assert sorted(p.name for p in board.iterdir()) == ["spec.yaml"]
 
 
+@pytest.mark.slow
 def test_bench_races_peft_shira_on_peftbench_mask(tiny_model_dir):
     """`bench step`'s race: the two engines train the same entries (same optimizer size)."""
     from peftbench.bench.step import step_cost
@@ -199,6 +201,7 @@ def test_bench_races_peft_shira_on_peftbench_mask(tiny_model_dir):
     assert all(v["step_s_min"] > 0 and v["peak_memory_bytes"] > 0 for v in out.values())
 
 
+@pytest.mark.slow
 def test_a_run_saved_with_its_trained_values_loads_through_peft_as_it_was_tested(tmp_path, capsys, tiny_model_dir):
     """`run --save-trained` then `export`: the adapter holds the run's trained entries and head,
     so the model loaded through peft scores the run's own test metric (Super-Tuning: every

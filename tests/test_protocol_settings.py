@@ -55,6 +55,7 @@ def test_length_order_pads_fewer_tokens():
     assert tokens[True] < 0.75 * tokens[False]
 
 
+@pytest.mark.slow
 def test_bf16_computes_in_bfloat16_on_cpu_and_is_recorded(tiny_model_dir, tmp_path):
     """A run with `bf16` trains under bfloat16 autocast on CPU (other losses than float32's),
     writes the setting into config.json, and scores are cached under another dtype."""
@@ -95,6 +96,7 @@ def test_a_bad_setting_is_refused_by_name():
         train_config({"bf16": "yes"})
 
 
+@pytest.mark.slow
 def test_bench_cells_times_real_cells_per_setting_against_the_first(tiny_model_dir):
     """`bench cells`: each variant's cells in their own worker processes, the wall time split
     into its parts, cells per hour and each metric against the baseline of the same run."""

@@ -64,6 +64,7 @@ def _train_offset(task, tmp_path, start_at_mean: bool):
     return before, _predictions(model, task, tokenized, tokenizer)
 
 
+@pytest.mark.slow
 def test_few_entries_reach_a_spread_around_a_far_label_mean(offset_task, tmp_path):
     labels = np.array(offset_task.load_splits()["train"]["label"], dtype=float)
     assert labels.mean() > 49

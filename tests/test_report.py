@@ -153,6 +153,7 @@ def test_identical_or_constant_shift_samples_are_not_tested():
         np.round(a - (a - np.array([0.1, 0.12, 0.09, 0.11, 0.1, 0.13])), 9)).pvalue)
 
 
+@pytest.mark.slow
 def test_rerun_seed_counts_once_and_diverged_seeds_are_listed(tmp_path, tiny_model_dir, capsys):
     from peftbench.cli.main import main
 
@@ -187,6 +188,7 @@ print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_cd_diagram_is_the_same_file_whatever_the_string_hash_seed(tmp_path):
     """scikit-posthocs stacks the crossbars in set order, which follows Python's per-process
     string hashing: a board rewritten from the same cells drew another cd.png."""
@@ -203,6 +205,7 @@ def test_cd_diagram_is_the_same_file_whatever_the_string_hash_seed(tmp_path):
     assert len(digests) == 1
 
 
+@pytest.mark.slow
 def test_a_cell_is_marked_at_the_constant_predictor_by_its_mean_noise_not_its_seeds_spread(tmp_path):
     """Table 1's ≈ and the verdict's list: a cell whose seeds split between learning and the
     majority class learned (its mean is 2 standard errors clear of the predictor); a cell with

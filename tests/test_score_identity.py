@@ -1,5 +1,5 @@
-"""A score is reused only for the settings its scoring read (`cache.ScoreCache.get_or_compute`
-with `scoring.RecordedSettings`), and a plugin is loaded only when named, failing alone."""
+"""A score is reused only for the settings its scoring read (`training.cache.ScoreCache.get_or_compute`
+with `contract.scoring.RecordedSettings`), and a plugin is loaded only when named, failing alone."""
 from __future__ import annotations
 
 import json
@@ -75,6 +75,7 @@ def _run(method, lr, tmp_path, model):
     return json.loads((run_dir / "seed-0" / "selection.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, rescored", [("reads-lr", True), ("plain", False), ("own-rate", False)])
 def test_a_score_is_reused_only_at_the_settings_its_scoring_read(plugins, tmp_path, tiny_model_dir, method, rescored):
     """The stale-score reproduction: a scoring phase at the run's rate, two rates. Reading the

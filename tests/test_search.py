@@ -73,6 +73,7 @@ def test_widening_stops_at_its_limit_and_not_for_an_inside_best(tmp_path, monkey
     assert {seeds for _, seeds in runs} == {(0,)}  # default: the spec's first seed
 
 
+@pytest.mark.slow
 def test_a_resumed_search_says_how_many_pairs_are_tuned_in_one_line(tmp_path, monkeypatch):
     """Progress on long work: each pair a worker starts says k of n tuned so far; a resumed
     search names its tuned pairs in one line (not a line per pair and per worker)."""
@@ -104,6 +105,7 @@ def test_widen_needs_one_numeric_grid(tmp_path):
                           "search": {"params": {"lr": {"choices": [1e-4]}}, "seeds": []}})
 
 
+@pytest.mark.slow
 def test_two_search_workers_split_the_pairs_and_lose_none(tmp_path, tiny_model_dir, monkeypatch):
     """`leaderboard run --workers 2` on a spec with a search: two `leaderboard search` workers
     take the untuned pairs between them (each pair searched once), and every pair's entry is in
@@ -171,6 +173,7 @@ def _carry_spec(tmp_path, **search):
                    "seeds": [100, 101], "budget": 0.005, "carry_check": [100], **search}})
 
 
+@pytest.mark.slow
 def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_budget(tmp_path, monkeypatch):
     """Validation peaks at lr 1e-3 at the search's budget and at 1e-2 at 2%: the check, at 0.1%
     and 2% only, for the budget-parameterised method only (BitFit has its natural count), on
@@ -291,6 +294,7 @@ def _per_seed_runs(monkeypatch, runs: list):
     monkeypatch.setattr(experiment, "run_experiment", run_experiment)
 
 
+@pytest.mark.slow
 def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_other_seeds(tmp_path, monkeypatch):
     """`search: per_budget` (issue #21: carrying the rate tuned at 0.5% cost several methods
     more than their seed spread): each other budget is tuned on the search's two seeds from the
@@ -342,6 +346,7 @@ def test_a_per_budget_search_needs_the_carry_check_on_the_search_seeds(tmp_path)
         budgets.run_per_budget_search(spec, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_trials(tmp_path, monkeypatch):
     """Boards outlive a machine: a search stopped after two of a key's three settings keeps
     them in the board's `search-trials.json`; on a fresh machine (the sweep folder and its
@@ -435,6 +440,7 @@ def test_a_changed_method_is_searched_again_in_a_study_of_its_own(tmp_path, monk
     assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2])
 
 
+@pytest.mark.slow
 def test_a_search_entry_made_by_other_code_of_its_method_is_searched_again(tmp_path, monkeypatch):
     """search.json records the method's source digest with each entry: the grid and the search
     take an entry only while the method is the code that made it; an entry without a digest

@@ -79,6 +79,7 @@ def test_friedman_runs_per_budget_over_tasks_with_iman_davenport_and_no_referenc
             assert got.loc[a, b] == pytest.approx(p)
 
 
+@pytest.mark.slow
 def test_with_fewer_than_five_tasks_the_ranking_is_descriptive_and_has_no_pairwise_tests():
     few = _tasks_frame(np.random.default_rng(0), tasks=2)
     assert all(r["descriptive"] and r["pairwise"] is None for r in ranks.friedman_by_budget(few))
@@ -87,6 +88,7 @@ def test_with_fewer_than_five_tasks_the_ranking_is_descriptive_and_has_no_pairwi
     assert "natural count: fulltuning" in said and "over budget: childtuning-f at 0.1%" in said
 
 
+@pytest.mark.slow
 def test_comparisons_are_per_task_with_test_set_error_and_holm_within_each_family():
     from peftbench.analysis import uncertainty
 
@@ -257,6 +259,7 @@ def test_the_paired_bootstrap_over_test_examples_against_independent_computation
     assert fast == pytest.approx(slow)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["rte", "stsb"])
 def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_model_dir, tmp_path, task):
     """End to end on real task data: each seed's result keeps its per-example test predictions,
@@ -294,6 +297,7 @@ def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_m
     assert len(forgot) == 2 and (forgot.seeds == 2).all()
 
 
+@pytest.mark.slow
 def test_a_declared_comparison_family_is_used_and_said_and_an_unknown_reference_refused(tmp_path):
     from peftbench.core.errors import UsageError
 

@@ -53,6 +53,7 @@ def launch(spec_path: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_kill_9_midway_then_same_command_finishes_without_rerunning(tmp_path, tiny_model_dir):
     """2 methods x 3 budgets x 2 seeds, as the issue asks, on a tiny model and real RTE rows."""
     spec_path = write_spec(tmp_path, tiny_model_dir, budgets=[0.01, 0.05, 0.1])
@@ -86,6 +87,7 @@ def test_kill_9_midway_then_same_command_finishes_without_rerunning(tmp_path, ti
     assert any(t.system_attrs.get("failed_trial") == killed[0].number for t in complete)  # retried
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study_each_cell_once(tmp_path, tiny_model_dir):
     spec_path = write_spec(tmp_path, tiny_model_dir)
     spec = sweep_spec.load_spec(spec_path)
@@ -100,6 +102,7 @@ def test_two_workers_share_one_sqlite_study_each_cell_once(tmp_path, tiny_model_
     assert all(n == 1 for n in finished_runs(tmp_path / "out").values())
 
 
+@pytest.mark.slow
 def test_workers_option_runs_local_workers_with_a_share_of_the_cores_each(tmp_path, tiny_model_dir):
     """`sweep --workers 2`: every cell once, each worker with half the cores as its threads."""
     spec_path = write_spec(tmp_path, tiny_model_dir)
@@ -125,6 +128,7 @@ def test_workers_beyond_the_cores_are_refused():
                      "MKL_NUM_THREADS": str(len(os.sched_getaffinity(0)))}]
 
 
+@pytest.mark.slow
 def test_sweeping_four_budgets_scores_once(tmp_path, tiny_model_dir, monkeypatch):
     from peftbench.methods.magpruning import MagPruning
 
@@ -162,6 +166,7 @@ def test_bad_specs_are_refused_with_what_is_allowed(tmp_path, tiny_model_dir, ch
         sweep_spec.load_spec(write_spec(tmp_path, tiny_model_dir, **change))
 
 
+@pytest.mark.slow
 def test_search_samples_learning_rates_and_records_the_best(tmp_path, tiny_model_dir):
     spec_path = write_spec(tmp_path, tiny_model_dir, methods=["random"], budgets=[0.01],
                            train={"epochs": 2},
@@ -201,6 +206,7 @@ def _one_cell_spec(tmp_path, model, **extra):
     return write_spec(tmp_path, model, methods=["random"], budgets=[0.01], seeds=[0], **extra)
 
 
+@pytest.mark.slow
 def test_a_spec_that_contradicts_the_study_is_refused_naming_the_keys(tmp_path, tiny_model_dir, capsys):
     """Changing lr and rerunning used to print '0 queued now' and report the old-lr numbers."""
     from peftbench.cli.main import main
@@ -221,6 +227,7 @@ def test_a_spec_that_contradicts_the_study_is_refused_naming_the_keys(tmp_path, 
     assert list(old.trial) == [0]
 
 
+@pytest.mark.slow
 def test_reports_show_only_the_current_specs_cells(tmp_path, tiny_model_dir):
     """A method removed from the spec (or a same-named spec with other cells) stays out."""
     both = write_spec(tmp_path, tiny_model_dir, methods=["random", "magpruning"], budgets=[0.01], seeds=[0])
@@ -233,6 +240,7 @@ def test_reports_show_only_the_current_specs_cells(tmp_path, tiny_model_dir):
     assert state.progress_line(study, state.Fingerprints(spec)).startswith("1/1 cells done")
 
 
+@pytest.mark.slow
 def test_a_diverged_cell_fails_once_with_its_reason_and_the_sweep_exits_1(tmp_path, tiny_model_dir, capsys):
     from peftbench.cli.main import main
 
@@ -269,6 +277,7 @@ def test_method_train_sets_one_methods_settings_and_is_checked(tmp_path, tiny_mo
             sweep_spec.load_spec(spec_path)
 
 
+@pytest.mark.slow
 def test_search_over_choices_tries_each_choice_once(tmp_path, tiny_model_dir):
     """A search whose settings are all lists of choices is a grid: each value once, even when
     `trials` is larger (TPE would repeat values)."""
@@ -294,6 +303,7 @@ def test_uses_heartbeat_says_what_open_storage_built(tmp_path, tiny_model_dir):
         assert sweep_storage.uses_heartbeat(spec) == has == expected
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_sweep_with_workers_ends_the_workers(tmp_path, tiny_model_dir):
     """A scheduler's `kill PID` (SIGTERM) on `sweep --workers 2` reaches the workers: none is
     left training, orphaned, after the parent is gone."""
@@ -328,6 +338,7 @@ def test_sigterm_to_a_sweep_with_workers_ends_the_workers(tmp_path, tiny_model_d
     assert not alive, f"workers {alive} outlived the SIGTERM'd sweep"
 
 
+@pytest.mark.slow
 def test_a_cell_past_its_time_limit_fails_for_good_and_the_sweep_goes_on(tmp_path, tiny_model_dir, monkeypatch):
     """A hung `select` (its heartbeat keeps the trial alive) is ended at the spec's
     cell_time_limit, recorded as failed for good with the reason; the other cells run."""

@@ -76,6 +76,7 @@ def test_training_is_reproducible_from_the_seed(tiny_model_dir, rte_small, tmp_p
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
 def test_bench_step_reports_ratios_and_state_grows_with_trainable_count(tiny_model_dir):
     """Each variant in its own process; the ratios are to the floor and to full tuning of the
     same run; AdamW keeps 2 moments per trainable entry, so sparse state is ~p of full."""
@@ -114,6 +115,7 @@ def test_a_bf16_variant_runs_the_same_step_under_autocast(tiny_model_dir, capsys
     assert "unknown variants ['random-global+bf32']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random", "lora"])
 def test_gradient_checkpointing_saves_memory_not_numbers(tiny_model_dir, tmp_path, method):
     """Recomputing activations in the backward gives the same run (CPU, same seed) through the

@@ -68,7 +68,7 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
       detail says so;
     - `underspent`: a budgeted method trained less than `spent` of its budget (mean over seeds):
       the cell measures a smaller budget than its column says;
-    - `protocol-limited`: seeds whose run says it did not work as designed (`record.health_flags`:
+    - `protocol-limited`: seeds whose run says it did not work as designed (`training.record.health_flags`:
       DiffPruning's mask did not learn, or it was projected from a collapsed model).
     From each seed's `trainable_by_tensor` (the head apart); empty where runs do not record it."""
     from peftbench.contract.selector import Budget
@@ -115,7 +115,7 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
 
 def constant_cells(frame: pd.DataFrame, stats: pd.DataFrame | None = None) -> list[str]:
     """'task/method/bBUDGET' of every cell whose mean is within noise of the constant predictor
-    (`metrics.near_constant`): cells that did not measurably learn. `stats`: the frame's
+    (`data.metrics.near_constant`): cells that did not measurably learn. `stats`: the frame's
     `cell_stats`, when the caller has them."""
     constant = constant_scores(frame)
     out = []

@@ -12,7 +12,7 @@ seeds are repeated measurements inside a task and never pooled across tasks.
 Why these tests:
 - (1) differences SAM - Random paired by seed within each task (the same seed shares the data
   order and the head's initialisation), with seed and test-set error
-  (`uncertainty.paired_difference`); across tasks, the hierarchical model of `statistics.comparisons`;
+  (`analysis.uncertainty.paired_difference`); across tasks, the hierarchical model of `analysis.statistics.comparisons`;
 - (2) the ratio std(method) / std(full FT) per (task, budget, method), Brown-Forsythe's test
   (Levene around the median, robust to the few seeds being skewed) for each, and the median
   ratio per task with a bootstrap interval that resamples full FT's seeds (its std is shared by

@@ -17,7 +17,7 @@ from peftbench.training.record import NATURAL, at_budget, budget_blocks
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean, population std and count over seeds per (task, method, budget), and a 95% interval
-    of the mean that carries the seeds' and the test set's error (`uncertainty.cell_interval`;
+    of the mean that carries the seeds' and the test set's error (`analysis.uncertainty.cell_interval`;
     `interval` says which: "seeds + test (bootstrap)" from stored predictions, else "seeds + test
     (binomial)" or "(fisher-z)", or "seeds only" with a percentile bootstrap where the metric has
     no analytic test-set SE). NaN with one seed."""
@@ -126,8 +126,8 @@ def comparisons(frame: pd.DataFrame, references: tuple[str, ...] = ("random", "f
     """The pre-declared comparison families: at each budget, each method that keeps to it
     against each reference (Random at the same budget; full fine-tuning at its natural count).
     Per task, the difference paired by seed with seed and test-set error
-    (`uncertainty.paired_difference`), Holm-adjusted within the family (budget, reference);
-    across two or more tasks, the hierarchical model (`uncertainty.hierarchical`) on the differences
+    (`analysis.uncertainty.paired_difference`), Holm-adjusted within the family (budget, reference);
+    across two or more tasks, the hierarchical model (`analysis.uncertainty.hierarchical`) on the differences
     standardised by the task's test-set SE of the reference, ROPE one such SE. Differences x100."""
     from peftbench.analysis import uncertainty
 
@@ -187,7 +187,7 @@ def best_per_budget(frame: pd.DataFrame) -> pd.DataFrame:
     """"Which selection method is best at which budget", with its confidence: per (task,
     budget), among the methods that keep to it (`competing`), the best by mean test metric, the
     runner-up, their difference paired by seed with a 95% interval carrying seed and test-set
-    error (`uncertainty.paired_difference`; x100) and its p. The two are chosen after seeing the
+    error (`analysis.uncertainty.paired_difference`; x100) and its p. The two are chosen after seeing the
     data, so the p is uncorrected and optimistic: an interval that includes 0 means the data do
     not single out one method there. `over_budget` names the methods whose count overshoots."""
     from peftbench.analysis import uncertainty

@@ -158,7 +158,7 @@ def _confusion_metrics(p: np.ndarray, y: np.ndarray, idx: np.ndarray, classes: i
 def _resampled_main(cell: dict, main: list[str], idx: np.ndarray) -> np.ndarray:
     """The main metric of one seed's stored predictions on each row of resampled indices
     (draws x n): vectorised for accuracy, F1, macro-F1, MCC, Pearson and Spearman,
-    `metrics.compute` otherwise."""
+    `data.metrics.compute` otherwise."""
     from peftbench.data import metrics
 
     p, y = cell["predictions"], cell["labels"]
@@ -191,7 +191,7 @@ def bootstrap_test_se(cells_a: list[dict], cells_b: list[dict] | None, main: lis
                       draws: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> float:
     """The test set's SE of a cell's seed-mean (cells_b None) or of the difference of two
     cells' seed-means, by a paired bootstrap over the test examples: every draw resamples the
-    examples once and scores every stored seed of both cells on them (`record.Predictions`)."""
+    examples once and scores every stored seed of both cells on them (`training.record.Predictions`)."""
     n = len(cells_a[0]["labels"])
     if any(len(c["labels"]) != n for c in [*cells_a, *(cells_b or [])]):
         raise ValueError("the cells' stored predictions are of different test sets")

@@ -40,7 +40,7 @@ def published_only(spec: sweep_spec.StudySpec, folder: Path | None = None) -> st
           + [f"- {m}: {note}" for m, note in spec.method_notes.items()] + [""] if spec.method_notes else []),
         f"Stability vs performance from this table: Spearman rho = {corr['spearman']:.4f} "
         f"(p = {corr['spearman_p']:.2g}, n = {corr['n']}); they report rho = 0.4356 (p = 0.000014), "
-        "computed on data not published (see methods-research.md 2.1.4)."])
+        "computed on per-cell data the paper does not publish."])
 
 
 def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None = None,

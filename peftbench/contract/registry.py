@@ -102,13 +102,13 @@ def get(name: str) -> type[Selector]:
 
 
 def resolved_params(name: str, params: dict) -> dict:
-    """`selector.resolve_params` of the method registered as `name`."""
+    """`contract.selector.resolve_params` of the method registered as `name`."""
     return resolve_params(get(name), name, params)
 
 
 def create(name: str, **params) -> Selector:
     """An instance of method `name` with hyper-parameters `params`, validated against its
-    `__init__` signature and annotations first (`selector.validate_params`)."""
+    `__init__` signature and annotations first (`contract.selector.validate_params`)."""
     cls = get(name)
     params = validate_params(cls, name, params)
     try:

@@ -26,7 +26,7 @@ from peftbench.modeling.models import pretrained_parameters
 class RecordedSettings:
     """The run's training settings as `score` sees them: every setting read is noted in
     `read`, so the score cache keys an entry on exactly the settings its scoring read
-    (`cache.ScoreCache.get_or_compute`): a scoring phase at the run's lr is scored again when
+    (`training.cache.ScoreCache.get_or_compute`): a scoring phase at the run's lr is scored again when
     the lr changes; a score that reads none is shared across rates."""
 
     def __init__(self, settings: TrainConfig):

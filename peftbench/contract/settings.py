@@ -39,7 +39,7 @@ class TrainConfig:
     eval_order: Literal["given", "length"] = "given"
 
 
-#: settings that cannot change a number: a cell's fingerprint leaves them out (`sweep.cell_config`)
+#: settings that cannot change a number: a cell's fingerprint leaves them out (`sweep.spec.cell_config`)
 NUMERICALLY_NEUTRAL = ("gradient_checkpointing",)
 
 

@@ -9,7 +9,7 @@ from peftbench.data.spec import TaskSpec, render
 # -- tokenisation ----------------------------------------------------------------------------
 def tokenize(task: TaskSpec, tokenizer, splits, max_length: int, lm_head: bool = False):
     """Token ids and a `labels` column for every split (multiple choice: one row per choice).
-    `lm_head` (`models.uses_lm_head`): a multiple-choice task read by a decoder's LM head, each
+    `lm_head` (`modeling.models.uses_lm_head`): a multiple-choice task read by a decoder's LM head, each
     choice a continuation of the context (`encode_choices`)."""
 
     def encode(row):

@@ -68,7 +68,7 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 def linear_targets(model: nn.Module, suffixes: list[str], tuner: str) -> list[str]:
-    """Full names of the `suffixes` modules of every block (`architectures.block_modules`), or
+    """Full names of the `suffixes` modules of every block (`modeling.architectures.block_modules`), or
     a UsageError when one is not an nn.Linear (the only layer peft's sparse tuners wrap)."""
     from peftbench.core.errors import UsageError
     from peftbench.modeling.architectures import block_modules

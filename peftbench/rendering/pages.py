@@ -8,7 +8,7 @@ CSV cannot disagree), sortable by column, with the constant-predictor row and th
 interactive Pareto plot; the critical-difference diagram and the spend plot when present; the
 spec, the command and the machine; failed (diverged) cells listed; the cost per method (times,
 steps/s, peak memory, from cost.csv), also in the Pareto hover. A leaderboard commits each cell's
-config.json, result.json and cell.json under `runs/` (`leaderboard.commit_cells`) and its page lists
+config.json, result.json and cell.json under `runs/` (`board.results.commit_cells`) and its page lists
 every cell with links to them. `leaderboards/index.html` lists every board.
 """
 

@@ -146,7 +146,7 @@ def pareto_png(frame: pd.DataFrame, path: str | Path) -> list[Path]:
 
 
 def cd_png(ranking: dict, path: str | Path) -> Path:
-    """Critical-difference diagram (Demsar 2006) of one budget from `statistics.friedman_by_budget`
+    """Critical-difference diagram (Demsar 2006) of one budget from `analysis.ranks.friedman_by_budget`
     (drawn only with enough tasks for its pairwise tests): mean ranks over tasks on the axis,
     methods that the Holm-adjusted pairwise Wilcoxon tests over tasks cannot tell apart (alpha
     0.05) joined by a bar, a dot on the bar at each of them. A bar says "not separated by these

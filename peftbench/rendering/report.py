@@ -1,8 +1,8 @@
 """Reports: Fu et al.'s Table 1 form, stability and rank correlations, significance, overlap.
 
 Input is one DataFrame with a row per finished run (task, method, budget, seed, metric,
-trainable, run_dir, ...), read from a sweep's study (`sweep.trials_frame`) or from run
-directories (`load_runs`). Conventions, as Fu et al. (see ../shared/design, methods-research 2.1):
+trainable, run_dir, ...), read from a sweep's study (`sweep.state.trials_frame`) or from run
+directories (`analysis.frame.load_runs`). Conventions, as Fu et al. 2023 (their Table 1):
 - metric = the task's main metric on test at the best-validation checkpoint, shown x100;
 - std = population std over seeds (ddof=0);
 - performance rank = rank of the mean, descending; stability rank = rank of the std,

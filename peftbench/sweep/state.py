@@ -41,7 +41,7 @@ class Fingerprints:
 
     def of(self, cell: Cell) -> str:
         """The cell's fingerprint under the current code; on a frozen board, the committed one
-        proven to be this spec's cell (`cellstore.accept_frozen`)."""
+        proven to be this spec's cell (`sweep.cellstore.accept_frozen`)."""
         if self.spec.frozen is not None:
             return self.spec._accepted.get(cell.key, "")
         return self._entry(cell)[1]
@@ -156,7 +156,7 @@ def trial_record(trial) -> RunRecord:
 
 
 def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
-    """Completed grid trials as the analysis frame (`record.analysis_row`, as `report.load_runs`
+    """Completed grid trials as the analysis frame (`training.record.analysis_row`, as `analysis.frame.load_runs`
     builds it from run folders), one row per (task, method, budget, seed), plus the trial's
     number, fingerprint, device (the CPU or GPU it ran on; '' if not recorded) and duration; with `prints`, only the current spec's cells run with its
     settings."""

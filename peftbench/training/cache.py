@@ -82,7 +82,7 @@ class ScoreCache:
         entry's key). A cached entry reports the scoring time measured when it was computed;
         `about` (what the key is made of) is stored beside the scores for `peftbench cache list`.
 
-        `settings` (`scoring.RecordedSettings`): the training settings scoring may read. The
+        `settings` (`contract.scoring.RecordedSettings`): the training settings scoring may read. The
         entry is keyed on `key` plus the values of the settings it read, which are noted per key
         in `<key>.reads.json` (a union over the times it was computed): the next lookup keys on
         those settings' current values, so a setting scoring reads can never bring back a score

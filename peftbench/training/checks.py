@@ -85,7 +85,7 @@ def checked_select(selector, method: str, model, scores, k: int, generator, befo
 
 def check_count(method: str, model, pretrained: set[str], head: set[str], bound: int | None) -> None:
     """After training: the entries that can differ from the pre-trained model, counted from the
-    model (what trains and what parametrisations declare, `sparse.count_trainable`), never from
+    model (what trains and what parametrisations declare, `modeling.sparse.count_trainable`), never from
     the method's own account, within the budget. Checked on the trained model, not after
     apply(): DiffPruning trains every entry until its projection, by design."""
     counts = count_trainable(model, pretrained, head)

@@ -55,7 +55,7 @@ def _float32_text(values: np.ndarray) -> list[float]:
 def evaluate(model, loader: DataLoader, task: TaskSpec, device: torch.device, keep: bool = False,
              config: TrainConfig | None = None):
     """The split's metrics; with `keep`, also its per-example predictions and labels (a dict
-    as `record.Predictions`), in the split's order: (metrics, predictions). `config`: the run's
+    as `training.record.Predictions`), in the split's order: (metrics, predictions). `config`: the run's
     `bf16` and `eval_order` settings (defaults when None)."""
     config = config or TrainConfig()
     if task.kind == "causal_lm":

@@ -92,7 +92,7 @@ def shira_model(model: nn.Module, selection: Selection, trained: dict | None = N
     """(a `PeftModel` wrapping `model` in place, the ExportReport): peft SHiRA layers on every
     nn.Linear weight with selected entries, each sized to its count, and the task head as
     `modules_to_save`. Values: zero (the pre-trained function), or with `trained` (a run's
-    `trained.safetensors`, `experiment.save_trained`) the run's trained entries and head."""
+    `trained.safetensors`, `training.experiment.save_trained`) the run's trained entries and head."""
     from peft import ShiraConfig, get_peft_model
 
     from peftbench.modeling.models import pretrained_parameters

@@ -42,7 +42,7 @@ class _Strict(BaseModel):
 
 
 class Counts(_Strict):
-    """Trainable entries, counted one way for every method (`sparse.count_trainable`)."""
+    """Trainable entries, counted one way for every method (`modeling.sparse.count_trainable`)."""
 
     encoder: NonNegativeInt
     new: NonNegativeInt
@@ -52,7 +52,7 @@ class Counts(_Strict):
 
 
 class ConstantPredictor(_Strict):
-    """The constant prediction the training set suggests, scored (`metrics.constant_predictor`)."""
+    """The constant prediction the training set suggests, scored (`data.metrics.constant_predictor`)."""
 
     prediction: float | int | str  # a class id, a mean label, or a causal-LM answer
     test_rows: NonNegativeInt
@@ -187,7 +187,7 @@ def budget_label(method: str, budget: str) -> str:
 def analysis_row(record: RunRecord, *, task: str, method: str, budget: str, model: str,
                  metric_name: str, run_dir: str) -> dict:
     """One seed as a row of the analysis frame: the one builder, for runs read from a study's
-    trials and from run folders alike (`sweep.trials_frame`, `report.load_runs`)."""
+    trials and from run folders alike (`sweep.state.trials_frame`, `analysis.frame.load_runs`)."""
     from peftbench.training.memory import mean_load, peak_memory_mb
 
     result = record.model_dump(mode="json")
