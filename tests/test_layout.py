@@ -22,18 +22,16 @@ MAX_LINES = 400
 LONG_FUNCTIONS = {
     "training.trainer.train": "the training loop: one place to read what a step does, in order",
     "cli.parser.build_parser": "a declarative table of commands and options, one call per option",
-    "rendering.pages.write_page": "the page's sections in reading order, one block per section",
-    "board.results.write_results": "a board's README header, then the report, figures and page, in order",
     "sweep.search.tune": "one (task, method) search: the objective is a closure over its trial log",
     "training.experiment._run_seed": "one seed's run from scoring to result.json, in order",
     "board.rekey.rekey": "the proof and the re-keying in one transaction: nothing written unless all pass",
     "board.verify.verify": "re-run sampled cells and compare every number, in one report",
-    "analysis.findings.section": "Fu et al.'s three findings, each test beside its wording",
-    "rendering.report.build_report": "the report's sections in reading order",
+    "analysis.findings.sections": "Fu et al.'s three findings, each test beside its wording",
+    "rendering.report.report_sections": "the report's sections in reading order",
     "bench.cells.tuning_rules": "the tuning replay's two rules side by side",
     "rendering.verdict.verdict": "the verdict's sentences, each beside the statistic it words",
     "training.experiment.run_experiment": "a run directory's life: claim, seeds, summary, marker",
-    "rendering.report._ranking_section": "Friedman, ranks and the declared comparisons: one section",
+    "rendering.report._ranking_sections": "Friedman, ranks and the declared comparisons, one after another",
 }
 
 

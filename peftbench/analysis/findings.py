@@ -26,8 +26,6 @@ Why these tests:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import scipy.stats
@@ -217,21 +215,16 @@ def rank_correlation(frame: pd.DataFrame, resamples: int = 2000, seed: int = 0) 
     return pd.DataFrame(rows)
 
 
-def section(frame: pd.DataFrame, out_dir=None) -> list[str]:
-    """Markdown lines of the section "Fu et al.'s findings at this scale" ([] when the board
-    has none of the methods the findings compare); with `out_dir`, each finding's table is
-    also written there (findings-sam-random.csv, findings-stability.csv, findings-ranks.csv)
-    and the headlines to findings.md (the page shows them)."""
-    lines = []
+def sections(frame: pd.DataFrame) -> list[dict]:
+    """The section "Fu et al.'s findings at this scale" and one per finding, as the fields of
+    `rendering.sections.Section` (title, level, note, table, csv, floatfmt): each finding's
+    headline is its note, its table is saved as findings-sam-random.csv, findings-stability.csv,
+    findings-ranks.csv. [] when the board has none of the methods the findings compare."""
     sam = sam_vs_random(frame)
     stability, summary = stability_vs_full(frame)
     ranks = rank_correlation(frame)
-    if out_dir is not None:
-        for name, table in (("sam-random", sam), ("stability", stability), ("ranks", ranks)):
-            if not table.empty:
-                table.to_csv(f"{out_dir}/findings-{name}.csv", index=False)
     if sam.empty and stability.empty and ranks.empty:
-        return lines
+        return []
     headlines = []
     if not sam.empty:
         said = worded(dict(zip(sam.task, sam.verdict)))
@@ -273,18 +266,20 @@ def section(frame: pd.DataFrame, out_dir=None) -> list[str]:
             + f". Among the methods that keep to each budget: {per}. The cells of a task share its seeds "
             f"and test set, so the cell count overstates the evidence. Fu et al.: Spearman rho = {FU_RHO} "
             "(p = 0.000014) over their Table 1.")
-    if out_dir is not None:
-        (Path(out_dir) / "findings.md").write_text("\n\n".join(headlines) + "\n")
-    lines += ["## Fu et al.'s findings at this scale", "",
-              "Verdicts are worded from per-task tests (the tasks are the independent units): 'holds' / "
-              "'opposite' = significant at 0.05 in / against Fu et al.'s direction, on the tasks named; "
-              "'not resolved' = no significant difference at this many seeds and tasks (which is not "
-              "evidence that there is none). Tests are described in `peftbench/analysis/findings.py`.", ""]
-    if headlines and not sam.empty:
-        lines += [headlines.pop(0), "",
-                  sam.to_markdown(index=False, floatfmt=("", ".0f", "+.2f", "+.2f", "+.2f", ".3g", "")), ""]
+    out = [dict(title="Fu et al.'s findings at this scale",
+                note="Verdicts are worded from per-task tests (the tasks are the independent units): "
+                     "'holds' / 'opposite' = significant at 0.05 in / against Fu et al.'s direction, on "
+                     "the tasks named; 'not resolved' = no significant difference at this many seeds "
+                     "and tasks (which is not evidence that there is none). Tests are described in "
+                     "`peftbench/analysis/findings.py`.")]
+    if not sam.empty:
+        out.append(dict(title="1. Does SAM beat Random at 0.5%? (SAM - Random, x100, paired by seed)", level=3,
+                        note=headlines.pop(0), table=sam, csv="findings-sam-random.csv",
+                        floatfmt=("", ".0f", "+.2f", "+.2f", "+.2f", ".3g", "")))
     if summary:
-        lines += [headlines.pop(0), "", stability.to_markdown(index=False, floatfmt=".3g"), ""]
+        out.append(dict(title="2. Are sparse methods more stable than full fine-tuning? (std x100)", level=3,
+                        note=headlines.pop(0), table=stability, csv="findings-stability.csv"))
     if not ranks.empty:
-        lines += [headlines.pop(0), "", ranks.to_markdown(index=False, floatfmt=".3g"), ""]
-    return lines
+        out.append(dict(title="3. Does the stability rank correlate with the performance rank?", level=3,
+                        note=headlines.pop(0), table=ranks, csv="findings-ranks.csv"))
+    return out

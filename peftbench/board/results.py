@@ -17,25 +17,25 @@ from pathlib import Path
 
 import pandas
 
-from peftbench.analysis import ranks
-from peftbench.analysis import statistics as analysis_statistics
 from peftbench.board.paths import machine, shared_root
 from peftbench.board.tables import (
     board_progress,
-    carry_lines,
+    carry_sections,
     devices_line,
     frozen_lines,
-    joined_lines,
+    joined_sections,
     page_meta,
     partial_lines,
-    per_budget_lines,
-    search_lines,
-    settings_lines,
+    per_budget_sections,
+    search_sections,
+    settings_section,
     time_line,
     trial_duration,
 )
 from peftbench.core.errors import UsageError
-from peftbench.rendering import interactive, pages, plots, report
+from peftbench.rendering import interactive, pages, report
+from peftbench.rendering.figures import figure_sections
+from peftbench.rendering.sections import Section
 from peftbench.sweep import cellstore, state, storage
 from peftbench.sweep import records as sweep_records
 from peftbench.sweep import spec as sweep_spec
@@ -89,9 +89,6 @@ def write_results(spec: sweep_spec.StudySpec, folder: Path, command: str) -> str
     expected, done = progress["expected"], progress["done"]
     waiting = [k for k in sweep_records.untuned(spec, sweep_records.tuned_settings(spec)) if k.count("/") == 2]
     opening = frozen_lines(spec) + partial_lines(progress, waiting)
-    drawn = [r for r in (ranks.friedman_by_budget(frame) if not frame.empty else [])
-             if r["pairwise"] is not None]  # links only to plots made
-    several_budgets = not frame.empty and not analysis_statistics.budget_curves(frame).empty
     train = ", ".join(f"{k}={v}" for k, v in vars(spec.train).items())
     header = "\n".join([
         *opening, spec.description, "",
@@ -107,88 +104,37 @@ def write_results(spec: sweep_spec.StudySpec, folder: Path, command: str) -> str
         *[f"- not the paper's variant: {m}: {note}" for m, note in spec.method_notes.items()],
         f"- cells finished: {done} of {expected}"
         + ("" if done == expected else " (partial: run the command again to finish)"),
-        time_line(spec, frame),
-        *(["", "### Protocol, and what was cut", "", spec.protocol.strip()] if spec.protocol else []),
-        *joined_lines(spec),
-        *settings_lines(spec, folder),
-        *search_lines(spec, folder),
-        *carry_lines(spec, folder, frame),
-        *per_budget_lines(spec, folder),
-        *(["", "Plots: [pareto.png](pareto.png) ([PDF](pareto.pdf), [SVG](pareto.svg), "
-            "[interactive](pareto.html)), "
-            + "".join(f"[cd-b{r['budget']}.png](cd-b{r['budget']}.png) (critical-difference diagram, "
-                      f"budget {r['budget']}), " for r in drawn)
-            + ("[curves.png](curves.png) (budget curves), " if several_budgets else "")
-            + f"[spend.png](spend.png) (budget {spec.budgets[len(spec.budgets) // 2]})."]
-          if not frame.empty else []),
-    ])
+        time_line(spec, frame)])
+    sections = [*([Section("Protocol, and what was cut", level=3, note=spec.protocol.strip())] if spec.protocol else []),
+                *joined_sections(spec), settings_section(spec), *search_sections(spec),
+                *carry_sections(spec, frame), *per_budget_sections(spec)]
     root = shared_root(folder)  # None: a board elsewhere writes inside its own folder only
-    description = (opening[0] + "\n\n" if opening else "") + spec.description
+    page = {"intro": (opening[0] + "\n\n" if opening else "") + spec.description,
+            "meta": page_meta(spec, command, done, expected), "spec_text": (folder / "spec.yaml").read_text()}
     if frame.empty:
-        text = "\n".join([f"# Leaderboard {spec.name}", "", header, "",
-                          "No (task, method, budget) group is complete yet: no statistics."])
-        (folder / "README.md").write_text(text + "\n")
-        pages.write_page(folder, f"Leaderboard {spec.name}", description, None,
-                         page_meta(spec, command, done, expected),
-                         spec_text=(folder / "spec.yaml").read_text(), protocol=spec.protocol)
-        if root is not None:
-            pages.write_index(root)
-        return text
-    known = {"overlap": _read_rows(folder / "overlap-seeds.csv"),
-             "scores": _read_rows(folder / "score-correlation-seeds.csv")}
-    text = report.build_report(frame, folder, title=f"Leaderboard {spec.name}", header=header,
-                               published=spec.published, cache_dir=spec.out / "scores",
-                               markdown="README.md", known=known, against=spec.compare_against)
-    side = before_after(spec, folder)
-    if side is not None:
-        text += "\n".join(["", f"## Before and after ({spec.before})", "",
-                           f"The same (task, method, budget) cells on [{spec.before}](../{spec.before}/) "
-                           "(mean and std over seeds x100, and the trainable count) and here "
-                           "(before-after.csv):", "", side.to_markdown(index=False, floatfmt=".2f"), ""])
-        (folder / "README.md").write_text(text)
-    plots.pareto_png(frame, folder / "pareto.png")
-    js = pages.relative(interactive.write_plotly_js(root or folder), folder)
-    interactive.pareto_html(frame, folder / "pareto.html", plotly_js=js)
-    for stale in folder.glob("cd*.png"):  # a diagram the current evidence no longer supports goes
-        stale.unlink()
-    for r in drawn:
-        plots.cd_png(r, folder / f"cd-b{r['budget']}.png")
-    middle = spec.budgets[len(spec.budgets) // 2]
-    plots.spend_png(frame, folder / "spend.png", budget=middle)
-    if plots.retention_png(frame, folder / "retention.png") is not None:
-        text += "\n".join(["", "## Accuracy against retention", "",
-                           "[retention.png](retention.png): each cell's mean test metric against its "
-                           "mean retention change on the forgetting probe (forgetting.csv).", ""])
-        (folder / "README.md").write_text(text)
-    curves = analysis_statistics.budget_curves(frame)
-    if not curves.empty:  # several budgets: the accuracy-vs-budget question, as curves
-        plots.curves_png(frame, folder / "curves.png")
-        curves.to_csv(folder / "curves.csv", index=False)
-        text += "\n".join(["", "## Budget curves", "", "[curves.png](curves.png): test metric "
-                           "against trainable entries (log), mean and 95% interval per method. "
-                           "Reaches = the smallest budget whose mean reaches 95% of full fine-tuning "
-                           "on the chance-normalised scale (constant predictor 0, full FT 1; "
-                           "target_x100 is that score); earliest / surely = the smallest budget whose "
-                           "95% interval (seeds + test set) reaches it / lies wholly above it. '<= "
-                           "0.1%': already at the smallest budget tried (censored); '> 2%': not within "
-                           "the budgets tried. Only cells that keep to their budget count "
-                           "(curves.csv).", "",
-                           curves.to_markdown(index=False, floatfmt=".2f"), ""])
-        (folder / "README.md").write_text(text)
-    pages.write_page(folder, f"Leaderboard {spec.name}", description, frame,
-                     page_meta(spec, command, done, expected),
-                     spec_text=(folder / "spec.yaml").read_text(), plotly_js=js,
-                     extra_html=pages.runs_html(frame, links), protocol=spec.protocol)
+        sections.append(Section("Statistics", note="No (task, method, budget) group is complete yet: no statistics."))
+    else:
+        known = {"overlap": _read_rows(folder / "overlap-seeds.csv"),
+                 "scores": _read_rows(folder / "score-correlation-seeds.csv")}
+        sections += report.report_sections(frame, folder, published=spec.published, cache_dir=spec.out / "scores",
+                                           known=known, against=spec.compare_against)
+        sections += before_after_sections(spec, folder)
+        js = pages.relative(interactive.write_plotly_js(root or folder), folder)
+        figures, js = figure_sections(frame, folder, plotly_js=js,
+                                      spend_budget=spec.budgets[len(spec.budgets) // 2])
+        sections += figures
+        page.update(plotly_js=js, extra_html=pages.runs_html(frame, links))
+    text = report.publish(folder, f"Leaderboard {spec.name}", header, sections, "README.md", page=page)
     if root is not None:
         pages.write_index(root)
     return text
 
 
-def before_after(spec: sweep_spec.StudySpec, folder: Path) -> pandas.DataFrame | None:
+def before_after_sections(spec: sweep_spec.StudySpec, folder: Path) -> list[Section]:
     """This board's cells beside the same cells of the board its spec names `before:` (read
-    from that board's committed cells.csv), written to before-after.csv; None without one."""
+    from that board's committed cells.csv; before-after.csv); none without one."""
     if not spec.before:
-        return None
+        return []
     earlier = folder.parent / spec.before / "cells.csv"
     if not earlier.is_file():
         raise UsageError(f"before: board {spec.before!r} has no cells.csv beside its spec ({earlier}): "
@@ -203,5 +149,7 @@ def before_after(spec: sweep_spec.StudySpec, folder: Path) -> pandas.DataFrame |
     side["difference"] = side.mean_after - side.mean_before
     side = side[keys + ["mean_before", "std_before", "mean_after", "std_after", "difference",
                         "seeds_before", "seeds_after", "trainable_before", "trainable_after"]]
-    side.to_csv(folder / "before-after.csv", index=False)
-    return side
+    return [Section(f"Before and after ({spec.before})", table=side, csv="before-after.csv", floatfmt=".2f",
+                    note=f"The same (task, method, budget) cells on [{spec.before}](../{spec.before}/) "
+                         "(mean and std over seeds x100, and the trainable count) and here "
+                         "(before-after.csv).")]

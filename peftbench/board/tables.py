@@ -1,15 +1,15 @@
-"""A board's protocol tables and lines: settings, search, carry check, per-budget search, progress, timing."""
+"""A board's own sections and lines: settings, search, carry check, per-budget search, progress, timing."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas
 
 from peftbench.analysis import statistics
 from peftbench.board.paths import machine
 from peftbench.contract import registry
+from peftbench.rendering.sections import Section
 from peftbench.sweep import records as sweep_records
 from peftbench.sweep import spec as sweep_spec
 from peftbench.sweep import state
@@ -69,20 +69,19 @@ def settings_table(spec: sweep_spec.StudySpec) -> pandas.DataFrame:
     return pandas.DataFrame(rows).set_index("task")
 
 
-def settings_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
-    """settings.csv and its Markdown section: the settings every method of the board ran at."""
-    table = settings_table(spec)
-    table.to_csv(folder / "settings.csv")
-    return ["", "### Settings each method ran at (settings.csv)", "",
-            table.reset_index().to_markdown(index=False, floatfmt=".4g")]
+def settings_section(spec: sweep_spec.StudySpec) -> Section:
+    """The settings every method of the board ran at (settings.csv)."""
+    return Section("Settings each method ran at", level=3, table=settings_table(spec), index=True,
+                   csv="settings.csv", floatfmt=".4g",
+                   note="The learning rate and method settings of every (task, method) of the grid, and "
+                        "where they come from (chosen on validation by the search, or the spec; settings.csv).")
 
 
-def search_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
-    """The search's table (search.csv and Markdown lines), when the spec searched."""
+def search_sections(spec: sweep_spec.StudySpec) -> list[Section]:
+    """The search's table (search.csv), when the spec searched."""
     table = search_table(sweep_records.best_search_params(spec)) if spec.search else pandas.DataFrame()
     if table.empty:
         return []
-    table.to_csv(folder / "search.csv")
     search = spec.search
     budget = search.budget or spec.budgets[0]
     seeds = search.seeds or [spec.seeds[0]]
@@ -92,11 +91,12 @@ def search_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
     spent = (f" Search time: {sum(timed) / 3600:.2f} h over {len(timed)} settings tried"
              + (f" ({len(seconds) - len(timed)} tried before durations were recorded)." if len(timed) < len(seconds) else ".")
              if timed else "")
-    return ["", "### Settings chosen on validation (search.json, search.csv)", "",
-            f"Validation main metric of each setting tried (mean over seed{'s' if len(seeds) > 1 else ''} "
-            f"{', '.join(map(str, seeds))} of the search, budget {budget}, the grid's schedule); "
-            f"each (task, method) of the grid uses its chosen setting (blank: not tried for "
-            f"that row).{spent}", "", _tried_markdown(table)]
+    return [Section("Every setting the search tried (validation main metric)", level=3, table=table,
+                    index=True, csv="search.csv", floatfmt=".4f",
+                    note=f"Validation main metric of each setting tried (mean over seed{'s' if len(seeds) > 1 else ''} "
+                         f"{', '.join(map(str, seeds))} of the search, budget {budget}, the grid's schedule); "
+                         f"each (task, method) of the grid uses its chosen setting (blank: not tried for "
+                         f"that row; search.json, search.csv).{spent}")]
 
 
 def devices_line(frame: pandas.DataFrame) -> str | None:
@@ -154,14 +154,13 @@ def carry_table(spec: sweep_spec.StudySpec, frame: pandas.DataFrame) -> pandas.D
     return pandas.DataFrame(rows)
 
 
-def carry_lines(spec: sweep_spec.StudySpec, folder: Path, frame: pandas.DataFrame) -> list[str]:
-    """carry.csv and its Markdown section, when the spec has a carry check with results."""
+def carry_sections(spec: sweep_spec.StudySpec, frame: pandas.DataFrame) -> list[Section]:
+    """The carry check's section (carry.csv), when the spec has a carry check with results."""
     if not (spec.search and spec.search.carry_check):
         return []
     table = carry_table(spec, frame)
     if table.empty:
         return []
-    table.to_csv(folder / "carry.csv", index=False)
     judged = table["within spread"].dropna()
     records = table.to_dict("records")
     over = [(r["task"], r["method"], r["budget"]) for r in records if r["within spread"] is False]
@@ -170,8 +169,9 @@ def carry_lines(spec: sweep_spec.StudySpec, folder: Path, frame: pandas.DataFram
     unjudged = ["/".join((r["task"], r["method"], r["budget"])) for r in records if r["within spread"] is None]
     seeds = ", ".join(map(str, spec.search.carry_check))
     keys = sweep_records.carry_keys(spec)
-    return ["", "## Carrying the tuned rate to other budgets (carry.json, carry.csv)", "",
-            (f"What carrying the setting tuned at budget {sweep_records.search_budget(spec)} to the other budgets "
+    return [Section("Carrying the tuned rate to other budgets", table=table, csv="carry.csv", floatfmt=".4g", note=(
+            "carry.json, carry.csv. "
+            + (f"What carrying the setting tuned at budget {sweep_records.search_budget(spec)} to the other budgets "
              "would cost (the per-budget search below tunes each budget instead, from these runs). "
              if spec.search.per_budget else
              f"The setting tuned at budget {sweep_records.search_budget(spec)} is carried to the other budgets. ")
@@ -185,12 +185,11 @@ def carry_lines(spec: sweep_spec.StudySpec, folder: Path, frame: pandas.DataFram
                if len(judged) else "No cell of the grid to compare with yet.")
             + (" Not judged yet (no complete cell): " + ", ".join(unjudged) + "."
                if len(judged) and unjudged else "")
-            + (f" {len(table)} of {len(keys)} keys checked so far." if len(table) < len(keys) else ""), "",
-            table.to_markdown(index=False, floatfmt=".4g")]
+            + (f" {len(table)} of {len(keys)} keys checked so far." if len(table) < len(keys) else "")))]
 
 
-def per_budget_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
-    """per-budget.csv and its Markdown section, when the spec tunes each budget on its own."""
+def per_budget_sections(spec: sweep_spec.StudySpec) -> list[Section]:
+    """The per-budget search's section (per-budget.csv), when the spec tunes each budget on its own."""
     if not (spec.search and spec.search.per_budget):
         return []
     record = sweep_records.read_record(spec.out / sweep_records.PER_BUDGET)
@@ -203,23 +202,16 @@ def per_budget_lines(spec: sweep_spec.StudySpec, folder: Path) -> list[str]:
     (name, _), = spec.search.params.items()
     table.insert(table.columns.get_loc("chosen"), "carried",
                  [_setting(entry["carried"]) for entry in ordered.values()])
-    table.to_csv(folder / "per-budget.csv")
     moved = [k for k, e in record.items() if not math.isclose(e["train"][name], e["carried"][name], rel_tol=1e-9)]
     seeds = ", ".join(map(str, spec.search.seeds))
-    return ["", "### Settings tuned at each budget (per-budget.json, per-budget.csv)", "",
-            f"Each budget other than {sweep_records.search_budget(spec)}, for every budget-parameterised "
+    return [Section("Settings tuned at each budget", level=3, table=table, index=True, csv="per-budget.csv",
+                    floatfmt=".4f", note=(
+            f"per-budget.json, per-budget.csv. Each budget other than {sweep_records.search_budget(spec)}, for every budget-parameterised "
             f"method: the carry check's three values around the carried one, widened by the edge "
             f"rule, chosen by the mean validation over seeds {seeds} (the carry check's seeds read "
             f"back from carry.json, not trained again). {len(record)} of {len(keys)} keys tuned; "
             f"the chosen {name} differs from the carried one in {len(moved)} of them (blank: not "
-            f"tried at that budget).", "", _tried_markdown(table)]
-
-
-def _tried_markdown(table: pandas.DataFrame) -> str:
-    """A `search_table` in Markdown, a setting not tried for a row left blank (not "nan": the
-    edge rule adds values for some rows only, so most of a wide table is untried)."""
-    table = table.reset_index()
-    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="")
+            f"tried at that budget)."))]
 
 
 def board_progress(spec: sweep_spec.StudySpec, study) -> dict:
@@ -263,15 +255,15 @@ def partial_lines(progress: dict, waiting: list[str] = ()) -> list[str]:
             "", *[f"- {line}" for line in missing], "", *tuning]
 
 
-def joined_lines(spec: sweep_spec.StudySpec) -> list[str]:
+def joined_sections(spec: sweep_spec.StudySpec) -> list[Section]:
     """The protocol's amendment for each method joined after the board was built."""
     if not spec.joined:
         return []
-    return ["", "### Joined after the board was built", "",
-            *[f"- {j.method}" + (f" ({', '.join(f'{k}={v}' for k, v in j.params.items())})" if j.params else "")
+    return [Section("Joined after the board was built", level=3, note="\n".join(
+            f"- {j.method}" + (f" ({', '.join(f'{k}={v}' for k, v in j.params.items())})" if j.params else "")
               + f": joined on {j.date} with peftbench {j.peftbench} (`peftbench leaderboard join`), under "
               "the protocol above: its own search, carry check and per-budget search where the board has "
-              "them, the board's seeds, budgets and training." for j in spec.joined]]
+              "them, the board's seeds, budgets and training." for j in spec.joined))]
 
 
 def frozen_lines(spec: sweep_spec.StudySpec) -> list[str]:

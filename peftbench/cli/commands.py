@@ -6,7 +6,6 @@ import json
 import sys
 
 from peftbench.analysis import frame as analysis_frame
-from peftbench.analysis import ranks
 from peftbench.board import paths as board_paths
 from peftbench.board import phases, verify
 from peftbench.cli.parser import parse_params
@@ -84,7 +83,8 @@ def cmd_report(args) -> None:
     from pathlib import Path
 
     from peftbench.core import ownership
-    from peftbench.rendering import plots, report
+    from peftbench.rendering import report
+    from peftbench.rendering.figures import figure_sections
 
     def is_report(folder):  # a report from before markers (a board's folder has no report.md)
         return (folder / "report.md").is_file() and not (folder / "spec.yaml").exists()
@@ -102,19 +102,17 @@ def cmd_report(args) -> None:
         raise UsageError("give a study spec or --runs DIR ...")
     ownership.claim(out, "report", is_report, "report folder")
     title = f"Report: {spec.name}" if spec else "Report"
-    print(report.build_report(frame, out, title=title, published=spec.published if spec else None,
-                              cache_dir=spec.out / "scores" if spec else None, ties=args.ties,
-                              against=spec.compare_against if spec else None))
-    if args.html:
-        from peftbench.rendering import pages
-
-        for ranking in ranks.friedman_by_budget(frame):
-            if ranking["pairwise"] is not None:
-                plots.cd_png(ranking, out / f"cd-b{ranking['budget']}.png")
-        plots.spend_png(frame, out / "spend.png")
-        pages.write_page(out, title, spec.description if spec else "", frame,
-                         {"runs": ", ".join(args.runs)} if args.runs else {"study": spec.storage_url},
-                         spec_text=Path(args.spec).read_text() if spec else None)
+    sections = report.report_sections(frame, out, published=spec.published if spec else None,
+                                      cache_dir=spec.out / "scores" if spec else None, ties=args.ties,
+                                      against=spec.compare_against if spec else None)
+    page = None
+    if args.html:  # the figures and the page a board draws, from the same sections
+        figures, js = figure_sections(frame, out)
+        sections += figures
+        page = {"intro": spec.description if spec else "", "plotly_js": js,
+                "meta": {"runs": ", ".join(args.runs)} if args.runs else {"study": spec.storage_url},
+                "spec_text": Path(args.spec).read_text() if spec else None}
+    print(report.publish(out, title, "", sections, "report.md", page=page))
     print(f"\nwritten to {out}/ (report.md and CSVs{', index.html' if args.html else ''})")
 
 
