@@ -421,14 +421,16 @@ def test_the_per_budget_table_lists_keys_in_the_specs_order_with_the_carried_set
     finished = ["stsb/sam/0.02", "sst2/random/0.02", "stsb/random/0.001", "sst2/sam/0.001", "sst2/random/0.001"]
     (tmp_path / "per-budget.json").write_text(json.dumps({k: entry(0.01, 0.03 if "0.001" in k else 0.01)
                                                           for k in finished}))
-    lines = tables.per_budget_lines(spec, tmp_path)
+    (section,) = tables.per_budget_sections(spec)
+    section.write(tmp_path)
     table = pd.read_csv(tmp_path / "per-budget.csv", dtype={"budget": str})
     assert ["/".join(r) for r in table[["task", "method", "budget"]].itertuples(index=False)] == [
         "sst2/random/0.001", "sst2/random/0.02", "sst2/sam/0.001", "stsb/random/0.001", "stsb/sam/0.02"]
     assert table.carried.tolist() == ["lr=0.01"] * 5
     assert table.chosen.tolist() == ["lr=0.03", "lr=0.01", "lr=0.03", "lr=0.03", "lr=0.01"]
-    assert "5 of 8 keys tuned; the chosen lr differs from the carried one in 3 of them (blank" in "\n".join(lines)
+    assert "5 of 8 keys tuned; the chosen lr differs from the carried one in 3 of them (blank" in section.note
     # a rate not tried for a row is blank in the Markdown, not "nan" (the CSV keeps it empty)
-    markdown = lines[-1].splitlines()
-    assert "nan" not in lines[-1] and markdown[3].startswith("| sst2   | random   |   0.0200 |")
+    shown = section.markdown().split("\n\n")[2]
+    markdown = shown.splitlines()
+    assert "nan" not in shown and markdown[3].startswith("| sst2   | random   |   0.0200 |")
     assert [c.strip() for c in markdown[3].split("|")][4:6] == ["0.8000", ""]

@@ -91,7 +91,7 @@ def search_sections(spec: sweep_spec.StudySpec) -> list[Section]:
     spent = (f" Search time: {sum(timed) / 3600:.2f} h over {len(timed)} settings tried"
              + (f" ({len(seconds) - len(timed)} tried before durations were recorded)." if len(timed) < len(seconds) else ".")
              if timed else "")
-    return [Section("Every setting the search tried (validation main metric)", level=3, table=table,
+    return [Section("Settings chosen on validation", level=3, table=table,
                     index=True, csv="search.csv", floatfmt=".4f",
                     note=f"Validation main metric of each setting tried (mean over seed{'s' if len(seeds) > 1 else ''} "
                          f"{', '.join(map(str, seeds))} of the search, budget {budget}, the grid's schedule); "

@@ -9,7 +9,8 @@ import pandas
 from peftbench.analysis import published, ranks
 from peftbench.board.paths import find, shared_root
 from peftbench.core.errors import UsageError
-from peftbench.rendering import pages
+from peftbench.rendering import pages, report
+from peftbench.rendering.sections import Section, markdown
 from peftbench.sweep import cellstore
 from peftbench.sweep import spec as sweep_spec
 
@@ -22,25 +23,28 @@ def published_only(spec: sweep_spec.StudySpec, folder: Path | None = None) -> st
     cells = cells[cells.task != "AVG"].assign(budget="published")
     table = ranks.table1(cells, ties="min", tasks=[t for t in spec.tasks if t in set(cells.task)])
     corr = ranks.stability_correlation(table)
-    if folder is not None:
-        table.render(top=3).to_csv(folder / "table1-bpublished.csv")
-        pages.write_page(folder, f"Leaderboard {spec.name}: published numbers only", spec.description,
-                         None, {"status": f"no results of ours yet: peftbench leaderboard run {spec.name}",
-                                "machine needed": spec.machine,
-                                **{f"not the paper's variant: {m}": n for m, n in spec.method_notes.items()}},
-                         spec_text=(folder / "spec.yaml").read_text())
-        if shared_root(folder) is not None:
-            pages.write_index(folder.parent)
-    return "\n".join([
-        f"# Leaderboard {spec.name}: published numbers only", "", spec.description, "",
-        f"No results of ours yet: `peftbench leaderboard run {spec.name}` (machine: {spec.machine}).", "",
-        "Their numbers, ranked by peftbench's report code (ties = min, ranks 1-3 shown, as printed):", "",
-        table.render(top=3).to_markdown(), "",
-        *([f"Rows that peftbench does not run as their variant (`{spec.name}` spec):", ""]
-          + [f"- {m}: {note}" for m, note in spec.method_notes.items()] + [""] if spec.method_notes else []),
-        f"Stability vs performance from this table: Spearman rho = {corr['spearman']:.4f} "
-        f"(p = {corr['spearman_p']:.2g}, n = {corr['n']}); they report rho = 0.4356 (p = 0.000014), "
-        "computed on per-cell data the paper does not publish."])
+    notes = [f"- {m}: {note}" for m, note in spec.method_notes.items()]
+    sections = [Section("Their numbers, ranked by peftbench's report code", table=table.render(top=3),
+                        index=True, csv="table1-bpublished.csv",
+                        note=f"No results of ours yet: `peftbench leaderboard run {spec.name}` (machine: "
+                             f"{spec.machine}). Ties = min, ranks 1-3 shown, as printed.",
+                        after="\n\n".join([
+                            *([f"Rows that peftbench does not run as their variant (`{spec.name}` spec):\n\n"
+                               + "\n".join(notes)] if notes else []),
+                            f"Stability vs performance from this table: Spearman rho = {corr['spearman']:.4f} "
+                            f"(p = {corr['spearman_p']:.2g}, n = {corr['n']}); they report rho = 0.4356 (p = "
+                            "0.000014), computed on per-cell data the paper does not publish."]))]
+    title = f"Leaderboard {spec.name}: published numbers only"
+    if folder is None:
+        return "\n".join([f"# {title}", "", spec.description, "", markdown(sections)])
+    text = report.publish(folder, title, spec.description, sections, markdown=None, page={
+        "intro": spec.description, "spec_text": (folder / "spec.yaml").read_text(),
+        "meta": {"status": f"no results of ours yet: peftbench leaderboard run {spec.name}",
+                 "machine needed": spec.machine,
+                 **{f"not the paper's variant: {m}": n for m, n in spec.method_notes.items()}}})
+    if shared_root(folder) is not None:
+        pages.write_index(folder.parent)
+    return text
 
 
 def verify(name: str, cells: str = "2", seed: int = 0, names: list[str] | None = None,

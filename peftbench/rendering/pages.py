@@ -49,7 +49,8 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 def table_html(table: pd.DataFrame, csv: str = "", index: bool = False, floatfmt=".3g") -> str:
     """A table as a sortable HTML table (a click on a header sorts by that column); the
     constant-predictor row stays last. `floatfmt`: one format, or one per column."""
-    table = table if index else table.set_index(table.columns[0])
+    table = table.reset_index() if index else table
+    table = table.set_index(table.columns[0])
     formats = floatfmt if isinstance(floatfmt, tuple) else (floatfmt,) * (len(table.columns) + 1)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [table.index.name or "", *table.columns])
     rows = []

@@ -79,18 +79,19 @@ def build_report(frame: pd.DataFrame, out_dir: str | Path, title: str = "peftben
     return publish(out_dir, title, header, sections, markdown)
 
 
-def publish(folder: str | Path, title: str, header: str, sections: list[Section], markdown: str = "README.md",
-            page: dict | None = None) -> str:
-    """The one path from sections to what people read: `markdown` (the README or report.md)
-    and, with `page` (`pages.write_page`'s intro, meta, spec_text, extra_html, plotly_js),
-    index.html, both from the same sections in the same order. Returns the Markdown."""
+def publish(folder: str | Path, title: str, header: str, sections: list[Section],
+            markdown: str | None = "README.md", page: dict | None = None) -> str:
+    """The one path from sections to what people read: `markdown` (the README or report.md;
+    None: no file) and, with `page` (`pages.write_page`'s intro, meta, spec_text, extra_html,
+    plotly_js), index.html, both from the same sections in the same order. Returns the Markdown."""
     from peftbench.rendering import pages
     from peftbench.rendering.sections import markdown as as_markdown
 
     folder = Path(folder)
     write_all(sections, folder)
     text = "\n".join([f"# {title}", "", *([header, ""] if header else []), as_markdown(sections)])
-    (folder / markdown).write_text(text)
+    if markdown:
+        (folder / markdown).write_text(text)
     if page is not None:
         pages.write_page(folder, title, sections=sections, **page)
     return text

@@ -62,9 +62,10 @@ class Section:
 
 
 def _markdown_table(table: pd.DataFrame, index: bool, floatfmt) -> str:
-    """A table in Markdown; a value not there (a setting not tried for a row) left blank."""
-    shown = table.astype(object).where(table.notna(), None)
-    return shown.to_markdown(index=index, floatfmt=floatfmt, missingval="")
+    """A table in Markdown, its index as leading columns; a value not there (a setting not
+    tried for a row) left blank."""
+    table = table.reset_index() if index else table
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=floatfmt, missingval="")
 
 
 def markdown(sections: list[Section]) -> str:
