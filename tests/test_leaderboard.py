@@ -268,7 +268,7 @@ def _tuned_board(tmp_path, tiny_model_dir, monkeypatch, name: str, reported: int
 
 @pytest.mark.slow
 def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_path, tiny_model_dir, monkeypatch):
-    """`search: carry_check` (issue #21): after the grid, the carried rate and its neighbours at
+    """`search: carry_check`: after the grid, the carried rate and its neighbours at
     the other budget, on the check's own seed; carry.json is committed beside search.json, read
     back by a run elsewhere (nothing trained again), and the README and page show the table."""
     from peftbench.training import experiment
@@ -291,7 +291,7 @@ def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_pat
 
 @pytest.mark.slow
 def test_a_board_tuned_per_budget_runs_its_grid_at_each_budgets_own_rate(tmp_path, tiny_model_dir, monkeypatch):
-    """`search: per_budget` (issue #21): search, carry check, per-budget search, then the grid;
+    """`search: per_budget`: search, carry check, per-budget search, then the grid;
     per-budget.json is committed, each budget's cells run at its own rate, the README shows the
     per-budget table and says how long it took; a run elsewhere trains nothing again."""
     from peftbench.training import experiment

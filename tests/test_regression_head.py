@@ -1,4 +1,4 @@
-"""A regression task starts where its labels are (issue #19): the head's output bias is the
+"""A regression task starts where its labels are: the head's output bias is the
 training label mean, for every method alike, before scoring; otherwise a method that trains
 few entries spends a short schedule closing the offset and collapses to one prediction."""
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_few_entries_reach_a_spread_around_a_far_label_mean(offset_task, tmp_pat
     assert labels.mean() > 49
     before, after = _train_offset(offset_task, tmp_path, start_at_mean=True)
     assert before.mean() == pytest.approx(labels.mean(), abs=0.5)  # starts at the labels
-    # centred on the labels, and not one value for every pair (the collapse of issue #19)
+    # centred on the labels, and not one value for every pair (a collapse to one value)
     assert abs(after.mean() - labels.mean()) < labels.std()
     assert after.std() > 0.2 * labels.std()
     # HF's zero start, for contrast: the same entries spend the steps closing the offset

@@ -296,7 +296,7 @@ def _per_seed_runs(monkeypatch, runs: list):
 
 @pytest.mark.slow
 def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_other_seeds(tmp_path, monkeypatch):
-    """`search: per_budget` (issue #21: carrying the rate tuned at 0.5% cost several methods
+    """`search: per_budget` (carrying the rate tuned at 0.5% cost several methods
     more than their seed spread): each other budget is tuned on the search's two seeds from the
     carry check's three values; seed 100's runs there are read back from carry.json, so only
     seed 101 trains at them; a value the edge rule adds trains both. The grid then runs each

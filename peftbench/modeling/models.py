@@ -240,19 +240,19 @@ def init_head(model: nn.Module, task, train_labels) -> dict:
     by about the sum of the learning rates (0.075 over 150 steps at 1e-3), so the *trained
     encoder entries* close the +2.7 gap: the representation collapses to one prediction, and
     the board measured how fast each method absorbs an offset, not which entries it chose
-    (issue #19, measured there). Starting at the mean removes the offset for every method
-    alike, before scoring, so SAM's and FISH's gradients at theta0 also see the centred task.
+    (measured on all-methods-cpu's STS-B cells). Starting at the mean removes the offset for
+    every method alike, before scoring, so SAM's and FISH's gradients at theta0 also see the centred task.
     Fu et al.'s code keeps HF's zero bias; at their schedule (many epochs at 1e-4 with every
     step moving the bias) the offset is absorbed early and does not matter.
 
-    Chosen over standardising the targets, which measured the same within seed noise (issue
-    #19: STS-B, five methods at their board rates, seeds 0-1: mean validation 78.35 vs 78.45),
+    Chosen over standardising the targets, which measured the same within seed noise (STS-B,
+    five methods at their board rates, seeds 0-1: mean validation 78.35 vs 78.45),
     because it changes neither the loss nor the metrics' scale and needs nothing at evaluation.
     Classification heads are left as HF initialises them: a log-class-prior bias left the
     validation score, the split every choice here is made on, unchanged within seed noise on
     SST-2 (Random, SAM, BitFit, LoRA, seeds 0-1: +0.10 points on average; on test SAM moved
     +1.5, the others within +-0.3), and on CB (Random, seed 0) it gave the same test score,
-    validation 66.49 against 66.62 (issue #19).
+    validation 66.49 against 66.62.
 
     Returns what was done, for the run's record: {"head_bias": mean} or {}. A regression head
     without a bias (decoders' `score`) is refused: it could not start at the labels."""

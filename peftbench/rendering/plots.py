@@ -258,7 +258,7 @@ def spend_png(frame: pd.DataFrame, path: str | Path, budget: str | None = None) 
 
 
 def retention_png(frame: pd.DataFrame, path: str | Path) -> Path | None:
-    """Accuracy against what a run kept (#46): per task, each (method, budget) cell's mean test
+    """Accuracy against what a run kept: per task, each (method, budget) cell's mean test
     metric against its mean retention change on the forgetting probe (x100, 0 = the pre-trained
     model's), with the seed std as error bars; None when no run measured retention."""
     import matplotlib

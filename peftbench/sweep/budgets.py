@@ -28,7 +28,7 @@ def neighbours(choices: list[float], value: float) -> list[float]:
 def run_carry_check(spec: StudySpec, log=print, mirror: Path | None = None,
                     search_mirror: Path | None = None) -> dict:
     """Whether carrying the searched setting from the search's budget to the others costs a
-    method more than its seed spread (issue #21): for every `carry_keys` entry, the carried
+    method more than its seed spread: for every `carry_keys` entry, the carried
     value and its two grid neighbours trained on `search.carry_check` seeds at that budget
     (validation, as the search). Writes and returns {task/method/budget: entry}, `carry.json`
     (and `mirror`), after every key; workers split the keys as the search's do. Each entry:
