@@ -348,7 +348,7 @@ def test_report_on_a_published_only_board_keeps_its_published_page(tmp_path):
 
 @pytest.mark.slow
 def test_the_board_says_its_search_grid_and_carry_check_time(tmp_path):
-    """Issue #21 asks the README for the total sweep time and the search time: every trial's
+    """The README gives the total sweep time and the search time: every trial's
     wall time, summed per phase, from the committed records and cells."""
     from types import SimpleNamespace
 

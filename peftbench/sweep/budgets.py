@@ -67,9 +67,8 @@ def run_carry_check(spec: StudySpec, log=print, mirror: Path | None = None,
 
 def run_per_budget_search(spec: StudySpec, log=print, mirror: Path | None = None,
                           carry_mirror: Path | None = None, search_mirror: Path | None = None) -> dict:
-    """Each budget other than the search's gets its own setting (`search.per_budget`; issue
-    #21's board, where carrying the rate tuned at 0.5% cost several methods more than their
-    seed spread): for every `carry_keys` entry, the carry check's three values around the
+    """Each budget other than the search's gets its own setting (`search.per_budget`: carrying
+    the rate tuned at 0.5% can cost a method more than its seed spread): for every `carry_keys` entry, the carry check's three values around the
     carried one, widened by the edge rule (`search.widen`), chosen by the mean validation over
     `search.seeds`. The carry check's seeds are read back from carry.json, not trained again.
     Writes and returns {task/method/budget: entry}, `per-budget.json` (and `mirror`), after
