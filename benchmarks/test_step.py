@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from peftbench import memory
-from peftbench.bench import STEP_VARIANTS, prepare_step
+from peftbench.bench.step import STEP_VARIANTS, prepare_step
+from peftbench.training import memory
 
 MODEL = os.environ.get("PEFTBENCH_BENCH_MODEL", "default")
 DEVICE = os.environ.get("PEFTBENCH_BENCH_DEVICE", "cpu")

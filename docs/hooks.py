@@ -17,7 +17,7 @@ def _cell(text) -> str:
 def cli() -> str:
     import argparse
 
-    from peftbench.cli import build_parser
+    from peftbench.cli.parser import build_parser
 
     parser = build_parser()
     parser.prog = "peftbench"
@@ -43,7 +43,7 @@ def _schema_table(model) -> str:
 
 
 def task_schema() -> str:
-    from peftbench.data import TaskSpec
+    from peftbench.data.spec import TaskSpec
 
     return _schema_table(TaskSpec)
 
@@ -56,13 +56,13 @@ def spec_schema() -> str:
 
 
 def run_record() -> str:
-    from peftbench.record import RunRecord
+    from peftbench.training.record import RunRecord
 
     return _schema_table(RunRecord)
 
 
 def train_config() -> str:
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
 
     rows = ["| setting | default |", "| --- | --- |"]
     for f in fields(TrainConfig):
@@ -71,7 +71,7 @@ def train_config() -> str:
 
 
 def methods() -> str:
-    from peftbench import registry
+    from peftbench.contract import registry
 
     rows = ["| name | package | budget | description |", "| --- | --- | --- | --- |"]
     for name, info in sorted(registry.methods().items()):
@@ -87,7 +87,34 @@ def changelog() -> str:
     return (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
 
 
-GENERATORS = {"changelog": changelog, "cli": cli, "task-schema": task_schema, "spec-schema": spec_schema,
+def layout() -> str:
+    """One row per module, layer by layer from the bottom, from the modules' own docstrings."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "peftbench"
+
+    def summary(path: Path) -> str:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        return _cell(doc.split("\n\n")[0])
+
+    out = []
+    layers = ["core", "data", "modeling", "contract", "training", "sweep", "analysis", "rendering",
+              "board", "bench", "api.py", "testing.py", "cli"]
+    for layer in layers:
+        path = root / layer
+        if path.is_dir():
+            out += [f"### `peftbench/{layer}/`", "", summary(path / "__init__.py"), "",
+                    "| module | lines | what it holds |", "| --- | --- | --- |"]
+            out += [f"| `{m.stem}` | {len(m.read_text().splitlines())} | {summary(m)} |"
+                    for m in sorted(path.glob("*.py")) if m.name != "__init__.py"]
+        else:
+            out += [f"### `peftbench/{layer}`", "", summary(path)]
+        out.append("")
+    return "\n".join(out)
+
+
+GENERATORS = {"layout": layout, "changelog": changelog, "cli": cli, "task-schema": task_schema, "spec-schema": spec_schema,
               "run-record": run_record, "train-config": train_config, "methods": methods}
 
 

@@ -1,5 +1,5 @@
 import sys
 
-from peftbench.cli import main
+from peftbench.cli.main import main
 
 sys.exit(main())

@@ -2,31 +2,46 @@
 
     from peftbench.api import Selector, Selection, top_k, PositiveInt, scoring_session
 
-A method is a `Selector` subclass (see `peftbench.selector` for the contract) registered as an
+A method is a `Selector` subclass (see `peftbench.contract.selector` for the contract) registered as an
 entry point; `peftbench check-method NAME` (or `peftbench.testing.parametrize_with_checks` in
 the author's own pytest) checks it. This module only gathers names: nothing here is new except
 `scoring_session`, for methods that fine-tune while scoring (LT-SFT, DiffPruning-style). The
 built-in methods import from here alone, as a plugin would.
 """
+
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 from typing import Iterator
 
 import torch
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 
-from peftbench.architectures import block_modules, layout
-from peftbench.errors import UsageError, check_choice
-from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.peftsparse import inject, linear_targets, sparse_layers
-from peftbench.scoring import ScoringData, accumulate_gradients, count_batches, differentiable_parameters
-from peftbench.selector import (Batches, Budget, Decay, Fraction, Scope, Selection, Selector, apportion,
-                                check_scope, top_k)
-from peftbench.sparse import canonical_name
-from peftbench.trainer import forward, loss_fn
+from peftbench.contract.scoring import (
+    ScoringData,
+    accumulate_gradients,
+    count_batches,
+    differentiable_parameters,
+)
+from peftbench.contract.selector import (
+    Batches,
+    Budget,
+    Decay,
+    Fraction,
+    Scope,
+    Selector,
+    apportion,
+    check_scope,
+    top_k,
+)
+from peftbench.core.errors import UsageError, check_choice
+from peftbench.modeling.architectures import block_modules, layout
+from peftbench.modeling.compute import forward, loss_fn
+from peftbench.modeling.models import head_parameters, pretrained_parameters
+from peftbench.modeling.peftsparse import inject, linear_targets, sparse_layers
+from peftbench.modeling.selection import Selection
+from peftbench.modeling.sparse import canonical_name
 
 __all__ = ["Batches", "Budget", "Decay", "Fraction", "NonNegativeFloat", "PositiveFloat", "PositiveInt",
            "Scope", "ScoringData", "Selection", "Selector", "UsageError", "accumulate_gradients", "apportion",
@@ -51,8 +66,8 @@ def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int,
     phase whose loss should not be read through an untrained head."""
     from transformers import get_linear_schedule_with_warmup
 
-    from peftbench.sparse import decay_exempt
-    from peftbench.trainer import warmup_steps
+    from peftbench.modeling.sparse import decay_exempt
+    from peftbench.training.trainer import warmup_steps
 
     if steps < 1:
         raise UsageError(f"scoring_session needs at least one step, got {steps}")
@@ -61,7 +76,7 @@ def scoring_session(model: torch.nn.Module, data: ScoringData, steps: int,
     modes = {n: m.training for n, m in model.named_modules()}
     params = dict(pretrained_parameters(model))
     if train_head:
-        from peftbench.models import head_parameters
+        from peftbench.modeling.models import head_parameters
 
         params.update(head_parameters(model))
     for p in params.values():

@@ -22,8 +22,8 @@ The checks:
 - `score_leaves_model_unchanged`: every parameter and buffer is bit-identical after `score`;
 - `scores_have_parameter_shapes`: entry-shaped scores (keys that name parameters) have those
   parameters' shapes;
-- `select_within_budget`: the runner's own checks (`selector.check_scores`,
-  `selector.validate_selection`): no NaN score; names of encoder parameters, 1-D integer,
+- `select_within_budget`: the runner's own checks (`contract.selector.check_scores`,
+  `contract.selector.validate_selection`): no NaN score; names of encoder parameters, 1-D integer,
   in-range, unrepeated indices; a count at most the budget (for `uses_budget` methods whose
   budget is not `budget_in_expectation`), exactly the budget where `budget_exact = True`;
 - `select_is_deterministic`: two selections under the same seed are equal;
@@ -33,10 +33,10 @@ The checks:
   pre-trained entry outside the counted ones moved, in any tensor, and the count measured after
   training is what `count_trainable` reports (hooks keep the count honest).
 """
+
 from __future__ import annotations
 
 import copy
-
 import io
 import math
 import tempfile
@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from peftbench.selector import Selector
+from peftbench.contract.selector import Selector
 
 BUDGET_FRACTION = 0.01  # of a tiny model whose embeddings hold most entries: 1% fits its Linear layers
 # light hyper-parameters for the built-ins, so each check runs in seconds (as scikit-learn's
@@ -79,7 +79,7 @@ def tiny_model_dir() -> str:
     """A tiny random BERT saved once per process, with the default model's real tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from peftbench.models import resolve_model_path
+    from peftbench.modeling.models import resolve_model_path
 
     folder = Path(tempfile.mkdtemp(prefix="peftbench-tiny-bert-"))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("default"))
@@ -100,10 +100,11 @@ class _Setup:
     """A fresh tiny model, its data and the method's scores: what every check starts from."""
 
     def __init__(self, method, params: dict, model_dir: str | None):
-        from peftbench.data import load_task, tokenize
-        from peftbench.models import head_parameters, load_model, pretrained_parameters
-        from peftbench.scoring import ScoringData
-        from peftbench.trainer import make_loader, pick_device
+        from peftbench.contract.scoring import ScoringData
+        from peftbench.data.encode import tokenize
+        from peftbench.data.tasks import load_task
+        from peftbench.modeling.models import head_parameters, load_model, pretrained_parameters
+        from peftbench.training.trainer import make_loader, pick_device
 
         self.method, self.cls, self.params, self.resolved = method_spec(method, params)
         where = model_dir or tiny_model_dir()
@@ -124,14 +125,14 @@ class _Setup:
 
     def fresh(self):
         """A new instance with the same parameters."""
-        from peftbench.selector import validate_params
+        from peftbench.contract.selector import validate_params
 
         return self.cls(**validate_params(self.cls, self.method, self.params))
 
     def score(self):
         """The runner's own `checked_score`: no weight moved, no hook left, scores well-formed."""
-        from peftbench.errors import UsageError
-        from peftbench.experiment import checked_score
+        from peftbench.core.errors import UsageError
+        from peftbench.training.checks import checked_score
 
         try:
             return checked_score(self.selector, self.method, self.model, self.scoring)
@@ -140,8 +141,8 @@ class _Setup:
 
     def select(self, selector, scores, seed: int = 0):
         """The runner's own `checked_select` (no weight moved, no hook left)."""
-        from peftbench.errors import UsageError
-        from peftbench.experiment import checked_select, state_digests
+        from peftbench.core.errors import UsageError
+        from peftbench.training.checks import checked_select, state_digests
 
         try:
             return checked_select(selector, self.method, self.model, scores, self.budget,
@@ -154,8 +155,8 @@ def method_spec(method, params: dict | None = None) -> tuple[str, type, dict, di
     """(name, class, given parameters, resolved parameters) of a method given as an installed
     name, a `Selector` subclass or an instance (whose `get_params` are its parameters), so an
     author checks a class before registering it."""
-    from peftbench import registry
-    from peftbench.selector import resolve_params
+    from peftbench.contract import registry
+    from peftbench.contract.selector import resolve_params
 
     params = dict(params or {})
     if isinstance(method, str):
@@ -220,8 +221,8 @@ def check_scores_have_parameter_shapes(s: _Setup) -> str:
 
 
 def check_select_within_budget(s: _Setup) -> str:
-    from peftbench.errors import UsageError
-    from peftbench.selector import check_scores, validate_selection
+    from peftbench.contract.selector import check_scores, validate_selection
+    from peftbench.core.errors import UsageError
 
     scores = s.score()
     try:  # the runner's own checks, so a method passing here is not refused by `run`
@@ -247,7 +248,7 @@ def check_select_is_deterministic(s: _Setup) -> str:
 
 
 def check_cache_round_trip(s: _Setup) -> str:
-    from peftbench.safeload import load_pt
+    from peftbench.core.safeload import load_pt
 
     scores = s.score()
     buffer = io.BytesIO()
@@ -260,8 +261,9 @@ def check_cache_round_trip(s: _Setup) -> str:
 
 
 def check_training_keeps_frozen_entries(s: _Setup) -> str:
-    from peftbench.sparse import count_trainable, effective_weight, trainable_entries
-    from peftbench.trainer import TrainConfig, pick_device, train
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.modeling.sparse import count_trainable, effective_weight, trainable_entries
+    from peftbench.training.trainer import pick_device, train
 
     before = {n: p.detach().clone() for n, p in s.pretrained.items()}
     selection = s.select(s.selector, s.score())
@@ -271,8 +273,8 @@ def check_training_keeps_frozen_entries(s: _Setup) -> str:
               TrainConfig(epochs=1, batch_size=4, lr=1e-2, weight_decay=0.1, warmup_ratio=0.0,
                           max_steps=4), seed=0, device=pick_device("cpu"), run_dir=Path(run_dir),
               progress=False)
-    from peftbench.errors import UsageError
-    from peftbench.experiment import check_count
+    from peftbench.core.errors import UsageError
+    from peftbench.training.checks import check_count
 
     try:  # the runner's count after training: what can differ from theta0, within the budget
         check_count(s.method, model, set(s.pretrained), s.head_names, s.selector.budget_bound(s.budget))

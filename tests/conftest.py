@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def tiny_model_dir(tmp_path_factory):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from peftbench.models import resolve_model_path
+    from peftbench.modeling.models import resolve_model_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("default"))
@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     """A fresh tiny classifier (2 labels) and its tokenizer."""
-    from peftbench.models import load_model
+    from peftbench.modeling.models import load_model
 
     return load_model(tiny_model_dir, num_labels=2)
 
@@ -44,7 +44,7 @@ def no_tasks_path(monkeypatch):
 
 def copy_task(tmp_path, name: str) -> str:
     """A copy of a built-in task YAML in tmp_path, with data paths made absolute."""
-    from peftbench.data import load_task
+    from peftbench.data.tasks import load_task
 
     spec = load_task(name)
     text = spec.path.read_text().replace("data/", str(spec.path.parent / "data") + "/")
@@ -56,7 +56,7 @@ def copy_task(tmp_path, name: str) -> str:
 def one_line_error(capsys, *argv) -> str:
     """Run the CLI on `argv`; assert exit 2 with one 'peftbench: error:' line and no traceback;
     return that line."""
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     code = main(list(argv))
     _, err = capsys.readouterr()

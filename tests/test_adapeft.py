@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from peftbench import registry
-from peftbench.methods.adapeft import (ETAS, best_under, brute_force_knapsack, families, greedy_front,
-                                       pareto_front, quadratic_value)
+from peftbench.contract import registry
+from peftbench.methods.adapeft import (
+    ETAS,
+    best_under,
+    brute_force_knapsack,
+    families,
+    greedy_front,
+    pareto_front,
+    quadratic_value,
+)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -79,10 +86,12 @@ def test_fits_stay_within_the_step_the_probe_took():
 
 
 def _scoring(tiny_model_dir, lr=1e-2):
-    from peftbench.data import load_task, tokenize
-    from peftbench.models import load_model
-    from peftbench.scoring import ScoringData
-    from peftbench.trainer import TrainConfig, make_loader, pick_device
+    from peftbench.contract.scoring import ScoringData
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.data.encode import tokenize
+    from peftbench.data.tasks import load_task
+    from peftbench.modeling.models import load_model
+    from peftbench.training.trainer import make_loader, pick_device
 
     task = load_task("rte")
     model, tokenizer = load_model(tiny_model_dir, 2)
@@ -91,6 +100,7 @@ def _scoring(tiny_model_dir, lr=1e-2):
                               pick_device("cpu"), TrainConfig(lr=lr))
 
 
+@pytest.mark.slow
 def test_families_are_peft_families_with_their_costs(tiny_model_dir):
     model, _ = _scoring(tiny_model_dir)
     found = {f.name: f for f in families(model, (1, 4))}
@@ -106,8 +116,8 @@ def test_families_are_peft_families_with_their_costs(tiny_model_dir):
 
 
 def test_probe_values_select_within_budget_and_the_count_is_the_plan(tiny_model_dir):
-    from peftbench.models import head_parameters, pretrained_parameters
-    from peftbench.sparse import count_trainable
+    from peftbench.modeling.models import head_parameters, pretrained_parameters
+    from peftbench.modeling.sparse import count_trainable
 
     model, scoring = _scoring(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -129,7 +139,12 @@ def test_probe_values_select_within_budget_and_the_count_is_the_plan(tiny_model_
 def test_families_on_decoders(kind):
     """LoRA kinds from each architecture's layout (GPT-2's Conv1D `c_attn`: cost from its
     weight's shape); Llama has no biases, so no BitFit family, and RMSNorm is its norm family."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     model = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_embd=8, n_layer=3, n_head=2, n_positions=16)) \
         if kind == "gpt2" else LlamaForSequenceClassification(LlamaConfig(

@@ -1,23 +1,25 @@
 """The author's surface: one import, and a scoring phase that trains and is undone."""
 from __future__ import annotations
 
-
 from peftbench import api
+from peftbench.contract import selector
 
 
 def test_the_authors_names_come_from_one_module():
     for name in api.__all__:
         assert hasattr(api, name), name
-    assert api.Selector.__module__ == "peftbench.selector"
+    assert selector.Selector.__module__ == "peftbench.contract.selector"
 
 
 def test_scoring_session_trains_then_restores_everything(tiny_model):
     """A fine-tune inside the session moves the weights; on exit parameters, buffers,
     requires_grad and train mode are as before, bit for bit, even after an error."""
-    from peftbench.data import load_task, tokenize
-    from peftbench.experiment import state_digests
-    from peftbench.scoring import ScoringData
-    from peftbench.trainer import TrainConfig, make_loader, pick_device
+    from peftbench.contract.scoring import ScoringData
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.data.encode import tokenize
+    from peftbench.data.tasks import load_task
+    from peftbench.training.checks import state_digests
+    from peftbench.training.trainer import make_loader, pick_device
 
     model, tokenizer = tiny_model
     model.eval()

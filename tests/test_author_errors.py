@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftbench.api import Selector, top_k
-from peftbench.errors import UsageError
-from peftbench.selector import Batches
+from peftbench.contract.selector import Batches, Selector, top_k
+from peftbench.core.errors import UsageError
 from peftbench.testing import run_check
 
 
@@ -58,7 +57,7 @@ def test_an_argument_without_a_default_is_told_to_give_one():
 
 
 def test_a_bad_batches_value_names_epoch():
-    from peftbench.selector import validate_params
+    from peftbench.contract.selector import validate_params
 
     with pytest.raises(UsageError, match="give a positive integer .* or 'epoch'"):
         validate_params(TakesBatches, "takes-batches", {"steps": "abc"})

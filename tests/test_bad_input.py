@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import copy_task, one_line_error
-from peftbench.cli import main
+
+from peftbench.analysis import frame
+from peftbench.cli.main import main
+from peftbench.sweep import grid, state, storage
+from peftbench.sweep import spec as sweep_spec
 
 
 def run_args(model, out, *extra):
@@ -70,8 +73,8 @@ def test_bad_task_specs_and_data(capsys, tmp_path, tiny_model_dir, case):
 
 
 def test_bad_regression_and_multiple_choice_labels(tmp_path):
-    from peftbench.data import load_task
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
+    from peftbench.data.tasks import load_task
 
     for name, bad, expected in (("stsb", '"label": "high"', "regression label 'high' is not a number"),
                                 ("copa", '"label": 7', "multiple-choice label 7 is not a choice index")):
@@ -105,6 +108,7 @@ RUN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, expected", RUN_CASES, ids=[" ".join(c[0]) for c in RUN_CASES])
 def test_bad_run_options(capsys, tmp_path, tiny_model_dir, extra, expected):
     msg = one_line_error(capsys, *run_args(tiny_model_dir, tmp_path / "runs", *extra))
@@ -123,6 +127,7 @@ def test_output_dir_that_is_a_file_or_not_writable(capsys, tmp_path, tiny_model_
         assert "must be a writable folder" in one_line_error(capsys, *run_args(tiny_model_dir, locked))
 
 
+@pytest.mark.slow
 def test_disk_full_marks_the_run_incomplete(capsys, tmp_path, tiny_model_dir, monkeypatch):
     """A failing write (ENOSPC) mid-run: one line, the directory marked INCOMPLETE, no
     truncated mask.pt, and reports skip it."""
@@ -130,12 +135,11 @@ def test_disk_full_marks_the_run_incomplete(capsys, tmp_path, tiny_model_dir, mo
 
     import torch
 
-    from peftbench import report
 
     real_save = torch.save
 
     def full(obj, f, *a, **k):
-        if str(f).endswith("mask.pt.tmp"):
+        if Path(f).name.startswith("mask.pt.") and str(f).endswith(".tmp"):
             Path(f).write_bytes(b"half")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
@@ -146,10 +150,10 @@ def test_disk_full_marks_the_run_incomplete(capsys, tmp_path, tiny_model_dir, mo
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "INCOMPLETE").exists()
     assert not list(run_dir.glob("**/mask.pt*"))
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     with pytest.raises(UsageError, match="skipped 1 run directories marked INCOMPLETE"):
-        report.load_runs([tmp_path / "runs"])
+        frame.load_runs([tmp_path / "runs"])
 
 
 # --- study specs -----------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ def test_duplicated_method_key_is_refused(capsys, tmp_path, tiny_model_dir):
 
 
 def test_yaml_floats_are_numbers(tmp_path, tiny_model_dir):
-    from peftbench.sweep import load_spec
+    from peftbench.sweep.spec import load_spec
 
     path = _spec(tmp_path, tiny_model_dir)
     path.write_text(path.read_text().replace("epochs: 1", "epochs: 1\n  lr: 1e-3"))
@@ -223,17 +227,16 @@ def test_journal_storage_reclaims_a_dead_local_workers_trial(tmp_path, tiny_mode
     cell queued again, instead of waiting forever."""
     import optuna
 
-    from peftbench import sweep
 
     path = _spec(tmp_path, tiny_model_dir, storage=f"journal:{tmp_path}/study.log")
-    spec = sweep.load_spec(path)
-    study = sweep.open_study(spec)
-    sweep.enqueue_missing(study, spec)
+    spec = sweep_spec.load_spec(path)
+    study = storage.open_study(spec)
+    grid.enqueue_missing(study, spec)
     trial = study.ask()  # pops the queued cell, as a worker would
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     study._storage.set_trial_user_attr(trial._trial_id, "worker", f"{__import__('socket').gethostname()}:{dead.pid}")
-    done = sweep.run_grid(spec, log=lambda *a: None)
+    done = grid.run_grid(spec, log=lambda *a: None)
     states = [t.state for t in done.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 1
     assert done.trials[0].user_attrs["failure"].startswith("worker ")
@@ -258,6 +261,7 @@ def _interrupt_when(proc, ready, timeout=120):
     return proc.communicate(timeout=120)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_run_says_what_happens_and_marks_the_directory(tmp_path, tiny_model_dir):
     out = tmp_path / "runs"
     proc = _launch(run_args(tiny_model_dir, out, "--seeds", "3", "--epochs", "30", "--limit", "32"))
@@ -268,8 +272,8 @@ def test_ctrl_c_during_run_says_what_happens_and_marks_the_directory(tmp_path, t
     assert (run_dir / "INCOMPLETE").read_text().startswith("interrupted")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_sweep_prints_one_line_and_resumes(tmp_path, tiny_model_dir):
-    from peftbench import sweep
 
     path = _spec(tmp_path, tiny_model_dir, train={"epochs": 30}, limit=32, seeds=2)
     proc = _launch(["sweep", str(path)])
@@ -277,5 +281,5 @@ def test_ctrl_c_during_sweep_prints_one_line_and_resumes(tmp_path, tiny_model_di
     assert proc.returncode == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1].startswith("peftbench: interrupted; completed cells are kept")
-    states = sweep.cell_states(sweep.open_study(sweep.load_spec(path)), sweep.Fingerprints(sweep.load_spec(path)))
+    states = state.cell_states(storage.open_study(sweep_spec.load_spec(path)), state.Fingerprints(sweep_spec.load_spec(path)))
     assert any(v["state"] == "failed" for v in states.values())

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from peftbench import registry
-from peftbench.models import pretrained_parameters
+from peftbench.contract import registry
+from peftbench.modeling.models import pretrained_parameters
 
 P = 0.01
 
@@ -72,7 +72,7 @@ def test_fulltuning_selects_everything(tiny_model):
 
 
 def test_bad_method_parameter_is_a_usage_error():
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     with pytest.raises(UsageError, match="allowed tensor, global"):
         registry.create("random", scope="row")

@@ -67,31 +67,43 @@ def test_no_committed_board_file_holds_a_path_of_the_machine_that_wrote_it():
 def test_a_page_renders_its_intro_as_markdown_not_as_raw_asterisks(tmp_path):
     """A partial board's intro opens with "**Partial board: k of n cells.**": the page shows it
     in bold, not with its asterisks, and escapes any HTML in a spec's description."""
-    from peftbench import pages
+    from peftbench.rendering import pages
 
-    pages.write_page(tmp_path, "board", "**Partial board: 0 of 3 cells.** Five <b>methods</b>.", None,
-                     {"command": "none"})
+    pages.write_page(tmp_path, "board", "**Partial board: 0 of 3 cells.** Five <b>methods</b>.",
+                     {"command": "none"}, [])
     page = (tmp_path / "index.html").read_text()
     assert "<strong>Partial board: 0 of 3 cells.</strong>" in page and "**Partial" not in page
     assert "&lt;b&gt;methods&lt;/b&gt;" in page
 
 
 def test_a_page_keeps_its_title_when_the_board_has_carry_and_per_budget_tables(tmp_path):
-    """The browser tab and the bookmarks name the board, not the last section drawn."""
-    from peftbench import pages
+    """The browser tab and the bookmarks name the board, not the last section drawn; the
+    README and the page show the same sections, each note written once."""
+    import pandas as pd
 
-    for name in ("carry.csv", "per-budget.csv"):
-        (tmp_path / name).write_text("task,method,budget,lr\nsst2,random,0.001,0.01\n")
-    pages.write_page(tmp_path, "Leaderboard demo", "intro", None, {"command": "none"})
+    from peftbench.rendering import report
+    from peftbench.rendering.sections import Section
+
+    table = pd.DataFrame([{"task": "sst2", "method": "random", "budget": "0.001", "lr": 0.01}])
+    sections = [Section("Carrying the tuned rate to other budgets", note="The carry *check*.", table=table,
+                        csv="carry.csv"),
+                Section("Settings tuned at each budget", level=3, note="Each budget's own rate.",
+                        table=table.set_index("task"), index=True, csv="per-budget.csv")]
+    readme = report.publish(tmp_path, "Leaderboard demo", "intro", sections, "README.md",
+                            page={"intro": "intro", "meta": {"command": "none"}})
     page = (tmp_path / "index.html").read_text()
     assert "<title>Leaderboard demo</title>" in page and "<h1>Leaderboard demo</h1>" in page
-    assert "<h3>Settings tuned at each budget</h3>" in page
+    assert "<h3>Settings tuned at each budget</h3>" in page and "### Settings tuned at each budget" in readme
+    assert "The carry <em>check</em>." in page and "The carry *check*." in readme
+    assert page.count("Each budget's own rate.") == readme.count("Each budget's own rate.") == 1
+    assert (tmp_path / "carry.csv").read_text() == "task,method,budget,lr\nsst2,random,0.001,0.01\n"
+    assert (tmp_path / "per-budget.csv").read_text().startswith("task,method,budget,lr")
 
 
 def test_the_index_lists_every_board_even_one_whose_spec_this_code_cannot_run(tmp_path):
     """A board spec with an unknown method or a key newer than the running code must not stop
     another board's report at its last step (the index)."""
-    from peftbench.pages import write_index
+    from peftbench.rendering.pages import write_index
 
     for name, text in (("good", "name: good\ndescription: A good board\n"),
                        ("newer", "name: newer\ndescription: From newer code\nmethods: {nonesuch: {}}\nfuture_key: 1\n"),

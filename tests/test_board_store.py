@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from peftbench import experiment
-from peftbench.cli import main
+from peftbench.cli.main import main
+from peftbench.training import experiment
 
 
 def _board(tmp_path, tiny_model_dir, seeds=2):
@@ -25,6 +25,7 @@ def _board(tmp_path, tiny_model_dir, seeds=2):
     return board
 
 
+@pytest.mark.slow
 def test_interrupted_board_resumes_on_a_fresh_clone_from_the_committed_cells(
         tmp_path, tiny_model_dir, monkeypatch, capsys):
     board = _board(tmp_path, tiny_model_dir)
@@ -76,6 +77,7 @@ def test_interrupted_board_resumes_on_a_fresh_clone_from_the_committed_cells(
     assert len(configs) == 4 and sorted(c["train"]["lr"] for c in configs if c["method"] == "bitfit") == [1e-3, 1e-3]
 
 
+@pytest.mark.slow
 def test_verify_reruns_committed_cells_and_reports_exact_reproduction(tmp_path, tiny_model_dir,
                                                                       monkeypatch, capsys):
     board = _board(tmp_path, tiny_model_dir, seeds=1)
@@ -106,6 +108,7 @@ def test_verify_reruns_committed_cells_and_reports_exact_reproduction(tmp_path, 
     assert main(["leaderboard", "verify", "store", "--cells", "zero"]) == 2
 
 
+@pytest.mark.slow
 def test_two_local_workers_build_a_board_and_commit_every_cell(tmp_path, tiny_model_dir, monkeypatch):
     """`leaderboard run NAME --workers 2`: two `leaderboard work` processes (one core each)
     share the study; every cell is committed once, the report reads them all."""
@@ -121,6 +124,7 @@ def test_two_local_workers_build_a_board_and_commit_every_cell(tmp_path, tiny_mo
     assert len(pd.read_csv(board / "results.csv")) == 4
 
 
+@pytest.mark.slow
 def test_a_frozen_board_reads_back_its_own_cells_after_the_code_changed_and_runs_nothing(
         tmp_path, tiny_model_dir, monkeypatch, capsys):
     """A version bump stales every committed cell; `frozen:` keeps a board made before it
@@ -154,7 +158,7 @@ def test_a_frozen_board_reads_back_its_own_cells_after_the_code_changed_and_runs
     assert "is frozen" in capsys.readouterr().err
     assert main(["leaderboard", "verify", "store"]) == 2
 
-    from peftbench.fingerprint import digest
+    from peftbench.core.files import digest
 
     config = next((board / "runs").glob("*magpruning*/config.json"))
     edited = json.loads(config.read_text())
@@ -170,6 +174,7 @@ def test_a_frozen_board_reads_back_its_own_cells_after_the_code_changed_and_runs
     assert len(pd.read_csv(board / "results.csv")) == 1
 
 
+@pytest.mark.slow
 def test_join_adds_a_method_to_a_built_board_and_runs_only_its_cells(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """`leaderboard join NAME METHOD --param k=v`: the spec gains a `joined:` entry (its text and
     comments kept), only the method's cells train, the board's statistics are re-rendered with
@@ -204,7 +209,7 @@ def test_join_adds_a_method_to_a_built_board_and_runs_only_its_cells(tmp_path, t
 def test_before_after_sets_each_cell_beside_the_earlier_boards(tmp_path):
     from types import SimpleNamespace
 
-    from peftbench.leaderboard import before_after
+    from peftbench.board.results import before_after
 
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()

@@ -12,7 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from peftbench import pages, plots, report
+from peftbench.rendering import interactive, report
+from peftbench.rendering.figures import figure_sections
+from peftbench.rendering.sections import Section
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
@@ -34,9 +36,7 @@ def check_page(folder: Path) -> None:
     assert not re.search(r'<script[^>]+src="https?://', (folder / "index.html").read_text()), "remote script"
     for csv_path in [*sorted(folder.glob("table1-b*.csv")), *sorted(folder.glob("cost.csv")),
                      *sorted(folder.glob("findings-*.csv"))]:
-        kind = {"cost.csv": "cost"}.get(csv_path.name, "findings" if csv_path.name.startswith("findings") else "table1")
-        table = re.search(rf'<table class="sortable {kind}" data-csv="{re.escape(csv_path.name)}">(.*?)</table>',
-                          dom, re.S)
+        table = re.search(rf'<table class="sortable" data-csv="{re.escape(csv_path.name)}">(.*?)</table>', dom, re.S)
         assert table, f"no table for {csv_path.name}"
         rows = re.findall(r"<tr[ >].*?</tr>", table.group(1), re.S)[1:]  # minus the header
         expected = pd.read_csv(csv_path, index_col=0, dtype=str, keep_default_na=False)
@@ -62,6 +62,7 @@ def assert_titles_fit(dom: str) -> None:
         assert float(x) >= float(size), f"y title {html.unescape(text)!r} starts outside the figure (x={x})"
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_a_generated_page_draws_every_cell_and_every_row(tmp_path):
     rows = []
@@ -75,15 +76,18 @@ def test_a_generated_page_draws_every_cell_and_every_row(tmp_path):
                              "model": "default", "scoring_time_s": 1.0, "train_time_s": 2.0,
                              "run_dir": str(tmp_path / "none"), "spend": {}})
     frame = pd.DataFrame(rows)
-    report.build_report(frame, tmp_path)
-    pages.write_page(tmp_path, "test board", "intro", frame, {"command": "none"},
-                     protocol="Cut: 1 task of 7 & 3 methods, for time.")
-    assert (tmp_path / plots.PLOTLY_JS).is_file()
+    sections = report.report_sections(frame, tmp_path)
+    figures, js = figure_sections(frame, tmp_path)
+    protocol = Section("Protocol, and what was cut", note="Cut: 1 task of 7 & 3 methods, for time.")
+    report.publish(tmp_path, "test board", "intro", [protocol, *sections, *figures], "report.md",
+                   page={"intro": "intro", "meta": {"command": "none"}, "plotly_js": js})
+    assert (tmp_path / interactive.PLOTLY_JS).is_file()
     assert {p.name for p in tmp_path.glob("findings-*.csv")} == {"findings-sam-random.csv", "findings-ranks.csv"}
     check_page(tmp_path)
     assert "Cut: 1 task of 7 &amp; 3 methods, for time." in (tmp_path / "index.html").read_text()
 
 
+@pytest.mark.slow
 @needs_chromium
 @pytest.mark.parametrize("board", sorted(p.name for p in BOARDS.iterdir() if (p / "index.html").is_file()))
 def test_committed_leaderboard_pages_render_offline(board):

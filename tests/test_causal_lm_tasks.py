@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
-from peftbench import metrics
-from peftbench.data import load_task
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
+from peftbench.data import metrics
+from peftbench.data.tasks import load_task
+from peftbench.sweep import grid, state
+from peftbench.sweep import spec as sweep_spec
 
 ARITH = Path(__file__).parents[1] / "tasks" / "arith.yaml"
 
@@ -101,8 +102,8 @@ def tiny_causal_dirs(tmp_path_factory, tiny_model_dir):
 def test_the_loss_is_on_answer_tokens_only(tiny_causal_dirs, side):
     """Whatever side the tokenizer pads on by default (Llama's and Qwen's pad on the left), a
     training batch is padded on the right, so the token labels line up with the tokens."""
-    from peftbench.data import Collator, tokenize
-    from peftbench.models import load_model
+    from peftbench.data.encode import Collator, tokenize
+    from peftbench.modeling.models import load_model
 
     task = load_task(str(ARITH))
     _, tokenizer = load_model(tiny_causal_dirs["llama"], 1, causal=True)
@@ -123,6 +124,7 @@ def test_the_loss_is_on_answer_tokens_only(tiny_causal_dirs, side):
         .replace(" ", "").endswith(rows[0]["gold"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", ["random", "lora"])
 def test_a_causal_lm_run_end_to_end(tiny_causal_dirs, tmp_path, kind, method):
@@ -131,9 +133,9 @@ def test_a_causal_lm_run_end_to_end(tiny_causal_dirs, tmp_path, kind, method):
     import json
     import math
 
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.models import load_model
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.modeling.models import load_model
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(method=method, task=str(ARITH), budget="0.01", model=tiny_causal_dirs[kind], limit=16,
                        method_params={"r": 2} if method == "lora" else {},
@@ -155,10 +157,11 @@ def test_a_causal_lm_run_end_to_end(tiny_causal_dirs, tmp_path, kind, method):
         pytest.approx(result["test"]["exact_match"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_raises_the_answers_likelihood(tiny_causal_dirs, tmp_path):
     """Full fine-tuning on the answers makes them more likely than at the start (lr 0)."""
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     logliks = []
     for lr in (1e-12, 1e-2):
@@ -170,11 +173,12 @@ def test_fine_tuning_raises_the_answers_likelihood(tiny_causal_dirs, tmp_path):
     assert logliks[1] > logliks[0] + 0.5  # measured: -10.22 -> -9.28 nats per answer token
 
 
+@pytest.mark.slow
 def test_a_sweep_and_its_report_on_a_causal_lm_task(tiny_causal_dirs, tmp_path):
     """The same sweeps and reports: a grid over two methods and two seeds on tiny Llama."""
     import yaml
 
-    from peftbench import report, sweep
+    from peftbench.rendering import report
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({
@@ -182,9 +186,9 @@ def test_a_sweep_and_its_report_on_a_causal_lm_task(tiny_causal_dirs, tmp_path):
         "methods": {"random": {}, "lora": {"r": 2}}, "budgets": [0.01], "seeds": 2, "limit": 16,
         "train": {"epochs": 1, "batch_size": 4, "max_length": 48, "lr": 1e-2},
         "output_dir": str(tmp_path / "out")}))
-    spec = sweep.load_spec(path)
-    sweep.run_grid(spec, log=lambda *a: None)
-    frame = sweep.finished_frame(spec)
+    spec = sweep_spec.load_spec(path)
+    grid.run_grid(spec, log=lambda *a: None)
+    frame = state.finished_frame(spec)
     assert len(frame) == 4 and set(frame.metric_name) == {"exact_match"}
     text = report.build_report(frame, tmp_path / "report")
     assert "arith" in text and (tmp_path / "report" / "cells.csv").is_file()
@@ -194,8 +198,8 @@ def test_a_sweep_and_its_report_on_a_causal_lm_task(tiny_causal_dirs, tmp_path):
     ("bitfit", "leaves nothing to train"),  # Llama has no biases, a causal LM no new head
 ])
 def test_what_cannot_run_on_a_causal_lm_task_is_refused_by_name(tiny_causal_dirs, tmp_path, method, expected):
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(method=method, task=str(ARITH), budget="0.01", model=tiny_causal_dirs["llama"], limit=8,
                        train=TrainConfig(epochs=1, batch_size=4, max_length=48), output_dir=str(tmp_path))
@@ -209,11 +213,11 @@ def test_fish_on_a_causal_lm_task_squares_each_examples_answer_loss_gradient(tin
     unpadded example at a time."""
     import torch
 
-    from peftbench import registry
-    from peftbench.data import tokenize
-    from peftbench.models import load_model
-    from peftbench.scoring import ScoringData
-    from peftbench.trainer import make_loader
+    from peftbench.contract import registry
+    from peftbench.contract.scoring import ScoringData
+    from peftbench.data.encode import tokenize
+    from peftbench.modeling.models import load_model
+    from peftbench.training.trainer import make_loader
 
     task = load_task(str(ARITH))
     model, tokenizer = load_model(tiny_causal_dirs["llama"], 1, causal=True)
@@ -234,7 +238,7 @@ COPA = ARITH.parent / "copa.yaml"
 
 
 def test_multiple_choice_reads_a_decoders_lm_head_and_an_encoders_new_head(tiny_causal_dirs, tiny_model_dir):
-    from peftbench.models import uses_lm_head
+    from peftbench.modeling.models import uses_lm_head
 
     assert uses_lm_head(tiny_causal_dirs["llama"], "multiple_choice")
     assert uses_lm_head(tiny_causal_dirs["gpt2"], "multiple_choice")
@@ -250,9 +254,10 @@ def test_a_choices_score_is_its_tokens_log_likelihood_given_the_context(tiny_cau
     choice) sequence alone, unpadded, and compared with the padded batch's [B, C] scores."""
     import torch
 
-    from peftbench.data import Collator, _render, tokenize
-    from peftbench.models import load_model
-    from peftbench.trainer import forward
+    from peftbench.data.encode import Collator, tokenize
+    from peftbench.data.spec import render
+    from peftbench.modeling.compute import forward
+    from peftbench.modeling.models import load_model
 
     task = load_task(str(COPA))
     model, tokenizer = load_model(tiny_causal_dirs[kind], 1, causal=True)
@@ -264,7 +269,7 @@ def test_a_choices_score_is_its_tokens_log_likelihood_given_the_context(tiny_cau
         scores = forward(model, Collator(tokenizer, task)(rows), task)
         assert scores.shape == (3, 2)
         for i, raw in enumerate(splits["train"]):
-            context = tokenizer(_render(task.context, raw))["input_ids"]
+            context = tokenizer(render(task.context, raw))["input_ids"]
             for c, choice in enumerate(task.choices):
                 ending = tokenizer(" " + raw[choice], add_special_tokens=False)["input_ids"]
                 logp = torch.log_softmax(model(input_ids=torch.tensor([context + ending])).logits[0], -1)
@@ -272,15 +277,16 @@ def test_a_choices_score_is_its_tokens_log_likelihood_given_the_context(tiny_cau
                 assert scores[i, c].item() == pytest.approx(by_hand, abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random", "fish"])
 def test_a_multiple_choice_run_on_a_decoder_end_to_end(tiny_causal_dirs, tmp_path, method):
     """COPA (real data) on tiny GPT-2, scored by the choices' log-likelihoods: no head is added,
     every parameter is pre-trained and budgeted, accuracy is the argmax choice's."""
     import json
 
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.models import load_model
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.modeling.models import load_model
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(method=method, task=str(COPA), budget="0.01", model=tiny_causal_dirs["gpt2"], limit=12,
                        method_params={"num_samples": 8} if method == "fish" else {},
@@ -293,7 +299,7 @@ def test_a_multiple_choice_run_on_a_decoder_end_to_end(tiny_causal_dirs, tmp_pat
     assert result["pretrained_entries"] == total and result["trainable"]["head"] == 0
     assert result["trainable"]["encoder"] == int(0.01 * total)
     assert 0 <= result["test"]["accuracy"] <= 1 and result["test"]["main"] == result["test"]["accuracy"]
-    from peftbench.export import export_run
+    from peftbench.training.export import export_run
 
     with pytest.raises(UsageError, match="trained a language model's own head"):
         export_run(run_dir, tmp_path / "adapter")
@@ -308,8 +314,8 @@ def test_a_decoder_run_on_cuda_with_bf16_autocast_and_gradient_checkpointing(tin
     import json
     import math
 
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(method=method, task=str(task), budget="0.01", model=tiny_causal_dirs["llama"], limit=12,
                        device="cuda", method_params={"r": 2} if method == "lora" else
@@ -332,7 +338,7 @@ def test_an_extract_that_finds_no_gold_answer_is_refused_at_load(tmp_path):
 
 
 def test_a_causal_lm_task_on_an_encoder_is_refused(tiny_model_dir):
-    from peftbench.models import uses_lm_head
+    from peftbench.modeling.models import uses_lm_head
 
     with pytest.raises(UsageError, match="needs a causal language model.*bert encoder"):
         uses_lm_head(tiny_model_dir, "causal_lm")
@@ -341,7 +347,7 @@ def test_a_causal_lm_task_on_an_encoder_is_refused(tiny_model_dir):
 def test_a_prompt_that_leaves_no_room_for_its_answer_is_refused(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from peftbench.data import encode_causal
+    from peftbench.data.encode import encode_causal
 
     task = load_task(str(ARITH))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -350,6 +356,7 @@ def test_a_prompt_that_leaves_no_room_for_its_answer_is_refused(tiny_model_dir):
         encode_causal(task, tokenizer, row, 4)
 
 
+@pytest.mark.slow
 def test_a_causal_lm_forgets_by_its_held_out_next_token_loss(tiny_causal_dirs, tmp_path):
     """The probe equals the model's own shifted loss sentence by sentence (HF shifts labels
     itself), "before" is the base model, and full fine-tuning at a high rate moves it more than a
@@ -358,10 +365,10 @@ def test_a_causal_lm_forgets_by_its_held_out_next_token_loss(tiny_causal_dirs, t
 
     import torch
 
-    from peftbench import forgetting
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.models import load_model
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.modeling.models import load_model
+    from peftbench.training import forgetting
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     model, tokenizer = load_model(tiny_causal_dirs["gpt2"], 1, causal=True)
     a, b, _ = forgetting.probe_pairs()
@@ -394,7 +401,7 @@ def test_a_catastrophic_extract_pattern_ends_by_name_within_its_time_bound():
     stops it and names the pattern."""
     import time
 
-    from peftbench.data import EXTRACT_TIMEOUT_S
+    from peftbench.data.spec import EXTRACT_TIMEOUT_S
 
     task = load_task(str(ARITH)).model_copy(update={"extract": r"(a|aa)+$"})
     assert task.extract_answer("aaaa") == "a"  # an ordinary answer: the first group, as before
@@ -409,9 +416,11 @@ def test_length_ordered_evaluation_of_a_causal_lm_keeps_the_splits_order(tiny_ca
     answers come back row by row as the given order's (to float rounding)."""
     import torch
 
-    from peftbench.data import tokenize
-    from peftbench.models import load_model
-    from peftbench.trainer import TrainConfig, evaluate, make_loader
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.data.encode import tokenize
+    from peftbench.modeling.models import load_model
+    from peftbench.training.evaluation import evaluate
+    from peftbench.training.trainer import make_loader
 
     task = load_task(str(ARITH))
     model, tokenizer = load_model(tiny_causal_dirs["gpt2"], 1, causal=True)

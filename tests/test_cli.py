@@ -1,14 +1,17 @@
 """The command line: listings, an end-to-end run, and every bad-input case (exit 2, one line)."""
 import json
+import os
 import subprocess
 import sys
-import os
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_task
-from peftbench.cli import main
+
+from peftbench.analysis import checks
+from peftbench.analysis import frame as analysis_frame
+from peftbench.cli.main import main
+from peftbench.rendering import interactive
 
 
 def run_cli(capsys, *argv):
@@ -31,6 +34,7 @@ def test_tasks_lists_the_seven(capsys):
     assert {l.split()[0] for l in out.splitlines()} >= {"cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"}
 
 
+@pytest.mark.slow
 def test_run_end_to_end_on_real_rte(capsys, tiny_model_dir, tmp_path):
     code, out, err = run_cli(capsys, "run", "--method", "random", "--task", "rte", "--budget",
                              "0.01", "--seeds", "2", "--model", tiny_model_dir, "--epochs", "1",
@@ -53,12 +57,11 @@ def test_run_end_to_end_on_real_rte(capsys, tiny_model_dir, tmp_path):
     seeds = [json.loads((run_dir / f"seed-{i}" / "result.json").read_text())["peak_memory"] for i in (0, 1)]
     assert summary["peak_memory_mb"] == max(max(p["scoring_bytes"], p["training_bytes"]) for p in seeds) / 2**20
     assert "steps/s" in out and "peak MiB" in out
-    from peftbench import plots, report
 
-    frame = report.load_runs([run_dir])
+    frame = analysis_frame.load_runs([run_dir])
     assert frame.peak_memory_mb.gt(50).all() and frame.steps_per_s.gt(0).all()
-    assert report.cost_table(frame).loc["random", "peak_memory_mb"] == frame.peak_memory_mb.max()
-    hover = plots.pareto_figure(frame).data[0]
+    assert checks.cost_table(frame).loc["random", "peak_memory_mb"] == frame.peak_memory_mb.max()
+    hover = interactive.pareto_figure(frame).data[0]
     assert "peak memory" in hover.hovertemplate and hover.customdata[0][5] == frame.peak_memory_mb.max()
 
 
@@ -66,7 +69,7 @@ def test_peak_memory_is_reset_between_stretches():
     """One sweep process runs many cells: each cell's peak must be its own, not the process's."""
     import torch
 
-    from peftbench import memory
+    from peftbench.training import memory
 
     big = torch.ones(64 * 2**20)  # 256 MiB, touched
     spike = memory.peak("cpu")["bytes"]
@@ -164,6 +167,7 @@ def test_bad_method_parameter(capsys):
     assert "scope 'rows' is unknown: allowed tensor, global" in msg
 
 
+@pytest.mark.slow
 def test_process_exit_code_is_2_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "peftbench", "run", "--method", "nope",
                            "--task", "rte"], capture_output=True, text=True)
@@ -172,7 +176,7 @@ def test_process_exit_code_is_2_without_traceback():
 
 
 def test_help_shows_every_default_and_no_stray_markup(capsys):
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
@@ -193,6 +197,7 @@ def _cli(*args, env=None, **kwargs):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_output_to_a_closed_pipe_is_silent_and_exits_0():
     import subprocess
     import sys as _sys
@@ -205,6 +210,7 @@ def test_output_to_a_closed_pipe_is_silent_and_exits_0():
     assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "Exception ignored" not in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
 def test_output_to_a_full_device_is_one_line_and_exit_1():
     import subprocess
@@ -218,18 +224,20 @@ def test_output_to_a_full_device_is_one_line_and_exit_1():
     assert lines[0].startswith("peftbench: error: standard output failed (No space left on device)")
 
 
+@pytest.mark.slow
 def test_output_in_an_ascii_locale_escapes_what_it_cannot_encode():
     proc = _cli("leaderboard", "show", "quickstart-sst2", env={"PYTHONIOENCODING": "ascii"})
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-500:]
     assert "\\xb1" in proc.stdout  # the ± of mean ± std, escaped
 
 
+@pytest.mark.slow
 def test_plot_out_refuses_a_folder_of_the_users(tmp_path, capsys, tiny_model_dir):
     """`plot pareto --out DIR` over a folder holding the user's own pareto.png: refused before
     any work, the file untouched; an empty or new folder is taken and marked."""
     import yaml
 
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"name": "p", "model": tiny_model_dir, "tasks": ["rte"], "methods": {"random": {}},

@@ -1,4 +1,4 @@
-"""A committed cell is a sealed unit (`cellstore.seal`): its files must agree with each other and
+"""A committed cell is a sealed unit (`sweep.cellstore.seal`): its files must agree with each other and
 with its fingerprint before any command reads it. Each damage below is one a pull request or a
 hand edit can carry; each is refused in one line naming the folder, before anything is written."""
 from __future__ import annotations
@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import one_line_error
-from peftbench import cellstore
+
+from peftbench.board import verify
+from peftbench.sweep import cellstore
 
 BOARD = Path(__file__).resolve().parents[1] / "leaderboards" / "quickstart-sst2"
 
@@ -147,7 +148,7 @@ def test_a_damaged_committed_cell_is_refused_by_name_before_anything_is_written(
 @pytest.mark.parametrize("committed, rerun, exact", [(0.8, float("nan"), 0), (float("nan"), 0.8, 0),
                                                       (float("nan"), float("nan"), 1), (0.8, 0.8, 1)])
 def test_verify_calls_nan_reproduced_only_when_both_runs_gave_nan(tmp_path, monkeypatch, committed, rerun, exact):
-    from peftbench import experiment, leaderboard
+    from peftbench.training import experiment
 
     board = tmp_path / "quickstart-sst2"
     shutil.copytree(BOARD, board)
@@ -160,7 +161,7 @@ def test_verify_calls_nan_reproduced_only_when_both_runs_gave_nan(tmp_path, monk
     if committed != committed:
         _edit(folder / "cell.json", lambda c: c.update(failure="diverged at step 3"))
     monkeypatch.setattr(experiment, "run_experiment", lambda run, progress=False: ({"test_main_mean": rerun}, None))
-    text, _ = leaderboard.verify(str(board), names=[cell["cell"]], log=lambda *a: None)
+    text, _ = verify.verify(str(board), names=[cell["cell"]], log=lambda *a: None)
     assert text.endswith(f"reproduced {exact} of 1 committed cells exactly") or \
         f"reproduced {exact} of 1 committed cells exactly;" in text
 

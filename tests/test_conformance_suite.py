@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftbench.api import Selection, Selector, pretrained_parameters, top_k
+from peftbench.contract.selector import Selector, top_k
+from peftbench.modeling.models import pretrained_parameters
+from peftbench.modeling.selection import Selection
 from peftbench.testing import CHECKS, check_method, run_check
 
 

@@ -4,7 +4,7 @@ tiny BERT; the training check runs on a RoBERTa-style encoder too."""
 import pytest
 import torch
 
-from peftbench import registry
+from peftbench.contract import registry
 from peftbench.testing import BUILTIN_CHECK_PARAMS, parametrize_with_checks, run_check
 
 METHODS = sorted(registry.methods())

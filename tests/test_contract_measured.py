@@ -10,8 +10,8 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from peftbench import registry
-from peftbench.errors import UsageError
+from peftbench.contract import registry
+from peftbench.core.errors import UsageError
 
 PLUGIN = textwrap.dedent('''
     import torch
@@ -81,8 +81,8 @@ def broken(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_run_that_breaks_the_contract_is_refused_by_the_runner(broken, tmp_path, tiny_model_dir, case):
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     method, expected = CASES[case]
     config = RunConfig(method=method, task="rte", budget="0.01", model=tiny_model_dir, limit=16,

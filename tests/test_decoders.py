@@ -1,14 +1,16 @@
 """Decoder models (GPT-2, Llama, Qwen2 layouts), built tiny from configs with the packaged
 tokenizer: every method runs end to end with the same counting and contract; methods that name
-modules find them in `peftbench.architectures` (issue: decoder LLMs)."""
+modules find them in `peftbench.modeling.architectures` (issue: decoder LLMs)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peftbench.errors import UsageError
-from peftbench.experiment import RunConfig, run_experiment
-from peftbench.trainer import TrainConfig
+from peftbench.contract.settings import TrainConfig
+from peftbench.core.errors import UsageError
+from peftbench.sweep import grid, state
+from peftbench.sweep import spec as sweep_spec
+from peftbench.training.experiment import RunConfig, run_experiment
 
 
 def _save(folder, config, model_cls, tokenizer_dir):
@@ -22,8 +24,15 @@ def _save(folder, config, model_cls, tokenizer_dir):
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
 def decoder_dir(request, tmp_path_factory, tiny_model_dir):
-    from transformers import (AutoTokenizer, GPT2Config, GPT2Model, LlamaConfig, LlamaModel, Qwen2Config,
-                              Qwen2Model)
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2Model,
+        LlamaConfig,
+        LlamaModel,
+        Qwen2Config,
+        Qwen2Model,
+    )
 
     vocab = AutoTokenizer.from_pretrained(tiny_model_dir).vocab_size
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -65,7 +74,7 @@ def test_lora_targets_each_architectures_own_layers(decoder_dir, tmp_path):
 
 
 def test_adapters_sit_where_each_architecture_names_its_output_projections(decoder_dir, tmp_path):
-    """Placed from `peftbench.architectures` (GPT-2's Conv1D c_proj, Llama's o_proj/down_proj),
+    """Placed from `peftbench.modeling.architectures` (GPT-2's Conv1D c_proj, Llama's o_proj/down_proj),
     two per block; only adapters and the head train."""
     import json
 
@@ -77,7 +86,7 @@ def test_adapters_sit_where_each_architecture_names_its_output_projections(decod
 def test_an_architecture_without_a_layout_is_refused_by_name():
     from types import SimpleNamespace
 
-    from peftbench.architectures import layout
+    from peftbench.modeling.architectures import layout
 
     with pytest.raises(UsageError, match=r"architecture .mamba. has no module layout .* \(known: bert"):
         layout(SimpleNamespace(config=SimpleNamespace(model_type="mamba")))
@@ -101,46 +110,51 @@ DECODER_REFUSALS = {("gpt2", "shira"): "peft's SHiRA wraps nn.Linear layers only
                     ("gpt2", "peft-sized"): "peft's AdamssConfig cannot adapt this model"}
 
 
-def test_every_builtin_passes_the_conformance_suite_on_each_decoder(decoder_dir):
+def _builtins() -> list[str]:
+    from peftbench.contract import registry
+
+    return sorted(name for name, info in registry.methods().items() if info.package == "peftbench")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", _builtins())
+def test_every_builtin_passes_the_conformance_suite_on_each_decoder(decoder_dir, method):
     """The public conformance suite (`peftbench.testing`) for every built-in on tiny GPT-2,
     Llama and Qwen2; a built-in that cannot run on an architecture is refused with its reason
     (GPT-2's projections are Conv1D, which peft's sparse tuners do not wrap)."""
     import json
     from pathlib import Path
 
-    from peftbench import registry
     from peftbench.testing import check_method
 
     arch = json.loads((Path(decoder_dir) / "config.json").read_text())["model_type"]
-    for method in sorted(registry.methods()):
-        if registry.methods()[method].package != "peftbench":
-            continue
-        outcomes = check_method(method, model_dir=decoder_dir)
-        failed = {o.check: o.detail for o in outcomes if not o.passed}
-        reason = DECODER_REFUSALS.get((arch, method))
-        if reason is None:
-            assert not failed, f"{method} on {arch}: {failed}"
-        else:
-            assert failed and all(reason in detail for detail in failed.values()), (method, failed)
+    outcomes = check_method(method, model_dir=decoder_dir)
+    failed = {o.check: o.detail for o in outcomes if not o.passed}
+    reason = DECODER_REFUSALS.get((arch, method))
+    if reason is None:
+        assert not failed, f"{method} on {arch}: {failed}"
+    else:
+        assert failed and all(reason in detail for detail in failed.values()), (method, failed)
 
 
 def test_bench_step_floor_runs_on_a_decoder(decoder_dir):
     """The floor (frozen encoder, input gradients only) hooks the input embeddings by
     transformers' own accessor, not BERT's `embeddings` attribute."""
-    from peftbench.bench import prepare_step
+    from peftbench.bench.step import prepare_step
 
     one_step, model = prepare_step("floor", decoder_dir, batch_size=2, length=8)
     one_step()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["score.weight"]
 
 
+@pytest.mark.slow
 def test_a_sweep_and_its_report_on_a_decoder_classifier(tiny_model_dir, tmp_path):
     """The same sweeps and reports on a decoder sequence classifier (tiny Llama): a grid of two
     methods x two seeds on RTE (real data), then the report's table of cells."""
     import yaml
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-    from peftbench import report, sweep
+    from peftbench.rendering import report
 
     vocab = AutoTokenizer.from_pretrained(tiny_model_dir).vocab_size
     decoder_dir = _save(tmp_path / "llama", LlamaConfig(
@@ -152,9 +166,9 @@ def test_a_sweep_and_its_report_on_a_decoder_classifier(tiny_model_dir, tmp_path
         "methods": {"random": {}, "lora": {"r": 2}}, "budgets": [0.01], "seeds": 2, "limit": 16,
         "train": {"epochs": 1, "batch_size": 4, "max_length": 48},
         "output_dir": str(tmp_path / "out")}))
-    spec = sweep.load_spec(path)
-    sweep.run_grid(spec, log=lambda *a: None)
-    frame = sweep.finished_frame(spec)
+    spec = sweep_spec.load_spec(path)
+    grid.run_grid(spec, log=lambda *a: None)
+    frame = state.finished_frame(spec)
     assert len(frame) == 4 and set(frame.method) == {"random", "lora"}
     text = report.build_report(frame, tmp_path / "report")
     assert "rte" in text and (tmp_path / "report" / "cells.csv").is_file()

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_docs_site_builds_strict_and_its_reference_is_generated(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
@@ -16,7 +19,7 @@ def test_the_docs_site_builds_strict_and_its_reference_is_generated(tmp_path):
     cli = (site / "reference" / "cli.html").read_text()
     for command in ("run", "sweep", "leaderboard", "bench", "check-method"):
         assert f"peftbench {command}" in cli, command
-    from peftbench import registry
+    from peftbench.contract import registry
 
     methods = (site / "reference" / "methods.html").read_text()
     assert all(name in methods for name in registry.methods())

@@ -1,4 +1,4 @@
-"""Fu et al.'s findings tested on a board's runs (`peftbench.findings`): verdicts follow the
+"""Fu et al.'s findings tested on a board's runs (`peftbench.analysis.findings`): verdicts follow the
 data, in either direction, and a shared full-FT reference is not counted as many samples."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from peftbench import findings
+from peftbench.analysis import findings
 
 
 def runs(cells: dict[tuple[str, str, str], list[float]], test_rows: int = 1_000_000) -> pd.DataFrame:
-    """{(task, method, budget): [metric per seed]} -> one row per run, as `report.load_runs`."""
+    """{(task, method, budget): [metric per seed]} -> one row per run, as `analysis.frame.load_runs`."""
     return pd.DataFrame([{"task": t, "method": m, "budget": b, "seed": s, "metric": v, "trainable": 1,
                           "pretrained_entries": 1000, "metric_name": "accuracy", "test_rows": test_rows,
                           "constant_metric": 0.5}
@@ -85,6 +85,7 @@ def test_a_verdict_over_tasks_says_on_which_tasks_it_holds():
     assert findings.worded({"a": "not resolved", "b": "not resolved"}) == "not resolved on any of 2 tasks"
 
 
+@pytest.mark.slow
 def test_a_rank_correlation_that_rests_on_collapsing_runs_is_said_to():
     """Two methods whose seeds sometimes fall to the constant predictor are both the worst and
     the least stable: they alone make rho significant; without them it is not resolved."""
@@ -98,7 +99,7 @@ def test_a_rank_correlation_that_rests_on_collapsing_runs_is_said_to():
     ranks = findings.rank_correlation(runs(cells)).iloc[0]
     assert ranks.cells == 24 and ranks.cells_without_collapsed == 18
     assert ranks.verdict == "holds" and ranks.verdict_without_collapsed == "not resolved"
-    assert "rests on collapsing runs" in "\n".join(findings.section(runs(cells)))
+    assert "rests on collapsing runs" in "\n".join(f["note"] for f in findings.sections(runs(cells)))
 
 
 def test_rank_correlation_per_budget_and_the_published_rho_inside_or_not():
@@ -113,12 +114,16 @@ def test_rank_correlation_per_budget_and_the_published_rho_inside_or_not():
     assert row.verdict == "holds" and not row.contains_fu  # every resample gives rho = 1
 
 
-def test_section_names_each_finding_and_writes_its_tables(tmp_path):
+def test_sections_name_each_finding_and_write_its_tables(tmp_path):
+    from peftbench.rendering.sections import Section, markdown, write_all
+
     rng = np.random.default_rng(4)
     cells = {("t", m, "0.005"): list(rng.normal(0.8, 0.01, 5)) for m in ("random", "sam", "bitfit")}
     cells[("t", "fulltuning", "natural")] = list(rng.normal(0.8, 0.02, 5))
-    text = "\n".join(findings.section(runs(cells), tmp_path))
+    sections = [Section(**fields) for fields in findings.sections(runs(cells))]
+    write_all(sections, tmp_path)
+    text = markdown(sections)
     assert "Does SAM beat Random at 0.5%?" in text and "more stable than full fine-tuning" in text
     assert "stability rank correlate" in text
     assert {p.name for p in tmp_path.iterdir()} == {"findings-sam-random.csv", "findings-stability.csv",
-                                                    "findings-ranks.csv", "findings.md"}
+                                                    "findings-ranks.csv"}

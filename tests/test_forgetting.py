@@ -1,4 +1,4 @@
-"""What a run forgets (`peftbench.forgetting`): the probe against an independent computation on
+"""What a run forgets (`peftbench.training.forgetting`): the probe against an independent computation on
 the pre-trained default model, and the drift it measures after training."""
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import scipy.stats
 import torch
 
 
+@pytest.mark.slow
 def test_the_probe_on_the_default_model_equals_mean_pooled_cosine_by_hand():
     from transformers import AutoModel, AutoTokenizer
 
-    from peftbench import forgetting
-    from peftbench.models import load_model, resolve_model_path
+    from peftbench.modeling.models import load_model, resolve_model_path
+    from peftbench.training import forgetting
 
     model, tokenizer = load_model("default", 2)
     got = forgetting.retention(model, tokenizer, torch.device("cpu"))
@@ -34,8 +35,8 @@ def test_the_probe_on_the_default_model_equals_mean_pooled_cosine_by_hand():
 
 
 def test_full_fine_tuning_moves_the_representation_more_than_a_handful_of_entries(tiny_model_dir, tmp_path):
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     changes = {}
     for method, budget in (("fulltuning", "1"), ("random", "0.00001")):
@@ -53,7 +54,7 @@ def test_full_fine_tuning_moves_the_representation_more_than_a_handful_of_entrie
 def test_the_accuracy_vs_retention_figure_is_drawn_from_the_cells_that_measured_it(tmp_path):
     import pandas as pd
 
-    from peftbench import plots
+    from peftbench.rendering import plots
 
     rows = [{"task": t, "method": m, "budget": "0.005", "seed": s, "metric": 0.8 - 0.01 * s,
              "retention_after": 0.8, "retention_change": -0.01 * (i + 1)}

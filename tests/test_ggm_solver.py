@@ -70,11 +70,12 @@ def test_l21_matches_a_proximal_gradient_solution():
 
 
 def _ggm_setup(tiny_model_dir, **params):
-    from peftbench import registry
-    from peftbench.data import load_task, tokenize
-    from peftbench.models import load_model
-    from peftbench.scoring import ScoringData
-    from peftbench.trainer import make_loader, pick_device
+    from peftbench.contract import registry
+    from peftbench.contract.scoring import ScoringData
+    from peftbench.data.encode import tokenize
+    from peftbench.data.tasks import load_task
+    from peftbench.modeling.models import load_model
+    from peftbench.training.trainer import make_loader, pick_device
 
     task = load_task("rte")
     model, tokenizer = load_model(tiny_model_dir, 2)
@@ -87,9 +88,10 @@ def _ggm_setup(tiny_model_dir, **params):
 def test_ggm_reparametrised_model_equals_the_original_at_init(tiny_model_dir):
     import torch
 
-    from peftbench.models import head_parameters, pretrained_parameters
-    from peftbench.sparse import count_trainable
-    from peftbench.trainer import forward, make_loader
+    from peftbench.modeling.compute import forward
+    from peftbench.modeling.models import head_parameters, pretrained_parameters
+    from peftbench.modeling.sparse import count_trainable
+    from peftbench.training.trainer import make_loader
 
     method, model, scoring, data, tokenizer, task = _ggm_setup(tiny_model_dir)
     model.eval()

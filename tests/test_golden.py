@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 import peftbench
-from peftbench.experiment import RunConfig, run_experiment
-from peftbench.trainer import TrainConfig
+from peftbench.contract.settings import TrainConfig
+from peftbench.training.experiment import RunConfig, run_experiment
 
 GOLDEN = Path(__file__).with_name("golden_cell.json")
 RTOL = 1e-5

@@ -3,17 +3,23 @@ written, lost or executed. Each case is one test or one row of a table, named by
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-
 from conftest import one_line_error
-from peftbench import experiment
-from peftbench.cli import main
+
+from peftbench.analysis import frame, overlap
+from peftbench.board import paths
+from peftbench.cli import main as cli_main
+from peftbench.cli.main import main
+from peftbench.sweep import grid, search, storage
+from peftbench.sweep import records as sweep_records
+from peftbench.sweep import spec as sweep_spec
+from peftbench.training import experiment
 
 
 class _Payload:
@@ -44,7 +50,7 @@ def test_cache_clear_on_a_folder_that_is_not_a_cache_deletes_nothing(capsys, tmp
 
 
 def test_cache_clear_removes_only_the_caches_own_files(capsys, tmp_path):
-    from peftbench.cache import ScoreCache
+    from peftbench.training.cache import ScoreCache
 
     cache = ScoreCache(tmp_path / "scores")  # made and marked by peftbench
     cache.get_or_compute("a" * 64, lambda: {"w": torch.ones(2)})
@@ -55,7 +61,7 @@ def test_cache_clear_removes_only_the_caches_own_files(capsys, tmp_path):
 
 
 def test_a_cache_from_before_markers_is_still_recognised(tmp_path):
-    from peftbench.cache import ScoreCache
+    from peftbench.training.cache import ScoreCache
 
     old = tmp_path / "scores"
     old.mkdir()
@@ -64,16 +70,15 @@ def test_a_cache_from_before_markers_is_still_recognised(tmp_path):
 
 
 def test_a_board_given_as_a_path_never_writes_the_folder_above_it(tmp_path, monkeypatch):
-    from peftbench import leaderboard
 
     monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
     users = tmp_path / "some" / "path"
     (users / "board").mkdir(parents=True)
-    assert leaderboard.shared_root(users / "board") is None
+    assert paths.shared_root(users / "board") is None
     (tmp_path / "boards" / "b").mkdir(parents=True)
-    assert leaderboard.shared_root(tmp_path / "boards" / "b") == (tmp_path / "boards").resolve()
-    repository = Path(leaderboard.__file__).resolve().parents[1] / "leaderboards"
-    assert leaderboard.shared_root(repository / "quickstart-sst2") == repository  # marked
+    assert paths.shared_root(tmp_path / "boards" / "b") == (tmp_path / "boards").resolve()
+    repository = Path(__file__).resolve().parents[1] / "leaderboards"
+    assert paths.shared_root(repository / "quickstart-sst2") == repository  # marked
 
 
 @pytest.mark.parametrize("mine", ["README.md", "index.html"])
@@ -103,11 +108,10 @@ def _journal_spec(tmp_path, model):
 
 
 def test_status_on_a_journal_with_a_cut_last_line_leaves_it_as_it_was(capsys, tmp_path, tiny_model_dir):
-    from peftbench import sweep
 
     spec_path = _journal_spec(tmp_path, tiny_model_dir)
-    spec = sweep.load_spec(spec_path)
-    sweep.enqueue_missing(sweep.open_study(spec), spec)
+    spec = sweep_spec.load_spec(spec_path)
+    grid.enqueue_missing(storage.open_study(spec), spec)
     journal = tmp_path / "study.log"
     journal.write_bytes(journal.read_bytes()[:-7])  # a crash mid-write
     before = journal.read_bytes()
@@ -144,7 +148,7 @@ def test_report_out_on_a_file_is_refused_before_writing(capsys, tmp_path):
 # --- code execution --------------------------------------------------------------------------
 
 def test_cache_list_never_runs_code_from_a_crafted_file(capsys, tmp_path):
-    from peftbench.cache import ScoreCache
+    from peftbench.training.cache import ScoreCache
 
     cache = ScoreCache(tmp_path / "scores")
     flag = tmp_path / "pwned"
@@ -155,7 +159,7 @@ def test_cache_list_never_runs_code_from_a_crafted_file(capsys, tmp_path):
 
 
 def test_the_score_cache_recomputes_a_crafted_entry_instead_of_running_it(tmp_path, capsys):
-    from peftbench.cache import ScoreCache
+    from peftbench.training.cache import ScoreCache
 
     cache = ScoreCache(tmp_path / "scores")
     flag = tmp_path / "pwned"
@@ -165,14 +169,13 @@ def test_the_score_cache_recomputes_a_crafted_entry_instead_of_running_it(tmp_pa
 
 
 def test_report_reads_masks_without_running_code(tmp_path):
-    from peftbench import report
-    from peftbench.safeload import UnsafeFile
+    from peftbench.core.safeload import UnsafeFile
 
     (tmp_path / "seed-0").mkdir()
     flag = tmp_path / "pwned"
     torch.save(_Payload(flag), tmp_path / "seed-0" / "mask.pt")
     with pytest.raises(UnsafeFile, match="not a plain tensor file"):
-        report._mask(str(tmp_path), 0)
+        overlap._mask(str(tmp_path), 0)
     assert not flag.exists()
 
 
@@ -260,7 +263,7 @@ def test_a_one_step_run_trains_at_its_learning_rate():
     """HF's warm-up starts at rate 0: held to steps - 1, a one-step run is not a no-op."""
     from transformers import get_linear_schedule_with_warmup
 
-    from peftbench.trainer import warmup_steps
+    from peftbench.training.trainer import warmup_steps
 
     assert warmup_steps(0.1, 1) == 0 and warmup_steps(0.1, 150) == 15 and warmup_steps(0.5, 2) == 1
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.9)
@@ -287,9 +290,9 @@ def test_unsupported_devices_are_refused(capsys, tmp_path, tiny_model_dir, devic
     assert f"device {device!r}" in msg and "allowed auto, cpu" in msg or "not available" in msg
 
 
+@pytest.mark.slow
 def test_task_data_edited_during_a_sweep_is_not_recorded_under_the_old_fingerprint(tmp_path, tiny_model_dir,
                                                                                     monkeypatch):
-    from peftbench import sweep
 
     task = _small_task(tmp_path, "rte", lambda spec, train: None)
     train = tmp_path / "train.jsonl"
@@ -298,7 +301,7 @@ def test_task_data_edited_during_a_sweep_is_not_recorded_under_the_old_fingerpri
         "name": "t", "model": tiny_model_dir, "tasks": [task], "methods": {"random": {}},
         "budgets": [0.01], "seeds": 2, "limit": 8, "train": {"epochs": 1},
         "output_dir": str(tmp_path / "out")}))
-    spec = sweep.load_spec(path)
+    spec = sweep_spec.load_spec(path)
     real = experiment.run_experiment
 
     def edit_after_the_first(config, **kw):
@@ -307,7 +310,7 @@ def test_task_data_edited_during_a_sweep_is_not_recorded_under_the_old_fingerpri
         return out
 
     monkeypatch.setattr(experiment, "run_experiment", edit_after_the_first)
-    study = sweep.run_grid(spec, log=lambda *a: None)
+    study = grid.run_grid(spec, log=lambda *a: None)
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "FAIL"]
     failed = next(t for t in study.trials if t.state.name == "FAIL")
@@ -315,8 +318,7 @@ def test_task_data_edited_during_a_sweep_is_not_recorded_under_the_old_fingerpri
 
 
 def test_a_cut_search_json_is_one_line(capsys, tmp_path, tiny_model_dir):
-    from peftbench import sweep
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "model": tiny_model_dir, "tasks": ["rte"],
@@ -325,7 +327,7 @@ def test_a_cut_search_json_is_one_line(capsys, tmp_path, tiny_model_dir):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "search.json").write_text('{"rte/random": {"train": {"lr"')
     with pytest.raises(UsageError, match="search.json is not valid JSON"):
-        sweep.best_search_params(sweep.load_spec(path))
+        sweep_records.best_search_params(sweep_spec.load_spec(path))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -333,8 +335,8 @@ def test_a_cut_search_json_is_one_line(capsys, tmp_path, tiny_model_dir):
     ('{"cb/random": {"lr": 0.01}}', r"search-trials.json is not a trial log \(\{key: \[trial, ...\]\}\)"),
 ])
 def test_a_damaged_trial_log_is_one_line_naming_the_file_and_the_way_out(tmp_path, text, message):
-    from peftbench.errors import UsageError
-    from peftbench.sweep.search import read_trial_log
+    from peftbench.core.errors import UsageError
+    from peftbench.sweep.records import read_trial_log
 
     (tmp_path / "search-trials.json").write_text(text)
     with pytest.raises(UsageError, match=message):
@@ -345,7 +347,7 @@ def _fake_run(folder: Path, model: str, seed: int, task_files: list[str]) -> Non
     (folder / f"seed-{seed}").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({
         "method": "random", "task": "rte", "budget": "0.01", "model": model, "task_files": task_files}))
-    from peftbench.record import RunRecord
+    from peftbench.training.record import RunRecord
 
     RunRecord(seed=seed, test={"main": 0.5}, validation={"main": 0.5}, best_epoch=1, steps=4,
               trainable={"encoder": 10, "new": 0, "head": 2, "trainable": 10, "total": 12},
@@ -359,13 +361,12 @@ def _fake_run(folder: Path, model: str, seed: int, task_files: list[str]) -> Non
     ({"task_files": ["changed"]}, "different data files"),
 ])
 def test_report_runs_of_two_models_or_datasets_are_refused_not_dropped(tmp_path, other, expected):
-    from peftbench import report
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     _fake_run(tmp_path / "a", "default", 0, ["x"])
     _fake_run(tmp_path / "b", other.get("model", "default"), 0, other.get("task_files", ["x"]))
     with pytest.raises(UsageError, match=expected):
-        report.load_runs([tmp_path])
+        frame.load_runs([tmp_path])
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -376,13 +377,12 @@ def test_report_runs_of_two_models_or_datasets_are_refused_not_dropped(tmp_path,
      "is not a run record: trainable.encoder"),
 ])
 def test_report_on_a_damaged_run_folder_is_one_line(tmp_path, damage, expected):
-    from peftbench import report
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     _fake_run(tmp_path / "a", "default", 0, ["x"])
     damage(tmp_path / "a")
     with pytest.raises(UsageError, match=expected):
-        report.load_runs([tmp_path])
+        frame.load_runs([tmp_path])
 
 
 # --- tracebacks that are one line now ------------------------------------------------------------
@@ -415,14 +415,13 @@ def test_a_hub_data_source_while_offline_is_one_line(capsys, tmp_path, tiny_mode
 
 
 def test_a_damaged_study_database_is_one_line_exit_1(capsys, tmp_path, tiny_model_dir):
-    from peftbench import sweep
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "model": tiny_model_dir, "tasks": ["rte"],
                                     "methods": {"random": {}}, "budgets": [0.01], "seeds": 1, "limit": 8,
                                     "output_dir": str(tmp_path / "out")}))
-    spec = sweep.load_spec(path)
-    sweep.enqueue_missing(sweep.open_study(spec), spec)
+    spec = sweep_spec.load_spec(path)
+    grid.enqueue_missing(storage.open_study(spec), spec)
     db = tmp_path / "out" / "study.db"
     raw = bytearray(db.read_bytes())
     raw[4096:3 * 4096] = b"Z" * len(raw[4096:3 * 4096])
@@ -447,8 +446,7 @@ def test_a_task_file_removed_before_report_is_one_line(capsys, tmp_path, tiny_mo
 
 
 def test_a_search_whose_every_trial_fails_is_an_error_not_an_empty_record(tmp_path, tiny_model_dir, monkeypatch):
-    from peftbench import sweep
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({
@@ -463,7 +461,7 @@ def test_a_search_whose_every_trial_fails_is_an_error_not_an_empty_record(tmp_pa
     monkeypatch.setattr(experiment, "run_experiment", broken)
     with pytest.raises(UsageError, match="search rte/random: none of its 2 trials completed: "
                                          "ValueError: a space the method cannot take"):
-        sweep.run_search(sweep.load_spec(path), log=lambda *a: None)
+        search.run_search(sweep_spec.load_spec(path), log=lambda *a: None)
     assert not (tmp_path / "out" / "search.json").exists()
 
 
@@ -505,7 +503,6 @@ def test_a_storage_fault_in_a_background_thread_is_one_line(capsys):
     import sqlite3
     import threading
 
-    from peftbench import cli
 
     def heartbeat():
         try:
@@ -514,7 +511,7 @@ def test_a_storage_fault_in_a_background_thread_is_one_line(capsys):
             raise RuntimeError("heartbeat failed") from err
 
     previous = threading.excepthook
-    threading.excepthook = cli._thread_fault
+    threading.excepthook = cli_main._thread_fault
     try:
         worker = threading.Thread(target=heartbeat, name="heartbeat")
         worker.start()
@@ -528,7 +525,7 @@ def test_a_storage_fault_in_a_background_thread_is_one_line(capsys):
 def test_report_out_on_a_read_only_report_folder_is_one_line(capsys, tmp_path):
     import os
 
-    from peftbench.ownership import claim
+    from peftbench.core.ownership import claim
 
     out = claim(tmp_path / "rep", "report")
     os.chmod(out, 0o500)
@@ -544,9 +541,9 @@ def test_report_out_on_a_read_only_report_folder_is_one_line(capsys, tmp_path):
 
 def test_diffpruning_on_a_one_step_run_says_to_train_longer(tiny_model_dir, tmp_path):
     """Not 'give burnin < 1 (e.g. burnin=1)': no burn-in fits one step."""
-    from peftbench.errors import UsageError
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.core.errors import UsageError
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(method="diffpruning", task="rte", budget="0.01", seeds=[0], model=tiny_model_dir,
                        method_params={"burnin": 1}, train=TrainConfig(epochs=1, batch_size=4, max_steps=1),
@@ -558,19 +555,18 @@ def test_diffpruning_on_a_one_step_run_says_to_train_longer(tiny_model_dir, tmp_
 @pytest.mark.parametrize("seeds, expected", [(10 ** 9, "give a count from 1 to 1000"),
                                              (list(range(1001)), "1001 seeds; at most 1000")])
 def test_a_study_of_a_billion_seeds_is_refused_before_building_it(seeds, expected):
-    from peftbench import sweep
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     with pytest.raises(UsageError, match=re.escape(expected)):
-        sweep.parse_spec({"name": "x", "tasks": ["rte"], "methods": {"random": {}}, "seeds": seeds})
+        sweep_spec.parse_spec({"name": "x", "tasks": ["rte"], "methods": {"random": {}}, "seeds": seeds})
 
 
 def test_a_causal_task_generating_a_hundred_thousand_tokens_is_refused(tmp_path):
-    from peftbench.data import load_task
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
+    from peftbench.data.tasks import load_task
 
-    spec = (Path(experiment.__file__).resolve().parents[1] / "tasks" / "arith.yaml").read_text()
-    data = Path(experiment.__file__).resolve().parents[1] / "tasks" / "data"
+    spec = (Path(__file__).resolve().parents[1] / "tasks" / "arith.yaml").read_text()
+    data = Path(__file__).resolve().parents[1] / "tasks" / "data"
     path = tmp_path / "arith.yaml"
     path.write_text(spec.replace("max_new_tokens: 16", "max_new_tokens: 100000").replace(
         "data/arith/", f"{data}/arith/"))
@@ -584,8 +580,8 @@ def test_a_marker_that_is_not_a_small_regular_file_is_not_read(tmp_path, make):
     /dev/zero would eat memory, a link could lend another folder's ownership."""
     import os
 
-    from peftbench import ownership
-    from peftbench.errors import UsageError
+    from peftbench.core import ownership
+    from peftbench.core.errors import UsageError
 
     folder = tmp_path / "out"
     folder.mkdir()
@@ -645,11 +641,11 @@ def test_enqueue_only_into_a_folder_of_someone_elses_files_is_refused(capsys, tm
 def test_scores_read_back_from_the_cache_are_checked_as_fresh_ones_are(tmp_path, tiny_model_dir):
     """A cache entry whose scores hold a NaN (a damaged or hand-edited file) is refused by name,
     as a score() returning it is, instead of selecting from it."""
-    from peftbench.cache import ScoreCache
-    from peftbench.errors import UsageError
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.safeload import load_pt
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.core.errors import UsageError
+    from peftbench.core.safeload import load_pt
+    from peftbench.training.cache import ScoreCache
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(method="sam", task="rte", budget="0.01", model=tiny_model_dir, limit=8,
                        method_params={"burnin": 2}, train=TrainConfig(epochs=1, batch_size=4, max_length=32, max_steps=1),

@@ -8,10 +8,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from peftbench import plots
-from peftbench.cli import main
+from peftbench.analysis import checks, ranks
+from peftbench.board import paths as board_paths
+from peftbench.board import phases, tables, verify
+from peftbench.cli.main import main
+from peftbench.rendering import interactive, plots, styles
+from peftbench.sweep import spec as sweep_spec
 
 
+@pytest.mark.slow
 def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path, tiny_model_dir,
                                                                         monkeypatch, capsys):
     board = tmp_path / "boards" / "tiny"
@@ -43,7 +48,7 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
     shown = capsys.readouterr().out
     assert "Leaderboard tiny" in shown and "bitfit" in shown and "Against the published" in shown
     assert "### Protocol, and what was cut\n\nCut: 1 task of 7, for time." in shown
-    from peftbench.fingerprint import machine_fingerprint  # each cell's device, counted
+    from peftbench.training.identity import machine_fingerprint
     assert f"- cells ran on: {machine_fingerprint('cpu')['device']} (6 cells)\n" in shown
     assert main(["leaderboard", "show", "nope"]) == 2
     assert (tmp_path / "boards" / "plotly.min.js").is_file() and (tmp_path / "boards" / "index.html").is_file()
@@ -52,10 +57,11 @@ def test_leaderboard_run_writes_tables_and_plots_then_show_prints_them(tmp_path,
 
 def test_pareto_points_are_the_non_dominated_ones():
     points = pd.DataFrame({"trainable": [10, 100, 1000, 100, 50], "mean": [0.5, 0.7, 0.6, 0.4, 0.7]})
-    front = plots.pareto_points(points)
+    front = styles.pareto_points(points)
     assert front.index.tolist() == [0, 4]  # 1 (same mean, more params) and 2, 3 are dominated
 
 
+@pytest.mark.slow
 def test_report_from_run_directories_and_status_and_bad_inputs(tmp_path, tiny_model_dir, capsys, monkeypatch):
     for method in ("random", "magpruning"):
         assert main(["run", "--method", method, "--task", "cb", "--budget", "0.01", "--seeds", "2",
@@ -85,13 +91,12 @@ def test_report_from_run_directories_and_status_and_bad_inputs(tmp_path, tiny_mo
 
 
 def test_fu_table1_runs_fus_variants_or_marks_the_row():
-    from peftbench import leaderboard, sweep
 
-    spec = sweep.load_spec(leaderboard.find("fu2023-table1") / "spec.yaml")
+    spec = sweep_spec.load_spec(board_paths.find("fu2023-table1") / "spec.yaml")
     assert spec.methods["random"]["scope"] == "tensor" and spec.methods["mixout"]["mode"] == "eval"
     assert spec.methods["adapter"] == {"placement": "pfeiffer", "activation": "relu"}
     assert {"mixout", "magpruning", "diffpruning", "lora"} <= set(spec.method_notes)
-    shown = leaderboard.published_only(spec)
+    shown = verify.published_only(spec)
     assert all(f"- {m}: " in shown for m in spec.method_notes)
 
 
@@ -117,10 +122,10 @@ def test_pareto_figure_names_its_metric_dodges_equal_counts_and_writes_pdf_svg(t
     svg = (tmp_path / "pareto.svg").read_text()
     assert "(accuracy + macro-F1)/2 x 100" in svg and "3 seeds" in svg and "budget 0.1%" in svg
     assert "p = 0.001" not in svg  # a budget line must not read as a p-value
-    style = plots.styles(sorted(frame.method.unique()))
+    style = styles.styles(sorted(frame.method.unique()))
     assert len({v for v in style.values()}) == 4
     assert len({matplotlib.colors.to_rgb(c) for c, _, _ in style.values()}) == 4
-    figure = plots.pareto_figure(frame)  # the interactive plot dodges equal counts too
+    figure = interactive.pareto_figure(frame)  # the interactive plot dodges equal counts too
     xs = {trace.name: list(trace.x) for trace in figure.data if trace.name in style}
     natural = [x[0] for x in xs.values() if len(x) == 1]
     assert len(natural) == len(set(natural))
@@ -138,7 +143,7 @@ def test_the_legend_names_methods_that_ran_on_one_task_only(tmp_path):
     axes[0].plot([1, 2], [1, 2], label="sam")
     axes[0].plot([1, 2], [2, 1], label="random")
     axes[1].plot([1, 2], [1, 2], label="random")
-    plots.legend_beside(axes)
+    styles.legend_beside(axes)
     assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["sam", "random"]
     plt.close(fig)
 
@@ -148,41 +153,39 @@ def test_the_legend_names_methods_that_ran_on_one_task_only(tmp_path):
     plots.pareto_png(frame, tmp_path / "pareto.png")
     svg = (tmp_path / "pareto.svg").read_text()
     assert "<!-- sam -->" in svg  # tasks sort cb, rte: sam is in the first panel only
-    named = [t.name for t in plots.pareto_figure(frame).data if t.showlegend is not False]
+    named = [t.name for t in interactive.pareto_figure(frame).data if t.showlegend is not False]
     assert sorted(named) == sorted(set(named)) and {"sam", "fish", "Pareto front"} <= set(named)
-    figure = plots.pareto_figure(frame.assign(task=frame.task.map({"cb": "zz", "rte": "rte"})))
+    figure = interactive.pareto_figure(frame.assign(task=frame.task.map({"cb": "zz", "rte": "rte"})))
     assert "sam" in [t.name for t in figure.data if t.showlegend is not False]  # now the 2nd panel
 
 
 def test_one_look_per_method_in_every_figure():
     """The fixed table: every built-in has a (colour, marker, line) of its own, colours from
     Okabe & Ito's colour-blind-safe set; a plugin's look is derived from its name, stably."""
-    from peftbench import registry
+    from peftbench.contract import registry
 
     builtins = [n for n, info in registry.methods().items() if info.package == "peftbench"]
-    looks = [plots.method_style(m) for m in builtins]
-    assert set(builtins) <= set(plots.METHOD_STYLE) and len(set(looks)) == len(looks)
-    assert {c for c, _, _ in looks} <= set(plots.PALETTE) | {plots.GREY}
+    looks = [styles.method_style(m) for m in builtins]
+    assert set(builtins) <= set(styles.METHOD_STYLE) and len(set(looks)) == len(looks)
+    assert {c for c, _, _ in looks} <= set(styles.PALETTE) | {styles.GREY}
     assert len({(c, m) for c, m, _ in looks}) == len(looks)  # colour + marker alone tell them apart
-    assert plots.method_style("my-plugin") == plots.method_style("my-plugin") != plots.method_style("other")
+    assert styles.method_style("my-plugin") == styles.method_style("my-plugin") != styles.method_style("other")
 
 
 def test_critical_difference_diagram_per_budget_from_tasks_only_with_enough_of_them(tmp_path):
-    from peftbench import report
 
-    one_task = report.friedman_by_budget(pd.concat([_synthetic_frame(), _synthetic_frame().assign(task="rte")]))
+    one_task = ranks.friedman_by_budget(pd.concat([_synthetic_frame(), _synthetic_frame().assign(task="rte")]))
     assert [r["descriptive"] for r in one_task] == [True, True]  # 2 tasks: no pairwise test, no diagram
     frame = pd.concat([_synthetic_frame().assign(task=f"t{i}", metric=lambda d, i=i: d.metric + 0.001 * i)
                        for i in range(6)])
-    ranking = report.friedman_by_budget(frame)[0]
+    ranking = ranks.friedman_by_budget(frame)[0]
     assert ranking["n_tasks"] == 6 and list(ranking["ranks"].index) == ["fish", "sam", "magpruning", "random"]
     assert plots.cd_png(ranking, tmp_path / "cd.png").stat().st_size > 0
 
 
 def test_small_n_spearman_p_is_exact():
-    from peftbench import report
 
-    rho, p = report.spearman([1, 2, 3, 4], [4, 3, 2, 1])
+    rho, p = ranks.spearman([1, 2, 3, 4], [4, 3, 2, 1])
     assert rho == -1 and p == pytest.approx(2 / 24)
 
 
@@ -196,24 +199,24 @@ def test_exact_spearman_p_at_eight_cells_orders_one_sample_only():
     import numpy as np
     import scipy.stats
 
-    from peftbench import statistics
 
-    rho, p = statistics.spearman(list(range(8)), list(range(8))[::-1])
+    rho, p = ranks.spearman(list(range(8)), list(range(8))[::-1])
     assert rho == -1 and p == pytest.approx(2 / math.factorial(8))  # only the reversal reaches -1
     x, y = [1, 2, 2, 3, 5, 5, 7], [3, 1, 2, 2, 6, 4, 4]
     observed = scipy.stats.spearmanr(x, y)[0]
     null = np.array([scipy.stats.spearmanr(x, order)[0] for order in itertools.permutations(y)])
     tol = 1e-12
     expected = min(1.0, 2 * min(np.mean(null >= observed - tol), np.mean(null <= observed + tol)))
-    rho, p = statistics.spearman(x, y)
+    rho, p = ranks.spearman(x, y)
     assert rho == pytest.approx(observed) and p == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, tiny_model_dir, monkeypatch):
     """`leaderboard run` searches first when the spec has `search:`, commits search.json beside
     the spec, trains the grid at the tuned values, and a second run (another machine: no sweep
     folder) reads the committed file instead of searching again."""
-    from peftbench import experiment
+    from peftbench.training import experiment
 
     board = tmp_path / "boards" / "tuned"
     board.mkdir(parents=True)
@@ -263,11 +266,12 @@ def _tuned_board(tmp_path, tiny_model_dir, monkeypatch, name: str, reported: int
     return board
 
 
+@pytest.mark.slow
 def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_path, tiny_model_dir, monkeypatch):
-    """`search: carry_check` (issue #21): after the grid, the carried rate and its neighbours at
+    """`search: carry_check`: after the grid, the carried rate and its neighbours at
     the other budget, on the check's own seed; carry.json is committed beside search.json, read
     back by a run elsewhere (nothing trained again), and the README and page show the table."""
-    from peftbench import experiment
+    from peftbench.training import experiment
 
     board = _tuned_board(tmp_path, tiny_model_dir, monkeypatch, "carried", reported=2)
     assert main(["leaderboard", "run", "carried"]) == 0
@@ -285,11 +289,12 @@ def test_a_boards_carry_check_runs_after_the_grid_is_committed_and_shown(tmp_pat
     assert trained == [] and json.loads((board / "carry.json").read_text()) == carry
 
 
+@pytest.mark.slow
 def test_a_board_tuned_per_budget_runs_its_grid_at_each_budgets_own_rate(tmp_path, tiny_model_dir, monkeypatch):
-    """`search: per_budget` (issue #21): search, carry check, per-budget search, then the grid;
+    """`search: per_budget`: search, carry check, per-budget search, then the grid;
     per-budget.json is committed, each budget's cells run at its own rate, the README shows the
     per-budget table and says how long it took; a run elsewhere trains nothing again."""
-    from peftbench import experiment
+    from peftbench.training import experiment
 
     board = _tuned_board(tmp_path, tiny_model_dir, monkeypatch, "perbudget", reported=1, seeds=[7, 8],
                          per_budget=True)
@@ -317,14 +322,13 @@ def test_a_board_tuned_per_budget_runs_its_grid_at_each_budgets_own_rate(tmp_pat
 def test_a_board_whose_per_budget_search_is_unfinished_says_it_is_not_final():
     """A complete grid at the carried rate is not the board a per-budget spec promises: the
     README opens by naming the keys still waiting for their own rate, complete grid or not."""
-    from peftbench import leaderboard
 
     done = {"done": 6, "expected": 6, "missing": {}, "complete": set(), "groups": 2}
-    assert leaderboard.partial_lines(done) == []
-    lines = leaderboard.partial_lines(done, ["cb/random/0.02"])
+    assert tables.partial_lines(done) == []
+    lines = tables.partial_lines(done, ["cb/random/0.02"])
     assert lines[0].startswith("**Not final: 1 (task, method, budget) key(s)") and "cb/random/0.02." in lines[0]
     partial = {**done, "done": 5, "missing": {("cb", "random", "0.02"): [1]}}
-    text = "\n".join(leaderboard.partial_lines(partial, ["cb/random/0.02"]))
+    text = "\n".join(tables.partial_lines(partial, ["cb/random/0.02"]))
     assert text.startswith("**Partial board: 5 of 6 cells.**") and "**Not final: 1" in text
 
 
@@ -333,79 +337,77 @@ def test_report_on_a_published_only_board_keeps_its_published_page(tmp_path):
     published-numbers page; it wrote a "0 of 630 cells" partial board over it."""
     import shutil
 
-    from peftbench import leaderboard
 
     board = tmp_path / "fu2023-table1"
-    shutil.copytree(leaderboard.find("fu2023-table1"), board)
-    text = leaderboard.refresh(str(board), output_dir=str(tmp_path / "sweep"))
+    shutil.copytree(board_paths.find("fu2023-table1"), board)
+    text = phases.refresh(str(board), output_dir=str(tmp_path / "sweep"))
     assert "published numbers only" in text
     assert "published numbers only" in (board / "index.html").read_text()
     assert not (board / "progress.csv").exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_the_board_says_its_search_grid_and_carry_check_time(tmp_path):
-    """Issue #21 asks the README for the total sweep time and the search time: every trial's
+    """The README gives the total sweep time and the search time: every trial's
     wall time, summed per phase, from the committed records and cells."""
     from types import SimpleNamespace
 
-    from peftbench import leaderboard
 
     (tmp_path / "search.json").write_text(json.dumps(
         {"cb/random": {"tried": [{"duration_s": 1800.0}, {"duration_s": 1800.0}]}}))
     (tmp_path / "carry.json").write_text(json.dumps({"cb/random/0.01": {"tried": [{"duration_s": 900.0}]}}))
     spec = SimpleNamespace(out=tmp_path, search=object())
     frame = pd.DataFrame({"duration_s": [3600.0, 3600.0]})
-    line = leaderboard.time_line(spec, frame)
+    line = tables.time_line(spec, frame)
     assert "search 1.00 h + grid 2.00 h + carry check 0.25 h = 3.25 h" in line
     (tmp_path / "carry.json").unlink()
     assert "search 1.00 h + grid 0.00 h = 1.00 h (no complete group" in \
-        leaderboard.time_line(spec, pd.DataFrame())
-    assert leaderboard.time_line(SimpleNamespace(out=tmp_path, search=None), frame).endswith("grid 2.00 h")
+        tables.time_line(spec, pd.DataFrame())
+    assert tables.time_line(SimpleNamespace(out=tmp_path, search=None), frame).endswith("grid 2.00 h")
 
 
 def test_a_board_grown_on_two_machines_says_so_and_splits_its_cost_by_device():
     """Cells of one board come from several machines (the committed cells are the store); a
     mean of seconds over two CPUs measures the mix, so the cost table splits by device then,
     and the header counts the cells each device ran. One device: the table is per method."""
-    from peftbench import leaderboard, statistics
 
     frame = pd.DataFrame({
         "method": ["random"] * 3 + ["bitfit"] * 2, "device": ["cpu: A", "cpu: A", "cpu: B", "cpu: A", "cpu: A"],
         "scoring_time_s": [1.0, 3.0, 10.0, 0.0, 0.0], "train_time_s": [10.0, 20.0, 60.0, 5.0, 7.0],
         "steps_per_s": [3.0, 3.0, 1.0, 4.0, 4.0], "peak_memory_mb": [100.0, 120.0, 90.0, 50.0, 60.0],
         "load_1min": [2.0] * 5})
-    cost = statistics.cost_table(frame)
+    cost = checks.cost_table(frame)
     random = cost.loc["random"].set_index("device")
     assert random.loc["cpu: A", "training_s"] == 15.0 and random.loc["cpu: B", "training_s"] == 60.0
     assert random.loc["cpu: A", "runs"] == 2 and random.loc["cpu: B", "runs"] == 1
     assert cost.loc["bitfit", "device"] == "cpu: A" and cost.loc["bitfit", "peak_memory_mb"] == 60.0
-    assert leaderboard.devices_line(frame) == (
+    assert tables.devices_line(frame) == (
         "- cells ran on: cpu: A (4 cells), cpu: B (1 cell); timings compare only within one "
         "device: the cost table has a row per method, task and device")
     one = frame[frame.device == "cpu: A"]
-    assert list(statistics.cost_table(one).columns) == [
+    assert list(checks.cost_table(one).columns) == [
         "scoring_s", "training_s", "steps_per_s", "peak_memory_mb", "load_1min"]
-    assert statistics.cost_table(one).loc["random", "training_s"] == 15.0
-    assert leaderboard.devices_line(frame.assign(device="")) == "- cells ran on: not recorded (5 cells)"
+    assert checks.cost_table(one).loc["random", "training_s"] == 15.0
+    assert tables.devices_line(frame.assign(device="")) == "- cells ran on: not recorded (5 cells)"
     # two tasks (STS-B's pairs cost more per step than SST-2's sentences): a row per task too
     tasks = one.assign(task=["sst2", "stsb", "sst2", "sst2"])
-    split = statistics.cost_table(tasks)
+    split = checks.cost_table(tasks)
     assert list(split.columns) == ["task", "scoring_s", "training_s", "steps_per_s", "peak_memory_mb",
                                    "load_1min", "runs"]
     random = split.loc["random"].set_index("task")
     assert random.loc["sst2", "training_s"] == 10.0 and random.loc["stsb", "training_s"] == 20.0
     assert split.loc["bitfit", "runs"] == 2 and split.loc["bitfit", "task"] == "sst2"
-    assert list(statistics.cost_table(frame.assign(task=["sst2", "stsb"] * 2 + ["sst2"])).columns[:2]) == [
+    assert list(checks.cost_table(frame.assign(task=["sst2", "stsb"] * 2 + ["sst2"])).columns[:2]) == [
         "task", "device"]
-    assert leaderboard.devices_line(frame.drop(columns="device")) is None
+    assert tables.devices_line(frame.drop(columns="device")) is None
 
 
+@pytest.mark.slow
 def test_the_per_budget_table_lists_keys_in_the_specs_order_with_the_carried_setting(tmp_path):
     """Workers finish keys in any order; the table reads task by task, method by method, budget
     by budget, and shows the carried rate beside the chosen one."""
     from types import SimpleNamespace
 
-    from peftbench import leaderboard
 
     spec = SimpleNamespace(out=tmp_path, tasks=["sst2", "stsb"], methods={"random": {}, "sam": {}},
                            budgets=["0.005", "0.001", "0.02"],
@@ -419,14 +421,16 @@ def test_the_per_budget_table_lists_keys_in_the_specs_order_with_the_carried_set
     finished = ["stsb/sam/0.02", "sst2/random/0.02", "stsb/random/0.001", "sst2/sam/0.001", "sst2/random/0.001"]
     (tmp_path / "per-budget.json").write_text(json.dumps({k: entry(0.01, 0.03 if "0.001" in k else 0.01)
                                                           for k in finished}))
-    lines = leaderboard.per_budget_lines(spec, tmp_path)
+    (section,) = tables.per_budget_sections(spec)
+    section.write(tmp_path)
     table = pd.read_csv(tmp_path / "per-budget.csv", dtype={"budget": str})
     assert ["/".join(r) for r in table[["task", "method", "budget"]].itertuples(index=False)] == [
         "sst2/random/0.001", "sst2/random/0.02", "sst2/sam/0.001", "stsb/random/0.001", "stsb/sam/0.02"]
     assert table.carried.tolist() == ["lr=0.01"] * 5
     assert table.chosen.tolist() == ["lr=0.03", "lr=0.01", "lr=0.03", "lr=0.03", "lr=0.01"]
-    assert "5 of 8 keys tuned; the chosen lr differs from the carried one in 3 of them (blank" in "\n".join(lines)
+    assert "5 of 8 keys tuned; the chosen lr differs from the carried one in 3 of them (blank" in section.note
     # a rate not tried for a row is blank in the Markdown, not "nan" (the CSV keeps it empty)
-    markdown = lines[-1].splitlines()
-    assert "nan" not in lines[-1] and markdown[3].startswith("| sst2   | random   |   0.0200 |")
+    shown = section.markdown().split("\n\n")[2]
+    markdown = shown.splitlines()
+    assert "nan" not in shown and markdown[3].startswith("| sst2   | random   |   0.0200 |")
     assert [c.strip() for c in markdown[3].split("|")][4:6] == ["0.8000", ""]

@@ -6,14 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from peftbench import registry
-from peftbench.data import load_task, tokenize
-from peftbench.models import head_parameters, load_model, pretrained_parameters
-from peftbench.scoring import ScoringData
-from peftbench.selector import top_k
-from peftbench.sparse import count_trainable, effective_weight
-from peftbench.trainer import (TrainConfig, forward, loss_fn, make_loader,
-                               pick_device, train)
+from peftbench.contract import registry
+from peftbench.contract.scoring import ScoringData
+from peftbench.contract.selector import top_k
+from peftbench.contract.settings import TrainConfig
+from peftbench.data.encode import tokenize
+from peftbench.data.tasks import load_task
+from peftbench.modeling.compute import forward, loss_fn
+from peftbench.modeling.models import head_parameters, load_model, pretrained_parameters
+from peftbench.modeling.sparse import count_trainable, effective_weight
+from peftbench.training.trainer import make_loader, pick_device, train
 
 CPU = pick_device("cpu")
 
@@ -245,11 +247,12 @@ def test_fish_batched_per_example_fisher_equals_the_one_example_loop(tiny_model_
     """The CUDA path (hooks over a padded batch) gives each example's own gradient: the same
     empirical Fisher as scoring one trimmed example at a time (position embeddings, which are
     broadcast over the batch, included)."""
-    from peftbench.data import load_task, tokenize
+    from peftbench.contract.scoring import ScoringData
+    from peftbench.data.encode import tokenize
+    from peftbench.data.tasks import load_task
     from peftbench.methods import fish
-    from peftbench.models import load_model
-    from peftbench.scoring import ScoringData
-    from peftbench.trainer import make_loader, pick_device
+    from peftbench.modeling.models import load_model
+    from peftbench.training.trainer import make_loader, pick_device
 
     task = load_task("rte")
     model, tokenizer = load_model(tiny_model_dir, 2)
@@ -290,8 +293,8 @@ def test_diffpruning_guo_recipe_rates_restart_and_magnitude_projection(tiny_mode
     """Guo et al.'s options: alpha at its own rate, w at a dense-phase rate that gives way to the
     run's rate at the projection, the schedule's warm-up restarting there, and a global
     magnitude projection of the learned delta; the health record and validation on both sides."""
-    from peftbench.trainer import optimizer_and_schedule
-    from peftbench.sparse import decay_plan
+    from peftbench.modeling.sparse import decay_plan
+    from peftbench.training.trainer import optimizer_and_schedule
 
     task, splits = rte
     model, tokenizer = load_model(tiny_model_dir, 2)
@@ -345,8 +348,8 @@ def test_diffpruning_guo_recipe_rates_restart_and_magnitude_projection(tiny_mode
 def test_one_phase_schedule_is_hfs_linear_warmup():
     from transformers import get_linear_schedule_with_warmup
 
-    from peftbench.selector import Selector
-    from peftbench.trainer import optimizer_and_schedule
+    from peftbench.contract.selector import Selector
+    from peftbench.training.trainer import optimizer_and_schedule
 
     net = nn.Linear(3, 2)
     config = TrainConfig(lr=3e-3, warmup_ratio=0.1, weight_decay=0.01)
@@ -363,7 +366,7 @@ def test_a_pooler_the_checkpoint_did_not_train_is_head_for_every_method(tiny_mod
     the budgeted encoder into the head; a trained pooler stays pre-trained."""
     from safetensors.torch import load_file, save_file
 
-    from peftbench.models import pretrained_size, untrained_pre_head
+    from peftbench.modeling.models import pretrained_size, untrained_pre_head
 
     model, _ = load_model(tiny_model_dir, 2)
     assert model.peftbench_untrained == {"bert.pooler.dense": "bias exactly 0 in all 32 entries"}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from peftbench.metrics import compute
+from peftbench.data.metrics import compute
 
 
 def test_combined_main_metric_is_the_mean():
@@ -27,11 +27,31 @@ def test_stsb_constant_predictor_scores_zero_correlation_not_nan():
     then warned and returned NaN, and the STS-B baseline row read 'nan'."""
     import warnings
 
-    from peftbench.data import load_task
-    from peftbench.metrics import constant_predictor
+    from peftbench.data.metrics import constant_predictor
+    from peftbench.data.tasks import load_task
 
     task = load_task("stsb")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no ConstantInputWarning either
         baseline = constant_predictor(task, task.load_splits())
     assert baseline["test"]["pearson"] == baseline["test"]["spearman"] == baseline["test"]["main"] == 0.0
+
+
+def test_a_name_claimed_twice_in_a_plugin_table_is_refused_and_the_rest_work(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from peftbench.core import plugins
+    from peftbench.core.errors import UsageError
+    from peftbench.data.metrics import BUILTIN, Metric
+
+    claims = [EntryPoint("accuracy", "peftbench.data.metrics:BUILTIN", "peftbench.metrics"),
+              EntryPoint("missing", "no_such_package.metrics:M", "peftbench.metrics")]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: claims if group == "peftbench.metrics" else [])
+    table = plugins.PluginTable("peftbench.metrics", "metric", Metric, BUILTIN)
+    assert "accuracy" not in table and "f1" in table
+    with pytest.raises(UsageError, match="the metric name 'accuracy' is claimed twice"):
+        table.get("accuracy")
+    with pytest.raises(UsageError, match="metric 'missing': no_such_package.metrics:M .* failed to import"):
+        table.get("missing")
+    with pytest.raises(UsageError, match=r"metric 'spearmen' is unknown \(did you mean 'spearman'\?\): allowed"):
+        table.get("spearmen")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from peftbench import registry
-from peftbench.cache import ScoreCache
-from peftbench.errors import UsageError
-from peftbench.experiment import RunConfig, run_experiment
-from peftbench.trainer import TrainConfig
+from peftbench.contract import registry
+from peftbench.contract.settings import TrainConfig
+from peftbench.core.errors import UsageError
+from peftbench.training.cache import ScoreCache
+from peftbench.training.experiment import RunConfig, run_experiment
 
 # light scoring so every data-reading method runs in seconds on the tiny model
 LIGHT = {"sam": {"burnin": 3}, "fish": {"num_samples": 4}, "childtuning-d": {"batches": 2},
@@ -37,6 +37,7 @@ def _outcome(run_dir: Path) -> tuple:
     return losses, result["test"], result["validation"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(n for n, i in registry.methods().items()
                                           if i.selector_class and i.selector_class.needs_data))
 def test_training_is_bit_identical_without_cache_on_a_miss_and_on_a_hit(tiny_model_dir, tmp_path, method):
@@ -72,8 +73,8 @@ def test_cache_key_follows_the_weights_not_the_path(tiny_model_dir, tmp_path):
 
 
 def test_cache_key_follows_the_method_code_and_environment(monkeypatch, tiny_model_dir):
-    from peftbench import cache as cache_module
-    from peftbench import fingerprint
+    from peftbench.training import cache as cache_module
+    from peftbench.training import identity as fingerprint
 
     args = ("sam", {"burnin": 3}, tiny_model_dir, [], 0, {"device": "cpu"})
     key, about = cache_module.score_key(*args)
@@ -98,7 +99,7 @@ def test_corrupted_cache_file_is_recomputed(tmp_path):
 
 
 def test_cache_list_and_clear(tmp_path, capsys):
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     cache = ScoreCache(tmp_path)
     cache.get_or_compute("e" * 64, lambda: {"w": torch.ones(3)}, {"method": "sam", "seed": 0})
@@ -135,6 +136,7 @@ def test_diffpruning_tested_model_is_a_validated_projected_one(tiny_model_dir, t
         == result["budget_entries"]
 
 
+@pytest.mark.slow
 def test_every_method_saves_its_effective_trained_mask(tiny_model_dir, tmp_path):
     """mask.pt is written after training from what can differ: DiffPruning's projected mask,
     ChildTuning-F / MixOut / FullTuning the whole encoder, LoRA nothing pre-trained."""
@@ -155,8 +157,9 @@ def test_every_method_saves_its_effective_trained_mask(tiny_model_dir, tmp_path)
 
 # --- divergence and the constant predictor ----------------------------------------------------
 
+@pytest.mark.slow
 def test_diverged_run_is_recorded_not_reported_as_a_result(tiny_model_dir, tmp_path, capsys):
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     code = main(["run", "--method", "random", "--task", "rte", "--budget", "0.05", "--model",
                  tiny_model_dir, "--limit", "16", "--epochs", "1", "--batch-size", "4",
@@ -170,10 +173,11 @@ def test_diverged_run_is_recorded_not_reported_as_a_result(tiny_model_dir, tmp_p
     assert math.isnan(summary["test_main_mean"]) and "0" in summary["diverged_seeds"]
 
 
+@pytest.mark.slow
 def test_constant_predictor_is_shown_and_flagged(tiny_model_dir, tmp_path, capsys):
-    from peftbench.cli import main
-    from peftbench.data import load_task
-    from peftbench.metrics import constant_predictor
+    from peftbench.cli.main import main
+    from peftbench.data.metrics import constant_predictor
+    from peftbench.data.tasks import load_task
 
     task = load_task("rte")
     baseline = constant_predictor(task, task.load_splits())
@@ -187,7 +191,7 @@ def test_constant_predictor_is_shown_and_flagged(tiny_model_dir, tmp_path, capsy
 
 
 def test_near_constant_rule():
-    from peftbench.metrics import near_constant
+    from peftbench.data.metrics import near_constant
 
     assert near_constant(0.5235, 0.0217, 0.527, 277, seeds=5)
     assert not near_constant(0.70, 0.01, 0.527, 277, seeds=5)
@@ -203,7 +207,7 @@ def test_a_cell_whose_seeds_split_between_learning_and_collapsing_learned():
     one learned seed among four collapsed does not lift the mean out of the noise."""
     import scipy.stats
 
-    from peftbench.metrics import near_constant
+    from peftbench.data.metrics import near_constant
 
     def flagged(scores):
         scores = np.array(scores)
@@ -225,7 +229,7 @@ def test_cb_macro_f1_averages_all_three_classes_as_jiant():
     over 3 classes; scikit-learn's default macro average would skip it."""
     from sklearn.metrics import f1_score
 
-    from peftbench.metrics import compute
+    from peftbench.data.metrics import compute
 
     y = np.array([0, 0, 2, 2, 2, 0])
     p = np.array([0, 2, 2, 2, 0, 0])
@@ -240,7 +244,7 @@ def test_cb_macro_f1_averages_all_three_classes_as_jiant():
     ("stsb", ["pearson", "spearman"], ["pearson", "spearman"]), ("cola", ["mcc"], ["mcc"]),
     ("rte", ["accuracy"], ["accuracy"]), ("copa", ["accuracy"], ["accuracy"]), ("wsc", ["accuracy"], ["accuracy"])])
 def test_every_task_uses_jiants_major_metric(task, metrics, main):
-    from peftbench.data import load_task
+    from peftbench.data.tasks import load_task
 
     spec = load_task(task)
     assert spec.main_metric == main and set(metrics) <= set(spec.metrics)
@@ -253,7 +257,7 @@ def test_bf16_checkpoint_loads_fp32_master_weights(tiny_model_dir, tmp_path):
 
     from transformers import AutoModel
 
-    from peftbench.models import load_model
+    from peftbench.modeling.models import load_model
 
     folder = tmp_path / "bf16"
     shutil.copytree(tiny_model_dir, folder)
@@ -265,7 +269,7 @@ def test_bf16_checkpoint_loads_fp32_master_weights(tiny_model_dir, tmp_path):
 # --- one weight-decay rule --------------------------------------------------------------------------
 
 def test_weight_decay_rule_is_the_same_for_whole_and_partial_tensors(tiny_model):
-    from peftbench.sparse import SparseDelta, decay_exempt, decay_plan
+    from peftbench.modeling.sparse import SparseDelta, decay_exempt, decay_plan
 
     model, _ = tiny_model
     name_b = "bert.encoder.layer.0.attention.self.query.bias"
@@ -291,8 +295,8 @@ def test_weight_decay_rule_is_the_same_for_whole_and_partial_tensors(tiny_model)
 
 def test_childtuning_f_masks_after_clipping():
     """The reference masks inside the optimizer step, i.e. after the global clip."""
+    from peftbench.contract.selector import Selector
     from peftbench.methods.childtuning_f import ChildTuningF
-    from peftbench.selector import Selector
 
     assert ChildTuningF.before_step is not Selector.before_step
     assert ChildTuningF.after_backward is Selector.after_backward

@@ -1,4 +1,4 @@
-"""Selections out to peft and peft's sparse tuners in (`peftbench.peftsparse`): an exported
+"""Selections out to peft and peft's sparse tuners in (`peftbench.modeling.peftsparse`): an exported
 adapter trains exactly the selected entries, as peftbench's own sparse step does, step for step;
 what peft's SHiRA cannot express is listed; SHiRA and Super-Tuning are counted by the one rule."""
 from __future__ import annotations
@@ -9,10 +9,12 @@ import json
 import pytest
 import torch
 
-from peftbench import export, peftsparse, registry
-from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.selection import Selection
-from peftbench.sparse import apply_selection, count_trainable, effective_weight
+from peftbench.contract import registry
+from peftbench.modeling import peftsparse
+from peftbench.modeling.models import head_parameters, pretrained_parameters
+from peftbench.modeling.selection import Selection
+from peftbench.modeling.sparse import apply_selection, count_trainable, effective_weight
+from peftbench.training import export
 
 
 def _linear_weights(model) -> set[str]:
@@ -147,17 +149,18 @@ def test_supertuning_takes_the_largest_entries_of_each_layer_at_one_share(tiny_m
 
 
 def test_supertuning_refuses_a_budget_above_its_layers(tiny_model):
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     model, _ = tiny_model
     with pytest.raises(UsageError, match="more than the .* entries of its target layers"):
         registry.create("supertuning").select(model, None, 10**7, torch.Generator())
 
 
+@pytest.mark.slow
 def test_export_cli_on_a_run_and_its_bad_input(tmp_path, capsys, tiny_model_dir):
     from conftest import one_line_error
 
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     assert main(["run", "--method", "random", "--task", "sst2", "--model", tiny_model_dir,
                  "--max-steps", "1", "--limit", "16", "--budget", "0.01", "--quiet",
@@ -187,9 +190,10 @@ def test_export_cli_on_a_run_and_its_bad_input(tmp_path, capsys, tiny_model_dir)
     assert sorted(p.name for p in board.iterdir()) == ["spec.yaml"]
 
 
+@pytest.mark.slow
 def test_bench_races_peft_shira_on_peftbench_mask(tiny_model_dir):
     """`bench step`'s race: the two engines train the same entries (same optimizer size)."""
-    from peftbench.bench import step_cost
+    from peftbench.bench.step import step_cost
 
     out = step_cost(tiny_model_dir, ("sparse-tensor-linear", "shira-tensor-linear"), steps=1,
                     rounds=1, batch_size=2, length=16)["variants"]
@@ -197,15 +201,18 @@ def test_bench_races_peft_shira_on_peftbench_mask(tiny_model_dir):
     assert all(v["step_s_min"] > 0 and v["peak_memory_bytes"] > 0 for v in out.values())
 
 
+@pytest.mark.slow
 def test_a_run_saved_with_its_trained_values_loads_through_peft_as_it_was_tested(tmp_path, capsys, tiny_model_dir):
     """`run --save-trained` then `export`: the adapter holds the run's trained entries and head,
     so the model loaded through peft scores the run's own test metric (Super-Tuning: every
     selected entry is in a Linear weight, so nothing is left out)."""
-    from peftbench.cli import main
-    from peftbench.data import load_task, tokenize
-    from peftbench.models import load_model
-    from peftbench.record import RunRecord
-    from peftbench.trainer import evaluate, make_loader, pick_device
+    from peftbench.cli.main import main
+    from peftbench.data.encode import tokenize
+    from peftbench.data.tasks import load_task
+    from peftbench.modeling.models import load_model
+    from peftbench.training.evaluation import evaluate
+    from peftbench.training.record import RunRecord
+    from peftbench.training.trainer import make_loader, pick_device
 
     assert main(["run", "--method", "supertuning", "--task", "rte", "--model", tiny_model_dir,
                  "--epochs", "1", "--max-steps", "4", "--limit", "64", "--budget", "0.005", "--lr", "0.01", "--quiet",
@@ -223,7 +230,7 @@ def test_a_run_saved_with_its_trained_values_loads_through_peft_as_it_was_tested
     assert scored["main"] == pytest.approx(record.test["main"])
     from safetensors.torch import load_file
 
-    from peftbench.safeload import load_pt
+    from peftbench.core.safeload import load_pt
 
     saved, mask = load_file(str(run_dir / "seed-0" / "trained.safetensors")), load_pt(run_dir / "seed-0" / "mask.pt")
     inner, fresh = model.base_model.model, load_model(tiny_model_dir, task.num_labels)[0]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftbench import registry
-from peftbench.errors import UsageError
-from peftbench.models import head_parameters, load_model, pretrained_parameters
-from peftbench.sparse import count_trainable
+from peftbench.contract import registry
+from peftbench.core.errors import UsageError
+from peftbench.modeling.models import head_parameters, load_model, pretrained_parameters
+from peftbench.modeling.sparse import count_trainable
 
 
 def _counts(model, method):

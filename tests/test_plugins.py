@@ -33,12 +33,24 @@ random = "toy_plugin:LayerNormOnly"
 stepsalias = "toy_plugin:StepsAlias"
 unfreezes = "toy_plugin:Unfreezes"
 leaveshook = "toy_plugin:LeavesHook"
+
+[project.entry-points."peftbench.metrics"]
+balanced_accuracy = "toy_plugin:BALANCED_ACCURACY"
+not_a_metric = "toy_plugin:LayerNormOnly"
+
+[project.entry-points."peftbench.preprocessors"]
+lowercase = "toy_plugin:LOWERCASE"
 """
 
 MODULE = '''
-"""A toy method: train LayerNorm weights only."""
-from peftbench import Selection, Selector
-from peftbench.models import pretrained_parameters
+"""A toy method: train LayerNorm weights only; a toy metric and a toy preprocessor."""
+from peftbench.api import Selection, Selector, pretrained_parameters
+from peftbench.data.metrics import Metric
+from peftbench.data.preprocessors import Preprocessor
+
+BALANCED_ACCURACY = Metric("balanced_accuracy", lambda p, y: float(__import__("sklearn.metrics").metrics.balanced_accuracy_score(y, p)),
+                           ("classification",), "balanced accuracy")
+LOWERCASE = Preprocessor("lowercase", lambda row: {**row, "text": row["text"].lower()}, "lower-cases `text`")
 
 
 class LayerNormOnly(Selector):
@@ -123,7 +135,7 @@ class StepsAlias(Selector):
         return {n: torch.full_like(p, float(self.n_steps)) for n, p in pretrained_parameters(model).items()}
 
     def select(self, model, scores, budget, generator):
-        from peftbench.selector import top_k
+        from peftbench.api import top_k
 
         return top_k(scores, budget, "global", generator)
 
@@ -142,7 +154,7 @@ class NaNScores(Selector):
         return {n: torch.full_like(p, float("nan")) for n, p in pretrained_parameters(model).items()}
 
     def select(self, model, scores, budget, generator):
-        from peftbench.selector import top_k
+        from peftbench.api import top_k
 
         return top_k(scores, budget, "global", generator)
 '''
@@ -167,6 +179,7 @@ def _cli(site: Path, *args):
                           text=True, env=env)
 
 
+@pytest.mark.slow
 def test_plugin_is_listed_and_broken_plugin_reported(plugin_site):
     proc = _cli(plugin_site, "methods")
     assert proc.returncode == 0, proc.stderr
@@ -176,6 +189,26 @@ def test_plugin_is_listed_and_broken_plugin_reported(plugin_site):
     assert "random" in lines and "bitfit" in lines  # the others still work
 
 
+@pytest.mark.slow
+def test_a_metric_and_a_preprocessor_from_a_plugin(plugin_site):
+    """A metric and a preprocessor are one record and one entry-point line each; one that is not
+    its table's record fails alone, by name."""
+    script = "; ".join([
+        "import numpy as np", "from peftbench.data import metrics, preprocessors",
+        "print(metrics.compute(['accuracy', 'balanced_accuracy'], ['balanced_accuracy'], np.array([1, 1, 1, 0]), np.array([1, 1, 0, 0]))['main'])",
+        "print(metrics.metric_label(['accuracy', 'balanced_accuracy']))",
+        "print(preprocessors.REGISTRY.get('lowercase').apply({'text': 'ABC'})['text'])",
+        "print('not_a_metric' in metrics.REGISTRY, 'accuracy' in metrics.REGISTRY)"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["0.75", "(accuracy + balanced accuracy)/2", "abc", "False True"]
+    proc = subprocess.run([sys.executable, "-c", "from peftbench.data import metrics; metrics.REGISTRY.get('not_a_metric')"],
+                          capture_output=True, text=True, env=env)
+    assert "metric 'not_a_metric': toy_plugin:LayerNormOnly in package peftbench-toy-plugin is not a Metric" in proc.stderr
+
+
+@pytest.mark.slow
 def test_plugin_runs_through_the_cli(plugin_site, tiny_model_dir, tmp_path):
     proc = _cli(plugin_site, "run", "--method", "layernorm", "--task", "rte", "--model",
                 tiny_model_dir, "--limit", "16", "--epochs", "1", "--quiet",
@@ -185,12 +218,14 @@ def test_plugin_runs_through_the_cli(plugin_site, tiny_model_dir, tmp_path):
     assert "| layernorm | rte" in proc.stdout and " 160 " in proc.stdout
 
 
+@pytest.mark.slow
 def test_broken_plugin_fails_by_name(plugin_site):
     proc = _cli(plugin_site, "run", "--method", "broken", "--task", "rte")
     assert proc.returncode == 2
     assert "method 'broken' from package peftbench-toy-plugin failed to load" in proc.stderr
 
 
+@pytest.mark.slow
 def test_check_method_passes_a_good_plugin_and_fails_one_that_moves_weights(plugin_site):
     good = _cli(plugin_site, "check-method", "layernorm")
     assert good.returncode == 0, good.stdout + good.stderr
@@ -201,6 +236,7 @@ def test_check_method_passes_a_good_plugin_and_fails_one_that_moves_weights(plug
                      bad.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_the_runner_refuses_a_plugin_whose_score_moves_weights(plugin_site, tiny_model_dir, tmp_path):
     proc = _cli(plugin_site, "run", "--method", "mover", "--task", "rte", "--model", tiny_model_dir,
                 "--limit", "8", "--epochs", "1", "--quiet", "--output-dir", str(tmp_path))
@@ -224,7 +260,7 @@ HOSTILE_SELECTIONS = {  # method: (the check-method check that fails, the words 
 # `main` in one subprocess (the plugin installed on its path): one torch import for all six
 _HOSTILE_SCRIPT = """
 import contextlib, io, json, sys, traceback
-from peftbench.cli import main
+from peftbench.cli.main import main
 model, folder = sys.argv[1], sys.argv[2]
 out = {}
 for method in json.loads(sys.argv[3]):
@@ -258,6 +294,7 @@ def _cli_script(site: Path, script: str, *args):
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(HOSTILE_SELECTIONS))
 def test_the_runner_and_check_method_refuse_the_same_bad_selections(hostile_outcomes, method):
     """One validator for both: `run` refuses with one line naming the method and the rule
@@ -273,6 +310,7 @@ def test_the_runner_and_check_method_refuse_the_same_bad_selections(hostile_outc
     assert re.search(rf"^FAIL\s+{check}\s+.*" + re.escape(words), got["stdout"], re.M), got["stdout"]
 
 
+@pytest.mark.slow
 def test_a_name_registered_twice_is_an_error_naming_both_packages(plugin_site):
     proc = _cli(plugin_site, "run", "--method", "random", "--task", "rte")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -291,6 +329,7 @@ def _sweep_spec(tmp_path, model, steps: int, name: str = "alias"):
     return path
 
 
+@pytest.mark.slow
 def test_a_parameter_stored_under_another_name_still_keys_the_score_cache(plugin_site, tiny_model_dir, tmp_path):
     """The cache key is the validated arguments, not attributes read back: steps 3 -> 30 scores
     again (it re-used the steps=3 scores before); check-method names the broken rule."""
@@ -308,10 +347,11 @@ def test_a_parameter_stored_under_another_name_still_keys_the_score_cache(plugin
                      check.stdout, re.M), check.stdout
 
 
+@pytest.mark.slow
 def test_a_plugins_code_identity_covers_its_helper_modules(plugin_site):
     """An edit to another module of the plugin's distribution is a new identity (the cache and
     the cells see it), not only an edit to the class's own file."""
-    probe = "from peftbench.fingerprint import code_identity; print(code_identity('layernorm')['source'])"
+    probe = "from peftbench.training.identity import code_identity; print(code_identity('layernorm')['source'])"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")])}
     before = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     helper = plugin_site / "toy_plugin_broken.py"
@@ -320,6 +360,7 @@ def test_a_plugins_code_identity_covers_its_helper_modules(plugin_site):
     assert before.strip() and before != after
 
 
+@pytest.mark.slow
 def test_status_and_report_say_which_cells_a_code_edit_left_stale(plugin_site, tiny_model_dir, tmp_path):
     spec = _sweep_spec(tmp_path, tiny_model_dir, 3, name="stale")
     assert _cli(plugin_site, "sweep", str(spec)).returncode == 0
@@ -340,8 +381,8 @@ def test_a_plugin_name_that_is_not_file_safe_fails_by_name(monkeypatch):
     --output-dir. Such an entry point is reported as broken, never loaded or run."""
     from importlib.metadata import EntryPoint
 
-    from peftbench import registry
-    from peftbench.errors import UsageError
+    from peftbench.contract import registry
+    from peftbench.core.errors import UsageError
 
     real = registry.entry_points
     bad = [EntryPoint("../escape", "peftbench.methods.random_mask:RandomMask", registry.GROUP),
@@ -354,6 +395,7 @@ def test_a_plugin_name_that_is_not_file_safe_fails_by_name(monkeypatch):
         registry.get("../escape")
 
 
+@pytest.mark.slow
 def test_an_installed_plugin_joins_a_committed_board_in_one_command(plugin_site, tiny_model_dir, tmp_path):
     """The method author's last step: `leaderboard join BOARD METHOD` puts an installed plugin's
     row on a board that was built and committed without it; only its cells train."""

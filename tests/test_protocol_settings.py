@@ -7,15 +7,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from peftbench.data import load_task, tokenize
-from peftbench.trainer import TrainConfig, evaluate, fingerprinted, make_loader
+from peftbench.contract.settings import TrainConfig, fingerprinted
+from peftbench.data.encode import tokenize
+from peftbench.data.tasks import load_task
+from peftbench.training.evaluation import evaluate
+from peftbench.training.trainer import make_loader
 
 
 @pytest.mark.parametrize("task_name", ["stsb", "sst2", "copa"])
 def test_length_ordered_evaluation_keeps_the_splits_order(tiny_model_dir, task_name):
     """The same predictions row by row (to float rounding) and the same labels in the same
     order as the given order's; fewer padded tokens per split."""
-    from peftbench.models import load_model
+    from peftbench.modeling.models import load_model
 
     task = load_task(task_name)
     model, tokenizer = load_model(tiny_model_dir, task.num_labels)
@@ -39,10 +42,10 @@ def test_length_ordered_evaluation_keeps_the_splits_order(tiny_model_dir, task_n
 
 def test_length_order_pads_fewer_tokens():
     """What the setting buys: on STS-B's validation split, batches of 64 pad far less."""
-    from peftbench.trainer import _eval_batches
+    from peftbench.training.evaluation import _eval_batches
 
     task = load_task("stsb")
-    from peftbench.models import load_model
+    from peftbench.modeling.models import load_model
 
     _, tokenizer = load_model("default", 1)
     data = tokenize(task, tokenizer, task.load_splits(limit=512), 128)
@@ -52,10 +55,11 @@ def test_length_order_pads_fewer_tokens():
     assert tokens[True] < 0.75 * tokens[False]
 
 
+@pytest.mark.slow
 def test_bf16_computes_in_bfloat16_on_cpu_and_is_recorded(tiny_model_dir, tmp_path):
     """A run with `bf16` trains under bfloat16 autocast on CPU (other losses than float32's),
     writes the setting into config.json, and scores are cached under another dtype."""
-    from peftbench.experiment import RunConfig, compute_dtype, run_experiment
+    from peftbench.training.experiment import RunConfig, compute_dtype, run_experiment
 
     losses = {}
     for bf16 in (False, True):
@@ -83,8 +87,8 @@ def test_the_settings_enter_a_fingerprint_only_when_set():
 
 
 def test_a_bad_setting_is_refused_by_name():
-    from peftbench.errors import UsageError
-    from peftbench.trainer import train_config
+    from peftbench.contract.settings import train_config
+    from peftbench.core.errors import UsageError
 
     with pytest.raises(UsageError, match="eval_order"):
         train_config({"eval_order": "random"})
@@ -92,10 +96,11 @@ def test_a_bad_setting_is_refused_by_name():
         train_config({"bf16": "yes"})
 
 
+@pytest.mark.slow
 def test_bench_cells_times_real_cells_per_setting_against_the_first(tiny_model_dir):
     """`bench cells`: each variant's cells in their own worker processes, the wall time split
     into its parts, cells per hour and each metric against the baseline of the same run."""
-    from peftbench.cost import cells_per_hour
+    from peftbench.bench.cells import cells_per_hour
 
     out = cells_per_hour(("rte/random/0.01/0.01/0",), ("fp32", "bf16+length"), model=tiny_model_dir, limit=16)
     base, fast = out["variants"]["fp32"], out["variants"]["bf16+length"]
@@ -108,7 +113,7 @@ def test_bench_cells_times_real_cells_per_setting_against_the_first(tiny_model_d
 def test_bench_tuning_replays_the_committed_per_budget_search():
     """On all-methods-cpu's committed records: successive halving over seeds keeps the two-seed
     rule's rate on every key; the one-seed rule's misses are listed by key."""
-    from peftbench.cost import tuning_rules
+    from peftbench.bench.cells import tuning_rules
 
     out = tuning_rules("all-methods-cpu")
     assert out["summary"]["keys"] == 44
@@ -132,7 +137,7 @@ def test_bench_cells_and_tuning_refuse_bad_input_by_name(capsys, argv, expected)
 def test_the_forgetting_probe_follows_the_declared_settings(tiny_model):
     """The probe by length gives the given order's statistic (to float rounding); under bf16
     another one, close to it."""
-    from peftbench import forgetting
+    from peftbench.training import forgetting
 
     model, tokenizer = tiny_model
     cpu = torch.device("cpu")

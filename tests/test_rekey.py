@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from peftbench.errors import UsageError
-from peftbench.rekey import prove_same_code
+from peftbench.board.rekey import prove_same_code
+from peftbench.core.errors import UsageError
 
 OLD = '''"""A method."""
-from peftbench.selector import Selection, top_k
+from peftbench.contract.selector import Selection, top_k
 
 
 def pick(scores, k, generator):
@@ -22,15 +22,15 @@ def pick(scores, k, generator):
 
 
 def test_imports_moved_to_the_api_are_the_same_code():
-    new = OLD.replace("from peftbench.selector import Selection, top_k",
+    new = OLD.replace("from peftbench.contract.selector import Selection, top_k",
                       "from peftbench.api import Selection,   top_k  # the author surface")
     assert "2 imported names bound to the same objects" in prove_same_code(OLD, new)
 
 
 def test_an_import_inside_a_function_is_checked_in_its_scope():
-    old = OLD.replace("    # the largest k\n", "    from peftbench.selector import apportion\n")
+    old = OLD.replace("    # the largest k\n", "    from peftbench.contract.selector import apportion\n")
     same = OLD.replace("    # the largest k\n", "    from peftbench.api import apportion\n")
-    other = OLD.replace("    # the largest k\n", "    from peftbench.selector import top_k as apportion\n")
+    other = OLD.replace("    # the largest k\n", "    from peftbench.contract.selector import top_k as apportion\n")
     prove_same_code(old, same)
     with pytest.raises(UsageError, match="'apportion' in pick is bound to another object"):
         prove_same_code(old, other)
@@ -41,7 +41,7 @@ def test_an_import_inside_a_function_is_checked_in_its_scope():
     (("A method.", "A method, documented."), "changed beyond its import statements"),
     (("Selection, top_k", "Selection, apportion as top_k"), "'top_k' is bound to another object"),
     (("Selection, top_k", "top_k"), "bind other names than before"),
-    (("from peftbench.selector", "from peftbench.no_such_module"), "cannot be imported here"),
+    (("from peftbench.contract.selector", "from peftbench.no_such_module"), "cannot be imported here"),
 ])
 def test_anything_else_is_refused_by_name(edit, expected):
     with pytest.raises(UsageError, match=expected):
@@ -51,7 +51,7 @@ def test_anything_else_is_refused_by_name(edit, expected):
 def _board_made_by(tmp_path, old_source: str) -> tuple[Path, dict]:
     """A copy of quickstart-sst2's Random cells, made by `old_source` of Random's file;
     returns the board and each cell.json's text as committed (made by the current file)."""
-    from peftbench.fingerprint import digest
+    from peftbench.core.files import digest
 
     board = tmp_path / "board"
     shutil.copytree(Path(__file__).parents[1] / "leaderboards" / "quickstart-sst2", board)
@@ -74,7 +74,7 @@ def _board_made_by(tmp_path, old_source: str) -> tuple[Path, dict]:
 
 
 def _random_source() -> str:
-    from peftbench import registry
+    from peftbench.contract import registry
 
     return Path(inspect.getfile(registry.get("random"))).read_text()
 
@@ -82,14 +82,16 @@ def _random_source() -> str:
 def test_a_board_made_before_an_import_edit_is_rekeyed_to_its_current_cells(tmp_path, monkeypatch):
     """The Random cells re-keyed are keyed as the current file keys them, nothing else in them
     changed; the proof is in rekeyed.json; a second rekey finds nothing to do."""
-    from peftbench import cellstore, rekey
-
     import importlib
+
+    from peftbench.board import rekey
+    from peftbench.sweep import cellstore
 
     current = _random_source()
     line = next(l for l in current.splitlines() if l.startswith("from peftbench.api import"))
     names = [n.strip() for n in line.split(" import ", 1)[1].split(",")]
-    homes = [importlib.import_module(f"peftbench.{m}") for m in ("selector", "models", "scoring", "errors")]
+    homes = [importlib.import_module(f"peftbench.{m}") for m in (
+        "contract.selector", "modeling.models", "contract.scoring", "core.errors")]
     # the file as it was when its names came from the modules that define them
     old = current.replace(line, "\n".join(
         f"from {next(h.__name__ for h in homes if hasattr(h, n))} import {n}" for n in names))
@@ -98,7 +100,8 @@ def test_a_board_made_before_an_import_edit_is_rekeyed_to_its_current_cells(tmp_
     monkeypatch.setattr(rekey, "_old_source", lambda path, rev: old.encode())
     proofs = rekey.rekey(str(board), "HEAD~1", log=lambda line: None)
     assert set(proofs) == {"random"}
-    from peftbench.fingerprint import code_identity, digest
+    from peftbench.core.files import digest
+    from peftbench.training.identity import code_identity
 
     for cell_file, text in committed.items():  # the cell as the current file would have keyed it
         expected = json.loads(text)
@@ -117,7 +120,7 @@ def test_a_board_made_before_an_import_edit_is_rekeyed_to_its_current_cells(tmp_
 def test_a_board_made_by_other_code_is_refused_and_left_untouched(tmp_path, monkeypatch, capsys):
     from conftest import one_line_error
 
-    from peftbench import rekey
+    from peftbench.board import rekey
 
     old = _random_source().replace("description = \"", "description = \"(old) ", 1)
     board, committed = _board_made_by(tmp_path, old)

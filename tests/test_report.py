@@ -10,7 +10,9 @@ import scipy.stats
 import torch
 import yaml
 
-from peftbench import report
+from peftbench.analysis import frame as analysis_frame
+from peftbench.analysis import overlap, published, ranks, statistics
+from peftbench.rendering import report
 
 FU_SPEC = Path(__file__).parents[1] / "leaderboards" / "fu2023-table1" / "spec.yaml"
 TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
@@ -18,13 +20,13 @@ TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
 
 @pytest.fixture(scope="module")
 def fu_published() -> pd.DataFrame:
-    return report.parse_published(yaml.safe_load(FU_SPEC.read_text())["published"])
+    return published.parse_published(yaml.safe_load(FU_SPEC.read_text())["published"])
 
 
 @pytest.fixture(scope="module")
-def fu_table(fu_published) -> report.Table1:
+def fu_table(fu_published) -> ranks.Table1:
     cells = fu_published[fu_published.task != "AVG"]
-    return report.table1(cells, ties="min", tasks=TASKS)
+    return ranks.table1(cells, ties="min", tasks=TASKS)
 
 
 def test_table1_on_fu_numbers_reproduces_every_published_bracket(fu_published, fu_table):
@@ -59,7 +61,7 @@ def test_rendering_in_fu_form(fu_table):
 def test_stability_spearman_matches_scipy_and_the_reconstruction(fu_table):
     """methods-research 2.1.4: Table 1, 7 columns, min ranks gives rho = 0.505 (p = 8e-6);
     with the AVG column, 0.486 (p = 4.9e-6). Fu et al. print 0.4356 from data we do not have."""
-    seven = report.stability_correlation(fu_table)
+    seven = ranks.stability_correlation(fu_table)
     s = np.concatenate([scipy.stats.rankdata(fu_table.std[t], method="min") for t in TASKS])
     p = np.concatenate([scipy.stats.rankdata(-fu_table.mean[t].to_numpy(), method="min") for t in TASKS])
     rho, pval = scipy.stats.spearmanr(s, p)
@@ -67,7 +69,7 @@ def test_stability_spearman_matches_scipy_and_the_reconstruction(fu_table):
     assert seven["spearman"] == pytest.approx(rho) and seven["spearman_p"] == pytest.approx(pval)
     assert seven["kendall"] == pytest.approx(scipy.stats.kendalltau(s, p)[0])
     assert round(seven["spearman"], 3) == 0.505 and seven["spearman_p"] == pytest.approx(8e-6, rel=0.1)
-    eight = report.stability_correlation(fu_table, with_avg=True)
+    eight = ranks.stability_correlation(fu_table, with_avg=True)
     assert eight["n"] == 80 and round(eight["spearman"], 3) == 0.486
 
 
@@ -85,10 +87,10 @@ def fixed_frame() -> pd.DataFrame:
 
 def test_average_ties_and_paired_tests_against_scipy():
     frame = fixed_frame()
-    stats = report.cell_stats(frame)
+    stats = statistics.cell_stats(frame)
     assert np.allclose(stats["std"], frame.groupby(["task", "method", "budget"], sort=False)["metric"]
                        .agg(lambda v: np.std(v, ddof=0)).to_numpy())
-    tests = report.paired_tests(frame, stats)
+    tests = statistics.paired_tests(frame, stats)
     row = tests[(tests.task == "rte") & (tests.method == "a")].iloc[0]
     best = frame[(frame.task == "rte") & (frame.method == "c")].metric.to_numpy()
     worst = frame[(frame.task == "rte") & (frame.method == "a")].metric.to_numpy()
@@ -97,7 +99,7 @@ def test_average_ties_and_paired_tests_against_scipy():
     assert row.wilcoxon_p == pytest.approx(scipy.stats.wilcoxon(best, worst).pvalue)
     tied = pd.DataFrame({"task": ["x"] * 3, "method": ["a", "b", "c"], "budget": "1",
                          "mean": [0.5, 0.5, 0.4], "std": [0.1, 0.1, 0.2]})
-    assert report.table1(tied).mean_rank["x"].tolist() == [1.5, 1.5, 3.0]
+    assert ranks.table1(tied).mean_rank["x"].tolist() == [1.5, 1.5, 3.0]
 
 
 def test_jaccard_counts_entries_of_full_and_partial_tensors():
@@ -106,25 +108,25 @@ def test_jaccard_counts_entries_of_full_and_partial_tensors():
     b = {"full": [], "partial": {"w": torch.tensor([2, 3], dtype=torch.int32),
                                  "b": torch.tensor([1], dtype=torch.int32)}}
     # A = {w0,w1,w2,b0..b3} (7), B = {w2,w3,b1} (3); A & B = {w2, b1}
-    assert report.jaccard(a, b, numels) == pytest.approx(2 / 8)
-    assert report.jaccard(a, a, numels) == 1.0
+    assert overlap.jaccard(a, b, numels) == pytest.approx(2 / 8)
+    assert overlap.jaccard(a, a, numels) == 1.0
 
 
 def test_published_comparison_and_kendall_against_scipy(fu_published):
     ours = fu_published[fu_published.task == "rte"][["task", "method", "mean"]].copy()
     ours["budget"] = "0.005"
     ours["mean"] = ours["mean"] + np.linspace(0, 0.05, len(ours))  # a perturbed ranking
-    both, taus = report.compare_published(ours, fu_published)
+    both, taus = published.compare_published(ours, fu_published)
     assert np.allclose(both["difference"], np.linspace(0, 0.05, len(ours)))
     assert taus.iloc[0]["kendall_tau"] == pytest.approx(
         scipy.stats.kendalltau(both["mean"], both["mean_published"])[0])
 
 
 def test_bad_published_cell_is_refused():
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     with pytest.raises(UsageError, match="mean\\[r\\]±std\\[r\\]"):
-        report.parse_published({"rte": {"sam": "about 76"}})
+        published.parse_published({"rte": {"sam": "about 76"}})
 
 
 def test_published_comparison_is_per_budget_never_pooled(fu_published):
@@ -134,8 +136,8 @@ def test_published_comparison_is_per_budget_never_pooled(fu_published):
             rows.append({"task": "CoLA", "method": method, "budget": budget,
                          "mean": 0.5 + shift - 0.01 * i if budget == "0.005" else 0.5 + 0.01 * i,
                          "std": 0.01, "seeds": 3, "trainable": 1})
-    theirs = report.parse_published({"CoLA": {"SAM": "60.0±1.0", "Random": "59.0±1.0", "BitFit": "58.0±1.0"}})
-    both, taus = report.compare_published(pd.DataFrame(rows), theirs)
+    theirs = published.parse_published({"CoLA": {"SAM": "60.0±1.0", "Random": "59.0±1.0", "BitFit": "58.0±1.0"}})
+    both, taus = published.compare_published(pd.DataFrame(rows), theirs)
     assert sorted(both.compared_at.unique()) == ["0.005", "0.02"] and len(both) == 6
     tau = taus.set_index("budget").kendall_tau
     assert tau["0.005"] == pytest.approx(1.0) and tau["0.02"] == pytest.approx(-1.0)
@@ -144,22 +146,23 @@ def test_published_comparison_is_per_budget_never_pooled(fu_published):
 def test_identical_or_constant_shift_samples_are_not_tested():
     a = np.array([0.51, 0.62, 0.57, 0.55, 0.60, 0.58])
     noise = np.array([1e-17, -2e-17, 0, 3e-17, 0, -1e-17])
-    assert all(np.isnan(report.paired_test(a, a + noise)))
-    assert all(np.isnan(report.paired_test(a, a - 0.1)))  # t = x/0: no test
-    t_p, w_p = report.paired_test(a, a - np.array([0.1, 0.12, 0.09, 0.11, 0.1, 0.13]))
+    assert all(np.isnan(statistics.paired_test(a, a + noise)))
+    assert all(np.isnan(statistics.paired_test(a, a - 0.1)))  # t = x/0: no test
+    t_p, w_p = statistics.paired_test(a, a - np.array([0.1, 0.12, 0.09, 0.11, 0.1, 0.13]))
     assert t_p < 1e-4 and w_p == pytest.approx(scipy.stats.wilcoxon(
         np.round(a - (a - np.array([0.1, 0.12, 0.09, 0.11, 0.1, 0.13])), 9)).pvalue)
 
 
+@pytest.mark.slow
 def test_rerun_seed_counts_once_and_diverged_seeds_are_listed(tmp_path, tiny_model_dir, capsys):
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     base = ["run", "--method", "random", "--task", "rte", "--budget", "0.05", "--model", tiny_model_dir,
             "--limit", "16", "--epochs", "1", "--batch-size", "4", "--output-dir", str(tmp_path), "--quiet"]
     for extra in ([], [], ["--lr", "1e6"]):
         assert main(base + extra) == 0
     capsys.readouterr()
-    frame = report.load_runs([tmp_path])
+    frame = analysis_frame.load_runs([tmp_path])
     assert len(frame) == 1 and "re-run" in frame.attrs["notes"][0]
     assert list(frame.attrs["failed"].values())[0].startswith("diverged at step")
     text = report.build_report(frame, tmp_path / "report")
@@ -169,7 +172,7 @@ def test_rerun_seed_counts_once_and_diverged_seeds_are_listed(tmp_path, tiny_mod
 CD_SCRIPT = """
 import hashlib, sys
 import pandas as pd
-from peftbench import plots
+from peftbench.rendering import plots
 names = list("abcdefg")
 near = {("a", "b"), ("a", "c"), ("b", "c"), ("a", "d"), ("b", "d"), ("a", "e"), ("d", "e"),
         ("f", "g")}  # maximal cliques {a,b,c}, {a,b,d}, {a,d,e}, {f,g}: three bars start at a
@@ -185,6 +188,7 @@ print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_cd_diagram_is_the_same_file_whatever_the_string_hash_seed(tmp_path):
     """scikit-posthocs stacks the crossbars in set order, which follows Python's per-process
     string hashing: a board rewritten from the same cells drew another cd.png."""
@@ -201,6 +205,7 @@ def test_cd_diagram_is_the_same_file_whatever_the_string_hash_seed(tmp_path):
     assert len(digests) == 1
 
 
+@pytest.mark.slow
 def test_a_cell_is_marked_at_the_constant_predictor_by_its_mean_noise_not_its_seeds_spread(tmp_path):
     """Table 1's ≈ and the verdict's list: a cell whose seeds split between learning and the
     majority class learned (its mean is 2 standard errors clear of the predictor); a cell with
@@ -226,7 +231,7 @@ def test_no_rank_correlation_over_too_few_cells(fu_published):
     """Below five cells a rank correlation cannot reach p < 0.05: none is given as if it said
     something ("rho = -1.0000 (p = 1) over n = 2"); from five cells it is."""
     cells = fu_published[fu_published.task == "cb"]
-    two = report.stability_correlation(report.table1(cells[cells.method.isin(["sam", "random"])]))
+    two = ranks.stability_correlation(ranks.table1(cells[cells.method.isin(["sam", "random"])]))
     assert two["n"] == 2 and np.isnan(two["spearman"])
-    five = report.stability_correlation(report.table1(cells[cells.method.isin(cells.method.unique()[:5])]))
+    five = ranks.stability_correlation(ranks.table1(cells[cells.method.isin(cells.method.unique()[:5])]))
     assert five["n"] == 5 and np.isfinite(five["spearman"])

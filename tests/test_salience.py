@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from peftbench import registry
-from peftbench.data import load_task, tokenize
+from peftbench.contract import registry
+from peftbench.contract.scoring import ScoringData
+from peftbench.contract.selector import top_k
+from peftbench.data.encode import tokenize
+from peftbench.data.tasks import load_task
 from peftbench.methods.snip import block_linear_weights
-from peftbench.models import load_model
-from peftbench.scoring import ScoringData
-from peftbench.selector import top_k
-from peftbench.trainer import forward, loss_fn, make_loader, pick_device
+from peftbench.modeling.compute import forward, loss_fn
+from peftbench.modeling.models import load_model
+from peftbench.training.trainer import make_loader, pick_device
 
 CPU = pick_device("cpu")
 

@@ -1,5 +1,5 @@
-"""A score is reused only for the settings its scoring read (`cache.ScoreCache.get_or_compute`
-with `scoring.RecordedSettings`), and a plugin is loaded only when named, failing alone."""
+"""A score is reused only for the settings its scoring read (`training.cache.ScoreCache.get_or_compute`
+with `contract.scoring.RecordedSettings`), and a plugin is loaded only when named, failing alone."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from peftbench import registry
+from peftbench.contract import registry
 
 PLUGIN = textwrap.dedent('''
     import torch
@@ -64,9 +64,9 @@ def plugins(tmp_path, monkeypatch):
 
 
 def _run(method, lr, tmp_path, model):
-    from peftbench.cache import ScoreCache
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.training.cache import ScoreCache
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     config = RunConfig(method=method, task="rte", budget="0.01", model=model, limit=16,
                        train=TrainConfig(epochs=1, batch_size=8, max_length=32, lr=lr, max_steps=2),
@@ -75,6 +75,7 @@ def _run(method, lr, tmp_path, model):
     return json.loads((run_dir / "seed-0" / "selection.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, rescored", [("reads-lr", True), ("plain", False), ("own-rate", False)])
 def test_a_score_is_reused_only_at_the_settings_its_scoring_read(plugins, tmp_path, tiny_model_dir, method, rescored):
     """The stale-score reproduction: a scoring phase at the run's rate, two rates. Reading the
@@ -89,7 +90,7 @@ def test_a_score_is_reused_only_at_the_settings_its_scoring_read(plugins, tmp_pa
 
 
 def test_a_plugin_that_exits_or_interrupts_at_import_fails_alone(plugins):
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     assert registry.get("random").__name__ == "RandomMask"  # the others do not load
     listed = registry.methods()

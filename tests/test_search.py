@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from peftbench import experiment, sweep
-from peftbench.errors import UsageError
+from peftbench.board import tables
+from peftbench.core.errors import UsageError
+from peftbench.sweep import budgets, search, state, storage
+from peftbench.sweep import grid as sweep_grid
+from peftbench.sweep import records as sweep_records
+from peftbench.sweep import spec as sweep_spec
 from peftbench.sweep.search import method_study
+from peftbench.training import experiment
 
 
 def _rows_match(actual, expected) -> bool:
@@ -28,7 +33,7 @@ def _rows_match(actual, expected) -> bool:
 
 
 def _spec(tmp_path, **search):
-    return sweep.parse_spec({
+    return sweep_spec.parse_spec({
         "name": "widen", "tasks": ["cb"], "methods": ["random"], "seeds": 5,
         "output_dir": str(tmp_path / "sweep"),
         "search": {"params": {"lr": {"choices": [1.0e-4, 1.0e-3, 1.0e-2]}}, "pruner": "none", **search}})
@@ -48,7 +53,7 @@ def _fake_runs(monkeypatch, peak: float):
 
 def test_grid_best_at_its_low_edge_is_widened_until_inside(tmp_path, monkeypatch):
     runs = _fake_runs(monkeypatch, peak=2e-5)
-    best = sweep.run_search(_spec(tmp_path, widen=3, seeds=[100, 101]), log=lambda *a: None)
+    best = search.run_search(_spec(tmp_path, widen=3, seeds=[100, 101]), log=lambda *a: None)
     lrs = sorted(lr for lr, _ in runs)
     # 1e-4 best of the grid -> 1e-5 (best, edge again) -> 1e-6 (worse): 1e-5 is inside, stop
     assert lrs == pytest.approx([1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
@@ -59,32 +64,33 @@ def test_grid_best_at_its_low_edge_is_widened_until_inside(tmp_path, monkeypatch
 
 def test_widening_stops_at_its_limit_and_not_for_an_inside_best(tmp_path, monkeypatch):
     runs = _fake_runs(monkeypatch, peak=10.0)
-    best = sweep.run_search(_spec(tmp_path, widen=1), log=lambda *a: None)
+    best = search.run_search(_spec(tmp_path, widen=1), log=lambda *a: None)
     assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
     assert best["cb/random"]["train"]["lr"] == pytest.approx(1e-1)  # at the limit: said, kept
     runs = _fake_runs(monkeypatch, peak=1e-3)
-    sweep.run_search(_spec(tmp_path / "inside", widen=2), log=lambda *a: None)
+    search.run_search(_spec(tmp_path / "inside", widen=2), log=lambda *a: None)
     assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2])
     assert {seeds for _, seeds in runs} == {(0,)}  # default: the spec's first seed
 
 
+@pytest.mark.slow
 def test_a_resumed_search_says_how_many_pairs_are_tuned_in_one_line(tmp_path, monkeypatch):
     """Progress on long work: each pair a worker starts says k of n tuned so far; a resumed
     search names its tuned pairs in one line (not a line per pair and per worker)."""
     _fake_runs(monkeypatch, peak=1e-3)
-    spec = sweep.parse_spec({
+    spec = sweep_spec.parse_spec({
         "name": "resume", "tasks": ["cb", "rte"], "methods": ["random", "bitfit"], "seeds": 5,
         "output_dir": str(tmp_path / "sweep"),
         "search": {"params": {"lr": {"choices": [1.0e-4, 1.0e-3, 1.0e-2]}}, "pruner": "none"}})
     lines = []
-    sweep.run_search(spec, log=lines.append)
+    search.run_search(spec, log=lines.append)
     started = [line for line in lines if "started" in line]
     assert started == [f"search {k}: started; {i} of 4 pairs tuned so far"
                        for i, k in enumerate(["cb/random", "cb/bitfit", "rte/random", "rte/bitfit"])]
     (tmp_path / "sweep" / "search.json").write_text(
-        json.dumps({k: v for k, v in sweep.best_search_params(spec).items() if k != "rte/bitfit"}))
+        json.dumps({k: v for k, v in sweep_records.best_search_params(spec).items() if k != "rte/bitfit"}))
     lines.clear()
-    sweep.run_search(spec, log=lines.append)
+    search.run_search(spec, log=lines.append)
     assert lines[0].startswith("search: 3 of 4 (task, method) pairs tuned already in ")
     assert lines[0].endswith(": cb/random, cb/bitfit, rte/random")
     assert lines[1] == "search rte/bitfit: started; 3 of 4 pairs tuned so far"
@@ -92,13 +98,14 @@ def test_a_resumed_search_says_how_many_pairs_are_tuned_in_one_line(tmp_path, mo
 
 def test_widen_needs_one_numeric_grid(tmp_path):
     with pytest.raises(UsageError, match="widen needs exactly one searched setting"):
-        sweep.parse_spec({"name": "w", "tasks": ["cb"], "methods": ["random"],
+        sweep_spec.parse_spec({"name": "w", "tasks": ["cb"], "methods": ["random"],
                           "search": {"params": {"lr": {"low": 1e-4, "high": 1e-2}}, "widen": 1}})
     with pytest.raises(UsageError, match="seeds"):
-        sweep.parse_spec({"name": "w", "tasks": ["cb"], "methods": ["random"],
+        sweep_spec.parse_spec({"name": "w", "tasks": ["cb"], "methods": ["random"],
                           "search": {"params": {"lr": {"choices": [1e-4]}}, "seeds": []}})
 
 
+@pytest.mark.slow
 def test_two_search_workers_split_the_pairs_and_lose_none(tmp_path, tiny_model_dir, monkeypatch):
     """`leaderboard run --workers 2` on a spec with a search: two `leaderboard search` workers
     take the untuned pairs between them (each pair searched once), and every pair's entry is in
@@ -107,7 +114,7 @@ def test_two_search_workers_split_the_pairs_and_lose_none(tmp_path, tiny_model_d
 
     import yaml
 
-    from peftbench.cli import main
+    from peftbench.cli.main import main
 
     board = tmp_path / "boards" / "split"
     board.mkdir(parents=True)
@@ -132,7 +139,7 @@ def test_the_grid_refuses_pairs_the_search_has_not_tuned(tmp_path, tiny_model_di
 
     import yaml
 
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({
@@ -140,11 +147,11 @@ def test_the_grid_refuses_pairs_the_search_has_not_tuned(tmp_path, tiny_model_di
         "budgets": [0.01], "seeds": 1, "limit": 8, "train": {"epochs": 1},
         "output_dir": str(tmp_path / "out"),
         "search": {"params": {"lr": {"choices": [1e-3, 1e-2]}}, "trials": 2, "pruner": "none"}}))
-    spec = sweep.load_spec(path)
-    sweep.claim_out(spec)  # the sweep's folder, as a search leaves it
+    spec = sweep_spec.load_spec(path)
+    storage.claim_out(spec)  # the sweep's folder, as a search leaves it
     (tmp_path / "out" / "search.json").write_text(json.dumps({"rte/random": {"train": {"lr": 0.01}, "method": {}}}))
     with pytest.raises(UsageError, match=r"1 \(task, method\) pair\(s\) are not tuned yet \(rte/bitfit;"):
-        sweep.run_grid(spec, log=lambda *a: None)
+        sweep_grid.run_grid(spec, log=lambda *a: None)
     assert not (tmp_path / "out" / "runs").exists()
 
 
@@ -155,17 +162,18 @@ def test_the_grid_refuses_pairs_the_search_has_not_tuned(tmp_path, tiny_model_di
 ])
 def test_the_carry_check_tries_the_carried_value_and_its_neighbours(value, expected):
     grid = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
-    assert sweep.neighbours(grid, value) == pytest.approx(expected)
+    assert budgets.neighbours(grid, value) == pytest.approx(expected)
 
 
 def _carry_spec(tmp_path, **search):
-    return sweep.parse_spec({
+    return sweep_spec.parse_spec({
         "name": "carry", "tasks": ["cb"], "methods": ["random", "bitfit"], "seeds": 3,
         "budgets": [0.001, 0.005, 0.02], "output_dir": str(tmp_path / "sweep"),
         "search": {"params": {"lr": {"choices": [1.0e-4, 1.0e-3, 1.0e-2]}}, "pruner": "none",
                    "seeds": [100, 101], "budget": 0.005, "carry_check": [100], **search}})
 
 
+@pytest.mark.slow
 def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_budget(tmp_path, monkeypatch):
     """Validation peaks at lr 1e-3 at the search's budget and at 1e-2 at 2%: the check, at 0.1%
     and 2% only, for the budget-parameterised method only (BitFit has its natural count), on
@@ -173,7 +181,6 @@ def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_bud
     sets each cost against the cell's seed spread and names the cell that exceeds it."""
     import pandas as pd
 
-    from peftbench import leaderboard
 
     runs = []
 
@@ -185,31 +192,31 @@ def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_bud
     monkeypatch.setattr(experiment, "run_experiment", run_experiment)
     spec = _carry_spec(tmp_path)
     with pytest.raises(UsageError, match="needs the search's setting of cb/random"):
-        sweep.run_carry_check(spec, log=lambda *a: None)
-    sweep.run_search(spec, log=lambda *a: None)
+        budgets.run_carry_check(spec, log=lambda *a: None)
+    search.run_search(spec, log=lambda *a: None)
     runs.clear()
-    carry = sweep.run_carry_check(spec, log=lambda *a: None)
-    assert sorted(carry) == ["cb/random/0.001", "cb/random/0.02"] == sorted(sweep.carry_keys(spec))
+    carry = budgets.run_carry_check(spec, log=lambda *a: None)
+    assert sorted(carry) == ["cb/random/0.001", "cb/random/0.02"] == sorted(sweep_records.carry_keys(spec))
     assert _rows_match(sorted((b, lr) for _, b, lr, _ in runs),
         [("0.001", 1e-4), ("0.001", 1e-3), ("0.001", 1e-2), ("0.02", 1e-4), ("0.02", 1e-3), ("0.02", 1e-2)])
     assert {seeds for *_, seeds in runs} == {(100,)}
     assert carry["cb/random/0.02"]["carried"] == {"lr": 1e-3} and carry["cb/random/0.02"]["train"]["lr"] == 1e-2
     assert carry["cb/random/0.02"]["carried_validation"] == pytest.approx(-1.0)
     runs.clear()
-    assert sweep.run_carry_check(spec, log=lambda *a: None) == carry and not runs  # resumes: nothing again
+    assert budgets.run_carry_check(spec, log=lambda *a: None) == carry and not runs  # resumes: nothing again
 
     frame = pd.DataFrame({"task": "cb", "method": "random", "budget": ["0.001"] * 3 + ["0.02"] * 3,
                           "metric": [0.5, 0.7, 0.9, 0.60, 0.61, 0.62], "trainable": 10})
-    table = leaderboard.carry_table(spec, frame).set_index("budget")
+    table = tables.carry_table(spec, frame).set_index("budget")
     assert table.loc["0.001", "cost"] == 0 and table.loc["0.001", "within spread"]
     assert table.loc["0.02", "cost"] == pytest.approx(1.0) and not table.loc["0.02", "within spread"]
     assert table.loc["0.02", "seed spread"] == pytest.approx(pd.Series([0.60, 0.61, 0.62]).std(ddof=0))
-    lines = "\n".join(leaderboard.carry_lines(spec, tmp_path, frame))
+    lines = "\n".join(tables.carry_lines(spec, tmp_path, frame))
     assert "within the seed spread in 1 of 2 cells; the other 1 exceed it: cb/random/0.02." in lines
     assert (tmp_path / "carry.csv").is_file()
     # a cell whose seeds are not all in (re-running at its own rate, per_budget) is not judged,
     # and the verdict says so instead of counting only the keys that could be judged
-    lines = "\n".join(leaderboard.carry_lines(spec, tmp_path, frame[frame.budget == "0.001"]))
+    lines = "\n".join(tables.carry_lines(spec, tmp_path, frame[frame.budget == "0.001"]))
     assert "within the seed spread in 1 of 1 cells. Not judged yet (no complete cell): cb/random/0.02." in lines
 
 
@@ -248,7 +255,7 @@ def test_a_grid_point_whose_trial_was_cut_off_is_measured_before_the_search_choo
         return {"validation_main_mean": 1.0 if config.train.lr == cut_lr else 0.0}, Path("x")
 
     monkeypatch.setattr(experiment, "run_experiment", run_experiment)
-    best = sweep.run_search(spec, log=lambda *a: None)
+    best = search.run_search(spec, log=lambda *a: None)
     assert sorted(runs) == pytest.approx(sorted(grid))  # every point measured, the cut one once
     assert best["cb/random"]["train"]["lr"] == pytest.approx(cut_lr)
     assert len(best["cb/random"]["tried"]) == len(grid)
@@ -258,7 +265,7 @@ def test_a_grid_point_that_keeps_being_cut_off_is_an_error_not_a_silent_choice()
     import optuna
     from optuna.trial import TrialState
 
-    from peftbench.sweep.search import measure_cut_off_points
+    from peftbench.sweep.claims import measure_cut_off_points
 
     study = optuna.create_study(direction="maximize")
     grid = {"lr": [1e-3, 1e-2]}
@@ -287,8 +294,9 @@ def _per_seed_runs(monkeypatch, runs: list):
     monkeypatch.setattr(experiment, "run_experiment", run_experiment)
 
 
+@pytest.mark.slow
 def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_other_seeds(tmp_path, monkeypatch):
-    """`search: per_budget` (issue #21: carrying the rate tuned at 0.5% cost several methods
+    """`search: per_budget` (carrying the rate tuned at 0.5% cost several methods
     more than their seed spread): each other budget is tuned on the search's two seeds from the
     carry check's three values; seed 100's runs there are read back from carry.json, so only
     seed 101 trains at them; a value the edge rule adds trains both. The grid then runs each
@@ -296,15 +304,15 @@ def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_ot
     runs = []
     _per_seed_runs(monkeypatch, runs)
     spec = _carry_spec(tmp_path, per_budget=True, widen=1)
-    sweep.run_search(spec, log=lambda *a: None)
+    search.run_search(spec, log=lambda *a: None)
     with pytest.raises(UsageError, match="starts from the carry check, and 2 of its keys are not checked yet"):
-        sweep.run_per_budget_search(spec, log=lambda *a: None)
-    sweep.run_carry_check(spec, log=lambda *a: None)
+        budgets.run_per_budget_search(spec, log=lambda *a: None)
+    budgets.run_carry_check(spec, log=lambda *a: None)
     with pytest.raises(UsageError, match=r"2 \(task, method, budget\) key\(s\) are not tuned yet \(cb/random/0.001"):
-        sweep.enqueue_missing(sweep.open_study(spec), spec)
+        sweep_grid.enqueue_missing(storage.open_study(spec), spec)
     runs.clear()
     said = []
-    tuned = sweep.run_per_budget_search(spec, log=said.append)
+    tuned = budgets.run_per_budget_search(spec, log=said.append)
     assert sorted(tuned) == ["cb/random/0.001", "cb/random/0.02"]
     assert "per-budget search cb/random/0.02: best at the grid's edge; trying lr=0.1" in said  # which key widens
     assert _rows_match(sorted(r for r in runs if r[0] == "0.02"),
@@ -315,17 +323,17 @@ def test_the_per_budget_search_reads_the_carry_check_back_and_trains_only_the_ot
     assert at2["seeds"] == [100, 101] and at2["read_back"] == {"carry.json": [100]}
     assert tuned["cb/random/0.001"]["train"]["lr"] == pytest.approx(1e-3)
     runs.clear()
-    assert sweep.run_per_budget_search(spec, log=lambda *a: None) == tuned and not runs  # resumes
+    assert budgets.run_per_budget_search(spec, log=lambda *a: None) == tuned and not runs  # resumes
 
-    best = sweep.tuned_settings(spec)
-    lrs = {b: sweep.cell_run_config(spec, sweep.Cell("cb", "random", b, 0), best).train.lr
+    best = sweep_records.tuned_settings(spec)
+    lrs = {b: sweep_spec.cell_run_config(spec, sweep_spec.Cell("cb", "random", b, 0), best).train.lr
            for b in ("0.001", "0.005", "0.02")}
     assert lrs == pytest.approx({"0.001": 1e-3, "0.005": 1e-3, "0.02": 1e-2})
-    prints = sweep.Fingerprints(spec)
-    of = {b: prints.of(sweep.Cell("cb", "random", b, 0)) for b in ("0.001", "0.005", "0.02")}
+    prints = state.Fingerprints(spec)
+    of = {b: prints.of(sweep_spec.Cell("cb", "random", b, 0)) for b in ("0.001", "0.005", "0.02")}
     # a budget whose own rate is the carried one keeps its settings, so its cells stand
     assert of["0.02"] != of["0.005"] == of["0.001"]
-    assert sweep.enqueue_missing(sweep.open_study(spec), spec) == 3 * 3 + 3  # random x 3 budgets, bitfit
+    assert sweep_grid.enqueue_missing(storage.open_study(spec), spec) == 3 * 3 + 3  # random x 3 budgets, bitfit
 
 
 def test_a_per_budget_search_needs_the_carry_check_on_the_search_seeds(tmp_path):
@@ -335,9 +343,10 @@ def test_a_per_budget_search_needs_the_carry_check_on_the_search_seeds(tmp_path)
         _carry_spec(tmp_path, per_budget=True, carry_check=[7])
     spec = _carry_spec(tmp_path)
     with pytest.raises(UsageError, match="has no 'search: per_budget: true'"):
-        sweep.run_per_budget_search(spec, log=lambda *a: None)
+        budgets.run_per_budget_search(spec, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_trials(tmp_path, monkeypatch):
     """Boards outlive a machine: a search stopped after two of a key's three settings keeps
     them in the board's `search-trials.json`; on a fresh machine (the sweep folder and its
@@ -347,7 +356,7 @@ def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_tri
     import shutil
 
     runs = _fake_runs(monkeypatch, peak=1e-3)
-    reference = sweep.run_search(_spec(tmp_path / "reference", seeds=[100, 101]), log=lambda *a: None)
+    reference = search.run_search(_spec(tmp_path / "reference", seeds=[100, 101]), log=lambda *a: None)
     board = tmp_path / "board"
     board.mkdir()
     spec = _spec(tmp_path, seeds=[100, 101])
@@ -361,7 +370,7 @@ def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_tri
 
     monkeypatch.setattr(experiment, "run_experiment", stopped_after_two)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
+        search.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
     log = json.loads((board / "search-trials.json").read_text())
     assert [len(rows) for rows in log.values()] == [2] and list(log) == ["cb/random"]
     assert not (board / "search.json").exists()
@@ -370,7 +379,7 @@ def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_tri
     shutil.rmtree(spec.out)  # another machine: only the board's committed files
     monkeypatch.setattr(experiment, "run_experiment", fake)
     runs.clear()
-    best = sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
+    best = search.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
     assert len(runs) == 1 and runs[0][0] not in finished  # only the unfinished setting trained
     entry, expected = best["cb/random"], reference["cb/random"]
     assert entry["train"] == expected["train"] and entry["validation"] == pytest.approx(expected["validation"])
@@ -384,7 +393,7 @@ def test_a_key_stopped_mid_way_resumes_on_another_machine_from_its_committed_tri
         (board / "search.json").unlink()
         shutil.rmtree(spec.out)
         runs.clear()
-        sweep.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
+        search.run_search(spec, log=lambda *a: None, mirror=board / "search.json")
         return [lr for lr, _ in runs]
 
     # a row written by another version of peftbench trains again
@@ -411,15 +420,15 @@ def test_a_changed_method_is_searched_again_in_a_study_of_its_own(tmp_path, monk
     an exhausted grid sampler proposes one more point before the trial cap stops it), a changed
     method (another source digest) trains every setting again instead of counting the old
     code's trials."""
-    from peftbench import fingerprint
+    from peftbench.training import identity as fingerprint
 
     runs = _fake_runs(monkeypatch, peak=1e-3)
     spec = _spec(tmp_path, seeds=[100, 101])
-    sweep.run_search(spec, log=lambda *a: None)
+    search.run_search(spec, log=lambda *a: None)
     assert len(runs) == 3
     (spec.out / "search.json").unlink()
     runs.clear()
-    sweep.run_search(spec, log=lambda *a: None)
+    search.run_search(spec, log=lambda *a: None)
     assert len(runs) <= 1
 
     real = fingerprint.code_identity
@@ -427,32 +436,33 @@ def test_a_changed_method_is_searched_again_in_a_study_of_its_own(tmp_path, monk
                         lambda method, strict=True: {**real(method, strict), "source": "f" * 64})
     (spec.out / "search.json").unlink()
     runs.clear()
-    sweep.run_search(spec, log=lambda *a: None)
+    search.run_search(spec, log=lambda *a: None)
     assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2])
 
 
+@pytest.mark.slow
 def test_a_search_entry_made_by_other_code_of_its_method_is_searched_again(tmp_path, monkeypatch):
     """search.json records the method's source digest with each entry: the grid and the search
     take an entry only while the method is the code that made it; an entry without a digest
     (recorded before entries carried one) is kept."""
-    from peftbench import fingerprint
+    from peftbench.training import identity as fingerprint
 
     runs = _fake_runs(monkeypatch, peak=1e-3)
     spec = _spec(tmp_path, seeds=[100, 101])
-    best = sweep.run_search(spec, log=lambda *a: None)
+    best = search.run_search(spec, log=lambda *a: None)
     assert best["cb/random"]["code"] == fingerprint.code_identity("random", strict=False)["source"]
-    assert sweep.search.tuned_settings(spec).keys() == {"cb/random"}
+    assert sweep_records.tuned_settings(spec).keys() == {"cb/random"}
 
     record = json.loads((spec.out / "search.json").read_text())
     legacy = {k: {n: v for n, v in e.items() if n != "code"} for k, e in record.items()}
     (spec.out / "search.json").write_text(json.dumps(legacy))
-    assert sweep.search.tuned_settings(spec).keys() == {"cb/random"}  # no digest: kept
+    assert sweep_records.tuned_settings(spec).keys() == {"cb/random"}  # no digest: kept
 
     (spec.out / "search.json").write_text(json.dumps(record))
     real = fingerprint.code_identity
     monkeypatch.setattr(fingerprint, "code_identity",
                         lambda method, strict=True: {**real(method, strict), "source": "e" * 64})
-    assert sweep.search.tuned_settings(spec) == {}  # the grid waits for a new search
+    assert sweep_records.tuned_settings(spec) == {}  # the grid waits for a new search
     runs.clear()
-    again = sweep.run_search(spec, log=lambda *a: None)
+    again = search.run_search(spec, log=lambda *a: None)
     assert sorted(lr for lr, _ in runs) == pytest.approx([1e-4, 1e-3, 1e-2]) and again["cb/random"]["code"] == "e" * 64

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from peftbench.errors import UsageError
-from peftbench.selector import Budget, Selection, apportion, top_k
+from peftbench.contract.selector import Budget, apportion, top_k
+from peftbench.core.errors import UsageError
+from peftbench.modeling.selection import Selection
 
 
 @pytest.mark.parametrize("text, fraction, count", [("0.005", 0.005, None), ("1", 1.0, None),

@@ -1,4 +1,4 @@
-"""The sparse step (peftbench.sparse): the k trained entries' gradients equal the dense gradient
+"""The sparse step (peftbench.modeling.sparse): the k trained entries' gradients equal the dense gradient
 at those entries, frozen entries stay bit-identical, and the fast path is really taken."""
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import copy
 import pytest
 import torch
 
-from peftbench import registry
-from peftbench.models import pretrained_parameters
-from peftbench.sparse import (SparseDelta, SparseEmbeddingFunction, SparseLinearFunction,
-                              apply_selection, sampled_gradient)
+from peftbench.contract import registry
+from peftbench.modeling.models import pretrained_parameters
+from peftbench.modeling.sparse import (
+    SparseDelta,
+    SparseEmbeddingFunction,
+    SparseLinearFunction,
+    apply_selection,
+    sampled_gradient,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CUDA path needs a GPU (none here)"))]
@@ -134,7 +139,12 @@ def test_a_training_step_keeps_frozen_entries_bit_identical(tiny_model, device):
 
 def _tiny_decoder(kind: str):
     """A tiny random decoder classifier built from its config (no download)."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     torch.manual_seed(0)
     if kind == "gpt2":

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from peftbench import registry
+from peftbench.contract import registry
 from peftbench.methods.spectral import filter_matrix, normalized_laplacian, similarity_graph
 
 
@@ -52,10 +52,11 @@ def test_allpass_is_identity_and_lowpass_removes_high_frequencies():
 
 
 def _prepared(tiny_model_dir, **params):
-    from peftbench.data import load_task, tokenize
-    from peftbench.models import load_model
-    from peftbench.scoring import ScoringData
-    from peftbench.trainer import make_loader, pick_device
+    from peftbench.contract.scoring import ScoringData
+    from peftbench.data.encode import tokenize
+    from peftbench.data.tasks import load_task
+    from peftbench.modeling.models import load_model
+    from peftbench.training.trainer import make_loader, pick_device
 
     task = load_task("rte")
     model, tokenizer = load_model(tiny_model_dir, 2)

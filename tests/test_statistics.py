@@ -10,7 +10,10 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from peftbench import report
+from peftbench.analysis import checks, ranks, statistics
+from peftbench.analysis import frame as analysis_frame
+from peftbench.rendering import report, styles, verdict
+from peftbench.sweep import spec as sweep_spec
 
 
 def _frame(rng):
@@ -55,7 +58,7 @@ def _tasks_frame(rng, tasks=6):
 
 def test_friedman_runs_per_budget_over_tasks_with_iman_davenport_and_no_reference_rows():
     frame = _tasks_frame(np.random.default_rng(0))
-    rankings = report.friedman_by_budget(frame)
+    rankings = ranks.friedman_by_budget(frame)
     assert [r["budget"] for r in rankings] == ["0.001", "0.005"]
     for r in rankings:
         assert set(r["ranks"].index) == {"random", "sam", "fish"}  # no natural-count, no over-budget row
@@ -76,19 +79,21 @@ def test_friedman_runs_per_budget_over_tasks_with_iman_davenport_and_no_referenc
             assert got.loc[a, b] == pytest.approx(p)
 
 
+@pytest.mark.slow
 def test_with_fewer_than_five_tasks_the_ranking_is_descriptive_and_has_no_pairwise_tests():
     few = _tasks_frame(np.random.default_rng(0), tasks=2)
-    assert all(r["descriptive"] and r["pairwise"] is None for r in report.friedman_by_budget(few))
-    said = report.verdict(few)
+    assert all(r["descriptive"] and r["pairwise"] is None for r in ranks.friedman_by_budget(few))
+    said = verdict.verdict(few)
     assert "descriptive only (fewer than 5 tasks)" in said and "over 2 task(s)" in said
     assert "natural count: fulltuning" in said and "over budget: childtuning-f at 0.1%" in said
 
 
+@pytest.mark.slow
 def test_comparisons_are_per_task_with_test_set_error_and_holm_within_each_family():
-    from peftbench import uncertainty
+    from peftbench.analysis import uncertainty
 
     frame = _tasks_frame(np.random.default_rng(1), tasks=3)
-    got = report.comparisons(frame)
+    got = statistics.comparisons(frame)
     per_task = got[~got.task.str.startswith("across")]
     assert set(per_task.method) == {"sam", "fish", "random"}  # random itself against full FT
     assert "childtuning-f" not in set(got.method)  # over budget: not in a budget's family
@@ -113,7 +118,7 @@ def test_comparisons_are_per_task_with_test_set_error_and_holm_within_each_famil
 
 def test_cell_intervals_carry_the_test_set_as_well_as_the_seeds():
     frame = _tasks_frame(np.random.default_rng(2), tasks=1)
-    stats = report.cell_stats(frame).set_index(["method", "budget"])
+    stats = statistics.cell_stats(frame).set_index(["method", "budget"])
     row = stats.loc[("sam", "0.001")]
     values = frame[(frame.method == "sam") & (frame.budget == "0.001")].metric.to_numpy()
     total = np.hypot(values.std(ddof=1) / np.sqrt(3), np.sqrt(values.mean() * (1 - values.mean()) / 200))
@@ -121,11 +126,11 @@ def test_cell_intervals_carry_the_test_set_as_well_as_the_seeds():
     assert row.ci_high - row.ci_low > 2 * 1.96 * np.sqrt(values.mean() * (1 - values.mean()) / 200)
     assert row.ci_high - row.ci_low < 2 * scipy.stats.t.ppf(0.975, 2) * total + 1e-12
     unknown = frame.assign(metric_name="f1")  # no analytic test-set SE: said, seeds only
-    assert set(report.cell_stats(unknown).interval) == {"seeds only"}
+    assert set(statistics.cell_stats(unknown).interval) == {"seeds only"}
 
 
 def test_a_correlation_interval_is_fishers_z_transformed_back():
-    from peftbench import uncertainty
+    from peftbench.analysis import uncertainty
 
     values = np.array([0.80, 0.82, 0.81])
     got = uncertainty.cell_interval(values, 1500, "fisher-z")
@@ -143,7 +148,7 @@ def test_hierarchical_posterior_equals_numerical_integration():
     model (normal likelihood, flat mu, half-Cauchy(0, 1) tau)."""
     from scipy import integrate
 
-    from peftbench import uncertainty
+    from peftbench.analysis import uncertainty
 
     y, s = np.array([2.0, -0.5, 1.2]), np.array([1.5, 1.4, 2.0])
 
@@ -163,7 +168,7 @@ def test_hierarchical_posterior_equals_numerical_integration():
 
 
 def test_the_budget_reaching_95_percent_of_full_ft_is_chance_normalised_bracketed_and_censored(tmp_path):
-    from peftbench import plots
+    from peftbench.rendering import plots
 
     def cells(method, budget, metric, trainable):
         return [{"task": "sst2", "method": method, "budget": budget, "seed": s, "metric": metric + 0.002 * s,
@@ -174,7 +179,7 @@ def test_the_budget_reaching_95_percent_of_full_ft_is_chance_normalised_brackete
     for budget, metric in (("0.001", 0.6), ("0.01", 0.7), ("0.1", 0.79)):
         rows += cells("random", budget, metric, float(budget) * 1000)
         rows += cells("sam", budget, 0.79, float(budget) * 1000)
-    curves = report.budget_curves(pd.DataFrame(rows)).set_index("method")
+    curves = statistics.budget_curves(pd.DataFrame(rows)).set_index("method")
     # target on the chance-normalised scale: 0.5 + 0.95 * (0.802 - 0.5) = 0.7869 (not 0.95 * 0.802)
     assert curves.loc["random", "target_x100"] == pytest.approx(100 * (0.5 + 0.95 * (0.802 - 0.5)))
     assert curves.loc["random", "reaches"] == "10%" and curves.loc["random", "surely"] == "> 10%"
@@ -185,7 +190,7 @@ def test_the_budget_reaching_95_percent_of_full_ft_is_chance_normalised_brackete
 
 def test_best_per_budget_names_the_best_and_how_sure():
     frame = _tasks_frame(np.random.default_rng(0), tasks=2)
-    best = report.best_per_budget(frame).set_index(["task", "budget"])
+    best = statistics.best_per_budget(frame).set_index(["task", "budget"])
     assert len(best) == 4 and set(best.best) <= {"random", "sam", "fish"}  # full FT has no budget
     row = best.iloc[0]
     cells = frame[(frame.task == best.index[0][0]) & (frame.budget == best.index[0][1])
@@ -204,7 +209,7 @@ def test_best_per_budget_leaves_out_a_method_whose_count_overshoots_the_budget()
     redrawn = budgeted[budgeted.method == "random"].assign(method="childtuning-f", trainable=100_000,
                                                            metric=0.99)
     nearly = budgeted[budgeted.method == "sam"].assign(method="ggm", trainable=100.9, metric=0.98)
-    best = report.best_per_budget(pd.concat([frame, redrawn, nearly])).set_index(["task", "budget"])
+    best = statistics.best_per_budget(pd.concat([frame, redrawn, nearly])).set_index(["task", "budget"])
     assert set(best.best) == {"ggm"} and "childtuning-f" not in set(best.runner_up)
     assert set(best.loc[("sst2", "0.005")].over_budget.split("; ")) == {"childtuning-f (100,000)"}
 
@@ -213,21 +218,21 @@ def test_curves_axis_keeps_a_far_constant_predictor_out_of_the_way():
     """STS-B's constant predictor scores 0 while every curve sits near 0.7-0.8: the panel spans
     the methods' intervals and names the constant instead of squashing the curves onto a line;
     a constant within reach (SST-2's 0.5 beside curves at 0.55-0.8) stays on the axis."""
-    from peftbench import plots
 
     cells = pd.DataFrame({"mean": [0.73, 0.77], "ci_low": [0.70, 0.74], "ci_high": [0.76, 0.80]})
-    low, high = plots.y_span(cells, 0.0)
+    low, high = styles.y_span(cells, 0.0)
     assert 0.6 < low < 0.70 and 0.80 < high < 0.85
     near = pd.DataFrame({"mean": [0.57, 0.75], "ci_low": [0.55, 0.7], "ci_high": [0.6, 0.8]})
-    assert plots.y_span(near, 0.5)[0] < 0.5
-    assert plots.y_span(cells, None) == plots.y_span(cells, 0.0)
+    assert styles.y_span(near, 0.5)[0] < 0.5
+    assert styles.y_span(cells, None) == styles.y_span(cells, 0.0)
     one_seed = pd.DataFrame({"mean": [0.73, 0.77], "ci_low": [np.nan, np.nan], "ci_high": [np.nan, np.nan]})
-    low, high = plots.y_span(one_seed, None)  # no interval: the means bound the axis
+    low, high = styles.y_span(one_seed, None)  # no interval: the means bound the axis
     assert low < 0.73 and 0.77 < high < 0.8
 
 
 def test_the_paired_bootstrap_over_test_examples_against_independent_computations():
-    from peftbench import metrics, uncertainty
+    from peftbench.analysis import uncertainty
+    from peftbench.data import metrics
 
     rng = np.random.default_rng(7)
     y = rng.integers(0, 2, 400)
@@ -254,6 +259,7 @@ def test_the_paired_bootstrap_over_test_examples_against_independent_computation
     assert fast == pytest.approx(slow)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["rte", "stsb"])
 def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_model_dir, tmp_path, task):
     """End to end on real task data: each seed's result keeps its per-example test predictions,
@@ -261,10 +267,10 @@ def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_m
     paired bootstrap, not the analytic formula."""
     import json
 
-    from peftbench import metrics
-    from peftbench.data import load_task
-    from peftbench.experiment import RunConfig, run_experiment
-    from peftbench.trainer import TrainConfig
+    from peftbench.contract.settings import TrainConfig
+    from peftbench.data import metrics
+    from peftbench.data.tasks import load_task
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     for method in ("random", "magpruning"):
         config = RunConfig(method=method, task=task, budget="0.01", model=tiny_model_dir, limit=24, seeds=[0, 1],
@@ -278,9 +284,9 @@ def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_m
                             np.array(kept["labels"], dtype=np.float32 if task == "stsb" else None), kept["num_classes"])["main"]
     assert again == pytest.approx(result["test"]["main"], abs=1e-6) and len(kept["labels"]) == result[
         "constant_predictor"]["test_rows"]
-    frame = report.load_runs([tmp_path / "runs"])
-    assert set(report.cell_stats(frame).interval) == {"seeds + test (bootstrap)"}
-    compared = report.comparisons(frame)
+    frame = analysis_frame.load_runs([tmp_path / "runs"])
+    assert set(statistics.cell_stats(frame).interval) == {"seeds + test (bootstrap)"}
+    compared = statistics.comparisons(frame)
     assert set(compared.test_error.dropna()) == {"paired bootstrap"}
     per_task = compared[~compared.task.str.startswith("across")]
     assert per_task.mcnemar_p.notna().all() == (task == "rte")  # classification only
@@ -291,9 +297,9 @@ def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_m
     assert len(forgot) == 2 and (forgot.seeds == 2).all()
 
 
+@pytest.mark.slow
 def test_a_declared_comparison_family_is_used_and_said_and_an_unknown_reference_refused(tmp_path):
-    from peftbench import sweep
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
 
     frame = _tasks_frame(np.random.default_rng(3), tasks=2).assign(run_dir=str(tmp_path / "none"), model="default",
                                                                    scoring_time_s=1.0, train_time_s=2.0)
@@ -303,7 +309,7 @@ def test_a_declared_comparison_family_is_used_and_said_and_an_unknown_reference_
     assert set(compared.against) == {"sam"}
     assert "Not declared in this board's spec" in report.build_report(frame, tmp_path / "default")
     with pytest.raises(UsageError, match="compare_against: 'lora' is not in 'methods'"):
-        sweep.parse_spec({"name": "x", "tasks": ["sst2"], "methods": {"random": {}}, "compare_against": ["lora"]})
+        sweep_spec.parse_spec({"name": "x", "tasks": ["sst2"], "methods": {"random": {}}, "compare_against": ["lora"]})
 
 
 def test_selection_checks_flag_a_concentrated_or_underspent_cell_but_not_a_proportional_one():
@@ -323,10 +329,10 @@ def test_selection_checks_flag_a_concentrated_or_underspent_cell_but_not_a_propo
                               "bert.encoder.layer.0.attention.self.query.weight": 48}),
         run("fish", "0.1", {"bert.pooler.dense.weight": 7, "bert.encoder.layer.0.attention.self.query.weight": 1}),
         run("adapeft", "0.1", {"bert.encoder.layer.0.attention.self.query.weight": 20})])
-    found = report.selection_checks(frame).set_index(["method", "check"])
+    found = checks.selection_checks(frame).set_index(["method", "check"])
     assert set(found.index) == {("fish", "concentrated"), ("adapeft", "underspent"), ("fish", "underspent")}
     assert "bert.pooler.dense.weight holds 88%" in found.loc[("fish", "concentrated"), "detail"]
-    said = report.verdict(frame.assign(metric=0.5, metric_name="pearson+spearman", test_rows=100,
+    said = verdict.verdict(frame.assign(metric=0.5, metric_name="pearson+spearman", test_rows=100,
                                        constant_metric=0.0))
     assert "1 cell(s) put more than half their selection in one tensor" in said and "stsb/fish/b0.1" in said
 
@@ -338,7 +344,8 @@ def test_the_bootstraps_confusion_metrics_equal_metrics_compute_on_every_resampl
     draw by draw, a draw holding a single class included."""
     import warnings
 
-    from peftbench import metrics, uncertainty
+    from peftbench.analysis import uncertainty
+    from peftbench.data import metrics
 
     rng = np.random.default_rng(classes)
     y = rng.integers(0, classes, 56)
@@ -356,7 +363,7 @@ def test_health_flags_are_a_selection_check_and_an_exhausted_pool_is_not_ranked(
     """A seed whose run says it did not work as designed (DiffPruning projected from a
     collapsed model; GGM's pool exhausted) is listed as protocol-limited; a cell outside the
     method's design range (pool exhausted) is a reference row, not ranked."""
-    from peftbench.statistics import competing, kept_budget
+    from peftbench.analysis.statistics import competing, kept_budget
 
     def run(method, seed, health):
         return {"task": "stsb", "method": method, "budget": "0.02", "seed": seed, "spend": {},
@@ -366,7 +373,7 @@ def test_health_flags_are_a_selection_check_and_an_exhausted_pool_is_not_ranked(
                                                                             "constant predictor (0.01 <= 0.02)"]),
                           run("ggm", 0, ["pool exhausted (budget 20 > a third of the pool's 30 entries)"]),
                           run("ggm", 1, []), run("random", 0, []), run("random", 1, [])])
-    found = report.selection_checks(frame).set_index(["method", "check"])
+    found = checks.selection_checks(frame).set_index(["method", "check"])
     assert "1 of 2 seeds: seed 1: validation before step 75" in found.loc[("diffpruning", "protocol-limited"), "detail"]
     assert ("ggm", "protocol-limited") in found.index
     kept = kept_budget(frame)
@@ -376,7 +383,7 @@ def test_health_flags_are_a_selection_check_and_an_exhausted_pool_is_not_ranked(
 
 def test_health_flags_of_a_run_record():
     """The run's own flags and a change of form reached from a model at the constant predictor."""
-    from peftbench.record import RunRecord, health_flags
+    from peftbench.training.record import RunRecord, health_flags
 
     record = RunRecord.model_construct(
         method_record={"flags": ["mask did not learn"]},

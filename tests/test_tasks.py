@@ -1,7 +1,9 @@
 """Every task spec loads its real data with the right splits, labels and inputs."""
 import pytest
 
-from peftbench.data import available_tasks, load_task, mark_wsc_spans, tokenize
+from peftbench.data.encode import tokenize
+from peftbench.data.preprocessors import mark_wsc_spans
+from peftbench.data.tasks import available_tasks, load_task
 
 # Record counts of Fu et al.'s splits (tasks/data/PROVENANCE.md): train, val, test.
 SIZES = {"cb": (225, 25, 56), "cola": (7695, 856, 1043), "copa": (360, 40, 100),
@@ -30,7 +32,7 @@ def test_splits_and_labels(name):
 
 @pytest.mark.parametrize("name, shape", [("rte", 2), ("copa", 3), ("stsb", 2), ("wsc", 2)])
 def test_tokenized_batches(name, shape, tiny_model):
-    from peftbench.trainer import make_loader
+    from peftbench.training.trainer import make_loader
 
     _, tokenizer = tiny_model
     task = load_task(name)
@@ -82,7 +84,8 @@ def test_every_wsc_span_is_marked_around_its_own_words():
     """Splitting on spaces and trusting every index misaligned 4 of 1,316 spans."""
     import json
 
-    from peftbench.data import _norm, load_task, mark_wsc_spans, wsc_span_start
+    from peftbench.data.preprocessors import _norm, mark_wsc_spans, wsc_span_start
+    from peftbench.data.tasks import load_task
 
     task = load_task("wsc")
     checked = 0
@@ -124,8 +127,8 @@ def _classification(tmp_path, labels, rows, kind="classification", **extra):
 
 def test_labels_of_mixed_types_are_refused(tmp_path):
     """1 == True in Python: labels [1, true] would be one class."""
-    from peftbench.data import load_task
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
+    from peftbench.data.tasks import load_task
 
     with pytest.raises(UsageError, match="mix bool and int"):
         load_task(_classification(tmp_path, [1, True], [{"text": "a", "label": 1}], text=["text"]))
@@ -135,8 +138,8 @@ def test_labels_of_mixed_types_are_refused(tmp_path):
 
 
 def test_regression_labels_beyond_a_sane_range_are_refused(tmp_path):
-    from peftbench.data import load_task
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
+    from peftbench.data.tasks import load_task
 
     task = load_task(_classification(tmp_path, None, [{"text": "a", "label": 1.7e308}], kind="regression",
                                      text=["text"]))
@@ -145,8 +148,8 @@ def test_regression_labels_beyond_a_sane_range_are_refused(tmp_path):
 
 
 def test_an_empty_multiple_choice_option_is_refused(tmp_path):
-    from peftbench.data import load_task
-    from peftbench.errors import UsageError
+    from peftbench.core.errors import UsageError
+    from peftbench.data.tasks import load_task
 
     task = load_task(_classification(tmp_path, None, [{"q": "x", "a": "yes", "b": "", "label": 0}],
                                      kind="multiple_choice", context="q", choices=["a", "b"]))

@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 
-from peftbench import registry
-from peftbench.data import load_task, tokenize
-from peftbench.models import head_parameters, pretrained_parameters
-from peftbench.sparse import count_trainable, effective_weight
-from peftbench.trainer import TrainConfig, pick_device, train
+from peftbench.contract import registry
+from peftbench.contract.settings import TrainConfig
+from peftbench.data.encode import tokenize
+from peftbench.data.tasks import load_task
+from peftbench.modeling.models import head_parameters, pretrained_parameters
+from peftbench.modeling.sparse import count_trainable, effective_weight
+from peftbench.training.trainer import pick_device, train
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,8 @@ def test_optimizer_state_grows_with_trainable_count(tiny_model, rte_small, tmp_p
 
 
 def test_training_is_reproducible_from_the_seed(tiny_model_dir, rte_small, tmp_path):
-    from peftbench.models import load_model
-    from peftbench.trainer import set_seed
+    from peftbench.modeling.models import load_model
+    from peftbench.training.trainer import set_seed
 
     task, splits = rte_small
     outs = []
@@ -74,10 +76,11 @@ def test_training_is_reproducible_from_the_seed(tiny_model_dir, rte_small, tmp_p
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
 def test_bench_step_reports_ratios_and_state_grows_with_trainable_count(tiny_model_dir):
     """Each variant in its own process; the ratios are to the floor and to full tuning of the
     same run; AdamW keeps 2 moments per trainable entry, so sparse state is ~p of full."""
-    from peftbench.bench import step_cost
+    from peftbench.bench.step import step_cost
 
     out = step_cost(tiny_model_dir, ("floor", "fulltuning", "random-tensor", "bitfit"), steps=1,
                     rounds=1, batch_size=2, length=16)["variants"]
@@ -97,8 +100,8 @@ def test_a_bf16_variant_runs_the_same_step_under_autocast(tiny_model_dir, capsys
     by name."""
     import torch
 
-    from peftbench.bench import prepare_step
-    from peftbench.cli import main
+    from peftbench.bench.step import prepare_step
+    from peftbench.cli.main import main
 
     dtypes = {}
     for variant in ("random-global", "random-global+bf16"):
@@ -112,14 +115,15 @@ def test_a_bf16_variant_runs_the_same_step_under_autocast(tiny_model_dir, capsys
     assert "unknown variants ['random-global+bf32']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random", "lora"])
 def test_gradient_checkpointing_saves_memory_not_numbers(tiny_model_dir, tmp_path, method):
     """Recomputing activations in the backward gives the same run (CPU, same seed) through the
     sparse step and through peft's LoRA; it is left out of a cell's fingerprint."""
     import json
 
-    from peftbench.experiment import RunConfig, run_experiment
     from peftbench.sweep.spec import cell_config
+    from peftbench.training.experiment import RunConfig, run_experiment
 
     results = []
     for checkpointing in (False, True):

@@ -37,66 +37,6 @@ The package, by job: `spec` (the spec file and its cells), `storage` (where the 
 `search` (tuning per task and method), `state` (each cell's state, progress, the finished
 frame), `workers` (local processes), `grid` (the queue and the objective).
 """
+
 from __future__ import annotations
 
-from peftbench.record import NATURAL  # noqa: F401  (the budget label of natural-count cells)
-from peftbench.sweep.grid import (  # noqa: F401
-    CellFailed,
-    GridObjective,
-    enqueue_missing,
-    result_attrs,
-    run_grid,
-    run_workers,
-)
-from peftbench.sweep.search import (  # noqa: F401
-    PER_BUDGET,
-    SearchClaims,
-    best_search_params,
-    carry_keys,
-    neighbours,
-    read_record,
-    run_carry_check,
-    run_per_budget_search,
-    run_search,
-    search_budget,
-    tried,
-    tuned_settings,
-    untuned,
-    widened,
-)
-from peftbench.sweep.spec import (  # noqa: F401
-    TRAIN_KEYS,
-    Cell,
-    SearchSpec,
-    StudySpec,
-    cell_config,
-    cell_run_config,
-    cells,
-    config_difference,
-    load_spec,
-    method_train,
-    parse_spec,
-)
-from peftbench.sweep.state import (  # noqa: F401
-    Fingerprints,
-    cell_states,
-    failed_cells,
-    finished_frame,
-    progress_line,
-    stale_reason,
-    trial_record,
-    trials_frame,
-    watch,
-)
-from peftbench.sweep.storage import (  # noqa: F401
-    STORAGE_SCHEMES,
-    SWEEP_FILES,
-    NotStarted,
-    claim_out,
-    counts,
-    open_storage,
-    open_study,
-    reclaim_dead_local_trials,
-    uses_heartbeat,
-)
-from peftbench.sweep.workers import spawn_workers, torch_threads, worker_environments  # noqa: F401

@@ -1,7 +1,7 @@
 """The grid: every cell queued once, a worker's objective that runs one queued cell, the loop that
 works until nothing is left."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import json
 import os
@@ -16,32 +16,19 @@ import optuna
 from filelock import FileLock
 from optuna.trial import TrialState
 
-from peftbench import experiment
-from peftbench.cache import ScoreCache
-from peftbench.errors import UsageError
-from peftbench.experiment import RunConfig
-from peftbench.fingerprint import machine_fingerprint
-from peftbench.metrics import metric_label
-from peftbench.record import RunRecord
-from peftbench.sweep.spec import (
-    Cell,
-    StudySpec,
-    cell_config,
-    cell_run_config,
-    cells,
-    config_difference,
-)
-from peftbench.sweep.search import untuned
-from peftbench.sweep.state import Fingerprints, _settled, progress_line
-from peftbench.sweep.storage import (
-    claim_out,
-    counts,
-    open_study,
-    reclaim_dead_local_trials,
-    uses_heartbeat,
-)
+from peftbench.core.errors import UsageError
+from peftbench.data.metrics import metric_label
+from peftbench.sweep.records import untuned
+from peftbench.sweep.spec import Cell, StudySpec, cell_config, cell_run_config, cells, config_difference
+from peftbench.sweep.state import Fingerprints, progress_line, settled
+from peftbench.sweep.storage import claim_out, counts, open_study, reclaim_dead_local_trials, uses_heartbeat
 from peftbench.sweep.workers import spawn_workers, torch_threads
-from peftbench.trainer import pick_device
+from peftbench.training import experiment
+from peftbench.training.cache import ScoreCache
+from peftbench.training.experiment import RunConfig
+from peftbench.training.identity import machine_fingerprint
+from peftbench.training.record import RunRecord
+from peftbench.training.trainer import pick_device
 
 
 def enqueue_missing(study: optuna.Study, spec: StudySpec, restart_changed: bool = False) -> int:
@@ -66,7 +53,7 @@ def enqueue_missing(study: optuna.Study, spec: StudySpec, restart_changed: bool 
     with lock or nullcontext():
         held: dict[str, list] = {}
         for t in study.get_trials(deepcopy=False):
-            if _settled(t) and "cell" in t.user_attrs:
+            if settled(t) and "cell" in t.user_attrs:
                 held.setdefault(t.user_attrs["cell"], []).append(t)
         missing, changed = [], {}
         for cell in cells(spec):
@@ -97,7 +84,7 @@ def result_attrs(result: dict, config: RunConfig, run_dir: Path) -> dict:
     """A finished cell's trial attributes: its `RunRecord` whole (`record`), where it ran, and
     the settings it ran with, from its `result.json` and its run config alone, so a cell
     committed to a board reads back exactly as it was written."""
-    from peftbench.data import load_task
+    from peftbench.data.tasks import load_task
 
     return {"run_dir": str(Path(run_dir).resolve()),
             "record": RunRecord.model_validate(result).model_dump(mode="json"),

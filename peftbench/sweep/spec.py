@@ -1,6 +1,7 @@
 """The study spec: `StudySpec`, the pydantic model a spec file is validated into and the object
 used at run time, and the grid of cells it stands for, each with its run config and the
 configuration its fingerprint is taken of."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -26,13 +27,14 @@ from pydantic import (
 )
 from pydantic import Field as PydanticField
 
-from peftbench import registry, yamlio
-from peftbench.errors import UsageError, schema_problem
-from peftbench.experiment import RunConfig
-from peftbench.fingerprint import code_identity, model_fingerprint
-from peftbench.record import NATURAL
-from peftbench.selector import Budget
-from peftbench.trainer import TrainConfig, fingerprinted, train_config
+from peftbench.contract import registry
+from peftbench.contract.selector import Budget
+from peftbench.contract.settings import TrainConfig, fingerprinted, train_config
+from peftbench.core import yamlio
+from peftbench.core.errors import UsageError, schema_problem
+from peftbench.training.experiment import RunConfig
+from peftbench.training.identity import code_identity, model_fingerprint
+from peftbench.training.record import NATURAL
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
@@ -273,7 +275,7 @@ class StudySpec(BaseModel):
         if self.grace_period < 2 * self.heartbeat_interval:
             raise ValueError(f"grace_period {self.grace_period} must be at least twice "
                              f"heartbeat_interval {self.heartbeat_interval}")
-        from peftbench.data import load_task
+        from peftbench.data.tasks import load_task
 
         for entry in self.joined:
             if entry.method in self.methods:
@@ -281,7 +283,7 @@ class StudySpec(BaseModel):
             self.methods[entry.method] = dict(entry.params)
         for name, params in self.methods.items():
             registry.create(name, **params)  # unknown method or bad parameter: a clear error now
-        from peftbench.data import SAFE_NAME
+        from peftbench.data.spec import SAFE_NAME
 
         if not SAFE_NAME.fullmatch(self.name):  # it names sweeps/<name> and Optuna's studies
             raise ValueError(f"name {self.name!r} is not file-safe: use letters, digits, '.', '_' and '-', "
@@ -348,7 +350,7 @@ def cell_run_config(spec: StudySpec, cell: Cell, best: dict) -> RunConfig:
 
 def cell_config(config: RunConfig) -> dict:
     """Everything that determines a cell's result besides its key (task, method, budget, seed)."""
-    from peftbench.data import load_task
+    from peftbench.data.tasks import load_task
 
     return {"model": model_fingerprint(config.model), "model_name": config.model,
             "task_files": load_task(config.task).digests(),

@@ -1,5 +1,6 @@
 """What a study holds for the current spec: each cell's fingerprint, state (done, running, waiting,
 failed, stale, missing) and the live progress line; its finished cells as the analysis frame."""
+
 from __future__ import annotations
 
 import inspect
@@ -10,20 +11,13 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from peftbench import registry
-from peftbench.errors import UsageError
-from peftbench.fingerprint import digest
-from peftbench.record import NATURAL, RunRecord
-from peftbench.sweep.search import tuned_settings
-from peftbench.sweep.spec import (
-    Cell,
-    StudySpec,
-    cell_config,
-    cell_run_config,
-    cells,
-    config_difference,
-)
+from peftbench.contract import registry
+from peftbench.core.errors import UsageError
+from peftbench.core.files import digest
+from peftbench.sweep.records import tuned_settings
+from peftbench.sweep.spec import Cell, StudySpec, cell_config, cell_run_config, cells, config_difference
 from peftbench.sweep.storage import NotStarted, counts, open_study
+from peftbench.training.record import NATURAL, RunRecord
 
 
 class Fingerprints:
@@ -47,7 +41,7 @@ class Fingerprints:
 
     def of(self, cell: Cell) -> str:
         """The cell's fingerprint under the current code; on a frozen board, the committed one
-        proven to be this spec's cell (`cellstore.accept_frozen`)."""
+        proven to be this spec's cell (`sweep.cellstore.accept_frozen`)."""
         if self.spec.frozen is not None:
             return self.spec._accepted.get(cell.key, "")
         return self._entry(cell)[1]
@@ -58,7 +52,7 @@ class Fingerprints:
         return cell is not None and trial.user_attrs.get("fingerprint") == self.of(cell)
 
 
-def _settled(trial) -> bool:
+def settled(trial) -> bool:
     """A trial that holds its cell: queued, running, complete, or failed for good (diverged)."""
     return trial.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE) or (
         trial.state == TrialState.FAIL and trial.user_attrs.get("final_failure"))
@@ -162,13 +156,13 @@ def trial_record(trial) -> RunRecord:
 
 
 def trials_frame(study: optuna.Study, prints: Fingerprints | None = None):
-    """Completed grid trials as the analysis frame (`record.analysis_row`, as `report.load_runs`
+    """Completed grid trials as the analysis frame (`training.record.analysis_row`, as `analysis.frame.load_runs`
     builds it from run folders), one row per (task, method, budget, seed), plus the trial's
     number, fingerprint, device (the CPU or GPU it ran on; '' if not recorded) and duration; with `prints`, only the current spec's cells run with its
     settings."""
     import pandas as pd
 
-    from peftbench.record import analysis_row
+    from peftbench.training.record import analysis_row
 
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

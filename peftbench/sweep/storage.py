@@ -1,6 +1,7 @@
 """Where a study lives: Optuna storages (RDB with a heartbeat, or a journal file), the study
 itself, read-only opening for status and reports, reclaiming the trials of dead local workers,
 and the sweep's output folder."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import optuna
 from filelock import FileLock
 from optuna.trial import TrialState
 
-from peftbench import ownership
-from peftbench.errors import UsageError
+from peftbench.core import ownership
+from peftbench.core.errors import UsageError
 from peftbench.sweep.spec import StudySpec
 
 STORAGE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "mysql://",
@@ -149,7 +150,7 @@ def reclaim_dead_local_trials(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         name, _, pid = worker.rpartition(":")
-        if name != host or not pid.isdigit() or _alive(int(pid)):
+        if name != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         # Optuna has no public call to annotate a trial another process owns (optuna/optuna#2987:
         # a Trial object needs the storage's private trial id); the state goes through `tell`
@@ -159,7 +160,7 @@ def reclaim_dead_local_trials(study: optuna.Study) -> int:
     return failed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -208,7 +209,7 @@ SWEEP_FILES = ("study.db", "scores", "search-runs", ".enqueue.lock")  # names on
 
 
 def claim_out(spec: StudySpec) -> Path:
-    """The sweep's output folder, made and marked as peftbench's (`peftbench.ownership`) before
+    """The sweep's output folder, made and marked as peftbench's (`peftbench.core.ownership`) before
     anything is written there; a folder holding someone else's files is refused."""
     def looks_like_sweep(folder: Path) -> bool:  # a folder from before markers; never a board's
         return not (folder / "spec.yaml").exists() and any((folder / n).exists() for n in SWEEP_FILES)

@@ -1,11 +1,12 @@
 """Local workers: each with its share of the machine (threads on CPU, one GPU each), started as
 separate processes."""
+
 from __future__ import annotations
 
 import os
 import sys
 
-from peftbench.errors import UsageError
+from peftbench.core.errors import UsageError
 
 
 def torch_threads() -> int:

@@ -1,0 +1,1 @@
+"""Statistics over finished runs: the analysis frame, cell statistics, ranks, comparisons, uncertainty, checks, overlap."""

@@ -1,0 +1,1 @@
+"""Leaderboards: a committed board folder, its phases (search, carry, per-budget, grid), its tables, verification and re-keying."""

@@ -1,0 +1,1 @@
+"""Rendering: the report's sections as Markdown and HTML, figures, and pages."""
