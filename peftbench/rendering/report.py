@@ -257,7 +257,7 @@ def _ranking_sections(frame, out: Path, rankings: list[dict], compared: pd.DataF
                          "verdict and no critical-difference diagram are drawn (Demsar 2006). Equal "
                          "mean ranks are ties (ranks.csv)."),
             Section("Mean rank over the tasks at each budget", level=3, table=ranks.sort_values(ranks.columns[0]),
-                    index=True, csv="ranks.csv", floatfmt=".2f",
+                    data=ranks, index=True, csv="ranks.csv", floatfmt=".2f",
                     note="1 = best; blank: not competing there.")]
         for r in rankings:
             if r["pairwise"] is not None:
