@@ -209,7 +209,7 @@ def test_join_adds_a_method_to_a_built_board_and_runs_only_its_cells(tmp_path, t
 def test_before_after_sets_each_cell_beside_the_earlier_boards(tmp_path):
     from types import SimpleNamespace
 
-    from peftbench.board.results import before_after
+    from peftbench.board.results import before_after_sections
 
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
@@ -217,12 +217,14 @@ def test_before_after_sets_each_cell_beside_the_earlier_boards(tmp_path):
     pd.DataFrame([{**row, "mean": 0.50, "std": 0.10, "trainable": 22713},
                   {**row, "method": "sam", "mean": 0.8, "std": 0.0, "trainable": 1}]).to_csv(tmp_path / "old" / "cells.csv")
     pd.DataFrame([{**row, "mean": 0.80, "std": 0.01, "trainable": 22565}]).to_csv(tmp_path / "new" / "cells.csv")
-    side = before_after(SimpleNamespace(before="old"), tmp_path / "new")
+    (section,) = before_after_sections(SimpleNamespace(before="old"), tmp_path / "new")
+    side = section.table
     assert len(side) == 1 and side.difference.iloc[0] == pytest.approx(30.0)
-    assert (tmp_path / "new" / "before-after.csv").is_file()
-    assert before_after(SimpleNamespace(before=None), tmp_path / "new") is None
+    section.write(tmp_path / "new")
+    assert (tmp_path / "new" / "before-after.csv").is_file() and "[old](../old/)" in section.note
+    assert before_after_sections(SimpleNamespace(before=None), tmp_path / "new") == []
     with pytest.raises(Exception, match="has no cells.csv"):
-        before_after(SimpleNamespace(before="absent"), tmp_path / "new")
+        before_after_sections(SimpleNamespace(before="absent"), tmp_path / "new")
 
 
 @pytest.mark.parametrize("link", ["runs", "README.md", "board"])

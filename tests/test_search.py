@@ -211,13 +211,14 @@ def test_the_carry_check_measures_what_carrying_the_rate_costs_at_each_other_bud
     assert table.loc["0.001", "cost"] == 0 and table.loc["0.001", "within spread"]
     assert table.loc["0.02", "cost"] == pytest.approx(1.0) and not table.loc["0.02", "within spread"]
     assert table.loc["0.02", "seed spread"] == pytest.approx(pd.Series([0.60, 0.61, 0.62]).std(ddof=0))
-    lines = "\n".join(tables.carry_lines(spec, tmp_path, frame))
-    assert "within the seed spread in 1 of 2 cells; the other 1 exceed it: cb/random/0.02." in lines
+    (section,) = tables.carry_sections(spec, frame)
+    assert "within the seed spread in 1 of 2 cells; the other 1 exceed it: cb/random/0.02." in section.note
+    section.write(tmp_path)
     assert (tmp_path / "carry.csv").is_file()
     # a cell whose seeds are not all in (re-running at its own rate, per_budget) is not judged,
     # and the verdict says so instead of counting only the keys that could be judged
-    lines = "\n".join(tables.carry_lines(spec, tmp_path, frame[frame.budget == "0.001"]))
-    assert "within the seed spread in 1 of 1 cells. Not judged yet (no complete cell): cb/random/0.02." in lines
+    (section,) = tables.carry_sections(spec, frame[frame.budget == "0.001"])
+    assert "within the seed spread in 1 of 1 cells. Not judged yet (no complete cell): cb/random/0.02." in section.note
 
 
 def test_a_carry_check_needs_the_budget_it_carries_from(tmp_path):
