@@ -1,9 +1,9 @@
-"""Statistics over a frame of finished runs (a row per task, method, budget, seed): cells,
-Fu et al.'s Table 1 and its stability correlation, paired tests, the Friedman ranking with
-Holm-adjusted Wilcoxon pairs (Demsar 2006; Benavoli, Corani & Mangili 2016), Bayesian signed-rank
-tests, budget curves, cost. Everything here returns numbers or frames and formats no text:
-`peftbench.rendering.report` renders them, `peftbench.analysis.findings` tests Fu et al.'s claims with them.
-Conventions are report's (metric x100 when shown, population std, ranks by mean / by std).
+"""Statistics over a frame of finished runs (a row per task, method, budget, seed): each cell's
+mean, std and interval, who keeps to a budget, paired tests, the pre-declared comparisons against
+Random and full fine-tuning, the best method per budget, budget curves. Ranks and Table 1 are in
+`ranks`, the checks on a cell in `checks`. Everything here returns numbers or frames and formats
+no text: `peftbench.rendering.report` renders them, `peftbench.analysis.findings` tests Fu et
+al.'s claims with them. Conventions: metric x100 when shown, population std over seeds.
 """
 
 from __future__ import annotations

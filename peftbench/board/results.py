@@ -1,5 +1,6 @@
-"""Leaderboards: a folder in `leaderboards/` holding a study spec (+ published numbers) and the
-results generated from it, committed beside it.
+"""A board's results: its finished cells committed, then its README and page, written from one
+list of sections (`rendering.report.publish`). A board is a folder in `leaderboards/` holding a
+study spec (+ published numbers) and the results generated from it, committed beside it.
 
     leaderboards/<name>/spec.yaml       the study spec (`peftbench.sweep`), `published:` optional
     leaderboards/<name>/README.md       generated: command, machine, tables (the report)

@@ -216,7 +216,15 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool 
         state = counts(study)
         if state["waiting"]:
             told_waiting = False
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            except ValueError as err:
+                # SQLite has no row locks: two workers can pop the same waiting trial (the same
+                # cell and seed, so the same number); the first to finish records it
+                if not str(err).startswith("Cannot tell a "):
+                    raise
+                log(f"a cell this worker ran was recorded by another worker first ({err}): kept once")
+                continue
             last = _my_last_trial(study)
             if on_complete is not None and last is not None and (
                     last.state == TrialState.COMPLETE or last.user_attrs.get("final_failure")):
