@@ -51,10 +51,6 @@ from peftbench.rendering.verdict import DEFAULT_AGAINST, verdict
 from peftbench.training.record import at_budget, budget_blocks
 
 
-def to_markdown(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    return frame.to_markdown(floatfmt=floatfmt) if not frame.empty else "(none)"
-
-
 READING = (
     "Cells: test main metric x100 at the best-validation checkpoint, mean ± population "
     "std over seeds; [r] = rank in the column among the methods that keep to the budget "
