@@ -80,9 +80,9 @@ def test_the_settings_enter_a_fingerprint_only_when_set():
 
     base = asdict(TrainConfig(lr=1e-3))
     before_settings = {k: v for k, v in base.items()
-                       if k not in ("bf16", "eval_order", "gradient_checkpointing")}
+                       if k not in ("bf16", "eval_order", "gradient_checkpointing", "reselect_every")}
     assert fingerprinted(base) == before_settings
-    for change in ({"bf16": True}, {"eval_order": "length"}):
+    for change in ({"bf16": True}, {"eval_order": "length"}, {"reselect_every": 50}):
         assert fingerprinted(asdict(replace(TrainConfig(lr=1e-3), **change))) != before_settings
 
 

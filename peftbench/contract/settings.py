@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError)
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from peftbench.core.errors import UsageError
@@ -37,6 +38,9 @@ class TrainConfig:
     # the predictions are put back in the split's order). Padding changes the last bits of a
     # row's logits, so this too is a declared setting, not a silent speed-up
     eval_order: Literal["given", "length"] = "given"
+    # SPEFT's dynamic masks: every N steps the method scores and selects again at the current
+    # weights, within the same budget (`peftbench.training.reselect`); 0 keeps the mask static
+    reselect_every: NonNegativeInt = 0
 
 
 #: settings that cannot change a number: a cell's fingerprint leaves them out (`sweep.spec.cell_config`)
@@ -45,7 +49,7 @@ NUMERICALLY_NEUTRAL = ("gradient_checkpointing",)
 
 #: settings added after cells were committed: at these values they are left out of a cell's
 #: fingerprint, so a cell fingerprinted before the setting existed stays current
-OMITTED_AT = {"bf16": False, "eval_order": "given"}
+OMITTED_AT = {"bf16": False, "eval_order": "given", "reselect_every": 0}
 
 
 def fingerprinted(train: dict) -> dict:

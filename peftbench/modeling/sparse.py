@@ -189,6 +189,8 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     delta = _sparse_delta(self)
     if delta is None or not torch.is_grad_enabled():
         return F.linear(x, self.weight, self.bias)
+    if not len(delta.indices):  # a dynamic mask's tensor with no entry now: W0 itself
+        return F.linear(x, self.parametrizations.weight.original, self.bias)
     return SparseLinearFunction.apply(x, self.parametrizations.weight.original, self.bias,
                                       delta.values, delta)
 
@@ -199,6 +201,9 @@ def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
         from transformers.pytorch_utils import Conv1D
 
         return Conv1D.forward(self, x)
+    if not len(delta.indices):
+        w = self.parametrizations.weight.original
+        return torch.addmm(self.bias, x.reshape(-1, w.shape[0]), w).view(*x.shape[:-1], w.shape[1])
     return SparseLinearFunction.apply(x, self.parametrizations.weight.original, self.bias,
                                       delta.values, delta, True)
 
@@ -207,6 +212,8 @@ def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     delta = _sparse_delta(self)
     if delta is None or not torch.is_grad_enabled():
         return nn.Embedding.forward(self, ids)
+    if not len(delta.indices):
+        return F.embedding(ids, self.parametrizations.weight.original, self.padding_idx)
     return SparseEmbeddingFunction.apply(ids, self.parametrizations.weight.original,
                                          delta.values, delta, self.padding_idx)
 

@@ -47,6 +47,7 @@ from peftbench.training import forgetting, memory
 from peftbench.training.cache import ScoreCache, score_key
 from peftbench.training.checks import check_count, check_frozen, checked_score, checked_select, state_digests
 from peftbench.training.record import RunRecord
+from peftbench.training.reselect import Reselection, check_reselectable, prepare
 from peftbench.training.trainer import make_loader, pick_device, set_seed, train
 
 
@@ -160,6 +161,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
 
     selector = registry.create(config.method, **config.method_params)
     params = registry.resolved_params(config.method, config.method_params)  # the cache key's and the record's
+    if config.train.reselect_every:
+        check_reselectable(selector, config.method)  # before any scoring
     generator = torch.Generator().manual_seed(seed)
     memory_reset = memory.reset_peak(device)
     start = time.perf_counter()
@@ -190,7 +193,16 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     selected = validate_selection(config.method, selection, numels, selector.budget_bound(k))
     select_time = time.perf_counter() - start
     scoring_peak = memory.peak(device, memory_reset)  # scoring and selection
-    model = selector.apply(model, selection)
+    reselect = None
+    if config.train.reselect_every:
+        if scores is None:
+            raise UsageError(f"train.reselect_every: method {config.method!r} scores nothing (score "
+                             "returned None), so there is nothing to re-select by")
+        model = prepare(model, selection, sorted(scores), numels)
+        reselect = Reselection(selector, config.method, data, k, selector.budget_bound(k), numels, seed,
+                               config.train.reselect_every)
+    else:
+        model = selector.apply(model, selection)
     if not any(p.requires_grad for p in model.parameters()):  # e.g. BitFit on a model without biases
         raise UsageError(f"method {config.method!r} leaves nothing to train on {config.model!r} "
                          "(it selected no entry and the model has no new head): choose another method")
@@ -203,7 +215,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
         "params": params, "notes": selection.notes})
 
     out = train(model, selector, task, tokenized, tokenizer, config.train, seed, device,
-                seed_dir, progress, on_epoch)
+                seed_dir, progress, on_epoch, reselect)
     check_frozen(config.method, model, set(pretrained), theta0)
     check_count(config.method, model, set(pretrained), head_names, selector.budget_bound(k))
     retained = forgetting.record(retained_before, forgetting.retention(
@@ -234,7 +246,8 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
                           "model_pad_token_id": getattr(model.config, "pad_token_id", None)},
               "test_predictions": out.get("test_predictions"), "forgetting": retained,
               "untrained_as_head": dict(getattr(model, "peftbench_untrained", None) or {}),
-              "phases": out.get("phases") or None, "method_record": selector.training_record()}
+              "phases": out.get("phases") or None, "reselections": out.get("reselections"),
+              "method_record": selector.training_record()}
     result = RunRecord.model_validate(result).model_dump(mode="json")  # the one result schema
     write_json(seed_dir / "result.json", result)
     return result

@@ -138,6 +138,7 @@ class RunRecord(_Strict):
     # pre-head layers counted as head (models.untrained_pre_head), with the evidence; None: before 0.4
     untrained_as_head: dict[str, str] | None = None
     phases: list[dict] | None = None  # validation on both sides of each change of form (Selector.phases)
+    reselections: list[dict] | None = None  # the mask chosen again (TrainConfig.reselect_every): step, entries, kept, seconds
     method_record: dict | None = None  # what the method reports about its own run (Selector.training_record)
 
     @model_validator(mode="after")

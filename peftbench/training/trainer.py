@@ -112,7 +112,7 @@ def _overrides(selector: Selector, hook: str) -> bool:
 
 def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: TrainConfig,
           seed: int, device: torch.device, run_dir: Path, progress: bool = True,
-          on_epoch=None) -> dict:
+          on_epoch=None, reselect=None) -> dict:
     """Train the trainable parameters of `model`; evaluate on validation after each epoch, keep
     the best-validation trainable state, and report its validation and test metrics.
 
@@ -126,6 +126,10 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     A non-finite training loss stops the seed: the result carries `diverged` = {step, loss} and
     NaN metrics, never the metrics of a broken model. The check reads the loss every 10 steps
     (where the progress bar reads it anyway) and at the end of each epoch, not every step.
+
+    `reselect` (a `peftbench.training.reselect.Reselection`, with `config.reselect_every`)
+    chooses the mask again after every `reselect_every` steps; the checkpoint then keeps the
+    mask with the values (`reselections` in the result: step, entries, kept, seconds).
 
     `on_epoch(epoch, validation_main)` is called after each epoch's evaluation (a sweep's pruner
     reports there and may raise `optuna.TrialPruned`).
@@ -168,6 +172,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     decay_deltas = deltas if config.weight_decay else []
 
     best, best_val, best_state, best_epoch, history, step = -math.inf, None, None, None, [], 0
+    reselections = []
     diverged = None
     bar = tqdm(total=steps, desc=f"train seed {seed}", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
@@ -207,6 +212,8 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
                                "validation_after": evaluate(model, val_loader, task, device, config=config)})
                 model.train()
             step += 1
+            if reselect is not None and reselect.due(step, steps):
+                reselections.append(reselect(model, optimizer, params, step))
             losses.append(loss.detach())
             if step % 10 == 0:
                 value = losses[-1].item()
@@ -234,7 +241,8 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
             fh.write(json.dumps(record) + "\n")
         if ready and val["main"] > best:
             best, best_val, best_epoch = val["main"], val, epoch + 1
-            best_state = [p.detach().clone() for p in params]
+            best_state = reselect.snapshot(model) if reselect is not None else \
+                [p.detach().clone() for p in params]
         if on_epoch is not None:
             on_epoch(epoch + 1, val["main"])
         if step >= steps:
@@ -242,6 +250,7 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     bar.close()
     train_time = time.perf_counter() - start
     common = {"steps": step, "train_time_s": train_time, "step_time_s": step_time, "phases": phases,
+              "reselections": reselections if reselect is not None else None,
               "steps_per_s": step / step_time if step_time > 0 else float("nan"),
               "peak_memory": memory.peak(device, memory_reset), "config": asdict(config)}
     if diverged is not None:
@@ -251,9 +260,12 @@ def train(model, selector: Selector, task: TaskSpec, splits, tokenizer, config: 
     if best_state is None:
         raise RuntimeError(f"no epoch ended with {type(selector).__name__} in its final form "
                            "(checkpoint_ready was never true): nothing valid to test")
-    with torch.no_grad():
-        for p, saved in zip(params, best_state):
-            p.copy_(saved)
+    if reselect is not None:
+        reselect.restore(model, best_state)
+    else:
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
     test, predictions = evaluate(model, test_loader, task, device, keep=True, config=config)
     return {"validation": best_val, "test": test, "test_predictions": predictions,
             "best_epoch": best_epoch, **common}
