@@ -222,6 +222,8 @@ def test_before_after_sets_each_cell_beside_the_earlier_boards(tmp_path):
     assert len(side) == 1 and side.difference.iloc[0] == pytest.approx(30.0)
     section.write(tmp_path / "new")
     assert (tmp_path / "new" / "before-after.csv").is_file() and "[old](../old/)" in section.note
+    shown = section.markdown().splitlines()[-1]  # the budget as written (not 0.00), counts as counts
+    assert " 0.001 |" in shown and " 22713 |" in shown and "22713.00" not in shown
     assert before_after_sections(SimpleNamespace(before=None), tmp_path / "new") == []
     with pytest.raises(Exception, match="has no cells.csv"):
         before_after_sections(SimpleNamespace(before="absent"), tmp_path / "new")

@@ -150,7 +150,8 @@ def before_after_sections(spec: sweep_spec.StudySpec, folder: Path) -> list[Sect
     side["difference"] = side.mean_after - side.mean_before
     side = side[keys + ["mean_before", "std_before", "mean_after", "std_after", "difference",
                         "seeds_before", "seeds_after", "trainable_before", "trainable_after"]]
-    return [Section(f"Before and after ({spec.before})", table=side, csv="before-after.csv", floatfmt=".2f",
+    shown = ("", "", "g", ".2f", ".2f", ".2f", ".2f", ".2f", ".0f", ".0f", ".0f", ".0f")  # budgets as written
+    return [Section(f"Before and after ({spec.before})", table=side, csv="before-after.csv", floatfmt=shown,
                     note=f"The same (task, method, budget) cells on [{spec.before}](../{spec.before}/) "
                          "(mean and std over seeds x100, and the trainable count) and here "
                          "(before-after.csv).")]
