@@ -153,6 +153,7 @@ def test_a_dynamic_run_keeps_its_budget_and_moves_its_mask(tiny_model_dir, tmp_p
     assert all(r["entries"] == k for r in dynamic[0]["reselections"])
     assert dynamic[0]["trainable"]["encoder"] == k == static[0]["trainable"]["encoder"]
     assert sum(len(v) for v in dynamic[2]["partial"].values()) == k
+    assert all(len(v) for v in dynamic[2]["partial"].values())  # no empty entry for a tensor left out
     first = {n: set(v.tolist()) for n, v in static[2]["partial"].items()}  # the same first selection
     last = {n: set(v.tolist()) for n, v in dynamic[2]["partial"].items()}
     assert first != last

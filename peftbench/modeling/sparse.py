@@ -364,7 +364,9 @@ def effective_selection(model: nn.Module, pretrained_names: set[str],
     for name, module in model.named_modules():
         if hasattr(module, "entries_changed"):  # the protocol: entries_changed + changed_indices
             tensor = canonical_name(name.rsplit(".", 1)[0])
-            selection.partial[tensor] = module.changed_indices().detach().cpu().to(torch.long)
+            changed = module.changed_indices().detach().cpu().to(torch.long)
+            if len(changed):  # a dynamic mask's tensor holds no entry at the end: not in the mask
+                selection.partial[tensor] = changed
     for name, values, flat in sparse_layers(model):
         if values.requires_grad:
             selection.partial[canonical_name(f"{name}.weight")] = flat.detach().cpu().sort().values
