@@ -160,3 +160,16 @@ def test_a_dynamic_run_keeps_its_budget_and_moves_its_mask(tiny_model_dir, tmp_p
     assert dynamic[0]["reselections"][0]["kept"] < k
     assert static[3] != dynamic[3]
     assert "reselect_every" not in json.dumps(static[3])
+
+
+def test_the_run_command_takes_reselect_every_and_refuses_what_cannot_reselect(capsys, tiny_model_dir, tmp_path):
+    """`peftbench run --reselect-every N`: a bad N and a method with no mask to move are refused
+    in one line before any run folder is written."""
+    from conftest import one_line_error
+
+    common = ["--task", "rte", "--model", tiny_model_dir, "--limit", "8", "--output-dir", str(tmp_path)]
+    msg = one_line_error(capsys, "run", "--method", "snip", "--reselect-every", "-1", *common)
+    assert "reselect_every" in msg and "-1" in msg
+    msg = one_line_error(capsys, "run", "--method", "lora", "--reselect-every", "5", *common)
+    assert "'lora' cannot re-select its mask" in msg
+    assert not any(tmp_path.iterdir())

@@ -194,7 +194,8 @@ def cmd_run(args) -> None:
         model=args.model, device=args.device, method_params=parse_params(args.param),
         train=train_config({"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                             "max_length": args.max_length, "max_steps": args.max_steps,
-                            "gradient_checkpointing": args.gradient_checkpointing}, "run options"),
+                            "gradient_checkpointing": args.gradient_checkpointing,
+                            "reselect_every": args.reselect_every}, "run options"),
         limit=args.limit, output_dir=args.output_dir, save_trained=args.save_trained)
     summary, run_dir = run_experiment(config, progress=not args.quiet)
     print(format_summary(summary))

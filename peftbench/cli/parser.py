@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward (less memory, same numbers)")
+    run.add_argument("--reselect-every", type=int, default=0, metavar="N",
+                     help="choose the mask again every N steps within the budget (SPEFT's dynamic "
+                     "masks); 0 keeps it static")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                      help="a method hyper-parameter, e.g. --param scope=global (repeatable)")
     run.add_argument("--output-dir", default="runs", help="folder of the run directories")

@@ -76,7 +76,9 @@ def run_experiment(config: RunConfig, progress: bool = True, score_cache: ScoreC
     With a `score_cache`, scores are read from / written to it (see `peftbench.training.cache`);
     `on_epoch` is passed to the trainer (a sweep's pruner)."""
     selector_cls = registry.get(config.method)
-    registry.create(config.method, **config.method_params)  # fail fast on bad parameters
+    selector = registry.create(config.method, **config.method_params)  # fail fast on bad parameters
+    if config.train.reselect_every:
+        check_reselectable(selector, config.method)
     budget = Budget.parse(config.budget)
     task = load_task(config.task)
     device = pick_device(config.device)
@@ -161,8 +163,6 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
 
     selector = registry.create(config.method, **config.method_params)
     params = registry.resolved_params(config.method, config.method_params)  # the cache key's and the record's
-    if config.train.reselect_every:
-        check_reselectable(selector, config.method)  # before any scoring
     generator = torch.Generator().manual_seed(seed)
     memory_reset = memory.reset_peak(device)
     start = time.perf_counter()
