@@ -24,7 +24,7 @@ def _prepared(model, chosen=(3, 7, 11)):
     numels = {n: p.numel() for n, p in pretrained_parameters(model).items()}
     theta0 = {n: p.detach().clone() for n, p in pretrained_parameters(model).items()}
     selection = Selection(partial={WEIGHT: torch.tensor(chosen)})
-    prepare(model, selection, [WEIGHT, OTHER], numels)
+    prepare(model, selection, {WEIGHT: None, OTHER: None}, numels, "test")
     return theta0, numels
 
 
@@ -173,3 +173,10 @@ def test_the_run_command_takes_reselect_every_and_refuses_what_cannot_reselect(c
     msg = one_line_error(capsys, "run", "--method", "lora", "--reselect-every", "5", *common)
     assert "'lora' cannot re-select its mask" in msg
     assert not any(tmp_path.iterdir())
+
+
+def test_a_method_that_scores_nothing_has_nothing_to_reselect_by(tiny_model):
+    model, _ = tiny_model
+    numels = {n: p.numel() for n, p in pretrained_parameters(model).items()}
+    with pytest.raises(UsageError, match="'bitfit' scores nothing"):
+        prepare(model, Selection(), None, numels, "bitfit")

@@ -42,10 +42,20 @@ from peftbench.modeling.models import (
     pretrained_size,
     uses_lm_head,
 )
-from peftbench.modeling.sparse import count_trainable, effective_selection, trainable_entries
+from peftbench.modeling.sparse import (
+    count_trainable,
+    effective_selection,
+    trainable_entries,
+)
 from peftbench.training import forgetting, memory
 from peftbench.training.cache import ScoreCache, score_key
-from peftbench.training.checks import check_count, check_frozen, checked_score, checked_select, state_digests
+from peftbench.training.checks import (
+    check_count,
+    check_frozen,
+    checked_score,
+    checked_select,
+    state_digests,
+)
 from peftbench.training.record import RunRecord
 from peftbench.training.reselect import Reselection, check_reselectable, prepare
 from peftbench.training.trainer import make_loader, pick_device, set_seed, train
@@ -195,10 +205,7 @@ def _run_seed(config: RunConfig, task: TaskSpec, splits, budget: Budget, seed: i
     scoring_peak = memory.peak(device, memory_reset)  # scoring and selection
     reselect = None
     if config.train.reselect_every:
-        if scores is None:
-            raise UsageError(f"train.reselect_every: method {config.method!r} scores nothing (score "
-                             "returned None), so there is nothing to re-select by")
-        model = prepare(model, selection, sorted(scores), numels)
+        model = prepare(model, selection, scores, numels, config.method)
         reselect = Reselection(selector, config.method, data, k, selector.budget_bound(k), numels, seed,
                                config.train.reselect_every)
     else:

@@ -63,9 +63,18 @@ def _partial(selection: Selection, numels: dict[str, int]) -> dict[str, torch.Te
     return out
 
 
-def prepare(model, selection: Selection, candidates: list[str], numels: dict[str, int]):
-    """`apply_selection` with every candidate tensor under a SparseDelta, an empty one where
-    nothing is selected, so that a re-selection only moves entries."""
+def _scored(scores, method: str) -> dict:
+    """The scores a (re-)selection reads; a method that scores nothing is refused by name."""
+    if scores is None:
+        raise UsageError(f"train.reselect_every: method {method!r} scores nothing (score returned "
+                         "None), so there is nothing to re-select by")
+    return scores
+
+
+def prepare(model, selection: Selection, scores, numels: dict[str, int], method: str):
+    """`apply_selection` with every tensor the method scores under a SparseDelta, an empty one
+    where nothing is selected, so that a re-selection only moves entries."""
+    candidates = sorted(_scored(scores, method))
     chosen = _partial(selection, numels)
     outside = sorted(set(chosen) - set(candidates))
     if outside:
@@ -172,10 +181,7 @@ class Reselection:
         deltas = sparse_deltas(model)
         with merged(model):
             current = state_digests(model)
-            scores = checked_score(self.selector, self.method, model, self.data)
-            if scores is None:
-                raise UsageError(f"train.reselect_every: method {self.method!r} scores nothing (score "
-                                 "returned None), so there is nothing to re-select by")
+            scores = _scored(checked_score(self.selector, self.method, model, self.data), self.method)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # ties: seeded per step
             selection = checked_select(self.selector, self.method, model, scores, self.k, generator, current)
         count = validate_selection(self.method, selection, self.numels, self.bound)
