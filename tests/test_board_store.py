@@ -125,6 +125,33 @@ def test_two_local_workers_build_a_board_and_commit_every_cell(tmp_path, tiny_mo
 
 
 @pytest.mark.slow
+def test_a_frozen_tuned_board_reads_back_its_cells_on_a_fresh_clone(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A frozen board whose cells ran at searched settings: on a fresh clone (no sweep folder)
+    the committed search.json is what makes a cell's configuration the spec's, so it is read
+    before the cells are proven, and every cell reads back on the first report."""
+    import peftbench
+
+    board = _board(tmp_path, tiny_model_dir, seeds=1)
+    spec = yaml.safe_load((board / "spec.yaml").read_text())
+    spec.update(methods={"magpruning": {}}, search={"params": {"lr": {"choices": [1.0e-3, 3.0e-2]}}, "trials": 2,
+                                                    "pruner": "none", "seeds": [100]})
+    (board / "spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    assert main(["leaderboard", "run", "store"]) == 0
+    tuned = json.loads((board / "search.json").read_text())["cb/magpruning"]["train"]["lr"]
+    assert json.loads(next((board / "runs").glob("*/config.json")).read_text())["train"]["lr"] == tuned
+    before = pd.read_csv(board / "results.csv")
+    spec["frozen"] = {"version": peftbench.__version__, "reason": "before a change of the methods"}
+    (board / "spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(peftbench, "__version__", peftbench.__version__ + ".post-change")
+    shutil.rmtree(tmp_path / "sweep")
+    capsys.readouterr()
+    assert main(["leaderboard", "report", "store"]) == 0
+    assert "not read back" not in capsys.readouterr().err
+    pd.testing.assert_series_equal(pd.read_csv(board / "results.csv").metric, before.metric)
+
+
+@pytest.mark.slow
 def test_a_frozen_board_reads_back_its_own_cells_after_the_code_changed_and_runs_nothing(
         tmp_path, tiny_model_dir, monkeypatch, capsys):
     """A version bump stales every committed cell; `frozen:` keeps a board made before it

@@ -182,3 +182,23 @@ def test_a_cell_committed_twice_with_the_same_settings_keeps_one_folder(tmp_path
     kept = cellstore.commit_cell(board, {**cell, "run_dir": str(other)}, 1.0)
     assert kept == folder and sorted(p.name for p in (board / "runs").iterdir()) == before
     assert len(cellstore.committed_cells(board)) == len(before)
+
+
+@pytest.mark.slow
+def test_every_committed_board_re_derives_its_tables_on_a_fresh_clone(tmp_path, monkeypatch):
+    """The boards as a fresh clone has them (no sweep folder): `leaderboard report` of each,
+    from its committed cells and records alone, writes every table and the verdict it
+    commits, byte for byte. A number that does not re-derive, or a cell not read back, fails
+    here by board and file."""
+    from peftbench.cli.main import main
+
+    boards = tmp_path / "boards"
+    shutil.copytree(BOARD.parent, boards)
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(boards))
+    monkeypatch.chdir(tmp_path)
+    for board in sorted(p for p in boards.iterdir() if (p / "spec.yaml").is_file()):
+        committed = {f.name: f.read_bytes() for f in BOARD.parent.joinpath(board.name).iterdir()
+                     if f.suffix in (".csv", ".md") and f.name != "README.md"}
+        assert main(["leaderboard", "report", board.name, "--output-dir", str(tmp_path / "sweeps" / board.name)]) == 0
+        written = {name: (board / name).read_bytes() for name in committed}
+        assert written == committed, (board.name, [n for n in committed if written[n] != committed[n]])

@@ -337,6 +337,26 @@ def test_selection_checks_flag_a_concentrated_or_underspent_cell_but_not_a_propo
     assert "1 cell(s) put more than half their selection in one tensor" in said and "stsb/fish/b0.1" in said
 
 
+def test_selection_checks_name_the_seeds_that_underspend_when_the_mean_does_not():
+    """AdaPEFT's spend depends on the seed: a cell whose mean keeps to half the budget can hold a
+    seed that trained a third of it. The check names that seed; a cell whose every seed keeps to
+    half is not flagged, and an underspent mean is flagged once, as `underspent`."""
+    def run(method, seed, trained):
+        return {"task": "stsb", "method": method, "budget": "0.1", "seed": seed, "pretrained_entries": 1000,
+                "spend": {"bert.encoder.layer.0.attention.self.query.weight": trained}, "trainable": trained}
+
+    frame = pd.DataFrame([run("adapeft", 0, 95), run("adapeft", 1, 30), run("adapeft", 2, 90),
+                          run("ggm", 0, 100), run("ggm", 1, 50),
+                          run("diffpruning", 0, 40), run("diffpruning", 1, 20)])
+    found = checks.selection_checks(frame).set_index(["method", "check"])
+    assert set(found.index) == {("adapeft", "underspent seeds"), ("diffpruning", "underspent")}
+    assert found.loc[("adapeft", "underspent seeds"), "detail"] == (
+        "1 of 3 seeds train less than 50% of the budget (seed 1: 30%); the mean is 72%")
+    said = verdict.verdict(frame.assign(metric=0.5, metric_name="pearson+spearman", test_rows=100,
+                                       constant_metric=0.0))
+    assert "1 cell(s) keep to half their budget on average but not in every seed: stsb/adapeft/b0.1" in said
+
+
 @pytest.mark.parametrize("classes, main", [(3, ["accuracy", "macro_f1"]), (3, ["mcc"]), (2, ["accuracy", "f1"]),
                                            (2, ["mcc"]), (2, ["macro_f1"])])
 def test_the_bootstraps_confusion_metrics_equal_metrics_compute_on_every_resample(classes, main):

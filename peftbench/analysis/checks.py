@@ -68,6 +68,9 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
       detail says so;
     - `underspent`: a budgeted method trained less than `spent` of its budget (mean over seeds):
       the cell measures a smaller budget than its column says;
+    - `underspent seeds`: the mean keeps to `spent` but some seeds do not (a method whose spend
+      depends on the seed, as AdaPEFT's knapsack over probed values): those seeds measure a
+      smaller budget, and a mean would hide them;
     - `protocol-limited`: seeds whose run says it did not work as designed (`training.record.health_flags`:
       DiffPruning's mask did not learn, or it was projected from a collapsed model).
     From each seed's `trainable_by_tensor` (the head apart); empty where runs do not record it."""
@@ -106,10 +109,16 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
         if budget != NATURAL:
             allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0]))
             used = float(cells.trainable.mean()) / allowed if allowed else np.nan
+            low = sorted((t / allowed, seed) for seed, t in zip(cells.seed, cells.trainable) if t / allowed < spent)
             if used < spent:
                 rows.append({"task": task, "method": method, "budget": budget, "check": "underspent",
                              "detail": f"trains {100 * used:.0f}% of its budget ({cells.trainable.mean():,.0f} "
                                        f"of {allowed:,} entries)"})
+            elif low:
+                rows.append({"task": task, "method": method, "budget": budget, "check": "underspent seeds",
+                             "detail": f"{len(low)} of {len(cells)} seeds train less than {100 * spent:.0f}% of "
+                                       f"the budget (" + ", ".join(f"seed {s}: {100 * u:.0f}%" for u, s in low)
+                                       + f"); the mean is {100 * used:.0f}%"})
     return pd.DataFrame(rows)
 
 

@@ -53,7 +53,7 @@ def selection_cost(seed: int = 0) -> dict:
     out = {"layout": "roberta-base", "entries": n_entries, "tensors": len(params),
            "ggm": {"nodes": len(nodes), "bias_nodes": len(bias_nodes), "svd_s": svd_s,
                    "bcd_s": bcd_s, "bcd_iterations": len(history) - 1}}
-    cands = families(model, (1, 2, 4, 8))  # the PEFT families: LoRA ranks per kind, BitFit, LayerNorm
+    cands = families(model, registry.get("adapeft")().ranks)  # the method's own menu: LoRA ranks per kind, BitFit, LayerNorm
     values = list(rng.lognormal(0, 2, size=len(cands)))
     (front, exact), seconds = _timed(lambda: pareto_front(values, [f.cost for f in cands], [f.klass for f in cands]))
     out["adapeft"] = {"families": len(cands), "front_points": len(front), "exact": exact, "seconds": seconds}

@@ -89,22 +89,21 @@ def _prepare(folder: Path, spec: sweep_spec.StudySpec, trains: bool = True) -> N
     (`trains`: refused) and reads back the committed cells proven to be its own."""
     import shutil
 
-    if spec.frozen is not None:
-        if trains:
-            raise UsageError(f"board {spec.name!r} is frozen: made with peftbench {spec.frozen.version}; "
-                             f"{spec.frozen.reason}. Its cells cannot be run again with this code"
-                             + (f"; see board {spec.frozen.see!r}" if spec.frozen.see else "")
-                             + f" (rewrite its page with `peftbench leaderboard report {spec.name}`)")
-        _, refused = cellstore.accept_frozen(spec, folder)
-        if refused:
-            print(f"board {spec.name}: {len(refused)} committed cell(s) not read back: "
-                  + "; ".join(refused[:5]) + (" ..." if len(refused) > 5 else ""), file=sys.stderr)
-
+    if spec.frozen is not None and trains:
+        raise UsageError(f"board {spec.name!r} is frozen: made with peftbench {spec.frozen.version}; "
+                         f"{spec.frozen.reason}. Its cells cannot be run again with this code"
+                         + (f"; see board {spec.frozen.see!r}" if spec.frozen.see else "")
+                         + f" (rewrite its page with `peftbench leaderboard report {spec.name}`)")
     for record in ("search.json", "carry.json", sweep_records.PER_BUDGET):
         committed, working = folder / record, spec.out / record
         if committed.is_file():
             sweep_storage.claim_out(spec)  # the sweep folder is peftbench's before anything is copied there
             shutil.copyfile(committed, working)
+    if spec.frozen is not None:  # after the copy: a cell's settings include the tuned ones
+        _, refused = cellstore.accept_frozen(spec, folder)
+        if refused:
+            print(f"board {spec.name}: {len(refused)} committed cell(s) not read back: "
+                  + "; ".join(refused[:5]) + (" ..." if len(refused) > 5 else ""), file=sys.stderr)
 
 
 def search(name: str, storage: str | None = None, output_dir: str | None = None) -> dict:

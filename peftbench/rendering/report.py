@@ -149,7 +149,8 @@ def report_sections(frame: pd.DataFrame, out_dir: str | Path, published: dict | 
         "'concentrated' = one tensor outside the repeated blocks holds more than half of the "
         "selection and more than twice its share of the model (the cell measures that tensor); "
         "'underspent' = the method trained less than half its budget (the cell measures a smaller "
-        "budget than its column); 'protocol-limited' = seeds whose run says it did not work as "
+        "budget than its column); 'underspent seeds' = the mean keeps to half the budget but the "
+        "seeds named do not; 'protocol-limited' = seeds whose run says it did not work as "
         "designed (health flags). Read these cells' ranks with that in mind (selection-checks.csv).")
     sections += _ranking_sections(frame, out, rankings, compared, declared=against is not None)
     sections += _table_section(

@@ -69,7 +69,8 @@ def verdict(frame: pd.DataFrame, rankings: list[dict] | None = None, compared: p
     checks = selection_checks(frame)
     for check, what in (("concentrated", "put more than half their selection in one tensor outside the repeated "
                                           "blocks (they measure that tensor)"),
-                         ("underspent", "trained less than half their budget")):
+                         ("underspent", "trained less than half their budget"),
+                         ("underspent seeds", "keep to half their budget on average but not in every seed")):
         found = checks[checks.check == check] if not checks.empty else checks
         if not found.empty:
             parts.append(f"{len(found)} cell(s) {what}: " + ", ".join(
