@@ -74,8 +74,6 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
     - `protocol-limited`: seeds whose run says it did not work as designed (`training.record.health_flags`:
       DiffPruning's mask did not learn, or it was projected from a collapsed model).
     From each seed's `trainable_by_tensor` (the head apart); empty where runs do not record it."""
-    from peftbench.contract.selector import Budget
-
     rows = []
     if "spend" not in frame:
         return pd.DataFrame(rows)
@@ -107,19 +105,26 @@ def selection_checks(frame: pd.DataFrame, share: float = 0.5, spent: float = 0.5
                          "detail": f"{len(flagged)} of {len(cells)} seeds: "
                                    + "; ".join(f"seed {s}: {', '.join(f)}" for s, f in flagged)})
         if budget != NATURAL:
-            allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0]))
-            used = float(cells.trainable.mean()) / allowed if allowed else np.nan
-            low = sorted((t / allowed, seed) for seed, t in zip(cells.seed, cells.trainable) if t / allowed < spent)
-            if used < spent:
-                rows.append({"task": task, "method": method, "budget": budget, "check": "underspent",
-                             "detail": f"trains {100 * used:.0f}% of its budget ({cells.trainable.mean():,.0f} "
-                                       f"of {allowed:,} entries)"})
-            elif low:
-                rows.append({"task": task, "method": method, "budget": budget, "check": "underspent seeds",
-                             "detail": f"{len(low)} of {len(cells)} seeds train less than {100 * spent:.0f}% of "
-                                       f"the budget (" + ", ".join(f"seed {s}: {100 * u:.0f}%" for u, s in low)
-                                       + f"); the mean is {100 * used:.0f}%"})
+            rows += [{"task": task, "method": method, "budget": budget, **row} for row in _spend(cells, budget, spent)]
     return pd.DataFrame(rows)
+
+
+def _spend(cells: pd.DataFrame, budget: str, spent: float) -> list[dict]:
+    """A budgeted cell's `underspent` row (its seeds' mean below `spent` of the budget), else its
+    `underspent seeds` row (the seeds below it), else none."""
+    from peftbench.contract.selector import Budget
+
+    allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0]))
+    used = float(cells.trainable.mean()) / allowed if allowed else np.nan
+    low = sorted((t / allowed, seed) for seed, t in zip(cells.seed, cells.trainable) if t / allowed < spent)
+    if used < spent:
+        return [{"check": "underspent", "detail": f"trains {100 * used:.0f}% of its budget "
+                                                  f"({cells.trainable.mean():,.0f} of {allowed:,} entries)"}]
+    if low:
+        return [{"check": "underspent seeds",
+                 "detail": f"{len(low)} of {len(cells)} seeds train less than {100 * spent:.0f}% of the budget ("
+                           + ", ".join(f"seed {s}: {100 * u:.0f}%" for u, s in low) + f"); the mean is {100 * used:.0f}%"}]
+    return []
 
 
 def constant_cells(frame: pd.DataFrame, stats: pd.DataFrame | None = None) -> list[str]:
