@@ -115,7 +115,9 @@ def _spend(cells: pd.DataFrame, budget: str, spent: float) -> list[dict]:
     from peftbench.contract.selector import Budget
 
     allowed = Budget.parse(budget).entries(int(cells.pretrained_entries.iloc[0]))
-    used = float(cells.trainable.mean()) / allowed if allowed else np.nan
+    if not allowed:  # a budget of no entries: nothing to under-spend
+        return []
+    used = float(cells.trainable.mean()) / allowed
     low = sorted((t / allowed, seed) for seed, t in zip(cells.seed, cells.trainable) if t / allowed < spent)
     if used < spent:
         return [{"check": "underspent", "detail": f"trains {100 * used:.0f}% of its budget "
