@@ -235,3 +235,22 @@ def test_no_rank_correlation_over_too_few_cells(fu_published):
     assert two["n"] == 2 and np.isnan(two["spearman"])
     five = ranks.stability_correlation(ranks.table1(cells[cells.method.isin(cells.method.unique()[:5])]))
     assert five["n"] == 5 and np.isfinite(five["spearman"])
+
+
+@pytest.mark.slow
+def test_a_budget_block_the_cells_no_longer_have_leaves_no_table_behind(tmp_path):
+    """A board whose first cells were full fine-tuning's alone wrote table1-bnatural.csv; once
+    budgeted cells come, natural rows join each budget's table and that file must go, or the
+    page and the folder disagree (the page has no table for it)."""
+    def row(method, budget, seed):
+        return {"task": "sst2", "method": method, "budget": budget, "seed": seed, "metric": 0.8 + 0.01 * seed,
+                "validation": 0.5, "trainable": 1000 if budget == "natural" else 5, "pretrained_entries": 1000,
+                "constant_metric": 0.51, "test_rows": 872, "metric_name": "accuracy", "model": "default",
+                "scoring_time_s": 1.0, "train_time_s": 2.0, "run_dir": str(tmp_path / "none"), "spend": {}}
+    natural = [row("fulltuning", "natural", s) for s in range(3)]
+    report.build_report(pd.DataFrame(natural), tmp_path)
+    assert (tmp_path / "table1-bnatural.csv").is_file()
+    (tmp_path / "table1-bpublished.csv").write_text("method,cb\n")  # leaderboard verify's, kept
+    report.build_report(pd.DataFrame(natural + [row("random", "0.005", s) for s in range(3)]), tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("table1-b*.csv")) == ["table1-b0.005.csv", "table1-bpublished.csv"]
+    assert "Budget 0.005" in (tmp_path / "report.md").read_text()
