@@ -22,26 +22,25 @@ tuning is not a candidate (not implemented).
 
 Probe. A copy of the model with LoRA of the largest rank on every kind, BitFit, LayerNorm and
 the head trainable runs `probe_steps` AdamW steps at the run's lr (linear warm-up at the run's
-ratio, then constant) on the run's training batches, dropout on. At `checkpoints` evenly spaced
-steps each candidate's direction is its accumulated update: for LoRA of rank r the best rank-r
-approximation (SVD) of each block's B A (the rank-r family's reachable update), for BitFit and
-LayerNorm the change of their entries.
+ratio, then constant) on the run's training batches, dropout on.
 
-Value. The loss with one candidate's direction alone, scaled by eta in ETAS, on the pre-trained
-encoder with the head at its probe value, on the first `fit_batches` training batches (the same
-ones at every scale, so the curve is the direction's, not the batches'; evaluation mode), is
-fitted by L(eta) = c - b eta + a eta^2 / 2 (least squares). Measured choices (STS-B, lr 3e-3):
-- the scales stay within the update the probe took (0 to 1): GeN's quadratic is a local model;
-  up to eta = 2 the feed-forward LoRAs left it (seed 2: R^2 0.36-0.58 for every rank of the
-  intermediate LoRA, a loss falling to eta = 1.5 and jumping at 2; zeroed, 2% spent 30%);
-- four batches of 16 (`fit_batches`), not one: on one batch seed 4's curves rose then fell
-  between neighbouring scales, half the families failed the gates and 2% spent 15%.
-A fit below R^2 `min_r2` is discarded (0, as the paper discards bad fits); with a > 0 and b > 0
-the value is the fitted decrease at the best step within the range, b^2 / (2 a) inside it. Our
-reading where the paper is silent: a fit without positive curvature whose loss still falls
-(measured on STS-B: the key and value LoRAs fall concavely over the whole range) is valued by
-the decrease observed in the range, a lower bound, instead of 0, which left most of a 2% budget
-unspent. A candidate's value is the mean over checkpoints.
+Value: GeN's estimator (the authors' AutoGeN `lr_parabola`), per candidate, as the reviews
+describe it ("4k+1 forward passes", fitted with "minus learning rates"). At `checkpoints` evenly
+spaced steps the optimiser's proposed step d is taken, and each candidate's part of it is its
+direction: the change of its entries (BitFit, LayerNorm), or for LoRA of rank r the best rank-r
+approximation (SVD) of the step's change of each block's B A (what the rank-r family can
+reach). The loss at the probe's current state with one candidate's direction alone scaled by
+rho in SCALES (-2, -1, 1, 2, and the shared 0: 4k+1 evaluations) on the first `fit_batches`
+training batches (the same at every scale; evaluation mode) is fitted by
+L(rho) = c - b rho + a rho^2 / 2 (least squares). A fit below R^2 `min_r2` is discarded
+(value 0); with a > 0 and b > 0 the value is the fitted decrease at the best step, held within
+the range (b^2 / (2 a) when b / a <= 2). Our reading where the paper is silent: a fit without
+positive curvature whose loss still falls along the step is valued by the decrease observed at
+rho > 0 (a lower bound) instead of 0. A candidate's value is the mean over checkpoints.
+Why the step and not the probe's whole displacement, applied alone to the pre-trained encoder
+under the probe's head: measured on SST-2 at lr 1e-2, one seed in four found every such
+displacement raising the loss (the head had co-adapted with all of them), valued every family 0
+and trained no entry; the step is a descent direction where the probe is.
 
 Knapsack. Maximise the summed value under summed cost <= budget, at most one option per
 class. `pareto_front` computes the exact front of (cost, value) over all choices by
@@ -65,7 +64,7 @@ from peftbench.api import (
     Fraction, PositiveInt, ScoringData, Selection, Selector, canonical_name, head_parameters,
     pretrained_parameters)
 
-ETAS = (0.0, 1 / 3, 2 / 3, 1.0)  # step scales the loss is fitted at, along a candidate's update
+SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)  # multiples of a candidate's step the loss is fitted at (GeN)
 
 
 @dataclass(frozen=True)
@@ -179,12 +178,12 @@ def brute_force_knapsack(values, weights, capacity, classes=None) -> float:
 
 
 def quadratic_value(etas, losses, min_r2: float) -> tuple[float, float]:
-    """(value, R^2) of the GeN-style fit L(eta) = c - b eta + a eta^2 / 2 over the step sizes
-    probed. A fit below `min_r2` is discarded (value 0). With positive curvature and slope, the
-    value is the fitted decrease at the fitted best step, the step held within the range probed
-    (b^2 / (2 a) when b / a is inside it). Without positive curvature, a loss that still falls is
-    a direction that helps beyond the range: its value is the decrease observed within the range
-    (a lower bound), and 0 when it does not fall."""
+    """(value, R^2) of the GeN fit L(rho) = c - b rho + a rho^2 / 2 over the scales probed.
+    A fit below `min_r2` is discarded (value 0). With positive curvature and slope, the value is
+    the fitted decrease at the fitted best step, held within the range probed (b^2 / (2 a) when
+    b / a is inside it). Without positive curvature, a loss that still falls along the step
+    (rho > 0) is a direction that helps beyond the range: its value is the decrease observed
+    there (a lower bound), and 0 when it does not fall."""
     x, y = np.asarray(etas, float), np.asarray(losses, float)
     if not np.all(np.isfinite(y)):
         return 0.0, float("nan")
@@ -197,7 +196,8 @@ def quadratic_value(etas, losses, min_r2: float) -> tuple[float, float]:
     if a > 0 and b > 0:
         step = min(b / a, float(x.max()))
         return float(b * step - a * step * step / 2), r2
-    drop = float(y[x == 0].min() - y.min()) if np.any(x == 0) else 0.0
+    ahead = y[x >= 0]
+    drop = float(y[x == 0].min() - ahead.min()) if np.any(x == 0) else 0.0
     return max(drop, 0.0), r2
 
 
@@ -243,7 +243,6 @@ class AdaPEFT(Selector):
         cands = families(model, self.ranks)
         lora_kinds = {f.targets: f.klass.split(":", 1)[1] for f in cands if f.kind == "lora"}
         entries = [n for f in cands if f.kind != "lora" for n in f.targets]
-        evaluator = copy.deepcopy(model).eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             probe = inject_adapter_in_model(
@@ -256,15 +255,16 @@ class AdaPEFT(Selector):
             for name in [*entries, *head_parameters(model)]:
                 own[name].requires_grad_(True)
                 trainable.append(own[name])
-            checks = self._probe(probe, trainable, data, cands, evaluator, model)
+            checks = self._probe(probe, trainable, data, cands)
         values = np.mean([c[0] for c in checks], axis=0)
         r2 = np.nanmean([c[1] for c in checks], axis=0) if checks else np.zeros(len(cands))
         return {"family.value": torch.tensor(values, dtype=torch.float64),
                 "family.cost": torch.tensor([f.cost for f in cands]),
                 "family.r2": torch.tensor(r2, dtype=torch.float64)}
 
-    def _probe(self, probe, params, data, cands, evaluator, model) -> list[tuple[list, list]]:
-        """Train the probe; at each checkpoint fit every candidate (module docstring)."""
+    def _probe(self, probe, params, data, cands) -> list[tuple[list, list]]:
+        """Train the probe; at each checkpoint fit every candidate along the step the optimiser
+        proposes there (module docstring), then take that step."""
         lr = float(data.train.lr)
         warm = int(np.ceil(data.train.warmup_ratio * self.probe_steps))
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -278,55 +278,77 @@ class AdaPEFT(Selector):
             loss = data.loss(probe, next(stream))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, data.train.max_grad_norm)
+            before = [p.detach().clone() for p in params] if step in at else None
             optimizer.step()
+            if before is not None:
+                after = [p.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p, b in zip(params, before):
+                        p.copy_(b)
+                    out.append(self._fits(probe, data, fit, cands, self._directions(cands, probe, before, params, after)))
+                    for p, a in zip(params, after):
+                        p.copy_(a)
+                probe.train()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            if step in at:
-                out.append(self._fits(probe, evaluator, model, data, fit, cands))
+        return out
+
+    @staticmethod
+    def _directions(cands, probe, before, params, after) -> list[dict[str, torch.Tensor]]:
+        """Per candidate, its part of the step as changes of pre-trained tensors (canonical
+        names), the probe at its state before the step."""
+        now = {canonical_name(n): p for n, p in probe.named_parameters()}
+        index = {id(p): i for i, p in enumerate(params)}
+        step = {n: after[index[id(p)]] - before[index[id(p)]] for n, p in now.items() if id(p) in index}
+        out = []
+        for cand in cands:
+            if cand.kind != "lora":
+                out.append({n: step[n] for n in cand.targets})
+                continue
+            deltas = {}
+            for module in cand.targets:
+                layer = probe.get_submodule(module)
+                a_name = canonical_name(f"{module}.lora_A.default.weight")
+                b_name = canonical_name(f"{module}.lora_B.default.weight")
+                a0, b0 = now[a_name], now[b_name]
+                a1, b1 = a0 + step[a_name], b0 + step[b_name]
+                delta = (b1 @ a1 - b0 @ a0) * layer.scaling["default"]
+                u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+                low = ((u[:, :cand.rank] * s[:cand.rank]) @ vh[:cand.rank]).to(delta.dtype)
+                weight = layer.base_layer.weight
+                deltas[f"{module}.base_layer.weight"] = low if low.shape == weight.shape else low.T  # Conv1D: (in, out)
+            out.append(deltas)
         return out
 
     @torch.no_grad()
-    def _fits(self, probe, evaluator, model, data, fit, cands) -> tuple[list, list]:
-        """(value, R^2) per candidate at the probe's current state."""
-        original = dict(model.named_parameters())
-        target = dict(evaluator.named_parameters())
-        trained = {canonical_name(n): p for n, p in probe.named_parameters()}
-        for name in head_parameters(model):  # the head at its probe value, as every method trains it
-            target[name].copy_(trained[name])
+    def _fits(self, probe, data, fit, cands, directions) -> tuple[list, list]:
+        """(value, R^2) per candidate at the probe's current state along its direction."""
+        probe.eval()
+        tensors = dict(probe.named_parameters())
+        tensors.update({canonical_name(n): p for n, p in list(tensors.items())})  # BitFit, LayerNorm by their names
 
         def loss() -> float:
-            return float(np.mean([float(data.loss(evaluator, b)) for b in fit]))
+            return float(np.mean([float(data.loss(probe, b)) for b in fit]))
 
         base = loss()
         values, r2s = [], []
-        for cand in cands:
-            deltas = self._directions(cand, probe, original, trained)
-            losses = [base]
-            for eta in ETAS[1:]:
-                for name, d in deltas.items():
-                    target[name].copy_(original[name] + eta * d)
+        for cand, deltas in zip(cands, directions):
+            targets = {n: tensors[n] for n in deltas}
+            kept = {n: t.detach().clone() for n, t in targets.items()}
+            losses = []
+            for rho in SCALES:
+                if rho == 0:
+                    losses.append(base)
+                    continue
+                for n, d in deltas.items():
+                    targets[n].copy_(kept[n] + rho * d)
                 losses.append(loss())
-            for name in deltas:
-                target[name].copy_(original[name])
-            value, r2 = quadratic_value(ETAS, losses, self.min_r2)
+            for n, t in targets.items():
+                t.copy_(kept[n])
+            value, r2 = quadratic_value(SCALES, losses, self.min_r2)
             values.append(value)
             r2s.append(r2)
         return values, r2s
-
-    @staticmethod
-    def _directions(cand: Family, probe, original, trained) -> dict[str, torch.Tensor]:
-        """The candidate's accumulated update, as changes of pre-trained tensors."""
-        if cand.kind != "lora":
-            return {n: trained[n] - original[n] for n in cand.targets}
-        out = {}
-        for module in cand.targets:
-            layer = probe.get_submodule(module)
-            delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
-            u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-            r = cand.rank
-            low = ((u[:, :r] * s[:r]) @ vh[:r]).to(delta.dtype)
-            out[f"{module}.weight"] = low if low.shape == original[f"{module}.weight"].shape else low.T  # Conv1D: (in, out)
-        return out
 
     def select(self, model, scores, budget: int, generator: torch.Generator) -> Selection:
         cands = families(model, self.ranks)

@@ -8,7 +8,7 @@ import torch
 
 from peftbench.contract import registry
 from peftbench.methods.adapeft import (
-    ETAS,
+    SCALES,
     best_under,
     brute_force_knapsack,
     families,
@@ -57,7 +57,7 @@ def test_greedy_fallback_when_front_too_large_keeps_one_option_per_class():
 
 
 def test_quadratic_fit_value_and_its_gates():
-    etas = np.array(ETAS)
+    etas = np.array(SCALES)
     loss = 2.0 - 1.5 * etas + 2.0 * etas ** 2 / 2  # b = 1.5, a = 2: value b^2 / 2a
     value, r2 = quadratic_value(etas, loss, 0.9)
     assert value == pytest.approx(1.5 ** 2 / 4) and r2 == pytest.approx(1.0)
@@ -67,22 +67,20 @@ def test_quadratic_fit_value_and_its_gates():
     assert quadratic_value(etas, 2.0 + 1.5 * etas + etas ** 2, 0.9)[0] == 0.0  # the loss rises
     far = 2.0 - 1.5 * etas + 0.2 * etas ** 2 / 2  # its best step (7.5) beyond the range: held at its end
     assert quadratic_value(etas, far, 0.9)[0] == pytest.approx(1.5 * top - 0.2 * top ** 2 / 2)
-    noisy = loss + 0.6 * (-1.0) ** np.arange(len(etas))  # a zigzag no quadratic follows
+    noisy = loss + 3.0 * (-1.0) ** np.arange(len(etas))  # a zigzag no quadratic follows
     value, r2 = quadratic_value(etas, noisy, 0.9)
     assert r2 < 0.9 and value == 0.0  # a poor fit is discarded
     assert quadratic_value(etas, noisy, 0.0)[0] > 0
 
 
-def test_fits_stay_within_the_step_the_probe_took():
-    """GeN's quadratic is local: a direction whose loss falls smoothly up to the step taken and
-    leaves the quadratic regime beyond it (a cliff, then a drop: what the feed-forward LoRAs did
-    on STS-B) keeps its value; fitted over scales up to 2 its R^2 failed and it was valued 0."""
-    def along(eta):
-        return 1.0 - 0.1 * eta - 0.05 * eta ** 2 if eta <= 1 else {1.5: 3.0, 2.0: 1.2}[eta]
-
-    assert 0 in ETAS and max(ETAS) == 1.0 and len(ETAS) >= 4
-    value, r2 = quadratic_value(ETAS, [along(e) for e in ETAS], 0.9)
-    assert r2 > 0.99 and value == pytest.approx(0.15)
+def test_gen_scales_go_both_ways_and_only_the_step_direction_counts():
+    """GeN fits around the current point with "minus learning rates": scales on both sides of 0,
+    4 per candidate plus the shared 0 (the reviews' 4k+1 passes). A loss that falls only against
+    the step (concave, lower at rho = -2) is worth nothing: the family would not take that step."""
+    assert sorted(SCALES) == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    rho = np.array(SCALES)
+    backwards = 1.0 + 0.1 * rho - 0.05 * rho ** 2
+    assert backwards[0] < backwards[2] and quadratic_value(rho, backwards, 0.9)[0] == 0.0
 
 
 def _scoring(tiny_model_dir, lr=1e-2):
