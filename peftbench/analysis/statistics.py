@@ -20,10 +20,14 @@ def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
     of the mean that carries the seeds' and the test set's error (`analysis.uncertainty.cell_interval`;
     `interval` says which: "seeds + test (bootstrap)" from stored predictions, else "seeds + test
     (binomial)" or "(fisher-z)", or "seeds only" with a percentile bootstrap where the metric has
-    no analytic test-set SE). NaN with one seed."""
+    no analytic test-set SE). NaN with one seed. The seeds are taken in seed order: a sum's last
+    digit depends on its order, and the order cells are read back in is the machine's."""
     from peftbench.analysis import uncertainty
 
-    g = frame.groupby(["task", "method", "budget"], sort=False)
+    keys = ["task", "method", "budget"]
+    shown = frame.groupby(keys, sort=False).size().index  # the cells in the order they came
+    frame = frame.sort_values([*keys, "seed"], kind="stable") if "seed" in frame else frame
+    g = frame.groupby(keys, sort=False)
     out = pd.DataFrame({"mean": g["metric"].mean(), "std": g["metric"].std(ddof=0),
                         "seeds": g["metric"].size(), "trainable": g["trainable"].mean()})
     lows, highs, se_test, kinds = [], [], [], []
@@ -43,7 +47,7 @@ def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
             low, high = bootstrap_ci(cells.metric.to_numpy())
             lows.append(low), highs.append(high), se_test.append(np.nan), kinds.append("seeds only")
     out["ci_low"], out["ci_high"], out["se_test"], out["interval"] = lows, highs, se_test, kinds
-    return out.reset_index()
+    return out.reindex(shown).reset_index()
 
 
 def bootstrap_ci(values, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
