@@ -434,3 +434,31 @@ def test_the_per_budget_table_lists_keys_in_the_specs_order_with_the_carried_set
     markdown = shown.splitlines()
     assert "nan" not in shown and markdown[3].startswith("| sst2   | random   |   0.0200 |")
     assert [c.strip() for c in markdown[3].split("|")][4:6] == ["0.8000", ""]
+
+
+def test_preparing_a_sweep_folder_replaces_its_records_whole(tmp_path, tiny_model_dir):
+    """`run --workers N` starts N workers that each copy the board's records into the sweep
+    folder while the others read them: a record rewritten in place was read empty by a worker
+    ("search.json is not valid JSON ... char 0") and the search phase failed. A record is now
+    replaced whole (a new file renamed into place), and one already equal is left alone."""
+    board = tmp_path / "board"
+    board.mkdir()
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "board", "model": tiny_model_dir, "tasks": ["cb"], "methods": {"random": {}},
+        "budgets": [0.01], "seeds": 1, "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}}}))
+    committed = {"cb/random": {"train": {"lr": 1.0e-3}, "method": {}, "validation": 0.5, "trials": 2}}
+    (board / "search.json").write_text(json.dumps(committed))
+    spec = sweep_spec.load_spec(board / "spec.yaml")
+    phases._prepare(board, spec)
+    working = spec.out / "search.json"
+    assert json.loads(working.read_text()) == committed
+    before = working.stat()
+    phases._prepare(board, spec)  # the same bytes: untouched
+    assert working.stat().st_ino == before.st_ino and working.stat().st_mtime_ns == before.st_mtime_ns
+    working.write_text("{}")
+    inode = working.stat().st_ino
+    with open(working) as reader:  # a worker that opened the old record keeps reading it whole
+        phases._prepare(board, spec)
+        assert reader.read() == "{}"
+    assert working.stat().st_ino != inode and json.loads(working.read_text()) == committed

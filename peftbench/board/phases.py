@@ -11,6 +11,7 @@ from peftbench.board.tables import trial_duration
 from peftbench.board.verify import published_only
 from peftbench.contract import registry
 from peftbench.core.errors import UsageError
+from peftbench.core.files import write_atomic
 from peftbench.sweep import budgets, cellstore, grid, state
 from peftbench.sweep import records as sweep_records
 from peftbench.sweep import search as sweep_search
@@ -85,10 +86,10 @@ def join(name: str, method: str, params: dict, workers: int | None = None, stora
 
 def _prepare(folder: Path, spec: sweep_spec.StudySpec, trains: bool = True) -> None:
     """The committed search.json into the sweep folder: the tuned settings are part of the
-    board, and the cells' fingerprints are computed from them. A frozen board trains nothing
-    (`trains`: refused) and reads back the committed cells proven to be its own."""
-    import shutil
-
+    board, and the cells' fingerprints are computed from them. Each worker of `run --workers N`
+    does this as it starts, while the others read the same files: a record is replaced whole
+    (`write_atomic`), never rewritten in place, so no reader sees it half-written. A frozen board
+    trains nothing (`trains`: refused) and reads back the committed cells proven to be its own."""
     if spec.frozen is not None and trains:
         raise UsageError(f"board {spec.name!r} is frozen: made with peftbench {spec.frozen.version}; "
                          f"{spec.frozen.reason}. Its cells cannot be run again with this code"
@@ -98,7 +99,9 @@ def _prepare(folder: Path, spec: sweep_spec.StudySpec, trains: bool = True) -> N
         committed, working = folder / record, spec.out / record
         if committed.is_file():
             sweep_storage.claim_out(spec)  # the sweep folder is peftbench's before anything is copied there
-            shutil.copyfile(committed, working)
+            data = committed.read_bytes()
+            if not working.is_file() or working.read_bytes() != data:
+                write_atomic(working, data)
     if spec.frozen is not None:  # after the copy: a cell's settings include the tuned ones
         _, refused = cellstore.accept_frozen(spec, folder)
         if refused:
