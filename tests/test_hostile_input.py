@@ -659,3 +659,33 @@ def test_scores_read_back_from_the_cache_are_checked_as_fresh_ones_are(tmp_path,
     torch.save(saved, entry)
     with pytest.raises(UsageError, match="NaN"):
         run_experiment(config, progress=False, score_cache=ScoreCache(tmp_path / "scores"))
+
+
+def test_workers_claiming_one_folder_at_once_never_refuse_each_other(tmp_path):
+    """`run --workers N` starts N processes that claim the sweep folder together: one saw the
+    other's marker empty (written in place) or its temporary file, read "holds files peftbench
+    did not write ... no .peftbench marker", and the search phase failed. The marker is written
+    whole, and a marker being written is not a user's file."""
+    from peftbench.core import ownership
+    from peftbench.core.errors import UsageError
+
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / ".peftbench.k2x9.tmp").write_text("")  # another worker's marker, mid-write
+    assert ownership.claim(folder, "sweep", what="study") == folder
+    assert ownership.kind_of(folder) == "sweep"
+    assert sorted(p.name for p in folder.iterdir()) == [".peftbench", ".peftbench.k2x9.tmp"]
+    writes = []
+    real = Path.write_text
+    Path.write_text = lambda self, *a, **k: writes.append(self.name) or real(self, *a, **k)
+    try:
+        ownership._mark(tmp_path, "sweep")
+    finally:
+        Path.write_text = real
+    assert ".peftbench" not in writes and ownership.kind_of(tmp_path) == "sweep"
+    other = tmp_path / "other"  # a user's file beside a marker being written is still refused
+    other.mkdir()
+    (other / "mine.txt").write_text("user")
+    (other / ".peftbench.a1.tmp").write_text("")
+    with pytest.raises(UsageError, match="mine.txt"):
+        ownership.claim(other, "sweep", what="study")

@@ -40,10 +40,25 @@ def kind_of(folder: Path) -> str | None:
         return None
 
 
+def _writing_marker(name: str) -> bool:
+    """A marker being written by another process (`_mark`'s temporary file): not a user's file."""
+    return name.startswith(MARKER + ".") and name.endswith(".tmp")
+
+
 def _mark(folder: Path, kind: str) -> None:
+    """The marker, written whole: workers started together claim one folder at once, and a
+    marker seen half-written (empty) read as "no marker" and refused the folder."""
+    import os
+
     from peftbench import __version__
 
-    (folder / MARKER).write_text(json.dumps({"kind": kind, "written_by": f"peftbench {__version__}"}) + "\n")
+    fd, name = tempfile.mkstemp(dir=folder, prefix=MARKER + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"kind": kind, "written_by": f"peftbench {__version__}"}) + "\n")
+        os.replace(name, folder / MARKER)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def check(folder: Path, kind: str, adopt: Callable[[Path], bool] | None, what: str) -> bool:
@@ -60,7 +75,7 @@ def check(folder: Path, kind: str, adopt: Callable[[Path], bool] | None, what: s
         return False
     if not folder.is_dir():
         raise UsageError(f"{what} {folder} is a file, not a folder")
-    entries = [p for p in folder.iterdir()]
+    entries = [p for p in folder.iterdir() if not _writing_marker(p.name)]
     if not entries:
         return False
     if adopt is not None and adopt(folder):
@@ -75,8 +90,9 @@ def require(folder: str | Path, kind: str, adopt: Callable[[Path], bool] | None 
             what: str = "folder") -> Path:
     """`folder` as a `kind` folder, for a command that reads or deletes there; writes nothing."""
     folder = Path(folder)
-    if folder.is_dir() and kind_of(folder) is None and any(folder.iterdir()) and not (adopt and adopt(folder)):
-        example = sorted(p.name for p in folder.iterdir())[0]
+    if folder.is_dir() and kind_of(folder) is None and any(not _writing_marker(p.name) for p in folder.iterdir()) \
+            and not (adopt and adopt(folder)):
+        example = sorted(p.name for p in folder.iterdir() if not _writing_marker(p.name))[0]
         raise UsageError(f"{what} {folder} is not a peftbench {kind} folder (no {MARKER} marker, and it "
                          f"holds files that are not a {kind}'s, e.g. {example!r}): nothing was touched")
     if not check(folder, kind, adopt, what):
