@@ -46,19 +46,13 @@ def _writing_marker(name: str) -> bool:
 
 
 def _mark(folder: Path, kind: str) -> None:
-    """The marker, written whole: workers started together claim one folder at once, and a
-    marker seen half-written (empty) read as "no marker" and refused the folder."""
-    import os
-
+    """The marker, written whole (`write_atomic`, whose temporary file `_writing_marker` knows):
+    workers started together claim one folder at once, and a marker seen half-written (empty)
+    read as "no marker" and refused the folder."""
     from peftbench import __version__
+    from peftbench.core.files import write_atomic
 
-    fd, name = tempfile.mkstemp(dir=folder, prefix=MARKER + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps({"kind": kind, "written_by": f"peftbench {__version__}"}) + "\n")
-        os.replace(name, folder / MARKER)
-    finally:
-        Path(name).unlink(missing_ok=True)
+    write_atomic(folder / MARKER, json.dumps({"kind": kind, "written_by": f"peftbench {__version__}"}) + "\n")
 
 
 def check(folder: Path, kind: str, adopt: Callable[[Path], bool] | None, what: str) -> bool:
