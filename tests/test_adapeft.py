@@ -154,3 +154,58 @@ def test_families_on_decoders(kind):
     else:
         assert found["lora:self_attn.k_proj:r2"].cost == 3 * 2 * (8 + 4) and "bitfit" not in found
     assert found["layernorm"].cost > 0
+
+
+def test_a_lora_rank_is_worth_the_bands_of_its_kind_up_to_it():
+    """A rank reaches everything a smaller rank of its kind reaches: its value sums the bands
+    below it, so it is never valued below the smaller rank (a band of value 0 adds nothing)."""
+    from peftbench.methods.adapeft import Family, nested_values
+
+    cands = [Family(f"lora:q:r{r}", "lora:q", "lora", r, ("q",), r) for r in (1, 4, 16)] + [
+        Family("bitfit", "bitfit", "bitfit", 0, ("b",), 3)] + [
+        Family(f"lora:v:r{r}", "lora:v", "lora", r, ("v",), r) for r in (1, 4, 16)]
+    values = nested_values(cands, [0.5, 0.2, 0.0, 0.3, 0.1, 0.0, 0.4])
+    assert values == pytest.approx([0.5, 0.7, 0.7, 0.3, 0.1, 0.1, 0.5])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        values = nested_values(cands, rng.uniform(0, 1, len(cands)))
+        assert values[0] <= values[1] <= values[2] and values[4] <= values[5] <= values[6]
+
+
+def test_lora_bands_are_orthogonal_parts_of_the_step_that_add_up_to_the_rank_r_approximation(tiny_model):
+    """`_directions` gives LoRA of rank r the step's singular components from the next smaller
+    rank up to r: the bands up to r sum to the best rank-r approximation of the step's change of
+    B A, and two bands of one module are orthogonal (so their fits are separate parts of it)."""
+    import copy
+
+    from peft import inject_adapter_in_model
+
+    from peftbench.api import canonical_name, layout
+    from peftbench.methods.adapeft import AdaPEFT, _lora_config
+
+    model, _ = tiny_model
+    ranks = (1, 2, 4)
+    cands = [f for f in families(model, ranks) if f.klass == "lora:attention.self.query"]
+    probe = inject_adapter_in_model(_lora_config({"attention.self.query": 4}, layout(model).block), copy.deepcopy(model))
+    params = [p for n, p in probe.named_parameters() if "lora_" in n]
+    torch.manual_seed(0)
+    before = [p.detach().clone() + 0.1 * torch.randn_like(p) for p in params]
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    after = [b + 0.05 * torch.randn_like(b) for b in before]
+    bands = AdaPEFT._directions(cands, probe, before, params, after)
+    module = cands[0].targets[0]
+    key = f"{module}.base_layer.weight"
+    now = {canonical_name(n): p for n, p in probe.named_parameters()}
+    a_name, b_name = (canonical_name(f"{module}.lora_{x}.default.weight") for x in "AB")
+    index = {id(p): i for i, p in enumerate(params)}
+    a0, b0 = now[a_name], now[b_name]
+    a1, b1 = after[index[id(a0)]], after[index[id(b0)]]
+    change = (b1 @ a1 - b0 @ a0) * probe.get_submodule(module).scaling["default"]
+    u, s, vh = torch.linalg.svd(change, full_matrices=False)
+    for i, r in enumerate(ranks):
+        summed = sum(bands[j][key] for j in range(i + 1))
+        assert torch.allclose(summed, (u[:, :r] * s[:r]) @ vh[:r], atol=1e-5)
+    assert abs(float((bands[1][key] * bands[2][key]).sum())) < 1e-6
+    assert float(bands[2][key].norm()) > 0
