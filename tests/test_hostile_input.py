@@ -668,6 +668,7 @@ def test_workers_claiming_one_folder_at_once_never_refuse_each_other(tmp_path):
     whole, and a marker being written is not a user's file."""
     from peftbench.core import ownership
     from peftbench.core.errors import UsageError
+    from peftbench.core.files import is_temporary_of
 
     folder = tmp_path / "sweep"
     folder.mkdir()
@@ -683,6 +684,7 @@ def test_workers_claiming_one_folder_at_once_never_refuse_each_other(tmp_path):
     finally:
         Path.write_text = real
     assert ".peftbench" not in writes and ownership.kind_of(tmp_path) == "sweep"
+    assert writes and all(is_temporary_of(name, ".peftbench") for name in writes)  # what `claim` passes over
     other = tmp_path / "other"  # a user's file beside a marker being written is still refused
     other.mkdir()
     (other / "mine.txt").write_text("user")

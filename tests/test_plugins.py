@@ -421,3 +421,26 @@ def test_an_installed_plugin_joins_a_committed_board_in_one_command(plugin_site,
     cells = sorted(json.loads(p.read_text())["cell"] for p in (board / "runs").glob("*/cell.json"))
     assert cells == ["rte/layernorm/b0.01/s0", "rte/magpruning/b0.01/s0"]  # the toy plugin uses the budget
     assert set(pd.read_csv(board / "results.csv").method) == {"magpruning", "layernorm"}
+
+
+def test_the_registry_sees_a_distribution_installed_while_it_runs(tmp_path, monkeypatch):
+    """The registry keeps the entry points it read (parsing every installed distribution's
+    metadata on every lookup took a quarter of a board's report), but an install on the import path,
+    or a new folder on it, shows at the next lookup."""
+    from peftbench.contract import registry
+
+    def install(site: Path, dist: str, name: str, stamp: int) -> None:
+        info = site / f"{dist}-0.0.1.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n")
+        (info / "entry_points.txt").write_text(f"[peftbench.methods]\n{name} = {dist}_mod:Nothing\n")
+        os.utime(site, ns=(stamp, stamp))  # an install changes its folder's mtime; say so exactly
+
+    site = tmp_path / "site"
+    install(site, "first_dist", "first-method", 10**18)
+    assert "first-method" not in registry.methods()
+    monkeypatch.syspath_prepend(str(site))
+    assert "first-method" in registry.methods()
+    install(site, "second_dist", "second-method", 10**18 + 10**9)
+    listed = registry.methods()
+    assert {"first-method", "second-method"} <= set(listed) and listed["random"].error is None

@@ -259,6 +259,40 @@ def test_the_paired_bootstrap_over_test_examples_against_independent_computation
     assert fast == pytest.approx(slow)
 
 
+
+@pytest.mark.parametrize("values", [np.arange(40.0)[::-1], np.array([3, 1, 3, 2, 2, 3, 0, 1] * 5),
+                                    np.round(np.random.default_rng(1).normal(size=60), 1)])
+def test_resampled_ranks_equal_scipys_average_ranks_of_every_resample(values):
+    """Spearman's ranks of every bootstrap resample at once (ties averaged), to the last bit."""
+    from peftbench.analysis import uncertainty
+
+    idx = np.random.default_rng(0).integers(0, len(values), size=(50, len(values)))
+    assert np.array_equal(uncertainty.resampled_ranks(values, idx), scipy.stats.rankdata(values[idx], axis=1))
+
+
+def test_the_bootstrap_scores_each_seed_once_and_never_reuses_another_predictions_draws(monkeypatch):
+    """A report enters one seed in many comparisons: its resamples are computed once. A seed
+    with other predictions (or labels) is computed afresh."""
+    from peftbench.analysis import uncertainty
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    cell = lambda p: {"predictions": [int(v) for v in p], "labels": [int(v) for v in y], "num_classes": 2}  # noqa: E731
+    a, b = cell(np.where(rng.random(200) < 0.2, 1 - y, y)), cell(np.where(rng.random(200) < 0.3, 1 - y, y))
+    monkeypatch.setattr(uncertainty, "_RESAMPLED", {})
+    calls = []
+    real = uncertainty._resampled_main
+    monkeypatch.setattr(uncertainty, "_resampled_main", lambda c, m, i: calls.append(1) or real(c, m, i))
+    first = uncertainty.bootstrap_test_se([a], [b], ["accuracy"], draws=300)
+    assert uncertainty.bootstrap_test_se([a], [b], ["accuracy"], draws=300) == first
+    assert uncertainty.bootstrap_test_se([a], None, ["accuracy"], draws=300) > 0
+    assert len(calls) == 2
+    flipped = dict(a, predictions=[1 - v for v in a["predictions"]])
+    assert uncertainty.bootstrap_test_se([flipped], [b], ["accuracy"], draws=300) != first
+    assert len(calls) == 3
+    monkeypatch.setattr(uncertainty, "_RESAMPLED", {})
+    assert uncertainty.bootstrap_test_se([a], [b], ["accuracy"], draws=300) == first  # the cache changes no number
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["rte", "stsb"])
 def test_a_run_stores_its_test_predictions_and_the_report_bootstraps_them(tiny_model_dir, tmp_path, task):

@@ -25,6 +25,9 @@ probabilities.
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+
 import numpy as np
 import scipy.stats
 
@@ -112,6 +115,19 @@ BOOTSTRAP = 1000
 BOOTSTRAP_SEED = 0
 
 
+def resampled_ranks(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """`scipy.stats.rankdata(values[idx], axis=1)` (average ranks for ties) without sorting
+    every resample: `values` is sorted once, each draw's multiplicity of every distinct value
+    is counted, and a value's rank is the count below it plus half its own count (+1/2).
+    Ranks are half-integers, so this equals scipy's to the last bit."""
+    distinct, code = np.unique(np.asarray(values), return_inverse=True)
+    draws, m = idx.shape[0], len(distinct)
+    offsets = (np.arange(draws) * m)[:, None]
+    counts = np.bincount((code[idx] + offsets).ravel(), minlength=draws * m).reshape(draws, m).astype(float)
+    average = np.cumsum(counts, axis=1) - counts + (counts + 1) / 2
+    return np.take_along_axis(average, code[idx], axis=1)
+
+
 def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
     denominator = np.sqrt((xc ** 2).sum(1) * (yc ** 2).sum(1))
@@ -175,8 +191,7 @@ def _resampled_main(cell: dict, main: list[str], idx: np.ndarray) -> np.ndarray:
             elif name == "pearson":
                 parts.append(_rowwise_pearson(p[idx].astype(float), y[idx].astype(float)))
             else:
-                parts.append(_rowwise_pearson(scipy.stats.rankdata(p[idx], axis=1),
-                                              scipy.stats.rankdata(y[idx], axis=1)))
+                parts.append(_rowwise_pearson(resampled_ranks(p, idx), resampled_ranks(y, idx)))
         return np.mean(parts, axis=0)
     out = np.empty(len(idx))
     for r, rows in enumerate(idx):
@@ -185,6 +200,12 @@ def _resampled_main(cell: dict, main: list[str], idx: np.ndarray) -> np.ndarray:
         out[r] = metrics.compute(main, main, pick, np.asarray(y, dtype=object if isinstance(y[0], str) else None)[rows],
                                  cell.get("num_classes"))["main"]
     return out
+
+
+# A seed's resampled scores, by its stored predictions and the draws: a report bootstraps each
+# seed once, however many comparisons it enters (the draws depend only on n and the seed).
+_RESAMPLED: dict[tuple, np.ndarray] = {}
+RESAMPLED_KEPT = 4096
 
 
 def bootstrap_test_se(cells_a: list[dict], cells_b: list[dict] | None, main: list[str],
@@ -196,10 +217,21 @@ def bootstrap_test_se(cells_a: list[dict], cells_b: list[dict] | None, main: lis
     if any(len(c["labels"]) != n for c in [*cells_a, *(cells_b or [])]):
         raise ValueError("the cells' stored predictions are of different test sets")
     idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
-    value = np.mean([_resampled_main(c, main, idx) for c in cells_a], axis=0)
+
+    def resampled(cell: dict) -> np.ndarray:
+        key = (hashlib.sha1(pickle.dumps((cell["predictions"], cell["labels"], cell.get("num_classes")))).hexdigest(),
+               tuple(main), draws, seed)
+        if key not in _RESAMPLED:
+            if len(_RESAMPLED) >= RESAMPLED_KEPT:
+                _RESAMPLED.clear()
+            _RESAMPLED[key] = _resampled_main(cell, main, idx)
+        return _RESAMPLED[key]
+
+    value = np.mean([resampled(c) for c in cells_a], axis=0)
     if cells_b is not None:
-        value = value - np.mean([_resampled_main(c, main, idx) for c in cells_b], axis=0)
+        value = value - np.mean([resampled(c) for c in cells_b], axis=0)
     return float(value.std(ddof=1))
+
 
 
 def mcnemar(cells_a: list[dict], cells_b: list[dict]) -> dict[str, float]:

@@ -14,7 +14,9 @@ packages, never a silent replacement.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import sys
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
@@ -52,11 +54,26 @@ def _load(ep: EntryPoint) -> MethodInfo:
 
 
 def _claims() -> dict[str, list[EntryPoint]]:
-    """The registered entry points by method name (nothing loaded)."""
-    claims = {}
-    for ep in entry_points(group=GROUP):
-        claims.setdefault(ep.name, []).append(ep)
-    return claims
+    """The registered entry points by method name (nothing loaded). Reading them parses every
+    installed distribution's metadata, so they are kept until the import path or a folder on
+    it changes (an install or uninstall writes there: importlib.metadata's own test)."""
+    key = (entry_points, tuple(sys.path), tuple(_mtime(p) for p in sys.path))
+    if _CLAIMS.get("key") != key:
+        claims: dict[str, list[EntryPoint]] = {}
+        for ep in entry_points(group=GROUP):
+            claims.setdefault(ep.name, []).append(ep)
+        _CLAIMS.update(key=key, claims=claims)
+    return {name: list(eps) for name, eps in _CLAIMS["claims"].items()}
+
+
+_CLAIMS: dict = {}
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path or ".").st_mtime_ns
+    except OSError:
+        return None
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a method's name becomes part of run folder names
@@ -68,6 +85,7 @@ def _info(name: str, eps: list[EntryPoint]) -> MethodInfo:
                           f"the entry-point name {name!r} is not file-safe (letters, digits, "
                           "'.', '_', '-'; it names run folders): rename the entry point")
     if len({(ep.value, _package(ep)) for ep in eps}) > 1:  # no winner: either could be meant
+        eps = sorted(eps, key=lambda ep: (_package(ep), ep.value))  # the same words whatever the path order
         who = "; ".join(f"{ep.value} in package {_package(ep)}" for ep in eps)
         return MethodInfo(name, ", ".join(_package(ep) for ep in eps), eps[0].value, None,
                           f"the name {name!r} is registered more than once ({who}): "
@@ -84,21 +102,28 @@ def _package(ep: EntryPoint) -> str:
     return ep.dist.name if ep.dist is not None else "?"
 
 
-def get(name: str) -> type[Selector]:
-    """The Selector class registered as `name`; a UsageError naming the allowed names if none.
-    Only that method's module is imported (lazily, as lm-eval's registry): another plugin that
-    is broken, slow or exits at import cannot stop or delay it."""
+def info(name: str) -> MethodInfo:
+    """The registration of method `name` (its package, class or load error); a UsageError
+    naming the allowed names if none. Only that method's module is imported (lazily, as
+    lm-eval's registry): another plugin that is broken, slow or exits at import cannot stop or
+    delay it."""
     available = _claims()
-    info = _info(name.lower(), available[name.lower()]) if name.lower() in available else None
-    if info is None:
+    if name.lower() not in available:
         hint = difflib.get_close_matches(name.lower(), available, n=1)
         raise UsageError(f"unknown method {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                          + f": allowed {', '.join(sorted(available))}")
-    if info.selector_class is None:
-        if "registered more than once" in (info.error or ""):
-            raise UsageError(f"method {name!r}: {info.error}")
-        raise UsageError(f"method {name!r} from package {info.package} failed to load: {info.error}")
-    return info.selector_class
+    return _info(name.lower(), available[name.lower()])
+
+
+def get(name: str) -> type[Selector]:
+    """The Selector class registered as `name` (`info`); a UsageError if it is unknown, or
+    registered twice, or failed to load."""
+    found = info(name)
+    if found.selector_class is None:
+        if "registered more than once" in (found.error or ""):
+            raise UsageError(f"method {name!r}: {found.error}")
+        raise UsageError(f"method {name!r} from package {found.package} failed to load: {found.error}")
+    return found.selector_class
 
 
 def resolved_params(name: str, params: dict) -> dict:

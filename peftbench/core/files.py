@@ -37,6 +37,12 @@ def file_digest(path: str | Path) -> str:
     return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
+def is_temporary_of(name: str, target: str) -> bool:
+    """Whether a file named `name` is `write_atomic`'s temporary file for `target` (its default
+    `<target>.<random>.tmp`): another process's write in progress, not a user's file."""
+    return name.startswith(target + ".") and name.endswith(".tmp")
+
+
 def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None],
                  prefix: str | None = None) -> Path:
     """Write `content` (text, bytes, or a function that writes a given path, e.g. torch.save)

@@ -40,15 +40,17 @@ def kind_of(folder: Path) -> str | None:
         return None
 
 
-def _writing_marker(name: str) -> bool:
-    """A marker being written by another process (`_mark`'s temporary file): not a user's file."""
-    return name.startswith(MARKER + ".") and name.endswith(".tmp")
+def _entries(folder: Path) -> list[str]:
+    """The names in `folder`, less a marker another process is writing (`_mark`'s temporary
+    file), sorted."""
+    from peftbench.core.files import is_temporary_of
+
+    return sorted(p.name for p in folder.iterdir() if not is_temporary_of(p.name, MARKER))
 
 
 def _mark(folder: Path, kind: str) -> None:
-    """The marker, written whole (`write_atomic`, whose temporary file `_writing_marker` knows):
-    workers started together claim one folder at once, and a marker seen half-written (empty)
-    read as "no marker" and refused the folder."""
+    """The marker, written whole (`write_atomic`): workers started together claim one folder at
+    once, and a marker seen half-written (empty) read as "no marker" and refused the folder."""
     from peftbench import __version__
     from peftbench.core.files import write_atomic
 
@@ -69,12 +71,12 @@ def check(folder: Path, kind: str, adopt: Callable[[Path], bool] | None, what: s
         return False
     if not folder.is_dir():
         raise UsageError(f"{what} {folder} is a file, not a folder")
-    entries = [p for p in folder.iterdir() if not _writing_marker(p.name)]
+    entries = _entries(folder)
     if not entries:
         return False
     if adopt is not None and adopt(folder):
         return True
-    example = sorted(p.name for p in entries)[0]
+    example = entries[0]
     raise UsageError(f"{what} {folder} holds files peftbench did not write (e.g. {example!r}) and "
                      f"no {MARKER} marker: give an empty or new folder, so nothing of yours is "
                      "overwritten or deleted")
@@ -84,11 +86,10 @@ def require(folder: str | Path, kind: str, adopt: Callable[[Path], bool] | None 
             what: str = "folder") -> Path:
     """`folder` as a `kind` folder, for a command that reads or deletes there; writes nothing."""
     folder = Path(folder)
-    if folder.is_dir() and kind_of(folder) is None and any(not _writing_marker(p.name) for p in folder.iterdir()) \
-            and not (adopt and adopt(folder)):
-        example = sorted(p.name for p in folder.iterdir() if not _writing_marker(p.name))[0]
+    entries = _entries(folder) if folder.is_dir() and kind_of(folder) is None else []
+    if entries and not (adopt and adopt(folder)):
         raise UsageError(f"{what} {folder} is not a peftbench {kind} folder (no {MARKER} marker, and it "
-                         f"holds files that are not a {kind}'s, e.g. {example!r}): nothing was touched")
+                         f"holds files that are not a {kind}'s, e.g. {entries[0]!r}): nothing was touched")
     if not check(folder, kind, adopt, what):
         raise UsageError(f"{what} {folder} is not a peftbench {kind} folder (missing or empty)")
     return folder

@@ -150,7 +150,7 @@ def selector_distribution(method: str) -> dict:
     """The distribution (package) a method comes from and its version, for config.json."""
     from peftbench.training.identity import distribution_version
 
-    package = registry.methods()[method.lower()].package
+    package = registry.info(method).package
     return {"name": package, "version": distribution_version(package)}
 
 

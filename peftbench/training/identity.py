@@ -55,7 +55,7 @@ def code_identity(method: str, strict: bool = True) -> dict:
     import peftbench
     from peftbench.contract import registry
 
-    info = registry.methods()[method.lower()]
+    info = registry.info(method)
     cls = registry.get(method)
     return {"method": method.lower(), "distribution": info.package,
             # peftbench's own version from its source, not from install metadata, which an
