@@ -233,7 +233,6 @@ def bootstrap_test_se(cells_a: list[dict], cells_b: list[dict] | None, main: lis
     return float(value.std(ddof=1))
 
 
-
 def mcnemar(cells_a: list[dict], cells_b: list[dict]) -> dict[str, float]:
     """McNemar's test of two classifiers on the same test examples, seed by seed as strata:
     the discordant examples (a right and b wrong: `a_only`; the reverse: `b_only`) summed over

@@ -57,7 +57,7 @@ def _claims() -> dict[str, list[EntryPoint]]:
     """The registered entry points by method name (nothing loaded). Reading them parses every
     installed distribution's metadata, so they are kept until the import path or a folder on
     it changes (an install or uninstall writes there: importlib.metadata's own test)."""
-    key = (entry_points, tuple(sys.path), tuple(_mtime(p) for p in sys.path))
+    key = (entry_points, tuple(sys.path), tuple(_stat(p) for p in sys.path))
     if _CLAIMS.get("key") != key:
         claims: dict[str, list[EntryPoint]] = {}
         for ep in entry_points(group=GROUP):
@@ -69,11 +69,13 @@ def _claims() -> dict[str, list[EntryPoint]]:
 _CLAIMS: dict = {}
 
 
-def _mtime(path: str) -> int | None:
+def _stat(path: str) -> tuple[int, int, int] | None:
+    """Which folder `path` is (the working folder for "") and when it last changed."""
     try:
-        return os.stat(path or ".").st_mtime_ns
+        st = os.stat(path or ".")
     except OSError:
         return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a method's name becomes part of run folder names
