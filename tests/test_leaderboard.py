@@ -251,6 +251,37 @@ def test_leaderboard_with_a_search_commits_search_json_and_reuses_it(tmp_path, t
     assert len(json.loads((board / "search.json").read_text())["cb/random"]["tried"]) == 2
 
 
+@pytest.mark.slow
+def test_a_method_edited_since_the_study_ran_is_refused_before_the_search(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The study on this machine holds cells its method's old code made: `leaderboard run`
+    refuses at once, naming them, instead of searching again for an hour and a half and then
+    refusing at the grid. `--restart-changed` searches and runs them afresh."""
+    from peftbench.sweep import search as sweep_search
+    from peftbench.training import identity
+
+    board = tmp_path / "boards" / "edited"
+    board.mkdir(parents=True)
+    (board / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "edited", "model": tiny_model_dir, "tasks": ["cb"], "methods": {"random": {}},
+        "budgets": [0.01], "seeds": 1, "limit": 16, "train": {"epochs": 1, "max_steps": 2},
+        "output_dir": str(tmp_path / "sweep"),
+        "search": {"params": {"lr": {"choices": [1.0e-3, 1.0e-2]}}, "pruner": "none"}}))
+    monkeypatch.setenv("PEFTBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    assert main(["leaderboard", "run", "edited"]) == 0
+    real = identity.code_identity
+    edited = lambda method, strict=True: {**real(method, strict), "source": "edited"}  # noqa: E731
+    monkeypatch.setattr(identity, "code_identity", edited)
+    monkeypatch.setattr(sweep_spec, "code_identity", edited)
+    searched, original = [], sweep_search.run_search
+    monkeypatch.setattr(sweep_search, "run_search", lambda *a, **k: searched.append(1) or original(*a, **k))
+    capsys.readouterr()
+    assert main(["leaderboard", "run", "edited"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of these cells run with other code" in err and "code.source:" in err and "-> edited" in err
+    assert "cb/random/b0.01/s0" in err and "--restart-changed" in err and searched == []
+    assert main(["leaderboard", "run", "edited", "--restart-changed"]) == 0 and searched == [1]
+
+
 def _tuned_board(tmp_path, tiny_model_dir, monkeypatch, name: str, reported: int, **search) -> Path:
     """A one-method board with a two-rate search at 1% on seed 7 (`search` over that) and a
     carry check on seed 7."""

@@ -184,6 +184,8 @@ def run(name: str, storage: str | None = None, output_dir: str | None = None,
         else:
             alone()
 
+    if not restart_changed:  # refused now, not after the search
+        grid.refuse_changed_code(sweep_storage.open_study(spec), spec)
     search = spec.search
     if search:  # search.json into the board after every (task, method): commit as it grows
         phase("search", "search", "search.json", lambda: sweep_search.run_search(spec, mirror=folder / "search.json"))

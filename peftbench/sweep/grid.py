@@ -80,6 +80,33 @@ def enqueue_missing(study: optuna.Study, spec: StudySpec, restart_changed: bool 
     return len(missing)
 
 
+def refuse_changed_code(study: optuna.Study, spec: StudySpec) -> None:
+    """`enqueue_missing`'s refusal, for what is known before any search: cells of `spec` the
+    study holds that another code of their method (its source, or peftbench's version) made.
+    Their search entries are keyed by the same code, so a board would search them again, then
+    be refused at the grid; refused here, the command stops before the search."""
+    from peftbench.training.identity import code_identity
+
+    wanted = {c.key: c.method for c in cells(spec)}
+    now: dict[str, dict] = {}
+    changed = []
+    for t in study.get_trials(deepcopy=False):
+        method = wanted.get(t.user_attrs.get("cell"))
+        code = t.user_attrs.get("config", {}).get("code")
+        if method is None or code is None or not settled(t):
+            continue
+        if method not in now:
+            now[method] = code_identity(method, strict=False)
+        if code != now[method]:
+            changed.append((t.user_attrs["cell"], config_difference({"code": code}, {"code": now[method]})))
+    if changed:
+        keys = sorted({key for key, _ in changed})
+        raise UsageError(
+            f"study {spec.name!r} in {spec.storage_url} already holds {len(keys)} of these cells run "
+            f"with other code ({'; '.join(changed[0][1])}; e.g. {keys[0]}): give the study another name, "
+            "or pass --restart-changed to run those cells afresh (the old trials stay, unreported)")
+
+
 def result_attrs(result: dict, config: RunConfig, run_dir: Path) -> dict:
     """A finished cell's trial attributes: its `RunRecord` whole (`record`), where it ran, and
     the settings it ran with, from its `result.json` and its run config alone, so a cell
