@@ -56,7 +56,7 @@ def code_identity(method: str, strict: bool = True) -> dict:
     from peftbench.contract import registry
 
     info = registry.info(method)
-    cls = registry.get(method)
+    cls = info.selector_class or registry.get(method)  # get: the error saying why it did not load
     return {"method": method.lower(), "distribution": info.package,
             # peftbench's own version from its source, not from install metadata, which an
             # editable install leaves at the version it was installed with
