@@ -229,7 +229,7 @@ def run_grid(spec: StudySpec, progress: bool = True, log=print, use_cache: bool 
     study = open_study(spec)
     added = enqueue_missing(study, spec, restart_changed=restart_changed)
     prints = Fingerprints(spec)
-    log(f"study {spec.name!r} in {spec.storage_url}: {len(prints.cells)} cells, {added} queued now")
+    log(f"study {spec.name!r} in {spec.storage_url}: {len(prints.cells)} cells, {_queued(study, added)}")
     cache = ScoreCache(spec.out / "scores") if use_cache else None
     objective = GridObjective(spec, cache, progress=False)
     heartbeat = uses_heartbeat(spec)
@@ -279,9 +279,18 @@ def run_workers(spec: StudySpec, argv: list[str], workers: int, restart_changed:
     study (`argv`: the spec and the options they share), each with its share of the machine
     (`worker_environments`). Returns the worst exit code; Ctrl-C reaches every worker."""
 
-    added = enqueue_missing(open_study(spec), spec, restart_changed=restart_changed)
-    log(f"study {spec.name!r}: {added} cells queued")
+    study = open_study(spec)
+    added = enqueue_missing(study, spec, restart_changed=restart_changed)
+    log(f"study {spec.name!r}: {_queued(study, added)}")
     return spawn_workers(argv, workers, log, command)
+
+
+def _queued(study: optuna.Study, added: int) -> str:
+    """What is queued, counting cells an earlier (stopped) run left waiting or running: '0 queued'
+    alone reads as 'nothing to do' while those still run."""
+    state = counts(study)
+    earlier = state["waiting"] + state["running"] - added
+    return f"{added} cells queued now" + (f", {earlier} left queued or running by an earlier run" if earlier else "")
 
 
 def _my_last_trial(study: optuna.Study):
