@@ -383,7 +383,8 @@ def test_a_cell_recorded_by_another_worker_first_does_not_stop_this_one(monkeypa
         monkeypatch.setattr(grid, name, value)
     spec = SimpleNamespace(name="t", storage_url="sqlite:///x.db", out=Path("x"))
     for message, stops in (("Cannot tell a COMPLETE trial.", False), ("another problem", True)):
-        states = iter([{"waiting": 1, "running": 0}, {"waiting": 0, "running": 0}])
+        # the opening line's count, then the loop's: one cell waiting, then none
+        states = iter([{"waiting": 0, "running": 0}, {"waiting": 1, "running": 0}, {"waiting": 0, "running": 0}])
         monkeypatch.setattr(grid, "counts", lambda study: next(states))
         monkeypatch.setattr(grid, "open_study", lambda spec: study_raising(message))
         lines = []
