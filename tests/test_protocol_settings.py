@@ -80,9 +80,9 @@ def test_the_settings_enter_a_fingerprint_only_when_set():
 
     base = asdict(TrainConfig(lr=1e-3))
     before_settings = {k: v for k, v in base.items()
-                       if k not in ("bf16", "eval_order", "gradient_checkpointing", "reselect_every")}
+                       if k not in ("bf16", "eval_order", "gradient_checkpointing", "reselect_every", "head_lr")}
     assert fingerprinted(base) == before_settings
-    for change in ({"bf16": True}, {"eval_order": "length"}, {"reselect_every": 50}):
+    for change in ({"bf16": True}, {"eval_order": "length"}, {"reselect_every": 50}, {"head_lr": 1e-3}):
         assert fingerprinted(asdict(replace(TrainConfig(lr=1e-3), **change))) != before_settings
 
 
@@ -94,6 +94,8 @@ def test_a_bad_setting_is_refused_by_name():
         train_config({"eval_order": "random"})
     with pytest.raises(UsageError, match="bf16"):
         train_config({"bf16": "yes"})
+    with pytest.raises(UsageError, match="head_lr = 0"):
+        train_config({"head_lr": 0})
 
 
 @pytest.mark.slow

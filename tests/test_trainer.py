@@ -57,6 +57,31 @@ def test_optimizer_state_grows_with_trainable_count(tiny_model, rte_small, tmp_p
     assert trainable == 100 + sum(p.numel() for p in head_parameters(model).values())
 
 
+@pytest.mark.parametrize("method", ["random", "diffpruning"])
+def test_head_lr_sets_the_heads_rate_and_nothing_else(tiny_model_dir, method):
+    """The head (new output layer, and a pooler the checkpoint did not train) learns at
+    `head_lr`; the selection at the run's lr; a method's own rates (DiffPruning's gates) win."""
+    from peftbench.modeling.models import load_model
+    from peftbench.modeling.sparse import decay_plan
+    from peftbench.training.trainer import optimizer_and_schedule
+
+    model, _ = load_model(tiny_model_dir, 2)
+    selector = registry.create(method, **({"alpha_lr": 0.1, "w_lr": 1e-5} if method == "diffpruning" else {}))
+    model = selector.apply(model, selector.select(model, None, 500, torch.Generator().manual_seed(0)))
+    head = set(head_parameters(model))
+    assert head
+    own = {n for n in selector.learning_rates(model, 1e-2, 0)}
+    decay, no_decay, _ = decay_plan(model)
+    for head_lr in (None, 5e-4):
+        config = TrainConfig(lr=1e-2, head_lr=head_lr, warmup_ratio=0.0)
+        optimizer, _ = optimizer_and_schedule(model, selector, decay, no_decay, config, [0, 10])
+        rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            if p.requires_grad and name not in own:
+                assert rate[id(p)] == (head_lr if head_lr and name in head else 1e-2), name
+        assert all(rate[id(p)] in (0.1, 1e-5) for n, p in model.named_parameters() if n in own)
+
+
 def test_training_is_reproducible_from_the_seed(tiny_model_dir, rte_small, tmp_path):
     from peftbench.modeling.models import load_model
     from peftbench.training.trainer import set_seed

@@ -193,7 +193,7 @@ def cmd_run(args) -> None:
         method=args.method, task=args.task, budget=args.budget, seeds=list(range(args.seeds)),
         model=args.model, device=args.device, method_params=parse_params(args.param),
         train=train_config({"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                            "max_length": args.max_length, "max_steps": args.max_steps,
+                            "head_lr": args.head_lr, "max_length": args.max_length, "max_steps": args.max_steps,
                             "gradient_checkpointing": args.gradient_checkpointing,
                             "reselect_every": args.reselect_every}, "run options"),
         limit=args.limit, output_dir=args.output_dir, save_trained=args.save_trained)

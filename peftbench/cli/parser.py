@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training split")
     run.add_argument("--batch-size", type=_positive_int, default=16, help="training batch size")
     run.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, linear warm-up and decay; Fu et al.'s 1e-4)")
+    run.add_argument("--head-lr", type=float, default=None,
+                     help="the head's peak learning rate (default: --lr): the new output layer and "
+                     "pre-head layers the checkpoint did not train")
     run.add_argument("--max-length", type=_positive_int, default=128, help="tokens per input, longer ones truncated")
     run.add_argument("--max-steps", type=_positive_int, default=None,
                      help="stop after this many optimizer steps (default: epochs x batches)")

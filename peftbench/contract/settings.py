@@ -41,6 +41,12 @@ class TrainConfig:
     # SPEFT's dynamic masks: every N steps the method scores and selects again at the current
     # weights, within the same budget (`peftbench.training.reselect`); 0 keeps the mask static
     reselect_every: NonNegativeInt = 0
+    # the head's rate (the new output layer and the pre-head layers the checkpoint did not train,
+    # `modeling.models.head_parameters`); None: the run's lr. Why: the head is trained by every
+    # method, so under one rate a method's tuned lr also sets how its head learns (at Random's
+    # tuned 0.1% rate of 3e-2 the untrained pooler is overwritten); a board that compares
+    # selections can hold the head's rate fixed across methods
+    head_lr: PositiveFloat | None = None
 
 
 #: settings that cannot change a number: a cell's fingerprint leaves them out (`sweep.spec.cell_config`)
@@ -49,7 +55,7 @@ NUMERICALLY_NEUTRAL = ("gradient_checkpointing",)
 
 #: settings added after cells were committed: at these values they are left out of a cell's
 #: fingerprint, so a cell fingerprinted before the setting existed stays current
-OMITTED_AT = {"bf16": False, "eval_order": "given", "reselect_every": 0}
+OMITTED_AT = {"bf16": False, "eval_order": "given", "reselect_every": 0, "head_lr": None}
 
 
 def fingerprinted(train: dict) -> dict:

@@ -24,6 +24,7 @@ from peftbench.core.errors import UsageError
 from peftbench.data.encode import Collator
 from peftbench.data.spec import TaskSpec
 from peftbench.modeling.compute import autocast, forward, loss_fn
+from peftbench.modeling.models import head_parameters
 from peftbench.training.evaluation import evaluate
 
 
@@ -53,8 +54,8 @@ def warmup_steps(ratio: float, steps: int) -> int:
 def optimizer_and_schedule(model, selector: Selector, decay: list, no_decay: list, config: TrainConfig,
                            edges: list[int]):
     """AdamW and its schedule. Groups: with and without weight decay, each split by the rates
-    the method gives its parameters in each phase (`Selector.learning_rates`; the run's lr for
-    the rest). Schedule: linear warm-up then linear decay to 0 within each phase
+    the method gives its parameters in each phase (`Selector.learning_rates`; then
+    `config.head_lr` for the head, if set; the run's lr for the rest). Schedule: linear warm-up then linear decay to 0 within each phase
     [edges[i], edges[i+1]), times the group's rate in that phase. One phase and no rates is HF's
     `get_linear_schedule_with_warmup`; a method that changes form mid-run (`Selector.phases`)
     starts its next phase with its own warm-up, as DiffPruning's authors fine-tune the fixed
@@ -71,12 +72,14 @@ def optimizer_and_schedule(model, selector: Selector, decay: list, no_decay: lis
             raise UsageError(f"{type(selector).__name__}.learning_rates: "
                              + (f"names parameters the model does not have: {sorted(unknown)[:3]}" if unknown
                                 else f"rates must be positive and finite: {dict(list(bad.items())[:3])}"))
+    head = set(head_parameters(model)) if config.head_lr is not None else set()
     groups, keys = [], []
     for members, wd in ((decay, config.weight_decay), (no_decay, 0.0)):
         by_rates: dict[tuple, list] = {}
         for p in members:
             name = named.get(id(p))
-            by_rates.setdefault(tuple(float(r.get(name, config.lr)) for r in per_phase), []).append(p)
+            own = config.head_lr if name in head else config.lr
+            by_rates.setdefault(tuple(float(r.get(name, own)) for r in per_phase), []).append(p)
         for key, ps in by_rates.items():
             groups.append({"params": ps, "weight_decay": wd, "lr": key[0]})
             keys.append(key)
