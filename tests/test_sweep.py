@@ -400,11 +400,12 @@ def test_a_cell_recorded_by_another_worker_first_does_not_stop_this_one(monkeypa
 def test_a_run_that_queues_nothing_new_says_what_an_earlier_run_left_queued(tmp_path, tiny_model_dir,
                                                                             monkeypatch):
     """A board stopped mid-grid and started again printed '0 cells queued' while its workers went
-    on to train the ten cells the stopped run had queued."""
+    on to train the ten cells the stopped run had queued. The count is of the study, not of a
+    run: each worker a run spawns finds its parent's cells queued too."""
     spec = sweep_spec.load_spec(write_spec(tmp_path, tiny_model_dir))
     study = sweep_storage.open_study(spec)
     assert grid.enqueue_missing(study, spec) == 8
     lines = []
     monkeypatch.setattr(grid, "spawn_workers", lambda *a, **k: 0)
     grid.run_workers(spec, [], workers=2, log=lines.append)
-    assert lines[0] == "study 't': 0 cells queued now, 8 left queued or running by an earlier run"
+    assert lines[0] == "study 't': 0 cells queued now, 8 waiting or running in all"

@@ -286,11 +286,11 @@ def run_workers(spec: StudySpec, argv: list[str], workers: int, restart_changed:
 
 
 def _queued(study: optuna.Study, added: int) -> str:
-    """What is queued, counting cells an earlier (stopped) run left waiting or running: '0 queued'
-    alone reads as 'nothing to do' while those still run."""
+    """What this call queued and what the study holds to do ('0 queued' alone reads as 'nothing
+    to do' while cells that a stopped run, or this run's parent, queued still wait)."""
     state = counts(study)
-    earlier = state["waiting"] + state["running"] - added
-    return f"{added} cells queued now" + (f", {earlier} left queued or running by an earlier run" if earlier else "")
+    pending = state["waiting"] + state["running"]
+    return f"{added} cells queued now" + (f", {pending} waiting or running in all" if pending != added else "")
 
 
 def _my_last_trial(study: optuna.Study):

@@ -55,8 +55,9 @@ def optimizer_and_schedule(model, selector: Selector, decay: list, no_decay: lis
                            edges: list[int]):
     """AdamW and its schedule. Groups: with and without weight decay, each split by the rates
     the method gives its parameters in each phase (`Selector.learning_rates`; then
-    `config.head_lr` for the head, if set; the run's lr for the rest). Schedule: linear warm-up then linear decay to 0 within each phase
-    [edges[i], edges[i+1]), times the group's rate in that phase. One phase and no rates is HF's
+    `config.head_lr` for the head, if set; the run's lr for the rest). Schedule: linear warm-up
+    then linear decay to 0 within each phase [edges[i], edges[i+1]), times the group's rate in
+    that phase. One phase and no rates is HF's
     `get_linear_schedule_with_warmup`; a method that changes form mid-run (`Selector.phases`)
     starts its next phase with its own warm-up, as DiffPruning's authors fine-tune the fixed
     mask after the projection."""
